@@ -1,0 +1,105 @@
+"""Default configuration: every field, documented. Task configs import and change it.
+
+Use: `python -m bihier_jax.train --config configs/default.py --workdir DIR
+--config.model.fusion.levels='(2,4)'`. Options after a colon select variants in configs
+that define them (`configs/lba30.py:tiny`).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- task: what is predicted and how it is scored -------------------------------------
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "demo"  # demo | react | mqa | lba30 | lba60 | ppbs | bce
+  c.task.level = "node"  # node (per residue) | graph (per protein)
+  c.task.loss = "softmax_ce"  # softmax_ce | sigmoid_bce | mse
+  c.task.num_classes = 3  # classes for softmax_ce; 1 for sigmoid_bce / mse
+  c.task.metrics = ("accuracy",)  # names from bihier_jax.training.metrics
+  c.task.select_metric = "accuracy"  # validation metric that picks the best checkpoint
+  c.task.select_mode = "max"  # max | min
+  c.task.label_mean = 0.0  # regression targets are standardised with these
+  c.task.label_std = 1.0
+
+  # --- data: where records are and how they are batched ---------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""  # records directory written by data_pipelines.preprocess
+  c.data.train_split = "train"
+  c.data.eval_splits = ("val", "test")
+  c.data.select_split = "val"
+  c.data.max_residues = 1022  # chains are cropped to this many residues (ESM limit 1024 - 2)
+  c.data.crop = "random"  # random (train) / first (eval) window when a chain is longer
+  c.data.shuffle_buffer = 1000
+  # Padding budgets: lengths of ESM rows are bucketed; each bucket is one program.
+  c.data.length_buckets = (128, 256, 512, 1024)
+  c.data.max_neighbors = 32
+  c.data.cutoff = 10.0  # Å
+  c.data.num_workers = 4  # preprocessing processes
+
+  # --- model ----------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = "bihier"  # bihier | esm_only | gnn_only | serial | parallel | cross
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+  c.model.esm = ml_collections.ConfigDict()
+  c.model.esm.preset = "t6_8M"  # t6_8M | t12_35M | t30_150M | t33_650M | t36_3B | t48_15B | tiny
+  c.model.esm.checkpoint = ""  # HF dir / fair-esm .pt / converted dir; "" = random init (loud)
+  c.model.esm.trainable = "finetune"  # frozen | finetune | last_n
+  c.model.esm.last_n = 2  # layers trained when trainable == last_n
+  c.model.esm.remat = False  # rematerialise each layer (memory for compute)
+  c.model.esm.scan_layers = True  # stacked + scanned layers: compile time flat in depth
+  c.model.esm.attention = "auto"  # auto (jax.nn.dot_product_attention) | exact
+  c.model.esm.token_dropout = True
+
+  c.model.gnn = ml_collections.ConfigDict()
+  c.model.gnn.level = "backbone"  # amino_acid | backbone | all_atom
+  c.model.gnn.hidden = 128
+  c.model.gnn.num_blocks = 4
+  c.model.gnn.num_radial = 6
+  c.model.gnn.num_spherical = 2
+  c.model.gnn.cutoff = 10.0  # Å
+  c.model.gnn.dropout = 0.3
+  c.model.gnn.mask_aatype_prob = 0.0  # training augmentation: residue-type masking
+  c.model.gnn.coord_noise_std = 0.0  # training augmentation: Å, clipped at 3 std
+  c.model.gnn.coord_noise_clip = 0.3  # Å
+
+  c.model.fusion = ml_collections.ConfigDict()
+  c.model.fusion.mode = "global"  # local (gated) | global (multi-head self-attention)
+  c.model.fusion.levels = (2, 4)  # GNN blocks (1-based) after which fusion happens
+  c.model.fusion.direction = "bi"  # bi | seq2struct | struct2seq
+  c.model.fusion.layer_pairing = "even"  # even | last | explicit tuple of ESM layers
+  c.model.fusion.dim = 128  # width of the fused residue tokens
+  c.model.fusion.num_heads = 4
+  c.model.fusion.dropout = 0.1
+
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.pooling = "mean"  # sum | mean (graph tasks)
+  c.model.head.hidden = 128
+  c.model.head.dropout = 0.1
+
+  # --- optimisation ---------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 5e-4
+  c.optim.esm_lr_ratio = 0.1  # ESM learning rate = ratio x learning_rate
+  c.optim.weight_decay = 0.01
+  c.optim.schedule = "cosine"  # cosine | step | constant
+  c.optim.warmup_steps = 100
+  c.optim.step_every = 1000  # step schedule: decay every this many steps
+  c.optim.step_factor = 0.5
+  c.optim.grad_clip = 1.0  # global norm
+
+  # --- training loop --------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 10_000
+  c.train.batch_size = 8  # proteins per global batch
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 1000
+  c.train.log_every = 50
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_nonfinite = 10  # stop with an error after this many bad steps
+  c.train.multi_host = False  # call jax.distributed.initialize() first
+  return c
