@@ -39,8 +39,9 @@ class ProteinExample:
       a chain break).
     sidechain_torsions: float32[n, 8] [sin χ1..χ4, cos χ1..χ4], 0 where undefined.
     chi_mask: bool[n, 4] χk defined (residue has it and its atoms are present).
-    senders, receivers: int32[e] residue graph, messages flow sender -> receiver;
-      nearest ≤ max_neighbors within cutoff by Cα, no self edges, indices into n.
+    senders, receivers: int32[e] graph, messages flow sender -> receiver; nearest
+      ≤ max_neighbors within cutoff by Cα (ligand atoms by their own position), no self
+      edges. Indices into the node list [residues (n), then ligand atoms (m)].
     node_labels: float32[n] per-residue label (class index or 0/1), 0 where unlabelled.
     node_label_mask: bool[n] residue has a label.
     node_weights: float32[n] per-residue loss/metric weight (ScanNet chain weight), 1 by
