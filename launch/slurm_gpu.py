@@ -1,0 +1,157 @@
+"""Multi-node GPU training under SLURM, on the same entry points as the TPU launcher.
+
+Writes an sbatch script that starts one task per GPU with `srun`, then submits it with
+`sbatch`. `--dry-run` prints the script and the submit command instead.
+
+Why one task per GPU: `jax.distributed.initialize()` with no arguments detects SLURM
+(SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID), takes the
+first node of the step as coordinator and gives each process the one local GPU whose index
+is its SLURM_LOCALID. So every task must see all GPUs of its node: request GPUs per node,
+not per task, and bind none (a per-task binding would renumber each task's GPU to 0).
+SLURM_STEP_NODELIST exists only inside an `srun` step, hence `srun` around python.
+
+Example:
+
+  python -m launch.slurm_gpu --config configs/react.py --workdir /shared/runs/react1 \
+      --nodes 2 --gpus-per-node 8 --partition gpu --venv /shared/venvs/bihier --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmJob:
+  """Resources and program of one training job."""
+  config: str
+  workdir: str  # shared filesystem path or gs://; every task writes through process 0
+  nodes: int = 1
+  gpus_per_node: int = 8
+  cpus_per_task: int = 8
+  time: str = "24:00:00"
+  job_name: str = "bihier"
+  partition: str = ""
+  account: str = ""
+  venv: str = ""  # virtual environment to activate on every node
+  overrides: tuple[str, ...] = ()  # key=value config overrides
+  evaluate: bool = False  # run bihier_jax.eval on one GPU after training
+
+  @property
+  def num_tasks(self) -> int:
+    return self.nodes * self.gpus_per_node
+
+
+def _override_flags(overrides: Sequence[str]) -> list[str]:
+  out = []
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected key=value, e.g. train.num_steps=1000")
+    out.append(f"--config.{item}")
+  return out
+
+
+def train_argv(job: SlurmJob) -> list[str]:
+  """The program every task runs (inside srun)."""
+  return ["python", "-m", "bihier_jax.train", f"--config={job.config}",
+          f"--workdir={job.workdir}", "--config.train.multi_host=True",
+          *_override_flags(job.overrides)]
+
+
+def eval_argv(job: SlurmJob) -> list[str]:
+  return ["python", "-m", "bihier_jax.eval", f"--config={job.config}",
+          f"--workdir={job.workdir}", *_override_flags(job.overrides)]
+
+
+def sbatch_script(job: SlurmJob) -> str:
+  """The batch script text."""
+  if job.nodes < 1 or job.gpus_per_node < 1:
+    raise ValueError(f"nodes={job.nodes}, gpus_per_node={job.gpus_per_node}: need >= 1")
+  lines = [
+      "#!/bin/bash",
+      f"#SBATCH --job-name={job.job_name}",
+      f"#SBATCH --nodes={job.nodes}",
+      f"#SBATCH --ntasks-per-node={job.gpus_per_node}",
+      f"#SBATCH --gpus-per-node={job.gpus_per_node}",
+      f"#SBATCH --cpus-per-task={job.cpus_per_task}",
+      f"#SBATCH --time={job.time}",
+      "#SBATCH --output=%x-%j.out",
+  ]
+  if job.partition:
+    lines.append(f"#SBATCH --partition={job.partition}")
+  if job.account:
+    lines.append(f"#SBATCH --account={job.account}")
+  lines += [
+      "",
+      "set -euo pipefail",
+  ]
+  if job.venv:
+    lines.append(f"source {shlex.quote(job.venv)}/bin/activate")
+  lines += [
+      "# One JAX process per GPU; jax.distributed.initialize() reads the SLURM variables.",
+      "export TF_CPP_MIN_LOG_LEVEL=2",
+      f"srun --ntasks={job.num_tasks} --ntasks-per-node={job.gpus_per_node} "
+      f"--kill-on-bad-exit=1 {shlex.join(train_argv(job))}",
+  ]
+  if job.evaluate:
+    lines.append(f"srun --nodes=1 --ntasks=1 {shlex.join(eval_argv(job))}")
+  return "\n".join(lines) + "\n"
+
+
+def submit_command(script_path: str) -> list[str]:
+  return ["sbatch", script_path]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m launch.slurm_gpu", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--nodes", type=int, default=1)
+  p.add_argument("--gpus-per-node", type=int, default=8)
+  p.add_argument("--cpus-per-task", type=int, default=8)
+  p.add_argument("--time", default="24:00:00")
+  p.add_argument("--job-name", default="bihier")
+  p.add_argument("--partition", default="")
+  p.add_argument("--account", default="")
+  p.add_argument("--venv", default="")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--eval", action="store_true", help="evaluate after training")
+  p.add_argument("--script", default="", help="where to write the script "
+                 "(default: <job-name>.sbatch in the current directory)")
+  p.add_argument("--dry-run", action="store_true",
+                 help="print the script and the sbatch command only")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  job = SlurmJob(config=args.config, workdir=args.workdir, nodes=args.nodes,
+                 gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                 time=args.time, job_name=args.job_name, partition=args.partition,
+                 account=args.account, venv=args.venv, overrides=tuple(args.set),
+                 evaluate=args.eval)
+  try:
+    script = sbatch_script(job)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  path = args.script or f"{job.job_name}.sbatch"
+  if args.dry_run:
+    print(f"# --- {path} ---")
+    print(script, end="")
+    print(f"# --- submit ---\n{shlex.join(submit_command(path))}")
+    return 0
+  with open(path, "w") as f:
+    f.write(script)
+  print(f"wrote {path}", flush=True)
+  return subprocess.run(submit_command(path), check=False).returncode
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,272 @@
+"""Cloud TPU VM launcher: create, install, train, logs, status, delete.
+
+Every subcommand builds `gcloud` command lines as argv lists and either prints them
+(`--dry-run`, one shell-quoted line each) or runs them in order, stopping at the first
+failure. A pod slice (e.g. v4-32: 4 hosts) differs from a single host (v4-8) only in the
+accelerator type: every remote step uses `--worker=all`, so each host installs the same
+code and starts the same SPMD program; `jax.distributed.initialize()` with no arguments
+finds the other hosts from the TPU metadata, and the input pipeline shards by
+`jax.process_index()`.
+
+Workers share no disk, so the workdir (checkpoints, metrics, eval JSON) and the data
+records must be on `gs://` (orbax and `tf.io.gfile` read and write it directly).
+
+Example (pod slice, spot capacity through the queue):
+
+  python -m launch.tpu_vm create --name bh --zone us-central2-b \
+      --accelerator-type v4-32 --queued --spot --dry-run
+  python -m launch.tpu_vm install --name bh --zone us-central2-b --dry-run
+  python -m launch.tpu_vm train --name bh --zone us-central2-b \
+      --config configs/react.py --workdir gs://my-bucket/react/run1 \
+      --set data.dir=gs://my-bucket/records/react --dry-run
+  python -m launch.tpu_vm logs --name bh --zone us-central2-b --dry-run
+  python -m launch.tpu_vm delete --name bh --zone us-central2-b --queued --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+
+# TPU VM base image: plain Ubuntu; jax[tpu] (with libtpu) comes from pip.
+DEFAULT_VERSION = "tpu-ubuntu2204-base"
+DEFAULT_ACCELERATOR = "v4-8"
+# Pinned like setup.cfg: the TPU wheel of the same jax release.
+JAX_TPU_REQUIREMENT = "jax[tpu]==0.10.2"
+REMOTE_DIR = "~/bihier_jax"
+REMOTE_VENV = "~/bihier_venv"
+REMOTE_LOG = "~/bihier_train.log"
+LOCAL_ARCHIVE = "/tmp/bihier_jax_src.tar.gz"
+
+Command = list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where the TPU lives."""
+  name: str  # TPU node id (also the queued-resource id with --queued)
+  zone: str
+  project: str = ""
+
+  def flags(self) -> list[str]:
+    out = [f"--zone={self.zone}"]
+    if self.project:
+      out.append(f"--project={self.project}")
+    return out
+
+
+def _tpu_vm(target: Target, verb: str, *args: str) -> Command:
+  return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, *target.flags()]
+
+
+def _queued(target: Target, verb: str, *args: str) -> Command:
+  return ["gcloud", "compute", "tpus", "queued-resources", verb, *args,
+          *target.flags()]
+
+
+def ssh_all(target: Target, remote_command: str, worker: str = "all") -> Command:
+  """One shell command on every worker (`--worker=all`) or one (`--worker=0`)."""
+  return _tpu_vm(target, "ssh", target.name, f"--worker={worker}",
+                 f"--command={remote_command}")
+
+
+def create_commands(target: Target, accelerator_type: str = DEFAULT_ACCELERATOR,
+                    version: str = DEFAULT_VERSION, spot: bool = False,
+                    queued: bool = False) -> list[Command]:
+  """Creates a TPU VM (or pod slice) directly, or through the queued-resources API.
+
+  Direct creation fails at once when capacity is short; a queued resource waits in the
+  queue until it can be provisioned (poll it with `status`).
+  """
+  if queued:
+    cmd = _queued(target, "create", target.name, f"--node-id={target.name}",
+                  f"--accelerator-type={accelerator_type}",
+                  f"--runtime-version={version}")
+  else:
+    cmd = _tpu_vm(target, "create", target.name,
+                  f"--accelerator-type={accelerator_type}", f"--version={version}")
+  if spot:
+    cmd.append("--spot")
+  return [cmd]
+
+
+def install_commands(target: Target, archive: str = LOCAL_ARCHIVE,
+                     ref: str = "HEAD") -> list[Command]:
+  """Copies this repository (committed `ref`) to every worker and installs it.
+
+  Run from the repository root. Steps: `git archive` locally, scp to all workers, unpack, venv, pip install
+  `jax[tpu]` and the project. Every worker must run identical code.
+  """
+  remote_archive = "~/" + archive.rsplit("/", 1)[-1]
+  setup = " && ".join([
+      f"rm -rf {REMOTE_DIR}", f"mkdir -p {REMOTE_DIR}",
+      f"tar -xzf {remote_archive} -C {REMOTE_DIR}",
+      f"python3 -m venv {REMOTE_VENV}",
+      f"{REMOTE_VENV}/bin/pip install -q --upgrade pip",
+      f"{REMOTE_VENV}/bin/pip install -q '{JAX_TPU_REQUIREMENT}' -e {REMOTE_DIR}",
+      f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), "
+      f"jax.device_count())'",
+  ])
+  return [
+      ["git", "archive", "--format=tar.gz", f"--output={archive}", ref],
+      _tpu_vm(target, "scp", archive, f"{target.name}:~/", "--worker=all"),
+      ssh_all(target, setup),
+  ]
+
+
+def _override_flags(overrides: Sequence[str]) -> list[str]:
+  """`key=value` -> `--config.key=value` (ml_collections config flags)."""
+  out = []
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected key=value, e.g. train.num_steps=1000")
+    out.append(f"--config.{item}")
+  return out
+
+
+def train_command(target: Target, config: str, workdir: str,
+                  overrides: Sequence[str] = (), allow_local_workdir: bool = False
+                  ) -> list[Command]:
+  """Starts `bihier_jax.train` on every worker at once, detached, logging to a file.
+
+  All hosts must start together: `jax.distributed.initialize()` (enabled by
+  `train.multi_host=True`; on a single host it finds one process) waits for every
+  process of the slice.
+  """
+  if not workdir.startswith("gs://") and not allow_local_workdir:
+    raise ValueError(
+        f"workdir {workdir!r}: TPU workers share no disk; use a gs:// bucket "
+        "(or --allow-local-workdir for a single-host test)")
+  argv = ["-m", "bihier_jax.train", f"--config={config}", f"--workdir={workdir}",
+          "--config.train.multi_host=True", *_override_flags(overrides)]
+  # The interpreter path stays unquoted so the remote shell expands `~`.
+  remote = (f"cd {REMOTE_DIR} && nohup {REMOTE_VENV}/bin/python {shlex.join(argv)} "
+            f"> {REMOTE_LOG} 2>&1 < /dev/null &")
+  return [ssh_all(target, remote)]
+
+
+def logs_command(target: Target, worker: str = "0", follow: bool = True
+                 ) -> list[Command]:
+  """Streams the training log of one worker (worker 0 writes metrics and checkpoints)."""
+  tail = f"tail -n 200 {'-F ' if follow else ''}{REMOTE_LOG}"
+  return [ssh_all(target, tail, worker=worker)]
+
+
+def status_commands(target: Target, queued: bool = False) -> list[Command]:
+  if queued:
+    return [_queued(target, "describe", target.name)]
+  return [_tpu_vm(target, "describe", target.name)]
+
+
+def stop_training_commands(target: Target) -> list[Command]:
+  """Kills the training processes on every worker (the TPU stays up)."""
+  # The bracket keeps pkill from matching the remote shell running this very line.
+  return [ssh_all(target, "pkill -f '[b]ihier_jax.train' || true")]
+
+
+def delete_commands(target: Target, queued: bool = False) -> list[Command]:
+  """Deletes the TPU; with --queued the queued resource and (--force) its node."""
+  if queued:
+    return [_queued(target, "delete", target.name, "--force", "--quiet")]
+  return [_tpu_vm(target, "delete", target.name, "--quiet")]
+
+
+def format_commands(commands: Sequence[Command]) -> str:
+  """One shell-quoted line per command, as `--dry-run` prints them."""
+  return "\n".join(shlex.join(c) for c in commands)
+
+
+def execute(commands: Sequence[Command], dry_run: bool) -> int:
+  if dry_run:
+    print(format_commands(commands))
+    return 0
+  for cmd in commands:
+    print("+", shlex.join(cmd), flush=True)
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc != 0:
+      print(f"command failed with exit status {rc}: {shlex.join(cmd)}", file=sys.stderr)
+      return rc
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m launch.tpu_vm", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="verb", required=True)
+
+  def add(verb, help_text):
+    p = sub.add_parser(verb, help=help_text)
+    p.add_argument("--name", required=True, help="TPU node id")
+    p.add_argument("--zone", required=True)
+    p.add_argument("--project", default="")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    return p
+
+  p = add("create", "create a TPU VM or pod slice")
+  p.add_argument("--accelerator-type", default=DEFAULT_ACCELERATOR)
+  p.add_argument("--version", default=DEFAULT_VERSION, help="TPU software version")
+  p.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
+  p.add_argument("--queued", action="store_true", help="use the queued-resources API")
+
+  p = add("install", "copy this repository to every worker and pip install it")
+  p.add_argument("--archive", default=LOCAL_ARCHIVE)
+  p.add_argument("--ref", default="HEAD", help="git ref to ship")
+
+  p = add("train", "start multi-host training on every worker")
+  p.add_argument("--config", required=True, help="e.g. configs/react.py or ...:tiny")
+  p.add_argument("--workdir", required=True, help="gs://bucket/path")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, repeatable (becomes --config.KEY=VALUE)")
+  p.add_argument("--allow-local-workdir", action="store_true")
+
+  p = add("logs", "stream a worker's training log")
+  p.add_argument("--worker", default="0")
+  p.add_argument("--no-follow", action="store_true")
+
+  p = add("status", "describe the TPU or queued resource")
+  p.add_argument("--queued", action="store_true")
+
+  add("stop", "kill training on every worker")
+
+  p = add("delete", "delete the TPU (and its queued resource)")
+  p.add_argument("--queued", action="store_true")
+  return parser
+
+
+def commands_from_args(args: argparse.Namespace) -> list[Command]:
+  target = Target(args.name, args.zone, args.project)
+  if args.verb == "create":
+    return create_commands(target, args.accelerator_type, args.version, args.spot,
+                           args.queued)
+  if args.verb == "install":
+    return install_commands(target, args.archive, args.ref)
+  if args.verb == "train":
+    return train_command(target, args.config, args.workdir, args.set,
+                         args.allow_local_workdir)
+  if args.verb == "logs":
+    return logs_command(target, args.worker, follow=not args.no_follow)
+  if args.verb == "status":
+    return status_commands(target, args.queued)
+  if args.verb == "stop":
+    return stop_training_commands(target)
+  if args.verb == "delete":
+    return delete_commands(target, args.queued)
+  raise ValueError(f"unknown subcommand {args.verb!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    commands = commands_from_args(args)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return execute(commands, args.dry_run)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,148 @@
+"""Launch scripts: `--dry-run` prints exactly the gcloud / sbatch commands expected.
+
+Budget: < 2 s (no JAX, no network, nothing executed).
+"""
+
+import shlex
+
+import pytest
+
+from launch import slurm_gpu
+from launch import tpu_vm
+
+
+def _dry_run(capsys, module, argv):
+  rc = module.main([*argv, "--dry-run"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  return out.strip().splitlines()
+
+
+def test_create_single_host(capsys):
+  lines = _dry_run(capsys, tpu_vm, ["create", "--name", "bh1", "--zone", "us-central2-b"])
+  assert lines == [
+      "gcloud compute tpus tpu-vm create bh1 --accelerator-type=v4-8 "
+      "--version=tpu-ubuntu2204-base --zone=us-central2-b"]
+
+
+def test_create_pod_slice_spot_with_project(capsys):
+  lines = _dry_run(capsys, tpu_vm, [
+      "create", "--name", "bh", "--zone", "us-central2-b", "--project", "proj",
+      "--accelerator-type", "v4-32", "--spot"])
+  assert lines == [
+      "gcloud compute tpus tpu-vm create bh --accelerator-type=v4-32 "
+      "--version=tpu-ubuntu2204-base --zone=us-central2-b --project=proj --spot"]
+
+
+def test_create_queued_resource_spot(capsys):
+  lines = _dry_run(capsys, tpu_vm, [
+      "create", "--name", "bh", "--zone", "us-central2-b", "--accelerator-type",
+      "v4-32", "--queued", "--spot"])
+  # The queued-resources API names the image --runtime-version and the node --node-id.
+  assert lines == [
+      "gcloud compute tpus queued-resources create bh --node-id=bh "
+      "--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base "
+      "--zone=us-central2-b --spot"]
+
+
+def test_install_reaches_every_worker(capsys):
+  lines = _dry_run(capsys, tpu_vm, ["install", "--name", "bh", "--zone", "z"])
+  assert lines[0] == ("git archive --format=tar.gz "
+                      "--output=/tmp/bihier_jax_src.tar.gz HEAD")
+  assert lines[1] == ("gcloud compute tpus tpu-vm scp /tmp/bihier_jax_src.tar.gz "
+                      "'bh:~/' --worker=all --zone=z")
+  ssh = shlex.split(lines[2])
+  assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "bh"]
+  assert "--worker=all" in ssh and ssh[-1] == "--zone=z"
+  remote = next(a for a in ssh if a.startswith("--command="))
+  assert "tar -xzf ~/bihier_jax_src.tar.gz -C ~/bihier_jax" in remote
+  assert "pip install -q 'jax[tpu]==0.10.2' -e ~/bihier_jax" in remote
+
+
+def test_train_all_workers_gs_workdir(capsys):
+  lines = _dry_run(capsys, tpu_vm, [
+      "train", "--name", "bh", "--zone", "z", "--config", "configs/react.py",
+      "--workdir", "gs://bkt/run1", "--set", "data.dir=gs://bkt/records",
+      "--set", "train.num_steps=100"])
+  assert lines == [
+      "gcloud compute tpus tpu-vm ssh bh --worker=all '--command=cd ~/bihier_jax && "
+      "nohup ~/bihier_venv/bin/python -m bihier_jax.train --config=configs/react.py "
+      "--workdir=gs://bkt/run1 --config.train.multi_host=True "
+      "--config.data.dir=gs://bkt/records --config.train.num_steps=100 "
+      "> ~/bihier_train.log 2>&1 < /dev/null &' --zone=z"]
+
+
+def test_train_refuses_local_workdir(capsys):
+  rc = tpu_vm.main(["train", "--name", "bh", "--zone", "z", "--config", "c.py",
+                    "--workdir", "/tmp/run", "--dry-run"])
+  assert rc == 2
+  assert "gs://" in capsys.readouterr().err
+
+
+def test_train_rejects_malformed_override():
+  with pytest.raises(ValueError, match="key=value"):
+    tpu_vm.train_command(tpu_vm.Target("bh", "z"), "c.py", "gs://b/r", ["oops"])
+
+
+def test_logs_status_stop(capsys):
+  assert _dry_run(capsys, tpu_vm, ["logs", "--name", "bh", "--zone", "z",
+                                   "--worker", "3"]) == [
+      "gcloud compute tpus tpu-vm ssh bh --worker=3 "
+      "'--command=tail -n 200 -F ~/bihier_train.log' --zone=z"]
+  assert _dry_run(capsys, tpu_vm, ["status", "--name", "bh", "--zone", "z",
+                                   "--queued"]) == [
+      "gcloud compute tpus queued-resources describe bh --zone=z"]
+  assert _dry_run(capsys, tpu_vm, ["stop", "--name", "bh", "--zone", "z"]) == [
+      "gcloud compute tpus tpu-vm ssh bh --worker=all "
+      "'--command=pkill -f '\"'\"'[b]ihier_jax.train'\"'\"' || true' --zone=z"]
+
+
+def test_cleanup(capsys):
+  assert _dry_run(capsys, tpu_vm, ["delete", "--name", "bh", "--zone", "z"]) == [
+      "gcloud compute tpus tpu-vm delete bh --quiet --zone=z"]
+  # --force also deletes the node the queued resource provisioned.
+  assert _dry_run(capsys, tpu_vm, ["delete", "--name", "bh", "--zone", "z",
+                                   "--queued"]) == [
+      "gcloud compute tpus queued-resources delete bh --force --quiet --zone=z"]
+
+
+def test_execute_stops_at_first_failure(capsys):
+  rc = tpu_vm.execute([["false"], ["echo", "never"]], dry_run=False)
+  assert rc == 1
+  assert "never" not in capsys.readouterr().out.replace("+ echo never", "")
+
+
+def test_slurm_script_one_task_per_gpu(capsys):
+  lines = _dry_run(capsys, slurm_gpu, [
+      "--config", "configs/react.py", "--workdir", "/shared/run", "--nodes", "2",
+      "--gpus-per-node", "4", "--partition", "gpu", "--account", "lab",
+      "--venv", "/shared/venv", "--set", "train.num_steps=10", "--eval"])
+  text = "\n".join(lines)
+  for directive in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
+                    "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu",
+                    "#SBATCH --account=lab"]:
+    assert directive in lines, directive
+  # Per-task GPU binding would break jax's SLURM_LOCALID -> GPU mapping.
+  assert "--gpus-per-task" not in text and "--gpu-bind" not in text
+  assert "source /shared/venv/bin/activate" in lines
+  assert ("srun --ntasks=8 --ntasks-per-node=4 --kill-on-bad-exit=1 python -m "
+          "bihier_jax.train --config=configs/react.py --workdir=/shared/run "
+          "--config.train.multi_host=True --config.train.num_steps=10") in lines
+  assert ("srun --nodes=1 --ntasks=1 python -m bihier_jax.eval "
+          "--config=configs/react.py --workdir=/shared/run "
+          "--config.train.num_steps=10") in lines
+  assert lines[-1] == "sbatch bihier.sbatch"
+  assert lines[1] == "#!/bin/bash"
+
+
+def test_slurm_script_written_and_submitted(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(slurm_gpu.subprocess, "run",
+                      lambda cmd, check: calls.append(cmd) or
+                      type("R", (), {"returncode": 0})())
+  path = tmp_path / "job.sbatch"
+  rc = slurm_gpu.main(["--config", "c.py", "--workdir", "/w", "--nodes", "1",
+                       "--gpus-per-node", "2", "--script", str(path)])
+  assert rc == 0 and calls == [["sbatch", str(path)]]
+  assert path.read_text() == slurm_gpu.sbatch_script(
+      slurm_gpu.SlurmJob(config="c.py", workdir="/w", nodes=1, gpus_per_node=2))
