@@ -1,0 +1,92 @@
+"""Checkpointer: round trip, last-N + best retention, clear errors. Budget: < 15 s."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bihier_jax.training import checkpointing
+
+
+def _state(value):
+  return {"params": {"w": jnp.full([3, 2], value, jnp.float32)},
+          "step": jnp.asarray(int(value), jnp.int32),
+          "rng": jax.random.key_data(jax.random.key(int(value)))}
+
+
+def _abstract():
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                _state(0))
+
+
+def test_round_trip_and_retention(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2, select_metric="acc",
+                                    select_mode="max")
+  accs = {2: 0.5, 4: 0.9, 6: 0.4, 8: None, 10: 0.3}
+  for step, acc in accs.items():
+    ckpt.save(step, _state(step), {"consumed": step, "pending": [step - 1]},
+              None if acc is None else {"acc": acc})
+    ckpt.wait()
+  # Latest two (8, 10) plus the best (4, acc 0.9).
+  assert ckpt.all_steps() == [4, 8, 10]
+  assert ckpt.resolve("best") == 4
+  assert ckpt.resolve("latest") == 10
+  state, extra, step = ckpt.restore("best", _abstract())
+  assert step == 4
+  np.testing.assert_array_equal(state["params"]["w"], np.full([3, 2], 4.0))
+  assert extra["input_position"] == {"consumed": 4, "pending": [3]}
+  assert extra["metrics"]["acc"] == pytest.approx(0.9)
+  ckpt.close()
+
+  reader = checkpointing.Checkpointer(str(tmp_path), read_only=True,
+                                      select_metric="acc")
+  state, _, step = reader.restore(10, _abstract())
+  assert int(state["step"]) == 10
+  with pytest.raises(checkpointing.CheckpointError, match="available steps"):
+    reader.resolve(7)
+
+
+def test_min_mode_best(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, select_metric="rmse",
+                                    select_mode="min")
+  for step, rmse in [(1, 2.0), (2, 1.0), (3, 3.0)]:
+    ckpt.save(step, _state(step), {}, {"rmse": rmse})
+    ckpt.wait()
+  assert ckpt.resolve("best") == 2
+  assert ckpt.all_steps() == [2, 3]
+
+
+def test_missing_checkpoint_errors(tmp_path):
+  with pytest.raises(checkpointing.CheckpointError, match="train first"):
+    checkpointing.Checkpointer(str(tmp_path / "nothing"), read_only=True)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in"):
+    ckpt.restore("latest", _abstract())
+  ckpt.save(1, _state(1), {})
+  ckpt.wait()
+  with pytest.raises(checkpointing.CheckpointError, match="validation metrics"):
+    ckpt.resolve("best")
+
+
+def test_corrupt_checkpoint_errors(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(5, _state(5), {})
+  ckpt.wait()
+  ckpt.close()
+  state_dir = os.path.join(tmp_path, "checkpoints", "5", "state")
+  # Destroy the array data but keep the directory: a truncated copy, a bad disk.
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      if name != "_CHECKPOINT_METADATA":
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+  with pytest.raises(checkpointing.CheckpointError, match="cannot be read"):
+    reader.restore(5, _abstract())
+  # Wrong structure (another model config) is reported the same way.
+  shutil.rmtree(state_dir)
+  with pytest.raises(checkpointing.CheckpointError, match="step 5"):
+    reader.restore(5, _abstract())
