@@ -1,0 +1,439 @@
+"""ESM-2 (Lin et al., Science 2023) in Flax: the sequence branch of the fusion model.
+
+Numerically the same model as fair-esm's `esm.model.esm2.ESM2` (the original) and
+transformers' `EsmModel` / `EsmForMaskedLM` (see DESIGN.md "ESM-2 port"):
+
+  embed   word embedding (no absolute positions), token dropout (zero `<mask>` rows,
+          scale by (1 - 0.15*0.8) / (1 - observed mask ratio of the real tokens)),
+          times the padding mask
+  layer   pre-LN; q scaled by head_dim^-0.5, then rotary on q and k; softmax attention
+          over non-padding keys; exact (erf) GELU FFN of width 4*D; LayerNorm eps 1e-5
+  final   `emb_layer_norm_after`; optional MLM head dense -> GELU -> LN -> tied embedding
+
+Layers are stacked: every layer parameter has a leading axis of length `num_layers`
+(`params['layers']`), and a contiguous range of layers is applied with `lax.scan` over the
+slice, so compile time does not grow with depth and the fusion model can interleave ESM
+layer ranges (i, j] with GNN blocks (`embed` / `run_layers` / `final_norm`).
+
+Parameter tree (D = embed_dim, F = ffn_dim, V = 33, S = num_layers)::
+
+  embed_tokens          {embedding [V, D]}
+  layers                {self_attn_layer_norm {scale [S, D], bias [S, D]},
+                         qkv_proj {kernel [S, D, 3D], bias [S, 3D]}   # columns q | k | v
+                         out_proj {kernel [S, D, D], bias [S, D]},
+                         final_layer_norm {scale [S, D], bias [S, D]},
+                         fc1 {kernel [S, D, F], bias [S, F]},
+                         fc2 {kernel [S, F, D], bias [S, D]}}
+  emb_layer_norm_after  {scale [D], bias [D]}
+  lm_head               {dense {kernel [D, D], bias [D]}, layer_norm {scale [D], bias [D]},
+                         bias [V]}                                   # only if cfg.mlm_head
+
+Kernels are (in, out), i.e. torch Linear weights transposed. Parameters are float32;
+matmuls run in `cfg.dtype` (bfloat16 option); LayerNorm, softmax and token dropout in
+float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bihier_jax.common import residue_constants as rc
+
+MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 replaced by <mask> in training
+ROTARY_BASE = 10000.0
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ESM2Config:
+  """Architecture and execution options of an ESM-2 model.
+
+  Attributes:
+    num_layers: transformer layers S.
+    embed_dim: model width D.
+    num_heads: attention heads (D must be divisible, head width even for rotary).
+    ffn_dim: FFN width F; None -> 4 * embed_dim (every released model).
+    vocab_size: 33 (ESM-2 vocabulary, residue_constants.ESM_VOCAB).
+    token_dropout: ESM-2's <mask> handling (True for every released model).
+    mlm_head: create the masked-LM head parameters (tied to the embedding).
+    layer_norm_eps: 1e-5 (torch.nn.LayerNorm default, used by both references).
+    dtype: compute dtype of matmuls and hidden states (params stay float32).
+    remat: rematerialise each layer in the backward pass (memory for compute).
+    scan_layers: apply layers with lax.scan (False: unrolled python loop, same numbers).
+    attention: 'auto' = jax.nn.dot_product_attention (XLA/cuDNN picks the kernel);
+      'exact' = explicit einsum + float32 softmax.
+  """
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  ffn_dim: int | None = None
+  vocab_size: int = len(rc.ESM_VOCAB)
+  token_dropout: bool = True
+  mlm_head: bool = True
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+  remat: bool = False
+  scan_layers: bool = True
+  attention: str = "auto"
+
+  def __post_init__(self):
+    if self.ffn_dim is None:
+      object.__setattr__(self, "ffn_dim", 4 * self.embed_dim)
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+    if (self.embed_dim // self.num_heads) % 2:
+      raise ValueError(f"head width {self.embed_dim // self.num_heads} must be even (rotary)")
+    if self.attention not in ("auto", "exact"):
+      raise ValueError(f"attention must be 'auto' or 'exact', got {self.attention!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-serialisable fields (dtype by name)."""
+    d = dataclasses.asdict(self)
+    d["dtype"] = jnp.dtype(self.dtype).name
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ESM2Config":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown ESM2Config fields {sorted(unknown)}")
+    return cls(**d)
+
+
+# Released ESM-2 models (Lin et al. 2023, fair-esm README).
+PRESETS: dict[str, ESM2Config] = {
+    "t6_8M": ESM2Config(num_layers=6, embed_dim=320, num_heads=20),
+    "t12_35M": ESM2Config(num_layers=12, embed_dim=480, num_heads=20),
+    "t30_150M": ESM2Config(num_layers=30, embed_dim=640, num_heads=20),
+    "t33_650M": ESM2Config(num_layers=33, embed_dim=1280, num_heads=20),
+    "t36_3B": ESM2Config(num_layers=36, embed_dim=2560, num_heads=40),
+    "t48_15B": ESM2Config(num_layers=48, embed_dim=5120, num_heads=40),
+    # Not released: a small random model for demos and tests.
+    "tiny": ESM2Config(num_layers=4, embed_dim=64, num_heads=4, ffn_dim=256),
+}
+
+
+def config_from_preset(name: str, **overrides) -> ESM2Config:
+  """A preset by name with fields replaced (ffn_dim follows embed_dim unless given)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown ESM-2 preset {name!r}; known: {sorted(PRESETS)}")
+  if "embed_dim" in overrides and "ffn_dim" not in overrides:
+    overrides["ffn_dim"] = 4 * overrides["embed_dim"]
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# --- tokenizer -------------------------------------------------------------------------
+
+_SPECIAL = re.compile(r"<[a-z_0-9]+>")
+
+
+def _tokenize_one(sequence: str) -> list[int]:
+  """Token ids of one sequence, without <cls>/<eos>.
+
+  Residue letters are case-insensitive; '<mask>' and the other special tokens may be
+  written inline; any other character not in the vocabulary becomes <unk>.
+  """
+  ids = []
+  pos = 0
+  for match in _SPECIAL.finditer(sequence):
+    ids.extend(rc.ESM_TOKEN.get(ch, rc.ESM_UNK) for ch in sequence[pos:match.start()].upper())
+    ids.append(rc.ESM_TOKEN.get(match.group(), rc.ESM_UNK))
+    pos = match.end()
+  ids.extend(rc.ESM_TOKEN.get(ch, rc.ESM_UNK) for ch in sequence[pos:].upper())
+  return ids
+
+
+def tokenize(sequences: Sequence[str] | str, max_length: int | None = None,
+             crop: bool = False) -> np.ndarray:
+  """ESM-2 tokens `<cls> seq <eos> <pad>...` of a batch of sequences.
+
+  Args:
+    sequences: amino-acid strings (one string is a batch of one). Lowercase is accepted;
+      letters outside the vocabulary map to <unk>; '<mask>' etc. may appear inline.
+    max_length: token length L of the result, incl. <cls>/<eos>; None -> longest + 2.
+    crop: over-long policy. A sequence needing more than L tokens (or more than
+      ESM_MAX_TOKENS = 1024, the positions ESM-2 was trained on, when max_length is None)
+      raises ValueError unless crop=True, which keeps its first L - 2 residues (the data
+      pipeline chooses random windows itself, before tokenising).
+
+  Returns:
+    int32 [B, L] numpy array.
+  """
+  if isinstance(sequences, str):
+    sequences = [sequences]
+  rows = [_tokenize_one(s) for s in sequences]
+  longest = max((len(r) for r in rows), default=0) + 2
+  if max_length is None:
+    max_length = longest if not crop else min(longest, rc.ESM_MAX_TOKENS)
+    limit = rc.ESM_MAX_TOKENS
+  else:
+    limit = max_length
+  if max_length < 2:
+    raise ValueError(f"max_length {max_length} leaves no room for <cls> and <eos>")
+  out = np.full((len(rows), max_length), rc.ESM_PAD, np.int32)
+  for i, ids in enumerate(rows):
+    if len(ids) + 2 > limit:
+      if not crop:
+        raise ValueError(
+            f"sequence {i} has {len(ids)} residues: {len(ids) + 2} tokens exceed the limit "
+            f"of {limit}; crop it first or pass crop=True (keeps the first {limit - 2})")
+      ids = ids[:limit - 2]
+    out[i, 0] = rc.ESM_CLS
+    out[i, 1:len(ids) + 1] = ids
+    out[i, len(ids) + 1] = rc.ESM_EOS
+  return out
+
+
+# --- pure layer functions --------------------------------------------------------------
+
+
+def rotary_tables(length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """cos, sin [length, head_dim] of rotary embeddings, computed in float32 like torch.
+
+  inv_freq = 1 / 10000^(arange(0, hd, 2) / hd); angles over cat(freqs, freqs).
+  """
+  inv_freq = (1.0 / (np.float32(ROTARY_BASE) ** (np.arange(0, head_dim, 2).astype(np.float32)
+                                                 / np.float32(head_dim)))).astype(np.float32)
+  freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq).astype(np.float32)
+  angles = np.concatenate([freqs, freqs], axis=-1)
+  return np.cos(angles), np.sin(angles)
+
+
+def _rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def _apply_rotary(x, cos, sin):
+  """x [B, L, H, hd]; cos, sin [L, hd]."""
+  cos = cos[None, :, None, :].astype(x.dtype)
+  sin = sin[None, :, None, :].astype(x.dtype)
+  return x * cos + _rotate_half(x) * sin
+
+
+def _layer_norm(x, p, eps, dtype):
+  """LayerNorm over the last axis in float32; result in `dtype`."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  centred = x - mean
+  var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+  y = centred * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+  return y.astype(dtype)
+
+
+def _dense(x, p, dtype):
+  return jnp.dot(x, p["kernel"].astype(dtype)) + p["bias"].astype(dtype)
+
+
+def _attention(q, k, v, key_mask, kind):
+  """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; key_mask bool [B, L]."""
+  if kind == "auto":
+    return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :], scale=1.0)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  # A finite fill keeps all-padding rows finite (uniform weights) instead of NaN.
+  logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _transformer_layer(p, h, key_mask, cos, sin, cfg: ESM2Config):
+  """One pre-LN ESM-2 layer. p: one layer's params (no layer axis); h [B, L, D]."""
+  dtype = cfg.dtype
+  b, length, d = h.shape
+  x = _layer_norm(h, p["self_attn_layer_norm"], cfg.layer_norm_eps, dtype)
+  qkv = _dense(x, p["qkv_proj"], dtype).reshape(b, length, 3, cfg.num_heads, cfg.head_dim)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)  # before rotary, as the original
+  q = _apply_rotary(q, cos, sin)
+  k = _apply_rotary(k, cos, sin)
+  attn = _attention(q, k, v, key_mask, cfg.attention).reshape(b, length, d)
+  h = h + _dense(attn, p["out_proj"], dtype)
+  x = _layer_norm(h, p["final_layer_norm"], cfg.layer_norm_eps, dtype)
+  x = jax.nn.gelu(_dense(x, p["fc1"], dtype), approximate=False)
+  return h + _dense(x, p["fc2"], dtype)
+
+
+# --- parameter initialisation ----------------------------------------------------------
+
+
+def _normal(key, shape):
+  return 0.02 * jax.random.normal(key, shape, jnp.float32)
+
+
+def _init_norm(shape):
+  return {"scale": jnp.ones(shape, jnp.float32), "bias": jnp.zeros(shape, jnp.float32)}
+
+
+def _init_dense(key, shape_in_out, lead=()):
+  d_in, d_out = shape_in_out
+  return {"kernel": _normal(key, (*lead, d_in, d_out)),
+          "bias": jnp.zeros((*lead, d_out), jnp.float32)}
+
+
+# --- the model -------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class ESM2Output:
+  """last_hidden_state [B, L, D] (after emb_layer_norm_after); hidden_states: tuple of
+  S + 1 arrays [B, L, D] (embeddings, layers 1..S-1, and the final normed state, as
+  transformers and fair-esm report them) or None; logits [B, L, V] float32 or None."""
+  last_hidden_state: Any
+  hidden_states: Any = None
+  logits: Any = None
+
+
+class ESM2(nn.Module):
+  """ESM-2 encoder with stacked layers. See the module docstring for the param tree."""
+  config: ESM2Config
+
+  def setup(self):
+    cfg = self.config
+    d, f, s, v = cfg.embed_dim, cfg.ffn_dim, cfg.num_layers, cfg.vocab_size
+
+    def init_embedding(key):
+      emb = _normal(key, (v, d))
+      return {"embedding": emb.at[rc.ESM_PAD].set(0.0)}  # torch padding_idx row is zero
+
+    def init_layers(key):
+      k = jax.random.split(key, 4)
+      return {
+          "self_attn_layer_norm": _init_norm((s, d)),
+          "qkv_proj": _init_dense(k[0], (d, 3 * d), (s,)),
+          "out_proj": _init_dense(k[1], (d, d), (s,)),
+          "final_layer_norm": _init_norm((s, d)),
+          "fc1": _init_dense(k[2], (d, f), (s,)),
+          "fc2": _init_dense(k[3], (f, d), (s,)),
+      }
+
+    def init_lm_head(key):
+      return {"dense": _init_dense(key, (d, d)), "layer_norm": _init_norm((d,)),
+              "bias": jnp.zeros((v,), jnp.float32)}
+
+    self.embed_tokens = self.param("embed_tokens", init_embedding)
+    self.layers = self.param("layers", init_layers)
+    self.emb_layer_norm_after = self.param("emb_layer_norm_after", lambda _: _init_norm((d,)))
+    if cfg.mlm_head:
+      self.lm_head = self.param("lm_head", init_lm_head)
+
+  def embed(self, tokens):
+    """Token embeddings with token dropout and padding mask. tokens int [B, L] -> [B, L, D]."""
+    cfg = self.config
+    x = jnp.take(self.embed_tokens["embedding"], tokens, axis=0)  # float32
+    real = tokens != rc.ESM_PAD
+    if cfg.token_dropout:
+      is_mask = tokens == rc.ESM_MASK
+      x = jnp.where(is_mask[..., None], 0.0, x)
+      # max(., 1): all-padding rows (batch padding) stay finite instead of 0/0.
+      src_lengths = jnp.maximum(real.sum(-1), 1).astype(jnp.float32)
+      ratio_observed = is_mask.sum(-1).astype(jnp.float32) / src_lengths
+      x = x * (1.0 - MASK_RATIO_TRAIN) / (1.0 - ratio_observed)[:, None, None]
+    x = x * real[..., None].astype(x.dtype)
+    return x.astype(cfg.dtype)
+
+  def run_layers(self, h, tokens, start: int, stop: int, collect: bool = False):
+    """Layers (start, stop] (1-based, i.e. layer indices start..stop-1) on h [B, L, D].
+
+    start, stop: static python ints, 0 <= start <= stop <= num_layers. Returns h, or
+    (h, per-layer outputs [stop - start, B, L, D]) if collect.
+    """
+    cfg = self.config
+    if not (0 <= start <= stop <= cfg.num_layers):
+      raise ValueError(f"layer range ({start}, {stop}] outside 0..{cfg.num_layers}")
+    h = h.astype(cfg.dtype)
+    if start == stop:
+      return (h, jnp.zeros((0, *h.shape), h.dtype)) if collect else h
+    key_mask = tokens != rc.ESM_PAD
+    cos, sin = rotary_tables(h.shape[1], cfg.head_dim)  # static: constants in the program
+    layer_fn = functools.partial(_transformer_layer, cfg=cfg)
+    if cfg.remat:
+      layer_fn = jax.checkpoint(layer_fn, prevent_cse=not cfg.scan_layers)
+    stacked = jax.tree.map(lambda a: a[start:stop], self.layers)
+
+    if cfg.scan_layers:
+      def body(carry, p):
+        out = layer_fn(p, carry, key_mask, cos, sin)
+        return out, (out if collect else None)
+      h, outs = jax.lax.scan(body, h, stacked)
+    else:
+      outs = []
+      for i in range(stop - start):
+        h = layer_fn(jax.tree.map(lambda a, i=i: a[i], stacked), h, key_mask, cos, sin)
+        outs.append(h)
+      outs = jnp.stack(outs) if collect else None
+    return (h, outs) if collect else h
+
+  def final_norm(self, h):
+    """emb_layer_norm_after. h [B, L, D] -> [B, L, D] in cfg.dtype."""
+    cfg = self.config
+    return _layer_norm(h, self.emb_layer_norm_after, cfg.layer_norm_eps, cfg.dtype)
+
+  def mlm_logits(self, h):
+    """MLM head on final (normed) states h [B, L, D] -> float32 logits [B, L, V]."""
+    cfg = self.config
+    if not cfg.mlm_head:
+      raise ValueError("this ESM2 has no MLM head (config.mlm_head=False)")
+    p = self.lm_head
+    x = jax.nn.gelu(_dense(h.astype(cfg.dtype), p["dense"], cfg.dtype), approximate=False)
+    x = _layer_norm(x, p["layer_norm"], cfg.layer_norm_eps, cfg.dtype)
+    logits = jnp.dot(x, self.embed_tokens["embedding"].T.astype(cfg.dtype),
+                     preferred_element_type=jnp.float32)
+    return logits + p["bias"]
+
+  def __call__(self, tokens, return_mlm_logits: bool = False,
+               output_hidden_states: bool = True) -> ESM2Output:
+    """Full forward. tokens int [B, L] (from `tokenize`)."""
+    cfg = self.config
+    h = self.embed(tokens)
+    if output_hidden_states:
+      h_last, outs = self.run_layers(h, tokens, 0, cfg.num_layers, collect=True)
+      final = self.final_norm(h_last)
+      hidden = (h, *(outs[i] for i in range(cfg.num_layers - 1)), final)
+    else:
+      final = self.final_norm(self.run_layers(h, tokens, 0, cfg.num_layers))
+      hidden = None
+    logits = self.mlm_logits(final) if return_mlm_logits else None
+    return ESM2Output(last_hidden_state=final, hidden_states=hidden, logits=logits)
+
+
+def init_params(cfg: ESM2Config, seed: int = 0, length: int = 8) -> dict:
+  """Random float32 parameters (normal(0.02) kernels, like the torch references)."""
+  tokens = jnp.zeros((1, length), jnp.int32)
+  return ESM2(cfg).init(jax.random.PRNGKey(seed), tokens)["params"]
+
+
+def param_shapes(cfg: ESM2Config) -> dict:
+  """Parameter tree of ShapeDtypeStructs, no allocation (jax.eval_shape)."""
+  return jax.eval_shape(lambda: init_params(cfg))
+
+
+def num_params(cfg: ESM2Config) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+def from_pretrained(path: str, **overrides) -> tuple[ESM2, dict]:
+  """Model and float32 params from a Hugging Face ESM directory (config.json +
+  model.safetensors / pytorch_model.bin), a fair-esm `.pt` file, or a directory written
+  by `python -m bihier_jax.convert_esm`. overrides: execution options of ESM2Config
+  (dtype, remat, scan_layers, attention, mlm_head=False drops the head)."""
+  from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
+  cfg, params = esm2_checkpoint.load_pretrained(path, **overrides)
+  return ESM2(cfg), params
