@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import subprocess
 import sys
@@ -147,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(script, end="")
     print(f"# --- submit ---\n{shlex.join(submit_command(path))}")
     return 0
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     f.write(script)
   print(f"wrote {path}", flush=True)
