@@ -1,0 +1,296 @@
+"""Fusion of the sequence (pLM) and structure (GNN) streams at one depth.
+
+Two published mechanisms (Liu et al. 2025), both on per-residue tokens of width d:
+
+- `LocalFusion`: a per-residue softmax gate over the two modalities,
+  g = softmax(f(U) + f(V)) with one shared MLP f giving two votes, Z = g0·U + g1·V.
+- `GlobalFusion`: pre-LN multi-head self-attention + FFN over the joint token set
+  [U + e_seq ; V + e_str] of each protein (2n tokens for n residues).
+
+`FusionLevel` wraps either with the projections into the fused width and the write-backs
+(DESIGN.md "Model"):
+  struct <- seq:  X <- X + Dense(Zg)
+  seq <- struct:  H <- H + scatter(Dense0(Zs)), Dense0 zero-initialised so that at
+                  initialisation the pLM stream is exactly the pretrained one.
+
+Shapes: N nodes, G graphs (incl. the padding graph), R x L the ESM token grid,
+d fused width, ds ESM width, dg GNN width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bihier_jax.data import batch as batch_lib
+
+Dtype = Any
+
+# Additive logit for forbidden attention pairs; finite so fully masked (padding) query
+# rows give a uniform, finite softmax instead of NaN. Their outputs are masked later.
+_MASKED_LOGIT = -1e9
+
+
+class LocalFusion(nn.Module):
+  """Per-residue gated fusion, as published.
+
+  Attributes:
+    hidden: width of the hidden layer of the shared vote MLP f.
+    dtype: compute dtype (parameters stay float32).
+  """
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, u, v, has_token):
+    """Fuses the two modalities residue by residue.
+
+    Args:
+      u: [N, d] sequence-side tokens.
+      v: [N, d] structure-side tokens.
+      has_token: bool[N] node has a sequence token; nodes without one (ligand atoms,
+        padding) take the structure side only (gate (0, 1)).
+
+    Returns:
+      (z [N, d], gates float32[N, 2]), gates sum to one per residue.
+    """
+    vote = nn.Sequential([
+        nn.Dense(self.hidden, dtype=self.dtype, name="vote_hidden"),
+        nn.gelu,
+        nn.Dense(2, dtype=self.dtype, name="vote_out"),
+    ], name="vote")
+    # One MLP f for both modalities (shared parameters), votes added, as published.
+    logits = vote(u).astype(jnp.float32) + vote(v).astype(jnp.float32)
+    gates = jax.nn.softmax(logits, axis=-1)
+    struct_only = jnp.array([0.0, 1.0], jnp.float32)
+    gates = jnp.where(has_token[:, None], gates, struct_only)
+    g = gates.astype(u.dtype)
+    z = g[:, :1] * u + g[:, 1:] * v
+    return z, gates
+
+
+class JointTokenBlock(nn.Module):
+  """One pre-LN transformer block (MHSA + FFN) over batched token sets with a mask.
+
+  Attributes:
+    num_heads: attention heads; the width must divide by it.
+    ffn_mult: FFN hidden width = ffn_mult x width.
+    dropout: rate on attention weights and both residual branches.
+    dtype: compute dtype; softmax runs in float32.
+  """
+  num_heads: int
+  ffn_mult: int = 4
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, allowed, deterministic: bool):
+    """Args: tokens [B, T, d]; allowed bool[B, T, T] (query, key) pairs that may attend.
+
+    Returns [B, T, d]. Rows whose query has no allowed key get a finite, meaningless
+    value; callers mask them.
+    """
+    width = tokens.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"fusion width {width} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    head_dim = width // self.num_heads
+    dense_heads = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=self.dtype, name=name)
+
+    y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="attention_norm")(tokens)
+    q = dense_heads("query")(y) * (head_dim ** -0.5)
+    k = dense_heads("key")(y)
+    v = dense_heads("value")(y)
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32)
+    logits = jnp.where(allowed[:, None], logits, _MASKED_LOGIT)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+    attended = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+    attended = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                               name="attention_out")(attended)
+    tokens = tokens + nn.Dropout(self.dropout)(attended, deterministic=deterministic)
+
+    y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ffn_norm")(tokens)
+    y = nn.Dense(self.ffn_mult * width, dtype=self.dtype, name="ffn_in")(y)
+    y = nn.Dense(width, dtype=self.dtype, name="ffn_out")(nn.gelu(y))
+    return tokens + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+def _graph_slots(node_graph, node_mask, num_graphs):
+  """Slot of each node within its graph: index minus the graph's first node index.
+
+  Nodes of one graph are contiguous (jraph batching). Returns int32[N].
+  """
+  index = jnp.arange(node_graph.shape[0], dtype=jnp.int32)
+  first = jax.ops.segment_min(jnp.where(node_mask, index, node_graph.shape[0]),
+                              node_graph, num_segments=num_graphs)
+  return index - first[node_graph]
+
+
+class GlobalFusion(nn.Module):
+  """Joint self-attention over each protein's sequence and structure residue tokens.
+
+  Each protein contributes 2n tokens (U + e_seq for its n residues, V + e_str); tokens
+  attend only to real tokens of the same graph.
+
+  Two equivalent layouts of the same computation:
+  - dense: one [2N, 2N] masked attention over the whole batch. Cost O((2N)²) time and
+    memory: N = 2048 nodes with 4 heads is 4096² x 4 float32 logits = 268 MB and 8x the
+    FLOPs of per-protein attention for 8 equal proteins.
+  - per graph: nodes are laid out as [G, P] by (graph, slot within graph) with a static
+    capacity P; cost G x (2P)². Used when `graph_capacity` is set and every real node
+    fits (checked on device); otherwise the dense layout runs (via `nn.cond`, so both are
+    compiled and results are always exact).
+
+  Attributes:
+    dim: token width d.
+    num_heads: attention heads.
+    dropout: dropout rate.
+    graph_capacity: P, nodes per graph in the per-graph layout; None = dense only.
+    dtype: compute dtype.
+  """
+  dim: int
+  num_heads: int
+  dropout: float = 0.0
+  graph_capacity: int | None = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    # Modality embeddings added to the tokens so attention can tell the two apart.
+    self.seq_type_embedding = self.param(
+        "seq_type_embedding", nn.initializers.normal(0.02), (self.dim,))
+    self.struct_type_embedding = self.param(
+        "struct_type_embedding", nn.initializers.normal(0.02), (self.dim,))
+    self.block = JointTokenBlock(num_heads=self.num_heads, dropout=self.dropout,
+                                 dtype=self.dtype)
+
+  def _dense(self, tokens, token_graph, token_mask, deterministic):
+    allowed = ((token_graph[:, None] == token_graph[None, :])
+               & token_mask[:, None] & token_mask[None, :])
+    return self.block(tokens[None], allowed[None], deterministic)[0]
+
+  def _per_graph(self, tokens, slots, token_graph, token_mask, num_graphs,
+                 deterministic):
+    """tokens [2N, d], slots int32[2N] in [0, 2P) -> [2N, d] via a [G, 2P, d] layout."""
+    cap2 = 2 * self.graph_capacity
+    # Tokens that are masked out are parked in an extra slot that is sliced away.
+    slots = jnp.where(token_mask, slots, cap2)
+    grid = jnp.zeros((num_graphs, cap2 + 1, tokens.shape[-1]), tokens.dtype)
+    grid = grid.at[token_graph, slots].set(tokens)[:, :cap2]
+    grid_mask = jnp.zeros((num_graphs, cap2 + 1), bool)
+    grid_mask = grid_mask.at[token_graph, slots].set(token_mask)[:, :cap2]
+    allowed = grid_mask[:, :, None] & grid_mask[:, None, :]
+    out = self.block(grid, allowed, deterministic)
+    out = jnp.pad(out, ((0, 0), (0, 1), (0, 0)))
+    return out[token_graph, slots]
+
+  def __call__(self, u, v, node_graph, seq_mask, struct_mask, num_graphs: int,
+               deterministic: bool):
+    """Fuses all proteins of a batch.
+
+    Args:
+      u: [N, d] sequence-side tokens; v: [N, d] structure-side tokens.
+      node_graph: int32[N] graph of each node.
+      seq_mask: bool[N] the node's sequence token is real (residue with an ESM token).
+      struct_mask: bool[N] the node's structure token is real (real node).
+      num_graphs: G (static).
+      deterministic: no dropout.
+
+    Returns:
+      (z_seq [N, d], z_struct [N, d]); zero at masked tokens.
+    """
+    e_seq, e_str = self.seq_type_embedding, self.struct_type_embedding
+    n = u.shape[0]
+    tokens = jnp.concatenate([u + e_seq.astype(u.dtype), v + e_str.astype(v.dtype)], 0)
+    token_graph = jnp.concatenate([node_graph, node_graph], 0)
+    token_mask = jnp.concatenate([seq_mask, struct_mask], 0)
+
+    if self.graph_capacity is None:
+      out = self._dense(tokens, token_graph, token_mask, deterministic)
+    else:
+      cap = self.graph_capacity
+      node_slots = _graph_slots(node_graph, struct_mask | seq_mask, num_graphs)
+      fits = jnp.all(jnp.where(struct_mask | seq_mask, node_slots < cap, True))
+      slots = jnp.concatenate([node_slots, node_slots + cap], 0)
+      out = nn.cond(
+          fits,
+          lambda mdl, t: mdl._per_graph(t, slots, token_graph, token_mask, num_graphs,
+                                        deterministic),
+          lambda mdl, t: mdl._dense(t, token_graph, token_mask, deterministic),
+          self, tokens)
+    out = jnp.where(token_mask[:, None], out, jnp.zeros_like(out))
+    return out[:n], out[n:]
+
+
+class FusionLevel(nn.Module):
+  """Fusion at one depth: project, fuse (local or global), write back.
+
+  Attributes:
+    mode: "local" | "global".
+    dim: fused token width d.
+    num_heads: heads of global fusion.
+    dropout: dropout in global fusion and on the write-back updates.
+    write_struct: struct <- seq write-back (direction bi / seq2struct).
+    write_seq: seq <- struct write-back (direction bi / struct2seq).
+    dtype: compute dtype.
+  """
+  mode: str
+  dim: int
+  num_heads: int = 4
+  dropout: float = 0.0
+  write_struct: bool = True
+  write_seq: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden, x, node_to_token, node_graph, node_mask,
+               num_graphs: int, deterministic: bool, graph_capacity: int | None = None):
+    """Args:
+      hidden: [R, L, ds] pLM hidden states.
+      x: [N, dg] GNN node states.
+      node_to_token: int32[N, 2]; node_graph: int32[N]; node_mask: bool[N].
+      num_graphs: G (static).
+      deterministic: no dropout.
+      graph_capacity: per-graph layout of global fusion (static); see `GlobalFusion`.
+
+    Returns:
+      (hidden [R, L, ds], x [N, dg]) after write-back.
+    """
+    has_token = (node_to_token[:, 0] >= 0) & node_mask
+    u = nn.Dense(self.dim, dtype=self.dtype, name="seq_in")(
+        batch_lib.gather_tokens(hidden, node_to_token))
+    v = nn.Dense(self.dim, dtype=self.dtype, name="struct_in")(x)
+
+    if self.mode == "local":
+      z, gates = LocalFusion(hidden=self.dim, dtype=self.dtype, name="local")(
+          u, v, has_token)
+      self.sow("intermediates", "gates", gates)
+      z_seq = z_struct = z
+    elif self.mode == "global":
+      z_seq, z_struct = GlobalFusion(
+          dim=self.dim, num_heads=self.num_heads, dropout=self.dropout,
+          graph_capacity=graph_capacity, dtype=self.dtype, name="global")(
+              u, v, node_graph, has_token, node_mask, num_graphs,
+              deterministic)
+    else:
+      raise ValueError(f"model.fusion.mode must be 'local' or 'global', "
+                       f"got {self.mode!r}")
+
+    drop = nn.Dropout(self.dropout)
+    if self.write_struct:
+      update = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_struct")(z_struct)
+      update = drop(update, deterministic=deterministic)
+      x = x + jnp.where(node_mask[:, None], update, 0).astype(x.dtype)
+    if self.write_seq:
+      update = nn.Dense(hidden.shape[-1], dtype=self.dtype,
+                        kernel_init=nn.initializers.zeros,
+                        bias_init=nn.initializers.zeros, name="to_seq")(z_seq)
+      update = drop(update, deterministic=deterministic)
+      update = jnp.where(has_token[:, None], update, 0)
+      hidden = hidden + batch_lib.scatter_to_tokens(
+          update, node_to_token, hidden.shape[:2]).astype(hidden.dtype)
+    return hidden, x
