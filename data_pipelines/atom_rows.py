@@ -20,47 +20,32 @@ from typing import Sequence
 import numpy as np
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.common import structure
+
+# Modified residues whose side-chain atoms are named differently from the parent's
+# (the same rule as common.structure: MSE's SE is MET's SD).
+_SIDECHAIN_RENAMES = {"MSE": {"SE": "SD"}}
 
 
-@dataclasses.dataclass
-class ChainArrays:
-  """One chain's residues. n = residues, A = 9 layout slots.
-
-  Attributes:
-    chain_id: author chain id.
-    sequence: one-letter sequence, len n.
-    aatype: int32[n] index into `rc.RESTYPES`.
-    residue_number: int32[n] author residue numbers.
-    insertion_code: str[n] insertion codes, "" if none.
-    atom_positions: float32[n, A, 3] Å, 0 where absent.
-    atom_mask: bool[n, A].
-    resnames: str[n] residue names as found (e.g. "MSE").
-  """
-  chain_id: str
-  sequence: str
-  aatype: np.ndarray
-  residue_number: np.ndarray
-  insertion_code: np.ndarray
-  atom_positions: np.ndarray
-  atom_mask: np.ndarray
-  resnames: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.sequence)
-
-  def select(self, rows: np.ndarray) -> "ChainArrays":
-    rows = np.asarray(rows)
-    if rows.dtype == bool:
-      rows = np.nonzero(rows)[0]
-    return ChainArrays(
-        self.chain_id, "".join(self.sequence[i] for i in rows), self.aatype[rows], self.residue_number[rows], self.insertion_code[rows],
-        self.atom_positions[rows], self.atom_mask[rows], self.resnames[rows])
+def select_residues(chain: structure.Chain, rows) -> structure.Chain:
+  """The residues `rows` (bool mask or indices, in order) of `chain`, as a new Chain."""
+  rows = np.asarray(rows)
+  if rows.dtype == bool:
+    rows = np.nonzero(rows)[0]
+  return dataclasses.replace(
+      chain, residue_names=[chain.residue_names[i] for i in rows],
+      sequence="".join(chain.sequence[i] for i in rows), aatype=chain.aatype[rows],
+      residue_number=chain.residue_number[rows],
+      insertion_code=chain.insertion_code[rows],
+      atom_positions=chain.atom_positions[rows], atom_mask=chain.atom_mask[rows],
+      is_modified=chain.is_modified[rows])
 
 
 def slot_of(resname: str, atom_name: str) -> int | None:
   """Layout slot of an atom name in a residue, or None if the layout has no slot."""
   if atom_name in ("N", "CA", "C", "O", "CB"):
     return rc.ATOM_SLOT[atom_name]
+  atom_name = _SIDECHAIN_RENAMES.get(resname, {}).get(atom_name, atom_name)
   parent = rc.MODIFIED_TO_PARENT.get(resname, resname)
   chi_atoms = rc.CHI_ATOMS.get(parent, ())
   if atom_name in chi_atoms:
@@ -71,8 +56,8 @@ def slot_of(resname: str, atom_name: str) -> int | None:
 def chains_from_atoms(chain_ids: Sequence[str], residue_numbers: Sequence[int],
                       insertion_codes: Sequence[str], resnames: Sequence[str],
                       atom_names: Sequence[str], elements: Sequence[str],
-                      coords: np.ndarray, *, residue_keys: Sequence | None = None
-                      ) -> list[ChainArrays]:
+                      coords: np.ndarray, *, residue_keys: Sequence | None = None,
+                      model_index: int = 0) -> list[structure.Chain]:
   """Group flat atom rows into chains of amino-acid residues.
 
   Args:
@@ -121,20 +106,14 @@ def chains_from_atoms(chain_ids: Sequence[str], residue_numbers: Sequence[int],
     if not residues:
       continue
     sequence = "".join(r["letter"] for r in residues)
-    out.append(ChainArrays(
-        chain_id=chain, sequence=sequence,
+    out.append(structure.Chain(
+        chain_id=chain, model_index=model_index,
+        residue_names=[r["resname"] for r in residues], sequence=sequence,
         aatype=np.array([rc.restype_index(c) for c in sequence], np.int32),
         residue_number=np.array([r["number"] for r in residues], np.int32),
         insertion_code=np.array([r["icode"] for r in residues], dtype=str),
         atom_positions=np.stack([r["pos"] for r in residues]).astype(np.float32),
         atom_mask=np.stack([r["mask"] for r in residues]),
-        resnames=np.array([r["resname"] for r in residues], dtype=str)))
+        is_modified=np.array([rc.MODIFIED_TO_PARENT.get(r["resname"]) is not None
+                              for r in residues])))
   return out
-
-
-def to_structure_chain(chain: ChainArrays):
-  """`common.structure.Chain` with the same residues (for `featurize`)."""
-  from bihier_jax.common import structure
-  fields = {f.name for f in dataclasses.fields(structure.Chain)}
-  values = dataclasses.asdict(chain)
-  return structure.Chain(**{k: v for k, v in values.items() if k in fields})

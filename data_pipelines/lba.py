@@ -1,0 +1,201 @@
+"""ATOM3D LBA (ligand binding affinity), 30% and 60% sequence-identity splits.
+
+Raw layout (DATASETS.md §1): `split-by-sequence-identity-<30|60>/data/{train,val,test}/`
+ATOM3D LMDB directories; items hold `atoms_protein`, `atoms_pocket`, `atoms_ligand`
+(DataFrames), `id` (PDB code) and `scores["neglog_aff"]` (pK, the regression label).
+
+One example per complex:
+- Nodes: the pocket residues (whole residues within 6 Å of the ligand, as ATOM3D cut
+  them), then the ligand's heavy atoms as extra nodes typed by element
+  (`residue_constants.LIGAND_ELEMENTS`).
+- ESM sequences: the full chains the pocket comes from, rebuilt from `atoms_protein`
+  (amino-acid residues with a CA, modified ones mapped to their parent, file order;
+  the released `seq` field is empty). Each pocket residue's `residue_index` is its
+  position in that full chain, found by (chain, residue number, insertion code); a
+  pocket residue absent from the protein table skips the item (reported, not guessed).
+- Pocket chains without any pocket residue are not embedded.
+PDB ids must be disjoint across splits (atom3d #45 leaked val into test); checked in
+`list_items`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from bihier_jax.common import residue_constants as rc
+from bihier_jax.common import structure
+from data_pipelines import atom3d_lmdb, atom_rows
+from data_pipelines.tasks import SkipItem, WorkItem
+
+SPLITS = ("train", "val", "test")
+DEFAULT_CUTOFF = 10.0  # Å, configs/default.py data.cutoff
+DEFAULT_MAX_NEIGHBORS = 32
+
+
+def _add_once(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
+  if not any(flag in a.option_strings for a in parser._actions):
+    parser.add_argument(flag, **kw)
+
+
+def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+  """Radius-graph flags shared by the benchmark tasks."""
+  _add_once(parser, "--cutoff", type=float, default=DEFAULT_CUTOFF,
+            help="residue graph radius in Å")
+  _add_once(parser, "--max-neighbors", type=int, default=DEFAULT_MAX_NEIGHBORS,
+            help="most incoming edges per node")
+
+
+def add_lmdb_arguments(parser: argparse.ArgumentParser) -> None:
+  add_graph_arguments(parser)
+  _add_once(parser, "--allow-pickle", action="store_true",
+            help="read pickle-serialised LMDBs (this runs code stored in the file)")
+
+
+def find_split_dirs(raw_dir: str, marker: str) -> dict[str, str]:
+  """LMDB directory of each split under `raw_dir`, for a split archive named `marker`.
+
+  Accepts `raw_dir` = the folder holding the extracted archive, the archive folder
+  itself, or its `data/` folder.
+  """
+  candidates = [raw_dir, os.path.join(raw_dir, "data"),
+                os.path.join(raw_dir, marker), os.path.join(raw_dir, marker, "data")]
+  for root, dirs, _ in os.walk(raw_dir):
+    if os.path.basename(root) == marker:
+      candidates.append(os.path.join(root, "data"))
+  for base in candidates:
+    found = {s: os.path.join(base, s) for s in SPLITS
+             if os.path.exists(os.path.join(base, s, "data.mdb"))}
+    if found:
+      missing = set(SPLITS) - set(found)
+      if missing:
+        raise FileNotFoundError(f"{base}: split(s) {sorted(missing)} missing")
+      return found
+  raise FileNotFoundError(
+      f"{raw_dir}: no {marker}/data/{{train,val,test}} LMDB directories found "
+      f"(run `python -m data_pipelines.download` first)")
+
+
+def list_lmdb_items(split_dirs: dict[str, str], allow_pickle: bool, extra: tuple,
+                    group_of) -> list[WorkItem]:
+  """One WorkItem per LMDB entry; asserts that `group_of(id)` never spans splits."""
+  items, owner = [], {}
+  for split, path in split_dirs.items():
+    ds = atom3d_lmdb.LMDBDataset(path, allow_pickle=allow_pickle)
+    ids = ds.ids()
+    n = len(ds)
+    ds.close()  # workers reopen it: an LMDB environment must not cross a fork
+    for item_id in ids:
+      key = group_of(item_id)
+      if owner.setdefault(key, split) != split:
+        raise ValueError(f"{key!r} occurs in both {owner[key]} and {split} "
+                         f"({path}): the splits leak")
+    items += [WorkItem(f"{path}#{i}", split, (path, i, allow_pickle) + extra)
+              for i in range(n)]
+  return items
+
+
+def read_lmdb_item(item: WorkItem) -> dict:
+  path, index, allow_pickle = item.payload[:3]
+  try:
+    return atom3d_lmdb.LMDBDataset(path, allow_pickle=allow_pickle)[index]
+  except (atom3d_lmdb.LMDBFormatError, ValueError, KeyError) as e:
+    raise SkipItem(f"{item.source}: unreadable item ({e})") from e
+
+
+def chains_from_table(table: atom3d_lmdb.AtomTable) -> list[structure.Chain]:
+  """Amino-acid chains of an ATOM3D atoms table (hydrogens dropped)."""
+  hetero = table["hetero"] if "hetero" in table else None
+  return atom_rows.chains_from_atoms(
+      table["chain"], table["residue"], table["insertion_code"], table["resname"],
+      table["name"], table["element"], table.coords, residue_keys=hetero)
+
+
+def ligand_from_table(table: atom3d_lmdb.AtomTable, where: str) -> structure.Ligand:
+  """The ligand's heavy atoms as one `Ligand` (elements upper case)."""
+  elements = np.char.upper(np.char.strip(table["element"].astype(str)))
+  heavy = ~np.isin(elements, ("H", "D"))
+  if not heavy.any():
+    raise SkipItem(f"{where}: ligand has no heavy atoms")
+  return structure.Ligand(name="LIG", chain_id="LIG", residue_number=0,
+                          elements=[str(e) for e in elements[heavy]],
+                          positions=table.coords[heavy].astype(np.float32))
+
+
+def pocket_in_full_chains(pocket: list[structure.Chain], full: list[structure.Chain],
+                          where: str) -> tuple[list[structure.Chain], list[np.ndarray]]:
+  """Full chains that hold pocket residues, and each pocket residue's index in them.
+
+  Returns:
+    (full chains, in pocket chain order; [per chain] int32[n_pocket] indices).
+  """
+  by_id = {c.chain_id: c for c in full}
+  chains, indices = [], []
+  for pc in pocket:
+    fc = by_id.get(pc.chain_id)
+    if fc is None:
+      raise SkipItem(f"{where}: pocket chain {pc.chain_id!r} not in atoms_protein")
+    lookup = {(int(n), str(i)): k for k, (n, i) in
+              enumerate(zip(fc.residue_number, fc.insertion_code))}
+    idx = []
+    for n, i, letter in zip(pc.residue_number, pc.insertion_code, pc.sequence):
+      k = lookup.get((int(n), str(i)))
+      if k is None or fc.sequence[k] != letter:
+        raise SkipItem(f"{where}: pocket residue {pc.chain_id}:{n}{i}{letter} has no "
+                       "matching residue in atoms_protein")
+      idx.append(k)
+    chains.append(fc)
+    indices.append(np.asarray(idx, np.int32))
+  return chains, indices
+
+
+class LBATask:
+  """Preprocessing task (data_pipelines.tasks protocol) for one LBA split archive."""
+
+  def __init__(self, identity: int):
+    self.identity = identity
+    self.name = f"lba{identity}"
+    self.marker = f"split-by-sequence-identity-{identity}"
+
+  def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    add_lmdb_arguments(parser)
+
+  def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
+                 ) -> list[WorkItem]:
+    allow_pickle = bool(getattr(args, "allow_pickle", False))
+    extra = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
+             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS))
+    dirs = find_split_dirs(raw_dir, self.marker)
+    return list_lmdb_items(dirs, allow_pickle, extra, group_of=lambda i: str(i).lower())
+
+  def process(self, item: WorkItem):
+    from bihier_jax.data import featurize
+    cutoff, max_neighbors = item.payload[3:5]
+    record = read_lmdb_item(item)
+    where = f"{item.source} ({record.get('id')})"
+    for key in ("atoms_protein", "atoms_pocket", "atoms_ligand", "scores"):
+      if key not in record:
+        raise SkipItem(f"{where}: missing {key}")
+    try:
+      label = float(record["scores"]["neglog_aff"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise SkipItem(f"{where}: no neglog_aff score ({e})") from e
+    pocket = chains_from_table(record["atoms_pocket"])
+    if not pocket:
+      raise SkipItem(f"{where}: no amino-acid residue in the pocket")
+    full, indices = pocket_in_full_chains(
+        pocket, chains_from_table(record["atoms_protein"]), where)
+    ligand = ligand_from_table(record["atoms_ligand"], where)
+    example = featurize.example_from_chains(
+        str(record["id"]), pocket, ligands=(ligand,), cutoff=cutoff,
+        max_neighbors=max_neighbors, graph_label=label)
+    # ESM reads the whole chains; pocket nodes point into them.
+    example.sequences = [c.sequence for c in full]
+    example.residue_index = np.concatenate(indices).astype(np.int32)
+    return [example]
+
+
+LBA30 = LBATask(30)
+LBA60 = LBATask(60)

@@ -1,0 +1,91 @@
+"""ATOM3D PSR as model quality assessment (MQA): rank decoys of CASP targets by GDT_TS.
+
+Raw layout (DATASETS.md §2): `split-by-year/data/{train,val,test}/` ATOM3D LMDB
+directories; each item is one decoy: `atoms` (DataFrame, one chain), `id` = the string
+form of a tuple `(target, decoy)`, `scores` with `gdt_ts` (0–1, the label), `tm`,
+`gdt_ha`, `rmsd`.
+
+One example per decoy: all amino-acid residues (hydrogens dropped), label = gdt_ts,
+group = target (per-target correlations), id = the item id string. The id is parsed
+with `ast.literal_eval`, never `eval`. Targets must not span splits (checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+from data_pipelines import lba
+from data_pipelines.tasks import SkipItem, WorkItem
+
+MARKER = "split-by-year"
+LABEL_KEY = "gdt_ts"
+
+
+def parse_decoy_id(item_id: str) -> tuple[str, str]:
+  """`"('T0759', 'server_TS1')"` -> ("T0759", "server_TS1"); ValueError otherwise."""
+  try:
+    value = ast.literal_eval(str(item_id))
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"PSR id {item_id!r} is not a tuple literal") from e
+  if not (isinstance(value, tuple) and len(value) == 2):
+    raise ValueError(f"PSR id {item_id!r} is not a (target, decoy) pair")
+  return str(value[0]), str(value[1])
+
+
+def casp_round(target: str) -> str:
+  """CASP round of a target id (T0xyz: CASP round from its number ranges), or "?".
+
+  Ranges from the CASP target lists: CASP5 T0129–T0195, CASP6 T0196–T0282, CASP7
+  T0283–T0386, CASP8 T0387–T0514, CASP9 T0515–T0643, CASP10 T0644–T0758, CASP11
+  T0759–T0858, CASP12 T0859–T0948, CASP13 T0949–T1021.
+  """
+  bounds = ((129, 5), (196, 6), (283, 7), (387, 8), (515, 9), (644, 10), (759, 11),
+            (859, 12), (949, 13), (1022, None))
+  digits = "".join(ch for ch in target[1:5] if ch.isdigit())
+  if not target.startswith("T") or not digits:
+    return "?"
+  number = int(digits)
+  for (lo, r), (hi, _) in zip(bounds, bounds[1:]):
+    if lo <= number < hi:
+      return f"CASP{r}"
+  return "?"
+
+
+class MQATask:
+  """Preprocessing task (data_pipelines.tasks protocol) for PSR split-by-year."""
+  name = "mqa"
+
+  def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    lba.add_lmdb_arguments(parser)
+
+  def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
+                 ) -> list[WorkItem]:
+    allow_pickle = bool(getattr(args, "allow_pickle", False))
+    extra = (float(getattr(args, "cutoff", None) or lba.DEFAULT_CUTOFF),
+             int(getattr(args, "max_neighbors", None) or lba.DEFAULT_MAX_NEIGHBORS))
+    dirs = lba.find_split_dirs(raw_dir, MARKER)
+    return lba.list_lmdb_items(dirs, allow_pickle, extra,
+                               group_of=lambda i: parse_decoy_id(i)[0])
+
+  def process(self, item: WorkItem):
+    from bihier_jax.data import featurize
+    cutoff, max_neighbors = item.payload[3:5]
+    record = lba.read_lmdb_item(item)
+    where = f"{item.source} ({record.get('id')})"
+    try:
+      target, _ = parse_decoy_id(record["id"])
+      label = float(record["scores"][LABEL_KEY])
+    except (KeyError, TypeError, ValueError) as e:
+      raise SkipItem(f"{where}: bad id or scores ({e})") from e
+    if "atoms" not in record:
+      raise SkipItem(f"{where}: missing atoms")
+    chains = lba.chains_from_table(record["atoms"])
+    if not chains:
+      raise SkipItem(f"{where}: no amino-acid residue")
+    return [featurize.example_from_chains(
+        str(record["id"]), chains, cutoff=cutoff, max_neighbors=max_neighbors,
+        graph_label=label, group=target)]
+
+
+MQA = MQATask()

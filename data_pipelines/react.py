@@ -1,0 +1,176 @@
+"""EC reaction classification ("react"): IEConv's ProtFunct dataset, 384 classes.
+
+Raw layout (DATASETS.md §3; what DIG's ECdataset reads):
+```
+ProtFunct/
+  data/<pdb>.<chain>.hdf5     one chain per file (IEConv PyProtein.save_hdf5)
+  chain_functions.txt         "4fae.B,247": chain name, class index
+  unique_functions.txt        384 EC numbers; line i = class i
+  training.txt validation.txt testing.txt   one chain name per line
+```
+HDF5 datasets read here: `atom_pos` [n_models, n_atoms, 3] (model 0; plus `pos_center`
+to restore the original frame), `atom_names`, `atom_amino_id` (residue index or −1),
+`atom_residue_names`, `atom_residue_id`, `amino_types` [n_res] (IEConv alphabet =
+`residue_constants.RESTYPES`, −1 unrecognised).
+
+Differences from DIG's conversion (stated so comparisons can account for them):
+- Atoms with `atom_amino_id == -1` (ligands, ions) are masked. DIG indexes with −1,
+  so a hetero atom named N/CA/C/CB overwrites the *last* residue's coordinate.
+- Missing backbone atoms stay absent (mask) instead of copying the CA position.
+- `amino_types == -1` (e.g. MSE) becomes the parent letter when the residue name is a
+  known modified residue, else X (25); DIG always uses 25.
+One example per chain; graph label = class index; node labels unused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from bihier_jax.common import residue_constants as rc
+from bihier_jax.common import structure
+from data_pipelines import atom_rows
+from data_pipelines.tasks import SkipItem, WorkItem
+
+NUM_CLASSES = 384
+SPLIT_FILES = {"train": "training.txt", "val": "validation.txt", "test": "testing.txt"}
+DEFAULT_CUTOFF = 10.0
+DEFAULT_MAX_NEIGHBORS = 32
+
+
+def find_root(raw_dir: str) -> str:
+  """The ProtFunct folder (the one holding chain_functions.txt) under `raw_dir`."""
+  for root, _, files in os.walk(raw_dir):
+    if "chain_functions.txt" in files:
+      return root
+  raise FileNotFoundError(f"{raw_dir}: no ProtFunct/chain_functions.txt found "
+                          "(run `python -m data_pipelines.download react` first)")
+
+
+def read_labels(root: str) -> tuple[dict[str, int], list[str]]:
+  """(chain name -> class index, class names) with range and count checks."""
+  with open(os.path.join(root, "unique_functions.txt")) as f:
+    classes = [line.strip() for line in f if line.strip()]
+  labels = {}
+  path = os.path.join(root, "chain_functions.txt")
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      name, _, value = line.partition(",")
+      try:
+        label = int(value)
+      except ValueError as e:
+        raise ValueError(f"{path}:{n}: expected '<pdb>.<chain>,<class>', got {line!r}") from e
+      if not 0 <= label < len(classes):
+        raise ValueError(f"{path}:{n}: class {label} outside [0, {len(classes)})")
+      labels[name.strip()] = label
+  return labels, classes
+
+
+def read_split(root: str, split: str) -> list[str]:
+  with open(os.path.join(root, SPLIT_FILES[split])) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def _text(values) -> np.ndarray:
+  return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values],
+                  dtype=str)
+
+
+def chain_from_hdf5(path: str, chain_id: str) -> structure.Chain:
+  """The residues of one IEConv HDF5 chain file as a `Chain` (coordinates in Å)."""
+  import h5py
+  with h5py.File(path, "r") as f:
+    pos = np.asarray(f["atom_pos"][0], np.float64)
+    if "pos_center" in f:  # IEConv stores coordinates minus the bounding-box centre
+      pos = pos + np.asarray(f["pos_center"], np.float64).reshape(1, 3)
+    names = np.char.strip(_text(f["atom_names"][()]))
+    amino_id = np.asarray(f["atom_amino_id"][()], np.int64)
+    res_names = np.char.strip(_text(f["atom_residue_names"][()]))
+    res_ids = np.asarray(f["atom_residue_id"][()], np.int64)
+    amino_types = np.asarray(f["amino_types"][()], np.int64)
+  n_res = len(amino_types)
+  if not (len(names) == len(amino_id) == len(res_names) == len(pos)):
+    raise SkipItem(f"{path}: per-atom datasets disagree in length")
+  if amino_id.max(initial=-1) >= n_res:
+    raise SkipItem(f"{path}: atom_amino_id up to {amino_id.max()} for {n_res} residues")
+  positions = np.zeros([n_res, rc.NUM_ATOM_SLOTS, 3], np.float32)
+  mask = np.zeros([n_res, rc.NUM_ATOM_SLOTS], bool)
+  resname = np.full([n_res], "UNK", dtype=object)
+  number = np.zeros([n_res], np.int32)
+  # atom_amino_id == -1 marks hetero atoms: masked here (DIG's index -1 would write them
+  # onto the last residue).
+  for a in np.nonzero(amino_id >= 0)[0]:
+    r = amino_id[a]
+    if names[a] == "CA":
+      resname[r], number[r] = res_names[a], res_ids[a]
+    slot = atom_rows.slot_of(res_names[a], names[a])
+    if slot is not None and not mask[r, slot]:
+      positions[r, slot] = pos[a]
+      mask[r, slot] = True
+  letters = []
+  for t, name in zip(amino_types, resname):
+    if t >= 0:
+      letters.append(rc.RESTYPES[t])
+    else:
+      letters.append(rc.one_letter(name) or "X")
+  sequence = "".join(letters)
+  return structure.Chain(
+      chain_id=chain_id, model_index=0, residue_names=[str(n) for n in resname],
+      sequence=sequence, aatype=np.array([rc.restype_index(c) for c in sequence], np.int32),
+      residue_number=number, insertion_code=np.full([n_res], "", dtype=str),
+      atom_positions=positions, atom_mask=mask,
+      is_modified=np.array([rc.MODIFIED_TO_PARENT.get(n) is not None for n in resname]))
+
+
+class ReactTask:
+  """Preprocessing task (data_pipelines.tasks protocol) for ProtFunct."""
+  name = "react"
+
+  def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    from data_pipelines import lba
+    lba.add_graph_arguments(parser)
+
+  def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
+                 ) -> list[WorkItem]:
+    root = find_root(raw_dir)
+    labels, classes = read_labels(root)
+    if len(classes) != NUM_CLASSES:
+      raise ValueError(f"{root}/unique_functions.txt: {len(classes)} classes, "
+                       f"expected {NUM_CLASSES}")
+    cutoff = float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF)
+    max_neighbors = int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS)
+    items, owner = [], {}
+    for split in SPLIT_FILES:
+      for name in read_split(root, split):
+        if owner.setdefault(name, split) != split:
+          raise ValueError(f"{name} is in both {owner[name]} and {split}")
+        path = os.path.join(root, "data", f"{name}.hdf5")
+        items.append(WorkItem(path, split, (path, name, labels.get(name, -1),
+                                            cutoff, max_neighbors)))
+    return items
+
+  def process(self, item: WorkItem):
+    from bihier_jax.data import featurize
+    path, name, label, cutoff, max_neighbors = item.payload
+    if label < 0:
+      raise SkipItem(f"{name}: no entry in chain_functions.txt")
+    if not os.path.exists(path):
+      raise SkipItem(f"{path}: missing HDF5 file")
+    try:
+      chain = chain_from_hdf5(path, chain_id=name.rpartition(".")[2])
+    except (OSError, KeyError) as e:
+      raise SkipItem(f"{path}: unreadable HDF5 ({e})") from e
+    if chain.num_residues == 0:
+      raise SkipItem(f"{path}: no residues")
+    if not chain.atom_mask[:, rc.ATOM_SLOT["CA"]].all():
+      raise SkipItem(f"{path}: residue(s) without a CA atom")
+    return [featurize.example_from_chains(
+        name, [chain], cutoff=cutoff, max_neighbors=max_neighbors, graph_label=float(label))]
+
+
+REACT = ReactTask()

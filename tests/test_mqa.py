@@ -1,0 +1,51 @@
+"""MQA (ATOM3D PSR): atom3d-written LMDB fixtures -> one example per decoy."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("atom3d")
+
+from data_pipelines import mqa, tasks  # noqa: E402
+from fixtures import builders  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def psr_raw(tmp_path_factory):
+  root = tmp_path_factory.mktemp("psr")
+  builders.write_psr(str(root), str(root / "tmp"), fmt="msgpack")
+  return str(root)
+
+
+def test_decoys_labels_groups(psr_raw):
+  task = tasks.get("mqa")
+  items = task.list_items(psr_raw, None)
+  expected = [(split, target, decoy, gdt)
+              for split, targets in builders.PSR_TARGETS.items()
+              for target, (_, decoys) in targets.items()
+              for decoy, _, gdt in decoys]
+  assert [it.split for it in items] == [e[0] for e in expected]
+  examples = [task.process(it)[0] for it in items]
+  for ex, (_, target, decoy, gdt) in zip(examples, expected):
+    assert mqa.parse_decoy_id(ex.id) == (target, decoy)
+    assert ex.group == target
+    assert ex.graph_label == pytest.approx(gdt)
+    assert len(ex.sequences) == 1 and len(ex.sequences[0]) == ex.num_residues
+  # Decoys of one target share a sequence; coordinates differ by the added noise.
+  a, b = examples[0], examples[1]
+  assert a.sequences == b.sequences
+  rms = np.sqrt(((a.atom_positions[:, 1] - b.atom_positions[:, 1]) ** 2).sum(-1).mean())
+  assert 0.8 < rms < 2.0  # 0.8 Å per axis noise -> ~1.4 Å rms displacement
+
+
+def test_decoy_id_parsing_never_evaluates():
+  assert mqa.parse_decoy_id("('T0759', 'BAKER_TS1')") == ("T0759", "BAKER_TS1")
+  for bad in ("__import__('os').system('true')", "'T0759'", "('a', 'b', 'c')"):
+    with pytest.raises(ValueError):
+      mqa.parse_decoy_id(bad)
+
+
+def test_casp_round():
+  assert mqa.casp_round("T0759") == "CASP11"
+  assert mqa.casp_round("T0858") == "CASP11"
+  assert mqa.casp_round("T0949") == "CASP13"
+  assert mqa.casp_round("R0001") == "?"
