@@ -36,13 +36,16 @@ def dihedral(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray,
   b0 = p0 - p1
   b1 = p2 - p1
   b2 = p3 - p2
-  b1_norm = np.linalg.norm(b1, axis=-1, keepdims=True)
+  b1_norm = np.sqrt(np.sum(b1 * b1, -1, keepdims=True))
   b1 = b1 / np.where(b1_norm > 0, b1_norm, 1.0)
   # Components of b0 and b2 perpendicular to the central bond.
   v = b0 - np.sum(b0 * b1, -1, keepdims=True) * b1
   w = b2 - np.sum(b2 * b1, -1, keepdims=True) * b1
   x = np.sum(v * w, -1)
-  y = np.sum(np.cross(b1, v) * w, -1)
+  # (b1 x v) . w, written out: np.cross is slow on many small arrays.
+  y = ((b1[..., 1] * v[..., 2] - b1[..., 2] * v[..., 1]) * w[..., 0]
+       + (b1[..., 2] * v[..., 0] - b1[..., 0] * v[..., 2]) * w[..., 1]
+       + (b1[..., 0] * v[..., 1] - b1[..., 1] * v[..., 0]) * w[..., 2])
   return np.arctan2(y, x)
 
 

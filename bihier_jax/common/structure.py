@@ -181,10 +181,6 @@ def _residue_kind(resname: str) -> _ResidueKind:
 _UNKNOWN_AA = _ResidueKind(True, False, "X", False, _slots_for("UNK", "UNK"))
 
 
-def _is_water(residue: gemmi.Residue) -> bool:
-  return residue.is_water() or residue.name in WATER_NAMES
-
-
 def _read_gemmi(source, fmt: str | None, name: str) -> gemmi.Structure:
   """Reads a path or bytes into a gemmi.Structure; raises StructureError."""
   try:
@@ -266,47 +262,81 @@ def parse_structure(source: str | os.PathLike | bytes, model_index: int = 0, *,
   return Structure(source=name, chains=chains, ligands=ligands, stats=stats)
 
 
-def _best_atoms(residue: gemmi.Residue, keep: dict | None, stats: dict):
-  """Highest-occupancy conformer per atom name (ties: first in file).
+def _ligand_atoms(residue: gemmi.Residue, stats: dict):
+  """Heavy atoms of a ligand, highest-occupancy conformer per atom name (ties: first).
 
-  Returns {name: (occupancy, gemmi.Atom)}; only names in `keep` unless keep is None.
+  Returns ([element], [[x, y, z]]).
   """
   best = {}
   for atom in residue:
     atom_name = atom.name
-    if keep is not None and atom_name not in keep:
-      continue
     prev = best.get(atom_name)
-    if prev is None:
-      best[atom_name] = (atom.occ, atom)
-    else:
+    if prev is not None:
       stats["altlocs_resolved"] += 1
-      if atom.occ > prev[0]:
-        best[atom_name] = (atom.occ, atom)
+      if atom.occ <= prev[0]:
+        continue
+    best[atom_name] = (atom.occ, atom.element.name.upper(), atom.pos.tolist())
+  return [e for _, e, _ in best.values()], [p for _, _, p in best.values()]
+
+
+def _slot_atoms(residue: gemmi.Residue, slots: dict, stats: dict):
+  """Layout atoms of an amino-acid residue, highest-occupancy conformer per atom.
+
+  Returns {slot: (occupancy, [x, y, z])}; ties keep the first conformer in the file
+  (as does a duplicated atom name without altloc flags).
+  """
+  best = {}
+  for atom_name, slot in slots.items():
+    # C++ lookup of the first conformer; the slow path only where altlocs exist.
+    atom = residue.find_atom(atom_name, "*")
+    if atom is None:
+      continue
+    if atom.has_altloc():
+      return _slot_atoms_altloc(residue, slots, stats)
+    best[slot] = (atom.occ, atom.pos.tolist())
   return best
+
+
+def _slot_atoms_altloc(residue: gemmi.Residue, slots: dict, stats: dict):
+  """`_slot_atoms` for a residue with alternate locations: visits every atom."""
+  best = {}
+  for atom in residue:
+    slot = slots.get(atom.name)
+    if slot is None:
+      continue
+    prev = best.get(slot)
+    if prev is not None:
+      stats["altlocs_resolved"] += 1
+      if atom.occ <= prev[0]:
+        continue
+    best[slot] = (atom.occ, atom.pos.tolist())
+  return best
+
+
+_CA_SLOT = rc.ATOM_SLOT["CA"]
+_BACKBONE_SLOTS = frozenset(rc.ATOM_SLOT[a] for a in rc.BACKBONE_ATOMS)
 
 
 def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
   """One author chain -> (Chain or None, [Ligand])."""
   chain_id = gchain.name
   ligands = []
-  kept = []  # (residue, kind, atoms)
+  kept = []  # (residue name, kind, seqid, {slot: (occ, xyz)})
   n_nucleotides = 0
   polymer = gemmi.EntityType.Polymer
   for residue in gchain:
-    if _is_water(residue):
+    resname = residue.name
+    if residue.is_water() or resname in WATER_NAMES:
       stats["waters"] += 1
       continue
-    kind = _residue_kind(residue.name)
     if residue.entity_type != polymer:
-      atoms = _best_atoms(residue, None, stats)
-      if atoms:
+      elements, coords = _ligand_atoms(residue, stats)
+      if elements:
         ligands.append(Ligand(
-            name=residue.name, chain_id=chain_id, residue_number=residue.seqid.num,
-            elements=[a.element.name.upper() for _, a in atoms.values()],
-            positions=np.array([a.pos.tolist() for _, a in atoms.values()],
-                               np.float32).reshape(-1, 3)))
+            name=resname, chain_id=chain_id, residue_number=residue.seqid.num,
+            elements=elements, positions=np.array(coords, np.float32).reshape(-1, 3)))
       continue
+    kind = _residue_kind(resname)
     if kind.is_nucleotide:
       n_nucleotides += 1
       continue
@@ -316,21 +346,21 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
         stats["non_amino_acid_residues"] += 1
         continue
       kind = _UNKNOWN_AA
-    atoms = _best_atoms(residue, kind.slots, stats)
+    atoms = _slot_atoms(residue, kind.slots, stats)
     seqid = residue.seqid
-    if kept and kept[-1][0].seqid == seqid:
+    if kept and kept[-1][2] == seqid:
       # Microheterogeneity: two residue types at one id (gemmi gives the atoms shared by
       # both to the first); keep the one whose CA is better occupied, ties the first.
       stats["altlocs_resolved"] += 1
-      if "CA" in atoms and atoms["CA"][0] > kept[-1][2]["CA"][0]:
-        shared = {k: v for k, v in kept[-1][2].items()
-                  if k in kind.slots and k in rc.BACKBONE_ATOMS}
-        kept[-1] = (residue, kind, {**shared, **atoms})
+      prev_atoms = kept[-1][3]
+      if _CA_SLOT in atoms and atoms[_CA_SLOT][0] > prev_atoms[_CA_SLOT][0]:
+        shared = {k: v for k, v in prev_atoms.items() if k in _BACKBONE_SLOTS}
+        kept[-1] = (resname, kind, seqid, {**shared, **atoms})
       continue
-    if "CA" not in atoms:
+    if _CA_SLOT not in atoms:
       stats["residues_without_ca"] += 1
       continue
-    kept.append((residue, kind, atoms))
+    kept.append((resname, kind, seqid, atoms))
 
   if not kept:
     if n_nucleotides:
@@ -343,32 +373,24 @@ def _chain_arrays(chain_id: str, model_index: int, kept: Sequence, stats: dict) 
   """Fills numpy arrays from the kept residues in one vectorised scatter."""
   n = len(kept)
   flat_slots, coords = [], []  # flat_slots: residue * NUM_ATOM_SLOTS + slot
-  names, letters, numbers, icodes, modified = [], [], [], [], []
-  for i, (residue, kind, atoms) in enumerate(kept):
-    slot_of = kind.slots
+  for i, (_, _, _, atoms) in enumerate(kept):
     base = i * rc.NUM_ATOM_SLOTS
-    for atom_name, (_, atom) in atoms.items():
-      flat_slots.append(base + slot_of[atom_name])
-      coords += atom.pos.tolist()
-    names.append(residue.name)
-    letters.append(kind.letter)
-    seqid = residue.seqid
-    numbers.append(seqid.num)
-    icodes.append(seqid.icode.strip())
-    modified.append(kind.is_modified)
+    for slot, (_, xyz) in atoms.items():
+      flat_slots.append(base + slot)
+      coords += xyz
   positions = np.zeros([n * rc.NUM_ATOM_SLOTS, 3], np.float32)
   mask = np.zeros([n * rc.NUM_ATOM_SLOTS], bool)
   positions[flat_slots] = np.array(coords, np.float32).reshape(-1, 3)
   mask[flat_slots] = True
-  positions = positions.reshape(n, rc.NUM_ATOM_SLOTS, 3)
-  mask = mask.reshape(n, rc.NUM_ATOM_SLOTS)
-  sequence = "".join(letters)
-  is_modified = np.array(modified, bool)
+  kinds = [k[1] for k in kept]
+  sequence = "".join([k.letter for k in kinds])
+  is_modified = np.array([k.is_modified for k in kinds], bool)
   stats["modified_residues"] += int(is_modified.sum())
   stats["unknown_residues"] += sequence.count("X")
   return Chain(
-      chain_id=chain_id, model_index=model_index, residue_names=names, sequence=sequence,
-      aatype=np.array([kind.restype for _, kind, _ in kept], np.int32),
-      residue_number=np.array(numbers, np.int32),
-      insertion_code=np.array(icodes, dtype=str) if n else np.zeros([0], str),
-      atom_positions=positions, atom_mask=mask, is_modified=is_modified)
+      chain_id=chain_id, model_index=model_index, residue_names=[k[0] for k in kept],
+      sequence=sequence, aatype=np.array([k.restype for k in kinds], np.int32),
+      residue_number=np.array([k[2].num for k in kept], np.int32),
+      insertion_code=np.array([k[2].icode.strip() for k in kept], dtype=str),
+      atom_positions=positions.reshape(n, rc.NUM_ATOM_SLOTS, 3),
+      atom_mask=mask.reshape(n, rc.NUM_ATOM_SLOTS), is_modified=is_modified)

@@ -2,19 +2,16 @@
 
 ProNet's reference (torch_cluster.radius_graph, max_num_neighbors=32) keeps the first 32
 neighbours the search happens to find, not the nearest; we keep the nearest ≤ k within the
-cutoff, so the graph does not depend on search order. Edges are directed, messages flow
-sender -> receiver, there are no self edges, and the order is deterministic: by receiver,
-then distance, then sender index.
+cutoff, so the graph does not depend on search order. All pairs within the cutoff come
+from a k-d tree (scipy cKDTree.query_pairs); sorting and truncation are vectorised numpy.
+Edges are directed, messages flow sender -> receiver, there are no self edges, and the
+order is deterministic: by receiver, then distance, then sender index.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import spatial
-
-# Extra candidates asked from the tree, so that ties at the k-th distance (and a point's
-# exact duplicates, which may come before itself) are still ordered by index.
-_EXTRA_CANDIDATES = 4
 
 
 def radius_graph(positions: np.ndarray, cutoff: float = 10.0, max_neighbors: int = 32,
@@ -38,23 +35,34 @@ def radius_graph(positions: np.ndarray, cutoff: float = 10.0, max_neighbors: int
   if nodes.size < 2 or max_neighbors <= 0:
     return empty, empty.copy()
   points = positions[nodes]
-  k = min(max_neighbors + 1 + _EXTRA_CANDIDATES, nodes.size)
-  tree = spatial.cKDTree(points)
-  # A slightly larger bound; the exact ≤ cutoff test is done below on our own distances.
-  _, idx = tree.query(points, k=k, distance_upper_bound=cutoff * (1 + 1e-6) + 1e-6)
-  idx = idx.reshape(nodes.size, k)
-  receivers = np.repeat(np.arange(nodes.size), k)
-  senders = idx.reshape(-1)
-  keep = (senders < nodes.size) & (senders != receivers)
-  receivers, senders = receivers[keep], senders[keep]
-  # Distances recomputed in float64 so that the order and the cutoff test are exact.
-  dist = np.sqrt(np.sum((points[receivers] - points[senders]) ** 2, axis=-1))
+  # All pairs within the cutoff (slightly enlarged; the exact ≤ test is below).
+  pairs = spatial.cKDTree(points).query_pairs(cutoff * (1 + 1e-6) + 1e-6,
+                                             output_type="ndarray")
+  i, j = pairs[:, 0], pairs[:, 1]
+  # Distances recomputed in float64 here, so that the order and the cutoff are exact.
+  dist = np.sqrt(np.sum((points[i] - points[j]) ** 2, axis=-1))
   keep = dist <= cutoff
-  receivers, senders, dist = receivers[keep], senders[keep], dist[keep]
-  order = np.lexsort((senders, dist, receivers))
+  i, j, dist = i[keep], j[keep], dist[keep]
+  receivers = np.concatenate([i, j])
+  senders = np.concatenate([j, i])
+  dist = np.concatenate([dist, dist])
+  order = _order_by_receiver_distance_sender(receivers, dist, senders)
   receivers, senders = receivers[order], senders[order]
   # Rank of each edge within its receiver's list; keep the first max_neighbors.
-  starts = np.searchsorted(receivers, receivers, side="left")
-  rank = np.arange(receivers.size) - starts
+  counts = np.bincount(receivers, minlength=nodes.size)
+  starts = np.cumsum(counts) - counts
+  rank = np.arange(receivers.size) - np.repeat(starts, counts)
   keep = rank < max_neighbors
   return (nodes[senders[keep]].astype(np.int32), nodes[receivers[keep]].astype(np.int32))
+
+
+def _order_by_receiver_distance_sender(receivers, dist, senders):
+  """Permutation sorting edges by (receiver, distance, sender), exactly.
+
+  Three stable integer/float argsorts; several times faster than np.lexsort here.
+  """
+  by_sender = np.argsort(senders, kind="stable")
+  by_dist_sender = by_sender[np.argsort(dist[by_sender], kind="stable")]
+  dist_rank = np.empty_like(by_dist_sender)
+  dist_rank[by_dist_sender] = np.arange(by_dist_sender.size)
+  return np.argsort(receivers.astype(np.int64) * by_dist_sender.size + dist_rank)
