@@ -1,0 +1,56 @@
+"""Task `pdb_dir`: any folder of structure files -> one example per protein chain.
+
+Files: PDB (`.pdb`, `.ent`, `.pdb1`..), mmCIF (`.cif`, `.mmcif`) and their `.gz`
+forms, found recursively in sorted path order. All go to one split (`--split`, default
+`train`). `--whole` keeps all protein chains of a file in one example instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from data_pipelines.tasks import SkipItem, WorkItem
+
+_STRUCTURE_FILE = re.compile(r"\.(pdb\d*|ent|cif|mmcif)(\.gz)?$", re.IGNORECASE)
+
+
+def structure_files(raw_dir: str) -> list[str]:
+  """Every structure file under `raw_dir`, sorted."""
+  found = []
+  for root, dirs, files in os.walk(raw_dir):
+    dirs.sort()
+    found.extend(os.path.join(root, f) for f in sorted(files) if _STRUCTURE_FILE.search(f))
+  return found
+
+
+class PdbDirTask:
+  """One `WorkItem` per structure file; `process` runs the featuriser."""
+  name = "pdb_dir"
+
+  def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", default="train", help="split of every example")
+    parser.add_argument("--whole", action="store_true",
+                        help="one example per file (all protein chains) instead of per chain")
+
+  def list_items(self, raw_dir: str, args: argparse.Namespace) -> list[WorkItem]:
+    if not raw_dir or not os.path.isdir(raw_dir):
+      raise SystemExit(f"pdb_dir: --raw {raw_dir!r} is not a directory")
+    split = getattr(args, "split", "train")
+    per_chain = not getattr(args, "whole", False)
+    return [WorkItem(source=path, split=split, payload=(per_chain,))
+            for path in structure_files(raw_dir)]
+
+  def process(self, item: WorkItem):
+    from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
+    per_chain = item.payload[0] if item.payload else True
+    if os.path.getsize(item.source) == 0:
+      raise SkipItem(f"{item.source}: empty file")
+    examples = featurize.examples_from_file(item.source, per_chain=per_chain)
+    if not examples:
+      raise SkipItem(f"{item.source}: no protein chain")
+    return examples
+
+
+PDB_DIR = PdbDirTask()

@@ -1,0 +1,80 @@
+"""Registry of preprocessing tasks run by `python -m data_pipelines.preprocess <task>`.
+
+A task turns a raw directory into work items (one per input source, e.g. a structure
+file or an LMDB entry) and a work item into `ProteinExample`s. Work items are plain
+picklable data: `process` runs in worker processes that never import TensorFlow or JAX.
+
+Tasks are found lazily: `_LAZY` maps a name to "module:attribute", imported on first
+`get(name)`, so running one task does not import every other task's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+from typing import Protocol, runtime_checkable
+
+from bihier_jax.data.example import ProteinExample
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+  """One input source. `payload` is plain picklable data (no open handles)."""
+  source: str  # what the manifest calls it: a path, or "lmdb_dir#index"
+  split: str  # train / val / test / fold1 ...
+  payload: tuple = ()
+
+
+class SkipItem(Exception):
+  """Raised by `Task.process` for bad input; the manifest records `str(err)`."""
+
+
+@runtime_checkable
+class Task(Protocol):
+  """What the preprocessing CLI needs from a task."""
+  name: str
+
+  def list_items(self, raw_dir: str, args: argparse.Namespace) -> list[WorkItem]:
+    """Every work item of the dataset under `raw_dir`, in a deterministic order."""
+
+  def process(self, item: WorkItem) -> list[ProteinExample]:
+    """The examples of one item; raises `SkipItem(reason)` for bad input."""
+
+  # Optional: def add_arguments(self, parser: argparse.ArgumentParser) -> None
+
+
+_REGISTRY: dict[str, Task] = {}
+_LAZY: dict[str, str] = {
+    "pdb_dir": "data_pipelines.pdb_dir:PDB_DIR",
+    "demo": "data_pipelines.demo:DEMO",
+    "lba30": "data_pipelines.lba:LBA30",
+    "lba60": "data_pipelines.lba:LBA60",
+    "mqa": "data_pipelines.mqa:MQA",
+    "react": "data_pipelines.react:REACT",
+    "ppbs": "data_pipelines.scannet:PPBS",
+    "bce": "data_pipelines.scannet:BCE",
+}
+
+
+def register(task: Task) -> Task:
+  """Adds `task` under `task.name` (replacing a lazy entry of that name)."""
+  if not isinstance(task, Task):
+    raise TypeError(f"{task!r} lacks name/list_items/process")
+  _REGISTRY[task.name] = task
+  return task
+
+
+def names() -> list[str]:
+  return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def get(name: str) -> Task:
+  """The task called `name`, importing its module on first use."""
+  if name not in _REGISTRY:
+    if name not in _LAZY:
+      raise KeyError(f"unknown task {name!r}; known: {', '.join(names())}")
+    module, attr = _LAZY[name].split(":")
+    task = getattr(importlib.import_module(module), attr)
+    _REGISTRY.setdefault(name, task)
+  return _REGISTRY[name]
