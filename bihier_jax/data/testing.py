@@ -131,3 +131,15 @@ def random_example(n_residues: int, *, seed: int, n_chains: int = 1,
       ligand_elements=rng.integers(0, len(rc.LIGAND_ELEMENTS), n_ligand).astype(np.int32),
       ligand_positions=ligand_positions,
   )
+
+
+def synthetic_process(item) -> list[ProteinExample]:
+  """A task `process` for tests: payload (n_residues, seed, n_chains, n_ligand).
+
+  n_residues ≤ 0 raises ValueError (a "bad input"); picklable, no TensorFlow.
+  """
+  n_residues, seed, n_chains, n_ligand = item.payload
+  if n_residues <= 0:
+    raise ValueError(f"{item.source}: no residues")
+  return [random_example(n_residues, seed=seed, n_chains=n_chains, n_ligand=n_ligand,
+                         example_id=item.source)]
