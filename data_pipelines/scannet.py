@@ -23,8 +23,10 @@ counts must match the label file. Per residue: node label 0/1, node weight = the
 sample weight; example weight = sample weight; group = PPBS subset (`70`, `homology`,
 `topology`, `none`; `train`) or BCE fold (`fold1`..`fold5`).
 
-Splits: PPBS `train`, `val` (four validation subsets), `test` (four test subsets);
-BCE `fold1`..`fold5` (5-fold cross-validation; configs/bce.py picks the held-out fold).
+Splits: PPBS `train`, `val` (four validation subsets), `test` (four test subsets).
+BCE: `fold1`..`fold5` by default; with `--holdout-fold k` (one run per fold of the 5-fold
+cross-validation, see configs/bce.py) `test` = fold k, and the other folds are split
+into `train` and `val` (a deterministic ~10% of examples by md5 of the header).
 
 Truncation: ScanNet scores only the first 1024 residues of a PPBS chain (`Lmax_aa`; 2120
 for BCE). We keep every residue here; training/evaluation crop chains to
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -212,6 +215,12 @@ def align_labels(chain: structure.Chain, labels: list[tuple[str, int, str, int]]
   return out, unmatched
 
 
+def held_out_for_validation(header: str, fraction: float = 0.1) -> bool:
+  """Deterministic ~`fraction` of examples, by md5 of the header (stable across runs)."""
+  digest = hashlib.md5(header.encode()).digest()
+  return int.from_bytes(digest[:4], "big") < fraction * 2**32
+
+
 class ScanNetTask:
   """Preprocessing task (data_pipelines.tasks protocol) for PPBS or BCE."""
 
@@ -229,6 +238,11 @@ class ScanNetTask:
       parser.add_argument("--max-unmatched-fraction", type=float, default=0.0,
                           help="label lines per chain allowed to match no structure "
                                "residue (dropped and logged); above it the item is skipped")
+    if self.name == "bce" and not any("--holdout-fold" in a.option_strings
+                                      for a in parser._actions):
+      parser.add_argument("--holdout-fold", type=int, default=0, choices=range(6),
+                          help="k: test = fold k, train/val = the other folds "
+                               "(0: keep splits fold1..fold5)")
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
@@ -254,10 +268,20 @@ class ScanNetTask:
                          "row order, so the counts must match")
       for entry, (table_id, weight) in zip(entries, rows):
         items.append(WorkItem(
-            f"{fname}:{entry.header}", split,
+            f"{fname}:{entry.header}", self._split(split, entry.header, args),
             (dataclasses.astuple(entry), group, weight, table_id, structure_dir,
              self.biounit, tolerance) + graph))
     return items
+
+  @staticmethod
+  def _split(split: str, header: str, args) -> str:
+    """Cross-validation split of a BCE example when --holdout-fold k is given."""
+    k = int(getattr(args, "holdout_fold", 0) or 0)
+    if not k or not split.startswith("fold"):
+      return split
+    if split == f"fold{k}":
+      return "test"
+    return "val" if held_out_for_validation(header) else "train"
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize

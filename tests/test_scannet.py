@@ -140,3 +140,14 @@ def test_bce_folds(bce_raw):
   two = examples["1a28_AB"]
   assert two.chain_ids == ["A", "B"] and len(two.sequences) == 2
   assert two.node_labels.sum() == 36
+
+
+def test_bce_holdout_fold_splits(bce_raw):
+  import argparse
+  raw, _ = bce_raw
+  args = argparse.Namespace(holdout_fold=2)
+  splits = {it.source.split(":")[1]: it.split for it in scannet.BCE.list_items(raw, args)}
+  assert splits["1hvr_B"] == "test"
+  assert {v for k, v in splits.items() if k != "1hvr_B"} <= {"train", "val"}
+  held = [scannet.held_out_for_validation(f"x{i}") for i in range(2000)]
+  assert 0.07 < np.mean(held) < 0.13

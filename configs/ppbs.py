@@ -1,0 +1,41 @@
+"""Protein–protein binding sites (ScanNet PPBS): per-residue binary classification.
+
+  python -m data_pipelines.download ppbs --out RAW        # label files + ~20K assemblies
+  python -m data_pipelines.preprocess ppbs --raw RAW --out PREPARED
+  python -m bihier_jax.train --config configs/ppbs.py --workdir W --config.data.dir=PREPARED
+
+Loss: sigmoid cross-entropy weighted per residue by its chain's ScanNet sample weight.
+Metric (DATASETS.md §4): weighted AUPRC as ScanNet computes it (precision–recall curve
+with sample weights, trapezoidal area), over all residues of a split and per test
+subset (`auprc/70`, `auprc/homology`, `auprc/topology`, `auprc/none`; the `group` of
+each example); AUROC as an extra. Selection: validation AUPRC.
+
+Truncation: ScanNet scores only the first 1024 residues of a chain; we crop chains to
+`data.max_residues` = 1022 (the ESM-2 limit), evaluating the first window, so the few
+val/test chains longer than 1022 residues are scored on 1022 rather than 1024 residues.
+"""
+
+from configs import benchmark_tiny, default
+
+
+def get_config(arg: str | None = None):
+  benchmark_tiny.check_variant("ppbs", arg)
+  c = default.get_config()
+  c.task.name = "ppbs"
+  c.task.level = "node"
+  c.task.loss = "sigmoid_bce"
+  c.task.num_classes = 1
+  c.task.metrics = ("auprc", "auroc", "auprc_per_group")
+  c.task.select_metric = "auprc"
+  c.task.select_mode = "max"
+
+  c.data.eval_splits = ("val", "test")
+  c.data.select_split = "val"
+  c.data.crop = "random"
+  c.train.batch_size = 8
+  c.train.num_steps = 40_000  # ≈ 25 epochs of ~12.7K training chains at batch 8
+  c.train.eval_every = 2_000
+  c.train.checkpoint_every = 2_000
+  if arg == "tiny":
+    benchmark_tiny.apply_tiny(c)
+  return c
