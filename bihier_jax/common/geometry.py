@@ -20,19 +20,11 @@ from bihier_jax.common import residue_constants as rc
 PEPTIDE_BOND_MAX = 2.0
 
 _N, _CA, _C = rc.ATOM_SLOT["N"], rc.ATOM_SLOT["CA"], rc.ATOM_SLOT["C"]
+assert (_N, _CA, _C) == (0, 1, 2)  # backbone_dihedrals reads the trace as slots 0..2
 
 
-def dihedral(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray,
-             p3: np.ndarray) -> np.ndarray:
-  """Dihedral angle p0-p1-p2-p3 in radians, (-π, π], over leading dims.
-
-  Args:
-    p0, p1, p2, p3: [..., 3] points (Å; any unit).
-
-  Returns:
-    [...] float64 angles. Degenerate input (collinear points) gives 0, not NaN.
-  """
-  p0, p1, p2, p3 = (np.asarray(p, np.float64) for p in (p0, p1, p2, p3))
+def _dihedral_xy(p0, p1, p2, p3):
+  """(x, y) with dihedral = atan2(y, x); x, y scaled by the same positive factor."""
   b0 = p0 - p1
   b1 = p2 - p1
   b2 = p3 - p2
@@ -46,7 +38,31 @@ def dihedral(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray,
   y = ((b1[..., 1] * v[..., 2] - b1[..., 2] * v[..., 1]) * w[..., 0]
        + (b1[..., 2] * v[..., 0] - b1[..., 0] * v[..., 2]) * w[..., 1]
        + (b1[..., 0] * v[..., 1] - b1[..., 1] * v[..., 0]) * w[..., 2])
+  return x, y
+
+
+def dihedral(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray,
+             p3: np.ndarray) -> np.ndarray:
+  """Dihedral angle p0-p1-p2-p3 in radians, (-π, π], over leading dims.
+
+  Args:
+    p0, p1, p2, p3: [..., 3] points (Å; any unit).
+
+  Returns:
+    [...] float64 angles. Degenerate input (collinear points) gives 0, not NaN.
+  """
+  p0, p1, p2, p3 = (np.asarray(p, np.float64) for p in (p0, p1, p2, p3))
+  x, y = _dihedral_xy(p0, p1, p2, p3)
   return np.arctan2(y, x)
+
+
+def _cos_sin(p0, p1, p2, p3):
+  """cos and sin of the dihedral without atan2; degenerate input gives (1, 0)."""
+  x, y = _dihedral_xy(p0, p1, p2, p3)
+  r = np.sqrt(x * x + y * y)
+  safe = r > 0
+  r = np.where(safe, r, 1.0)
+  return np.where(safe, x / r, 1.0), y / r
 
 
 def chain_breaks(atom_positions: np.ndarray, atom_mask: np.ndarray) -> np.ndarray:
@@ -84,30 +100,23 @@ def backbone_dihedrals(atom_positions: np.ndarray, atom_mask: np.ndarray,
     undefined (first residue of a segment: φ; last: ψ, ω; or a missing atom).
   """
   n = atom_positions.shape[0]
-  out = np.zeros([n, 6], np.float32)
   if n < 2:
-    return out
+    return np.zeros([n, 6], np.float32)
   if chain_break is None:
     chain_break = chain_breaks(atom_positions, atom_mask)
-  pos = atom_positions.astype(np.float64)
-  n_i, ca_i, c_i = pos[:, _N], pos[:, _CA], pos[:, _C]
-  has_n, has_ca, has_c = atom_mask[:, _N], atom_mask[:, _CA], atom_mask[:, _C]
-  bonded_next = ~np.asarray(chain_break, bool)[1:]  # residue i bonded to i + 1
-
-  phi = dihedral(c_i[:-1], n_i[1:], ca_i[1:], c_i[1:])  # residues 1..n-1
-  psi = dihedral(n_i[:-1], ca_i[:-1], c_i[:-1], n_i[1:])  # residues 0..n-2
-  omega = dihedral(ca_i[:-1], c_i[:-1], n_i[1:], ca_i[1:])  # residues 0..n-2
-  phi_ok = bonded_next & has_c[:-1] & has_n[1:] & has_ca[1:] & has_c[1:]
-  psi_ok = bonded_next & has_n[:-1] & has_ca[:-1] & has_c[:-1] & has_n[1:]
-  omega_ok = bonded_next & has_ca[:-1] & has_c[:-1] & has_n[1:] & has_ca[1:]
-
-  out[1:, 0] = np.where(phi_ok, np.cos(phi), 0.0)
-  out[1:, 3] = np.where(phi_ok, np.sin(phi), 0.0)
-  out[:-1, 1] = np.where(psi_ok, np.cos(psi), 0.0)
-  out[:-1, 4] = np.where(psi_ok, np.sin(psi), 0.0)
-  out[:-1, 2] = np.where(omega_ok, np.cos(omega), 0.0)
-  out[:-1, 5] = np.where(omega_ok, np.sin(omega), 0.0)
-  return out
+  # The N, CA, C trace (slots 0, 1, 2); dihedral k uses trace atoms k..k+3, so residue
+  # i's φ, ψ, ω are dihedrals 3i-1, 3i, 3i+1 (DIG's flattened-trace construction).
+  trace = atom_positions[:, :3].astype(np.float64).reshape(-1, 3)
+  present = np.asarray(atom_mask[:, :3], bool).reshape(-1)
+  cos, sin = _cos_sin(trace[:-3], trace[1:-2], trace[2:-1], trace[3:])
+  # Dihedral k spans residues (k+3)//3 - 1 and (k+3)//3: undefined across a break.
+  spans_break = np.asarray(chain_break, bool)[np.arange(3, 3 * n) // 3]
+  ok = present[:-3] & present[1:-2] & present[2:-1] & present[3:] & ~spans_break
+  out = np.zeros([2, 3 * n], np.float32)
+  out[0, 1:-2] = np.where(ok, cos, 0.0)
+  out[1, 1:-2] = np.where(ok, sin, 0.0)
+  # [2, n, 3] -> [n, (cos φψω, sin φψω)]
+  return out.reshape(2, n, 3).transpose(1, 0, 2).reshape(n, 6)
 
 
 # Number of χ angles per residue type index (RESTYPES), from CHI_ATOMS.
@@ -145,7 +154,7 @@ def sidechain_torsions(atom_positions: np.ndarray, atom_mask: np.ndarray,
   slots = np.array(rc.CHI_SLOTS)  # [4, 4]
   pos = atom_positions[:, slots].astype(np.float64)  # [n, 4 chi, 4 atoms, 3]
   chi_mask = atom_mask[:, slots].all(-1) & (np.arange(rc.NUM_CHI)[None] < num_chi[:, None])
-  chi = dihedral(pos[..., 0, :], pos[..., 1, :], pos[..., 2, :], pos[..., 3, :])
-  feats = np.concatenate([np.where(chi_mask, np.sin(chi), 0.0),
-                          np.where(chi_mask, np.cos(chi), 0.0)], axis=-1)
+  cos, sin = _cos_sin(pos[..., 0, :], pos[..., 1, :], pos[..., 2, :], pos[..., 3, :])
+  feats = np.concatenate([np.where(chi_mask, sin, 0.0), np.where(chi_mask, cos, 0.0)],
+                         axis=-1)
   return feats.astype(np.float32), chi_mask

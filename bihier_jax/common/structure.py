@@ -51,6 +51,10 @@ import numpy as np
 from bihier_jax.common import residue_constants as rc
 
 
+_CA_SLOT = rc.ATOM_SLOT["CA"]
+_BACKBONE_SLOTS = frozenset(rc.ATOM_SLOT[a] for a in rc.BACKBONE_ATOMS)
+
+
 class StructureError(ValueError):
   """A structure file cannot be used; the message names the file and the reason."""
 
@@ -146,6 +150,10 @@ class _ResidueKind:
   slots: dict  # atom name -> layout slot
   restype: int = rc.UNKNOWN_RESTYPE  # index into RESTYPES
 
+  @functools.cached_property
+  def slot_items(self) -> tuple:
+    return tuple(self.slots.items())
+
 
 def _slots_for(parent3: str, resname: str) -> dict[str, int]:
   slots = {name: rc.ATOM_SLOT[name] for name in ("N", "CA", "C", "O", "CB")}
@@ -156,9 +164,18 @@ def _slots_for(parent3: str, resname: str) -> dict[str, int]:
   return slots
 
 
-@functools.lru_cache(maxsize=None)
+_KIND_CACHE: dict[str, _ResidueKind] = {}
+
+
 def _residue_kind(resname: str) -> _ResidueKind:
   """Types a residue name once (cached: a file has few distinct names)."""
+  kind = _KIND_CACHE.get(resname)
+  if kind is None:
+    kind = _KIND_CACHE[resname] = _type_residue(resname)
+  return kind
+
+
+def _type_residue(resname: str) -> _ResidueKind:
   name = resname.strip().upper()
   parent = rc.MODIFIED_TO_PARENT.get(name, name)
   if parent in rc.THREE_TO_ONE:
@@ -279,29 +296,38 @@ def _ligand_atoms(residue: gemmi.Residue, stats: dict):
   return [e for _, e, _ in best.values()], [p for _, _, p in best.values()]
 
 
-def _slot_atoms(residue: gemmi.Residue, slots: dict, stats: dict):
+def _slot_atoms(residue: gemmi.Residue, slot_items: tuple, stats: dict):
   """Layout atoms of an amino-acid residue, highest-occupancy conformer per atom.
 
-  Returns {slot: (occupancy, [x, y, z])}; ties keep the first conformer in the file
-  (as does a duplicated atom name without altloc flags).
+  Args:
+    slot_items: ((atom name, slot), ...) of the residue type.
+
+  Returns:
+    (slots [k], flat coordinates [3k], CA occupancy or None). Ties keep the first
+    conformer in the file (as does a duplicated atom name without altloc flags).
   """
-  best = {}
-  for atom_name, slot in slots.items():
+  slots, coords = [], []
+  ca_occ = None
+  find_atom = residue.find_atom
+  for atom_name, slot in slot_items:
     # C++ lookup of the first conformer; the slow path only where altlocs exist.
-    atom = residue.find_atom(atom_name, "*")
+    atom = find_atom(atom_name, "*")
     if atom is None:
       continue
     if atom.has_altloc():
-      return _slot_atoms_altloc(residue, slots, stats)
-    best[slot] = (atom.occ, atom.pos.tolist())
-  return best
+      return _slot_atoms_altloc(residue, dict(slot_items), stats)
+    slots.append(slot)
+    coords += atom.pos.tolist()
+    if slot == _CA_SLOT:
+      ca_occ = atom.occ
+  return slots, coords, ca_occ
 
 
-def _slot_atoms_altloc(residue: gemmi.Residue, slots: dict, stats: dict):
+def _slot_atoms_altloc(residue: gemmi.Residue, slot_of: dict, stats: dict):
   """`_slot_atoms` for a residue with alternate locations: visits every atom."""
   best = {}
   for atom in residue:
-    slot = slots.get(atom.name)
+    slot = slot_of.get(atom.name)
     if slot is None:
       continue
     prev = best.get(slot)
@@ -310,26 +336,40 @@ def _slot_atoms_altloc(residue: gemmi.Residue, slots: dict, stats: dict):
       if atom.occ <= prev[0]:
         continue
     best[slot] = (atom.occ, atom.pos.tolist())
-  return best
+  return _from_slot_dict(best)
 
 
-_CA_SLOT = rc.ATOM_SLOT["CA"]
-_BACKBONE_SLOTS = frozenset(rc.ATOM_SLOT[a] for a in rc.BACKBONE_ATOMS)
+def _from_slot_dict(best: dict):
+  """{slot: (occupancy, xyz)} -> (slots, flat coordinates, CA occupancy or None)."""
+  slots = list(best)
+  coords = [x for _, xyz in best.values() for x in xyz]
+  ca = best.get(_CA_SLOT)
+  return slots, coords, None if ca is None else ca[0]
+
+
+def _merge_microheterogeneity(first, second):
+  """Second residue type wins; it keeps the first's backbone atoms it lacks."""
+  best = {slot: (0.0, first[1][3 * k:3 * k + 3]) for k, slot in enumerate(first[0])
+          if slot in _BACKBONE_SLOTS}
+  best.update({slot: (0.0, second[1][3 * k:3 * k + 3])
+               for k, slot in enumerate(second[0])})
+  slots, coords, _ = _from_slot_dict(best)
+  return slots, coords, second[2]
 
 
 def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
   """One author chain -> (Chain or None, [Ligand])."""
   chain_id = gchain.name
   ligands = []
-  kept = []  # (residue name, kind, seqid, {slot: (occ, xyz)})
+  kept = []  # (residue name, kind, seqid, (slots, flat coords, CA occupancy))
   n_nucleotides = 0
   polymer = gemmi.EntityType.Polymer
   for residue in gchain:
     resname = residue.name
-    if residue.is_water() or resname in WATER_NAMES:
-      stats["waters"] += 1
-      continue
     if residue.entity_type != polymer:
+      if residue.is_water() or resname in WATER_NAMES:
+        stats["waters"] += 1
+        continue
       elements, coords = _ligand_atoms(residue, stats)
       if elements:
         ligands.append(Ligand(
@@ -341,23 +381,25 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
       n_nucleotides += 1
       continue
     if not kind.is_amino_acid:
+      if resname in WATER_NAMES:  # MD solvent typed as polymer (no TER record)
+        stats["waters"] += 1
+        continue
       # Unknown polymer residue: an amino acid if it has a backbone CA, else a cap etc.
       if residue.find_atom("CA", "*") is None:
         stats["non_amino_acid_residues"] += 1
         continue
       kind = _UNKNOWN_AA
-    atoms = _slot_atoms(residue, kind.slots, stats)
+    atoms = _slot_atoms(residue, kind.slot_items, stats)
     seqid = residue.seqid
     if kept and kept[-1][2] == seqid:
       # Microheterogeneity: two residue types at one id (gemmi gives the atoms shared by
       # both to the first); keep the one whose CA is better occupied, ties the first.
       stats["altlocs_resolved"] += 1
       prev_atoms = kept[-1][3]
-      if _CA_SLOT in atoms and atoms[_CA_SLOT][0] > prev_atoms[_CA_SLOT][0]:
-        shared = {k: v for k, v in prev_atoms.items() if k in _BACKBONE_SLOTS}
-        kept[-1] = (resname, kind, seqid, {**shared, **atoms})
+      if atoms[2] is not None and atoms[2] > prev_atoms[2]:
+        kept[-1] = (resname, kind, seqid, _merge_microheterogeneity(prev_atoms, atoms))
       continue
-    if _CA_SLOT not in atoms:
+    if atoms[2] is None:
       stats["residues_without_ca"] += 1
       continue
     kept.append((resname, kind, seqid, atoms))
@@ -372,12 +414,14 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
 def _chain_arrays(chain_id: str, model_index: int, kept: Sequence, stats: dict) -> Chain:
   """Fills numpy arrays from the kept residues in one vectorised scatter."""
   n = len(kept)
-  flat_slots, coords = [], []  # flat_slots: residue * NUM_ATOM_SLOTS + slot
-  for i, (_, _, _, atoms) in enumerate(kept):
-    base = i * rc.NUM_ATOM_SLOTS
-    for slot, (_, xyz) in atoms.items():
-      flat_slots.append(base + slot)
-      coords += xyz
+  slots, coords, counts = [], [], []
+  for _, _, _, (residue_slots, residue_coords, _) in kept:
+    slots += residue_slots
+    coords += residue_coords
+    counts.append(len(residue_slots))
+  # Index into the flattened [n * NUM_ATOM_SLOTS] layout.
+  flat_slots = (np.repeat(np.arange(n) * rc.NUM_ATOM_SLOTS, counts)
+                + np.array(slots, np.int64))
   positions = np.zeros([n * rc.NUM_ATOM_SLOTS, 3], np.float32)
   mask = np.zeros([n * rc.NUM_ATOM_SLOTS], bool)
   positions[flat_slots] = np.array(coords, np.float32).reshape(-1, 3)
