@@ -294,7 +294,11 @@ def test_gzip_and_mmcif_forms_agree(tmp_path, name):
   st.make_mmcif_document().write_file(str(cif))
   cif_gz = tmp_path / "x.cif.gz"
   cif_gz.write_bytes(gzip.compress(cif.read_bytes()))
-  for path in (plain, zipped, cif, cif_gz):
+  assembly = tmp_path / "x.pdb1.gz"  # biological-assembly name: detected by content
+  assembly.write_bytes(zipped.read_bytes())
+  no_suffix = tmp_path / "x_cif"
+  no_suffix.write_bytes(cif.read_bytes())
+  for path in (plain, zipped, cif, cif_gz, assembly, no_suffix):
     _assert_same_structure(reference, structure.parse_structure(str(path)))
   # Bytes input, format detected from content.
   _assert_same_structure(reference, structure.parse_structure(cif_gz.read_bytes()))
@@ -329,7 +333,7 @@ def _broken_files(tmp_path):
 
 
 @pytest.mark.parametrize("case,reason", [
-    ("empty", "empty"), ("truncated_gz", "cannot parse"), ("garbage", ""),
+    ("empty", "empty"), ("truncated_gz", "cannot parse"), ("garbage", "no atoms"),
     ("garbage_cif", "cannot parse"), ("header_only", "no atoms"),
     ("dna_only", "nucleic"), ("ligand_only", "ligand"), ("missing", "not found")])
 def test_broken_inputs_raise_with_file_and_reason(tmp_path, case, reason):

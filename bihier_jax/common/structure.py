@@ -14,8 +14,10 @@ Rules (what a structural biologist expects; each is tested in tests/test_structu
   whose symmetry copies are MODELs), or `model_index`.
 - Alternate locations: per atom, the conformer with the highest occupancy; ties go to the
   first in the file (what Bio.PDB does). Whole-residue alternatives (microheterogeneity,
-  two residue names at one residue id) keep the residue whose CA has the higher occupancy.
-  Every dropped alternative is counted in `stats["altlocs_resolved"]`.
+  two residue names at one residue id) keep the residue whose CA has the higher occupancy
+  (it keeps the backbone atoms gemmi lists under the other). Every dropped alternative is
+  counted in `stats["altlocs_resolved"]`. An atom name repeated without altloc flags
+  (seen in some processed files) keeps its first copy.
 - Hydrogens and deuterium are dropped (`hydrogens`); waters are dropped (`waters`), by
   gemmi's water test plus common MD solvent names (`WATER_NAMES`).
 - Chains: residues are grouped by author chain id (mmCIF chain parts are merged). Protein
@@ -32,6 +34,11 @@ Rules (what a structural biologist expects; each is tested in tests/test_structu
   MODIFIED_TO_PARENT`, else the parent letter gemmi tabulates) and flagged `is_modified`
   (`modified_residues`); their side-chain atoms fill the parent's slots (MSE's SE is the
   δ atom of MET).
+
+Inputs: .pdb/.ent/.cif/.mmcif and their .gz forms by extension; other names (assembly
+files "1abc.pdb1.gz", no extension) by content. gemmi reads a gzip file that was cut short
+up to where it ends: a truncation that falls between records goes unnoticed, so check
+downloads (`gzip -t`) before preprocessing.
 
 Layout of `atom_positions`: `residue_constants.ATOM_NAMES` (N, CA, C, O, CB, then the
 χ-defining side-chain atoms of `residue_constants.CHI_ATOMS`). Coordinates are in Å.
@@ -198,6 +205,9 @@ def _type_residue(resname: str) -> _ResidueKind:
 _UNKNOWN_AA = _ResidueKind(True, False, "X", False, _slots_for("UNK", "UNK"))
 
 
+_KNOWN_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".json")
+
+
 def _read_gemmi(source, fmt: str | None, name: str) -> gemmi.Structure:
   """Reads a path or bytes into a gemmi.Structure; raises StructureError."""
   try:
@@ -218,7 +228,11 @@ def _read_gemmi(source, fmt: str | None, name: str) -> gemmi.Structure:
     if fmt is not None:
       fmt = {"cif": "mmcif", "ent": "pdb"}.get(fmt.lower(), fmt.lower())
       return gemmi.read_structure(source, format=gemmi.CoorFormat[fmt.capitalize()])
-    return gemmi.read_structure(source)
+    stem = source[:-3] if source.lower().endswith(".gz") else source
+    if stem.lower().endswith(_KNOWN_SUFFIXES):
+      return gemmi.read_structure(source)
+    # Other names (biological assemblies "1abc.pdb1", no extension): sniff the content.
+    return gemmi.read_structure(source, format=gemmi.CoorFormat.Detect)
   except StructureError:
     raise
   except (RuntimeError, ValueError, OSError, EOFError, IndexError, KeyError) as e:
@@ -230,7 +244,8 @@ def parse_structure(source: str | os.PathLike | bytes, model_index: int = 0, *,
   """Reads the protein chains and ligands of one model of a structure file.
 
   Args:
-    source: path to a .pdb/.ent/.cif/.mmcif file (optionally .gz), or its bytes.
+    source: path to a .pdb/.ent/.cif/.mmcif file (optionally .gz; other names, e.g.
+      assemblies "1abc.pdb1.gz", are recognised by content), or the file's bytes.
     model_index: 0-based model to read (the first by default).
     format: "pdb" or "cif" to override detection from the extension / content.
     name: how errors and `Structure.source` name the input (default: the path).
