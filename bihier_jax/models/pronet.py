@@ -404,7 +404,11 @@ class ProNet(nn.Module):
       x [N, hidden], EdgeFeatures.
     """
     cfg = self.config
-    nodes = graph.nodes
+    # jnp views: numpy inputs (e.g. closed-over constants) then index like tracers.
+    nodes = {k: jnp.asarray(v) for k, v in graph.nodes.items()}
+    graph = graph._replace(nodes=nodes, senders=jnp.asarray(graph.senders),
+                           receivers=jnp.asarray(graph.receivers),
+                           n_edge=jnp.asarray(graph.n_edge))
     aatype = nodes["aatype"]
     positions = nodes["atom_positions"][:, :3].astype(jnp.float32)  # N, CA, C
     if not deterministic and cfg.mask_aatype_prob > 0:
