@@ -93,3 +93,14 @@ def test_cutoff_is_inclusive_and_edge_cases():
   for pts in (np.zeros([0, 3]), np.zeros([1, 3])):
     s, r = residue_graph.radius_graph(pts)
     assert s.shape == r.shape == (0,) and s.dtype == np.int32
+
+
+def test_edge_order_fallback_agrees():
+  rng = np.random.default_rng(2)
+  receivers = rng.integers(0, 50, size=500)
+  senders = rng.integers(0, 50, size=500)
+  rank = rng.integers(0, 20, size=500)
+  fast = residue_graph._order_by_receiver_rank_sender(receivers, rank, senders, 50)
+  slow = residue_graph._order_by_receiver_rank_sender(receivers, rank, senders, 2**40)
+  key = lambda o: list(zip(receivers[o], rank[o], senders[o]))  # noqa: E731
+  assert key(fast) == key(slow) == sorted(key(np.arange(500)))

@@ -43,26 +43,28 @@ def radius_graph(positions: np.ndarray, cutoff: float = 10.0, max_neighbors: int
   dist = np.sqrt(np.sum((points[i] - points[j]) ** 2, axis=-1))
   keep = dist <= cutoff
   i, j, dist = i[keep], j[keep], dist[keep]
+  # Rank of each pair's distance among all pairs; equal distances share a rank.
+  rank = np.searchsorted(np.sort(dist), dist)
   receivers = np.concatenate([i, j])
   senders = np.concatenate([j, i])
-  dist = np.concatenate([dist, dist])
-  order = _order_by_receiver_distance_sender(receivers, dist, senders)
+  rank = np.concatenate([rank, rank])
+  order = _order_by_receiver_rank_sender(receivers, rank, senders, nodes.size)
   receivers, senders = receivers[order], senders[order]
-  # Rank of each edge within its receiver's list; keep the first max_neighbors.
+  # Position of each edge within its receiver's list; keep the first max_neighbors.
   counts = np.bincount(receivers, minlength=nodes.size)
   starts = np.cumsum(counts) - counts
-  rank = np.arange(receivers.size) - np.repeat(starts, counts)
-  keep = rank < max_neighbors
+  position = np.arange(receivers.size) - np.repeat(starts, counts)
+  keep = position < max_neighbors
   return (nodes[senders[keep]].astype(np.int32), nodes[receivers[keep]].astype(np.int32))
 
 
-def _order_by_receiver_distance_sender(receivers, dist, senders):
-  """Permutation sorting edges by (receiver, distance, sender), exactly.
+def _order_by_receiver_rank_sender(receivers, rank, senders, n):
+  """Permutation sorting edges by (receiver, distance rank, sender), exactly.
 
-  Three stable integer/float argsorts; several times faster than np.lexsort here.
+  One argsort of a unique int64 key; several times faster than np.lexsort or stable
+  float sorts here. Falls back to lexsort if the key could overflow.
   """
-  by_sender = np.argsort(senders, kind="stable")
-  by_dist_sender = by_sender[np.argsort(dist[by_sender], kind="stable")]
-  dist_rank = np.empty_like(by_dist_sender)
-  dist_rank[by_dist_sender] = np.arange(by_dist_sender.size)
-  return np.argsort(receivers.astype(np.int64) * by_dist_sender.size + dist_rank)
+  m = int(rank.max(initial=0)) + 1
+  if n * n * m < 2**62:
+    return np.argsort((receivers.astype(np.int64) * m + rank) * n + senders)
+  return np.lexsort((senders, rank, receivers))
