@@ -59,6 +59,7 @@ from bihier_jax.common import residue_constants as rc
 
 
 _CA_SLOT = rc.ATOM_SLOT["CA"]
+_NO_NUMBER = -(2**31)  # a ligand listed without a residue number
 _BACKBONE_SLOTS = frozenset(rc.ATOM_SLOT[a] for a in rc.BACKBONE_ATOMS)
 
 
@@ -279,7 +280,7 @@ def parse_structure(source: str | os.PathLike | bytes, model_index: int = 0, *,
 
   chains, ligands = [], []
   for gchain in model:
-    chain, chain_ligands = _read_chain(gchain, model_index, stats)
+    chain, chain_ligands = _read_chain(gchain, model_index, stats, name)
     ligands.extend(chain_ligands)
     if chain is not None:
       chains.append(chain)
@@ -372,7 +373,7 @@ def _merge_microheterogeneity(first, second):
   return slots, coords, second[2]
 
 
-def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
+def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict, name: str):
   """One author chain -> (Chain or None, [Ligand])."""
   chain_id = gchain.name
   ligands = []
@@ -388,7 +389,8 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
       elements, coords = _ligand_atoms(residue, stats)
       if elements:
         ligands.append(Ligand(
-            name=resname, chain_id=chain_id, residue_number=residue.seqid.num,
+            name=resname, chain_id=chain_id,
+            residue_number=_NO_NUMBER if residue.seqid.num is None else residue.seqid.num,
             elements=elements, positions=np.array(coords, np.float32).reshape(-1, 3)))
       continue
     kind = _residue_kind(resname)
@@ -406,6 +408,9 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict):
       kind = _UNKNOWN_AA
     atoms = _slot_atoms(residue, kind.slot_items, stats)
     seqid = residue.seqid
+    if seqid.num is None:
+      raise StructureError(f"{name}: residue {resname} of chain {chain_id!r} has no "
+                           "residue number (not a PDB/mmCIF file?)")
     if kept and kept[-1][2] == seqid:
       # Microheterogeneity: two residue types at one id (gemmi gives the atoms shared by
       # both to the first); keep the one whose CA is better occupied, ties the first.
