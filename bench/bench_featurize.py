@@ -52,6 +52,17 @@ def structure_files(quick: bool) -> list[str]:
   return [f for f in files if os.path.exists(f)]
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def _timed(fn, repeats):
   """(result, best CPU seconds, best wall seconds) over repeats."""
   best_cpu = best_wall = float("inf")
@@ -102,12 +113,13 @@ def main():
     if name == "total":
       results[name]["edges_per_residue"] = sum(e.num_edges for e in out) / n_res
   report = {
-      "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                 f"{os.cpu_count()} logical CPUs",
+      "machine": f"{_cpu_name()}, {os.cpu_count()} logical CPUs, "
+                 f"load average {os.getloadavg()[0]:.1f} at start",
       "files": len(files), "chains": n_chains, "residues": n_res, "repeats": repeats,
       "stages": results,
   }
-  print(f"{len(files)} files, {n_chains} chains, {n_res} residues, best of {repeats}")
+  print(f"{report['machine']}\n{len(files)} files, {n_chains} chains, {n_res} residues, "
+        f"best of {repeats}")
   for name, r in results.items():
     print(f"  {name:9s} {r['residues_per_cpu_s']:>10,.0f} residues/CPU-s "
           f"{r['residues_per_wall_s']:>10,.0f} residues/wall-s")
