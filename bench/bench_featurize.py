@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bihier_jax.common import structure
 from bihier_jax.data import featurize
 
-# Crystal/NMR entries of MDAnalysisTests/data (MD topologies with mostly solvent left out).
+# Crystal/NMR entries of MDAnalysisTests/data (MD topologies, mostly solvent, left out).
 _ENTRIES = ("19hc.pdb.gz", "1a28.pdb.gz", "1hvr.pdb", "1osm.pdb.gz", "4E43.pdb",
             "5a7u.pdb", "adk_open.pdb", "mmcif/1BD2.cif.gz", "mmcif/3KPR.cif.gz",
             "mmcif/3PWP.cif.gz", "mmcif/5PTI.cif.gz", "mmcif/1BD2.pdb.gz",

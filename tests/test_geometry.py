@@ -64,8 +64,9 @@ def angles_from_features(feats):
 def test_right_angle_dihedral_sign():
   p0, p1, p2 = np.array([1.0, 0, 0]), np.zeros(3), np.array([0, 0, 1.0])
   assert geometry.dihedral(p0, p1, p2, np.array([0, 1.0, 0])) == pytest.approx(np.pi / 2)
-  assert geometry.dihedral(p0, p1, p2, np.array([0, -1.0, 0])) == pytest.approx(-np.pi / 2)
-  assert abs(geometry.dihedral(p0, p1, p2, np.array([-1.0, 0, 0]))) == pytest.approx(np.pi)
+  down, back = np.array([0, -1.0, 0]), np.array([-1.0, 0, 0])
+  assert geometry.dihedral(p0, p1, p2, down) == pytest.approx(-np.pi / 2)
+  assert abs(geometry.dihedral(p0, p1, p2, back)) == pytest.approx(np.pi)
   assert geometry.dihedral(p0, p1, p2, np.array([2.0, 0, 3])) == pytest.approx(0.0)
 
 
@@ -214,7 +215,8 @@ def test_real_protein_angles_match_bio_pdb(name):
     psi = bio_dihedral([prev["N"], prev["CA"], prev["C"], cur["N"]])
     omega = bio_dihedral([prev["CA"], prev["C"], cur["N"], cur["CA"]])
     np.testing.assert_allclose(feats[i, [0, 3]], [np.cos(phi), np.sin(phi)], atol=1e-5)
-    np.testing.assert_allclose(feats[i - 1, [1, 4]], [np.cos(psi), np.sin(psi)], atol=1e-5)
+    np.testing.assert_allclose(feats[i - 1, [1, 4]], [np.cos(psi), np.sin(psi)],
+                               atol=1e-5)
     np.testing.assert_allclose(feats[i - 1, [2, 5]], [np.cos(omega), np.sin(omega)],
                                atol=1e-5)
     checked += 1

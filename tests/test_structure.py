@@ -343,3 +343,34 @@ def test_broken_inputs_raise_with_file_and_reason(tmp_path, case, reason):
   message = str(info.value)
   assert message.startswith(path + ": ")
   assert reason in message
+
+
+def test_md_style_caps_deuterium_and_solvent():
+  """ACE/NME caps, deuterium, and MD water (TIP3) in one chain without TER records."""
+  xyz = {  # a short backbone, Å
+      1: ((0.0, 0.0, 0.0), (1.458, 0.0, 0.0), (2.009, 0.711, -1.231)),
+      2: ((1.436, 0.407, -2.391), (1.868, 1.015, -3.643), (1.711, 2.532, -3.602)),
+      3: ((0.566, 2.990, -3.106), (0.290, 4.418, -3.011), (1.318, 5.122, -2.131)),
+  }
+  lines = []
+
+  def atom(name, resname, num, pos, element):
+    lines.append(f"ATOM  {len(lines) + 1:5d} {name:<4s} {resname:<4s}A{num:4d}    "
+                 f"{pos[0]:8.3f}{pos[1]:8.3f}{pos[2]:8.3f}  1.00 10.00          "
+                 f"{element:>2s}")
+
+  atom(" C", "ACE", 0, (-1.2, 0.5, 0.0), "C")
+  for num, resname in zip((1, 2, 3), ("ALA", "GLY", "SER")):
+    for name, pos, element in zip((" N", " CA", " C"), xyz[num], "NCC"):
+      atom(name, resname, num, pos, element)
+    atom(" D", resname, num, np.add(xyz[num][0], (0.0, 0.9, 0.3)), "D")
+  atom(" N", "NME", 4, (2.518, 5.522, -2.131), "N")
+  atom(" OH2", "TIP3", 5, (20.0, 20.0, 20.0), "O")
+  parsed = structure.parse_structure(("\n".join(lines) + "\nEND\n").encode())
+  assert [c.sequence for c in parsed.chains] == ["AGS"]
+  stats = parsed.stats
+  assert stats["hydrogens"] == 3 and stats["waters"] == 1
+  assert stats["non_amino_acid_residues"] == 2
+  assert not parsed.ligands
+  np.testing.assert_allclose(parsed.chains[0].atom_positions[:, :3],
+                             [xyz[1], xyz[2], xyz[3]], atol=1e-3)

@@ -153,7 +153,8 @@ def sidechain_torsions(atom_positions: np.ndarray, atom_mask: np.ndarray,
   num_chi = _num_chi(aatype_or_resnames).reshape(n)
   slots = np.array(rc.CHI_SLOTS)  # [4, 4]
   pos = atom_positions[:, slots].astype(np.float64)  # [n, 4 chi, 4 atoms, 3]
-  chi_mask = atom_mask[:, slots].all(-1) & (np.arange(rc.NUM_CHI)[None] < num_chi[:, None])
+  has_chi = np.arange(rc.NUM_CHI)[None] < num_chi[:, None]
+  chi_mask = atom_mask[:, slots].all(-1) & has_chi
   cos, sin = _cos_sin(pos[..., 0, :], pos[..., 1, :], pos[..., 2, :], pos[..., 3, :])
   feats = np.concatenate([np.where(chi_mask, sin, 0.0), np.where(chi_mask, cos, 0.0)],
                          axis=-1)

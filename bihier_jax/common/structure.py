@@ -94,7 +94,8 @@ class Chain:
     aatype: int32[n] index into `residue_constants.RESTYPES`.
     residue_number: int32[n] author residue number.
     insertion_code: str array [n], "" if none.
-    atom_positions: float32[n, 9, 3] Å, layout `residue_constants.ATOM_NAMES`, 0 if absent.
+    atom_positions: float32[n, 9, 3] Å, layout `residue_constants.ATOM_NAMES`; 0 if
+      absent.
     atom_mask: bool[n, 9] atom present.
     is_modified: bool[n] modified residue mapped to its parent.
   """

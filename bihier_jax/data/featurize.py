@@ -126,7 +126,7 @@ def example_from_chains(
 
 
 def structure_stem(path: str | os.PathLike) -> str:
-  """File name without directory, .gz and structure suffix: ".../1abc.cif.gz" -> "1abc"."""
+  """File name without directory, .gz and structure suffix: "d/1abc.cif.gz" -> "1abc"."""
   name = os.path.basename(os.fspath(path))
   if name.lower().endswith(".gz"):
     name = name[:-3]
