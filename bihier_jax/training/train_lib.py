@@ -168,16 +168,20 @@ def _sub_batch_keys(step_key, num):
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(num))
 
 
-def train_step(state: TrainState, batch: Batch, *, model, tx, task
-               ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-  """One data-parallel update on a device-stacked batch [D, ...].
+def loss_and_grads(params, batch: Batch, rng, step, *, model, task):
+  """Global-batch loss and its gradients for a device-stacked batch [D, ...].
 
   loss = Σ_d loss_d·W_d / Σ_d W_d, W_d = label weight of sub-batch d: the weighted mean
-  over the whole global batch, as `heads.loss` defines it for one batch.
+  over the whole global batch, as `heads.loss` defines it for one batch. Sub-batch d
+  draws dropout/augmentation keys from fold_in(fold_in(key(rng), step), d), so the
+  result does not depend on how the device axis is sharded.
+
+  Returns:
+    ((loss, aux), grads) with aux = {accuracy (weighted, softmax tasks), label_weight}.
   """
   from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
   num_sub = batch.node_mask.shape[0]
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
   keys = _sub_batch_keys(step_key, num_sub)
 
   def loss_fn(params):
@@ -193,7 +197,18 @@ def train_step(state: TrainState, batch: Batch, *, model, tx, task
     return loss, {"accuracy": jnp.sum(jnp.where(w > 0, accuracies, 0.0) * w),
                   "label_weight": jnp.sum(weight_sums)}
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def train_step(state: TrainState, batch: Batch, *, model, tx, task
+               ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+  """One data-parallel update on a device-stacked batch [D, ...] (see loss_and_grads).
+
+  A non-finite loss or gradient leaves parameters and optimizer state unchanged
+  (in-graph select) and is counted in nonfinite_streak / nonfinite_total.
+  """
+  (loss, aux), grads = loss_and_grads(state.params, batch, state.rng, state.step,
+                                      model=model, task=task)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # Zero bad gradients so the optimizer's arithmetic stays finite; the result is
@@ -633,3 +648,28 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     else:
       out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
   return out
+
+
+# --- inference from a run directory -------------------------------------------------------
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
+                   sample_batch: Batch, mesh: jax.sharding.Mesh):
+  """(model, params, step) of a run's checkpoint.
+
+  Args:
+    which: 'best' | 'latest' | a step number | '' (best if any checkpoint has
+      validation metrics, else latest).
+
+  Raises:
+    checkpointing.CheckpointError: no such checkpoint, or it cannot be read.
+  """
+  model = build_model(config)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True,
+                                    select_metric=config.task.select_metric,
+                                    select_mode=config.task.select_mode)
+  if not which:
+    which = "best" if ckpt.best_step() is not None else "latest"
+  abstract = abstract_train_state(config, model, sample_batch, mesh)
+  state, _, step = ckpt.restore(which, abstract)
+  ckpt.close()
+  return model, state.params, step
