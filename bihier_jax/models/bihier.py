@@ -182,11 +182,13 @@ def _graph_capacity(num_nodes: int, num_graphs: int, row_length: int) -> int | N
   """Static per-protein capacity for global fusion, or None for the dense layout.
 
   Nodes per protein rarely exceed one ESM row (single-chain proteins); bigger ones fall
-  back to dense at run time. Per-graph attention is used only if it is cheaper:
-  G·(2P)² < (2N)².
+  back to dense at run time. Per-graph attention (two compiled branches) is used only
+  where dense attention is big and at least twice as costly: N > 512 and
+  2·G·(2P)² < (2N)².
   """
   cap = min(row_length, num_nodes)
-  return cap if num_graphs * cap * cap < num_nodes * num_nodes else None
+  worth_it = num_nodes > 512 and 2 * num_graphs * cap * cap < num_nodes * num_nodes
+  return cap if worth_it else None
 
 
 class BiHierModel(nn.Module):

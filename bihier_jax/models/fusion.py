@@ -57,11 +57,9 @@ class LocalFusion(nn.Module):
     Returns:
       (z [N, d], gates float32[N, 2]), gates sum to one per residue.
     """
-    vote = nn.Sequential([
-        nn.Dense(self.hidden, dtype=self.dtype, name="vote_hidden"),
-        nn.gelu,
-        nn.Dense(2, dtype=self.dtype, name="vote_out"),
-    ], name="vote")
+    vote_hidden = nn.Dense(self.hidden, dtype=self.dtype, name="vote_hidden")
+    vote_out = nn.Dense(2, dtype=self.dtype, name="vote_out")
+    vote = lambda a: vote_out(nn.gelu(vote_hidden(a)))
     # One MLP f for both modalities (shared parameters), votes added, as published.
     logits = vote(u).astype(jnp.float32) + vote(v).astype(jnp.float32)
     gates = jax.nn.softmax(logits, axis=-1)
