@@ -180,21 +180,20 @@ def test_budgets_respected_and_packing_is_dense(data_dir):
 
 def test_same_seed_same_batches_and_other_seed_differs(data_dir):
   config = _config()
-  def first(seed, n=6):
-    it = input_pipeline.make_dataset(data_dir, "train", config, training=True, seed=seed,
-                                     process_index=0, process_count=1, chunk_size=16)
-    return [next(it) for _ in range(n)]
-  a, b, c = first(1), first(1), first(2)
-  for (ba, ma), (bb, mb) in zip(a, b):
-    assert ma == mb
-    for (_, x), (_, y) in zip(_leaves(ba), _leaves(bb)):
-      np.testing.assert_array_equal(x, y)
-  assert [m["ids"] for _, m in a] != [m["ids"] for _, m in c]
-  # Resuming: skip_batches=2 continues exactly where batch 2 was.
-  it = input_pipeline.make_dataset(data_dir, "train", config, training=True, seed=1,
-                                   process_index=0, process_count=1, skip_batches=2,
-                                   chunk_size=16)
-  assert next(it)[1] == a[2][1]
+  def dataset(seed):
+    return input_pipeline.make_tf_dataset(data_dir, "train", config, training=True,
+                                          seed=seed, process_index=0, process_count=1,
+                                          chunk_size=16)
+  def first(ds, n=6):
+    return list(ds.take(n).as_numpy_iterator())
+  ds1 = dataset(1)
+  a, b, c = first(ds1), first(ds1), first(dataset(2))  # b: a fresh iteration
+  for x, y in zip(a, b):
+    for (path, u), (_, v) in zip(_leaves(x), _leaves(y)):
+      np.testing.assert_array_equal(u, v, err_msg=str(path))
+  assert [list(x["ids"]) for x in a] != [list(x["ids"]) for x in c]
+  # Resuming: skipping 2 batches continues exactly at batch 2.
+  np.testing.assert_array_equal(first(ds1.skip(2), 1)[0]["ids"], a[2]["ids"])
 
 
 def test_host_shards_are_disjoint_and_complete(data_dir):

@@ -15,6 +15,7 @@ of graph g share chain id R + g (R = budget.n_row), so ids are unique within a b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jraph
@@ -269,52 +270,109 @@ def bucket_budgets(config, sizes: np.ndarray | None = None, *,
 
 
 # --- tf.data pipeline ------------------------------------------------------------------
+#
+# The pipeline works on chunks: C serialized records are batched, parsed at once into
+# flat arrays (`records.parse_records`: each array field is the concatenation of the C
+# examples' rows, with per-example counts), cropped, split by bucket, and each bucket's
+# examples are packed into padded batches, all with whole-chunk tensor ops. Per-record
+# tf.data work (a map per record) costs more than the data itself at this size.
 
 _RESIDUE_FIELDS = ("aatype", "atom_positions", "atom_mask", "chain_row", "residue_index",
                    "backbone_dihedrals", "sidechain_torsions", "chi_mask", "node_labels",
                    "node_label_mask", "node_weights")
-_KEEP = (*_RESIDUE_FIELDS, "senders", "receivers", "ligand_elements", "ligand_positions",
-         "sequence_lengths", "sequence_tokens", "num_residues", "num_edges", "num_chains",
-         "num_ligand_atoms", "max_sequence_length", "graph_label", "weight", "id", "group")
+_COUNT = {**{k: "num_residues" for k in _RESIDUE_FIELDS},
+          "senders": "num_edges", "receivers": "num_edges",
+          "ligand_elements": "num_ligand_atoms", "ligand_positions": "num_ligand_atoms",
+          "sequence_lengths": "num_chains", "sequence_tokens": "num_tokens"}
+_SCALARS = ("num_residues", "num_edges", "num_chains", "num_ligand_atoms", "num_tokens",
+            "max_sequence_length", "graph_label", "weight", "id", "group")
 
 
-def _crop(f, max_residues: int, seed):
-  """Crops every chain longer than `max_residues` to one window of residues.
+def _rows(lengths):
+  """(owner, position) of each row of a flat array with per-example row `lengths`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  owner = tf.repeat(tf.range(tf.size(lengths)), lengths)
+  pos = tf.range(tf.size(owner)) - tf.gather(tf.cumsum(lengths, exclusive=True), owner)
+  return owner, pos
+
+
+def _crop(x, max_residues: int, seed):
+  """Crops every chain of a chunk longer than `max_residues` to one window.
 
   The window starts at a uniform random position (seed: int32[2] stateless seed) or at
-  0 (seed None). Residues outside it, their tokens, and edges touching them are removed;
-  residue_index is shifted; ligand atoms are kept.
+  0 (seed None). Residues outside it, their tokens and the edges touching them are
+  removed, residue_index is shifted, ligand atoms are kept.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  lengths = f["sequence_lengths"]
+  n_ex = tf.size(x["num_residues"])
+  lengths = x["sequence_lengths"]  # flat over the chunk's chains
   over = tf.maximum(lengths - max_residues, 0)
   if seed is None:
     start = tf.zeros_like(over)
   else:
     u = tf.random.stateless_uniform(tf.shape(over), seed=seed)
     start = tf.minimum(tf.cast(u * tf.cast(over + 1, tf.float32), tf.int32), over)
-  chain_start = tf.gather(start, f["chain_row"])
-  keep_res = ((f["residue_index"] >= chain_start)
-              & (f["residue_index"] < chain_start + max_residues))
-  out = dict(f)
+  out = dict(x)
+  # Residues.
+  ex_r, _ = _rows(x["num_residues"])
+  first_chain = tf.cumsum(x["num_chains"], exclusive=True)
+  s = tf.gather(start, tf.gather(first_chain, ex_r) + x["chain_row"])
+  keep_res = (x["residue_index"] >= s) & (x["residue_index"] < s + max_residues)
+  kept = tf.where(keep_res)[:, 0]  # one index computation, one gather per field
   for name in _RESIDUE_FIELDS:
-    out[name] = tf.boolean_mask(f[name], keep_res)
-  out["residue_index"] = tf.boolean_mask(f["residue_index"] - chain_start, keep_res)
-  keep_node = tf.concat([keep_res, tf.ones_like(f["ligand_elements"], tf.bool)], 0)
-  new_index = tf.cumsum(tf.cast(keep_node, tf.int32)) - 1
-  keep_edge = tf.gather(keep_node, f["senders"]) & tf.gather(keep_node, f["receivers"])
-  out["senders"] = tf.gather(new_index, tf.boolean_mask(f["senders"], keep_edge))
-  out["receivers"] = tf.gather(new_index, tf.boolean_mask(f["receivers"], keep_edge))
-  chain_of_token = tf.repeat(tf.range(tf.size(lengths)), lengths)
-  token_pos = (tf.range(tf.size(f["sequence_tokens"]))
-               - tf.gather(tf.cumsum(lengths, exclusive=True), chain_of_token))
+    out[name] = tf.gather(x[name], kept)
+  out["residue_index"] = tf.gather(x["residue_index"] - s, kept)
+  new_n_res = tf.math.unsorted_segment_sum(tf.cast(keep_res, tf.int32), ex_r, n_ex)
+  # Edges: an example's nodes are its residues then its ligand atoms.
+  ex_e, _ = _rows(x["num_edges"])
+  res_start = tf.cumsum(x["num_residues"], exclusive=True)
+  n_total = tf.size(keep_res)
+  kept_before = tf.concat([tf.cumsum(tf.cast(keep_res, tf.int32), exclusive=True),
+                           [tf.reduce_sum(tf.cast(keep_res, tf.int32))]], 0)
+  keep_ext = tf.concat([keep_res, [True]], 0)  # sentinel row for ligand nodes
+  n_res_e = tf.gather(x["num_residues"], ex_e)
+  start_e = tf.gather(res_start, ex_e)
+
+  def remap(local):
+    is_res = local < n_res_e
+    row = tf.where(is_res, start_e + local, n_total)
+    new_res = tf.gather(kept_before, row) - tf.gather(kept_before, start_e)
+    new_lig = tf.gather(new_n_res, ex_e) + local - n_res_e
+    return tf.gather(keep_ext, row), tf.where(is_res, new_res, new_lig)
+
+  keep_s, senders = remap(x["senders"])
+  keep_r, receivers = remap(x["receivers"])
+  keep_e = keep_s & keep_r
+  kept_e = tf.where(keep_e)[:, 0]
+  out["senders"] = tf.gather(senders, kept_e)
+  out["receivers"] = tf.gather(receivers, kept_e)
+  out["num_edges"] = tf.math.unsorted_segment_sum(tf.cast(keep_e, tf.int32), ex_e, n_ex)
+  # Tokens.
+  chain_of_token, token_pos = _rows(lengths)
   token_start = tf.gather(start, chain_of_token)
-  keep_token = (token_pos >= token_start) & (token_pos < token_start + max_residues)
-  out["sequence_tokens"] = tf.boolean_mask(f["sequence_tokens"], keep_token)
-  out["sequence_lengths"] = tf.minimum(lengths, max_residues)
-  out["num_residues"] = tf.size(out["aatype"])
-  out["num_edges"] = tf.size(out["senders"])
-  out["max_sequence_length"] = tf.reduce_max(tf.concat([out["sequence_lengths"], [0]], 0))
+  keep_t = (token_pos >= token_start) & (token_pos < token_start + max_residues)
+  out["sequence_tokens"] = tf.boolean_mask(x["sequence_tokens"], keep_t)
+  new_lengths = tf.minimum(lengths, max_residues)
+  ex_c, _ = _rows(x["num_chains"])
+  out["sequence_lengths"] = new_lengths
+  out["num_tokens"] = tf.math.unsorted_segment_sum(new_lengths, ex_c, n_ex)
+  out["max_sequence_length"] = tf.maximum(
+      tf.math.unsorted_segment_max(new_lengths, ex_c, n_ex), 0)
+  out["num_residues"] = new_n_res
+  return out
+
+
+def _select(x, keep):
+  """The examples of a chunk where keep (bool[C]) holds, still a flat chunk."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  kept = tf.where(keep)[:, 0]
+  out = {k: tf.gather(x[k], kept) for k in _SCALARS}
+  rows = {}
+  for name, count in _COUNT.items():
+    if count not in rows:
+      owner, _ = _rows(x[count])
+      rows[count] = tf.where(tf.gather(keep, owner))[:, 0]
+    out[name] = tf.gather(x[name], rows[count])
   return out
 
 
@@ -325,65 +383,78 @@ def _mask(dest, size):
                                      tf.ones(tf.shape(dest)[:1], tf.bool))
 
 
-def _pack(x, budget):
-  """Packs a ragged chunk of C examples of one bucket into padded batches.
+def greedy_pack(sizes: np.ndarray, limits: tuple[int, int, int],
+                max_graphs: int) -> np.ndarray:
+  """Batch index of each example: next-fit packing in order.
 
   Args:
-    x: dict of ragged [C, ...] per-example arrays and dense [C] scalars.
-    budget: int32[5] (N, E, G, R, L).
+    sizes: int[C, 3] (nodes, edges, rows) per example.
+    limits: most (nodes, edges, rows) in a batch.
+    max_graphs: most examples in a batch.
 
   Returns:
-    dict of [nb, ...] tensors, nb = number of batches the chunk fills; examples go to
-    batches in order, a new batch starting when the next example does not fit.
+    int32[C], non-decreasing; a new batch starts when the next example does not fit.
+
+  Raises:
+    ValueError: an example alone exceeds the limits.
+  """
+  out = np.zeros(len(sizes), np.int32)
+  n_lim, e_lim, r_lim = limits
+  b = n = e = r = g = 0
+  for i, (dn, de, dr) in enumerate(sizes.tolist()):
+    if dn > n_lim or de > e_lim or dr > r_lim:
+      raise ValueError(f"example of size {(dn, de, dr)} exceeds the budget {limits}")
+    if g and (g >= max_graphs or n + dn > n_lim or e + de > e_lim or r + dr > r_lim):
+      b += 1
+      n = e = r = g = 0
+    n, e, r, g = n + dn, e + de, r + dr, g + 1
+    out[i] = b
+  return out
+
+
+def _pack(x, budget: PaddingBudget):
+  """Packs the examples of a flat chunk into padded batches of one budget.
+
+  Examples go to batches in chunk order; a new batch starts when the next example
+  does not fit (nodes incl. one padding node, edges, rows, graphs incl. the padding
+  graph). Returns a dict of [nb, ...] tensors (nb = batches filled, 0 if none).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  n_max, e_max, g_max, r_max, l_max = tf.unstack(budget)
-  n_res = tf.cast(x["num_residues"], tf.int32)
+  n_max, e_max, g_max, r_max, l_max = (budget.n_node, budget.n_edge, budget.n_graph,
+                                       budget.n_row, budget.row_length)
+  n_res = x["num_residues"]
   n_nodes = n_res + x["num_ligand_atoms"]
   n_edges, n_chains = x["num_edges"], x["num_chains"]
-  limits = tf.stack([n_max - 1, e_max, r_max])
-
-  def step(state, size):
-    used, graphs = state[1:4], state[4]
-    fits = (graphs < g_max - 1) & tf.reduce_all(used + size <= limits)
-    new = tf.logical_not(fits) & (graphs > 0)
-    base = tf.where(new, tf.zeros_like(used), used)
-    return tf.concat([[state[0] + tf.cast(new, tf.int32)], base + size,
-                      [tf.where(new, 0, graphs) + 1]], 0)
+  limits = tf.constant([n_max - 1, e_max, r_max])
 
   sizes = tf.stack([n_nodes, n_edges, n_chains], 1)
-  states = tf.scan(step, sizes, initializer=tf.zeros([5], tf.int32))
-  tf.debugging.assert_less_equal(states[:, 1:4], limits[None],
-                                 message="an example exceeds its bucket's budget")
-  batch_of = states[:, 0]
-  nb = batch_of[-1] + 1
+  # The greedy assignment is sequential and scalar: a numpy loop over the chunk costs
+  # ~1 µs per example, a tf.while_loop ~100x more.
+  batch_of = tf.numpy_function(
+      functools.partial(greedy_pack, limits=(n_max - 1, e_max, r_max),
+                        max_graphs=g_max - 1), [sizes], tf.int32, stateful=False)
+  batch_of = tf.ensure_shape(batch_of, [None])
+  nb = tf.reduce_max(tf.concat([batch_of, [-1]], 0)) + 1
 
   def within_batch(v):  # exclusive cumulative sum restarting at each batch
     excl = tf.cumsum(v, exclusive=True)
     return excl - tf.gather(tf.math.segment_min(excl, batch_of), batch_of)
 
   node_off = within_batch(n_nodes)
-  edge_off = within_batch(n_edges)
   row_off = within_batch(n_chains)
   slot = within_batch(tf.ones_like(n_nodes))
 
-  def flat(name):
-    r = x[name]
-    ex = tf.cast(r.value_rowids(), tf.int32)
-    pos = tf.range(tf.shape(r.flat_values)[0]) - tf.gather(
-        tf.cast(r.row_starts(), tf.int32), ex)
-    return r.flat_values, ex, pos
-
   # Residue nodes.
-  aatype, ex_r, pos_r = flat("aatype")
+  ex_r, pos_r = _rows(n_res)
   local_r = tf.gather(node_off, ex_r) + pos_r
   dest_r = tf.gather(batch_of, ex_r) * n_max + local_r
-  chain_row = x["chain_row"].flat_values
+  chain_row = x["chain_row"]
   same_prev = (pos_r > 0) & tf.equal(chain_row, tf.concat([[-1], chain_row[:-1]], 0))
   same_next = tf.concat([same_prev[1:], [False]], 0)
   row_r = tf.gather(row_off, ex_r) + chain_row
   # Ligand nodes.
-  elements, ex_l, pos_l = flat("ligand_elements")
+  elements = x["ligand_elements"]
+  ex_l, pos_l = _rows(x["num_ligand_atoms"])
   local_l = tf.gather(node_off + n_res, ex_l) + pos_l
   dest_l = tf.gather(batch_of, ex_l) * n_max + local_l
   n_lig = tf.shape(elements)[0]
@@ -392,29 +463,29 @@ def _pack(x, budget):
 
   def scatter(updates, dest, shape_tail=(), base=None):
     if base is None:
-      shape = tf.concat([[total_n], tf.constant(shape_tail, tf.int32)], 0)
-      return tf.scatter_nd(dest, updates, shape)
+      return tf.scatter_nd(dest, updates, tf.concat(
+          [[total_n], tf.constant(shape_tail, tf.int32)], 0))
     return tf.tensor_scatter_nd_update(base, dest, updates)
 
   local_all = tf.tile(tf.range(n_max), [nb])
   ca = rc.ATOM_SLOT["CA"]
-  lig_pos = tf.pad(x["ligand_positions"].flat_values[:, None, :],
+  lig_pos = tf.pad(x["ligand_positions"][:, None, :],
                    [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
   lig_mask = tf.one_hot(tf.fill([n_lig], ca), rc.NUM_ATOM_SLOTS)
   f32 = lambda t: tf.cast(t, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
   dr = dest_r[:, None]
   nodes = {
-      "aatype": scatter(tf.concat([aatype, rc.NUM_RESTYPES + elements], 0), dest_n),
-      "atom_positions": scatter(tf.concat([x["atom_positions"].flat_values, lig_pos], 0),
+      "aatype": scatter(tf.concat([x["aatype"], rc.NUM_RESTYPES + elements], 0), dest_n),
+      "atom_positions": scatter(tf.concat([x["atom_positions"], lig_pos], 0),
                                 dest_n, [rc.NUM_ATOM_SLOTS, 3]),
-      "atom_mask": scatter(tf.concat([f32(x["atom_mask"].flat_values), lig_mask], 0),
+      "atom_mask": scatter(tf.concat([f32(x["atom_mask"]), lig_mask], 0),
                            dest_n, [rc.NUM_ATOM_SLOTS]),
-      "backbone_dihedrals": scatter(x["backbone_dihedrals"].flat_values, dr, [6]),
-      "sidechain_torsions": scatter(x["sidechain_torsions"].flat_values, dr, [8]),
-      "chi_mask": scatter(f32(x["chi_mask"].flat_values), dr, [4]),
+      "backbone_dihedrals": scatter(x["backbone_dihedrals"], dr, [6]),
+      "sidechain_torsions": scatter(x["sidechain_torsions"], dr, [8]),
+      "chi_mask": scatter(f32(x["chi_mask"]), dr, [4]),
       "prev_node": scatter(local_r - tf.cast(same_prev, tf.int32), dr, base=local_all),
       "next_node": scatter(local_r + tf.cast(same_next, tf.int32), dr, base=local_all),
-      "residue_index": scatter(x["residue_index"].flat_values, dr),
+      "residue_index": scatter(x["residue_index"], dr),
       "chain_id": scatter(tf.concat([row_r, r_max + tf.gather(slot, ex_l)], 0), dest_n,
                           base=tf.fill([total_n], -1)),
       "node_kind": scatter(tf.ones([n_lig], tf.int32), dest_l[:, None]),
@@ -424,30 +495,35 @@ def _pack(x, budget):
   out["node_graph"] = scatter(tf.gather(slot, ex_n), dest_n,
                               base=tf.fill([total_n], g_max - 1))
   out["node_mask"] = _mask(dest_n, total_n)
-  out["node_to_token"] = scatter(
-      tf.stack([row_r, x["residue_index"].flat_values + 1], 1), dr,
-      base=tf.fill([total_n, 2], -1))
-  out["node_labels"] = scatter(x["node_labels"].flat_values, dr)
-  out["node_label_mask"] = scatter(f32(x["node_label_mask"].flat_values), dr)
-  out["node_weights"] = scatter(x["node_weights"].flat_values, dr)
+  out["node_to_token"] = scatter(tf.stack([row_r, x["residue_index"] + 1], 1), dr,
+                                 base=tf.fill([total_n, 2], -1))
+  out["node_labels"] = scatter(x["node_labels"], dr)
+  out["node_label_mask"] = scatter(f32(x["node_label_mask"]), dr)
+  out["node_weights"] = scatter(x["node_weights"], dr)
 
-  # Edges.
-  senders, ex_e, pos_e = flat("senders")
-  dest_e = (tf.gather(batch_of, ex_e) * e_max + tf.gather(edge_off, ex_e) + pos_e)[:, None]
-  total_e = nb * e_max
+  # Edges: each batch's edges are one contiguous run of the chunk's edge arrays, so
+  # the padded [nb, E] arrays are one gather each (cheaper than scattering).
+  ex_e = tf.repeat(tf.range(tf.size(n_edges)), n_edges)
   shift = tf.gather(node_off, ex_e)
-  pad_edges = tf.fill([total_e], n_max - 1)
-  out["senders"] = tf.tensor_scatter_nd_update(pad_edges, dest_e, senders + shift)
-  out["receivers"] = tf.tensor_scatter_nd_update(
-      pad_edges, dest_e, x["receivers"].flat_values + shift)
-  out["edge_mask"] = _mask(dest_e, total_e)
+  first_edge = tf.math.unsorted_segment_min(tf.cumsum(n_edges, exclusive=True),
+                                            batch_of, nb)
+  used_e = tf.math.unsorted_segment_sum(n_edges, batch_of, nb)
+  col_e = tf.range(e_max)[None]
+  edge_real = col_e < used_e[:, None]  # [nb, E]
+  src_e = tf.reshape(tf.where(edge_real, first_edge[:, None] + col_e, 0), [-1])
+  edge_real = tf.reshape(edge_real, [-1])
+  pad_node = tf.fill(tf.shape(src_e), n_max - 1)
+  senders = tf.concat([x["senders"] + shift, [0]], 0)  # [0]: a safe row when empty
+  receivers = tf.concat([x["receivers"] + shift, [0]], 0)
+  out["senders"] = tf.where(edge_real, tf.gather(senders, src_e), pad_node)
+  out["receivers"] = tf.where(edge_real, tf.gather(receivers, src_e), pad_node)
+  out["edge_mask"] = edge_real
 
   # Graphs: real graphs in slots 0.., the padding graph G-1 takes the remainder.
   dest_g = (batch_of * g_max + slot)[:, None]
   pad_g = (tf.range(nb) * g_max + g_max - 1)[:, None]
   total_g = nb * g_max
-  used_n = tf.math.segment_sum(n_nodes, batch_of)
-  used_e = tf.math.segment_sum(n_edges, batch_of)
+  used_n = tf.math.unsorted_segment_sum(n_nodes, batch_of, nb)
   out["n_node"] = tf.scatter_nd(tf.concat([dest_g, pad_g], 0),
                                 tf.concat([n_nodes, n_max - used_n], 0), [total_g])
   out["n_edge"] = tf.scatter_nd(tf.concat([dest_g, pad_g], 0),
@@ -456,27 +532,26 @@ def _pack(x, budget):
   out["graph_labels"] = tf.scatter_nd(dest_g, x["graph_label"], [total_g])
   out["graph_weights"] = tf.scatter_nd(dest_g, x["weight"], [total_g])
   # Strings by gather: slot -> example index, "" for empty slots.
-  first = tf.math.segment_min(tf.range(tf.size(batch_of)), batch_of)
-  count = tf.math.segment_sum(tf.ones_like(batch_of), batch_of)
+  n_ex = tf.size(batch_of)
+  first = tf.math.unsorted_segment_min(tf.range(n_ex), batch_of, nb)
+  count = tf.math.unsorted_segment_sum(tf.ones_like(batch_of), batch_of, nb)
   slot_ex = first[:, None] + tf.range(g_max)[None]
-  slot_ex = tf.where(tf.range(g_max)[None] < count[:, None], slot_ex, tf.size(batch_of))
-  slot_ex = tf.reshape(slot_ex, [-1])
+  slot_ex = tf.reshape(tf.where(tf.range(g_max)[None] < count[:, None], slot_ex, n_ex),
+                       [-1])
   out["ids"] = tf.gather(tf.concat([x["id"], [""]], 0), slot_ex)
   out["groups"] = tf.gather(tf.concat([x["group"], [""]], 0), slot_ex)
 
   # Token grid: one row per chain, <cls> seq <eos> <pad>...
-  lengths, ex_c, pos_c = flat("sequence_lengths")
+  lengths = x["sequence_lengths"]
+  ex_c, pos_c = _rows(n_chains)
   row_dest = tf.gather(batch_of, ex_c) * r_max + tf.gather(row_off, ex_c) + pos_c
-  tokens = x["sequence_tokens"].flat_values
-  chain_of_token = tf.repeat(tf.range(tf.size(lengths)), lengths)
-  col = (tf.range(tf.size(tokens))
-         - tf.gather(tf.cumsum(lengths, exclusive=True), chain_of_token) + 1)
+  chain_of_token, token_pos = _rows(lengths)
   total_r = nb * r_max
   idx = tf.concat([
-      tf.stack([tf.gather(row_dest, chain_of_token), col], 1),
+      tf.stack([tf.gather(row_dest, chain_of_token), token_pos + 1], 1),
       tf.stack([row_dest, tf.zeros_like(row_dest)], 1),
       tf.stack([row_dest, lengths + 1], 1)], 0)
-  vals = tf.concat([tokens, tf.fill(tf.shape(row_dest), rc.ESM_CLS),
+  vals = tf.concat([x["sequence_tokens"], tf.fill(tf.shape(row_dest), rc.ESM_CLS),
                     tf.fill(tf.shape(row_dest), rc.ESM_EOS)], 0)
   out["tokens"] = tf.tensor_scatter_nd_update(
       tf.fill([total_r, l_max], rc.ESM_PAD), idx, vals)
@@ -484,9 +559,15 @@ def _pack(x, budget):
       tf.fill([total_r], g_max - 1), row_dest[:, None], tf.gather(slot, ex_c))
   out["row_mask"] = _mask(row_dest[:, None], total_r)
 
-  def per_batch(t):
-    return tf.reshape(t, tf.concat([[nb, -1], tf.shape(t)[1:]], 0))
-  return tf.nest.map_structure(per_batch, out)
+  per = {"senders": e_max, "receivers": e_max, "edge_mask": e_max, "n_node": g_max,
+         "n_edge": g_max, "graph_mask": g_max, "graph_labels": g_max,
+         "graph_weights": g_max, "ids": g_max, "groups": g_max, "tokens": r_max,
+         "row_graph": r_max, "row_mask": r_max}
+
+  def per_batch(name, t):  # [nb * size, ...] -> [nb, size, ...], static but for nb
+    return tf.reshape(t, [-1, per.get(name, n_max), *t.shape[1:]])
+  nodes = {k: per_batch(k, v) for k, v in out.pop("nodes").items()}
+  return {"nodes": nodes, **{k: per_batch(k, v) for k, v in out.items()}}
 
 
 def _to_batch(d) -> tuple[Batch, dict]:
@@ -529,12 +610,13 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
     process_index, process_count = jax.process_index(), jax.process_count()
   if budgets is None:
     budgets = bucket_budgets(config, load_sizes(data_dir, config.data.train_split))
+  budgets = list(budgets)
   batch = int(config.train.batch_size)
-  chunk_size = chunk_size or max(64, 32 * batch)
+  chunk_size = chunk_size or max(256, 64 * batch)
   max_res = int(config.data.max_residues)
   table = tf.constant([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length]
                        for b in budgets], tf.int32)
-  autotune = tf.data.AUTOTUNE
+  random_crop = training and config.data.crop == "random"
 
   ds = tf.data.TFRecordDataset(shard_files(data_dir, split))
   # Record-level host sharding: disjoint and complete whatever the number of files.
@@ -543,33 +625,35 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
     ds = ds.repeat()
     ds = ds.shuffle(int(config.data.shuffle_buffer), seed=seed,
                     reshuffle_each_iteration=True)
-  ds = ds.enumerate()
-  random_crop = training and config.data.crop == "random"
+  ds = ds.batch(chunk_size).enumerate()
 
-  def prepare(index, serialized):
-    f = records.parse_record(serialized)
-    f = {k: f[k] for k in _KEEP}
+  def process_chunk(index, serialized):
+    x = records.parse_records(serialized)
     crop_seed = tf.stack([tf.cast(seed, tf.int32), tf.cast(index, tf.int32)])
-    f = tf.cond(f["max_sequence_length"] > max_res,
-                lambda: _crop(f, max_res, crop_seed if random_crop else None),
-                lambda: dict(f))
-    need = tf.stack([f["num_residues"] + f["num_ligand_atoms"] + 1, f["num_edges"],
-                     2, f["num_chains"], f["max_sequence_length"] + 2])
-    fits = tf.reduce_all(need[None] <= table, axis=1)
-    tf.debugging.Assert(tf.reduce_any(fits), [
-        "an example fits no padding budget (id, needs N E G R L):", f["id"], need])
-    f["bucket"] = tf.cast(tf.argmax(tf.cast(fits, tf.int32)), tf.int64)
-    return f
+    x = tf.cond(tf.reduce_any(x["max_sequence_length"] > max_res),
+                lambda: _crop(x, max_res, crop_seed if random_crop else None),
+                lambda: dict(x))
+    need = tf.stack([x["num_residues"] + x["num_ligand_atoms"] + 1, x["num_edges"],
+                     tf.fill(tf.shape(x["num_edges"]), 2), x["num_chains"],
+                     x["max_sequence_length"] + 2], 1)
+    fits = tf.reduce_all(need[:, None, :] <= table[None], axis=-1)  # [C, K]
+    ok = tf.reduce_any(fits, axis=1)
+    tf.debugging.Assert(tf.reduce_all(ok), [
+        "examples fit no padding budget; raise the budgets. ids, needs (N E G R L):",
+        tf.boolean_mask(x["id"], ~ok), tf.boolean_mask(need, ~ok)])
+    bucket = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    return tuple(_pack(_select(x, tf.equal(bucket, k)), b)
+                 for k, b in enumerate(budgets))
 
-  ds = ds.map(prepare, num_parallel_calls=autotune, deterministic=True)
-  ds = ds.group_by_window(
-      key_func=lambda f: f["bucket"],
-      reduce_func=lambda key, window: window.ragged_batch(chunk_size),
-      window_size=chunk_size)
-  ds = ds.map(lambda x: _pack(x, tf.gather(table, x["bucket"][0])),
-              num_parallel_calls=autotune, deterministic=True)
-  ds = ds.unbatch()
-  return ds
+  ds = ds.map(process_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def emit(*per_bucket):
+    out = tf.data.Dataset.from_tensor_slices(per_bucket[0])
+    for b in per_bucket[1:]:
+      out = out.concatenate(tf.data.Dataset.from_tensor_slices(b))
+    return out
+
+  return ds.flat_map(emit)
 
 
 def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int,
