@@ -1,0 +1,257 @@
+"""ESM-2 port benchmarks: CPU forward vs transformers, compiled memory, GPU throughput/MFU.
+
+  python bench/bench_esm2.py [--quick] [--json PATH]            # CPU: speed + memory
+  python bench/bench_esm2.py --gpu [--quick] [--json PATH]      # accelerator: bf16 t33_650M
+
+CPU speed: forward tokens/s of the port (jit) and of transformers' PyTorch `EsmModel`
+(default attention, inference_mode, torch.set_num_threads(2)) with the same random
+weights, batch 8 x 256 tokens, no padding, measured side by side in one process.
+Memory: `jit(loss+grad).lower().compile().memory_analysis()` of t33_650M fine-tuning
+(MLM loss, L = 1024, batch 1) with and without per-layer remat; params come from
+jax.eval_shape, nothing is allocated.
+GPU: bf16 compute (fp32 params) t33_650M forward, L = 512. Model FLOPs per forward =
+2 * P_matmul * tokens + 4 * L^2 * D * layers * batch, with P_matmul = layers * (4 D^2 +
+2 D F) (q, k, v, out and the two FFN matrices; embeddings, norms, biases and softmax
+not counted). MFU = FLOPs / time / peak dense bf16 FLOP/s of the device
+(--peak-tflops, default from the device name: H100/H200 989).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("USE_TF", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from bihier_jax.common import residue_constants as rc  # pylint: disable=wrong-import-position
+from bihier_jax.models import esm2  # pylint: disable=wrong-import-position
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def _time(fn, repeats: int, warmup: int = 2) -> float:
+  """Median seconds per call; fn must block until its result is ready."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def random_tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
+  """<cls> random residues <eos>, no padding. int32 [batch, length]."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(rc.ESM_TOKEN["L"], rc.ESM_TOKEN["C"] + 1, (batch, length)).astype(np.int32)
+  tokens[:, 0], tokens[:, -1] = rc.ESM_CLS, rc.ESM_EOS
+  return tokens
+
+
+def model_flops(cfg: esm2.ESM2Config, batch: int, length: int) -> float:
+  """Forward FLOPs: 2 * matmul params * tokens + attention 4 L^2 D per layer and row."""
+  d, f = cfg.embed_dim, cfg.ffn_dim
+  p_matmul = cfg.num_layers * (4 * d * d + 2 * d * f)
+  return 2.0 * p_matmul * batch * length + 4.0 * length * length * d * cfg.num_layers * batch
+
+
+# --- CPU: port vs transformers ----------------------------------------------------------
+
+
+def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
+
+  torch.set_num_threads(2)
+  cfg = esm2.config_from_preset(preset, mlm_head=False)
+  hf_config = transformers.EsmConfig(
+      vocab_size=33, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_dim,
+      position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
+      mask_token_id=rc.ESM_MASK, pad_token_id=rc.ESM_PAD, max_position_embeddings=1026,
+      layer_norm_eps=cfg.layer_norm_eps)  # EsmConfig defaults to 1e-12; ESM-2 uses 1e-5
+  torch.manual_seed(0)
+  reference = transformers.EsmModel(hf_config, add_pooling_layer=False).eval()
+  state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  params = esm2_checkpoint.params_from_torch(
+      state, cfg, esm2_checkpoint._HF_LAYER, esm2_checkpoint._HF_TOP,  # pylint: disable=protected-access
+      esm2_checkpoint._HF_IGNORED, "bench")  # pylint: disable=protected-access
+  params = jax.tree.map(jnp.asarray, params)
+  tokens = random_tokens(batch, length)
+  t_tokens = torch.from_numpy(tokens).long()
+  t_mask = torch.ones_like(t_tokens)
+
+  def run_torch():
+    with torch.inference_mode():
+      return reference(t_tokens, attention_mask=t_mask).last_hidden_state
+
+  ref_out = run_torch().numpy()
+  result = {"preset": preset, "batch": batch, "length": length}
+  j_tokens = jnp.asarray(tokens)
+  forwards = {}
+  for name, overrides in variants.items():
+    model = esm2.ESM2(esm2.config_from_preset(preset, mlm_head=False, **overrides))
+    fwd = jax.jit(lambda p, t, model=model: model.apply(
+        {"params": p}, t, output_hidden_states=False).last_hidden_state)
+    start = time.perf_counter()
+    out = fwd(params, j_tokens).block_until_ready()
+    result[name] = {"first_call_s": time.perf_counter() - start,
+                    "max_abs_diff_vs_transformers": float(np.max(np.abs(np.asarray(out) - ref_out)))}
+    forwards[name] = lambda fwd=fwd: fwd(params, j_tokens).block_until_ready()
+  # Interleaved rounds (transformers, then each variant): on a shared machine the load
+  # changes over minutes, so each round's speedup compares runs made seconds apart.
+  for fn in (run_torch, *forwards.values()):
+    fn()
+  torch_times, times = [], {name: [] for name in forwards}
+  for _ in range(repeats):
+    torch_times.append(_time(run_torch, 1, warmup=0))
+    for name, fn in forwards.items():
+      times[name].append(_time(fn, 1, warmup=0))
+  torch_s = statistics.median(torch_times)
+  result["transformers_tokens_per_s"] = batch * length / torch_s
+  for name in forwards:
+    result[name].update(
+        tokens_per_s=batch * length / statistics.median(times[name]),
+        speedup_vs_transformers=statistics.median(
+            t / j for t, j in zip(torch_times, times[name])))
+  return result
+
+
+# --- compiled memory ---------------------------------------------------------------------
+
+
+def finetune_memory(preset: str, length: int, batch: int, remat: bool) -> dict:
+  cfg = esm2.config_from_preset(preset, remat=remat)
+  model = esm2.ESM2(cfg)
+  params = esm2.param_shapes(cfg)
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+
+  def loss(p, t):
+    logits = model.apply({"params": p}, t, return_mlm_logits=True,
+                         output_hidden_states=False).logits
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[..., None], -1))
+
+  start = time.perf_counter()
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  gib = 2.0 ** 30
+  return {"preset": preset, "length": length, "batch": batch, "remat": remat,
+          "compile_s": compile_s,
+          "argument_gib": mem.argument_size_in_bytes / gib,
+          "output_gib": mem.output_size_in_bytes / gib,
+          "temp_gib": mem.temp_size_in_bytes / gib,
+          "total_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                        + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / gib}
+
+
+# --- accelerator -------------------------------------------------------------------------
+
+
+def gpu_throughput(preset: str, batch: int, length: int, repeats: int, peak_tflops: float | None,
+                   attention: str) -> dict:
+  device = jax.devices()[0]
+  cfg = esm2.config_from_preset(preset, dtype=jnp.bfloat16, mlm_head=False, attention=attention)
+  model = esm2.ESM2(cfg)
+  params = jax.jit(lambda: esm2.init_params(cfg))()
+  tokens = jnp.asarray(random_tokens(batch, length))
+  fwd = jax.jit(lambda p, t: model.apply({"params": p}, t,
+                                         output_hidden_states=False).last_hidden_state)
+  start = time.perf_counter()
+  fwd(params, tokens).block_until_ready()
+  compile_s = time.perf_counter() - start
+  seconds = _time(lambda: fwd(params, tokens).block_until_ready(), repeats)
+  flops = model_flops(cfg, batch, length)
+  if peak_tflops is None:
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device.device_kind), None)
+  achieved = flops / seconds / 1e12
+  return {"device": device.device_kind, "platform": device.platform, "preset": preset,
+          "attention": attention, "dtype": "bfloat16", "batch": batch, "length": length,
+          "first_call_s": compile_s, "step_ms": seconds * 1e3,
+          "tokens_per_s": batch * length / seconds, "model_tflops_per_forward": flops / 1e12,
+          "achieved_tflops": achieved, "peak_tflops": peak_tflops,
+          "mfu": achieved / peak_tflops if peak_tflops else None,
+          "flops_formula": "2*P_matmul*tokens + 4*L^2*D*layers*batch, "
+                           "P_matmul = layers*(4*D^2 + 2*D*F)"}
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+  def fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+  cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  for row in cells:
+    print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="fewer repeats / smaller cases")
+  parser.add_argument("--json", help="write the results dict here")
+  parser.add_argument("--gpu", action="store_true", help="accelerator mode (bf16 t33_650M)")
+  parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--peak-tflops", type=float, default=None)
+  args = parser.parse_args(argv)
+  results: dict = {"backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+                   "jax": jax.__version__}
+
+  if args.gpu:
+    batch = args.batch or (4 if args.quick else 16)
+    rows = []
+    for attention in ("auto", "exact"):
+      try:
+        rows.append(gpu_throughput("t33_650M", batch, 512, 5 if args.quick else 20,
+                                   args.peak_tflops, attention))
+      except Exception as e:  # pylint: disable=broad-except
+        rows.append({"attention": attention, "error": f"{type(e).__name__}: {e}"[:500]})
+    results["gpu_forward"] = rows
+    _print_table(rows, ["device", "attention", "batch", "length", "step_ms", "tokens_per_s",
+                        "achieved_tflops", "mfu", "error"])
+  else:
+    repeats = 3 if args.quick else 10
+    batch = args.batch or 8
+    variants = {"port_scan_auto": {}} if args.quick else {
+        "port_scan_auto": {}, "port_unrolled_auto": {"scan_layers": False},
+        "port_scan_exact": {"attention": "exact"}}
+    presets = ["t6_8M"] if args.quick else ["t6_8M", "t12_35M"]
+    speed = [cpu_speed(p, batch, 256, repeats, variants) for p in presets]
+    results["cpu_forward"] = speed
+    rows = [{"preset": s["preset"], "impl": "transformers",
+             "tokens_per_s": s["transformers_tokens_per_s"]} for s in speed]
+    for s in speed:
+      for name in variants:
+        rows.append({"preset": s["preset"], "impl": name, **s[name]})
+    print(f"forward, batch {batch} x 256, {jax.default_backend()} ({os.cpu_count()} cores)")
+    _print_table(rows, ["preset", "impl", "tokens_per_s", "speedup_vs_transformers",
+                        "first_call_s", "max_abs_diff_vs_transformers"])
+    memory = [finetune_memory("tiny" if args.quick else "t33_650M", 1024, 1, remat)
+              for remat in (False, True)]
+    results["finetune_memory"] = memory
+    print("\nfine-tuning (MLM loss + grad) compiled memory, batch 1 x 1024")
+    _print_table(memory, ["preset", "remat", "argument_gib", "output_gib", "temp_gib",
+                          "total_gib", "compile_s"])
+
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
