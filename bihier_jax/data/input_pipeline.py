@@ -624,7 +624,7 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
   if training:
     ds = ds.repeat()
     ds = ds.shuffle(int(config.data.shuffle_buffer), seed=seed,
-                    reshuffle_each_iteration=True)
+                    reshuffle_each_iteration=False)  # every iterator: same order
   ds = ds.batch(chunk_size).enumerate()
 
   def process_chunk(index, serialized):
