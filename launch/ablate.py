@@ -66,8 +66,14 @@ def fusion_depth_levels(num_blocks: int) -> list[tuple[int, ...]]:
 def sweep_variants(sweep: str, num_blocks: int = 4) -> list[Variant]:
   """The variants of one sweep, in the order they are run, tabled and plotted."""
   if sweep == "fusion_depth":
-    return [Variant("levels_" + ("none" if not lv else "-".join(map(str, lv))),
-                    (("model.fusion.levels", _levels_literal(lv)),))
+    # Depth 0 is the `parallel` baseline (final ESM and GNN features concatenated, no
+    # exchange): model.kind='bihier' needs at least one fusion level.
+    return [Variant("levels_none", (("model.kind", "parallel"),
+                                    ("model.fusion.levels", "()")))
+            if not lv else
+            Variant("levels_" + "-".join(map(str, lv)),
+                    (("model.kind", "bihier"),
+                     ("model.fusion.levels", _levels_literal(lv))))
             for lv in fusion_depth_levels(num_blocks)]
   if sweep == "fusion_mode":
     return [Variant(f"mode_{m}", (("model.fusion.mode", m),)) for m in ("local", "global")]
@@ -345,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
   mode.add_argument("--emit-commands", action="store_true", help="print commands only")
   mode.add_argument("--aggregate-only", action="store_true",
                     help="only gather finished runs into CSV/Markdown/PNG")
+  p.add_argument("--only", default="", help="comma-separated variant names to keep")
   p.add_argument("--launcher", default="shell", choices=("shell", "slurm"),
                  help="form of --emit-commands lines")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -373,8 +380,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   split = args.split or (tuple(config.data.eval_splits) or ("test",))[-1]
   metric = args.metric or str(config.task.select_metric)
   spec = args.config + (f":{args.config_arg}" if args.config_arg else "")
-  runs = plan_runs(sweep_variants(args.sweep, num_blocks), seeds, args.workdir, spec,
-                   common)
+  variants = sweep_variants(args.sweep, num_blocks)
+  if args.only:
+    keep = [v.strip() for v in args.only.split(",") if v.strip()]
+    unknown = set(keep) - {v.name for v in variants}
+    if unknown:
+      print(f"error: --only {sorted(unknown)}: not in sweep {args.sweep} "
+            f"({', '.join(v.name for v in variants)})", file=sys.stderr)
+      return 2
+    variants = [v for v in variants if v.name in keep]
+  runs = plan_runs(variants, seeds, args.workdir, spec, common)
 
   if args.emit_commands:
     print("\n".join(emit_commands(runs, args.launcher)))

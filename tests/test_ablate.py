@@ -31,8 +31,10 @@ def test_sweep_variants_names_and_overrides():
   assert [v.name for v in depth] == ["levels_none", "levels_4", "levels_2-4",
                                      "levels_1-2-3-4"]
   assert [v.overrides for v in depth] == [
-      (("model.fusion.levels", "()"),), (("model.fusion.levels", "(4,)"),),
-      (("model.fusion.levels", "(2,4)"),), (("model.fusion.levels", "(1,2,3,4)"),)]
+      (("model.kind", "parallel"), ("model.fusion.levels", "()")),
+      (("model.kind", "bihier"), ("model.fusion.levels", "(4,)")),
+      (("model.kind", "bihier"), ("model.fusion.levels", "(2,4)")),
+      (("model.kind", "bihier"), ("model.fusion.levels", "(1,2,3,4)"))]
   assert [dict(v.overrides)["model.fusion.mode"]
           for v in ablate.sweep_variants("fusion_mode")] == ["local", "global"]
   assert [dict(v.overrides)["model.fusion.direction"]
@@ -60,6 +62,7 @@ def test_run_flags_parse_into_the_intended_config():
     expected = {"levels_none": (), "levels_4": (4,), "levels_2-4": (2, 4),
                 "levels_1-2-3-4": (1, 2, 3, 4)}[variant.name]
     assert tuple(cfg.model.fusion.levels) == expected
+    assert cfg.model.kind == ("parallel" if not expected else "bihier")
     assert cfg.seed == 3 and cfg.train.num_steps == 7
 
 
@@ -173,13 +176,21 @@ def _train_cli_available():
 
 @pytest.mark.skipif(not _train_cli_available(),
                     reason="bihier_jax.train / bihier_jax.eval / configs/demo.py not there")
-def test_tiny_local_sweep_end_to_end(tmp_path):
+@pytest.mark.skipif(not os.environ.get("BIHIER_SLOW_TESTS"),
+                    reason="real train+eval subprocesses take 1-3 min on 2 cores, over "
+                    "this file's budget; set BIHIER_SLOW_TESTS=1 to run")
+def test_tiny_local_run_end_to_end(tmp_path):
+  # One variant x one seed through the real CLIs: train 2 steps, eval the test split.
   rc = ablate.main([
       "--config", os.path.join(REPO, "configs/demo.py"), "--config-arg", "tiny",
-      "--sweep", "fusion_depth", "--seeds", "0", "--local",
+      "--sweep", "fusion_mode", "--seeds", "0", "--local", "--only", "mode_local",
       "--workdir", str(tmp_path), "--set", "train.num_steps=2",
-      "--set", "model.gnn.num_blocks=1"])
-  assert rc == 0, open(next(
-      os.path.join(d, "ablate.log") for d, _, f in os.walk(tmp_path) if "ablate.log" in f
-  )).read()[-3000:]
-  assert os.path.exists(tmp_path / "ablation_fusion_depth_test.png")
+      "--set", "train.eval_every=1000", "--set", "data.eval_splits=('test',)"])
+  logs = [os.path.join(d, "ablate.log") for d, _, f in os.walk(tmp_path)
+          if "ablate.log" in f]
+  assert rc == 0, open(logs[0]).read()[-3000:]
+  with open(tmp_path / "mode_local" / "seed0" / "eval" / "test.json") as f:
+    metrics = json.load(f)
+  assert 0.0 <= metrics["accuracy"] <= 1.0
+  md = (tmp_path / "ablation_fusion_mode_test.md").read_text()
+  assert f"| mode_local | 1 | {metrics['accuracy']:.3f} (n=1) |" in md
