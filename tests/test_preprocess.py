@@ -1,0 +1,142 @@
+"""Preprocessing: broken inputs end as `skipped`, resumable shards, manifest, TFDS."""
+
+import glob
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from bihier_jax.data import records
+from bihier_jax.data import testing
+from data_pipelines import demo
+from data_pipelines import preprocess
+from data_pipelines import shards
+from data_pipelines import tasks
+from data_pipelines.tasks import WorkItem
+
+
+def _manifest(out):
+  with open(os.path.join(out, "manifest.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _good_files():
+  raw = demo.default_raw_dir()
+  return [os.path.join(raw, f) for f in ("1ahsA.pdb.gz", "3q4oA.pdb.gz")]
+
+
+def test_broken_inputs_are_skipped_and_the_rest_written(tmp_path):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  good = _good_files()
+  for path in good:
+    shutil.copy(path, raw / os.path.basename(path))
+  (raw / "empty.pdb").write_bytes(b"")
+  with open(good[0], "rb") as f:
+    (raw / "truncated.pdb.gz").write_bytes(f.read()[:300])  # cut gzip stream
+  (raw / "garbage.cif").write_bytes(bytes(np.random.default_rng(0).integers(
+      0, 256, 2000, dtype=np.uint8)))
+  (raw / "ligand_only.pdb").write_text(
+      "HETATM    1  O   HOH A   1      10.000  10.000  10.000  1.00  0.00           O\n"
+      "HETATM    2  C1  LIG A   2      11.000  10.000  10.000  1.00  0.00           C\n"
+      "END\n")
+  out = str(tmp_path / "out")
+  metadata = preprocess.main(["pdb_dir", "--raw", str(raw), "--out", out,
+                              "--workers", "2", "--shard-size", "3", "--no-progress"])
+  lines = {os.path.basename(m["source"]): m for m in _manifest(out)}
+  assert len(lines) == 6
+  for name in ("empty.pdb", "truncated.pdb.gz", "garbage.cif", "ligand_only.pdb"):
+    assert lines[name]["status"] == "skipped", name
+    assert lines[name]["reason"], name
+    assert lines[name]["examples"] == 0
+  for path in good:
+    line = lines[os.path.basename(path)]
+    assert line["status"] == "ok" and line["chains"] == 1 and line["n_residues"] > 50
+  written = [ex for path in sorted(glob.glob(os.path.join(out, "train", "*.tfrecord")))
+             for ex in records.read_records(path)]
+  assert sorted(ex.num_residues for ex in written) == sorted(
+      lines[os.path.basename(p)]["n_residues"] for p in good)
+  assert metadata["splits"]["train"]["examples"] == 2
+  assert metadata["splits"]["train"]["skipped"] == 4
+  assert not glob.glob(os.path.join(out, "**", "*.tmp-*"), recursive=True)
+
+
+def _items(n):
+  return [WorkItem(source=f"s{i:02d}", split="train" if i % 4 else "val",
+                   payload=(10 + i, i, 1, 0)) for i in range(n)]
+
+
+class _Recorder:
+  """A process function that records the items it saw (in-process runs only)."""
+
+  def __init__(self):
+    self.seen = []
+
+  def __call__(self, item):
+    self.seen.append(item.source)
+    if item.source == "s05":
+      raise KeyError("boom")  # an unexpected crash type
+    return testing.synthetic_process(item)
+
+
+def test_rerun_skips_finished_shards(tmp_path):
+  out = str(tmp_path / "out")
+  items = _items(16)  # train: 12 items -> 3 shards of 4; val: 4 items -> 1 shard
+  first = _Recorder()
+  shards.write_dataset(items, first, out, num_workers=1, shard_size=4, progress=False)
+  assert len(first.seen) == 16
+  lines = _manifest(out)
+  crash = [m for m in lines if m["source"] == "s05"][0]
+  assert crash["status"] == "skipped" and "KeyError" in crash["reason"]
+  assert "boom" in crash["reason"]
+  train_files = sorted(glob.glob(os.path.join(out, "train", "*.tfrecord")))
+  assert [os.path.basename(f) for f in train_files] == [
+      f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
+  mtime = os.path.getmtime(train_files[0])
+  # A shard that was interrupted: its file is gone (a temp file never counts).
+  os.remove(train_files[1])
+  second = _Recorder()
+  metadata = shards.write_dataset(items, second, out, num_workers=1, shard_size=4,
+                                  progress=False)
+  assert second.seen == ["s06", "s07", "s09", "s10"]  # train items 4..7 of the split
+  assert os.path.getmtime(train_files[0]) == mtime
+  assert _manifest(out) == lines  # finished shards' lines kept, same order
+  assert metadata["splits"]["train"]["examples"] == 11
+  assert metadata["splits"]["val"]["examples"] == 4
+  # A third run has nothing to do.
+  third = _Recorder()
+  shards.write_dataset(items, third, out, num_workers=1, shard_size=4, progress=False)
+  assert third.seen == []
+
+
+def test_task_registry():
+  assert {"pdb_dir", "demo", "lba30", "lba60", "mqa", "react", "ppbs", "bce"} <= set(
+      tasks.names())
+  assert tasks.get("demo") is demo.DEMO
+  with pytest.raises(KeyError, match="unknown task"):
+    tasks.get("nope")
+
+
+def test_tfds_load_on_prepared_dir(tmp_path):
+  out = str(tmp_path / "out")
+  shards.write_dataset(_items(8), testing.synthetic_process, out, num_workers=1,
+                       shard_size=4, progress=False)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import tfds_builder  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  ds = tfds.load("bihier_records", split="val", data_dir=str(tmp_path / "tfds"),
+                 builder_kwargs={"records_dir": out})
+  got = {x["id"].decode(): x for x in tfds.as_numpy(ds)}
+  assert sorted(got) == ["s00", "s04"]
+  want = testing.synthetic_process(_items(8)[4])[0]
+  np.testing.assert_array_equal(got["s04"]["atom_positions"], want.atom_positions)
+  np.testing.assert_array_equal(got["s04"]["senders"], want.senders)
+  assert [s.decode() for s in got["s04"]["sequences"]] == want.sequences
+
+
+def test_gzip_helper_files_are_real():
+  # The broken-input test relies on cutting a real gzip member short.
+  with gzip.open(_good_files()[0]) as f:
+    assert f.read(6) in (b"ATOM  ", b"HEADER", b"REMARK", b"CRYST1")
