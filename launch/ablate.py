@@ -33,6 +33,8 @@ from typing import Mapping, Sequence
 
 SWEEPS = ("fusion_depth", "fusion_mode", "direction", "baselines")
 BASELINE_KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
+# Bookkeeping numbers that bihier_jax.eval writes beside the metrics.
+NOT_METRICS = frozenset({"step", "num_items"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +192,10 @@ def run_locally(runs: Sequence[Run], split: str, python: str = sys.executable,
 
 
 def collect_results(runs: Sequence[Run], split: str) -> list[dict]:
-  """Rows {variant, seed, <metric>: value} for every run whose eval JSON exists."""
+  """Rows {variant, seed, <metric>: value} for every run whose eval JSON exists.
+
+  Numeric entries are metrics, except the bookkeeping in `NOT_METRICS`.
+  """
   rows = []
   for run in runs:
     path = run.eval_json(split)
@@ -205,7 +210,8 @@ def collect_results(runs: Sequence[Run], split: str) -> list[dict]:
       raise ValueError(f"{path}: expected an object of metric name -> number")
     row = {"variant": run.variant.name, "seed": run.seed}
     for name, value in metrics.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool):
+      if (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and name not in NOT_METRICS):
         row[name] = float(value)
     rows.append(row)
   return rows

@@ -96,7 +96,8 @@ def _fake_runs(tmp_path, values):
     os.makedirs(os.path.dirname(run.eval_json("test")))
     with open(run.eval_json("test"), "w") as f:
       json.dump({"accuracy": per_seed[run.seed], "loss": 1.0 - per_seed[run.seed],
-                 "note": "not a number", "count": 10}, f)
+                 "note": "not a number", "count": 10, "step": 200,
+                 "num_items": 448.0}, f)
   return runs
 
 
