@@ -19,6 +19,7 @@ not counted). MFU = FLOPs / time / peak dense bf16 FLOP/s of the device
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -187,6 +188,23 @@ def gpu_throughput(preset: str, batch: int, length: int, repeats: int, peak_tflo
                            "P_matmul = layers*(4*D^2 + 2*D*F)"}
 
 
+def gpu_attention_check() -> dict:
+  """Max |auto - exact| of the last hidden state, bf16 t12_35M shape, padded batch."""
+  cfg = esm2.config_from_preset("t12_35M", dtype=jnp.bfloat16, mlm_head=False)
+  params = jax.jit(lambda: esm2.init_params(cfg))()
+  tokens = esm2.tokenize(["MKTAYIAKQRQISFVKSHFSRQ" * 10, "ACDEFGHIKLMNPQRSTVWY" * 3, ""])
+  mask = tokens != rc.ESM_PAD
+  outs = {}
+  for attention in ("auto", "exact"):
+    model = esm2.ESM2(dataclasses.replace(cfg, attention=attention))
+    outs[attention] = np.asarray(jax.jit(lambda p, t, model=model: model.apply(
+        {"params": p}, t, output_hidden_states=False).last_hidden_state)(params, tokens),
+        np.float32)
+  diff = np.abs(outs["auto"] - outs["exact"])[mask]
+  return {"max_abs_diff_real_tokens": float(diff.max()), "finite": bool(
+      np.isfinite(outs["auto"]).all()), "scale": float(np.abs(outs["exact"][mask]).max())}
+
+
 # --- main --------------------------------------------------------------------------------
 
 
@@ -221,6 +239,11 @@ def main(argv=None) -> int:
       except Exception as e:  # pylint: disable=broad-except
         rows.append({"attention": attention, "error": f"{type(e).__name__}: {e}"[:500]})
     results["gpu_forward"] = rows
+    try:
+      results["gpu_attention_check"] = gpu_attention_check()
+    except Exception as e:  # pylint: disable=broad-except
+      results["gpu_attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    print("auto vs exact attention (bf16, padded):", results["gpu_attention_check"])
     _print_table(rows, ["device", "attention", "batch", "length", "step_ms", "tokens_per_s",
                         "achieved_tflops", "mfu", "error"])
   else:
