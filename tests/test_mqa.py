@@ -49,3 +49,28 @@ def test_casp_round():
   assert mqa.casp_round("T0858") == "CASP11"
   assert mqa.casp_round("T0949") == "CASP13"
   assert mqa.casp_round("R0001") == "?"
+
+
+def test_target_in_two_splits_is_rejected(tmp_path, monkeypatch):
+  targets = {"train": {"T0601": ("1ahsA.pdb.gz", [("a_TS1", 0.0, 0.9)])},
+             "val": {"T0601": ("1ahsA.pdb.gz", [("b_TS1", 0.5, 0.5)])},
+             "test": {"T0801": ("1eteA.pdb.gz", [("a_TS1", 0.0, 0.9)])}}
+  monkeypatch.setattr(builders, "PSR_TARGETS", targets)
+  builders.write_psr(str(tmp_path), str(tmp_path / "tmp"))
+  with pytest.raises(ValueError, match="T0601.*train and val"):
+    mqa.MQA.list_items(str(tmp_path), None)
+
+
+def test_pickle_needs_the_cli_flag(tmp_path, monkeypatch):
+  import argparse
+  targets = {s: {"T0601": ("1ahsA.pdb.gz", [("a_TS1", 0.0, 0.9)])} if s == "train" else
+             {f"T070{i}": ("1eteA.pdb.gz", [("a_TS1", 0.0, 0.9)])}
+             for i, s in enumerate(("train", "val", "test"))}
+  monkeypatch.setattr(builders, "PSR_TARGETS", targets)
+  builders.write_psr(str(tmp_path), str(tmp_path / "tmp"), fmt="pkl")
+  parser = argparse.ArgumentParser()
+  mqa.MQA.add_arguments(parser)
+  with pytest.raises(Exception, match="pickle"):
+    mqa.MQA.list_items(str(tmp_path), parser.parse_args([]))
+  items = mqa.MQA.list_items(str(tmp_path), parser.parse_args(["--allow-pickle"]))
+  assert mqa.MQA.process(items[0])[0].group == "T0601"

@@ -109,3 +109,17 @@ def test_tiny_training_and_evaluation(prepared, task, tmp_path):
     assert any(k.startswith("auprc/") for k in results["val"])
   files = os.listdir(tmp_path / "work")
   assert any(f.endswith(".json") for f in files), files
+
+
+def test_tfds_builder_per_task(prepared, tmp_path):
+  import tensorflow_datasets as tfds
+  from data_pipelines import tfds_tasks  # noqa: F401  (registers the builders)
+  records_dir, metadata = prepared["mqa"]
+  ds = tfds.load("bihier_mqa", split="test", data_dir=str(tmp_path / "tfds"),
+                 builder_kwargs={"records_dir": records_dir})
+  got = sorted((x["id"].decode(), float(x["graph_label"])) for x in tfds.as_numpy(ds))
+  assert len(got) == metadata["splits"]["test"]["examples"] == 3
+  assert sorted(g for _, g in got) == pytest.approx([0.2, 0.55, 0.95])
+  with pytest.raises(ValueError, match="records of task 'mqa', not 'react'"):
+    tfds.load("bihier_react", split="test", data_dir=str(tmp_path / "tfds2"),
+              builder_kwargs={"records_dir": records_dir})
