@@ -376,6 +376,25 @@ def _select(x, keep):
   return out
 
 
+def _partition(x, part, num: int) -> list[dict]:
+  """Splits a flat chunk into `num` flat chunks by example (part: int32[C] in 0..num-1).
+
+  One `tf.dynamic_partition` pass per field; example order is kept within each part.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  outs = [{} for _ in range(num)]
+  for k in _SCALARS:
+    for out, v in zip(outs, tf.dynamic_partition(x[k], part, num)):
+      out[k] = v
+  row_part = {}
+  for name, count in _COUNT.items():
+    if count not in row_part:
+      row_part[count] = tf.repeat(part, x[count])
+    for out, v in zip(outs, tf.dynamic_partition(x[name], row_part[count], num)):
+      out[name] = v
+  return outs
+
+
 def _mask(dest, size):
   """bool[size], True at dest (int32[k, 1])."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -444,62 +463,71 @@ def _pack(x, budget: PaddingBudget):
   row_off = within_batch(n_chains)
   slot = within_batch(tf.ones_like(n_nodes))
 
-  # Residue nodes.
-  ex_r, pos_r = _rows(n_res)
-  local_r = tf.gather(node_off, ex_r) + pos_r
-  dest_r = tf.gather(batch_of, ex_r) * n_max + local_r
+  # Nodes by gather: the chunk's nodes (per example: residues, then ligand atoms) of
+  # one batch are one contiguous run, so each padded slot reads one source row.
+  node_ex, node_pos = _rows(n_nodes)
+  n_res_of = tf.gather(n_res, node_ex)
+  is_res_c = node_pos < n_res_of
+  res_row_c = tf.gather(tf.cumsum(n_res, exclusive=True), node_ex) + node_pos
+  lig_row_c = (tf.gather(tf.cumsum(x["num_ligand_atoms"], exclusive=True), node_ex)
+               + node_pos - n_res_of)
+  total_res = tf.size(x["aatype"])
+  total_lig = tf.size(x["ligand_elements"])
+  first_node = tf.math.unsorted_segment_min(tf.cumsum(n_nodes, exclusive=True),
+                                            batch_of, nb)
+  used_n = tf.math.unsorted_segment_sum(n_nodes, batch_of, nb)
+  local = tf.range(n_max)[None]
+  valid = tf.reshape(local < used_n[:, None], [-1])  # [nb * N]
+  src = tf.where(valid, tf.reshape(first_node[:, None] + local, [-1]), tf.size(node_ex))
+  is_res = tf.gather(tf.concat([is_res_c, [False]], 0), src)
+  is_lig = valid & tf.logical_not(is_res)
+  res_row = tf.where(is_res, tf.gather(tf.concat([res_row_c, [0]], 0), src), total_res)
+  lig_row = tf.where(is_lig, tf.gather(tf.concat([lig_row_c, [0]], 0), src), total_lig)
+  ex_o = tf.gather(tf.concat([node_ex, [tf.size(n_nodes)]], 0), src)
+
+  def res_field(v):  # residue rows, zeros elsewhere
+    return tf.gather(tf.concat([v, tf.zeros_like(v[:1])], 0), res_row)
+
+  # Chain neighbours: the previous residue row is in the same chain of one example.
   chain_row = x["chain_row"]
-  same_prev = (pos_r > 0) & tf.equal(chain_row, tf.concat([[-1], chain_row[:-1]], 0))
+  ex_r = tf.repeat(tf.range(tf.size(n_res)), n_res)
+  same_prev = (tf.equal(ex_r, tf.concat([[-1], ex_r[:-1]], 0))
+               & tf.equal(chain_row, tf.concat([[-1], chain_row[:-1]], 0)))
   same_next = tf.concat([same_prev[1:], [False]], 0)
-  row_r = tf.gather(row_off, ex_r) + chain_row
-  # Ligand nodes.
-  elements = x["ligand_elements"]
-  ex_l, pos_l = _rows(x["num_ligand_atoms"])
-  local_l = tf.gather(node_off + n_res, ex_l) + pos_l
-  dest_l = tf.gather(batch_of, ex_l) * n_max + local_l
-  n_lig = tf.shape(elements)[0]
-  dest_n = tf.concat([dest_r, dest_l], 0)[:, None]
-  total_n = nb * n_max
-
-  def scatter(updates, dest, shape_tail=(), base=None):
-    if base is None:
-      return tf.scatter_nd(dest, updates, tf.concat(
-          [[total_n], tf.constant(shape_tail, tf.int32)], 0))
-    return tf.tensor_scatter_nd_update(base, dest, updates)
-
   local_all = tf.tile(tf.range(n_max), [nb])
+  chain_row_o = res_field(chain_row)
+  residue_index_o = res_field(x["residue_index"])
+  row_o = tf.gather(tf.concat([row_off, [0]], 0), ex_o) + chain_row_o
+  slot_o = tf.gather(tf.concat([slot, [g_max - 1]], 0), ex_o)
   ca = rc.ATOM_SLOT["CA"]
-  lig_pos = tf.pad(x["ligand_positions"][:, None, :],
-                   [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
-  lig_mask = tf.one_hot(tf.fill([n_lig], ca), rc.NUM_ATOM_SLOTS)
+  lig_pos = tf.gather(tf.concat([x["ligand_positions"], tf.zeros([1, 3])], 0), lig_row)
+  lig_pos = tf.pad(lig_pos[:, None, :], [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1],
+                                         [0, 0]])
+  lig_mask = tf.one_hot(tf.fill(tf.shape(lig_row), ca), rc.NUM_ATOM_SLOTS)
+  lig_elem = tf.gather(tf.concat([x["ligand_elements"], [0]], 0), lig_row)
   f32 = lambda t: tf.cast(t, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
-  dr = dest_r[:, None]
   nodes = {
-      "aatype": scatter(tf.concat([x["aatype"], rc.NUM_RESTYPES + elements], 0), dest_n),
-      "atom_positions": scatter(tf.concat([x["atom_positions"], lig_pos], 0),
-                                dest_n, [rc.NUM_ATOM_SLOTS, 3]),
-      "atom_mask": scatter(tf.concat([f32(x["atom_mask"]), lig_mask], 0),
-                           dest_n, [rc.NUM_ATOM_SLOTS]),
-      "backbone_dihedrals": scatter(x["backbone_dihedrals"], dr, [6]),
-      "sidechain_torsions": scatter(x["sidechain_torsions"], dr, [8]),
-      "chi_mask": scatter(f32(x["chi_mask"]), dr, [4]),
-      "prev_node": scatter(local_r - tf.cast(same_prev, tf.int32), dr, base=local_all),
-      "next_node": scatter(local_r + tf.cast(same_next, tf.int32), dr, base=local_all),
-      "residue_index": scatter(x["residue_index"], dr),
-      "chain_id": scatter(tf.concat([row_r, r_max + tf.gather(slot, ex_l)], 0), dest_n,
-                          base=tf.fill([total_n], -1)),
-      "node_kind": scatter(tf.ones([n_lig], tf.int32), dest_l[:, None]),
+      "aatype": tf.where(is_lig, rc.NUM_RESTYPES + lig_elem, res_field(x["aatype"])),
+      "atom_positions": tf.where(is_lig[:, None, None], lig_pos,
+                                 res_field(x["atom_positions"])),
+      "atom_mask": tf.where(is_lig[:, None], lig_mask, res_field(f32(x["atom_mask"]))),
+      "backbone_dihedrals": res_field(x["backbone_dihedrals"]),
+      "sidechain_torsions": res_field(x["sidechain_torsions"]),
+      "chi_mask": res_field(f32(x["chi_mask"])),
+      "prev_node": local_all - res_field(tf.cast(same_prev, tf.int32)),
+      "next_node": local_all + res_field(tf.cast(same_next, tf.int32)),
+      "residue_index": residue_index_o,
+      "chain_id": tf.where(is_res, row_o, tf.where(is_lig, r_max + slot_o, -1)),
+      "node_kind": tf.cast(is_lig, tf.int32),
   }
-  ex_n = tf.concat([ex_r, ex_l], 0)
   out = {"nodes": nodes}
-  out["node_graph"] = scatter(tf.gather(slot, ex_n), dest_n,
-                              base=tf.fill([total_n], g_max - 1))
-  out["node_mask"] = _mask(dest_n, total_n)
-  out["node_to_token"] = scatter(tf.stack([row_r, x["residue_index"] + 1], 1), dr,
-                                 base=tf.fill([total_n, 2], -1))
-  out["node_labels"] = scatter(x["node_labels"], dr)
-  out["node_label_mask"] = scatter(f32(x["node_label_mask"]), dr)
-  out["node_weights"] = scatter(x["node_weights"], dr)
+  out["node_graph"] = slot_o
+  out["node_mask"] = valid
+  out["node_to_token"] = tf.where(is_res[:, None],
+                                  tf.stack([row_o, residue_index_o + 1], 1), -1)
+  out["node_labels"] = res_field(x["node_labels"])
+  out["node_label_mask"] = res_field(f32(x["node_label_mask"]))
+  out["node_weights"] = res_field(x["node_weights"])
 
   # Edges: each batch's edges are one contiguous run of the chunk's edge arrays, so
   # the padded [nb, E] arrays are one gather each (cheaper than scattering).
@@ -523,7 +551,6 @@ def _pack(x, budget: PaddingBudget):
   dest_g = (batch_of * g_max + slot)[:, None]
   pad_g = (tf.range(nb) * g_max + g_max - 1)[:, None]
   total_g = nb * g_max
-  used_n = tf.math.unsorted_segment_sum(n_nodes, batch_of, nb)
   out["n_node"] = tf.scatter_nd(tf.concat([dest_g, pad_g], 0),
                                 tf.concat([n_nodes, n_max - used_n], 0), [total_g])
   out["n_edge"] = tf.scatter_nd(tf.concat([dest_g, pad_g], 0),
@@ -629,21 +656,27 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
 
   def process_chunk(index, serialized):
     x = records.parse_records(serialized)
-    crop_seed = tf.stack([tf.cast(seed, tf.int32), tf.cast(index, tf.int32)])
-    x = tf.cond(tf.reduce_any(x["max_sequence_length"] > max_res),
-                lambda: _crop(x, max_res, crop_seed if random_crop else None),
-                lambda: dict(x))
+    # Chains longer than max_res are cropped to exactly max_res, so those examples
+    # belong to the last bucket (row length max_res + 2); only that bucket is cropped.
+    long = x["max_sequence_length"] > max_res
     need = tf.stack([x["num_residues"] + x["num_ligand_atoms"] + 1, x["num_edges"],
                      tf.fill(tf.shape(x["num_edges"]), 2), x["num_chains"],
                      x["max_sequence_length"] + 2], 1)
     fits = tf.reduce_all(need[:, None, :] <= table[None], axis=-1)  # [C, K]
+    fits = tf.where(long[:, None], tf.range(len(budgets))[None] == len(budgets) - 1,
+                    fits)
     ok = tf.reduce_any(fits, axis=1)
     tf.debugging.Assert(tf.reduce_all(ok), [
         "examples fit no padding budget; raise the budgets. ids, needs (N E G R L):",
         tf.boolean_mask(x["id"], ~ok), tf.boolean_mask(need, ~ok)])
     bucket = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-    return tuple(_pack(_select(x, tf.equal(bucket, k)), b)
-                 for k, b in enumerate(budgets))
+    parts = _partition(x, bucket, len(budgets))
+    last = parts[-1]
+    crop_seed = tf.stack([tf.cast(seed, tf.int32), tf.cast(index, tf.int32)])
+    parts[-1] = tf.cond(tf.reduce_any(last["max_sequence_length"] > max_res),
+                        lambda: _crop(last, max_res, crop_seed if random_crop else None),
+                        lambda: dict(last))
+    return tuple(_pack(part, b) for part, b in zip(parts, budgets))
 
   ds = ds.map(process_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
