@@ -1,0 +1,259 @@
+"""Training end to end on the demo (`configs/demo.py:tiny`, a few steps).
+
+- train (CLI, with --config overrides) -> eval (best checkpoint) -> predict (a PDB file);
+- a run SIGKILLed mid-way, restarted, SIGTERMed (clean exit with a checkpoint) and
+  restarted again logs exactly the losses of the uninterrupted run;
+- non-finite losses skip updates, and too many in a row stop with a clear error while the
+  last checkpoint keeps finite parameters;
+- a missing or corrupt checkpoint gives a clear error.
+
+Subprocesses share a persistent XLA compilation cache (tmp dir), so only the first run
+compiles. Budget: < 150 s on an idle 2-core machine.
+"""
+
+import glob
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bihier_jax.data import input_pipeline
+from bihier_jax.data import testing
+from bihier_jax.data.batch import PaddingBudget
+from bihier_jax.training import checkpointing
+from bihier_jax.training import train_lib
+from configs import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+  """The demo records, built once for this module (as train does on first use)."""
+  out = str(tmp_path_factory.mktemp("demo_data") / "demo")
+  config = demo.get_config("tiny")
+  config.data.dir = out
+  train_lib.ensure_demo_data(config)
+  assert train_lib.has_records(out)
+  return out
+
+
+def _env(cache_dir):
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _train_cmd(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "bihier_jax.train", "--config",
+          os.path.join(REPO, "configs", "demo.py") + ":tiny", "--workdir", workdir,
+          f"--config.data.dir={data_dir}", "--config.train.num_steps=8", *extra]
+
+
+def _losses(workdir):
+  """step -> [train/loss values logged at that step] (several after a restart)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if "train/loss" in row:
+        out.setdefault(row["step"], []).append(row["train/loss"])
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, demo_data, cache_dir):
+  """An uninterrupted tiny run through the CLI, with config overrides."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  proc = subprocess.run(_train_cmd(workdir, demo_data, "--config.train.eval_every=4"),
+                        cwd=REPO, env=_env(cache_dir), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert "RANDOM weights" in proc.stdout  # the loud warning
+  assert "| accuracy |" in proc.stdout  # the final metrics table
+  return workdir
+
+
+def test_train_eval_predict(reference_run, demo_data):
+  workdir = reference_run
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  assert config["train"]["num_steps"] == 8 and config["train"]["eval_every"] == 4
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 9))
+  assert all(np.isfinite(v[0]) for v in losses.values())
+  assert os.path.getsize(os.path.join(workdir, "training_curves.png")) > 1000
+  val = json.load(open(os.path.join(workdir, "eval", "val.json")))
+  assert 0.0 <= val["accuracy"] <= 1.0 and val["num_items"] > 100
+  assert "| accuracy |" in open(os.path.join(workdir, "eval", "metrics.md")).read()
+
+  from bihier_jax import eval as eval_cli  # pylint: disable=g-import-not-at-top
+  from bihier_jax import predict as predict_cli  # pylint: disable=g-import-not-at-top
+  cfg = demo.get_config("tiny")
+  cfg.data.dir = demo_data
+  cfg.train.num_steps = 8
+  results = eval_cli.evaluate(cfg, workdir, "best", ["test"])
+  with open(os.path.join(workdir, "eval", "test.json")) as f:
+    saved = json.load(f)
+  assert saved["accuracy"] == pytest.approx(results["test"]["accuracy"])
+  assert saved["step"] in (4, 8)  # the evaluated checkpoints
+
+  from data_pipelines import demo as demo_task  # pylint: disable=g-import-not-at-top
+  pdb = os.path.join(demo_task.default_raw_dir(), "1eteA.pdb.gz")
+  out = predict_cli.predict(cfg, workdir, pdb, out=os.path.join(workdir, "p.npz"))
+  preds = np.load(out)
+  n = preds["residue_type"].shape[0]
+  assert n > 50
+  assert preds["residue_predictions"].shape == (n, 3)
+  np.testing.assert_allclose(preds["residue_predictions"].sum(-1), 1.0, atol=1e-5)
+  assert preds["node_embeddings"].shape[0] == n
+  assert preds["graph_embeddings"].shape[0] == 1
+  assert preds["chain_id"].shape == preds["residue_number"].shape == (n,)
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  end = time.time() + timeout
+  while time.time() < end:
+    if proc.poll() is not None:
+      return False
+    if os.path.exists(path) and max(_losses(workdir) or [0]) >= step:
+      return True
+    time.sleep(0.05)
+  return False
+
+
+def test_resume_after_sigkill_and_sigterm(reference_run, demo_data, cache_dir,
+                                          tmp_path):
+  workdir = str(tmp_path / "faulty")
+  cmd = _train_cmd(workdir, demo_data, "--config.train.eval_every=4")
+  # 1) SIGKILL once a few steps are done.
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  assert _wait_for_step(workdir, 3, proc), "run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  # 2) Restart, then SIGTERM: a clean exit that leaves a checkpoint of its last step.
+  before = max(_losses(workdir))
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  reached = _wait_for_step(workdir, before + 1, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  if reached:  # (SIGTERM after the last step just finishes the run)
+    last_logged = max(_losses(workdir))
+    ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+    assert ckpt.latest_step() == last_logged
+    assert "SIGTERM" in stderr
+  # 3) Restart to the end.
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(cache_dir), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  reference = _losses(reference_run)
+  resumed = _losses(workdir)
+  assert sorted(resumed) == sorted(reference)
+  assert any(len(v) > 1 for v in resumed.values())  # some steps ran twice
+  for step, values in resumed.items():
+    np.testing.assert_allclose(values, reference[step][0], rtol=0, atol=1e-6,
+                               err_msg=f"step {step}")
+
+
+# --- in-process: non-finite losses, checkpoint errors ------------------------------------
+
+_BUDGET = PaddingBudget(n_node=41, n_edge=700, n_graph=3, n_row=2, row_length=26)
+
+
+def _synthetic_dataset(bad_from=None):
+  """A make_dataset stand-in over synthetic proteins; NaN weights from batch bad_from."""
+  def dataset_fn(data_dir, split, config, *, training, seed, process_index=None,
+                 process_count=None, skip_batches=0):
+    del data_dir, process_index, process_count
+    per = config.train.batch_size
+    def gen():
+      for i in itertools.count(skip_batches):
+        if not training and i >= 2:
+          return
+        exs = [testing.random_example(12 + (5 * i + j) % 7, seed=seed + 31 * i + j
+                                      + (0 if training else 10_000)) for j in range(per)]
+        batch = input_pipeline.collate(exs, _BUDGET)
+        if training and bad_from is not None and i >= bad_from:
+          batch = batch.replace(node_weights=np.full_like(batch.node_weights, np.nan))
+        yield batch, {"ids": [e.id for e in exs], "groups": [split] * per}
+    return gen()
+  return dataset_fn
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+  config = demo.get_config("tiny")
+  config.task.name = "synthetic"
+  config.train.num_steps = 10
+  config.train.checkpoint_every = 1
+  config.train.keep_checkpoints = 10
+  config.train.eval_every = 100
+  config.train.max_consecutive_nonfinite = 3
+  with pytest.raises(train_lib.NonFiniteLossError, match="3 consecutive steps"):
+    train_lib.train_and_evaluate(config, str(tmp_path),
+                                 dataset_fn=_synthetic_dataset(bad_from=2))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+  steps = ckpt.all_steps()
+  assert steps[-1] == 4  # steps 3, 4 skipped and saved; step 5 raised before saving
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+      ckpt._manager.item_metadata(4).state)  # pylint: disable=protected-access
+  state4, _, _ = ckpt.restore(4, abstract)
+  state2, _, _ = ckpt.restore(2, abstract)
+  assert int(state4["nonfinite_total"]) == 2 and int(state4["nonfinite_streak"]) == 2
+  for a, b in zip(jax.tree_util.tree_leaves(state4["params"]),
+                  jax.tree_util.tree_leaves(state2["params"])):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)  # skipped updates left the parameters alone
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  counted = [r["train/nonfinite_steps"] for r in rows if "train/nonfinite_steps" in r]
+  assert counted[:4] == [0, 0, 1, 2]
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+  config = demo.get_config("tiny")
+  config.task.name = "synthetic"
+  mesh = train_lib.parallel.make_mesh(jax.devices()[:1])
+  batch = input_pipeline.collate([testing.random_example(12, seed=0)], _BUDGET)
+  with pytest.raises(checkpointing.CheckpointError, match="train first"):
+    train_lib.restore_params(config, str(tmp_path / "nothing"), "", batch, mesh)
+  # A checkpoint of a different model (wider GNN) does not fit this config.
+  other = demo.get_config("tiny")
+  other.task.name = "synthetic"
+  other.model.gnn.hidden = 24
+  state, _ = train_lib.create_train_state(other, train_lib.build_model(other), batch,
+                                          mesh)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(1, state, {"consumed": 1, "pending": []})
+  ckpt.wait()
+  ckpt.close()
+  with pytest.raises(checkpointing.CheckpointError, match="cannot be read"):
+    train_lib.restore_params(config, str(tmp_path), "latest", batch, mesh)
+  with pytest.raises(checkpointing.CheckpointError, match="available steps"):
+    train_lib.restore_params(other, str(tmp_path), "7", batch, mesh)
+  # Damaged array files.
+  for path in glob.glob(str(tmp_path / "checkpoints" / "1" / "state" / "**"),
+                        recursive=True):
+    if os.path.isfile(path) and "METADATA" not in path.upper():
+      with open(path, "wb") as f:
+        f.write(b"\0" * 7)
+  with pytest.raises(checkpointing.CheckpointError, match="cannot be read"):
+    train_lib.restore_params(other, str(tmp_path), "latest", batch, mesh)
