@@ -102,4 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.max_consecutive_nonfinite = 10  # stop with an error after this many bad steps
   c.train.multi_host = False  # call jax.distributed.initialize() first
+
+  # --- added by the training issue (append-only) -----------------------------------------
+  # Per-target metrics (MQA) skip groups smaller than this (ATOM3D's evaluator: 3,
+  # gvp-pytorch: 1); used groups and NaN groups are reported beside the mean.
+  c.task.min_group_size = 1
   return c

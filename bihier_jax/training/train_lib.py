@@ -367,7 +367,7 @@ def split_metrics(config, collected: dict[str, np.ndarray]) -> dict[str, float]:
       config.task.metrics, predictions=collected["predictions"],
       labels=collected["labels"], weights=collected["weights"],
       groups=collected["groups"],
-      min_group_size=int(config.task.get("min_group_size", 1)))
+      min_group_size=int(config.task.min_group_size))
   values["loss"] = float(collected["loss"])
   return values
 
