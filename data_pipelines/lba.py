@@ -57,25 +57,31 @@ def add_lmdb_arguments(parser: argparse.ArgumentParser) -> None:
 def find_split_dirs(raw_dir: str, marker: str) -> dict[str, str]:
   """LMDB directory of each split under `raw_dir`, for a split archive named `marker`.
 
-  Accepts `raw_dir` = the folder holding the extracted archive, the archive folder
-  itself, or its `data/` folder.
+  Looks for a folder holding `train/`, `val/`, `test/` LMDB directories anywhere under
+  `raw_dir` (the archive's top folder name is not fixed [U]); the one whose path contains
+  `marker` wins (both LBA splits may be extracted side by side), else a single folder
+  not named `split-by-*` at all.
   """
-  candidates = [raw_dir, os.path.join(raw_dir, "data"),
-                os.path.join(raw_dir, marker), os.path.join(raw_dir, marker, "data")]
+  found = []
   for root, dirs, _ in os.walk(raw_dir):
-    if os.path.basename(root) == marker:
-      candidates.append(os.path.join(root, "data"))
-  for base in candidates:
-    found = {s: os.path.join(base, s) for s in SPLITS
-             if os.path.exists(os.path.join(base, s, "data.mdb"))}
-    if found:
-      missing = set(SPLITS) - set(found)
-      if missing:
-        raise FileNotFoundError(f"{base}: split(s) {sorted(missing)} missing")
-      return found
-  raise FileNotFoundError(
-      f"{raw_dir}: no {marker}/data/{{train,val,test}} LMDB directories found "
-      f"(run `python -m data_pipelines.download` first)")
+    have = [s for s in SPLITS if s in dirs
+            and os.path.exists(os.path.join(root, s, "data.mdb"))]
+    if have:
+      found.append((root, have))
+  matching = [f for f in found if marker in os.path.abspath(f[0])]
+  # A lone folder of unknown name is accepted; one named for another split never is.
+  unnamed = [f for f in found if "split-by-" not in os.path.abspath(f[0])]
+  chosen = matching or (unnamed if len(unnamed) == 1 else [])
+  if len(chosen) != 1:
+    where = ", ".join(f[0] for f in found) or "none"
+    raise FileNotFoundError(
+        f"{raw_dir}: expected one {marker}/data/{{train,val,test}} set of LMDB "
+        f"directories, found: {where} (run `python -m data_pipelines.download` first)")
+  base, have = chosen[0]
+  missing = set(SPLITS) - set(have)
+  if missing:
+    raise FileNotFoundError(f"{base}: split(s) {sorted(missing)} missing")
+  return {s: os.path.join(base, s) for s in SPLITS}
 
 
 def list_lmdb_items(split_dirs: dict[str, str], allow_pickle: bool, extra: tuple,

@@ -108,3 +108,19 @@ def test_unmatched_pocket_residue_is_reported():
   assert idx[0].tolist() == [1, 3]
   with pytest.raises(tasks.SkipItem, match="A:9"):
     lba.pocket_in_full_chains([chain([9])], [chain([4, 5])], "x")
+
+
+def test_find_split_dirs_layouts(tmp_path):
+  def make(base):
+    for s in lba.SPLITS:
+      os.makedirs(tmp_path / base / s, exist_ok=True)
+      (tmp_path / base / s / "data.mdb").write_bytes(b"")
+  make("LBA/split-by-sequence-identity-30/data")
+  make("LBA/split-by-sequence-identity-60/data")
+  assert lba.find_split_dirs(str(tmp_path), "split-by-sequence-identity-60")["val"] == str(
+      tmp_path / "LBA/split-by-sequence-identity-60/data/val")
+  with pytest.raises(FileNotFoundError, match="split-by-year"):
+    lba.find_split_dirs(str(tmp_path), "split-by-year")
+  make("other/psr_unpacked/data")  # a lone folder of unknown name is accepted
+  assert lba.find_split_dirs(str(tmp_path / "other"), "split-by-year")["test"].endswith(
+      "psr_unpacked/data/test")
