@@ -51,8 +51,7 @@ def measure(data_dir: str, config, *, batches: int, warmup: int, threads: int,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.threading.set_inter_op_parallelism_threads(threads)
   tf.config.threading.set_intra_op_parallelism_threads(threads)
-  budgets = input_pipeline.bucket_budgets(config, input_pipeline.load_sizes(data_dir,
-                                                                             "train"))
+  budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
   it = input_pipeline.make_dataset(data_dir, "train", config, training=training, seed=0,
                                    process_index=0, process_count=1, budgets=budgets)
   real = slots = proteins = 0

@@ -147,8 +147,7 @@ def _eval_batches(data_dir, config, **kw):
 def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir):
   config = _config()
   examples = _all_examples(data_dir)
-  budgets = input_pipeline.bucket_budgets(config, input_pipeline.load_sizes(data_dir,
-                                                                             "train"))
+  budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
   batches = _eval_batches(data_dir, config)
   seen = []
   for batch, meta in batches:

@@ -199,7 +199,9 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
 #     bucket whose budget it fits (longest chain + 2 <= L_b, nodes, edges and chains).
 #   n_graph G_b = batch_size + 1: batch_size is the most proteins in a batch.
 #   n_node N_b = round_up(node_fill * batch_size * mean nodes of the data's examples in
-#     the bucket, 128), at least the bucket's largest example + 1. Batches are packed:
+#     the bucket, 128), at least the bucket's largest example + 1; node_fill = 0.9 makes
+#     the node budget, not the graph count, end most batches (simulated on lognormal
+#     PDB-like lengths: 0.914 efficiency vs 0.905 at 1.0, 0.80 at 1.2). Batches are packed:
 #     proteins are added in stream order while nodes, edges, rows and graphs all fit, so
 #     padding is what is left after the last protein that fits.
 #   n_edge E_b = round_up(d_b * N_b, 128), d_b = the bucket's largest edges/node ratio
@@ -224,8 +226,17 @@ def load_sizes(data_dir: str, split: str) -> np.ndarray | None:
     return np.asarray(json.load(f), np.int64).reshape(-1, 4)
 
 
+def dataset_sizes(data_dir: str) -> np.ndarray | None:
+  """Sizes of the examples of every split of a prepared directory (None if unknown)."""
+  import os  # pylint: disable=g-import-not-at-top
+  found = [load_sizes(data_dir, d) for d in sorted(os.listdir(data_dir))
+           if os.path.exists(os.path.join(data_dir, d, "sizes.json"))]
+  found = [f for f in found if f is not None and len(f)]
+  return np.concatenate(found) if found else None
+
+
 def bucket_budgets(config, sizes: np.ndarray | None = None, *,
-                   node_fill: float = 1.0, node_multiple: int = 128) -> list[PaddingBudget]:
+                   node_fill: float = 0.9, node_multiple: int = 128) -> list[PaddingBudget]:
   """The fixed budgets of a task (see the budget rule above), smallest first.
 
   Args:
@@ -636,10 +647,10 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   if budgets is None:
-    budgets = bucket_budgets(config, load_sizes(data_dir, config.data.train_split))
+    budgets = bucket_budgets(config, dataset_sizes(data_dir))
   budgets = list(budgets)
   batch = int(config.train.batch_size)
-  chunk_size = chunk_size or max(256, 64 * batch)
+  chunk_size = chunk_size or max(256, 128 * batch)
   max_res = int(config.data.max_residues)
   table = tf.constant([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length]
                        for b in budgets], tf.int32)
@@ -711,10 +722,11 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
     seed: shuffling and cropping seed; same seed, same batches.
     process_index, process_count: host sharding; default jax.process_index()/count().
     skip_batches: batches to skip first (resuming a run at an input position).
-    budgets: override `bucket_budgets(config, train split sizes)`.
+    budgets: override `bucket_budgets(config, dataset_sizes(data_dir))` (every split's
+      sizes, so that train and eval share programs and every example fits).
     prefetch: batches prepared ahead.
-    chunk_size: examples of one bucket packed together (default max(64, 32 x
-      batch_size)); the last batch of each chunk may be partly empty.
+    chunk_size: records parsed and packed together (default max(256, 128 x
+      batch_size)); the last batch of each bucket in a chunk may be partly empty.
 
   Yields:
     (Batch, meta) with meta = {"ids": [...], "groups": [...]} of the real graphs, in
