@@ -201,6 +201,7 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
 def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int) -> dict:
   """Merges shard sidecars into manifest.jsonl, <split>/sizes.json and metadata.json."""
   manifest, sizes_by_split, files = [], collections.OrderedDict(), {}
+  _remove_stale_shards(out_dir, plan)
   for split, index, count, _ in plan:
     base = os.path.join(out_dir, split, shard_name(split, index, count))
     with open(base + ".json") as f:
@@ -232,6 +233,18 @@ def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int)
   }
   _write_json(os.path.join(out_dir, METADATA), metadata)
   return metadata
+
+
+def _remove_stale_shards(out_dir: str, plan) -> None:
+  """Deletes shards of an earlier run with other items or shard size (else read twice)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  keep = {os.path.join(out_dir, split, shard_name(split, i, n))
+          for split, i, n, _ in plan}
+  for split in {p[0] for p in plan}:
+    for path in glob.glob(os.path.join(out_dir, split, f"{split}-*-of-*.*")):
+      base, ext = os.path.splitext(path)
+      if ext in (".tfrecord", ".json") and base not in keep:
+        os.remove(path)
 
 
 def _reason_kind(line: dict) -> str:

@@ -140,3 +140,15 @@ def test_gzip_helper_files_are_real():
   # The broken-input test relies on cutting a real gzip member short.
   with gzip.open(_good_files()[0]) as f:
     assert f.read(6) in (b"ATOM  ", b"HEADER", b"REMARK", b"CRYST1")
+
+
+def test_other_shard_size_replaces_old_shards(tmp_path):
+  out = str(tmp_path / "out")
+  shards.write_dataset(_items(8), testing.synthetic_process, out, num_workers=1,
+                       shard_size=2, progress=False)
+  metadata = shards.write_dataset(_items(8), testing.synthetic_process, out,
+                                  num_workers=1, shard_size=4, progress=False)
+  assert sorted(os.listdir(os.path.join(out, "train"))) == [
+      "sizes.json", "train-00000-of-00002.json", "train-00000-of-00002.tfrecord",
+      "train-00001-of-00002.json", "train-00001-of-00002.tfrecord"]
+  assert metadata["splits"]["train"]["examples"] == 6
