@@ -39,8 +39,10 @@ def evaluate(config, workdir: str, checkpoint: str = "", splits=None
                                                     sub_config)))
   model, params, step = train_lib.restore_params(config, workdir, checkpoint,
                                                  sample_batch, mesh)
-  eval_fn = train_lib.jit_eval_step(model, config.task, mesh)
-  results = train_lib.evaluate_splits(config, dataset_fn, eval_fn, params, mesh, splits)
+  eval_mesh = parallel.local_mesh()
+  eval_fn = train_lib.jit_eval_step(model, config.task, eval_mesh)
+  results = train_lib.evaluate_splits(config, dataset_fn, eval_fn, params, eval_mesh,
+                                      splits)
   if jax.process_index() == 0:
     table = train_lib.write_eval_results(workdir, results, step=step,
                                          checkpoint=checkpoint or "auto")

@@ -257,3 +257,66 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
         f.write(b"\0" * 7)
   with pytest.raises(checkpointing.CheckpointError, match="cannot be read"):
     train_lib.restore_params(other, str(tmp_path), "latest", batch, mesh)
+
+
+# --- optimizer: ESM learning-rate policy ------------------------------------------------
+
+def _fake_params():
+  return {
+      "esm": {"embed_tokens": {"embedding": np.ones([5, 3], np.float32)},
+              "layers": {"fc1": {"kernel": np.ones([4, 3, 3], np.float32),
+                                 "bias": np.ones([4, 3], np.float32)}},
+              "emb_layer_norm_after": {"scale": np.ones([3], np.float32)}},
+      "head": {"kernel": np.ones([3, 2], np.float32)},
+  }
+
+
+@pytest.mark.parametrize("trainable", ["frozen", "finetune", "last_n"])
+def test_esm_learning_rate_policy(trainable):
+  from bihier_jax.training import optim  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  config.model.esm.trainable = trainable
+  config.model.esm.last_n = 2
+  config.optim.esm_lr_ratio = 0.1
+  config.optim.weight_decay = 0.0
+  config.optim.warmup_steps = 0
+  config.optim.schedule = "constant"
+  config.optim.grad_clip = 0.0
+  params = _fake_params()
+  tx = optim.make_optimizer(config, params)
+  grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.5), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr = config.optim.learning_rate
+  # Adam's first step moves every trained parameter by lr (ratio x lr for ESM).
+  np.testing.assert_allclose(updates["head"]["kernel"], -lr, rtol=1e-4)
+  esm = updates["esm"]
+  layers = esm["layers"]["fc1"]["kernel"]
+  if trainable == "frozen":
+    for u in jax.tree_util.tree_leaves(esm):
+      np.testing.assert_array_equal(u, 0.0)
+  elif trainable == "finetune":
+    for u in jax.tree_util.tree_leaves(esm):
+      np.testing.assert_allclose(u, -0.1 * lr, rtol=1e-4)
+  else:
+    np.testing.assert_array_equal(layers[:2], 0.0)
+    np.testing.assert_allclose(layers[2:], -0.1 * lr, rtol=1e-4)
+    np.testing.assert_array_equal(esm["embed_tokens"]["embedding"], 0.0)
+    np.testing.assert_allclose(esm["emb_layer_norm_after"]["scale"], -0.1 * lr,
+                               rtol=1e-4)
+
+
+def test_schedules():
+  from bihier_jax.training import optim  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  config.optim.learning_rate = 1.0
+  config.optim.warmup_steps = 10
+  config.train.num_steps = 110
+  sched = optim.learning_rate_schedule(config)
+  np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose(sched(60), 0.5, atol=1e-6)  # cosine half way
+  np.testing.assert_allclose(sched(110), 0.0, atol=1e-6)
+  config.optim.schedule = "step"
+  config.optim.step_every = 20
+  config.optim.step_factor = 0.5
+  sched = optim.learning_rate_schedule(config)
+  np.testing.assert_allclose([sched(15), sched(35), sched(55)], [1.0, 0.5, 0.25])

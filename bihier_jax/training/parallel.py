@@ -49,6 +49,20 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+def local_mesh() -> Mesh:
+  """This host's devices only: evaluation runs per host, without cross-host programs
+  (hosts see different numbers and shapes of eval batches); results are gathered
+  once at the end."""
+  return make_mesh(jax.local_devices())
+
+
+def localize(tree: Any, mesh: Mesh) -> Any:
+  """Replicated global arrays -> replicated on `mesh` (e.g. the local mesh)."""
+  if jax.process_count() > 1:
+    tree = jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
+  return jax.device_put(tree, replicated(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (device) axis split over 'data', everything else whole."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

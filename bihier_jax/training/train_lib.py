@@ -380,7 +380,10 @@ def eval_stream(config, dataset_fn, split: str, sub_config):
 
 def evaluate_splits(config, dataset_fn, eval_fn, params, mesh, splits: Sequence[str]
                     ) -> dict[str, dict[str, float]]:
+  """Metrics per split; `mesh` is this host's eval mesh (`parallel.local_mesh`), and
+  `eval_fn` was jitted for it; results of all hosts are gathered before metrics."""
   sub_config = per_device_config(config, jax.device_count())
+  params = parallel.localize(params, mesh)
   results = {}
   for split in splits:
     collected = collect_predictions(eval_fn, params,
@@ -550,7 +553,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
 
   train_fn = jit_train_step(model, tx, config.task, mesh)
-  eval_fn = jit_eval_step(model, config.task, mesh)
+  eval_mesh = parallel.local_mesh()
+  eval_fn = jit_eval_step(model, config.task, eval_mesh)
   batcher = parallel.DeviceBatcher(train_stream(position.resume_from), num_local,
                                    position)
   num_steps = int(config.train.num_steps)
@@ -566,7 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                config.train.batch_size)
 
   def evaluate_and_save(step):
-    results = evaluate_splits(config, dataset_fn, eval_fn, state.params, mesh,
+    results = evaluate_splits(config, dataset_fn, eval_fn, state.params, eval_mesh,
                               eval_splits)
     for split, values in results.items():
       writer.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()
@@ -618,7 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
     if not stopped:
       if ckpt.latest_step() == step:  # restarted after the end: evaluate again
-        results = evaluate_splits(config, dataset_fn, eval_fn, state.params, mesh,
+        results = evaluate_splits(config, dataset_fn, eval_fn, state.params, eval_mesh,
                                   eval_splits)
       else:
         results = evaluate_and_save(step)
