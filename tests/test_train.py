@@ -102,12 +102,11 @@ def test_train_eval_predict(reference_run, demo_data):
   assert 0.0 <= val["accuracy"] <= 1.0 and val["num_items"] > 100
   assert "| accuracy |" in open(os.path.join(workdir, "eval", "metrics.md")).read()
 
-  from bihier_jax import eval as eval_cli  # pylint: disable=g-import-not-at-top
-  from bihier_jax import predict as predict_cli  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
   cfg = demo.get_config("tiny")
   cfg.data.dir = demo_data
   cfg.train.num_steps = 8
-  results = eval_cli.evaluate(cfg, workdir, "best", ["test"])
+  results = inference.evaluate_checkpoint(cfg, workdir, "best", ["test"])
   with open(os.path.join(workdir, "eval", "test.json")) as f:
     saved = json.load(f)
   assert saved["accuracy"] == pytest.approx(results["test"]["accuracy"])
@@ -115,7 +114,7 @@ def test_train_eval_predict(reference_run, demo_data):
 
   from data_pipelines import demo as demo_task  # pylint: disable=g-import-not-at-top
   pdb = os.path.join(demo_task.default_raw_dir(), "1eteA.pdb.gz")
-  out = predict_cli.predict(cfg, workdir, pdb, out=os.path.join(workdir, "p.npz"))
+  out = inference.predict_structure(cfg, workdir, pdb, out=os.path.join(workdir, "p.npz"))
   preds = np.load(out)
   n = preds["residue_type"].shape[0]
   assert n > 50
