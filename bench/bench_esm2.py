@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                    "jax": jax.__version__}
 
   if args.gpu:
-    batch = args.batch or (4 if args.quick else 16)
+    batch = args.batch or (4 if args.quick else 32)
     rows = []
     for attention in ("auto", "exact"):
       try:

@@ -323,12 +323,10 @@ def _transformer_layer(p, h, key_mask, cos, sin, cfg: ESM2Config):
   dtype = cfg.dtype
   b, length, d = h.shape
   x = _layer_norm(h, p["self_attn_layer_norm"], cfg.layer_norm_eps, dtype)
-  heads = (3, cfg.num_heads, cfg.head_dim)
-  kernel = p["qkv_proj"]["kernel"].astype(dtype).reshape(d, *heads)
-  bias = p["qkv_proj"]["bias"].astype(dtype).reshape(heads)
-  # One fused matmul; the projection axis leads so that q, k, v are contiguous slices.
-  qkv = jnp.einsum("bld,dthe->tblhe", x, kernel) + bias[:, None, None]
-  q, k, v = qkv[0], qkv[1], qkv[2]
+  # One fused q|k|v matmul (on an H100 this measured faster than a projection-major
+  # einsum or three separate matmuls).
+  qkv = _dense(x, p["qkv_proj"], dtype).reshape(b, length, 3, cfg.num_heads, cfg.head_dim)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)  # before rotary, as the original
   q = _apply_rotary(q, cos, sin)
   k = _apply_rotary(k, cos, sin)
