@@ -238,7 +238,8 @@ def test_every_kind_trains_a_step(variant):
 
 
 @pytest.mark.parametrize("pairing,want", [
-    ("even", (2, 3, 5, 6)), ("last", (3, 4, 5, 6)), ((1, 1, 4, 6), (1, 1, 4, 6))])
+    ("even", (2, 3, 5, 6)), ("last", (3, 4, 5, 6)), ((1, 1, 4, 6), (1, 1, 4, 6)),
+    ("1,1,4,6", (1, 1, 4, 6))])
 def test_layer_pairing(pairing, want):
   assert bihier.esm_layer_pairing(pairing, (1, 2, 3, 4), 6, 4) == want
   assert bihier.esm_layer_pairing(pairing, (2, 4), 6, 4) == (want[1], want[3])
@@ -250,6 +251,8 @@ def test_bad_config_is_rejected():
     bihier.BiHierConfig.from_config(c)
   with pytest.raises(ValueError, match="nondecreasing"):
     bihier.esm_layer_pairing((4, 2), (1, 2), 6, 2)
+  with pytest.raises(ValueError, match="layer_pairing"):
+    bihier.esm_layer_pairing("middle", (1, 2), 6, 2)
   with pytest.raises(ValueError, match="model.kind"):
     c = _config(**{**DEFAULTS, "kind": "late"})
     bihier.BiHierConfig.from_config(c)

@@ -68,7 +68,8 @@ def esm_layer_pairing(pairing, levels, num_esm_layers: int, num_blocks: int):
 
   Args:
     pairing: "even" (π(k) = round(k·S/K)), "last" (π(k) = S − K + k, the last K layers),
-      or explicit ints: one per GNN block (length K) or one per fusion level.
+      or explicit ints (a tuple, or a string "3,6"): one per GNN block (length K) or one
+      per fusion level.
     levels: sorted 1-based GNN block indices where fusion happens.
     num_esm_layers: S.
     num_blocks: K.
@@ -77,6 +78,13 @@ def esm_layer_pairing(pairing, levels, num_esm_layers: int, num_blocks: int):
     tuple of ints, π(k) for each k in `levels`, nondecreasing, each in 0..S.
   """
   s, k_max = num_esm_layers, num_blocks
+  if isinstance(pairing, str) and pairing not in ("even", "last"):
+    # Explicit layers given on the command line to a string field: "3,6" or "(3, 6)".
+    try:
+      pairing = tuple(int(p) for p in pairing.strip("()[] ").split(",") if p.strip())
+    except ValueError:
+      raise ValueError(f"model.fusion.layer_pairing must be 'even', 'last' or ESM layer "
+                       f"indices like '3,6', got {pairing!r}") from None
   if isinstance(pairing, str):
     if pairing == "even":
       table = {k: int(math.floor(k * s / k_max + 0.5)) for k in range(1, k_max + 1)}

@@ -1,0 +1,136 @@
+"""Step time (forward + backward) and parameter count of every model kind.
+
+  python bench/bench_models.py [--quick] [--json PATH] [--sizes tiny,t6] [--repeats 3]
+
+Two sizes, random weights, synthetic helical proteins (`bihier_jax.data.testing`):
+  tiny  ESM-2 preset 'tiny' (4 x 64) + GNN 2 x 32, fusion width 32; 8 proteins x 64 res.
+  t6    ESM-2 t6_8M-shaped (6 x 320, 20 heads) + GNN 4 x 128 (backbone level), fusion
+        width 128, 4 heads, levels (2, 4), even pairing; 8 proteins x 256 residues.
+Kinds: esm_only, gnn_only, serial, parallel, cross, and bihier in both fusion modes
+(direction bi). One step = jitted value_and_grad of the training loss (node-level
+3-class softmax CE), dropout on; median wall time of `--repeats` steps after one warm-up
+(compile) step. Goal (issue 5): bihier costs ≤ 15% more per step than `parallel`.
+
+Prints one JSON object; `--json PATH` also writes it. `--quick`: tiny size only, 2 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from bihier_jax import models
+from bihier_jax.data import input_pipeline
+from bihier_jax.data import testing
+from bihier_jax.models import heads
+from configs import default
+
+KINDS = (("esm_only", None), ("gnn_only", None), ("serial", None), ("parallel", None),
+         ("cross", None), ("bihier", "global"), ("bihier", "local"))
+
+SIZES = {
+    "tiny": dict(esm="tiny", gnn_hidden=32, gnn_blocks=2, fusion_dim=32, levels=(1, 2),
+                 proteins=8, residues=64),
+    "t6": dict(esm="t6_8M", gnn_hidden=128, gnn_blocks=4, fusion_dim=128, levels=(2, 4),
+               proteins=8, residues=256),
+}
+
+
+def make_config(size: dict, kind: str, mode: str | None, dtype: str = "float32"):
+  c = default.get_config()
+  c.model.kind = kind
+  c.model.dtype = dtype
+  c.model.esm.preset = size["esm"]
+  c.model.gnn.hidden = size["gnn_hidden"]
+  c.model.gnn.num_blocks = size["gnn_blocks"]
+  c.model.fusion.dim = size["fusion_dim"]
+  c.model.fusion.levels = size["levels"]
+  c.model.fusion.mode = mode or "global"
+  return c
+
+
+def make_batch(size: dict):
+  examples = [testing.random_example(size["residues"], seed=i)
+              for i in range(size["proteins"])]
+  budget = input_pipeline.budget_for(examples, node_multiple=64, edge_multiple=256)
+  return jax.tree_util.tree_map(jnp.asarray, input_pipeline.collate(examples, budget))
+
+
+def bench_one(config, batch, repeats: int) -> dict:
+  model = models.build_model(config)
+  params = models.init_params(model, batch, jax.random.PRNGKey(0))
+  num_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+  per_module = {k: int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(v)))
+                for k, v in params.items()}
+
+  def loss_fn(params, rng):
+    out = model.apply({"params": params}, batch, deterministic=False,
+                      rngs={"dropout": rng})
+    return heads.loss(config.task, out.logits, batch)[0]
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  t0 = time.perf_counter()
+  jax.block_until_ready(step(params, jax.random.PRNGKey(1)))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    loss, grads = step(params, jax.random.PRNGKey(2 + i))
+    jax.block_until_ready(grads)
+    times.append(time.perf_counter() - t0)
+  if not np.isfinite(float(loss)):
+    raise RuntimeError(f"non-finite loss for model.kind={config.model.kind}")
+  return {"params": num_params, "params_per_module": per_module,
+          "step_s": float(np.median(times)), "step_s_all": times,
+          "first_step_s": compile_s}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--json", default="")
+  parser.add_argument("--sizes", default="tiny,t6")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dtype", default="float32")
+  args = parser.parse_args()
+  sizes = ["tiny"] if args.quick else args.sizes.split(",")
+  repeats = 2 if args.quick else args.repeats
+
+  result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpu_count": os.cpu_count(),
+                        "devices": [str(d) for d in jax.devices()]},
+            "dtype": args.dtype, "repeats": repeats, "sizes": {}}
+  for name in sizes:
+    size = SIZES[name]
+    batch = make_batch(size)
+    rows = {}
+    for kind, mode in KINDS:
+      label = kind if mode is None else f"{kind}_{mode}"
+      rows[label] = bench_one(make_config(size, kind, mode, args.dtype), batch, repeats)
+      print(f"{name:5s} {label:15s} params {rows[label]['params']:>10,d}  "
+            f"step {rows[label]['step_s'] * 1e3:9.1f} ms  "
+            f"(first {rows[label]['first_step_s']:.1f} s)", flush=True)
+    parallel = rows["parallel"]["step_s"]
+    for label, row in rows.items():
+      row["step_vs_parallel"] = row["step_s"] / parallel
+    result["sizes"][name] = {"config": {k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in size.items()},
+                             "budget": str(batch.budget), "kinds": rows}
+  text = json.dumps(result, indent=1)
+  print(text)
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()
