@@ -10,9 +10,10 @@ With `--holdout-fold k` the preprocessing writes `test` = fold k, and splits the
 four folds into `train` and a deterministic 10% `val` (by example id) used for model
 selection. ScanNet instead selected on fold k itself (DATASETS.md §5); ours avoids
 selecting on the test fold. Metric: weighted AUPRC (trapezoidal, ScanNet's) with each
-residue weighted by its example's sample weight; the published protocol pools the
-out-of-fold predictions of all five folds into one AUPRC (`bihier_jax.predict` on each
-fold's test split, then concatenate), per-fold AUPRC mean ± std is also reported.
+residue weighted by its example's sample weight. `bihier_jax.eval` reports it per fold
+(report mean ± std over the five runs); the published protocol pools the out-of-fold
+predictions of all five folds into one AUPRC, which needs each run's per-residue test
+predictions saved (not yet an option of bihier_jax.eval).
 ScanNet started from its PPBS model (transfer learning) and did not crop (Lmax 2120);
 we crop each chain to 1022 residues (ESM-2 limit; first window at evaluation).
 """
