@@ -163,9 +163,10 @@ def test_unpack_refuses_escaping_members(tmp_path):
 def test_scannet_structure_urls_and_fallback(server, tmp_path):
   assert download.structure_candidates("1A2N", biounit=True)[0] == (
       "1a2n.pdb1.gz", "https://files.wwpdb.org/pub/pdb/data/biounit/PDB/divided/a2/1a2n.pdb1.gz")
+  wwpdb = "https://files.wwpdb.org/pub/pdb/data/structures/divided"
   assert download.structure_candidates("7e33", biounit=False) == [
-      ("7e33.cif.gz", "https://files.wwpdb.org/pub/pdb/data/structures/divided/mmCIF/e3/7e33.cif.gz"),
-      ("pdb7e33.ent.gz", "https://files.wwpdb.org/pub/pdb/data/structures/divided/pdb/e3/pdb7e33.ent.gz")]
+      ("7e33.cif.gz", f"{wwpdb}/mmCIF/e3/7e33.cif.gz"),
+      ("pdb7e33.ent.gz", f"{wwpdb}/pdb/e3/pdb7e33.ent.gz")]
   (tmp_path / "labels.txt").write_text(">1a2n_0-A\nA 1 M 0\n>7E33_AB\nA 1 M 1\n")
   assert download.pdb_ids_in_label_files([str(tmp_path / "labels.txt")]) == ["1a2n", "7e33"]
   candidates = [(n, server + "/" + n) for n in ("1a2n.pdb1.gz", "1a2n-assembly1.cif.gz")]
