@@ -100,3 +100,20 @@ def test_split_table_nulls_and_types():
   assert table["residue"].dtype == np.int64
   with pytest.raises(atom3d_lmdb.LMDBFormatError, match="row 0"):
     atom3d_lmdb.table_from_split({"columns": ["a", "b"], "data": [[1]]})
+
+
+def test_reader_needs_no_pandas(psr_json):
+  """The runtime path (reader + MQA task) works with pandas made unimportable."""
+  import subprocess
+  import sys
+  code = (
+      "import sys; sys.modules['pandas'] = None\n"
+      "from data_pipelines import atom3d_lmdb, mqa\n"
+      f"ds = atom3d_lmdb.LMDBDataset({os.path.join(psr_json, 'data', 'val')!r})\n"
+      "item = ds[0]\n"
+      "assert isinstance(item['atoms'], atom3d_lmdb.AtomTable), type(item['atoms'])\n"
+      "print(len(ds), mqa.parse_decoy_id(item['id'])[0], len(item['atoms']))\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.split()[:2] == ["2", "T0702"]
