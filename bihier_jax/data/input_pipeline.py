@@ -284,9 +284,10 @@ def bucket_budgets(config, sizes: np.ndarray | None = None, *,
 #
 # The pipeline works on chunks: C serialized records are batched, parsed at once into
 # flat arrays (`records.parse_records`: each array field is the concatenation of the C
-# examples' rows, with per-example counts), cropped, split by bucket, and each bucket's
-# examples are packed into padded batches, all with whole-chunk tensor ops. Per-record
-# tf.data work (a map per record) costs more than the data itself at this size.
+# examples' rows, with per-example counts), bucketed, and each bucket's examples are
+# packed into padded batches by gathers from the flat arrays, all with whole-chunk
+# tensor ops; only examples with a chain longer than max_residues are copied (cropped).
+# Per-record tf.data work (a map per record) costs more than the data at this size.
 
 _RESIDUE_FIELDS = ("aatype", "atom_positions", "atom_mask", "chain_row", "residue_index",
                    "backbone_dihedrals", "sidechain_torsions", "chi_mask", "node_labels",
@@ -387,25 +388,6 @@ def _select(x, keep):
   return out
 
 
-def _partition(x, part, num: int) -> list[dict]:
-  """Splits a flat chunk into `num` flat chunks by example (part: int32[C] in 0..num-1).
-
-  One `tf.dynamic_partition` pass per field; example order is kept within each part.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  outs = [{} for _ in range(num)]
-  for k in _SCALARS:
-    for out, v in zip(outs, tf.dynamic_partition(x[k], part, num)):
-      out[k] = v
-  row_part = {}
-  for name, count in _COUNT.items():
-    if count not in row_part:
-      row_part[count] = tf.repeat(part, x[count])
-    for out, v in zip(outs, tf.dynamic_partition(x[name], row_part[count], num)):
-      out[name] = v
-  return outs
-
-
 def _mask(dest, size):
   """bool[size], True at dest (int32[k, 1])."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -442,22 +424,33 @@ def greedy_pack(sizes: np.ndarray, limits: tuple[int, int, int],
   return out
 
 
-def _pack(x, budget: PaddingBudget):
-  """Packs the examples of a flat chunk into padded batches of one budget.
+def _concat(a, b):
+  """Two flat chunks as one (a's examples, then b's)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return {k: tf.concat([a[k], b[k]], 0) for k in (*_SCALARS, *_COUNT)}
 
-  Examples go to batches in chunk order; a new batch starts when the next example
-  does not fit (nodes incl. one padding node, edges, rows, graphs incl. the padding
-  graph). Returns a dict of [nb, ...] tensors (nb = batches filled, 0 if none).
+
+def _pack(x, member, budget: PaddingBudget):
+  """Packs the member examples of a flat chunk into padded batches of one budget.
+
+  Examples (where member, bool[C]) go to batches in chunk order; a new batch starts
+  when the next example does not fit (nodes incl. one padding node, edges, rows,
+  graphs incl. the padding graph). Every padded slot finds its example by a binary
+  search over the batch's offsets and reads its value with one gather from the
+  chunk's flat arrays: no copy of the chunk, no scatter.
+
+  Returns:
+    dict of [nb, ...] tensors (nb = batches filled, 0 if none).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n_max, e_max, g_max, r_max, l_max = (budget.n_node, budget.n_edge, budget.n_graph,
                                        budget.n_row, budget.row_length)
-  n_res = x["num_residues"]
-  n_nodes = n_res + x["num_ligand_atoms"]
-  n_edges, n_chains = x["num_edges"], x["num_chains"]
-  limits = tf.constant([n_max - 1, e_max, r_max])
-
-  sizes = tf.stack([n_nodes, n_edges, n_chains], 1)
+  n_ex = tf.size(x["num_residues"])
+  n_res, n_lig = x["num_residues"], x["num_ligand_atoms"]
+  n_nodes = n_res + n_lig
+  sel = tf.cast(tf.where(member)[:, 0], tf.int32)
+  sizes = tf.stack([tf.gather(n_nodes, sel), tf.gather(x["num_edges"], sel),
+                    tf.gather(x["num_chains"], sel)], 1)
   # The greedy assignment is sequential and scalar: a numpy loop over the chunk costs
   # ~1 µs per example, a tf.while_loop ~100x more.
   batch_of = tf.numpy_function(
@@ -470,132 +463,122 @@ def _pack(x, budget: PaddingBudget):
     excl = tf.cumsum(v, exclusive=True)
     return excl - tf.gather(tf.math.segment_min(excl, batch_of), batch_of)
 
-  node_off = within_batch(n_nodes)
-  row_off = within_batch(n_chains)
-  slot = within_batch(tf.ones_like(n_nodes))
+  slot = within_batch(tf.ones_like(batch_of))
+  where2 = tf.stack([batch_of, slot], 1)
+  g_real = g_max - 1
 
-  # Nodes by gather: the chunk's nodes (per example: residues, then ligand atoms) of
-  # one batch are one contiguous run, so each padded slot reads one source row.
-  node_ex, node_pos = _rows(n_nodes)
-  n_res_of = tf.gather(n_res, node_ex)
-  is_res_c = node_pos < n_res_of
-  res_row_c = tf.gather(tf.cumsum(n_res, exclusive=True), node_ex) + node_pos
-  lig_row_c = (tf.gather(tf.cumsum(x["num_ligand_atoms"], exclusive=True), node_ex)
-               + node_pos - n_res_of)
-  total_res = tf.size(x["aatype"])
-  total_lig = tf.size(x["ligand_elements"])
-  first_node = tf.math.unsorted_segment_min(tf.cumsum(n_nodes, exclusive=True),
-                                            batch_of, nb)
-  used_n = tf.math.unsorted_segment_sum(n_nodes, batch_of, nb)
-  local = tf.range(n_max)[None]
-  valid = tf.reshape(local < used_n[:, None], [-1])  # [nb * N]
-  src = tf.where(valid, tf.reshape(first_node[:, None] + local, [-1]), tf.size(node_ex))
-  is_res = tf.gather(tf.concat([is_res_c, [False]], 0), src)
-  is_lig = valid & tf.logical_not(is_res)
-  res_row = tf.where(is_res, tf.gather(tf.concat([res_row_c, [0]], 0), src), total_res)
-  lig_row = tf.where(is_lig, tf.gather(tf.concat([lig_row_c, [0]], 0), src), total_lig)
-  ex_o = tf.gather(tf.concat([node_ex, [tf.size(n_nodes)]], 0), src)
+  def table(values, fill):  # [nb, G-1] per (batch, slot) of the member examples
+    return tf.tensor_scatter_nd_update(tf.fill([nb, g_real], fill), where2, values)
 
-  def res_field(v):  # residue rows, zeros elsewhere
-    return tf.gather(tf.concat([v, tf.zeros_like(v[:1])], 0), res_row)
+  big = np.iinfo(np.int32).max
+  members = table(sel, n_ex)
+  offsets = [table(within_batch(sizes[:, i]), big) for i in range(3)]
+  used = [tf.math.unsorted_segment_sum(sizes[:, i], batch_of, nb) for i in range(3)]
 
-  # Chain neighbours: the previous residue row is in the same chain of one example.
+  def locate(which, width):
+    """(example, position in it, real?, graph slot) of every one of nb x width slots."""
+    j = tf.tile(tf.range(width)[None], [nb, 1])
+    i = tf.maximum(tf.searchsorted(offsets[which], j, side="right") - 1, 0)
+    ex = tf.gather(members, i, batch_dims=1)
+    pos = j - tf.gather(offsets[which], i, batch_dims=1)
+    real = j < used[which][:, None]
+    flat = lambda t: tf.reshape(t, [-1])  # pylint: disable=unnecessary-lambda-assignment
+    return flat(tf.minimum(ex, n_ex - 1)), flat(pos), flat(real), flat(i)
+
+  def take(values, rows, keep):
+    """values[rows] where keep, else zeros (rows clamped into range)."""
+    n = tf.shape(values)[0]
+    values = tf.cond(n > 0, lambda: values,  # e.g. no ligand atoms: one zero row
+                     lambda: tf.zeros(tf.concat([[1], tf.shape(values)[1:]], 0),
+                                      values.dtype))
+    got = tf.gather(values, tf.clip_by_value(rows, 0, tf.maximum(n - 1, 0)))
+    keep = tf.reshape(keep, [-1] + [1] * (len(values.shape) - 1))
+    return tf.where(keep, got, tf.zeros_like(got))
+
+  # Nodes: per example, residues then ligand atoms.
+  ex, pos, real, gslot = locate(0, n_max)
+  n_res_o = tf.gather(n_res, ex)
+  is_res = real & (pos < n_res_o)
+  is_lig = real & tf.logical_not(is_res)
+  res_row = tf.gather(tf.cumsum(n_res, exclusive=True), ex) + pos
+  lig_row = tf.gather(tf.cumsum(n_lig, exclusive=True), ex) + pos - n_res_o
   chain_row = x["chain_row"]
-  ex_r = tf.repeat(tf.range(tf.size(n_res)), n_res)
-  same_prev = (tf.equal(ex_r, tf.concat([[-1], ex_r[:-1]], 0))
-               & tf.equal(chain_row, tf.concat([[-1], chain_row[:-1]], 0)))
-  same_next = tf.concat([same_prev[1:], [False]], 0)
-  local_all = tf.tile(tf.range(n_max), [nb])
-  chain_row_o = res_field(chain_row)
-  residue_index_o = res_field(x["residue_index"])
-  row_o = tf.gather(tf.concat([row_off, [0]], 0), ex_o) + chain_row_o
-  slot_o = tf.gather(tf.concat([slot, [g_max - 1]], 0), ex_o)
+  chain_o = take(chain_row, res_row, is_res)
+  same_prev = is_res & (pos > 0) & tf.equal(take(chain_row, res_row - 1, is_res), chain_o)
+  same_next = is_res & (pos < n_res_o - 1) & tf.equal(
+      take(chain_row, res_row + 1, is_res), chain_o)
+  local = tf.tile(tf.range(n_max), [nb])
+  batch_o = tf.repeat(tf.range(nb), n_max)
+  row_o = tf.gather(tf.reshape(offsets[2], [-1]), batch_o * g_real + gslot) + chain_o
+  residue_index_o = take(x["residue_index"], res_row, is_res)
   ca = rc.ATOM_SLOT["CA"]
-  lig_pos = tf.gather(tf.concat([x["ligand_positions"], tf.zeros([1, 3])], 0), lig_row)
-  lig_pos = tf.pad(lig_pos[:, None, :], [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1],
-                                         [0, 0]])
-  lig_mask = tf.one_hot(tf.fill(tf.shape(lig_row), ca), rc.NUM_ATOM_SLOTS)
-  lig_elem = tf.gather(tf.concat([x["ligand_elements"], [0]], 0), lig_row)
+  lig_pos = take(x["ligand_positions"], lig_row, is_lig)
+  lig_pos = tf.pad(lig_pos[:, None, :], [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
   f32 = lambda t: tf.cast(t, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
+  graph_o = tf.where(real, gslot, g_max - 1)
   nodes = {
-      "aatype": tf.where(is_lig, rc.NUM_RESTYPES + lig_elem, res_field(x["aatype"])),
-      "atom_positions": tf.where(is_lig[:, None, None], lig_pos,
-                                 res_field(x["atom_positions"])),
-      "atom_mask": tf.where(is_lig[:, None], lig_mask, res_field(f32(x["atom_mask"]))),
-      "backbone_dihedrals": res_field(x["backbone_dihedrals"]),
-      "sidechain_torsions": res_field(x["sidechain_torsions"]),
-      "chi_mask": res_field(f32(x["chi_mask"])),
-      "prev_node": local_all - res_field(tf.cast(same_prev, tf.int32)),
-      "next_node": local_all + res_field(tf.cast(same_next, tf.int32)),
+      "aatype": tf.where(is_lig, rc.NUM_RESTYPES + take(x["ligand_elements"], lig_row,
+                                                       is_lig),
+                         take(x["aatype"], res_row, is_res)),
+      "atom_positions": take(x["atom_positions"], res_row, is_res) + lig_pos,
+      "atom_mask": (take(f32(x["atom_mask"]), res_row, is_res)
+                    + f32(is_lig)[:, None] * tf.one_hot(ca, rc.NUM_ATOM_SLOTS)[None]),
+      "backbone_dihedrals": take(x["backbone_dihedrals"], res_row, is_res),
+      "sidechain_torsions": take(x["sidechain_torsions"], res_row, is_res),
+      "chi_mask": take(f32(x["chi_mask"]), res_row, is_res),
+      "prev_node": local - tf.cast(same_prev, tf.int32),
+      "next_node": local + tf.cast(same_next, tf.int32),
       "residue_index": residue_index_o,
-      "chain_id": tf.where(is_res, row_o, tf.where(is_lig, r_max + slot_o, -1)),
+      "chain_id": tf.where(is_res, row_o, tf.where(is_lig, r_max + gslot, -1)),
       "node_kind": tf.cast(is_lig, tf.int32),
   }
-  out = {"nodes": nodes}
-  out["node_graph"] = slot_o
-  out["node_mask"] = valid
+  out = {"nodes": nodes, "node_graph": graph_o, "node_mask": real}
   out["node_to_token"] = tf.where(is_res[:, None],
                                   tf.stack([row_o, residue_index_o + 1], 1), -1)
-  out["node_labels"] = res_field(x["node_labels"])
-  out["node_label_mask"] = res_field(f32(x["node_label_mask"]))
-  out["node_weights"] = res_field(x["node_weights"])
+  out["node_labels"] = take(x["node_labels"], res_row, is_res)
+  out["node_label_mask"] = take(f32(x["node_label_mask"]), res_row, is_res)
+  out["node_weights"] = take(x["node_weights"], res_row, is_res)
 
-  # Edges: each batch's edges are one contiguous run of the chunk's edge arrays, so
-  # the padded [nb, E] arrays are one gather each (cheaper than scattering).
-  ex_e = tf.repeat(tf.range(tf.size(n_edges)), n_edges)
-  shift = tf.gather(node_off, ex_e)
-  first_edge = tf.math.unsorted_segment_min(tf.cumsum(n_edges, exclusive=True),
-                                            batch_of, nb)
-  used_e = tf.math.unsorted_segment_sum(n_edges, batch_of, nb)
-  col_e = tf.range(e_max)[None]
-  edge_real = col_e < used_e[:, None]  # [nb, E]
-  src_e = tf.reshape(tf.where(edge_real, first_edge[:, None] + col_e, 0), [-1])
-  edge_real = tf.reshape(edge_real, [-1])
-  pad_node = tf.fill(tf.shape(src_e), n_max - 1)
-  senders = tf.concat([x["senders"] + shift, [0]], 0)  # [0]: a safe row when empty
-  receivers = tf.concat([x["receivers"] + shift, [0]], 0)
-  out["senders"] = tf.where(edge_real, tf.gather(senders, src_e), pad_node)
-  out["receivers"] = tf.where(edge_real, tf.gather(receivers, src_e), pad_node)
-  out["edge_mask"] = edge_real
+  # Edges: indices shift by the example's node offset in its batch.
+  ex_e, pos_e, real_e, gslot_e = locate(1, e_max)
+  src = tf.gather(tf.cumsum(x["num_edges"], exclusive=True), ex_e) + pos_e
+  batch_e = tf.repeat(tf.range(nb), e_max)
+  shift = tf.gather(tf.reshape(offsets[0], [-1]), batch_e * g_real + gslot_e)
+  pad_node = tf.fill(tf.shape(src), n_max - 1)
+  out["senders"] = tf.where(real_e, take(x["senders"], src, real_e) + shift, pad_node)
+  out["receivers"] = tf.where(real_e, take(x["receivers"], src, real_e) + shift, pad_node)
+  out["edge_mask"] = real_e
 
   # Graphs: real graphs in slots 0.., the padding graph G-1 takes the remainder.
   dest_g = (batch_of * g_max + slot)[:, None]
   pad_g = (tf.range(nb) * g_max + g_max - 1)[:, None]
   total_g = nb * g_max
   out["n_node"] = tf.scatter_nd(tf.concat([dest_g, pad_g], 0),
-                                tf.concat([n_nodes, n_max - used_n], 0), [total_g])
+                                tf.concat([sizes[:, 0], n_max - used[0]], 0), [total_g])
   out["n_edge"] = tf.scatter_nd(tf.concat([dest_g, pad_g], 0),
-                                tf.concat([n_edges, e_max - used_e], 0), [total_g])
+                                tf.concat([sizes[:, 1], e_max - used[1]], 0), [total_g])
   out["graph_mask"] = _mask(dest_g, total_g)
-  out["graph_labels"] = tf.scatter_nd(dest_g, x["graph_label"], [total_g])
-  out["graph_weights"] = tf.scatter_nd(dest_g, x["weight"], [total_g])
-  # Strings by gather: slot -> example index, "" for empty slots.
-  n_ex = tf.size(batch_of)
-  first = tf.math.unsorted_segment_min(tf.range(n_ex), batch_of, nb)
-  count = tf.math.unsorted_segment_sum(tf.ones_like(batch_of), batch_of, nb)
-  slot_ex = first[:, None] + tf.range(g_max)[None]
-  slot_ex = tf.reshape(tf.where(tf.range(g_max)[None] < count[:, None], slot_ex, n_ex),
-                       [-1])
+  out["graph_labels"] = tf.scatter_nd(dest_g, tf.gather(x["graph_label"], sel), [total_g])
+  out["graph_weights"] = tf.scatter_nd(dest_g, tf.gather(x["weight"], sel), [total_g])
+  slot_ex = tf.reshape(tf.concat([members, tf.fill([nb, 1], n_ex)], 1), [-1])
   out["ids"] = tf.gather(tf.concat([x["id"], [""]], 0), slot_ex)
   out["groups"] = tf.gather(tf.concat([x["group"], [""]], 0), slot_ex)
 
   # Token grid: one row per chain, <cls> seq <eos> <pad>...
-  lengths = x["sequence_lengths"]
-  ex_c, pos_c = _rows(n_chains)
-  row_dest = tf.gather(batch_of, ex_c) * r_max + tf.gather(row_off, ex_c) + pos_c
-  chain_of_token, token_pos = _rows(lengths)
-  total_r = nb * r_max
-  idx = tf.concat([
-      tf.stack([tf.gather(row_dest, chain_of_token), token_pos + 1], 1),
-      tf.stack([row_dest, tf.zeros_like(row_dest)], 1),
-      tf.stack([row_dest, lengths + 1], 1)], 0)
-  vals = tf.concat([x["sequence_tokens"], tf.fill(tf.shape(row_dest), rc.ESM_CLS),
-                    tf.fill(tf.shape(row_dest), rc.ESM_EOS)], 0)
-  out["tokens"] = tf.tensor_scatter_nd_update(
-      tf.fill([total_r, l_max], rc.ESM_PAD), idx, vals)
-  out["row_graph"] = tf.tensor_scatter_nd_update(
-      tf.fill([total_r], g_max - 1), row_dest[:, None], tf.gather(slot, ex_c))
-  out["row_mask"] = _mask(row_dest[:, None], total_r)
+  ex_r, pos_r, real_r, gslot_r = locate(2, r_max)
+  chain = tf.gather(tf.cumsum(x["num_chains"], exclusive=True), ex_r) + pos_r
+  lengths = tf.where(real_r, take(x["sequence_lengths"], chain, real_r), -2)
+  first_token = take(tf.cumsum(x["sequence_lengths"], exclusive=True), chain, real_r)
+  col = tf.range(l_max)[None]
+  tok = take(x["sequence_tokens"], tf.reshape(first_token[:, None] + col - 1, [-1]),
+             tf.reshape((col >= 1) & (col <= lengths[:, None]), [-1]))
+  tok = tf.reshape(tok, [-1, l_max])
+  out["tokens"] = tf.where(col == 0, rc.ESM_CLS, tf.where(
+      col <= lengths[:, None], tok, tf.where(col == lengths[:, None] + 1, rc.ESM_EOS,
+                                             rc.ESM_PAD)))
+  out["tokens"] = tf.where(real_r[:, None], out["tokens"], rc.ESM_PAD)
+  out["row_graph"] = tf.where(real_r, gslot_r, g_max - 1)
+  out["row_mask"] = real_r
 
   per = {"senders": e_max, "receivers": e_max, "edge_mask": e_max, "n_node": g_max,
          "n_edge": g_max, "graph_mask": g_max, "graph_labels": g_max,
@@ -681,13 +664,19 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
         "examples fit no padding budget; raise the budgets. ids, needs (N E G R L):",
         tf.boolean_mask(x["id"], ~ok), tf.boolean_mask(need, ~ok)])
     bucket = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-    parts = _partition(x, bucket, len(budgets))
-    last = parts[-1]
+    packed = [_pack(x, tf.equal(bucket, k), b) for k, b in enumerate(budgets[:-1])]
     crop_seed = tf.stack([tf.cast(seed, tf.int32), tf.cast(index, tf.int32)])
-    parts[-1] = tf.cond(tf.reduce_any(last["max_sequence_length"] > max_res),
-                        lambda: _crop(last, max_res, crop_seed if random_crop else None),
-                        lambda: dict(last))
-    return tuple(_pack(part, b) for part, b in zip(parts, budgets))
+
+    def last_with_crops():  # the last bucket's short examples, then the cropped ones
+      short = _select(x, tf.equal(bucket, len(budgets) - 1) & ~long)
+      cropped = _crop(_select(x, long), max_res, crop_seed if random_crop else None)
+      both = _concat(short, cropped)
+      return _pack(both, tf.ones_like(both["num_residues"], tf.bool), budgets[-1])
+
+    packed.append(tf.cond(tf.reduce_any(long), last_with_crops,
+                          lambda: _pack(x, tf.equal(bucket, len(budgets) - 1),
+                                        budgets[-1])))
+    return tuple(packed)
 
   ds = ds.map(process_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
