@@ -163,6 +163,8 @@ def main():
                       help="collated batches have receivers sorted (input_pipeline.collate)")
   parser.add_argument("--level", default="backbone")
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--steps", type=int, default=0, help="timed steps per repeat")
+  parser.add_argument("--repeats", type=int, default=0, help="timed repeats (median)")
   parser.add_argument("--chains", default="",
                       help=".npz of parsed chains: read if it exists, else written")
   args = parser.parse_args()
@@ -176,8 +178,8 @@ def main():
   cfg = pronet.ProNetConfig(level=args.level, hidden=128, num_blocks=4, cutoff=10.0,
                             dropout=0.3, receivers_sorted=bool(args.receivers_sorted),
                             dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
-  steps = 3 if args.quick else 10
-  repeats = 1 if args.quick else 3
+  steps = args.steps or (3 if args.quick else 10)
+  repeats = args.repeats or (1 if args.quick else 3)
   results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                         f"{os.cpu_count()} CPUs, jax {jax.__version__} "
                         f"{jax.devices()[0].platform}",

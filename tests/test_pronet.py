@@ -308,7 +308,8 @@ def test_extra_node_features_are_projected_and_added():
 
 @pytest.mark.slow
 def test_learns_secondary_structure_from_structure():
-  train = _dssp_examples(["1ahsA", "1bvyF", "1eteA", "1or4A", "2a2lA", "3e8mA"])
+  train = _dssp_examples(["1ahsA", "1bvyF", "1eteA", "1or4A", "2a2lA", "3e8mA", "1dx5I",
+                          "1h4aX", "1i8nA", "1lpbA"])
   held_out = _dssp_examples(["2cayA", "3gknA"])
   train_batch, test_batch = _collate(train), _collate(held_out)
   enc = _encoder("amino_acid", hidden=32, num_blocks=2, dropout=0.0)
@@ -344,7 +345,7 @@ def test_learns_secondary_structure_from_structure():
     params, opt_state, _ = step(params, opt_state)
   train_loss, _ = evaluate(params, train_batch)
   _, test_acc = evaluate(params, test_batch)
-  # Held-out loss is not asserted: 6 chains are memorised and the logits grow overconfident;
-  # held-out accuracy shows what was learnt (measured ~0.83; majority class ~0.4).
+  # Held-out loss is not asserted: 10 chains are memorised and the logits grow
+  # overconfident; held-out accuracy shows what was learnt (measured ~0.82; majority ~0.4).
   assert float(train_loss) < 0.1 * float(first_loss)
   assert float(test_acc) > 0.75 > float(first_acc)
