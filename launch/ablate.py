@@ -7,8 +7,8 @@ Each (variant, seed) is one run in DIR/<variant>/seed<k>: `python -m bihier_jax.
 then `python -m bihier_jax.eval` with the variant's config overrides, which writes
 DIR/<variant>/seed<k>/eval/<split>.json (metric name -> number). `--local` runs them one
 after another here (finished runs are skipped, so a sweep resumes); `--emit-commands`
-prints them instead (plain shell lines, or `launch.slurm_gpu` / `launch.tpu_vm`
-invocations with `--launcher`). Afterwards, and with `--aggregate-only`, the eval JSONs
+prints them instead (plain shell lines, or `launch.slurm_gpu` jobs with
+`--launcher slurm`). Afterwards, and with `--aggregate-only`, the eval JSONs
 are gathered into
 
   DIR/ablation_<sweep>_<split>.csv   one row per run
