@@ -97,7 +97,7 @@ def test_train_eval_predict(reference_run, demo_data):
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, 9))
   assert all(np.isfinite(v[0]) for v in losses.values())
-  assert os.path.getsize(os.path.join(workdir, "training_curves.png")) > 1000
+  assert os.path.getsize(os.path.join(workdir, "train_curves.png")) > 1000
   val = json.load(open(os.path.join(workdir, "eval", "val.json")))
   assert 0.0 <= val["accuracy"] <= 1.0 and val["num_items"] > 100
   assert "| accuracy |" in open(os.path.join(workdir, "eval", "metrics.md")).read()

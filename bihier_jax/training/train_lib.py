@@ -14,7 +14,7 @@ restarted run resumes from the latest checkpoint, input position included, and
 reproduces the uninterrupted run's losses (the per-step RNG is fold_in(seed key, step)).
 
 Files under workdir: checkpoints/, metrics.jsonl (every logged scalar), TensorBoard
-events, eval/<split>.json + eval/metrics.md, training_curves.png, config.json.
+events, eval/<split>.json + eval/metrics.md, train_curves.png, config.json.
 """
 
 from __future__ import annotations
@@ -636,7 +636,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     table = write_eval_results(workdir, results, step=step, checkpoint=str(step))
     png = plots.plot_training_curves(
         os.path.join(workdir, "metrics.jsonl"),
-        os.path.join(workdir, "training_curves.png"),
+        os.path.join(workdir, "train_curves.png"),
         eval_metric=config.task.select_metric)
     print(f"\nFinal metrics (step {step}):\n\n{table}\nTraining curves: {png}",
           flush=True)
