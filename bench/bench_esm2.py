@@ -5,7 +5,10 @@
 
 CPU speed: forward tokens/s of the port (jit) and of transformers' PyTorch `EsmModel`
 (default attention, inference_mode, torch.set_num_threads(2)) with the same random
-weights, batch 8 x 256 tokens, no padding, measured side by side in one process.
+weights, batch 8 x 256 tokens, no padding, measured side by side in one process in
+interleaved rounds; the speedup is the median of per-round ratios. On a shared machine
+PyTorch's OpenMP threads suffer more from oversubscription than XLA's: `--threads 1`
+(both single-threaded) gives a comparison that is robust to load.
 Memory: `jit(loss+grad).lower().compile().memory_analysis()` of t33_650M fine-tuning
 (MLM loss, L = 1024, batch 1) with and without per-layer remat; params come from
 jax.eval_shape, nothing is allocated.
@@ -29,6 +32,19 @@ import time
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _threads_from_argv(argv) -> int:
+  """--threads N (read before jax is imported: XLA's CPU thread pool is fixed at start)."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--threads", type=int, default=2)
+  return pre.parse_known_args(argv)[0].threads
+
+
+THREADS = _threads_from_argv(sys.argv[1:])
+if THREADS == 1:  # single-threaded XLA CPU, for comparisons robust to a loaded machine
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                             " intra_op_parallelism_threads=1")
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -75,7 +91,7 @@ def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> d
   import transformers  # pylint: disable=import-outside-toplevel
   from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
 
-  torch.set_num_threads(2)
+  torch.set_num_threads(THREADS)
   cfg = esm2.config_from_preset(preset, mlm_head=False)
   hf_config = transformers.EsmConfig(
       vocab_size=33, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
@@ -225,6 +241,8 @@ def main(argv=None) -> int:
   parser.add_argument("--gpu", action="store_true", help="accelerator mode (bf16 t33_650M)")
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--peak-tflops", type=float, default=None)
+  parser.add_argument("--threads", type=int, default=2,
+                      help="CPU threads for torch; 1 also makes XLA single-threaded")
   args = parser.parse_args(argv)
   results: dict = {"backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
                    "jax": jax.__version__}
@@ -260,7 +278,9 @@ def main(argv=None) -> int:
     for s in speed:
       for name in variants:
         rows.append({"preset": s["preset"], "impl": name, **s[name]})
-    print(f"forward, batch {batch} x 256, {jax.default_backend()} ({os.cpu_count()} cores)")
+    results["threads"] = THREADS
+    print(f"forward, batch {batch} x 256, {jax.default_backend()} ({os.cpu_count()} cores, "
+          f"{THREADS} threads, load average {os.getloadavg()[0]:.1f})")
     _print_table(rows, ["preset", "impl", "tokens_per_s", "speedup_vs_transformers",
                         "first_call_s", "max_abs_diff_vs_transformers"])
     memory = [finetune_memory("tiny" if args.quick else "t33_650M", 1024, 1, remat)

@@ -416,7 +416,8 @@ class ESM2(nn.Module):
     return x.astype(cfg.dtype)
 
   def run_layers(self, h, tokens, start: int, stop: int, collect: bool = False):
-    """Layers (start, stop] (1-based, i.e. layer indices start..stop-1) on h [B, L, D].
+    """Layers (start, stop] on h [B, L, D]: 1-based layers start+1..stop, which are
+    params['layers'][start:stop] (0-based). h comes from `embed` or an earlier range.
 
     start, stop: static python ints, 0 <= start <= stop <= num_layers. Returns h, or
     (h, per-layer outputs [stop - start, B, L, D]) if collect.
