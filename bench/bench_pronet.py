@@ -10,6 +10,18 @@ step time against the node budget.
 Reference PyTorch ProNet (DIG, with torch_scatter/torch_cluster) on the project's 2-core
 CPU: about 4,800 residues/s (8 proteins) and 3,800 residues/s (32 proteins), per the
 issue text; not installable here (needs torch_geometric <= 2.7 and compiled extensions).
+
+Measured (2026-11-25, jax 0.11.2, this script with --steps 4 --repeats 1):
+  2 Xeon cores of the lent GPU machine (taskset -c 0,1, JAX_PLATFORMS=cpu, idle):
+    8 proteins (973 residues, 16,451 edges): 248 ms/step, 3,919 residues/s (0.82x ref.)
+    32 proteins (4,149 residues, 69,048 edges): 1,004 ms/step, 4,134 residues/s (1.09x)
+    node budget 512 / 1024 / 2048 / 4096 / 8192 (32 edges per node budgeted):
+      433 / 369 / 338 / 348 / 318 µs per node per step: linear in nodes.
+  NVIDIA H100 (same script, JAX_PLATFORMS=cuda): 3.9 ms/step = 249,000 residues/s
+    (8 proteins), 5.5 ms/step = 761,000 residues/s (32 proteins).
+  The project's shared 2-core CPU ran at load average 5-12 during the session (other
+  engineers' jobs), so its wall-clock figures are not comparable; `cpu_ms` (process CPU
+  time per step) was ~240 ms for 8 proteins there.
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ from bihier_jax.data import input_pipeline
 from bihier_jax.models import pronet
 
 _SS_CLASSES = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}
+# DIG ProNet (PyTorch) residues/s on the project's 2-core CPU, from the issue text.
+REFERENCE_RESIDUES_PER_S = {8: 4800.0, 32: 3800.0}
 
 
 def load_chains() -> list:
@@ -183,6 +197,7 @@ def main():
   results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                         f"{os.cpu_count()} CPUs, jax {jax.__version__} "
                         f"{jax.devices()[0].platform}",
+             "load_average_1min": os.getloadavg()[0],
              "config": {k: str(v) for k, v in vars(cfg).items()}, "batches": [], "budgets": []}
 
   for proteins in ([8] if args.quick else [8, 32]):
@@ -190,6 +205,7 @@ def main():
     budget = input_pipeline.budget_for(examples, node_multiple=128, edge_multiple=1024)
     row = time_batch(cfg, input_pipeline.collate(examples, budget), steps, repeats)
     row["proteins"] = proteins
+    row["vs_reference"] = row["residues_per_s"] / REFERENCE_RESIDUES_PER_S[proteins]
     results["batches"].append(row)
     print(f"{proteins:3d} proteins  {row['residues']:5d} residues  {row['real_edges']:6d} "
           f"edges  {row['step_ms']:8.1f} ms/step ({row['cpu_ms']:7.1f} CPU-ms)  "
