@@ -255,3 +255,22 @@ def test_random_crop_in_training_stays_consistent(data_dir):
         seq = "".join(letters[sel[res]])
         starts.add(ex.sequences[0].find(seq))
   assert -1 not in starts and len(starts) > 2
+
+
+def test_greedy_packing_tf_matches_numpy():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  sizes = np.stack([rng.integers(1, 300, 200), rng.integers(0, 6000, 200),
+                    rng.integers(1, 4, 200)], 1).astype(np.int32)
+  want = input_pipeline.greedy_pack(sizes, (600, 12000, 6), 4)
+  got = input_pipeline.greedy_pack_tf(tf.constant(sizes), (600, 12000, 6), 4).numpy()
+  np.testing.assert_array_equal(got, want)
+  # Independent check of the rule: every batch is within limits, and the first example
+  # of each batch would not have fit in the previous one.
+  for b in range(want.max() + 1):
+    rows = sizes[want == b]
+    assert len(rows) <= 4 and (rows.sum(0) <= [600, 12000, 6]).all()
+    if b:
+      prev = sizes[want == b - 1]
+      first = rows[0]
+      assert len(prev) == 4 or ((prev.sum(0) + first) > [600, 12000, 6]).any()
