@@ -100,7 +100,10 @@ def versions() -> dict[str, str]:
 def run_one(path: str, quick: bool, timeout: int, json_path: str) -> dict[str, Any]:
   """Runs one script; returns {'results': ..., 'seconds': ...} or {'error': ...}."""
   cmd = [sys.executable, path, "--json", json_path] + (["--quick"] if quick else [])
-  env = dict(os.environ, USE_TF="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+  # The repository root on the path: scripts import bihier_jax without an install.
+  path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+  env = dict(os.environ, USE_TF="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+             PYTHONPATH=path)
   start = time.time()
   try:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
