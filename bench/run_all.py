@@ -7,7 +7,9 @@ Each benchmark script takes `--json PATH` (a dict of results) and `--quick`. The
 one after another in fresh processes (so one script's compilations, threads and memory
 do not touch the next), each with a time limit; a failure is written into the report
 rather than stopping the suite. The report names the machine (CPU model, cores, memory,
-GPU when present), package versions and the date. Text outside the markers
+GPU when present), package versions and the date; figures recorded on other machines
+(bench/*.json, e.g. an H100 run of `bench_full_model.py --gpu`) follow, each naming its
+own machine. Text outside the markers
 `<!-- bench/run_all.py: begin -->` / `<!-- ... end -->` in BENCHMARKS.md is kept, so
 hand-written notes survive a rerun.
 """
@@ -46,6 +48,21 @@ def discover(only: Sequence[str] = ()) -> list[str]:
     if missing:
       raise ValueError(f"no benchmark script named {sorted(missing)} in {BENCH_DIR}")
   return paths
+
+
+def recorded_results() -> dict[str, Any]:
+  """bench/*.json: figures measured on other machines (e.g. a GPU) and kept in the repo.
+
+  Each is a dict with 'measured' (machine, versions, date) and the results.
+  """
+  out = {}
+  for path in sorted(glob.glob(os.path.join(BENCH_DIR, "*.json"))):
+    with open(path) as f:
+      try:
+        out[os.path.basename(path)] = json.load(f)
+      except json.JSONDecodeError as e:
+        out[os.path.basename(path)] = {"error": f"not valid JSON: {e}"}
+  return out
 
 
 def _read(path: str) -> str:
@@ -196,7 +213,7 @@ def render_results(results: Mapping[str, Any]) -> list[str]:
 
 def render_report(machine: Mapping[str, Any], vers: Mapping[str, str],
                   outcomes: Mapping[str, Mapping[str, Any]], quick: bool,
-                  date: str) -> str:
+                  date: str, recorded: Mapping[str, Any] | None = None) -> str:
   gpu = "; ".join(machine.get("gpus") or []) or "none"
   lines = [
       BEGIN,
@@ -227,6 +244,16 @@ def render_report(machine: Mapping[str, Any], vers: Mapping[str, str],
         lines += ["```", outcome["stderr_tail"], "```", ""]
     if "results" in outcome:
       lines += render_results(outcome["results"])
+  if recorded:
+    lines += ["## Recorded on other machines", "",
+              "Kept in `bench/*.json` (not rerun by this script); each names its machine.",
+              ""]
+    for name, results in recorded.items():
+      lines += [f"### {name}", ""]
+      if isinstance(results, Mapping) and "measured" in results:
+        lines += [f"Measured: {_fmt(results['measured'])}.", ""]
+        results = {k: v for k, v in results.items() if k != "measured"}
+      lines += render_results(results)
   lines.append(END)
   return "\n".join(lines) + "\n"
 
@@ -272,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  {'ok' if 'error' not in outcomes[name] else outcomes[name]['error']} "
           f"({outcomes[name].get('seconds')} s)", flush=True)
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  report = render_report(machine_info(), versions(), outcomes, args.quick, date)
+  report = render_report(machine_info(), versions(), outcomes, args.quick, date,
+                         recorded_results())
   with open(args.out, "w") as f:
     f.write(merge_into(_read(args.out), report))
   with open(os.path.join(json_dir, "all.json"), "w") as f:

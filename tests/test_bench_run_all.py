@@ -70,7 +70,10 @@ def test_report_names_machine_and_merge_keeps_notes(tmp_path):
   report = run_all.render_report(
       machine, vers, {"bench_x": {"results": {"a": 1.0}, "seconds": 2.0},
                       "bench_y": {"error": "timed out after 5 s", "seconds": 5}},
-      quick=False, date="2026-01-01 00:00 UTC")
+      quick=False, date="2026-01-01 00:00 UTC",
+      recorded={"gpu.json": {"measured": "H100, jax 9", "step_ms": 94.4}})
+  assert "### gpu.json\n\nMeasured: H100, jax 9.\n\n| figure | value |" in report
+  assert "| step_ms | 94.4 |" in report
   assert report.startswith(run_all.BEGIN) and report.rstrip().endswith(run_all.END)
   assert f"{machine['cpu']}, {machine['cpu_cores']} cores" in report
   assert f"jax {vers['jax']}" in report and "2026-01-01" in report
