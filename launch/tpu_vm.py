@@ -40,6 +40,7 @@ JAX_TPU_REQUIREMENT = "jax[tpu]==0.10.2"
 REMOTE_DIR = "~/bihier_jax"
 REMOTE_VENV = "~/bihier_venv"
 REMOTE_LOG = "~/bihier_train.log"
+REMOTE_PYTHON = "python3.11"
 LOCAL_ARCHIVE = "/tmp/bihier_jax_src.tar.gz"
 
 Command = list[str]
@@ -98,14 +99,18 @@ def install_commands(target: Target, archive: str = LOCAL_ARCHIVE,
                      ref: str = "HEAD") -> list[Command]:
   """Copies this repository (committed `ref`) to every worker and installs it.
 
-  Run from the repository root. Steps: `git archive` locally, scp to all workers, unpack, venv, pip install
-  `jax[tpu]` and the project. Every worker must run identical code.
+  Run from the repository root. Steps: `git archive` locally, scp to all workers,
+  Python 3.11 from apt if missing, unpack, venv, pip install `jax[tpu]` and the
+  project. Every worker must run identical code.
   """
   remote_archive = "~/" + archive.rsplit("/", 1)[-1]
   setup = " && ".join([
+      # The base image (Ubuntu 22.04) has Python 3.10; the project needs >= 3.11.
+      f"(command -v {REMOTE_PYTHON} >/dev/null || (sudo apt-get update -q && "
+      f"sudo apt-get install -y -q {REMOTE_PYTHON} {REMOTE_PYTHON}-venv))",
       f"rm -rf {REMOTE_DIR}", f"mkdir -p {REMOTE_DIR}",
       f"tar -xzf {remote_archive} -C {REMOTE_DIR}",
-      f"python3 -m venv {REMOTE_VENV}",
+      f"{REMOTE_PYTHON} -m venv {REMOTE_VENV}",
       f"{REMOTE_VENV}/bin/pip install -q --upgrade pip",
       f"{REMOTE_VENV}/bin/pip install -q '{JAX_TPU_REQUIREMENT}' -e {REMOTE_DIR}",
       f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), "

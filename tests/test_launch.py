@@ -55,6 +55,10 @@ def test_install_reaches_every_worker(capsys):
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "bh"]
   assert "--worker=all" in ssh and ssh[-1] == "--zone=z"
   remote = next(a for a in ssh if a.startswith("--command="))
+  assert remote.startswith("--command=(command -v python3.11 >/dev/null || (sudo "
+                           "apt-get update -q && sudo apt-get install -y -q python3.11 "
+                           "python3.11-venv)) && ")
+  assert "python3.11 -m venv ~/bihier_venv" in remote
   assert "tar -xzf ~/bihier_jax_src.tar.gz -C ~/bihier_jax" in remote
   assert "pip install -q 'jax[tpu]==0.10.2' -e ~/bihier_jax" in remote
 
