@@ -15,7 +15,6 @@ of graph g share chain id R + g (R = budget.n_row), so ids are unique within a b
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jraph
