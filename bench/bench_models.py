@@ -9,7 +9,7 @@ Two sizes, random weights, synthetic helical proteins (`bihier_jax.data.testing`
 Kinds: esm_only, gnn_only, serial, parallel, cross, and bihier in both fusion modes
 (direction bi). One step = jitted value_and_grad of the training loss (node-level
 3-class softmax CE), dropout on; median wall time of `--repeats` steps after one warm-up
-(compile) step. Goal (issue 5): bihier costs ≤ 15% more per step than `parallel`.
+(compile) step; steps of all kinds alternate in rounds. Goal (issue 5): bihier costs ≤ 15% more per step than `parallel`.
 
 Prints one JSON object; `--json PATH` also writes it. `--quick`: tiny size only, 2 steps.
 """
@@ -65,7 +65,8 @@ def make_batch(size: dict):
   return jax.tree_util.tree_map(jnp.asarray, input_pipeline.collate(examples, budget))
 
 
-def bench_one(config, batch, repeats: int) -> dict:
+def prepare(config, batch):
+  """(compiled step, params, parameter counts, first-step seconds incl. compile)."""
   model = models.build_model(config)
   params = models.init_params(model, batch, jax.random.PRNGKey(0))
   num_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
@@ -79,19 +80,17 @@ def bench_one(config, batch, repeats: int) -> dict:
 
   step = jax.jit(jax.value_and_grad(loss_fn))
   t0 = time.perf_counter()
-  jax.block_until_ready(step(params, jax.random.PRNGKey(1)))
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    loss, grads = step(params, jax.random.PRNGKey(2 + i))
-    jax.block_until_ready(grads)
-    times.append(time.perf_counter() - t0)
+  loss, _ = jax.block_until_ready(step(params, jax.random.PRNGKey(1)))
   if not np.isfinite(float(loss)):
     raise RuntimeError(f"non-finite loss for model.kind={config.model.kind}")
-  return {"params": num_params, "params_per_module": per_module,
-          "step_s": float(np.median(times)), "step_s_all": times,
-          "first_step_s": compile_s}
+  return step, params, {"params": num_params, "params_per_module": per_module,
+                        "first_step_s": time.perf_counter() - t0}
+
+
+def time_step(step, params, seed: int) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(step(params, jax.random.PRNGKey(seed)))
+  return time.perf_counter() - t0
 
 
 def main():
@@ -112,16 +111,26 @@ def main():
   for name in sizes:
     size = SIZES[name]
     batch = make_batch(size)
-    rows = {}
+    rows, steps = {}, {}
     for kind, mode in KINDS:
       label = kind if mode is None else f"{kind}_{mode}"
-      rows[label] = bench_one(make_config(size, kind, mode, args.dtype), batch, repeats)
+      step, params, rows[label] = prepare(make_config(size, kind, mode, args.dtype), batch)
+      steps[label] = (step, params)
       print(f"{name:5s} {label:15s} params {rows[label]['params']:>10,d}  "
-            f"step {rows[label]['step_s'] * 1e3:9.1f} ms  "
-            f"(first {rows[label]['first_step_s']:.1f} s)", flush=True)
+            f"(first step {rows[label]['first_step_s']:.1f} s)", flush=True)
+    # Rounds over all kinds, so drifting load on a shared machine hits every kind alike.
+    times = {label: [] for label in rows}
+    for r in range(repeats):
+      for label, (step, params) in steps.items():
+        times[label].append(time_step(step, params, seed=2 + r))
+    for label, row in rows.items():
+      row["step_s"] = float(np.median(times[label]))
+      row["step_s_all"] = times[label]
     parallel = rows["parallel"]["step_s"]
     for label, row in rows.items():
       row["step_vs_parallel"] = row["step_s"] / parallel
+      print(f"{name:5s} {label:15s} step {row['step_s'] * 1e3:9.1f} ms  "
+            f"x{row['step_vs_parallel']:.2f} of parallel", flush=True)
     result["sizes"][name] = {"config": {k: list(v) if isinstance(v, tuple) else v
                                         for k, v in size.items()},
                              "budget": str(batch.budget), "kinds": rows}

@@ -76,7 +76,7 @@ class JointTokenBlock(nn.Module):
   Attributes:
     num_heads: attention heads; the width must divide by it.
     ffn_mult: FFN hidden width = ffn_mult x width.
-    dropout: rate on attention weights and both residual branches.
+    dropout: rate on both residual branches (attention output, FFN output).
     dtype: compute dtype; softmax runs in float32.
   """
   num_heads: int
@@ -105,8 +105,9 @@ class JointTokenBlock(nn.Module):
     v = dense_heads("value")(y)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32)
     logits = jnp.where(allowed[:, None], logits, _MASKED_LOGIT)
+    # No dropout on the attention weights: on [B, heads, T, T] its random bits cost more
+    # than the attention itself on CPU; the residual branches keep dropout.
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
     attended = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
     attended = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                                name="attention_out")(attended)
@@ -142,7 +143,9 @@ class GlobalFusion(nn.Module):
   - per graph: nodes are laid out as [G, P] by (graph, slot within graph) with a static
     capacity P; cost G x (2P)². Used when `graph_capacity` is set and every real node
     fits (checked on device); otherwise the dense layout runs (via `nn.cond`, so both are
-    compiled and results are always exact).
+    compiled and results are always exact). Caveat: under `jax.vmap` the data-dependent
+    predicate is batched and `cond` becomes `select`, so BOTH layouts run (the dense
+    cost is paid); call the model outside vmap for the per-graph saving.
 
   Attributes:
     dim: token width d.
