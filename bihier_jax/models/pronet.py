@@ -39,7 +39,8 @@ Deviations from the reference (bugs there, fixed here):
 
 Unchanged facts: (d, θ, φ) expansion with all m (L²·K = 24 features), (d, angle)
 expansions with m = 0 (L·K each), 16-dim sinusoidal offset embedding, mid width 64, three
-concat layers, two post-residual layers, glorot-initialised kernels and zero biases,
+concat layers, two post-residual layers, glorot-initialised kernels and zero biases in
+the blocks, torch's default initialisation of the input embedding,
 coordinate noise per residue shared by its N, Cα, C (clipped Gaussian).
 
 Padding: the edge mask is derived from `graph.n_edge` with jraph's convention (the last
@@ -314,6 +315,12 @@ def swish(x):
 _glorot = nn.initializers.glorot_uniform()
 
 
+def _uniform(bound):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
 def _glorot_stack(count):
   """Glorot-uniform init of `count` stacked [in, out] kernels, each with its own fans."""
   def init(key, shape, dtype=jnp.float32):
@@ -382,10 +389,20 @@ class ProNet(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.type_embed = nn.Embed(NUM_NODE_TYPES, cfg.hidden, dtype=cfg.dtype)
-    if cfg.level != "amino_acid":
-      # Reference: one Linear over [one_hot(type), features] = embedding + this Dense.
-      self.feature_embed = nn.Dense(cfg.hidden, dtype=cfg.dtype)
+    if cfg.level == "amino_acid":
+      # Reference: torch Embedding, N(0, 1).
+      self.type_embed = nn.Embed(NUM_NODE_TYPES, cfg.hidden, dtype=cfg.dtype,
+                                 embedding_init=nn.initializers.normal(1.0))
+    else:
+      # Reference: one torch Linear over [one_hot(26 types), features], i.e. this
+      # embedding + this Dense, with torch's default U(±1/sqrt(fan_in)) init.
+      fan_in = residue_constants.NUM_RESTYPES + NUM_BACKBONE_FEATURES + (
+          NUM_SIDECHAIN_FEATURES if cfg.level == "all_atom" else 0)
+      init = _uniform(1.0 / np.sqrt(fan_in))
+      self.type_embed = nn.Embed(NUM_NODE_TYPES, cfg.hidden, dtype=cfg.dtype,
+                                 embedding_init=init)
+      self.feature_embed = nn.Dense(cfg.hidden, dtype=cfg.dtype, kernel_init=init,
+                                    bias_init=init)
     # Used only when extra node features are passed (the 'serial' baseline); pass them
     # at init too so its parameters exist.
     self.extra_embed = nn.Dense(cfg.hidden, dtype=cfg.dtype)
