@@ -628,7 +628,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         results = evaluate_and_save(step)
   ckpt.wait()
   ckpt.close()
-  writer.flush()
+  writer.close()
+  del batcher  # releases the endless training input pipeline
   if stopped:
     logging.warning("stopped at step %d by SIGTERM; checkpoint saved", step)
     return {}
