@@ -23,7 +23,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS

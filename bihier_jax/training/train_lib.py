@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import signal
-import time
 from typing import Any
 
 from absl import logging
