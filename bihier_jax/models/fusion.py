@@ -217,11 +217,16 @@ class GlobalFusion(nn.Module):
       node_slots = _graph_slots(node_graph, struct_mask | seq_mask, num_graphs)
       fits = jnp.all(jnp.where(struct_mask | seq_mask, node_slots < cap, True))
       slots = jnp.concatenate([node_slots, node_slots + cap], 0)
+      # Rematerialised: in reverse mode `cond` keeps the residuals of BOTH branches
+      # (zeros for the one not taken), and the dense branch's [2N, 2N] attention
+      # residuals would cost more than the per-graph attention itself.
+      dense = nn.checkpoint(
+          lambda mdl, t, tg, tm: mdl._dense(t, tg, tm, deterministic))
       out = nn.cond(
           fits,
           lambda mdl, t: mdl._per_graph(t, slots, token_graph, token_mask, num_graphs,
                                         deterministic),
-          lambda mdl, t: mdl._dense(t, token_graph, token_mask, deterministic),
+          lambda mdl, t: dense(mdl, t, token_graph, token_mask),
           self, tokens)
     out = jnp.where(token_mask[:, None], out, jnp.zeros_like(out))
     return out[:n], out[n:]
