@@ -192,10 +192,10 @@ def _graph_capacity(num_nodes: int, num_graphs: int, row_length: int) -> int | N
   Nodes per protein rarely exceed one ESM row (single-chain proteins); bigger ones fall
   back to dense at run time. Per-graph attention (two compiled branches) is used only
   where dense attention is big and at least twice as costly: N > 512 and
-  2·G·(2P)² < (2N)².
+  2·(G−1)·(2P)² < (2N)² (the padding graph G−1 gets no slots).
   """
   cap = min(row_length, num_nodes)
-  worth_it = num_nodes > 512 and 2 * num_graphs * cap * cap < num_nodes * num_nodes
+  worth_it = num_nodes > 512 and 2 * (num_graphs - 1) * cap * cap < num_nodes * num_nodes
   return cap if worth_it else None
 
 

@@ -140,8 +140,8 @@ class GlobalFusion(nn.Module):
   - dense: one [2N, 2N] masked attention over the whole batch. Cost O((2N)²) time and
     memory: N = 2048 nodes with 4 heads is 4096² x 4 float32 logits = 268 MB and 8x the
     FLOPs of per-protein attention for 8 equal proteins.
-  - per graph: nodes are laid out as [G, P] by (graph, slot within graph) with a static
-    capacity P; cost G x (2P)². Used when `graph_capacity` is set and every real node
+  - per graph: nodes are laid out as [G-1, P] by (graph, slot within graph) with a static
+    capacity P (the padding graph G-1 gets no slots); cost (G-1) x (2P)². Used when `graph_capacity` is set and every real node
     fits (checked on device); otherwise the dense layout runs (via `nn.cond`, so both are
     compiled and results are always exact). Caveat: under `jax.vmap` the data-dependent
     predicate is batched and `cond` becomes `select`, so BOTH layouts run (the dense
@@ -176,18 +176,22 @@ class GlobalFusion(nn.Module):
 
   def _per_graph(self, tokens, slots, token_graph, token_mask, num_graphs,
                  deterministic):
-    """tokens [2N, d], slots int32[2N] in [0, 2P) -> [2N, d] via a [G, 2P, d] layout."""
+    """tokens [2N, d], slots int32[2N] in [0, 2P) -> [2N, d] via a [G-1, 2P, d] layout.
+
+    The last graph is jraph's padding graph (only masked tokens): it gets no slots.
+    """
     cap2 = 2 * self.graph_capacity
-    # Tokens that are masked out are parked in an extra slot that is sliced away.
+    # Masked tokens are parked in an extra slot (of graph 0) that is sliced away.
     slots = jnp.where(token_mask, slots, cap2)
-    grid = jnp.zeros((num_graphs, cap2 + 1, tokens.shape[-1]), tokens.dtype)
-    grid = grid.at[token_graph, slots].set(tokens)[:, :cap2]
-    grid_mask = jnp.zeros((num_graphs, cap2 + 1), bool)
-    grid_mask = grid_mask.at[token_graph, slots].set(token_mask)[:, :cap2]
+    graphs = jnp.where(token_mask, token_graph, 0)
+    grid = jnp.zeros((num_graphs - 1, cap2 + 1, tokens.shape[-1]), tokens.dtype)
+    grid = grid.at[graphs, slots].set(tokens)[:, :cap2]
+    grid_mask = jnp.zeros((num_graphs - 1, cap2 + 1), bool)
+    grid_mask = grid_mask.at[graphs, slots].set(token_mask)[:, :cap2]
     allowed = grid_mask[:, :, None] & grid_mask[:, None, :]
     out = self.block(grid, allowed, deterministic)
     out = jnp.pad(out, ((0, 0), (0, 1), (0, 0)))
-    return out[token_graph, slots]
+    return out[graphs, slots]
 
   def __call__(self, u, v, node_graph, seq_mask, struct_mask, num_graphs: int,
                deterministic: bool):
@@ -215,7 +219,10 @@ class GlobalFusion(nn.Module):
     else:
       cap = self.graph_capacity
       node_slots = _graph_slots(node_graph, struct_mask | seq_mask, num_graphs)
-      fits = jnp.all(jnp.where(struct_mask | seq_mask, node_slots < cap, True))
+      # Real nodes must fit their graph's slots and not sit in the padding graph G-1.
+      real = struct_mask | seq_mask
+      fits = jnp.all(jnp.where(real, (node_slots < cap) & (node_graph < num_graphs - 1),
+                               True))
       slots = jnp.concatenate([node_slots, node_slots + cap], 0)
       # Rematerialised: in reverse mode `cond` keeps the residuals of BOTH branches
       # (zeros for the one not taken), and the dense branch's [2N, 2N] attention
