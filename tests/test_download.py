@@ -35,8 +35,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     for k, v in (extra or {}).items():
       self.send_header(k, v)
     self.end_headers()
-    self.wfile.write(body)
+    # Recorded before the body goes out: the client may finish reading (and the test
+    # assert) before this server thread runs again.
     Handler.served.append((self.path, self.headers.get("Range"), len(body)))
+    self.wfile.write(body)
 
   def do_GET(self):
     base = f"http://127.0.0.1:{self.server.server_port}"
