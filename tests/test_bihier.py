@@ -2,7 +2,7 @@
 
 Tiny configs (ESM preset 'tiny': 4 layers x 64; GNN 2 blocks x 16; fusion width 16) on a
 batch of three synthetic proteins (one chain; two chains; one chain + 3 ligand atoms).
-Budget: ≈ 90 s on 2 CPU cores (one compile of init + forward/backward per model variant;
+Budget: ≈ 50 s on 2 CPU cores (one compile of forward/backward per model variant;
 variants are cached across tests).
 """
 
