@@ -274,3 +274,35 @@ def test_greedy_packing_tf_matches_numpy():
       prev = sizes[want == b - 1]
       first = rows[0]
       assert len(prev) == 4 or ((prev.sum(0) + first) > [600, 12000, 6]).any()
+
+
+def _pocket_process(item):
+  """A 'pocket': 12 residue nodes at positions 70..81 of a 120-residue chain + ligand."""
+  ex = testing.random_example(12, seed=int(item.payload[0]), n_ligand=4,
+                              example_id=item.source)
+  rng = np.random.default_rng(int(item.payload[0]))
+  full = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 120))
+  full = full[:70] + "".join(rc.RESTYPES[a] for a in ex.aatype) + full[82:]
+  return [dataclasses.replace(ex, sequences=[full], residue_index=ex.residue_index + 70)]
+
+
+def test_crop_keeps_every_node_of_a_pocket_in_a_long_chain(tmp_path):
+  items = [WorkItem(source=f"pocket{i}", split="train", payload=(i,)) for i in range(6)]
+  shards.write_dataset(items, _pocket_process, str(tmp_path), num_workers=1,
+                       shard_size=8, progress=False)
+  config = _config(batch_size=2, max_residues=30)
+  batches = _eval_batches(str(tmp_path), config)
+  it = input_pipeline.make_dataset(str(tmp_path), "train", config, training=True,
+                                   seed=1, process_index=0, process_count=1)
+  batches += [next(it) for _ in range(6)]
+  vocab = np.array(rc.ESM_VOCAB)
+  for batch, meta in batches:
+    nodes = batch.graph.nodes
+    res = batch.node_mask & (nodes["node_kind"] == 0)
+    # All 12 pocket residues and 4 ligand atoms of each protein survive the crop ...
+    assert res.sum() == 12 * len(meta["ids"])
+    assert (batch.node_mask & (nodes["node_kind"] == 1)).sum() == 4 * len(meta["ids"])
+    # ... and each still points at its own letter inside a 30-residue window.
+    assert nodes["residue_index"][res].max() < 30
+    letters = vocab[batch.tokens[batch.node_to_token[res, 0], batch.node_to_token[res, 1]]]
+    np.testing.assert_array_equal(letters, np.array(list(rc.RESTYPES))[nodes["aatype"][res]])

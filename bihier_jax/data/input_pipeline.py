@@ -252,7 +252,12 @@ def bucket_budgets(config, sizes: np.ndarray | None = None, *,
   if sizes is not None and len(sizes):
     sizes = np.asarray(sizes, np.int64).copy()
     excess = np.maximum(sizes[:, 1] - max_res, 0)
-    sizes[:, 0] -= excess  # exact for one chain; multi-chain: a lower bound
+    # Cropping drops `excess` nodes when every residue of the chain is a node (exact for
+    # one chain); when the nodes are a few residues of a long chain (an LBA pocket), the
+    # window keeps them all (see _crop), so the example keeps all its nodes.
+    cropped = sizes[:, 0] - excess
+    sizes[:, 0] = np.where(cropped >= np.minimum(sizes[:, 0], max_res), cropped,
+                           sizes[:, 0])
     sizes[:, 1] -= excess
     longest = int(sizes[:, 1].max()) + 2
     lengths = [b for b in lengths if b < longest] + [min(b for b in lengths if b >= longest)]
@@ -310,24 +315,38 @@ def _rows(lengths):
 def _crop(x, max_residues: int, seed):
   """Crops every chain of a chunk longer than `max_residues` to one window.
 
-  The window starts at a uniform random position (seed: int32[2] stateless seed) or at
-  0 (seed None). Residues outside it, their tokens and the edges touching them are
-  removed, residue_index is shifted, ligand atoms are kept.
+  When a chain's residue nodes span at most `max_residues` positions of its sequence
+  (an LBA pocket inside a long chain), the window always covers all of them: it starts
+  uniformly at random among the starts that do (seed: int32[2] stateless seed), or at
+  the first such start (seed None). Otherwise it starts uniformly in the whole chain, or
+  at 0. Residues outside it, their tokens and the edges touching them are removed,
+  residue_index is shifted, ligand atoms are kept.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n_ex = tf.size(x["num_residues"])
   lengths = x["sequence_lengths"]  # flat over the chunk's chains
   over = tf.maximum(lengths - max_residues, 0)
-  if seed is None:
-    start = tf.zeros_like(over)
-  else:
-    u = tf.random.stateless_uniform(tf.shape(over), seed=seed)
-    start = tf.minimum(tf.cast(u * tf.cast(over + 1, tf.float32), tf.int32), over)
-  out = dict(x)
-  # Residues.
   ex_r, _ = _rows(x["num_residues"])
   first_chain = tf.cumsum(x["num_chains"], exclusive=True)
-  s = tf.gather(start, tf.gather(first_chain, ex_r) + x["chain_row"])
+  chain_of_res = tf.gather(first_chain, ex_r) + x["chain_row"]
+  n_chains = tf.size(lengths)
+  # Starts whose window covers every node of the chain: [lo, hi] (empty if lo > hi).
+  first_node = tf.math.unsorted_segment_min(x["residue_index"], chain_of_res, n_chains)
+  last_node = tf.math.unsorted_segment_max(x["residue_index"], chain_of_res, n_chains)
+  lo = tf.clip_by_value(last_node - max_residues + 1, 0, over)
+  hi = tf.clip_by_value(first_node, 0, over)
+  covered = lo <= hi
+  lo = tf.where(covered, lo, 0)
+  hi = tf.where(covered, hi, over)
+  if seed is None:
+    start = lo
+  else:
+    u = tf.random.stateless_uniform(tf.shape(over), seed=seed)
+    span = hi - lo
+    start = lo + tf.minimum(tf.cast(u * tf.cast(span + 1, tf.float32), tf.int32), span)
+  out = dict(x)
+  # Residues.
+  s = tf.gather(start, chain_of_res)
   keep_res = (x["residue_index"] >= s) & (x["residue_index"] < s + max_residues)
   kept = tf.where(keep_res)[:, 0]  # one index computation, one gather per field
   for name in _RESIDUE_FIELDS:
