@@ -2,8 +2,20 @@ r"""Evaluate a trained run: `python -m bihier_jax.eval --config C --workdir DIR`
 
 Restores a checkpoint of DIR (`--checkpoint best|latest|STEP`; default the best by the
 task's validation metric, else the latest), evaluates `--splits` (default
-config.data.eval_splits) and writes DIR/eval/<split>.json (metric name -> number) and
-DIR/eval/metrics.md (a Markdown table, also printed).
+config.data.eval_splits) and writes, per split:
+
+- DIR/eval/<split>.json: metric name -> number (NaN as null), plus step and checkpoint;
+- DIR/eval/<split>_predictions.npz: one row per scored item (labelled residue for node
+  tasks, protein for graph tasks), enough to recompute every metric of the JSON offline
+  (`training.pooling.recompute_metrics`) or to pool cross-validation folds
+  (`python -m bihier_jax.pool_cv`). Fields, all compact (float32 / int32 / str):
+  example_id [n], group [n], chain_row [n] and residue_index [n] (node tasks; -1 for
+  graph tasks), prediction [n] (positive-class probability or value in label units) or
+  [n, C] (class probabilities), label [n], weight [n]; scalars task_name, task_level,
+  split, metrics [m], min_group_size, checkpoint_step. Unlabelled residues (label mask
+  0) are neither scored nor stored. Full description: bihier_jax/training/pooling.py.
+
+and DIR/eval/metrics.md (a Markdown table of all splits, also printed).
 """
 
 import sys

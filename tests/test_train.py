@@ -111,6 +111,9 @@ def test_train_eval_predict(reference_run, demo_data):
     saved = json.load(f)
   assert saved["accuracy"] == pytest.approx(results["test"]["accuracy"])
   assert saved["step"] in (4, 8)  # the evaluated checkpoints
+  from bihier_jax.training import pooling  # pylint: disable=g-import-not-at-top
+  items = pooling.load_predictions(os.path.join(workdir, "eval", "test_predictions.npz"))
+  assert pooling.recompute_metrics(items)["accuracy"] == saved["accuracy"]
 
   from data_pipelines import demo as demo_task  # pylint: disable=g-import-not-at-top
   pdb = os.path.join(demo_task.default_raw_dir(), "1eteA.pdb.gz")

@@ -1,6 +1,8 @@
 """Inference from a run directory: evaluate a checkpoint, predict on a structure file.
 
 The library side of `python -m bihier_jax.eval` and `python -m bihier_jax.predict`.
+`evaluate_checkpoint` writes, per split, DIR/eval/<split>.json (metrics) and
+DIR/eval/<split>_predictions.npz (the scored items; format in `training/pooling.py`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,55 @@ from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import featurize
 from bihier_jax.data import input_pipeline
 from bihier_jax.training import parallel
+from bihier_jax.training import pooling
+from bihier_jax.training import train_lib
 from bihier_jax.training.train_lib import (default_dataset_fn, ensure_demo_data,
-                                           eval_stream, evaluate_splits, jit_eval_step,
+                                           eval_stream, jit_eval_step,
                                            per_device_config, restore_params,
                                            write_eval_results)
+
+
+class _ResiduePositions:
+  """Wraps an eval step to record, per scored residue, its chain row and position.
+
+  `train_lib.collect_predictions` keeps the labelled real residues of every real
+  sub-batch in order; this wrapper sees the same stacked batches in the same order and
+  keeps the same residues (blank sub-batches have no real nodes), so its rows line up
+  with the collected items.
+  """
+
+  def __init__(self, eval_fn):
+    self._eval_fn = eval_fn
+    self.chain_row: list[np.ndarray] = []
+    self.residue_index: list[np.ndarray] = []
+
+  def __call__(self, params, batch):
+    nodes = batch.graph.nodes
+    node_mask = train_lib.local_rows(batch.node_mask).astype(bool)
+    mask = (train_lib.local_rows(batch.node_label_mask) > 0) & node_mask
+    node_graph = train_lib.local_rows(batch.node_graph)
+    chain_id = train_lib.local_rows(nodes["chain_id"])
+    residue_index = train_lib.local_rows(nodes["residue_index"])
+    is_residue = train_lib.local_rows(nodes["node_kind"]) == 0
+    for d in range(mask.shape[0]):
+      # chain_id = (first ESM row of the example) + chain_row; chain row 0 always
+      # has residues, so the example's smallest residue chain_id is its first row.
+      real = is_residue[d] & node_mask[d]
+      first_row = np.full(int(node_graph[d].max(initial=0)) + 1, np.iinfo(np.int32).max)
+      np.minimum.at(first_row, node_graph[d][real], chain_id[d][real])
+      m = mask[d]
+      self.chain_row.append((chain_id[d][m] - first_row[node_graph[d][m]])
+                            .astype(np.int32))
+      self.residue_index.append(residue_index[d][m].astype(np.int32))
+    return self._eval_fn(params, batch)
+
+  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """(chain_row, residue_index) int32[n] of every host's scored residues."""
+    local = {"chain_row": np.concatenate(self.chain_row or [np.zeros([0], np.int32)]),
+             "residue_index": np.concatenate(self.residue_index
+                                             or [np.zeros([0], np.int32)])}
+    full = train_lib._gather_hosts(local)  # pylint: disable=protected-access
+    return full["chain_row"], full["residue_index"]
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
@@ -34,7 +81,26 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
   model, params, step = restore_params(config, workdir, checkpoint, sample_batch, mesh)
   eval_mesh = parallel.local_mesh()
   eval_fn = jit_eval_step(model, config.task, eval_mesh)
-  results = evaluate_splits(config, dataset_fn, eval_fn, params, eval_mesh, splits)
+  # As train_lib.evaluate_splits, keeping each split's items for the predictions file.
+  params = parallel.localize(params, eval_mesh)
+  results = {}
+  for split in splits:
+    positions = _ResiduePositions(eval_fn)
+    collected = train_lib.collect_predictions(
+        positions, params, eval_stream(config, dataset_fn, split, sub_config),
+        eval_mesh, config.task)
+    results[split] = train_lib.split_metrics(config, collected)
+    if config.task.level == "node":
+      chain_row, residue_index = positions.arrays()
+    else:
+      chain_row = residue_index = None
+    if jax.process_index() == 0:
+      path = pooling.save_predictions(
+          os.path.join(workdir, "eval", f"{split}_predictions.npz"), collected,
+          task=config.task, split=split, step=step, chain_row=chain_row,
+          residue_index=residue_index)
+      logging.info("%s predictions (%d items) -> %s", split,
+                   collected["labels"].shape[0], path)
   if jax.process_index() == 0:
     table = write_eval_results(workdir, results, step=step,
                                checkpoint=checkpoint or "auto")

@@ -1,0 +1,176 @@
+"""Saved per-item predictions of an evaluated split, and pooling of cross-validation folds.
+
+A predictions file (`DIR/eval/<split>_predictions.npz`, written by `bihier_jax.eval`)
+holds one row per scored item — a labelled residue (task.level 'node') or a protein
+('graph') — exactly the items behind `DIR/eval/<split>.json`, so that every metric can be
+recomputed offline (`recompute_metrics`). Fields (see `save_predictions`):
+
+  example_id  str[n]       the record id of the item's example (protein / complex).
+  group       str[n]       the example's group (PPBS subset, MQA target; '' if none).
+  chain_row   int32[n]     node tasks: the residue's chain, index into the example's
+                           sequences; -1 for graph tasks.
+  residue_index int32[n]   node tasks: 0-based position in that chain's sequence
+                           (ProteinExample.residue_index: the evaluation crop keeps the
+                           window starting at 0 of chains whose residues are all nodes);
+                           -1 for graph tasks. (example_id, chain_row, residue_index)
+                           locates a residue in the preprocessed record.
+  prediction  float32[n] or float32[n, C]  positive-class probability (sigmoid_bce),
+                           class probabilities (softmax_ce) or value in label units (mse).
+  label       float32[n]   0/1, class index or value.
+  weight      float32[n]   per-item weight (ScanNet: the example's sample weight).
+  task_name, task_level, split: str scalars; metrics: str[m], the task's metric names;
+  min_group_size, checkpoint_step: int64 scalars.
+
+Unlabelled residues (label mask 0) are not scored and not stored, so every row has
+label mask 1; residues beyond a chain's evaluation crop (first `max_residues`) are
+absent in the same way as in the metrics.
+
+Pooling (ScanNet BCE, DATASETS.md §5): each of the 5 runs predicts its held-out fold;
+`pool_folds` concatenates these out-of-fold predictions and computes ONE weighted AUPRC
+(ScanNet's trapezoidal definition, `metrics.auprc`) and AUROC over all residues, plus the
+per-fold values and their mean ± std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import os
+import warnings
+
+import numpy as np
+
+from bihier_jax.training import metrics as metrics_lib
+
+REQUIRED = ("example_id", "group", "chain_row", "residue_index", "prediction", "label",
+            "weight")
+
+
+def save_predictions(path: str, collected: dict[str, np.ndarray], *, task,
+                     split: str, step: int, chain_row: np.ndarray | None = None,
+                     residue_index: np.ndarray | None = None) -> str:
+  """Writes the predictions file of one split; returns its path.
+
+  Args:
+    path: output .npz path (its folder is created).
+    collected: `train_lib.collect_predictions` output (predictions, labels, weights,
+      groups, ids; [n] each, predictions may be [n, C]).
+    task: config.task (name, level, metrics, min_group_size).
+    split: the split's name.
+    step: the evaluated checkpoint's step.
+    chain_row, residue_index: int[n] residue positions (node tasks); None for graphs.
+  """
+  n = int(np.asarray(collected["labels"]).shape[0])
+  if chain_row is None:
+    chain_row = np.full([n], -1, np.int32)
+  if residue_index is None:
+    residue_index = np.full([n], -1, np.int32)
+  if len(chain_row) != n or len(residue_index) != n:
+    raise ValueError(f"{path}: {len(residue_index)} residue positions for {n} items")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez_compressed(
+      path,
+      example_id=np.asarray(collected["ids"], str),
+      group=np.asarray(collected["groups"], str),
+      chain_row=np.asarray(chain_row, np.int32),
+      residue_index=np.asarray(residue_index, np.int32),
+      prediction=np.asarray(collected["predictions"], np.float32),
+      label=np.asarray(collected["labels"], np.float32),
+      weight=np.asarray(collected["weights"], np.float32),
+      task_name=np.asarray(str(task.name)),
+      task_level=np.asarray(str(task.level)),
+      split=np.asarray(split),
+      metrics=np.asarray([str(m) for m in task.metrics], str),
+      min_group_size=np.int64(task.min_group_size),
+      checkpoint_step=np.int64(step))
+  return path
+
+
+def load_predictions(path: str) -> dict[str, np.ndarray]:
+  """A predictions file as a dict of arrays (no pickles); raises naming a missing field."""
+  with np.load(path, allow_pickle=False) as data:
+    out = {k: data[k] for k in data.files}
+  missing = [k for k in REQUIRED if k not in out]
+  if missing:
+    raise ValueError(f"{path}: not a predictions file, missing {', '.join(missing)}")
+  n = out["label"].shape[0]
+  bad = [k for k in REQUIRED if out[k].shape[0] != n]
+  if bad:
+    raise ValueError(f"{path}: fields {', '.join(bad)} do not have {n} rows")
+  return out
+
+
+def recompute_metrics(preds: dict[str, np.ndarray], names: Sequence[str] | None = None
+                      ) -> dict[str, float]:
+  """The metrics of `DIR/eval/<split>.json` (minus loss), from a loaded predictions file."""
+  names = list(names) if names is not None else [str(m) for m in preds["metrics"]]
+  return metrics_lib.compute_metrics(
+      names, predictions=preds["prediction"], labels=preds["label"],
+      weights=preds["weight"], groups=preds["group"],
+      min_group_size=int(preds.get("min_group_size", 1)))
+
+
+def _check_binary(path: str, preds: dict[str, np.ndarray]) -> None:
+  if preds["prediction"].ndim != 1:
+    raise ValueError(f"{path}: predictions have shape {preds['prediction'].shape}; "
+                     "pooled binary metrics need one probability per item")
+  labels = preds["label"]
+  if not np.all((labels == 0) | (labels == 1)):
+    raise ValueError(f"{path}: labels are not all 0/1")
+
+
+def pool_folds(paths: Sequence[str], metrics: Sequence[str] = ("auprc", "auroc")
+               ) -> dict:
+  """Pooled out-of-fold metrics of several predictions files (one per CV fold).
+
+  Items are concatenated; an example id found in two files is an error naming it and
+  both files (folds must be disjoint).
+
+  Returns:
+    {"pooled": {metric: value, "num_items", "num_examples", "weight_sum"},
+     "per_fold": {path: {metric: value, "num_items", ...}},
+     "per_fold_mean": {metric: mean}, "per_fold_std": {metric: sample std (ddof=1)},
+     "num_folds": n, "metrics": [...]}; NaN where a metric is undefined.
+  """
+  if not paths:
+    raise ValueError("no predictions files given")
+  unknown = [m for m in metrics if m not in metrics_lib.BINARY_METRICS]
+  if unknown:
+    raise ValueError(f"unknown pooled metric(s) {', '.join(unknown)}; known: "
+                     f"{', '.join(metrics_lib.BINARY_METRICS)}")
+  owner: dict[str, str] = {}
+  parts, per_fold = [], {}
+  for path in paths:
+    preds = load_predictions(path)
+    _check_binary(path, preds)
+    for example in np.unique(preds["example_id"]).tolist():
+      if example in owner:
+        raise ValueError(f"example {example!r} is in both {owner[example]} and {path}; "
+                         "out-of-fold predictions must come from disjoint folds")
+      owner[example] = path
+    parts.append(preds)
+    per_fold[path] = _binary_metrics(preds, metrics)
+  pooled = {k: np.concatenate([p[k] for p in parts])
+            for k in ("example_id", "prediction", "label", "weight")}
+  values = np.array([[per_fold[p][m] for m in metrics] for p in paths], np.float64)
+  with np.errstate(all="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # a metric NaN in every fold
+    mean = np.nanmean(values, axis=0)
+    std = (np.nanstd(values, axis=0, ddof=1) if len(paths) > 1
+           else np.full(len(metrics), np.nan))
+  return {
+      "metrics": list(metrics),
+      "num_folds": len(paths),
+      "pooled": _binary_metrics(pooled, metrics),
+      "per_fold": per_fold,
+      "per_fold_mean": {m: float(v) for m, v in zip(metrics, mean)},
+      "per_fold_std": {m: float(v) for m, v in zip(metrics, std)},
+  }
+
+
+def _binary_metrics(preds, metrics) -> dict[str, float]:
+  out = {m: metrics_lib.BINARY_METRICS[m](preds["label"], preds["prediction"],
+                                          preds["weight"]) for m in metrics}
+  out["num_items"] = float(preds["label"].shape[0])
+  out["num_examples"] = float(np.unique(preds["example_id"]).size)
+  out["weight_sum"] = float(np.sum(preds["weight"], dtype=np.float64))
+  return out
