@@ -55,7 +55,7 @@ def main(argv):
         f"{pooled['num_items']:.0f} items -> {FLAGS.out}")
   for m in result["metrics"]:
     print(f"{m}: pooled {pooled[m]:.4f}; per fold {result['per_fold_mean'][m]:.4f} "
-          f"± {result['per_fold_std'][m]:.4f}")
+          f"± {result['per_fold_std'][m]:.4f} ({result['per_fold_count'][m]} folds defined)")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ def test_pooled_metrics_match_sklearn(tmp_path):
     assert result["per_fold"][path]["auprc"] == pytest.approx(value, abs=1e-12)
   assert result["per_fold_mean"]["auprc"] == pytest.approx(np.mean(per_fold))
   assert result["per_fold_std"]["auprc"] == pytest.approx(np.std(per_fold, ddof=1))
+  assert result["per_fold_count"]["auprc"] == 5
   # Pooling is not the mean of the folds (weights and score scales differ per fold).
   assert pooled["auprc"] != pytest.approx(np.mean(per_fold), abs=1e-6)
 

@@ -129,6 +129,7 @@ def pool_folds(paths: Sequence[str], metrics: Sequence[str] = ("auprc", "auroc")
     {"pooled": {metric: value, "num_items", "num_examples", "weight_sum"},
      "per_fold": {path: {metric: value, "num_items", ...}},
      "per_fold_mean": {metric: mean}, "per_fold_std": {metric: sample std (ddof=1)},
+     "per_fold_count": {metric: folds where it is defined (mean/std skip NaN folds)},
      "num_folds": n, "metrics": [...]}; NaN where a metric is undefined.
   """
   if not paths:
@@ -164,6 +165,9 @@ def pool_folds(paths: Sequence[str], metrics: Sequence[str] = ("auprc", "auroc")
       "per_fold": per_fold,
       "per_fold_mean": {m: float(v) for m, v in zip(metrics, mean)},
       "per_fold_std": {m: float(v) for m, v in zip(metrics, std)},
+      # Folds where the metric is defined (NaN folds, e.g. one class only, are skipped).
+      "per_fold_count": {m: int(c) for m, c in
+                         zip(metrics, np.isfinite(values).sum(axis=0))},
   }
 
 
