@@ -21,7 +21,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  logs.quiet_library_logs()
   logging.info("config:\n%s", FLAGS.config)
   train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
