@@ -38,8 +38,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
+  logs.quiet_library_logs()
   try:
     inference.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
                                   FLAGS.splits)

@@ -11,9 +11,9 @@ four folds into `train` and a deterministic 10% `val` (by example id) used for m
 selection. ScanNet instead selected on fold k itself (DATASETS.md §5); ours avoids
 selecting on the test fold. Metric: weighted AUPRC (trapezoidal, ScanNet's) with each
 residue weighted by its example's sample weight. `bihier_jax.eval` reports it per fold
-(report mean ± std over the five runs); the published protocol pools the out-of-fold
-predictions of all five folds into one AUPRC, which needs each run's per-residue test
-predictions saved (not yet an option of bihier_jax.eval).
+and saves each run's per-residue test predictions (`eval/test_predictions.npz`);
+`python -m bihier_jax.pool_cv` pools the five out-of-fold files into the one AUPRC of
+the published protocol (plus per-fold mean ± std); see docs/tasks.md.
 ScanNet started from its PPBS model (transfer learning) and did not crop (Lmax 2120);
 we crop each chain to 1022 residues (ESM-2 limit; first window at evaluation).
 """
