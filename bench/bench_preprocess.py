@@ -6,11 +6,10 @@ End to end through `data_pipelines.shards.write_dataset` with the `pdb_dir` task
 parse, dihedrals, χ angles, radius graph, record serialisation, TFRecord writing) on
 the MDAnalysisTests structures (`data/dssp/*.pdb.gz` plus the larger protein files of
 `data/`), in this process (1 worker), so CPU seconds of this process = one core.
-Also: where records are serialised (in the worker, as `write_dataset` does, versus
-pickling `ProteinExample`s back to the parent and serialising there), measured as CPU
-time per residue of each path's extra work. Serialising in the worker costs the worker
-~2 µs/residue and leaves the single parent only bytes to write; serialising in the
-parent would put pickle + serialise (~2.5 µs/residue) on one process for all workers.
+Also: the CPU cost per residue of serialising records, which `write_dataset` does in
+the workers so that the single parent only writes bytes (sending `ProteinExample`s back
+and serialising in the parent was measured on 2026-11-24 at ~2.5 µs/residue of parent
+time, against ~2 µs/residue of worker time).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import argparse
 import glob
 import json
 import os
-import pickle
 import platform
 import sys
 import tempfile
@@ -66,17 +64,13 @@ def main():
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   residues = metadata["splits"]["train"]["residues"]
 
-  # Where to serialise: per-residue CPU of serialize_example vs pickle round trip.
+  # Per-residue CPU of serialize_example (done in the workers).
   examples = [ex for f in files for ex in featurize.examples_from_file(f)]
   n_res = sum(ex.num_residues for ex in examples)
   t = time.process_time()
   for ex in examples:
     records.serialize_example(ex)
   serialize = (time.process_time() - t) / n_res
-  t = time.process_time()
-  for ex in examples:
-    pickle.loads(pickle.dumps(ex, protocol=pickle.HIGHEST_PROTOCOL))
-  pickled = (time.process_time() - t) / n_res
   t = time.process_time()
   for f in files:
     featurize.examples_from_file(f)
@@ -89,8 +83,7 @@ def main():
       "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
       "residues_per_cpu_s": residues / cpu, "residues_per_wall_s": residues / wall,
       "us_per_residue": {"featurise (parse+features+graph)": featurise * 1e6,
-                         "serialize_example (worker)": serialize * 1e6,
-                         "pickle round trip (if the parent serialised)": pickled * 1e6},
+                         "serialize_example (worker)": serialize * 1e6},
   }
   print(f"{residues} residues from {len(files)} files x {repeats}: "
         f"{results['residues_per_cpu_s']:.0f} residues per CPU-second (one core), "

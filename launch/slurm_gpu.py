@@ -26,6 +26,8 @@ import subprocess
 import sys
 from typing import Sequence
 
+from launch import tpu_vm
+
 
 @dataclasses.dataclass(frozen=True)
 class SlurmJob:
@@ -48,25 +50,16 @@ class SlurmJob:
     return self.nodes * self.gpus_per_node
 
 
-def _override_flags(overrides: Sequence[str]) -> list[str]:
-  out = []
-  for item in overrides:
-    if "=" not in item:
-      raise ValueError(f"--set {item!r}: expected key=value, e.g. train.num_steps=1000")
-    out.append(f"--config.{item}")
-  return out
-
-
 def train_argv(job: SlurmJob) -> list[str]:
   """The program every task runs (inside srun)."""
   return ["python", "-m", "bihier_jax.train", f"--config={job.config}",
           f"--workdir={job.workdir}", "--config.train.multi_host=True",
-          *_override_flags(job.overrides)]
+          *tpu_vm.config_override_flags(job.overrides)]
 
 
 def eval_argv(job: SlurmJob) -> list[str]:
   return ["python", "-m", "bihier_jax.eval", f"--config={job.config}",
-          f"--workdir={job.workdir}", *_override_flags(job.overrides)]
+          f"--workdir={job.workdir}", *tpu_vm.config_override_flags(job.overrides)]
 
 
 def sbatch_script(job: SlurmJob) -> str:

@@ -123,7 +123,7 @@ def install_commands(target: Target, archive: str = LOCAL_ARCHIVE,
   ]
 
 
-def _override_flags(overrides: Sequence[str]) -> list[str]:
+def config_override_flags(overrides: Sequence[str]) -> list[str]:
   """`key=value` -> `--config.key=value` (ml_collections config flags)."""
   out = []
   for item in overrides:
@@ -147,7 +147,7 @@ def train_command(target: Target, config: str, workdir: str,
         f"workdir {workdir!r}: TPU workers share no disk; use a gs:// bucket "
         "(or --allow-local-workdir for a single-host test)")
   argv = ["-m", "bihier_jax.train", f"--config={config}", f"--workdir={workdir}",
-          "--config.train.multi_host=True", *_override_flags(overrides)]
+          "--config.train.multi_host=True", *config_override_flags(overrides)]
   # The interpreter path stays unquoted so the remote shell expands `~`.
   remote = (f"cd {REMOTE_DIR} && nohup {REMOTE_VENV}/bin/python {shlex.join(argv)} "
             f"> {REMOTE_LOG} 2>&1 < /dev/null &")

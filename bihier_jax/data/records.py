@@ -255,23 +255,23 @@ def read_records(path: str) -> Iterator[ProteinExample]:
     yield deserialize_example(data)
 
 
-def parse_record(serialized):
-  """tf.data map function: one serialized record -> dict of flat tensors.
-
-  Arrays come back with their leading axis (n, e, m, c or t) and trailing shape as in
-  the schema; masks as bool; the scalar counts as int32.
-  """
+def _feature_spec():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in INT_FIELDS}
   spec.update({k: tf.io.FixedLenFeature([], tf.float32) for k in FLOAT_FIELDS})
   spec.update({k: tf.io.FixedLenFeature([], tf.string)
                for k in ("id", "group", *ARRAY_FIELDS)})
-  f = tf.io.parse_single_example(serialized, spec)
+  return spec
+
+
+def _decode(f, raw):
+  """Parsed features -> dict of tensors; raw(name) gives the bytes of an array field."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out = {k: tf.cast(f[k], tf.int32) for k in INT_FIELDS}
   out.update({k: f[k] for k in ("id", "group", *FLOAT_FIELDS)})
   tf_dtype = {np.int32: tf.int32, np.uint8: tf.uint8, np.float32: tf.float32}
   for name, (dtype, trailing, _) in ARRAY_FIELDS.items():
-    x = tf.io.decode_raw(f[name], tf_dtype[dtype], little_endian=True)
+    x = tf.io.decode_raw(raw(name), tf_dtype[dtype], little_endian=True)
     if trailing:
       x = tf.reshape(x, (-1, *trailing))
     if name in ("atom_mask", "chi_mask", "node_label_mask"):
@@ -280,6 +280,17 @@ def parse_record(serialized):
       x = tf.cast(x, tf.int32)
     out[name] = x
   return out
+
+
+def parse_record(serialized):
+  """tf.data map function: one serialized record -> dict of flat tensors.
+
+  Arrays come back with their leading axis (n, e, m, c or t) and trailing shape as in
+  the schema; masks as bool; the scalar counts as int32.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  f = tf.io.parse_single_example(serialized, _feature_spec())
+  return _decode(f, lambda name: f[name])
 
 
 # Which count gives the number of rows of each array field.
@@ -297,26 +308,10 @@ def parse_records(serialized):
   C examples of their rows ([sum of ROW_COUNT[field]], trailing shape).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in INT_FIELDS}
-  spec.update({k: tf.io.FixedLenFeature([], tf.float32) for k in FLOAT_FIELDS})
-  spec.update({k: tf.io.FixedLenFeature([], tf.string)
-               for k in ("id", "group", *ARRAY_FIELDS)})
-  f = tf.io.parse_example(serialized, spec)
+  f = tf.io.parse_example(serialized, _feature_spec())
   tf.debugging.assert_equal(f["schema_version"], tf.constant(SCHEMA_VERSION, tf.int64),
                             message="record schema version differs from this code's")
-  out = {k: tf.cast(f[k], tf.int32) for k in INT_FIELDS}
-  out.update({k: f[k] for k in ("id", "group", *FLOAT_FIELDS)})
-  tf_dtype = {np.int32: tf.int32, np.uint8: tf.uint8, np.float32: tf.float32}
-  for name, (dtype, trailing, _) in ARRAY_FIELDS.items():
-    x = tf.io.decode_raw(tf.strings.reduce_join(f[name]), tf_dtype[dtype],
-                         little_endian=True)
-    if trailing:
-      x = tf.reshape(x, (-1, *trailing))
-    if name in ("atom_mask", "chi_mask", "node_label_mask"):
-      x = tf.cast(x, tf.bool)
-    elif dtype == np.uint8:
-      x = tf.cast(x, tf.int32)
-    out[name] = x
+  out = _decode(f, lambda name: tf.strings.reduce_join(f[name]))
   chain_example = tf.repeat(tf.range(tf.size(out["num_chains"])), out["num_chains"])
   out["num_tokens"] = tf.math.unsorted_segment_sum(
       out["sequence_lengths"], chain_example, tf.size(out["num_chains"]))
