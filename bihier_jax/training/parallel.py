@@ -5,12 +5,15 @@ cannot be split along its node axis without cutting proteins. Instead the host b
 D independent padded sub-batches of the same `PaddingBudget` (D = this host's devices),
 stacks them along a new leading "device" axis ([D, N, ...], [D, E], ...), and the
 global array of all hosts ([D_global, ...]) is sharded on that axis over the mesh axis
-'data' (`NamedSharding(mesh, P('data'))`). The step `jax.vmap`s the model over the device
-axis inside `jax.jit`; XLA's SPMD partitioner turns the vmapped program into one
-per-device program of the sub-batch's static shape, and the parameter gradients into an
-all-reduce. The loss is the mean over the global batch: Σ_d loss_d·W_d / Σ_d W_d with
-W_d the label weight of sub-batch d (see train_lib), so one D-device step equals one
-1-device step on the same stacked batch (tests/test_parallel.py checks it, 8 vs 1).
+'data' (`NamedSharding(mesh, P('data'))`). Inside `jax.jit` the step is a
+`jax.shard_map` over 'data' (see train_lib): each device runs the unbatched model on its
+own sub-batch, and the weighted loss sums are `psum`med, so the parameter gradients
+become an all-reduce. Not `vmap`: a batched predicate would turn the models' on-device
+`lax.cond` layout choices (global fusion's per-graph vs dense attention) into selects
+that compute both branches. The loss is the mean over the global batch:
+Σ_d loss_d·W_d / Σ_d W_d with W_d the label weight of sub-batch d, so one D-device step
+equals one 1-device step on the same stacked batch (tests/test_parallel.py checks it,
+8 vs 1).
 
 Sub-batches are grouped by budget: `DeviceBatcher` collects batches from the input
 stream per budget and emits D of the same budget at once; its `position` (raw batches
@@ -26,7 +29,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
@@ -199,8 +201,3 @@ def tree_unstack(tree: Any, index: int) -> Any:
   """Slice `index` of the leading axis of every leaf (host numpy)."""
   return jax.tree_util.tree_map(lambda x: np.asarray(x)[index], tree)
 
-
-def device_axis_weights(label_weight: jnp.ndarray) -> jnp.ndarray:
-  """Normalised weights [D] of the sub-batches' losses (0/0 -> 0)."""
-  total = jnp.sum(label_weight)
-  return jnp.where(total > 0, label_weight / jnp.maximum(total, 1e-12), 0.0)

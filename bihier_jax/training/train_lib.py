@@ -167,7 +167,44 @@ def _sub_batch_keys(step_key, num):
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(num))
 
 
-def loss_and_grads(params, batch: Batch, rng, step, *, model, task):
+def _each_sub_batch(fn, block):
+  """fn on every sub-batch of a [d, ...] block, without vmap.
+
+  vmap would turn the models' on-device layout choices (`lax.cond`, e.g. GlobalFusion's
+  per-graph layout vs its dense fallback) into selects that compute both branches;
+  one sub-batch is squeezed and run as is, several run one after another (lax.map).
+  """
+  count = jax.tree_util.tree_leaves(block)[0].shape[0]
+  if count == 1:
+    out = fn(jax.tree_util.tree_map(lambda x: x[0], block))
+    return jax.tree_util.tree_map(lambda x: x[None], out)
+  return jax.lax.map(fn, block)
+
+
+def _data_parallel(body, mesh, out_specs):
+  """body(params, *stacked) as one program per device of `mesh` (shard_map over
+  'data': params replicated, stacked arrays split on their leading device axis), or
+  as is on the whole stack when there is no mesh."""
+  if mesh is None:
+    return functools.partial(body, axis_name=None)
+  spec = jax.sharding.PartitionSpec
+  return lambda params, *stacked: jax.shard_map(
+      functools.partial(body, axis_name=parallel.DATA_AXIS), mesh=mesh,
+      in_specs=(spec(),) + (spec(parallel.DATA_AXIS),) * len(stacked),
+      out_specs=out_specs, check_vma=True)(params, *stacked)
+
+
+def _context_mesh(mesh):
+  """`mesh`, else the mesh set with jax.set_mesh if it has the 'data' axis, else None."""
+  if mesh is not None:
+    return mesh
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty and parallel.DATA_AXIS in context.axis_names:
+    return context
+  return None
+
+
+def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
   """Global-batch loss and its gradients for a device-stacked batch [D, ...].
 
   loss = Σ_d loss_d·W_d / Σ_d W_d, W_d = label weight of sub-batch d: the weighted mean
@@ -175,31 +212,48 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task):
   draws dropout/augmentation keys from fold_in(fold_in(key(rng), step), d), so the
   result does not depend on how the device axis is sharded.
 
+  With `mesh` (or a context mesh with a 'data' axis) each device runs the unbatched
+  model on its own sub-batches (`jax.shard_map`) and the sums are `psum`med over
+  'data'; without one the sub-batches run one after another on the whole stack.
+
   Returns:
     ((loss, aux), grads) with aux = {accuracy (weighted, softmax tasks), label_weight}.
   """
   from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
   num_sub = batch.node_mask.shape[0]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-  keys = _sub_batch_keys(step_key, num_sub)
+  key_data = jax.random.key_data(_sub_batch_keys(step_key, num_sub))
 
-  def loss_fn(params):
-    def one(sub_batch, key):
-      dropout_key, augment_key = jax.random.split(key)
+  def body(params, block, key_block, *, axis_name):
+    def one(args):
+      sub_batch, key = args
+      dropout_key, augment_key = jax.random.split(jax.random.wrap_key_data(key))
       out = model.apply({"params": params}, sub_batch, deterministic=False,
                         rngs={"dropout": dropout_key, "augment": augment_key})
       loss, aux = heads.loss(task, out.logits, sub_batch)
       return loss, aux["weight_sum"], aux.get("accuracy", jnp.zeros([]))
-    losses, weight_sums, accuracies = jax.vmap(one)(batch, keys)
-    w = parallel.device_axis_weights(weight_sums)
-    loss = jnp.sum(jnp.where(w > 0, losses, 0.0) * w)
-    return loss, {"accuracy": jnp.sum(jnp.where(w > 0, accuracies, 0.0) * w),
-                  "label_weight": jnp.sum(weight_sums)}
+    losses, weight_sums, accuracies = _each_sub_batch(one, (block, key_block))
+    used = weight_sums > 0  # unlabelled sub-batches' 0/0 losses must not leak in
+    sums = (jnp.sum(jnp.where(used, losses, 0.0) * weight_sums),
+            jnp.sum(jnp.where(used, accuracies, 0.0) * weight_sums),
+            jnp.sum(weight_sums))
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    loss_sum, accuracy_sum, total = sums
+    scale = jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
+    return loss_sum * scale, accuracy_sum * scale, total
+
+  global_sums = _data_parallel(body, _context_mesh(mesh),
+                               out_specs=jax.sharding.PartitionSpec())
+
+  def loss_fn(params):
+    loss, accuracy, total = global_sums(params, batch, key_data)
+    return loss, {"accuracy": accuracy, "label_weight": total}
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-def train_step(state: TrainState, batch: Batch, *, model, tx, task
+def train_step(state: TrainState, batch: Batch, *, model, tx, task, mesh=None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One data-parallel update on a device-stacked batch [D, ...] (see loss_and_grads).
 
@@ -207,7 +261,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tx, task
   (in-graph select) and is counted in nonfinite_streak / nonfinite_total.
   """
   (loss, aux), grads = loss_and_grads(state.params, batch, state.rng, state.step,
-                                      model=model, task=task)
+                                      model=model, task=task, mesh=mesh)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # Zero bad gradients so the optimizer's arithmetic stays finite; the result is
@@ -229,28 +283,39 @@ def train_step(state: TrainState, batch: Batch, *, model, tx, task
   return new_state, step_metrics
 
 
-def eval_step(params, batch: Batch, *, model, task) -> dict[str, jnp.ndarray]:
-  """Deterministic forward on [D, ...]: predictions, embeddings, per-sub-batch loss."""
+def eval_step(params, batch: Batch, *, model, task, mesh=None
+              ) -> dict[str, jnp.ndarray]:
+  """Deterministic forward on [D, ...]: predictions, embeddings, per-sub-batch loss
+  (each device runs its own sub-batches unbatched when there is a mesh, as in
+  loss_and_grads)."""
   from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
 
-  def one(sub_batch):
-    out = model.apply({"params": params}, sub_batch, deterministic=True)
-    loss, aux = heads.loss(task, out.logits, sub_batch)
-    return {"predictions": heads.predictions(task, out.logits), "loss": loss,
-            "weight_sum": aux["weight_sum"], "node_embeddings": out.node_embeddings,
-            "graph_embeddings": out.graph_embeddings}
-  return jax.vmap(one)(batch)
+  def body(params, block, *, axis_name):
+    del axis_name  # per-device outputs stay on their device
+
+    def one(sub_batch):
+      out = model.apply({"params": params}, sub_batch, deterministic=True)
+      loss, aux = heads.loss(task, out.logits, sub_batch)
+      return {"predictions": heads.predictions(task, out.logits), "loss": loss,
+              "weight_sum": aux["weight_sum"], "node_embeddings": out.node_embeddings,
+              "graph_embeddings": out.graph_embeddings}
+    return _each_sub_batch(one, block)
+
+  return _data_parallel(body, _context_mesh(mesh),
+                        out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))(
+                            params, batch)
 
 
 def jit_train_step(model, tx, task, mesh):
   replicated = parallel.replicated(mesh)
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, task=task),
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, task=task,
+                                   mesh=mesh),
                  in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def jit_eval_step(model, task, mesh):
-  return jax.jit(functools.partial(eval_step, model=model, task=task),
+  return jax.jit(functools.partial(eval_step, model=model, task=task, mesh=mesh),
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=parallel.batch_sharding(mesh))
 
