@@ -46,7 +46,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     batch = parallel.put_global(stacked, mesh)
     assert len(batch.node_mask.sharding.device_set) == len(devices)
     fn = jax.jit(lambda p, b: train_lib.loss_and_grads(
-        p, b, rng, 3, model=model, task=config.task),
+        p, b, rng, 3, model=model, task=config.task, mesh=mesh),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
     (loss, _), grads = fn(params, batch)
     return jax.device_get((loss, grads))

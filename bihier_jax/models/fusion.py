@@ -145,7 +145,8 @@ class GlobalFusion(nn.Module):
     fits (checked on device); otherwise the dense layout runs (via `nn.cond`, so both are
     compiled and results are always exact). Caveat: under `jax.vmap` the data-dependent
     predicate is batched and `cond` becomes `select`, so BOTH layouts run (the dense
-    cost is paid); call the model outside vmap for the per-graph saving.
+    cost is paid); call the model outside vmap for the per-graph saving, as the
+    training and eval steps do (one unbatched program per device under shard_map).
 
   Attributes:
     dim: token width d.
