@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.fusion.layer_pairing = "even"  # even | last | explicit tuple of ESM layers
   c.model.fusion.dim = 128  # width of the fused residue tokens
   c.model.fusion.num_heads = 4
+  c.model.fusion.ffn_mult = 4  # global fusion FFN width = ffn_mult x fusion.dim
   c.model.fusion.dropout = 0.1
 
   c.model.head = ml_collections.ConfigDict()

@@ -125,6 +125,7 @@ class BiHierConfig:
   fusion_dim: int
   fusion_heads: int
   fusion_dropout: float
+  fusion_ffn_mult: int
   head_pooling: str
   head_hidden: int
   head_dropout: float
@@ -173,7 +174,8 @@ class BiHierConfig:
         gnn=gnn_cfg, fusion_mode=m.fusion.mode, fusion_levels=levels,
         fusion_direction=m.fusion.direction, fusion_esm_layers=paired,
         fusion_dim=m.fusion.dim, fusion_heads=m.fusion.num_heads,
-        fusion_dropout=m.fusion.dropout, head_pooling=m.head.pooling,
+        fusion_dropout=m.fusion.dropout, fusion_ffn_mult=m.fusion.get("ffn_mult", 4),
+        head_pooling=m.head.pooling,
         head_hidden=m.head.hidden, head_dropout=m.head.dropout, task_level=t.level,
         num_classes=t.num_classes)
 
@@ -214,7 +216,8 @@ class BiHierModel(nn.Module):
     write_seq = cfg.fusion_direction in ("bi", "struct2seq")
     level = lambda mode, ws, wq: fusion_lib.FusionLevel(
         mode=mode, dim=cfg.fusion_dim, num_heads=cfg.fusion_heads,
-        dropout=cfg.fusion_dropout, write_struct=ws, write_seq=wq, dtype=cfg.dtype)
+        dropout=cfg.fusion_dropout, ffn_mult=cfg.fusion_ffn_mult, write_struct=ws,
+        write_seq=wq, dtype=cfg.dtype)
     self.fusion = {str(k): level(cfg.fusion_mode, write_struct, write_seq)
                    for k in cfg.fusion_levels}
     if cfg.kind == "cross":

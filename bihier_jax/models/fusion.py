@@ -153,12 +153,14 @@ class GlobalFusion(nn.Module):
     num_heads: attention heads.
     dropout: dropout rate.
     graph_capacity: P, nodes per graph in the per-graph layout; None = dense only.
+    ffn_mult: FFN hidden width = ffn_mult x dim.
     dtype: compute dtype.
   """
   dim: int
   num_heads: int
   dropout: float = 0.0
   graph_capacity: int | None = None
+  ffn_mult: int = 4
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -168,7 +170,7 @@ class GlobalFusion(nn.Module):
     self.struct_type_embedding = self.param(
         "struct_type_embedding", nn.initializers.normal(0.02), (self.dim,))
     self.block = JointTokenBlock(num_heads=self.num_heads, dropout=self.dropout,
-                                 dtype=self.dtype)
+                                 ffn_mult=self.ffn_mult, dtype=self.dtype)
 
   def _dense(self, tokens, token_graph, token_mask, deterministic):
     allowed = ((token_graph[:, None] == token_graph[None, :])
@@ -248,6 +250,7 @@ class FusionLevel(nn.Module):
     dim: fused token width d.
     num_heads: heads of global fusion.
     dropout: dropout in global fusion and on the write-back updates.
+    ffn_mult: FFN width multiple of global fusion.
     write_struct: struct <- seq write-back (direction bi / seq2struct).
     write_seq: seq <- struct write-back (direction bi / struct2seq).
     dtype: compute dtype.
@@ -256,6 +259,7 @@ class FusionLevel(nn.Module):
   dim: int
   num_heads: int = 4
   dropout: float = 0.0
+  ffn_mult: int = 4
   write_struct: bool = True
   write_seq: bool = True
   dtype: Dtype = jnp.float32
@@ -287,7 +291,8 @@ class FusionLevel(nn.Module):
     elif self.mode == "global":
       z_seq, z_struct = GlobalFusion(
           dim=self.dim, num_heads=self.num_heads, dropout=self.dropout,
-          graph_capacity=graph_capacity, dtype=self.dtype, name="global")(
+          graph_capacity=graph_capacity, ffn_mult=self.ffn_mult, dtype=self.dtype,
+          name="global")(
               u, v, node_graph, has_token, node_mask, num_graphs,
               deterministic)
     else:
