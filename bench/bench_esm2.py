@@ -46,6 +46,10 @@ if THREADS == 1:  # single-threaded XLA CPU, for comparisons robust to a loaded 
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
                              " intra_op_parallelism_threads=1")
 
+from bihier_jax.common import host  # pylint: disable=wrong-import-position
+
+host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position

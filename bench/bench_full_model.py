@@ -43,9 +43,14 @@ if _REPO not in sys.path:
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bihier_jax.common import host  # pylint: disable=wrong-import-position
+
+host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 STEP_NAME = "bench_train_step"

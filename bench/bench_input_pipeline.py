@@ -29,6 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from bihier_jax.common import host  # pylint: disable=wrong-import-position
+
+host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+
 import numpy as np  # noqa: E402
 
 from bihier_jax.data import input_pipeline  # noqa: E402

@@ -24,6 +24,10 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from bihier_jax.common import host  # pylint: disable=wrong-import-position
+
+host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np

@@ -36,6 +36,10 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from bihier_jax.common import host  # pylint: disable=wrong-import-position
+
+host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp

@@ -38,6 +38,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from bihier_jax.common import host  # pylint: disable=g-import-not-at-top
+  host.tune_malloc()  # before JAX runs anything: see bihier_jax.common.host
   from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
