@@ -11,17 +11,8 @@ Reference PyTorch ProNet (DIG, with torch_scatter/torch_cluster) on the project'
 CPU: about 4,800 residues/s (8 proteins) and 3,800 residues/s (32 proteins), per the
 issue text; not installable here (needs torch_geometric <= 2.7 and compiled extensions).
 
-Measured (2026-11-25, jax 0.11.2, this script with --steps 4 --repeats 1):
-  2 Xeon cores of the lent GPU machine (taskset -c 0,1, JAX_PLATFORMS=cpu, idle):
-    8 proteins (973 residues, 16,451 edges): 248 ms/step, 3,919 residues/s (0.82x ref.)
-    32 proteins (4,149 residues, 69,048 edges): 1,004 ms/step, 4,134 residues/s (1.09x)
-    node budget 512 / 1024 / 2048 / 4096 / 8192 (32 edges per node budgeted):
-      433 / 369 / 338 / 348 / 318 µs per node per step: linear in nodes.
-  NVIDIA H100 (same script, JAX_PLATFORMS=cuda): 3.9 ms/step = 249,000 residues/s
-    (8 proteins), 5.5 ms/step = 761,000 residues/s (32 proteins).
-  The project's shared 2-core CPU ran at load average 5-12 during the session (other
-  engineers' jobs), so its wall-clock figures are not comparable; `cpu_ms` (process CPU
-  time per step) was ~240 ms for 8 proteins there.
+Results, with the machines they ran on, are in BENCHMARKS.md ("ProNet encoder"). The
+host allocator setting (`bihier_jax.common.host`, applied below) changes them by ~1.6x.
 """
 
 from __future__ import annotations
