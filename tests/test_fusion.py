@@ -170,25 +170,6 @@ def test_write_back_directions(mode):
   np.testing.assert_allclose(h4, h2, rtol=1e-6)
 
 
-def test_masked_attention_backward_equals_autodiff():
-  """The hand-written attention backward equals autodiff of the plain formula."""
-  rng = np.random.default_rng(4)
-  q, k, v, g = (jnp.asarray(rng.normal(size=(2, 7, 3, 4)), jnp.float32) for _ in range(4))
-  allowed = rng.random((2, 1, 7, 7)) < 0.6
-  allowed[..., 0] = True
-  bias = jnp.where(allowed, 0.0, fusion._MASKED_LOGIT)  # pylint: disable=protected-access
-
-  def plain(q, k, v):
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) + bias
-    return jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
-
-  want, want_vjp = jax.vjp(plain, q, k, v)
-  got, got_vjp = jax.vjp(lambda q, k, v: fusion.masked_attention(q, k, v, bias), q, k, v)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  for a, b in zip(got_vjp(g), want_vjp(g)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
 def test_key_mask_equals_pair_mask_with_gradients():
   """A key mask equals the same mask written as (query, key) pairs, with masked tokens
   anywhere in a row (the per-graph layout has holes), gradients included."""

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.models import attention
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 replaced by <mask> in training
 ROTARY_BASE = 10000.0
@@ -245,11 +246,6 @@ def _dense(x, p, dtype):
   return jnp.dot(x, p["kernel"].astype(dtype)) + p["bias"].astype(dtype)
 
 
-# Bytes of float32 scores per step of the CPU attention loop: bounds the memory of long
-# sequences ([B, H, L, L] is 671 MB at 8 x 20 x 1024²) while batch 8 x 256 runs in one step.
-_CPU_SCORE_CHUNK_BYTES = 64 << 20
-
-
 def _exact_attention(q, k, v, key_mask):
   """Reference einsum attention with float32 softmax. q, k, v [B, L, H, hd]."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -260,41 +256,10 @@ def _exact_attention(q, k, v, key_mask):
 
 
 def _cpu_attention(q, k, v, key_mask):
-  """Same maths as `_exact_attention`, arranged for CPU.
-
-  Head-major [B·H, L, hd] operands (the einsums become plain batched GEMMs), and the
-  softmax denominator divides the [L, hd] output instead of the [L, L] weights, which
-  saves a pass over the scores. (B·H) groups run in loop steps of at most
-  _CPU_SCORE_CHUNK_BYTES of scores. Measured on the 2-core dev VM (BENCHMARKS.md),
-  forward t12_35M 8 x 256: 4,250 tok/s with normalised weights in 2.5 MB chunks, 4,950
-  with this. Not for accelerators (the loop is sequential).
-  """
-  b, length, h, hd = q.shape
-  groups = b * h
-  target = max(1, _CPU_SCORE_CHUNK_BYTES // (4 * length * length))
-  chunk = max(c for c in range(1, min(target, groups) + 1) if groups % c == 0)
-
-  def to_groups(x):  # [B, L, H, hd] -> [G / chunk, chunk, L, hd]
-    return jnp.transpose(x, (0, 2, 1, 3)).reshape(groups // chunk, chunk, length, hd)
-
+  """Same maths as `_exact_attention`, arranged for CPU (`attention.masked_attention`:
+  head-major GEMMs, late softmax normalisation, closed-form backward)."""
   bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-  bias = jnp.broadcast_to(bias[:, None, None, :], (b, h, 1, length))
-  bias = bias.reshape(groups // chunk, chunk, 1, length)
-
-  def one_chunk(args):
-    qc, kc, vc, bc = args
-    logits = jnp.einsum("gqd,gkd->gqk", qc, kc, preferred_element_type=jnp.float32) + bc
-    unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    total = jnp.sum(unnormalised, axis=-1, keepdims=True)  # >= 1: the max term is exp(0)
-    out = jnp.einsum("gqk,gkd->gqd", unnormalised.astype(vc.dtype), vc,
-                     preferred_element_type=jnp.float32)
-    return (out / total).astype(vc.dtype)
-
-  if groups == chunk:  # one step: no loop
-    out = one_chunk((to_groups(q)[0], to_groups(k)[0], to_groups(v)[0], bias[0]))[None]
-  else:
-    out = jax.lax.map(one_chunk, (to_groups(q), to_groups(k), to_groups(v), bias))
-  return jnp.transpose(out.reshape(b, h, length, hd), (0, 2, 1, 3))
+  return attention.masked_attention(q, k, v, bias[:, None, None, :])
 
 
 def _cudnn_attention(q, k, v, key_mask):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from bihier_jax.data import batch as batch_lib
+from bihier_jax.models import attention
 
 Dtype = Any
 
@@ -70,54 +71,6 @@ class LocalFusion(nn.Module):
     return z, gates
 
 
-def _attention_weights(q, k, bias):
-  """softmax(q kᵀ + bias) in float32. q, k [B, T, H, c]; bias broadcastable to
-  [B, H, T, T] (0 or _MASKED_LOGIT). Returns [B, H, T, T]."""
-  logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
-  return jax.nn.softmax(logits + bias, axis=-1)
-
-
-@jax.custom_vjp
-def masked_attention(q, k, v, bias):
-  """Softmax attention with an additive mask, and a hand-written backward.
-
-  Args:
-    q: [B, T, H, c], already scaled; k, v: [B, T, H, c].
-    bias: float32, broadcastable to [B, H, T, T]: 0 where a (query, key) pair may attend,
-      _MASKED_LOGIT where not ([B, 1, 1, T] for a key mask, [B, 1, T, T] for pairs).
-
-  Returns:
-    [B, T, H, c]. Rows with no allowed key get finite values (uniform weights).
-
-  The backward uses the closed form dlogits = w ⊙ (dw − Σ_k dw ⊙ w) on the saved
-  weights; autodiff of softmax builds a longer chain over the [B, H, T, T] tensors.
-  Measured on the 2-core CPU, fusion block forward + backward at 8 x 516 tokens, 4 heads
-  of 32: 48.5 ms against 56.3 ms with autodiff.
-  """
-  weights = _attention_weights(q, k, bias)
-  return jnp.einsum("bhqk,bkhc->bqhc", weights.astype(v.dtype), v)
-
-
-def _masked_attention_fwd(q, k, v, bias):
-  weights = _attention_weights(q, k, bias)
-  out = jnp.einsum("bhqk,bkhc->bqhc", weights.astype(v.dtype), v)
-  return out, (q, k, v, weights, bias)
-
-
-def _masked_attention_bwd(residuals, g):
-  q, k, v, weights, bias = residuals
-  dv = jnp.einsum("bhqk,bqhc->bkhc", weights.astype(g.dtype), g)
-  dw = jnp.einsum("bqhc,bkhc->bhqk", g, v, preferred_element_type=jnp.float32)
-  dlogits = weights * (dw - jnp.sum(dw * weights, axis=-1, keepdims=True))
-  dlogits = dlogits.astype(q.dtype)
-  dq = jnp.einsum("bhqk,bkhc->bqhc", dlogits, k)
-  dk = jnp.einsum("bhqk,bqhc->bkhc", dlogits, q)
-  return dq, dk, dv, jnp.zeros_like(bias)
-
-
-masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
-
-
 class JointTokenBlock(nn.Module):
   """One pre-LN transformer block (MHSA + FFN) over batched token sets with a mask.
 
@@ -156,7 +109,7 @@ class JointTokenBlock(nn.Module):
     # than the attention itself on CPU; the residual branches keep dropout.
     pairs = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
     bias = jnp.where(pairs, 0.0, _MASKED_LOGIT).astype(jnp.float32)
-    attended = masked_attention(q, k, v, bias)
+    attended = attention.masked_attention(q, k, v, bias)
     attended = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                                name="attention_out")(attended)
     tokens = tokens + nn.Dropout(self.dropout)(attended, deterministic=deterministic)
