@@ -25,6 +25,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bihier_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file (.py).",
                                 lock_config=True)
@@ -36,14 +38,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from bihier_jax.common import host  # pylint: disable=g-import-not-at-top
-  host.tune_malloc()  # before JAX runs anything: see bihier_jax.common.host
-  from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
   from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  logs.quiet_library_logs()
   try:
     inference.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
                                   FLAGS.splits)
