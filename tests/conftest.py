@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-# XLA CPU steps run several times faster without glibc's per-step page faults.
+# XLA CPU steps stop page-faulting their buffers in on every call: bihier_jax.common.host.
 from bihier_jax.common import host  # pylint: disable=wrong-import-position
 
 host.tune_malloc()

@@ -7,7 +7,7 @@ per-thread arenas give freed heap pages back as well, so every training step pag
 its large buffers in again. Measured on the 2-core development VM (BENCHMARKS.md, "Host
 allocator"): one ProNet convolution forward+backward at 1,024 nodes x 17,408 edges took
 13.1 ms with 8,700 minor page faults per call (12 ms of it kernel time), and 3.0 ms with
-none after `tune_malloc()`; the whole ProNet training step ran 1.7x faster.
+none after `tune_malloc()`; whole ProNet training steps ran 1.5-1.8x faster.
 
 `tune_malloc()` sets, through glibc's `mallopt`: one arena for all threads, no `mmap`
 for large blocks, no trimming of the heap top, and a 512 MiB top pad. The price: the

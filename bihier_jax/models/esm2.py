@@ -277,8 +277,9 @@ def _attention(q, k, v, key_mask, kind):
   """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; key_mask bool [B, L].
 
   kind 'exact': einsum reference. 'auto': by backend - CPU: `_cpu_attention` (same
-  maths, CPU-friendly arrangement); GPU with bf16/fp16 compute: cuDNN fused attention (falls back to XLA's
-  jax.nn.dot_product_attention if cuDNN refuses the shapes); otherwise XLA's.
+  maths, CPU-friendly arrangement); GPU with bf16/fp16 compute: cuDNN fused attention
+  (falls back to XLA's jax.nn.dot_product_attention if cuDNN refuses the shapes);
+  otherwise XLA's.
   """
   if kind == "exact":
     return _exact_attention(q, k, v, key_mask)

@@ -142,9 +142,10 @@ class GlobalFusion(nn.Module):
     memory: N = 2048 nodes with 4 heads is 4096² x 4 float32 logits = 268 MB and 8x the
     FLOPs of per-protein attention for 8 equal proteins.
   - per graph: nodes are laid out as [G-1, P] by (graph, slot within graph) with a static
-    capacity P (the padding graph G-1 gets no slots); cost (G-1) x (2P)². Used when `graph_capacity` is set and every real node
-    fits (checked on device); otherwise the dense layout runs (via `nn.cond`, so both are
-    compiled and results are always exact). Caveat: under `jax.vmap` the data-dependent
+    capacity P (the padding graph G-1 gets no slots); cost (G-1) x (2P)². Used when
+    `graph_capacity` is set and every real node fits (checked on device); otherwise the
+    dense layout runs (via `nn.cond`, so both are compiled and results are always
+    exact). Caveat: under `jax.vmap` the data-dependent
     predicate is batched and `cond` becomes `select`, so BOTH layouts run (the dense
     cost is paid); call the model outside vmap for the per-graph saving, as the
     training and eval steps do (one unbatched program per device under shard_map).
