@@ -1,0 +1,82 @@
+"""Matrix-multiply FLOPs of a JAX function, counted exactly from its jaxpr.
+
+    flops.matmul_flops(jax.value_and_grad(loss_fn), params, rng)
+
+Counts 2 FLOPs per multiply-add of every `dot_general` and `conv_general_dilated` the
+function traces, forward and (for a gradient function) backward alike. Elementwise work
+(softmax, LayerNorm, dropout) is not counted: it is memory-bound, and what compares two
+models' arithmetic is the matmul count.
+
+Why not XLA's `cost_analysis()`: it counts a loop body once, not once per trip, so for
+the scanned ESM-2 layers it reported 18 GFLOP for a training step counted here at
+104 GFLOP (t6_8M, 8 x 258 tokens).
+
+Control flow: `scan` bodies count `length` times; `cond` counts one branch, the cheapest
+(`cond_branch="min"`, what runs when a fast path is taken) or the dearest ("max", an
+upper bound); `while` bodies count once (their trip count is not static), so a
+function with a `while` around matmuls gets a lower bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+from jax.extend import core as jax_core
+
+
+def _dot_general_flops(eqn) -> int:
+  (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval
+  macs_per_output = math.prod(lhs.shape[d] for d in lhs_contracting)
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * macs_per_output
+
+
+def _conv_flops(eqn) -> int:
+  rhs = eqn.invars[1].aval  # kernel [O, I / groups, *spatial] in its own dim order
+  out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+  macs_per_output = math.prod(rhs.shape) // out_features
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * macs_per_output
+
+
+_COUNTED = {"dot_general": _dot_general_flops, "conv_general_dilated": _conv_flops}
+
+
+def _sub_jaxprs(value):
+  """Jaxprs held in one equation parameter (a jaxpr, a closed jaxpr, or a tuple)."""
+  items = value if isinstance(value, (tuple, list)) else (value,)
+  for item in items:
+    if isinstance(item, jax_core.ClosedJaxpr):
+      yield item.jaxpr
+    elif isinstance(item, jax_core.Jaxpr):
+      yield item
+
+
+def jaxpr_matmul_flops(jaxpr, cond_branch: str = "min") -> int:
+  """Matmul FLOPs of a (closed or open) jaxpr; see the module docstring."""
+  if cond_branch not in ("min", "max"):
+    raise ValueError(f"cond_branch must be 'min' or 'max', got {cond_branch!r}")
+  if isinstance(jaxpr, jax_core.ClosedJaxpr):
+    jaxpr = jaxpr.jaxpr
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in _COUNTED:
+      total += _COUNTED[name](eqn)
+    elif name == "cond":
+      branches = [jaxpr_matmul_flops(b, cond_branch) for b in eqn.params["branches"]]
+      total += min(branches) if cond_branch == "min" else max(branches)
+    elif name == "scan":
+      total += eqn.params["length"] * jaxpr_matmul_flops(eqn.params["jaxpr"], cond_branch)
+    else:  # pjit, remat, custom_jvp/vjp calls, while (body once), ...
+      for value in eqn.params.values():
+        for sub in _sub_jaxprs(value):
+          total += jaxpr_matmul_flops(sub, cond_branch)
+  return total
+
+
+def matmul_flops(fn: Callable[..., Any], *args, cond_branch: str = "min",
+                 **kwargs) -> int:
+  """Matmul FLOPs of one call `fn(*args, **kwargs)` (traced, not run)."""
+  return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs), cond_branch)
