@@ -6,8 +6,6 @@ import numpy as np
 
 from bihier_jax.models import attention
 
-MASKED = -1e9
-
 
 def _plain(q, k, v, bias):
   logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) + bias
@@ -20,7 +18,7 @@ def _inputs(seed, shape=(2, 7, 3, 4), pairs=True):
   b, t = shape[:2]
   allowed = rng.random((b, 1, t, t) if pairs else (b, 1, 1, t)) < 0.6
   allowed[..., 0] = True
-  return q, k, v, g, jnp.where(allowed, 0.0, MASKED).astype(jnp.float32)
+  return q, k, v, g, attention.mask_bias(allowed)
 
 
 def test_values_and_gradients_equal_autodiff_of_the_formula():
@@ -36,11 +34,20 @@ def test_values_and_gradients_equal_autodiff_of_the_formula():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_mask_bias():
+  allowed = np.array([[True, False], [False, True]])
+  bias = attention.mask_bias(allowed)
+  assert bias.dtype == jnp.float32
+  np.testing.assert_array_equal(bias, [[0.0, attention.MASKED_LOGIT],
+                                       [attention.MASKED_LOGIT, 0.0]])
+  assert np.isfinite(attention.MASKED_LOGIT) and attention.MASKED_LOGIT < -1e38
+
+
 def test_row_without_allowed_keys_is_finite_and_isolated():
   q, k, v, g, _ = _inputs(5, pairs=False)
   key_mask = np.ones((2, 7), bool)
   key_mask[1] = False  # a batch row of only padding
-  bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+  bias = attention.mask_bias(key_mask)[:, None, None, :]
   out, vjp = jax.vjp(lambda q, k, v: attention.masked_attention(q, k, v, bias), q, k, v)
   assert np.isfinite(np.asarray(out)).all()
   assert all(np.isfinite(np.asarray(d)).all() for d in vjp(g))

@@ -20,6 +20,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# Logit of a forbidden (query, key) pair: the most negative finite float32, as
+# transformers' ESM uses. Finite, so a query with no allowed key gets uniform weights
+# (its output is meaningless and masked by the caller) instead of NaN.
+MASKED_LOGIT = float(np.finfo(np.float32).min)
 
 
 def _head_major(x):
@@ -62,14 +68,20 @@ def _attend_bwd(residuals, g):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def mask_bias(allowed):
+  """bool mask, True where a (query, key) pair may attend -> float32 additive bias
+  (0 or `MASKED_LOGIT`), same shape."""
+  return jnp.where(allowed, 0.0, MASKED_LOGIT).astype(jnp.float32)
+
+
 def masked_attention(q, k, v, bias):
   """softmax(q kᵀ + bias) v, softmax in float32.
 
   Args:
     q: [B, T, H, c], already scaled; k, v: [B, T, H, c].
-    bias: float32, broadcastable to [B, H, T, T]: 0 where a (query, key) pair may attend,
-      a large negative finite value where not ([B, 1, 1, T] for a key mask, [B, 1, T, T]
-      for pairs). Finite, so a row with no allowed key gets uniform weights, not NaN.
+    bias: float32, broadcastable to [B, H, T, T], from `mask_bias`: 0 where a (query,
+      key) pair may attend, `MASKED_LOGIT` where not ([B, 1, 1, T] for a key mask,
+      [B, 1, T, T] for pairs).
 
   Returns:
     [B, T, H, c] in v's dtype. No gradient flows to `bias`.

@@ -249,8 +249,7 @@ def _dense(x, p, dtype):
 def _exact_attention(q, k, v, key_mask):
   """Reference einsum attention with float32 softmax. q, k, v [B, L, H, hd]."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  # A finite fill keeps all-padding rows finite (uniform weights) instead of NaN.
-  logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  logits = jnp.where(key_mask[:, None, None, :], logits, attention.MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
@@ -258,8 +257,8 @@ def _exact_attention(q, k, v, key_mask):
 def _cpu_attention(q, k, v, key_mask):
   """Same maths as `_exact_attention`, arranged for CPU (`attention.masked_attention`:
   head-major GEMMs, late softmax normalisation, closed-form backward)."""
-  bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-  return attention.masked_attention(q, k, v, bias[:, None, None, :])
+  return attention.masked_attention(q, k, v,
+                                    attention.mask_bias(key_mask)[:, None, None, :])
 
 
 def _cudnn_attention(q, k, v, key_mask):

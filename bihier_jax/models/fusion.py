@@ -30,10 +30,6 @@ from bihier_jax.models import attention
 
 Dtype = Any
 
-# Additive logit for forbidden attention pairs; finite so fully masked (padding) query
-# rows give a uniform, finite softmax instead of NaN. Their outputs are masked later.
-_MASKED_LOGIT = -1e9
-
 
 class LocalFusion(nn.Module):
   """Per-residue gated fusion, as published.
@@ -108,8 +104,7 @@ class JointTokenBlock(nn.Module):
     # No dropout on the attention weights: on [B, heads, T, T] its random bits cost more
     # than the attention itself on CPU; the residual branches keep dropout.
     pairs = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
-    bias = jnp.where(pairs, 0.0, _MASKED_LOGIT).astype(jnp.float32)
-    attended = attention.masked_attention(q, k, v, bias)
+    attended = attention.masked_attention(q, k, v, attention.mask_bias(pairs))
     attended = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                                name="attention_out")(attended)
     tokens = tokens + nn.Dropout(self.dropout)(attended, deterministic=deterministic)
