@@ -55,6 +55,16 @@ def test_cond_counts_the_cheap_or_the_dear_branch():
     flops.matmul_flops(fn, *args, cond_branch="taken")
 
 
+def test_shard_map_body_counts_once_per_device():
+  spec = jax.sharding.PartitionSpec
+  mesh = jax.sharding.AbstractMesh((4,), ("data",))  # no real devices needed to trace
+  fn = jax.shard_map(jnp.matmul, mesh=mesh, in_specs=(spec("data"), spec()),
+                     out_specs=spec("data"))
+  x = jax.ShapeDtypeStruct((8, K), jnp.float32)  # 2 rows per device
+  w = jax.ShapeDtypeStruct((K, N), jnp.float32)
+  assert flops.matmul_flops(fn, x, w) == 2 * 8 * K * N
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_convolution(groups):
   n, c_in, c_out, height, width, kh, kw = 2, 4, 6, 9, 8, 3, 2

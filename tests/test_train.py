@@ -97,6 +97,13 @@ def test_train_eval_predict(reference_run, demo_data):
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, 9))
   assert all(np.isfinite(v[0]) for v in losses.values())
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  tflops = {r["step"]: r["train/matmul_tflops_per_device"] for r in rows
+            if "train/matmul_tflops_per_device" in r}
+  # Every logged step but the first (compilation) reports a positive throughput.
+  assert sorted(tflops) == list(range(2, 9))
+  assert all(np.isfinite(v) and v > 0 for v in tflops.values())
   assert os.path.getsize(os.path.join(workdir, "train_curves.png")) > 1000
   val = json.load(open(os.path.join(workdir, "eval", "val.json")))
   assert 0.0 <= val["accuracy"] <= 1.0 and val["num_items"] > 100
@@ -303,6 +310,19 @@ def test_esm_learning_rate_policy(trainable):
     np.testing.assert_array_equal(esm["embed_tokens"]["embedding"], 0.0)
     np.testing.assert_allclose(esm["emb_layer_norm_after"]["scale"], -0.1 * lr,
                                rtol=1e-4)
+
+
+def test_matmul_throughput_counts_only_added_steps(monkeypatch):
+  clock = iter([10.0, 12.0, 20.0, 30.0, 34.0])
+  monkeypatch.setattr(train_lib.time, "perf_counter", lambda: next(clock))
+  meter = train_lib.MatmulThroughput(num_devices=2)  # clock starts at t=10
+  meter.add(8e12)
+  meter.add(8e12)
+  assert meter.read() == pytest.approx(16e12 / 2 / (12.0 - 10.0) / 1e12)  # t=12
+  meter.pause()                     # t=20: evaluation between 12 and 20 not counted
+  meter.add(4e12)
+  assert meter.read() == pytest.approx(4e12 / 2 / (30.0 - 20.0) / 1e12)
+  assert meter.read() is None       # no steps since the last reading
 
 
 def test_schedules():

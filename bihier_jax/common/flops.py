@@ -14,7 +14,9 @@ the scanned ESM-2 layers it reported 18 GFLOP for a training step counted here a
 Control flow: `scan` bodies count `length` times; `cond` counts one branch, the cheapest
 (`cond_branch="min"`, what runs when a fast path is taken) or the dearest ("max", an
 upper bound); `while` bodies count once (their trip count is not static), so a
-function with a `while` around matmuls gets a lower bound.
+function with a `while` around matmuls gets a lower bound. A `shard_map` body (per-device
+shapes) counts once per device of its manual mesh axes: the result is the whole
+program's FLOPs, summed over devices.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def _sub_jaxprs(value):
       yield item
 
 
+def _shard_map_copies(eqn) -> int:
+  """How many times a shard_map body runs: once per device along its manual axes."""
+  mesh = eqn.params["mesh"]
+  axes = eqn.params.get("newly_manual_axes") or mesh.axis_names
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return math.prod(sizes[a] for a in axes)
+
+
 def jaxpr_matmul_flops(jaxpr, cond_branch: str = "min") -> int:
   """Matmul FLOPs of a (closed or open) jaxpr; see the module docstring."""
   if cond_branch not in ("min", "max"):
@@ -69,6 +79,8 @@ def jaxpr_matmul_flops(jaxpr, cond_branch: str = "min") -> int:
       total += min(branches) if cond_branch == "min" else max(branches)
     elif name == "scan":
       total += eqn.params["length"] * jaxpr_matmul_flops(eqn.params["jaxpr"], cond_branch)
+    elif name == "shard_map":
+      total += _shard_map_copies(eqn) * jaxpr_matmul_flops(eqn.params["jaxpr"], cond_branch)
     else:  # pjit, remat, custom_jvp/vjp calls, while (body once), ...
       for value in eqn.params.values():
         for sub in _sub_jaxprs(value):

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import signal
+import time
 from typing import Any
 
 from absl import logging
@@ -37,6 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from bihier_jax.common import flops
 from bihier_jax.data.batch import Batch
 from bihier_jax.training import checkpointing
 from bihier_jax.training import metrics as metrics_lib
@@ -533,6 +535,37 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
 
+class MatmulThroughput:
+  """Achieved matmul TFLOP/s per device over the steps added since the last reading.
+
+  The caller adds each timed step's matmul FLOPs (all devices; `common.flops` counts
+  them once per program, i.e. per padding bucket). Time is host wall time between
+  readings, which is real step time because the loop fetches each step's metrics.
+  `pause()` restarts the clock without counting: after evaluation, checkpointing, and
+  any step that compiled a new program.
+  """
+
+  def __init__(self, num_devices: int):
+    self._num_devices = num_devices
+    self._start = time.perf_counter()
+    self._flops = 0.0
+
+  def pause(self):
+    self._start, self._flops = time.perf_counter(), 0.0
+
+  def add(self, step_flops: float):
+    self._flops += step_flops
+
+  def read(self) -> float | None:
+    """TFLOP/s per device since the last reading or pause (None if no step added)."""
+    now = time.perf_counter()
+    elapsed = now - self._start
+    value = (self._flops / self._num_devices / elapsed / 1e12
+             if self._flops > 0 and elapsed > 0 else None)
+    self._start, self._flops = now, 0.0
+    return value
+
+
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
@@ -650,14 +683,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   stopped = False
   log_sums: dict[str, float] = {}
   log_count = 0
+  throughput = MatmulThroughput(jax.device_count())
+  step_flops: dict[Any, int] = {}  # per program (padding bucket)
   with _StopSignal() as stop:
     step = initial_step
     while step < num_steps:
       stacked, _ = next(batcher)
+      global_batch = parallel.put_global(stacked, mesh)
+      program = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(global_batch))
+      compiles = program not in step_flops
+      if compiles:
+        step_flops[program] = flops.matmul_flops(train_fn, state, global_batch)
+        logging.info("new step program (%d so far): %.4g matmul TFLOP per step, summed "
+                     "over %d device(s)", len(step_flops), step_flops[program] / 1e12,
+                     jax.device_count())
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, step_metrics = train_fn(state, parallel.put_global(stacked, mesh))
+        state, step_metrics = train_fn(state, global_batch)
       step += 1
       step_metrics = jax.device_get(step_metrics)
+      if compiles:
+        throughput.pause()
+      else:
+        throughput.add(step_flops[program])
       if int(step_metrics["nonfinite_streak"]) >= max_bad:
         ckpt.wait()
         raise NonFiniteLossError(
@@ -674,12 +721,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars = {f"train/{k}": v / max(log_count, 1) for k, v in log_sums.items()}
         scalars["train/learning_rate"] = float(lr_schedule(step - 1))
         scalars["train/nonfinite_steps"] = float(step_metrics["nonfinite_total"])
+        tflops = throughput.read()
+        if tflops is not None:
+          scalars["train/matmul_tflops_per_device"] = tflops
         writer.write_scalars(step, scalars)
         log_sums, log_count = {}, 0
       if step % config.train.eval_every == 0 and step < num_steps:
         evaluate_and_save(step)
+        throughput.pause()
       elif step % config.train.checkpoint_every == 0 and step < num_steps:
         ckpt.save(step, state, batcher.position.to_json())
+        throughput.pause()
       if stop.received or ckpt.reached_preemption(step):
         ckpt.save(step, state, batcher.position.to_json(), force=True)
         stopped = True
