@@ -54,10 +54,9 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from bihier_jax.common import flops as flops_lib  # pylint: disable=wrong-import-position
 from bihier_jax.common import residue_constants as rc  # pylint: disable=wrong-import-position
 from bihier_jax.models import esm2  # pylint: disable=wrong-import-position
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
 def _time(fn, repeats: int, warmup: int = 2) -> float:
@@ -196,7 +195,8 @@ def gpu_throughput(preset: str, batch: int, length: int, repeats: int, peak_tflo
   seconds = _time(lambda: fwd(params, tokens).block_until_ready(), repeats)
   flops = model_flops(cfg, batch, length)
   if peak_tflops is None:
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device.device_kind), None)
+    peak = flops_lib.peak_bf16_flops(device)
+    peak_tflops = None if peak is None else peak / 1e12
   achieved = flops / seconds / 1e12
   return {"device": device.device_kind, "platform": device.platform, "preset": preset,
           "attention": attention, "dtype": "bfloat16", "batch": batch, "length": length,

@@ -51,17 +51,10 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from bihier_jax.common import flops as flops_lib  # pylint: disable=wrong-import-position
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 STEP_NAME = "bench_train_step"
-
-# Dense bf16 peak of one chip, FLOP/s (vendor datasheets, without sparsity).
-PEAK_BF16_FLOPS = {
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-}
 
 
 class CompileCounter:
@@ -300,14 +293,6 @@ def esm_train_flops(preset: str, num_rows: int, length: int) -> float:
   return 3.0 * forward
 
 
-def peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for name, flops in PEAK_BF16_FLOPS.items():
-    if name in kind:
-      return flops
-  return None
-
-
 def gpu_child(remat: bool, preset: str, length: int, batch_size: int, steps: int):
   """One remat setting in this process: step time, FLOPs, memory."""
   from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
@@ -338,7 +323,7 @@ def gpu_child(remat: bool, preset: str, length: int, batch_size: int, steps: int
   times = [stepper.step(batch) for _ in range(steps)]
   step_s = statistics.median(times)
   stats = device.memory_stats() or {}
-  peak = peak_flops(device)
+  peak = flops_lib.peak_bf16_flops(device)
   model_flops = esm_train_flops(preset, batch_size, length)
   return {
       "remat": remat, "device": getattr(device, "device_kind", str(device)),

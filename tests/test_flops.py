@@ -92,3 +92,11 @@ def test_esm2_forward_matches_the_textbook_count():
   per_layer = (2 * rows * length * (4 * d * d + 2 * d * f)
                + 2 * 2 * rows * length * length * d)
   assert flops.matmul_flops(forward, params) == cfg.num_layers * per_layer
+
+
+def test_peak_lookup_by_device_kind():
+  class Device:
+    def __init__(self, kind):
+      self.device_kind = kind
+  assert flops.peak_bf16_flops(Device("NVIDIA H100 80GB HBM3")) == 989e12
+  assert flops.peak_bf16_flops(Device("cpu")) is None

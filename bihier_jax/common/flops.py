@@ -42,6 +42,22 @@ def _conv_flops(eqn) -> int:
   return 2 * math.prod(eqn.outvars[0].aval.shape) * macs_per_output
 
 
+# Dense bf16 peak of one chip, FLOP/s (vendor datasheets, without sparsity), by a name
+# found in `jax.Device.device_kind`.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+}
+
+
+def peak_bf16_flops(device) -> float | None:
+  """The chip's dense bf16 peak FLOP/s from `PEAK_BF16_FLOPS`, None if not listed."""
+  kind = getattr(device, "device_kind", "")
+  return next((peak for name, peak in PEAK_BF16_FLOPS.items() if name in kind), None)
+
+
 _COUNTED = {"dot_general": _dot_general_flops, "conv_general_dilated": _conv_flops}
 
 
