@@ -105,9 +105,11 @@ def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> d
   torch.manual_seed(0)
   reference = transformers.EsmModel(hf_config, add_pooling_layer=False).eval()
   state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  # pylint: disable=protected-access
   params = esm2_checkpoint.params_from_torch(
-      state, cfg, esm2_checkpoint._HF_LAYER, esm2_checkpoint._HF_TOP,  # pylint: disable=protected-access
-      esm2_checkpoint._HF_IGNORED, "bench")  # pylint: disable=protected-access
+      state, cfg, esm2_checkpoint._HF_LAYER, esm2_checkpoint._HF_TOP,
+      esm2_checkpoint._HF_IGNORED, "bench")
+  # pylint: enable=protected-access
   params = jax.tree.map(jnp.asarray, params)
   tokens = random_tokens(batch, length)
   t_tokens = torch.from_numpy(tokens).long()
@@ -128,7 +130,8 @@ def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> d
     start = time.perf_counter()
     out = fwd(params, j_tokens).block_until_ready()
     result[name] = {"first_call_s": time.perf_counter() - start,
-                    "max_abs_diff_vs_transformers": float(np.max(np.abs(np.asarray(out) - ref_out)))}
+                    "max_abs_diff_vs_transformers": float(
+                        np.max(np.abs(np.asarray(out) - ref_out)))}
     forwards[name] = lambda fwd=fwd: fwd(params, j_tokens).block_until_ready()
   # Interleaved rounds (transformers, then each variant): on a shared machine the load
   # changes over minutes, so each round's speedup compares runs made seconds apart.
@@ -248,7 +251,8 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", type=int, default=2,
                       help="CPU threads for torch; 1 also makes XLA single-threaded")
   args = parser.parse_args(argv)
-  results: dict = {"backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+  results: dict = {"backend": jax.default_backend(),
+                   "devices": [d.device_kind for d in jax.devices()],
                    "jax": jax.__version__}
 
   if args.gpu:

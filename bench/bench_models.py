@@ -10,7 +10,8 @@ Two sizes, random weights, synthetic helical proteins (`bihier_jax.data.testing`
 Kinds: esm_only, gnn_only, serial, parallel, cross, and bihier in both fusion modes
 (direction bi). One step = jitted value_and_grad of the training loss (node-level
 3-class softmax CE), dropout on; median wall time of `--repeats` steps after one warm-up
-(compile) step; steps of all kinds alternate in rounds. Goal (issue 5): bihier costs ≤ 15% more per step than `parallel`.
+(compile) step; steps of all kinds alternate in rounds. Goal (issue 5): bihier costs
+≤ 15% more per step than `parallel`.
 Each kind also reports the matmul FLOPs of its step (`bihier_jax.common.flops`, forward +
 backward, exact from the jaxpr) and their ratio to `parallel`: the step-time ratio a kind
 would have if its extra matmuls ran exactly as efficiently as the encoders' own.

@@ -149,7 +149,8 @@ def test_mismatch_error_lists_names_and_shapes(hf_mlm_dir, tmp_path):
   with pytest.raises(esm2_checkpoint.CheckpointMismatchError) as info:
     esm2.from_pretrained(str(broken))
   message = str(info.value)
-  assert "missing (1)" in message and "encoder.layer.1.attention.self.key.weight (32, 32)" in message
+  assert "missing (1)" in message
+  assert "encoder.layer.1.attention.self.key.weight (32, 32)" in message
   assert "encoder.layer.0.intermediate.dense.bias: checkpoint (7,), expected (128,)" in message
   assert "unexpected (1)" in message and "encoder.layer.0.extra.weight (2, 3)" in message
   # The CLI reports the same list and fails.

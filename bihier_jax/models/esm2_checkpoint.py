@@ -224,7 +224,8 @@ def config_from_hf(hf: dict[str, Any], source: str, **overrides) -> esm2.ESM2Con
   """ESM2Config from a transformers EsmConfig dict; refuses non-ESM-2 variants."""
   problems = []
   if hf.get("position_embedding_type", "absolute") != "rotary":
-    problems.append(f"position_embedding_type={hf.get('position_embedding_type')!r} (need 'rotary')")
+    problems.append(f"position_embedding_type={hf.get('position_embedding_type')!r} "
+                    "(need 'rotary')")
   if hf.get("emb_layer_norm_before"):
     problems.append("emb_layer_norm_before=True (ESM-1b style; ESM-2 has none)")
   if hf.get("is_folding_model"):
@@ -396,7 +397,8 @@ def load_pretrained(path: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
   """(config, float32 params) from any supported source; overrides: EXECUTION_OPTIONS."""
   bad = set(overrides) - set(EXECUTION_OPTIONS) - {"num_heads"}
   if bad:
-    raise ValueError(f"only execution options {EXECUTION_OPTIONS} can be overridden, got {sorted(bad)}")
+    raise ValueError(f"only execution options {EXECUTION_OPTIONS} can be overridden, "
+                     f"got {sorted(bad)}")
   fmt = detect_format(path)
   cfg, params = _LOADERS[fmt](path, **overrides)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
