@@ -16,7 +16,10 @@ Control flow: `scan` bodies count `length` times; `cond` counts one branch, the 
 upper bound); `while` bodies count once (their trip count is not static), so a
 function with a `while` around matmuls gets a lower bound. A `shard_map` body (per-device
 shapes) counts once per device of its manual mesh axes: the result is the whole
-program's FLOPs, summed over devices.
+program's FLOPs, summed over devices. Rematerialised work (`jax.checkpoint`) counts as
+often as it runs. Fused kernels that are single primitives, such as cuDNN attention
+(`jax.nn.dot_product_attention(implementation="cudnn")`, ESM-2's GPU bf16 path), are
+opaque and not counted, so on GPU the count leaves out ESM-2's attention.
 """
 
 from __future__ import annotations
