@@ -62,3 +62,21 @@ def test_bfloat16_inputs_stay_close_to_float32():
   got = attention.masked_attention(*low, bias)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2)
+
+
+def test_cpu_key_padding_at_multiples_of_256_keeps_the_result():
+  """Keys a multiple of 256 long take the padded path when differentiated on CPU: same
+  values and gradients as the plain formula, and the padded keys really are in the
+  program (the undifferentiated forward has none)."""
+  q, k, v, g, bias = _inputs(7, shape=(1, 256, 2, 4), pairs=False)
+  attend = lambda q, k, v: attention.masked_attention(q, k, v, bias)
+  want, want_vjp = jax.vjp(lambda q, k, v: _plain(q, k, v, bias), q, k, v)
+  got, got_vjp = jax.vjp(attend, q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert jax.default_backend() == "cpu"
+  loss = lambda q, k, v: jnp.sum(attend(q, k, v) * g)
+  assert "264" in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+  assert "264" not in str(jax.make_jaxpr(attend)(q, k, v))

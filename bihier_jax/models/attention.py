@@ -10,13 +10,17 @@ softmax(q kᵀ + bias) v; the arrangement is what makes it fast on CPU (measured
   8 x 256 went from 4,250 to 4,950 tokens/s;
 - the backward uses dlogits = w ⊙ (dw − Σ_k dw ⊙ w) on the saved weights, shorter than
   autodiff's chain over the [B, H, T, T] tensors: ESM-2 t6_8M forward + backward
-  815 -> 720 ms, a global-fusion block 56 -> 49 ms.
+  815 -> 720 ms, a global-fusion block 56 -> 49 ms;
+- on CPU, training with a key count that is a multiple of 256 adds 8 masked padding
+  keys (see `_CPU_SLOW_KEY_MULTIPLE`).
 
 Memory: the whole [B, H, T, T] score tensor is materialised (the weights are kept for the
 backward), 4·B·H·T² bytes; 671 MB for 8 x 20 heads x 1024².
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +41,35 @@ def _logits(q, k, bias):
   return jnp.einsum("bhqc,bhkc->bhqk", q, k, preferred_element_type=jnp.float32) + bias
 
 
-@jax.custom_vjp
-def _attend(q, k, v, bias):
-  """Head-major attention: q, k, v [B, H, T, c]; bias broadcastable to [B, H, T, T]."""
+# On XLA:CPU, attention training steps whose key count is a multiple of 256 run
+# 1.05-1.6x slower than with 8 more keys (score rows a multiple of 1 KiB apart:
+# cache-set conflicts; measured on the dev VM, BENCHMARKS.md "Attention on CPU"). So
+# there the differentiated path adds 8 masked zero keys: same result, a few % more
+# arithmetic. The undifferentiated forward does not gain from it and stays as is.
+_CPU_SLOW_KEY_MULTIPLE = 256
+_CPU_KEY_PADDING = 8
+
+
+def _key_padding(num_keys: int) -> int:
+  slow = jax.default_backend() == "cpu" and num_keys % _CPU_SLOW_KEY_MULTIPLE == 0
+  return _CPU_KEY_PADDING if slow else 0
+
+
+def _pad_keys(k, v, bias, pad: int):
+  """k, v [B, H, S, c] and bias (broadcastable to [..., S]) with `pad` more keys: zero
+  vectors, masked by `MASKED_LOGIT`."""
+  bias = jnp.broadcast_to(bias, bias.shape[:-1] + (k.shape[2],))
+  kv_pad = ((0, 0), (0, 0), (0, pad), (0, 0))
+  bias_pad = ((0, 0),) * (bias.ndim - 1) + ((0, pad),)
+  return (jnp.pad(k, kv_pad), jnp.pad(v, kv_pad),
+          jnp.pad(bias, bias_pad, constant_values=MASKED_LOGIT))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, bias, key_padding: int):
+  """Head-major attention: q, k, v [B, H, T, c]; bias broadcastable to [B, H, T, T].
+  key_padding: masked keys the differentiated path adds (`_key_padding`)."""
+  del key_padding
   logits = _logits(q, k, bias)
   unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   total = jnp.sum(unnormalised, axis=-1, keepdims=True)  # >= 1: the max term is exp(0)
@@ -48,13 +78,16 @@ def _attend(q, k, v, bias):
   return (out / total).astype(v.dtype)
 
 
-def _attend_fwd(q, k, v, bias):
-  weights = jax.nn.softmax(_logits(q, k, bias), axis=-1)  # float32
+def _attend_fwd(q, k, v, bias, key_padding):
+  padded_bias = bias
+  if key_padding:
+    k, v, padded_bias = _pad_keys(k, v, bias, key_padding)
+  weights = jax.nn.softmax(_logits(q, k, padded_bias), axis=-1)  # float32
   out = jnp.einsum("bhqk,bhkc->bhqc", weights.astype(v.dtype), v)
   return out, (q, k, v, weights, bias)
 
 
-def _attend_bwd(residuals, g):
+def _attend_bwd(key_padding, residuals, g):
   q, k, v, weights, bias = residuals
   dv = jnp.einsum("bhqk,bhqc->bhkc", weights.astype(g.dtype), g)
   dw = jnp.einsum("bhqc,bhkc->bhqk", g, v, preferred_element_type=jnp.float32)
@@ -62,6 +95,8 @@ def _attend_bwd(residuals, g):
   dlogits = dlogits.astype(q.dtype)
   dq = jnp.einsum("bhqk,bhkc->bhqc", dlogits, k)
   dk = jnp.einsum("bhqk,bhqc->bhkc", dlogits, q)
+  if key_padding:
+    dk, dv = dk[:, :, :-key_padding], dv[:, :, :-key_padding]
   return dq, dk, dv, jnp.zeros_like(bias)
 
 
@@ -86,4 +121,5 @@ def masked_attention(q, k, v, bias):
   Returns:
     [B, T, H, c] in v's dtype. No gradient flows to `bias`.
   """
-  return _head_major(_attend(_head_major(q), _head_major(k), _head_major(v), bias))
+  return _head_major(_attend(_head_major(q), _head_major(k), _head_major(v), bias,
+                             _key_padding(k.shape[1])))
