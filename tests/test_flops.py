@@ -99,4 +99,5 @@ def test_peak_lookup_by_device_kind():
     def __init__(self, kind):
       self.device_kind = kind
   assert flops.peak_bf16_flops(Device("NVIDIA H100 80GB HBM3")) == 989e12
+  assert flops.peak_bf16_flops(Device("NVIDIA H100 PCIe")) == 756e12
   assert flops.peak_bf16_flops(Device("cpu")) is None

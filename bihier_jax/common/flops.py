@@ -46,9 +46,11 @@ def _conv_flops(eqn) -> int:
 
 
 # Dense bf16 peak of one chip, FLOP/s (vendor datasheets, without sparsity), by a name
-# found in `jax.Device.device_kind`.
+# found in `jax.Device.device_kind`; the first match counts, so variants come first.
 PEAK_BF16_FLOPS = {
-    "H100": 989e12,  # SXM
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
     "H200": 989e12,
     "A100": 312e12,
     "L4": 121e12,
