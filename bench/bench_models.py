@@ -62,6 +62,14 @@ FLOP_SIZES = {name: dict(SIZES["t6"], esm=preset)
               for name, preset in (("t12", "t12_35M"), ("t33", "t33_650M"))}
 
 
+def kind_label(kind: str, mode: str | None) -> str:
+  return kind if mode is None else f"{kind}_{mode}"
+
+
+def size_json(size: dict) -> dict:
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()}
+
+
 def make_config(size: dict, kind: str, mode: str | None, dtype: str = "float32"):
   c = default.get_config()
   c.model.kind = kind
@@ -149,7 +157,7 @@ def main():
     batch = make_batch(size)
     rows, steps = {}, {}
     for kind, mode in KINDS:
-      label = kind if mode is None else f"{kind}_{mode}"
+      label = kind_label(kind, mode)
       step, params, rows[label] = prepare(make_config(size, kind, mode, args.dtype), batch)
       steps[label] = (step, params)
       print(f"{name:5s} {label:15s} params {rows[label]['params']:>10,d}  "
@@ -173,9 +181,8 @@ def main():
             f"(x{row['step_vs_parallel_within_rounds']:.2f} within rounds); matmul "
             f"{row['matmul_gflop']:7.2f} GFLOP x{row['matmul_flops_vs_parallel']:.3f}",
             flush=True)
-    result["sizes"][name] = {"config": {k: list(v) if isinstance(v, tuple) else v
-                                        for k, v in size.items()},
-                             "budget": str(batch.budget), "kinds": rows}
+    result["sizes"][name] = {"config": size_json(size), "budget": str(batch.budget),
+                             "kinds": rows}
   flop_sizes = [] if args.quick else [n for n in args.flop_sizes.split(",") if n]
   result["matmul_gflop_only"] = {}
   for name in flop_sizes:
@@ -183,10 +190,10 @@ def main():
     batch = make_batch(size)
     counts = {}
     for kind, mode in KINDS:
-      label = kind if mode is None else f"{kind}_{mode}"
+      label = kind_label(kind, mode)
       counts[label] = step_matmul_gflop(make_config(size, kind, mode, args.dtype), batch)
     result["matmul_gflop_only"][name] = {
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
+        "config": size_json(size),
         "kinds": {label: {"matmul_gflop": g, "matmul_flops_vs_parallel":
                           g / counts["parallel"]} for label, g in counts.items()}}
     for label, g in counts.items():

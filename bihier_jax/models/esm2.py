@@ -73,10 +73,10 @@ class ESM2Config:
     dtype: compute dtype of matmuls and hidden states (params stay float32).
     remat: rematerialise each layer in the backward pass (memory for compute).
     scan_layers: apply layers with lax.scan (False: unrolled python loop, same numbers).
-    attention: 'auto' = fastest exact path for the backend (CPU: head-major, late softmax
-      normalisation; GPU
-      bf16: cuDNN fused attention via jax.nn.dot_product_attention; else XLA's
-      jax.nn.dot_product_attention); 'exact' = plain einsum + float32 softmax.
+    attention: 'auto' = fastest exact path for the backend (CPU:
+      `attention.masked_attention`; GPU bf16: cuDNN fused attention via
+      jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
+      'exact' = plain einsum + float32 softmax.
   """
   num_layers: int
   embed_dim: int

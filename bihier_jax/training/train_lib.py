@@ -547,8 +547,7 @@ class MatmulThroughput:
 
   def __init__(self, num_devices: int):
     self._num_devices = num_devices
-    self._start = time.perf_counter()
-    self._flops = 0.0
+    self.pause()
 
   def pause(self):
     self._start, self._flops = time.perf_counter(), 0.0
