@@ -24,7 +24,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   import jax, numpy as np
   from bihier_jax.data import input_pipeline, testing
   from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import parallel, train_lib
+  from bihier_jax.training import parallel, steps
   from configs import demo
 
   assert jax.device_count() == 8, jax.devices()
@@ -36,7 +36,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   # One sub-batch without labels: it must weigh nothing, on either mesh.
   subs[5] = subs[5].replace(node_label_mask=np.zeros_like(subs[5].node_label_mask))
   stacked = parallel.stack(subs)
-  model = train_lib.build_model(config)
+  model = steps.build_model(config)
   params = jax.device_get(jax.jit(lambda k, b: model.init(k, b)["params"])(
       jax.random.key(0), subs[0]))
   rng = jax.random.key_data(jax.random.key(1))
@@ -45,7 +45,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     mesh = parallel.make_mesh(devices)
     batch = parallel.put_global(stacked, mesh)
     assert len(batch.node_mask.sharding.device_set) == len(devices)
-    fn = jax.jit(lambda p, b: train_lib.loss_and_grads(
+    fn = jax.jit(lambda p, b: steps.loss_and_grads(
         p, b, rng, 3, model=model, task=config.task, mesh=mesh),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
     return fn, batch

@@ -20,7 +20,7 @@ import pytest
 from sklearn import metrics as skm
 
 from bihier_jax.training import pooling
-from bihier_jax.training import train_lib
+from bihier_jax.training import evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,8 +93,8 @@ def test_recomputed_metrics_equal_eval_json(tmp_path, level, loss, metrics):
     rows = pos = None
   task = _task(level, metrics, loss)
   config = ml_collections.ConfigDict({"task": task})
-  results = {"test": train_lib.split_metrics(config, collected)}
-  train_lib.write_eval_results(str(tmp_path), results, step=7, checkpoint="best")
+  results = {"test": evaluation.split_metrics(config, collected)}
+  evaluation.write_eval_results(str(tmp_path), results, step=7, checkpoint="best")
   path = pooling.save_predictions(str(tmp_path / "eval" / "test_predictions.npz"),
                                   collected, task=task, split="test", step=7,
                                   chain_row=rows, residue_index=pos)

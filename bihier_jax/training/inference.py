@@ -16,19 +16,20 @@ import numpy as np
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import featurize
 from bihier_jax.data import input_pipeline
+from bihier_jax.training import evaluation
 from bihier_jax.training import parallel
 from bihier_jax.training import pooling
-from bihier_jax.training import train_lib
+from bihier_jax.training.evaluation import (eval_stream, per_device_config,
+                                            write_eval_results)
+from bihier_jax.training.steps import jit_eval_step
 from bihier_jax.training.train_lib import (default_dataset_fn, ensure_demo_data,
-                                           eval_stream, jit_eval_step,
-                                           per_device_config, restore_params,
-                                           write_eval_results)
+                                           restore_params)
 
 
 class _ResiduePositions:
   """Wraps an eval step to record, per scored residue, its chain row and position.
 
-  `train_lib.collect_predictions` keeps the labelled real residues of every real
+  `evaluation.collect_predictions` keeps the labelled real residues of every real
   sub-batch in order; this wrapper sees the same stacked batches in the same order and
   keeps the same residues (blank sub-batches have no real nodes), so its rows line up
   with the collected items.
@@ -41,12 +42,12 @@ class _ResiduePositions:
 
   def __call__(self, params, batch):
     nodes = batch.graph.nodes
-    node_mask = train_lib.local_rows(batch.node_mask).astype(bool)
-    mask = (train_lib.local_rows(batch.node_label_mask) > 0) & node_mask
-    node_graph = train_lib.local_rows(batch.node_graph)
-    chain_id = train_lib.local_rows(nodes["chain_id"])
-    residue_index = train_lib.local_rows(nodes["residue_index"])
-    is_residue = train_lib.local_rows(nodes["node_kind"]) == 0
+    node_mask = evaluation.local_rows(batch.node_mask).astype(bool)
+    mask = (evaluation.local_rows(batch.node_label_mask) > 0) & node_mask
+    node_graph = evaluation.local_rows(batch.node_graph)
+    chain_id = evaluation.local_rows(nodes["chain_id"])
+    residue_index = evaluation.local_rows(nodes["residue_index"])
+    is_residue = evaluation.local_rows(nodes["node_kind"]) == 0
     for d in range(mask.shape[0]):
       # chain_id = (first ESM row of the example) + chain_row; chain row 0 always
       # has residues, so the example's smallest residue chain_id is its first row.
@@ -64,7 +65,7 @@ class _ResiduePositions:
     local = {"chain_row": np.concatenate(self.chain_row or [np.zeros([0], np.int32)]),
              "residue_index": np.concatenate(self.residue_index
                                              or [np.zeros([0], np.int32)])}
-    full = train_lib._gather_hosts(local)  # pylint: disable=protected-access
+    full = evaluation._gather_hosts(local)  # pylint: disable=protected-access
     return full["chain_row"], full["residue_index"]
 
 
@@ -81,15 +82,15 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
   model, params, step = restore_params(config, workdir, checkpoint, sample_batch, mesh)
   eval_mesh = parallel.local_mesh()
   eval_fn = jit_eval_step(model, config.task, eval_mesh)
-  # As train_lib.evaluate_splits, keeping each split's items for the predictions file.
+  # As evaluation.evaluate_splits, keeping each split's items for the predictions file.
   params = parallel.localize(params, eval_mesh)
   results = {}
   for split in splits:
     positions = _ResiduePositions(eval_fn)
-    collected = train_lib.collect_predictions(
+    collected = evaluation.collect_predictions(
         positions, params, eval_stream(config, dataset_fn, split, sub_config),
         eval_mesh, config.task)
-    results[split] = train_lib.split_metrics(config, collected)
+    results[split] = evaluation.split_metrics(config, collected)
     if config.task.level == "node":
       chain_row, residue_index = positions.arrays()
     else:

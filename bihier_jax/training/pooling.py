@@ -52,7 +52,7 @@ def save_predictions(path: str, collected: dict[str, np.ndarray], *, task,
 
   Args:
     path: output .npz path (its folder is created).
-    collected: `train_lib.collect_predictions` output (predictions, labels, weights,
+    collected: `evaluation.collect_predictions` output (predictions, labels, weights,
       groups, ids; [n] each, predictions may be [n, C]).
     task: config.task (name, level, metrics, min_group_size).
     split: the split's name.

@@ -1,0 +1,253 @@
+"""The jitted, data-parallel training and evaluation steps, and the state they update.
+
+`loss_and_grads` / `train_step` / `eval_step` take a device-stacked batch [D, ...]
+(one padded sub-batch per device) and run as one `jax.shard_map` program per device of
+the 'data' mesh (see `parallel` for the design); `jit_train_step` / `jit_eval_step`
+bind them to a model, task and mesh. `create_train_state` builds fresh parameters and
+optimizer state, `abstract_train_state` their shapes for restoring a checkpoint.
+
+Faults: the step skips the update in-graph when the loss or any gradient is not finite
+and counts it in the state (the loop in `train_lib` decides when to stop).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bihier_jax.data.batch import Batch
+from bihier_jax.training import optim
+from bihier_jax.training import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint must hold to continue a run exactly."""
+  step: Any  # int32 [] updates attempted (skipped non-finite ones included)
+  params: Any
+  opt_state: Any
+  rng: Any  # uint32 [2] raw key data of the run's base key
+  nonfinite_streak: Any  # int32 [] consecutive skipped steps
+  nonfinite_total: Any  # int32 [] skipped steps so far
+
+
+# --- model, optimizer, state -----------------------------------------------------------
+
+def build_model(config: ml_collections.ConfigDict):
+  from bihier_jax import models  # pylint: disable=g-import-not-at-top
+  return models.build_model(config)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model, sample_batch: Batch,
+                       mesh: jax.sharding.Mesh, *, load_esm: bool = True
+                       ) -> tuple[TrainState, optax.GradientTransformation]:
+  """Fresh parameters (pretrained ESM if configured), optimizer state, replicated."""
+  from bihier_jax import models  # pylint: disable=g-import-not-at-top
+  replicated = parallel.replicated(mesh)
+  key = jax.random.key(config.seed)
+  init_key = jax.random.fold_in(key, 0x1217)
+  params = jax.jit(lambda k, b: model.init(k, b, deterministic=True)["params"],
+                   out_shardings=replicated)(init_key, sample_batch)
+  if "esm" in params and load_esm:
+    if config.model.esm.checkpoint:
+      params = models.load_pretrained_esm(jax.device_get(params),
+                                          config.model.esm.checkpoint)
+      params = jax.device_put(params, replicated)
+      logging.info("ESM weights loaded from %s", config.model.esm.checkpoint)
+    else:
+      message = ("model.esm.checkpoint is empty: the ESM-2 branch starts from RANDOM "
+                 "weights (preset %r), so it is no pretrained language model. Set "
+                 "--config.model.esm.checkpoint=PATH for real runs.")
+      logging.warning("!" * 80)
+      logging.warning(message, config.model.esm.preset)
+      logging.warning("!" * 80)
+      if jax.process_index() == 0:
+        print("WARNING: " + message % config.model.esm.preset, flush=True)
+  tx = optim.make_optimizer(config, params)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  state = TrainState(
+      step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state,
+      rng=jax.random.key_data(key), nonfinite_streak=jnp.zeros([], jnp.int32),
+      nonfinite_total=jnp.zeros([], jnp.int32))
+  return jax.device_put(state, replicated), tx
+
+
+def abstract_train_state(config, model, sample_batch, mesh):
+  """ShapeDtypeStructs (with shardings) of the TrainState, without computing it."""
+  tx_holder = {}
+
+  def make():
+    state, tx = create_train_state(config, model, sample_batch, mesh, load_esm=False)
+    tx_holder["tx"] = tx
+    return state
+
+  shapes = jax.eval_shape(make)
+  replicated = parallel.replicated(mesh)
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
+# --- steps ---------------------------------------------------------------------------------
+
+def _sub_batch_keys(step_key, num):
+  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(num))
+
+
+def _each_sub_batch(fn, block):
+  """fn on every sub-batch of a [d, ...] block, without vmap.
+
+  vmap would turn the models' on-device layout choices (`lax.cond`, e.g. GlobalFusion's
+  per-graph layout vs its dense fallback) into selects that compute both branches;
+  one sub-batch is squeezed and run as is, several run one after another (lax.map).
+  """
+  count = jax.tree_util.tree_leaves(block)[0].shape[0]
+  if count == 1:
+    out = fn(jax.tree_util.tree_map(lambda x: x[0], block))
+    return jax.tree_util.tree_map(lambda x: x[None], out)
+  return jax.lax.map(fn, block)
+
+
+def _data_parallel(body, mesh, out_specs):
+  """body(params, *stacked) as one program per device of `mesh` (shard_map over
+  'data': params replicated, stacked arrays split on their leading device axis), or
+  as is on the whole stack when there is no mesh."""
+  if mesh is None:
+    return functools.partial(body, axis_name=None)
+  spec = jax.sharding.PartitionSpec
+  return lambda params, *stacked: jax.shard_map(
+      functools.partial(body, axis_name=parallel.DATA_AXIS), mesh=mesh,
+      in_specs=(spec(),) + (spec(parallel.DATA_AXIS),) * len(stacked),
+      out_specs=out_specs, check_vma=True)(params, *stacked)
+
+
+def _context_mesh(mesh):
+  """`mesh`, else the mesh set with jax.set_mesh if it has the 'data' axis, else None."""
+  if mesh is not None:
+    return mesh
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty and parallel.DATA_AXIS in context.axis_names:
+    return context
+  return None
+
+
+def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
+  """Global-batch loss and its gradients for a device-stacked batch [D, ...].
+
+  loss = Σ_d loss_d·W_d / Σ_d W_d, W_d = label weight of sub-batch d: the weighted mean
+  over the whole global batch, as `heads.loss` defines it for one batch. Sub-batch d
+  draws dropout/augmentation keys from fold_in(fold_in(key(rng), step), d), so the
+  result does not depend on how the device axis is sharded.
+
+  With `mesh` (or a context mesh with a 'data' axis) each device runs the unbatched
+  model on its own sub-batches (`jax.shard_map`) and the sums are `psum`med over
+  'data'; without one the sub-batches run one after another on the whole stack.
+
+  Returns:
+    ((loss, aux), grads) with aux = {accuracy (weighted, softmax tasks), label_weight}.
+  """
+  from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+  num_sub = batch.node_mask.shape[0]
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+  key_data = jax.random.key_data(_sub_batch_keys(step_key, num_sub))
+
+  def body(params, block, key_block, *, axis_name):
+    def one(args):
+      sub_batch, key = args
+      dropout_key, augment_key = jax.random.split(jax.random.wrap_key_data(key))
+      out = model.apply({"params": params}, sub_batch, deterministic=False,
+                        rngs={"dropout": dropout_key, "augment": augment_key})
+      loss, aux = heads.loss(task, out.logits, sub_batch)
+      return loss, aux["weight_sum"], aux.get("accuracy", jnp.zeros([]))
+    losses, weight_sums, accuracies = _each_sub_batch(one, (block, key_block))
+    used = weight_sums > 0  # unlabelled sub-batches' 0/0 losses must not leak in
+    sums = (jnp.sum(jnp.where(used, losses, 0.0) * weight_sums),
+            jnp.sum(jnp.where(used, accuracies, 0.0) * weight_sums),
+            jnp.sum(weight_sums))
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    loss_sum, accuracy_sum, total = sums
+    scale = jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
+    return loss_sum * scale, accuracy_sum * scale, total
+
+  global_sums = _data_parallel(body, _context_mesh(mesh),
+                               out_specs=jax.sharding.PartitionSpec())
+
+  def loss_fn(params):
+    loss, accuracy, total = global_sums(params, batch, key_data)
+    return loss, {"accuracy": accuracy, "label_weight": total}
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def train_step(state: TrainState, batch: Batch, *, model, tx, task, mesh=None
+               ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+  """One data-parallel update on a device-stacked batch [D, ...] (see loss_and_grads).
+
+  A non-finite loss or gradient leaves parameters and optimizer state unchanged
+  (in-graph select) and is counted in nonfinite_streak / nonfinite_total.
+  """
+  (loss, aux), grads = loss_and_grads(state.params, batch, state.rng, state.step,
+                                      model=model, task=task, mesh=mesh)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # Zero bad gradients so the optimizer's arithmetic stays finite; the result is
+  # discarded anyway when not finite.
+  safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+  updates, new_opt_state = tx.update(safe_grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree_util.tree_map(
+      lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+  step_metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                  "nonfinite_streak": new_state.nonfinite_streak,
+                  "nonfinite_total": new_state.nonfinite_total, **aux}
+  return new_state, step_metrics
+
+
+def eval_step(params, batch: Batch, *, model, task, mesh=None
+              ) -> dict[str, jnp.ndarray]:
+  """Deterministic forward on [D, ...]: predictions, embeddings, per-sub-batch loss
+  (each device runs its own sub-batches unbatched when there is a mesh, as in
+  loss_and_grads)."""
+  from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+
+  def body(params, block, *, axis_name):
+    del axis_name  # per-device outputs stay on their device
+
+    def one(sub_batch):
+      out = model.apply({"params": params}, sub_batch, deterministic=True)
+      loss, aux = heads.loss(task, out.logits, sub_batch)
+      return {"predictions": heads.predictions(task, out.logits), "loss": loss,
+              "weight_sum": aux["weight_sum"], "node_embeddings": out.node_embeddings,
+              "graph_embeddings": out.graph_embeddings}
+    return _each_sub_batch(one, block)
+
+  return _data_parallel(body, _context_mesh(mesh),
+                        out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))(
+                            params, batch)
+
+
+def jit_train_step(model, tx, task, mesh):
+  replicated = parallel.replicated(mesh)
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, task=task,
+                                   mesh=mesh),
+                 in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def jit_eval_step(model, task, mesh):
+  return jax.jit(functools.partial(eval_step, model=model, task=task, mesh=mesh),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.batch_sharding(mesh))
