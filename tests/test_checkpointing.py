@@ -90,3 +90,27 @@ def test_corrupt_checkpoint_errors(tmp_path):
   shutil.rmtree(state_dir)
   with pytest.raises(checkpointing.CheckpointError, match="step 5"):
     reader.restore(5, _abstract())
+
+
+def test_best_needs_a_finite_metric_and_replace_attaches_one(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, select_metric="acc")
+  ckpt.save(1, _state(1), {}, {"acc": float("nan")})
+  ckpt.save(2, _state(2), {}, {"loss": 0.3})  # a metric, but not the select metric
+  ckpt.save(3, _state(3), {"consumed": 3, "pending": []})
+  ckpt.wait()
+  assert ckpt.best_step() is None
+  with pytest.raises(checkpointing.CheckpointError, match="validation metrics"):
+    ckpt.resolve("best")
+  assert ckpt.metrics(3) is None
+  # A second save of a step keeps the first, unless asked to replace it.
+  assert not ckpt.save(3, _state(3), {}, {"acc": 0.7})
+  assert ckpt.metrics(3) is None
+  assert ckpt.save(3, _state(3), {"consumed": 3, "pending": []}, {"acc": 0.7},
+                   replace=True)
+  ckpt.wait()
+  assert ckpt.metrics(3) == pytest.approx({"acc": 0.7})
+  assert ckpt.best_step() == 3
+  state, extra, step = ckpt.restore("best", _abstract())
+  assert step == 3 and extra["input_position"]["consumed"] == 3
+  np.testing.assert_array_equal(state["params"]["w"], np.full([3, 2], 3.0))
+  ckpt.close()

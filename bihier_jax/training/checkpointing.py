@@ -7,7 +7,9 @@ One checkpoint (DIR/checkpoints/<step>/) holds two items:
 - `input`: JSON with the input position (`parallel.InputPosition`) and, after an
   evaluation, the validation metrics.
 Checkpoints with validation metrics compete for "best" (`task.select_metric`,
-`task.select_mode`); the policy keeps the `keep` latest plus the single best.
+`task.select_mode`; a tie goes to the later step, and a checkpoint whose select metric
+is missing or NaN is never best); the policy keeps the `keep` latest plus the single
+best, so the best survives any number of later saves until a better one replaces it.
 """
 
 from __future__ import annotations
@@ -78,12 +80,27 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    """Step with the best validation metric (None if no checkpoint has metrics)."""
+    """Step with the best validation metric (None if no checkpoint has a finite one)."""
     step = self._manager.best_step()
     if step is None:
       return None
-    metrics = self._manager.metrics(step) if hasattr(self._manager, "metrics") else None
-    return step if metrics else None
+    value = (self.metrics(step) or {}).get(self.select_metric, np.nan)
+    return step if np.isfinite(value) else None
+
+  def metrics(self, step: int) -> dict[str, float] | None:
+    """The validation metrics saved with `step` (None if it was saved without)."""
+    if step not in self._manager.all_steps():
+      return None
+    metrics = self._manager.metrics(step)
+    return dict(metrics) if metrics else None
+
+  def checkpoint_time(self, step: int) -> float:
+    """When `step` was written: the newest file modification time in it (POSIX s)."""
+    newest = 0.0
+    for root, _, files in os.walk(os.path.join(self.directory, str(step))):
+      for name in files:
+        newest = max(newest, os.path.getmtime(os.path.join(root, name)))
+    return newest
 
   def resolve(self, which: int | str) -> int:
     """'latest' | 'best' | a step number -> an existing step, else CheckpointError."""
@@ -112,18 +129,26 @@ class Checkpointer:
   # --- save / restore --------------------------------------------------------------------
 
   def save(self, step: int, state: Any, input_position: dict[str, Any],
-           metrics: dict[str, float] | None = None, *, force: bool = False) -> bool:
-    """Starts an async save of `state` at `step` (metrics: validation results)."""
+           metrics: dict[str, float] | None = None, *, force: bool = False,
+           replace: bool = False) -> bool:
+    """Starts an async save of `state` at `step` (metrics: validation results).
+
+    replace: overwrite an existing checkpoint of `step` (to attach validation metrics
+      to one saved without them); killed in between, the run resumes from the one before.
+    """
     extra = {"input_position": input_position}
     clean = None
-    if metrics is not None:
+    if metrics:
       clean = {k: float(v) for k, v in metrics.items()
                if np.ndim(v) == 0 and isinstance(v, (int, float, np.floating,
                                                      np.integer))}
       extra["metrics"] = clean
     if step in self._manager.all_steps():
-      logging.info("checkpoint %d exists already", step)
-      return False
+      if not replace:
+        logging.info("checkpoint %d exists already", step)
+        return False
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
     saved = self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       input=ocp.args.JsonSave(extra)),
