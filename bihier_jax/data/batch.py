@@ -46,7 +46,8 @@ class Batch:
         (Å), atom_mask float32[N, A], backbone_dihedrals float32[N, 6],
         sidechain_torsions float32[N, 8], chi_mask float32[N, 4],
         prev_node int32[N], next_node int32[N] (index of residue i-1 / i+1 of the same
-        chain; the node itself at chain ends and for padding/ligand nodes),
+        chain; the node itself at chain ends, at gaps (residue_index not consecutive
+        or Cα–Cα > 4.2 Å: `input_pipeline.linked_to_next`) and for padding/ligand nodes),
         residue_index int32[N] (position in its chain), chain_id int32[N] (unique per
         chain within the batch, -1 for padding), node_kind int32[N] (0 residue,
         1 ligand atom);

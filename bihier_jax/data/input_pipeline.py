@@ -11,6 +11,11 @@ aatype = NUM_RESTYPES + element index, node_kind 1, their position in the CA slo
 atom_positions (atom_mask set only there), prev/next = themselves, residue_index 0,
 node_to_token (-1, -1). chain_id: a residue's chain id is its ESM row; the ligand atoms
 of graph g share chain id R + g (R = budget.n_row), so ids are unique within a batch.
+
+prev_node / next_node (the frame references of each residue) follow the chain, and a gap
+is a chain end: residues k and k+1 of an example are neighbours only if they share a
+chain, their residue_index values are consecutive and their Cα atoms are at most
+`CA_CA_NEIGHBOR_MAX` (4.2 Å) apart (`linked_to_next`). Both paths apply this rule.
 """
 
 from __future__ import annotations
@@ -27,6 +32,40 @@ from bihier_jax.data.example import ProteinExample
 _CA = rc.ATOM_SLOT["CA"]
 # ESM id of each one-letter code; letters outside the ESM vocabulary read as X.
 _ESM_X = rc.ESM_TOKEN["X"]
+
+# Longest Cα(i)–Cα(i+1) distance still taken as a chain link, Å: bonded neighbours sit at
+# 3.80 Å (trans) or 2.9 Å (cis); residues with one residue missing between them, ≥ 5 Å.
+CA_CA_NEIGHBOR_MAX = 4.2
+_CA_CA_MAX_SQ = np.float32(CA_CA_NEIGHBOR_MAX ** 2)
+
+
+def linked_to_next(chain_row: np.ndarray, residue_index: np.ndarray, ca: np.ndarray,
+                   ca_mask: np.ndarray) -> np.ndarray:
+  """Which consecutive residues of one example are chain neighbours (frame references).
+
+  Residue k+1 follows residue k along the chain if both are in the same chain, their
+  residue_index values are consecutive (k+1's is k's + 1: a pocket residue 12 after 9
+  is not) and both Cα are present and at most `CA_CA_NEIGHBOR_MAX` Å apart (an
+  unresolved loop keeps consecutive indices in a chain parsed from a file, but not the
+  3.8 Å step). A gap is thus a chain end. The tf.data packer computes the same rule.
+
+  Args:
+    chain_row: int[n] chain of each residue.
+    residue_index: int[n] position in its chain's sequence.
+    ca: float32[n, 3] Cα positions (Å).
+    ca_mask: bool[n] Cα present.
+
+  Returns:
+    bool[max(n - 1, 0)]: entry k links residues k and k+1.
+  """
+  ca = np.asarray(ca, np.float32)
+  d = ca[1:] - ca[:-1]
+  # Written out in this order so that float32 rounding equals the tf.data packer's.
+  dist_sq = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
+  ca_mask = np.asarray(ca_mask, bool)
+  return ((chain_row[1:] == chain_row[:-1])
+          & (residue_index[1:] - residue_index[:-1] == 1)
+          & ca_mask[1:] & ca_mask[:-1] & (dist_sq <= _CA_CA_MAX_SQ))
 
 
 def esm_tokens(sequence: str) -> np.ndarray:
@@ -142,13 +181,15 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
     nodes["chain_id"][res] = row0 + ex.chain_row
     nodes["chain_id"][lig] = r + gi
     nodes["node_kind"][lig] = 1
-    # Neighbours along the chain: the adjacent node of the same chain, else itself.
+    # Neighbours along the chain (gaps are chain ends), else the node itself.
     idx = np.arange(node0, node0 + nr, dtype=np.int32)
+    link = linked_to_next(ex.chain_row, ex.residue_index, ex.atom_positions[:, _CA],
+                          ex.atom_mask[:, _CA])
     same_prev = np.zeros(nr, bool)
-    same_prev[1:] = ex.chain_row[1:] == ex.chain_row[:-1]
+    same_prev[1:] = link
     nodes["prev_node"][res] = np.where(same_prev, idx - 1, idx)
     same_next = np.zeros(nr, bool)
-    same_next[:-1] = same_prev[1:]
+    same_next[:-1] = link
     nodes["next_node"][res] = np.where(same_next, idx + 1, idx)
 
     node_to_token[res, 0] = row0 + ex.chain_row
@@ -538,16 +579,25 @@ def _pack(x, member, budget: PaddingBudget):
   is_lig = real & tf.logical_not(is_res)
   res_row = tf.gather(tf.cumsum(n_res, exclusive=True), ex) + pos
   lig_row = tf.gather(tf.cumsum(n_lig, exclusive=True), ex) + pos - n_res_o
-  chain_row = x["chain_row"]
+  chain_row, residue_index = x["chain_row"], x["residue_index"]
+  ca = rc.ATOM_SLOT["CA"]
+  ca_xyz, ca_ok = x["atom_positions"][:, ca], x["atom_mask"][:, ca]
+
+  def linked(lo, hi, valid):  # `linked_to_next` for flat residue rows lo, hi = lo + 1
+    d = take(ca_xyz, hi, valid) - take(ca_xyz, lo, valid)
+    dist_sq = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
+    return (valid & tf.equal(take(chain_row, lo, valid), take(chain_row, hi, valid))
+            & tf.equal(take(residue_index, hi, valid) - take(residue_index, lo, valid), 1)
+            & take(ca_ok, lo, valid) & take(ca_ok, hi, valid)
+            & (dist_sq <= _CA_CA_MAX_SQ))
+
   chain_o = take(chain_row, res_row, is_res)
-  same_prev = is_res & (pos > 0) & tf.equal(take(chain_row, res_row - 1, is_res), chain_o)
-  same_next = is_res & (pos < n_res_o - 1) & tf.equal(
-      take(chain_row, res_row + 1, is_res), chain_o)
+  same_prev = linked(res_row - 1, res_row, is_res & (pos > 0))
+  same_next = linked(res_row, res_row + 1, is_res & (pos < n_res_o - 1))
   local = tf.tile(tf.range(n_max), [nb])
   batch_o = tf.repeat(tf.range(nb), n_max)
   row_o = tf.gather(tf.reshape(offsets[2], [-1]), batch_o * g_real + gslot) + chain_o
-  residue_index_o = take(x["residue_index"], res_row, is_res)
-  ca = rc.ATOM_SLOT["CA"]
+  residue_index_o = take(residue_index, res_row, is_res)
   lig_pos = take(x["ligand_positions"], lig_row, is_lig)
   lig_pos = tf.pad(lig_pos[:, None, :], [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
   f32 = lambda t: tf.cast(t, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
@@ -641,7 +691,8 @@ def _to_batch(d) -> tuple[Batch, dict]:
       graph_weights=d["graph_weights"])
   real = d["graph_mask"]
   meta = {"ids": [s.decode() for s in d["ids"][real]],
-          "groups": [s.decode() for s in d["groups"][real]]}
+          "groups": [s.decode() for s in d["groups"][real]],
+          "epoch": int(d.get("epoch", 0))}
   return batch, meta
 
 
@@ -655,11 +706,95 @@ def shard_files(data_dir: str, split: str) -> list[str]:
   return files
 
 
+# --- training order --------------------------------------------------------------------
+#
+# A training stream is endless and made of epochs; epoch e (0, 1, ...) is one pass over
+# the split in an order drawn from (seed, e) alone, so a stream can be replayed from any
+# batch and every epoch differs:
+#   1. the shard files in a random order;
+#   2. read record by record from all files in turn (up to _MAX_OPEN_SHARDS open), so
+#      records written next to each other (the decoys of one MQA target) end up a file
+#      count apart;
+#   3. record k of that sequence goes to host k mod process_count (every host draws the
+#      same sequence, so the hosts' records are disjoint and complete in every epoch);
+#   4. a shuffle buffer of `shuffle_buffer_size` records, by default the whole split on
+#      this host (memory permitting), emptied at the epoch's end: no record crosses into
+#      the next epoch;
+#   5. chunks of `chunk_size` records are bucketed and packed (per chunk, as in
+#      evaluation), and a chunk's batches leave in a random order instead of bucket by
+#      bucket (drawn from seed and chunk index).
+# Evaluation reads the files in sorted order, one pass, batches bucket by bucket.
+
+_MAX_OPEN_SHARDS = 256  # open record files while interleaving (a read buffer each)
+DEFAULT_SHUFFLE_BUFFER_MB = 4096  # data.shuffle_buffer_mb if the config has none
+
+
+def default_chunk_size(batch_size: int) -> int:
+  """Records parsed and packed together when `make_dataset` is not told otherwise."""
+  return max(256, 128 * int(batch_size))
+
+
+def count_records(data_dir: str, split: str) -> int:
+  """Records of a split: from sizes.json, else by reading the files once."""
+  sizes = load_sizes(data_dir, split)
+  if sizes is not None:
+    return int(len(sizes))
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ds = tf.data.TFRecordDataset(shard_files(data_dir, split))
+  return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def shuffle_buffer_size(config, data_dir: str, split: str, process_count: int = 1) -> int:
+  """Records in each host's training shuffle buffer.
+
+  config.data.shuffle_buffer > 0 is used as is. 0 sizes it from the data: all the
+  split's records of one host (ceil(records / process_count)), unless their serialized
+  size (shard bytes / records each) exceeds config.data.shuffle_buffer_mb MiB, which
+  then caps it.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  explicit = int(config.data.get("shuffle_buffer", 0) or 0)
+  if explicit > 0:
+    return explicit
+  n = count_records(data_dir, split)
+  per_host = -(-n // max(int(process_count), 1))
+  record_bytes = sum(os.path.getsize(f) for f in shard_files(data_dir, split)) / max(n, 1)
+  cap_mb = float(config.data.get("shuffle_buffer_mb", DEFAULT_SHUFFLE_BUFFER_MB))
+  cap = int(cap_mb * 2**20 / max(record_bytes, 1.0))
+  return max(1, min(per_host, cap))
+
+
+def _epoch_chunks(files: Sequence[str], *, seed: int, buffer: int, chunk_size: int,
+                  process_index: int, process_count: int):
+  """Endless dataset of (epoch, serialized records [<= chunk_size]), steps 1-4 above."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  file_table = tf.constant(list(files))
+  n_files = len(files)
+
+  def one_epoch(epoch):
+    key = tf.stack([tf.constant(seed, tf.int64), epoch])
+    file_key, shuffle_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    order = tf.argsort(tf.random.stateless_uniform([n_files], seed=file_key))
+    ds = tf.data.Dataset.from_tensor_slices(tf.gather(file_table, order))
+    ds = ds.interleave(tf.data.TFRecordDataset, block_length=1,
+                       cycle_length=min(n_files, _MAX_OPEN_SHARDS))
+    ds = ds.shard(process_count, process_index)
+    shuffle_seed = tf.random.stateless_uniform([], seed=shuffle_key, minval=None,
+                                               maxval=None, dtype=tf.int64)
+    ds = ds.shuffle(buffer, seed=shuffle_seed)
+    return ds.batch(chunk_size).map(lambda serialized: (epoch, serialized))
+
+  return tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(one_epoch)
+
+
 def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: int,
                     process_index: int | None = None, process_count: int | None = None,
                     budgets: Sequence[PaddingBudget] | None = None,
                     chunk_size: int | None = None):
-  """The tf.data.Dataset of padded batches (dicts of tensors; see `make_dataset`)."""
+  """The tf.data.Dataset of padded batches (dicts of tensors; see `make_dataset`).
+
+  Every batch also carries "epoch": int64, its training epoch (0 in evaluation).
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from bihier_jax.data import records  # pylint: disable=g-import-not-at-top
   if process_index is None or process_count is None:
@@ -669,22 +804,26 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
     budgets = bucket_budgets(config, dataset_sizes(data_dir))
   budgets = list(budgets)
   batch = int(config.train.batch_size)
-  chunk_size = chunk_size or max(256, 128 * batch)
+  chunk_size = chunk_size or default_chunk_size(batch)
   max_res = int(config.data.max_residues)
   table = tf.constant([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length]
                        for b in budgets], tf.int32)
   random_crop = training and config.data.crop == "random"
 
-  ds = tf.data.TFRecordDataset(shard_files(data_dir, split))
-  # Record-level host sharding: disjoint and complete whatever the number of files.
-  ds = ds.shard(process_count, process_index)
+  files = shard_files(data_dir, split)
   if training:
-    ds = ds.repeat()
-    ds = ds.shuffle(int(config.data.shuffle_buffer), seed=seed,
-                    reshuffle_each_iteration=False)  # every iterator: same order
-  ds = ds.batch(chunk_size).enumerate()
+    ds = _epoch_chunks(files, seed=seed, chunk_size=chunk_size,
+                       buffer=shuffle_buffer_size(config, data_dir, split, process_count),
+                       process_index=process_index, process_count=process_count)
+  else:
+    ds = tf.data.TFRecordDataset(files)
+    # Record-level host sharding: disjoint and complete whatever the number of files.
+    ds = ds.shard(process_count, process_index).batch(chunk_size)
+    ds = ds.map(lambda serialized: (tf.constant(0, tf.int64), serialized))
+  ds = ds.enumerate()
 
-  def process_chunk(index, serialized):
+  def process_chunk(index, item):
+    epoch, serialized = item
     x = records.parse_records(serialized)
     # Chains longer than max_res are cropped to exactly max_res, so those examples
     # belong to the last bucket (row length max_res + 2); only that bucket is cropped.
@@ -712,15 +851,24 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
     packed.append(tf.cond(tf.reduce_any(long), last_with_crops,
                           lambda: _pack(x, tf.equal(bucket, len(budgets) - 1),
                                         budgets[-1])))
-    return tuple(packed)
+    counts = tf.stack([tf.shape(p["n_node"])[0] for p in packed])
+    for p, nb in zip(packed, tf.unstack(counts)):
+      p["epoch"] = tf.fill([nb], epoch)
+    # Which bucket each of the chunk's batches comes from, in emission order.
+    order = tf.repeat(tf.range(len(budgets), dtype=tf.int64), counts)
+    if training:
+      order_key = tf.stack([tf.constant(seed, tf.int64), index])
+      order_key = tf.random.experimental.stateless_split(order_key, 2)[1]
+      order = tf.gather(order, tf.argsort(
+          tf.random.stateless_uniform(tf.shape(order), seed=order_key)))
+    return order, tuple(packed)
 
   ds = ds.map(process_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  def emit(*per_bucket):
-    out = tf.data.Dataset.from_tensor_slices(per_bucket[0])
-    for b in per_bucket[1:]:
-      out = out.concatenate(tf.data.Dataset.from_tensor_slices(b))
-    return out
+  def emit(order, per_bucket):
+    return tf.data.Dataset.choose_from_datasets(
+        [tf.data.Dataset.from_tensor_slices(b) for b in per_bucket],
+        tf.data.Dataset.from_tensor_slices(order))
 
   return ds.flat_map(emit)
 
@@ -731,13 +879,17 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
                  prefetch: int = 4, chunk_size: int | None = None):
   """Padded batches of a split: an iterator of (Batch of numpy arrays, meta).
 
-  Records are sharded by host (record i goes to process i mod process_count), shuffled
-  with `seed` (training: shuffle buffer config.data.shuffle_buffer, endless repeat;
-  evaluation: one pass in file order, the last partial batches padded, not dropped),
-  cropped to config.data.max_residues per chain (random window in training if
-  config.data.crop == "random", else the first), bucketed by length and packed into
-  the fixed `bucket_budgets` (up to batch_size proteins per batch), then prefetched.
-  Everything up to the final numpy conversion runs in tf.data.
+  Training (endless, epoch after epoch): each epoch reads the shard files in an order
+  drawn from (seed, epoch), record by record across files, keeps this host's records
+  (every process_count-th), shuffles them in a buffer of `shuffle_buffer_size` records
+  (the whole split on this host by default) and lets each chunk's batches out in a
+  random bucket order; see "training order" above. Evaluation: one pass in file order,
+  the last partial batches padded, not dropped. Chains are cropped to
+  config.data.max_residues (random window in training if config.data.crop == "random",
+  else the first), bucketed by length and packed into the fixed `bucket_budgets` (up
+  to batch_size proteins per batch), then prefetched. Everything up to the final numpy
+  conversion runs in tf.data. The same arguments give the same batches, so a run
+  resumes by skipping the batches it has used.
 
   Args:
     data_dir: directory written by `data_pipelines.preprocess`.
@@ -750,12 +902,14 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
     budgets: override `bucket_budgets(config, dataset_sizes(data_dir))` (every split's
       sizes, so that train and eval share programs and every example fits).
     prefetch: batches prepared ahead.
-    chunk_size: records parsed and packed together (default max(256, 128 x
-      batch_size)); the last batch of each bucket in a chunk may be partly empty.
+    chunk_size: records parsed and packed together (default `default_chunk_size`,
+      max(256, 128 x batch_size)); the last batch of each bucket in a chunk may be
+      partly empty.
 
   Yields:
     (Batch, meta) with meta = {"ids": [...], "groups": [...]} of the real graphs, in
-    graph order.
+    graph order, and "epoch": the training epoch the batch belongs to (0 in
+    evaluation).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   ds = make_tf_dataset(data_dir, split, config, training=training, seed=seed,
