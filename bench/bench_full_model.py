@@ -99,7 +99,6 @@ class Stepper:
   """Model, optimizer and one jitted training step (single device)."""
 
   def __init__(self, config, example_batch, seed: int = 0):
-    import optax  # pylint: disable=import-outside-toplevel
     from bihier_jax import models  # pylint: disable=import-outside-toplevel
     from bihier_jax.models import heads  # pylint: disable=import-outside-toplevel
     from bihier_jax.training import optim  # pylint: disable=import-outside-toplevel
@@ -107,9 +106,10 @@ class Stepper:
     self.config = config
     self.model = models.build_model(config)
     self.params = models.init_params(self.model, example_batch, jax.random.key(seed))
-    self.tx = optim.make_optimizer(config, self.params)
-    self.opt_state = jax.jit(self.tx.init)(self.params)
+    self.tx = optim.make_optimizer(config)
     model, task, tx = self.model, config.task, self.tx
+    trainable = model.config.trainable  # the optimizer sees trainable views only
+    self.opt_state = jax.jit(lambda p: tx.init(trainable.select(p)))(self.params)
 
     def loss_fn(params, batch, rng):
       out = model.apply({"params": params}, batch, deterministic=False,
@@ -118,8 +118,9 @@ class Stepper:
 
     def bench_train_step(params, opt_state, batch, rng):
       loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+      updates, opt_state = tx.update(trainable.select(grads), opt_state,
+                                     trainable.select(params))
+      return trainable.apply_updates(params, updates), opt_state, loss
 
     self.step_fn = jax.jit(bench_train_step, donate_argnums=(0, 1))
     self.rng = jax.random.key(seed + 1)

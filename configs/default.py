@@ -51,12 +51,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.esm = ml_collections.ConfigDict()
   c.model.esm.preset = "t6_8M"  # t6_8M | t12_35M | t30_150M | t33_650M | t36_3B | t48_15B | tiny
   c.model.esm.checkpoint = ""  # HF dir / fair-esm .pt / converted dir; "" = random init (loud)
-  c.model.esm.trainable = "finetune"  # frozen | finetune | last_n
+  # finetune | frozen | last_n (last_n layers + final LayerNorm). Frozen parameters are
+  # constants of the step: zero gradient, no weight-gradient matmuls, no optimizer state.
+  c.model.esm.trainable = "finetune"
   c.model.esm.last_n = 2  # layers trained when trainable == last_n
   c.model.esm.remat = False  # rematerialise each layer (memory for compute)
   c.model.esm.scan_layers = True  # stacked + scanned layers: compile time flat in depth
   c.model.esm.attention = "auto"  # auto (jax.nn.dot_product_attention) | exact
   c.model.esm.token_dropout = True
+  # Residues hidden by the residue-type augmentation (gnn.mask_aatype_prob) also get
+  # <mask> as their ESM token, so fusion cannot pass the hidden type to the GNN.
+  c.model.esm.mask_augmented = True
 
   c.model.gnn = ml_collections.ConfigDict()
   c.model.gnn.level = "backbone"  # amino_acid | backbone | all_atom
@@ -79,6 +84,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.fusion.num_heads = 4
   c.model.fusion.ffn_mult = 4  # global fusion FFN width = ffn_mult x fusion.dim
   c.model.fusion.dropout = 0.1
+  # LayerNorm wherever the two streams meet: both fusion inputs (the GNN stream goes on
+  # from LN(X)), the serial kind's input sum, both readout halves. False = the model
+  # before this normalisation (ProNet states shrink ~8x per block, so fusion and the
+  # readout then see the sequence stream only), kept for reproduction.
+  c.model.fusion.norm = True
+  c.model.fusion.write_back = "add"  # add (residual; pLM update zero at init) | replace
+
+  # Per-residue features the head reads: streams (final ESM + GNN states), fused (the
+  # last fusion level's tokens), auto (fused for kind=cross as ESM-GearNet, else streams)
+  c.model.readout = "auto"
 
   c.model.head = ml_collections.ConfigDict()
   c.model.head.pooling = "mean"  # sum | mean (graph tasks)
@@ -100,7 +115,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10_000
   c.train.batch_size = 8  # proteins per global batch
-  c.train.eval_every = 1000
+  c.train.eval_every = 1000  # periodic evaluation (and saved checkpoint) every N steps
+  # Periodic evaluations score only data.select_split (the test splits stay unseen until
+  # the selected checkpoint is reported at the end); True also scores and logs them.
+  c.train.eval_test_during_training = False
   c.train.checkpoint_every = 1000
   c.train.log_every = 50
   c.train.keep_checkpoints = 3

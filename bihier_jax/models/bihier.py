@@ -1,6 +1,6 @@
 """The Bi-Hierarchical model: ESM-2 and a ProNet-style GNN interleaved with fusion.
 
-Forward pass (DESIGN.md "Model"), for GNN blocks k = 1..K:
+Forward pass (after the design's "Model" section), for GNN blocks k = 1..K:
 
     X <- GNN block k
     if k in fusion.levels:
@@ -9,24 +9,43 @@ Forward pass (DESIGN.md "Model"), for GNN blocks k = 1..K:
     H <- remaining ESM layers, final LayerNorm
 
 ESM layers between two fusion levels do not depend on the GNN, so running them in one
-chunk right before the fusion is the same computation as DESIGN's per-block interleave,
-with fewer program pieces. Readout per residue: concat(Dense(gather(H)), X).
+chunk right before the fusion is the same computation as a per-block interleave, with
+fewer program pieces.
+
+Readout per residue (`model.readout`), both halves LayerNorm'd with `model.fusion.norm`:
+  streams  concat(LN(Dense(gather(H_final))), LN(X_final)): the two encoders' outputs.
+  fused    the last fusion level's tokens: concat(LN(Zs), LN(Zg)) (global; the one Z of
+           local fusion). For `cross` this is ESM-GearNet's readout (the concatenated
+           attended halves).
+  auto     fused for `cross`, streams for every other kind (the default).
+Without the readout norm, ProNet's final states (RMS ≈ 5e-5 after 4 blocks at
+initialisation) would sit beside O(1) sequence features, and every two-stream model
+would start out sequence-only.
 
 Baselines share this module and its parameter names (`model.kind`):
   esm_only  ESM only; readout Dense(gather(H)).
   gnn_only  GNN only; readout X.
   serial    final ESM features per residue are the GNN's extra input features
-            (ESM-GearNet style); readout concat(Dense(gather(H)), X).
+            (ESM-GearNet style; both input parts normalised with `fusion.norm`);
+            readout concat(Dense(gather(H)), X).
   parallel  both encoders independently; readout concat.
-  cross     both independently, then one global-fusion block (MHSA over both token sets,
-            write-back both ways) on the final states; readout concat.
+  cross     both independently, then one global-fusion block (MHSA over both token sets)
+            on the final states; readout the attended tokens (or, with
+            readout=streams, write-back both ways and read out the streams).
+
+Residue-type masking (`model.gnn.mask_aatype_prob`, training only) draws one mask per
+batch; with `model.esm.mask_augmented` the masked residues' ESM tokens become `<mask>`
+too, so the sequence stream cannot hand the hidden type to the GNN through fusion.
+
+Trainability (`model.esm.trainable`) is decided in `trainable`: frozen ESM parameters
+enter as constants (see that module).
 
 Parameter tree: params['esm'] (ESM-2, names as `esm2.ESM2`), params['gnn'] (ProNet),
 params['fusion_<k>'] (fusion after GNN block k; 'fusion_cross' for kind cross),
-params['seq_readout'], params['head']. The optimizer freezes / scales the 'esm' subtree
-by name.
+params['seq_readout'], params['seq_readout_norm'], params['struct_readout_norm'],
+params['head'].
 
-Randomness: flax rng stream 'dropout' (and whatever ProNet's augmentations use) when
+Randomness: flax rng streams 'dropout' and 'augment' (falls back to 'dropout') when
 deterministic=False.
 """
 
@@ -41,15 +60,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import batch as batch_lib
 from bihier_jax.models import esm2
 from bihier_jax.models import fusion as fusion_lib
 from bihier_jax.models import heads
 from bihier_jax.models import pronet
+from bihier_jax.models import trainable as trainable_lib
 
 KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
 DIRECTIONS = ("bi", "seq2struct", "struct2seq")
 MODES = ("local", "global")
+READOUTS = ("auto", "streams", "fused")
 
 
 @flax.struct.dataclass
@@ -116,7 +138,7 @@ class BiHierConfig:
   kind: str
   dtype: Any
   esm: esm2.ESM2Config
-  esm_frozen: bool
+  trainable: trainable_lib.Trainable
   gnn: pronet.ProNetConfig
   fusion_mode: str
   fusion_levels: tuple[int, ...]
@@ -126,6 +148,10 @@ class BiHierConfig:
   fusion_heads: int
   fusion_dropout: float
   fusion_ffn_mult: int
+  fusion_norm: bool
+  fusion_write_back: str
+  readout: str  # streams | fused (auto resolved)
+  mask_esm_tokens: bool
   head_pooling: str
   head_hidden: int
   head_dropout: float
@@ -142,13 +168,26 @@ class BiHierConfig:
     if m.fusion.direction not in DIRECTIONS:
       raise ValueError(f"model.fusion.direction must be one of {DIRECTIONS}, "
                        f"got {m.fusion.direction!r}")
+    write_back = m.fusion.get("write_back", "add")
+    if write_back not in fusion_lib.WRITE_BACKS:
+      raise ValueError(f"model.fusion.write_back must be one of {fusion_lib.WRITE_BACKS}, "
+                       f"got {write_back!r}")
+    readout = m.get("readout", "auto")
+    if readout not in READOUTS:
+      raise ValueError(f"model.readout must be one of {READOUTS}, got {readout!r}")
+    if readout == "auto":
+      readout = "fused" if m.kind == "cross" else "streams"
+    if readout == "fused" and m.kind not in ("bihier", "cross"):
+      raise ValueError(f"model.readout='fused' reads the last fusion level's tokens; "
+                       f"model.kind={m.kind!r} has no fusion (use streams or auto)")
     if t.level not in heads.LEVELS:
       raise ValueError(f"task.level must be one of {heads.LEVELS}, got {t.level!r}")
     dtype = jnp.dtype(m.dtype)
+    trainable = trainable_lib.Trainable.from_config(config)
     esm_cfg = esm2.config_from_preset(
         m.esm.preset, token_dropout=bool(m.esm.token_dropout), dtype=dtype,
         remat=bool(m.esm.remat), scan_layers=bool(m.esm.scan_layers),
-        attention=m.esm.attention, mlm_head=False)
+        attention=m.esm.attention, mlm_head=False, **trainable.esm_overrides())
     gnn_cfg = pronet.ProNetConfig(
         level=m.gnn.level, hidden=m.gnn.hidden, num_blocks=m.gnn.num_blocks,
         num_radial=m.gnn.num_radial, num_spherical=m.gnn.num_spherical,
@@ -166,15 +205,14 @@ class BiHierConfig:
                                  m.gnn.num_blocks)
     else:
       levels, paired = (), ()
-    if m.esm.trainable not in ("frozen", "finetune", "last_n"):
-      raise ValueError(f"model.esm.trainable must be frozen | finetune | last_n, "
-                       f"got {m.esm.trainable!r}")
     return cls(
-        kind=m.kind, dtype=dtype, esm=esm_cfg, esm_frozen=m.esm.trainable == "frozen",
+        kind=m.kind, dtype=dtype, esm=esm_cfg, trainable=trainable,
         gnn=gnn_cfg, fusion_mode=m.fusion.mode, fusion_levels=levels,
         fusion_direction=m.fusion.direction, fusion_esm_layers=paired,
         fusion_dim=m.fusion.dim, fusion_heads=m.fusion.num_heads,
         fusion_dropout=m.fusion.dropout, fusion_ffn_mult=m.fusion.get("ffn_mult", 4),
+        fusion_norm=bool(m.fusion.get("norm", True)), fusion_write_back=write_back,
+        readout=readout, mask_esm_tokens=bool(m.esm.get("mask_augmented", True)),
         head_pooling=m.head.pooling,
         head_hidden=m.head.hidden, head_dropout=m.head.dropout, task_level=t.level,
         num_classes=t.num_classes)
@@ -201,6 +239,13 @@ def _graph_capacity(num_nodes: int, num_graphs: int, row_length: int) -> int | N
   return cap if worth_it else None
 
 
+def mask_tokens(tokens, node_to_token, residue_mask):
+  """tokens int[R, L] with the tokens of masked residues (bool[N]) set to `<mask>`."""
+  hit = residue_mask[:, None].astype(jnp.float32)
+  grid = batch_lib.scatter_to_tokens(hit, node_to_token, tokens.shape)[..., 0] > 0
+  return jnp.where(grid, rc.ESM_MASK, tokens)
+
+
 class BiHierModel(nn.Module):
   """All model kinds on one code path. `__call__(batch, deterministic) -> ModelOutput`."""
   config: BiHierConfig
@@ -212,43 +257,66 @@ class BiHierModel(nn.Module):
       self.seq_readout = nn.Dense(cfg.gnn.hidden, dtype=cfg.dtype)
     if cfg.uses_gnn:
       self.gnn = pronet.ProNet(cfg.gnn)
+    if cfg.fusion_norm:
+      self.seq_readout_norm = fusion_lib.layer_norm("seq_readout_norm", cfg.dtype)
+      self.struct_readout_norm = fusion_lib.layer_norm("struct_readout_norm", cfg.dtype,
+                                                       structure=True)
     write_struct = cfg.fusion_direction in ("bi", "seq2struct")
     write_seq = cfg.fusion_direction in ("bi", "struct2seq")
     level = lambda mode, ws, wq: fusion_lib.FusionLevel(
         mode=mode, dim=cfg.fusion_dim, num_heads=cfg.fusion_heads,
         dropout=cfg.fusion_dropout, ffn_mult=cfg.fusion_ffn_mult, write_struct=ws,
-        write_seq=wq, dtype=cfg.dtype)
+        write_seq=wq, norm=cfg.fusion_norm, write_back=cfg.fusion_write_back,
+        dtype=cfg.dtype)
     self.fusion = {str(k): level(cfg.fusion_mode, write_struct, write_seq)
                    for k in cfg.fusion_levels}
     if cfg.kind == "cross":
-      self.fusion_cross = level("global", True, True)
+      # Read out from the attended tokens (ESM-GearNet), or write back both ways.
+      streams = cfg.readout == "streams"
+      self.fusion_cross = level("global", streams, streams)
     self.head = heads.MLPHead(hidden=cfg.head_hidden, num_outputs=cfg.num_classes,
                               dropout=cfg.head_dropout, dtype=cfg.dtype)
 
-  def _fuse(self, module, hidden, x, batch, deterministic):
+  def _fuse(self, module, hidden, x, batch, deterministic) -> fusion_lib.FusionOutput:
     num_nodes, num_graphs = batch.node_mask.shape[0], batch.graph_mask.shape[0]
     capacity = _graph_capacity(num_nodes, num_graphs, batch.tokens.shape[1])
     return module(hidden, x, batch.node_to_token, batch.node_graph, batch.node_mask,
                   num_graphs, deterministic, capacity)
 
-  def _esm_full(self, tokens):
-    """Plain ESM-2 forward: final (normed) states [R, L, ds]."""
+  def _residue_mask(self, batch, deterministic):
+    """Residues masked by the residue-type augmentation this step, or None."""
     cfg = self.config
-    h = self.esm.run_layers(self.esm.embed(tokens), tokens, 0, cfg.esm.num_layers)
-    h = self.esm.final_norm(h)
-    return jax.lax.stop_gradient(h) if cfg.esm_frozen else h
+    if deterministic or cfg.gnn.mask_aatype_prob <= 0:
+      return None
+    if cfg.uses_gnn:
+      return self.gnn.draw_residue_mask(batch.graph)
+    if not cfg.mask_esm_tokens:
+      return None
+    key = self.make_rng("augment" if self.has_rng("augment") else "dropout")
+    hit = jax.random.bernoulli(key, cfg.gnn.mask_aatype_prob, batch.node_mask.shape)
+    return hit & (jnp.asarray(batch.graph.nodes["node_kind"]) == 0)
+
+  def _readout_halves(self, halves):
+    """LN on each half (fusion.norm), concatenated: [N, sum of widths]."""
+    cfg = self.config
+    if cfg.fusion_norm:
+      norms = {"seq": self.seq_readout_norm, "struct": self.struct_readout_norm}
+      halves = [norms[name](h) for name, h in halves]
+    else:
+      halves = [h for _, h in halves]
+    return jnp.concatenate([h.astype(cfg.dtype) for h in halves], axis=-1)
 
   def __call__(self, batch: batch_lib.Batch, deterministic: bool = True) -> ModelOutput:
     cfg = self.config
     tokens, graph = batch.tokens, batch.graph
-    hidden = x = None
+    hidden = x = fused = None
+    residue_mask = self._residue_mask(batch, deterministic)
+    if cfg.uses_esm and cfg.mask_esm_tokens and residue_mask is not None:
+      tokens = mask_tokens(tokens, batch.node_to_token, residue_mask)
 
     if cfg.kind == "bihier":
       hidden = self.esm.embed(tokens)
-      # Until something trainable writes into the pLM stream, a frozen ESM needs no
-      # backward pass.
-      seq_frozen = cfg.esm_frozen
-      x, edges = self.gnn.embed(graph, deterministic)
+      x, edges = self.gnn.embed(graph, deterministic, residue_mask=residue_mask)
       done = 0
       for k in range(1, cfg.gnn.num_blocks + 1):
         x = self.gnn.block(k - 1, x, edges, graph, deterministic)
@@ -256,34 +324,40 @@ class BiHierModel(nn.Module):
           stop = cfg.fusion_esm_layers[cfg.fusion_levels.index(k)]
           hidden = self.esm.run_layers(hidden, tokens, done, stop)
           done = stop
-          if seq_frozen:
-            hidden = jax.lax.stop_gradient(hidden)
-          hidden, x = self._fuse(self.fusion[str(k)], hidden, x, batch, deterministic)
-          seq_frozen = seq_frozen and cfg.fusion_direction == "seq2struct"
+          fused = self._fuse(self.fusion[str(k)], hidden, x, batch, deterministic)
+          hidden, x = fused.hidden, fused.x
       hidden = self.esm.final_norm(
           self.esm.run_layers(hidden, tokens, done, cfg.esm.num_layers))
-      if seq_frozen:
-        hidden = jax.lax.stop_gradient(hidden)
     else:
       if cfg.uses_esm:
-        hidden = self._esm_full(tokens)
+        hidden = self.esm.final_norm(
+            self.esm.run_layers(self.esm.embed(tokens), tokens, 0, cfg.esm.num_layers))
       if cfg.uses_gnn:
         extra = (batch_lib.gather_tokens(hidden, batch.node_to_token)
                  if cfg.kind == "serial" else None)
-        x, edges = self.gnn.embed(graph, deterministic, extra_node_features=extra)
+        x, edges = self.gnn.embed(graph, deterministic, extra_node_features=extra,
+                                  residue_mask=residue_mask,
+                                  normalize_extra=cfg.fusion_norm)
         for k in range(cfg.gnn.num_blocks):
           x = self.gnn.block(k, x, edges, graph, deterministic)
       if cfg.kind == "cross":
-        hidden, x = self._fuse(self.fusion_cross, hidden, x, batch, deterministic)
+        fused = self._fuse(self.fusion_cross, hidden, x, batch, deterministic)
+        hidden, x = fused.hidden, fused.x
 
     if hidden is not None:
       self.sow("intermediates", "sequence_states", hidden)
-    parts = []
-    if hidden is not None:
-      parts.append(self.seq_readout(batch_lib.gather_tokens(hidden, batch.node_to_token)))
-    if x is not None:
-      parts.append(x.astype(cfg.dtype))
-    node_embeddings = jnp.concatenate(parts, axis=-1)
+    if cfg.readout == "fused":
+      halves = [("seq", fused.z_seq)]
+      if cfg.kind == "cross" or cfg.fusion_mode == "global":
+        halves.append(("struct", fused.z_struct))
+    else:
+      halves = []
+      if hidden is not None:
+        halves.append(("seq", self.seq_readout(
+            batch_lib.gather_tokens(hidden, batch.node_to_token))))
+      if x is not None:
+        halves.append(("struct", x))
+    node_embeddings = self._readout_halves(halves)
     node_embeddings = jnp.where(batch.node_mask[:, None], node_embeddings, 0)
     graph_embeddings = heads.pool(node_embeddings, batch.node_graph, batch.node_mask,
                                   batch.graph_mask.shape[0], cfg.head_pooling)

@@ -52,6 +52,10 @@ from bihier_jax.models import attention
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 replaced by <mask> in training
 ROTARY_BASE = 10000.0
+# Top-level parameter names (the tree in the module docstring).
+EMBEDDING_PARAM = "embed_tokens"
+LAYERS_PARAM = "layers"
+FINAL_NORM_PARAM = "emb_layer_norm_after"
 
 
 # --- configuration ---------------------------------------------------------------------
@@ -77,6 +81,12 @@ class ESM2Config:
       `attention.masked_attention`; GPU bf16: cuDNN fused attention via
       jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
       'exact' = plain einsum + float32 softmax.
+    frozen_embedding, frozen_layers, frozen_final_norm: parameters that enter the
+      computation as constants (`stop_gradient` on the parameters): the token
+      embedding, the first `frozen_layers` layers, the final LayerNorm. Their gradient
+      is exactly zero and no weight-gradient matmuls are computed for them; gradients
+      of activations still flow through them. `bihier_jax.models.trainable` sets these
+      from `model.esm.trainable`; the numbers of the forward pass do not change.
   """
   num_layers: int
   embed_dim: int
@@ -90,6 +100,9 @@ class ESM2Config:
   remat: bool = False
   scan_layers: bool = True
   attention: str = "auto"
+  frozen_embedding: bool = False
+  frozen_layers: int = 0
+  frozen_final_norm: bool = False
 
   def __post_init__(self):
     if self.ffn_dim is None:
@@ -101,6 +114,8 @@ class ESM2Config:
       raise ValueError(f"head width {self.embed_dim // self.num_heads} must be even (rotary)")
     if self.attention not in ("auto", "exact"):
       raise ValueError(f"attention must be 'auto' or 'exact', got {self.attention!r}")
+    if not 0 <= self.frozen_layers <= self.num_layers:
+      raise ValueError(f"frozen_layers {self.frozen_layers} outside 0..{self.num_layers}")
 
   @property
   def head_dim(self) -> int:
@@ -312,6 +327,11 @@ def _transformer_layer(p, h, key_mask, cos, sin, cfg: ESM2Config):
   return h + _dense(x, p["fc2"], dtype)
 
 
+def _constant_if(frozen: bool, params):
+  """`params` as constants of the computation (no gradient, no weight-gradient work)."""
+  return jax.tree.map(jax.lax.stop_gradient, params) if frozen else params
+
+
 # --- parameter initialisation ----------------------------------------------------------
 
 
@@ -369,16 +389,17 @@ class ESM2(nn.Module):
       return {"dense": _init_dense(key, (d, d)), "layer_norm": _init_norm((d,)),
               "bias": jnp.zeros((v,), jnp.float32)}
 
-    self.embed_tokens = self.param("embed_tokens", init_embedding)
-    self.layers = self.param("layers", init_layers)
-    self.emb_layer_norm_after = self.param("emb_layer_norm_after", lambda _: _init_norm((d,)))
+    self.embed_tokens = self.param(EMBEDDING_PARAM, init_embedding)
+    self.layers = self.param(LAYERS_PARAM, init_layers)
+    self.emb_layer_norm_after = self.param(FINAL_NORM_PARAM, lambda _: _init_norm((d,)))
     if cfg.mlm_head:
       self.lm_head = self.param("lm_head", init_lm_head)
 
   def embed(self, tokens):
     """Token embeddings with token dropout and padding mask. tokens int [B, L] -> [B, L, D]."""
     cfg = self.config
-    x = jnp.take(self.embed_tokens["embedding"], tokens, axis=0)  # float32
+    table = _constant_if(cfg.frozen_embedding, self.embed_tokens["embedding"])
+    x = jnp.take(table, tokens, axis=0)  # float32
     real = tokens != rc.ESM_PAD
     if cfg.token_dropout:
       is_mask = tokens == rc.ESM_MASK
@@ -408,25 +429,39 @@ class ESM2(nn.Module):
     layer_fn = functools.partial(_transformer_layer, cfg=cfg)
     if cfg.remat:
       layer_fn = jax.checkpoint(layer_fn, prevent_cse=not cfg.scan_layers)
-    stacked = jax.tree.map(lambda a: a[start:stop], self.layers)
 
-    if cfg.scan_layers:
-      def body(carry, p):
-        out = layer_fn(p, carry, key_mask, cos, sin)
-        return out, (out if collect else None)
-      h, outs = jax.lax.scan(body, h, stacked)
-    else:
+    def apply(h, first, last):
+      """Layers (first, last] with one parameter slice: scanned or unrolled."""
+      stacked = jax.tree.map(lambda a: a[first:last], self.layers)
+      stacked = _constant_if(last <= cfg.frozen_layers, stacked)
+      if cfg.scan_layers:
+        def body(carry, p):
+          out = layer_fn(p, carry, key_mask, cos, sin)
+          return out, (out if collect else None)
+        return jax.lax.scan(body, h, stacked)
       outs = []
-      for i in range(stop - start):
+      for i in range(last - first):
         h = layer_fn(jax.tree.map(lambda a, i=i: a[i], stacked), h, key_mask, cos, sin)
         outs.append(h)
-      outs = jnp.stack(outs) if collect else None
-    return (h, outs) if collect else h
+      return h, (jnp.stack(outs) if collect else None)
+
+    # Frozen and trainable layers run as separate pieces, so the frozen slice of the
+    # stacked parameters is a constant as a whole (inside one scan it would not be).
+    pieces = [(a, b) for a, b in ((start, min(stop, max(start, cfg.frozen_layers))),
+                                  (max(start, cfg.frozen_layers), stop)) if a < b]
+    outs = []
+    for first, last in pieces:
+      h, out = apply(h, first, last)
+      outs.append(out)
+    if not collect:
+      return h
+    return h, (outs[0] if len(outs) == 1 else jnp.concatenate(outs))
 
   def final_norm(self, h):
     """emb_layer_norm_after. h [B, L, D] -> [B, L, D] in cfg.dtype."""
     cfg = self.config
-    return _layer_norm(h, self.emb_layer_norm_after, cfg.layer_norm_eps, cfg.dtype)
+    params = _constant_if(cfg.frozen_final_norm, self.emb_layer_norm_after)
+    return _layer_norm(h, params, cfg.layer_norm_eps, cfg.dtype)
 
   def mlm_logits(self, h):
     """MLM head on final (normed) states h [B, L, D] -> float32 logits [B, L, V]."""
@@ -436,7 +471,8 @@ class ESM2(nn.Module):
     p = self.lm_head
     x = jax.nn.gelu(_dense(h.astype(cfg.dtype), p["dense"], cfg.dtype), approximate=False)
     x = _layer_norm(x, p["layer_norm"], cfg.layer_norm_eps, cfg.dtype)
-    logits = jnp.dot(x, self.embed_tokens["embedding"].T.astype(cfg.dtype),
+    table = _constant_if(cfg.frozen_embedding, self.embed_tokens["embedding"])
+    logits = jnp.dot(x, table.T.astype(cfg.dtype),
                      preferred_element_type=jnp.float32)
     return logits + p["bias"]
 

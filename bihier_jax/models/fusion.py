@@ -8,10 +8,20 @@ Two published mechanisms (Liu et al. 2025), both on per-residue tokens of width 
   [U + e_seq ; V + e_str] of each protein (2n tokens for n residues).
 
 `FusionLevel` wraps either with the projections into the fused width and the write-backs
-(DESIGN.md "Model"):
-  struct <- seq:  X <- X + Dense(Zg)
+(H: pLM hidden states, X: GNN node states, `norm` on, the default):
+  inputs:         U = Dense_s(LN(gather(H))), V = Dense_g(LN(X)). ProNet's node states
+                  shrink about 8x per block at initialisation (≈1e-3 at the second
+                  block) while ESM-2's are O(1): projected raw, the gate's structure
+                  vote would be f(V) ≈ f(0) and attention would see sequence content
+                  only. LN(X) is "the GNN state handed to fusion".
+  struct <- seq:  X <- LN(X) + Dense(Zg): the structure stream continues from its
+                  normalised state, so the update does not swamp it;
   seq <- struct:  H <- H + scatter(Dense0(Zs)), Dense0 zero-initialised so that at
                   initialisation the pLM stream is exactly the pretrained one.
+With `write_back='replace'` the streams are replaced instead: X <- Dense(Zg), and each
+residue's token of H <- Dense(Zs) (ordinary initialisation; tokens without a node keep
+their state). With `norm=False` nothing is normalised and the structure update is
+X <- X + Dense(Zg), the model before the normalisation was added (for reproduction).
 
 Shapes: N nodes, G graphs (incl. the padding graph), R x L the ESM token grid,
 d fused width, ds ESM width, dg GNN width.
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,7 +115,11 @@ class JointTokenBlock(nn.Module):
     # No dropout on the attention weights: on [B, heads, T, T] its random bits cost more
     # than the attention itself on CPU; the residual branches keep dropout.
     pairs = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
-    attended = attention.masked_attention(q, k, v, attention.mask_bias(pairs))
+    bias = attention.mask_bias(pairs)
+    if self.is_mutable_collection("intermediates"):  # inspection only: [B, heads, T, T]
+      logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+      self.sow("intermediates", "attention_weights", jax.nn.softmax(logits + bias, -1))
+    attended = attention.masked_attention(q, k, v, bias)
     attended = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                                name="attention_out")(attended)
     tokens = tokens + nn.Dropout(self.dropout)(attended, deterministic=deterministic)
@@ -238,8 +253,21 @@ class GlobalFusion(nn.Module):
     return out[:n], out[n:]
 
 
+WRITE_BACKS = ("add", "replace")
+
+
+@flax.struct.dataclass
+class FusionOutput:
+  """hidden [R, L, ds] and x [N, dg] after write-back; z_seq, z_struct [N, d] the fused
+  tokens of each modality (the same array for local fusion), zero where masked."""
+  hidden: Any
+  x: Any
+  z_seq: Any
+  z_struct: Any
+
+
 class FusionLevel(nn.Module):
-  """Fusion at one depth: project, fuse (local or global), write back.
+  """Fusion at one depth: normalise, project, fuse (local or global), write back.
 
   Attributes:
     mode: "local" | "global".
@@ -249,6 +277,8 @@ class FusionLevel(nn.Module):
     ffn_mult: FFN width multiple of global fusion.
     write_struct: struct <- seq write-back (direction bi / seq2struct).
     write_seq: seq <- struct write-back (direction bi / struct2seq).
+    norm: LayerNorm on both inputs, structure stream continues from LN(X).
+    write_back: "add" (residual) | "replace".
     dtype: compute dtype.
   """
   mode: str
@@ -258,11 +288,14 @@ class FusionLevel(nn.Module):
   ffn_mult: int = 4
   write_struct: bool = True
   write_seq: bool = True
+  norm: bool = True
+  write_back: str = "add"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, hidden, x, node_to_token, node_graph, node_mask,
-               num_graphs: int, deterministic: bool, graph_capacity: int | None = None):
+               num_graphs: int, deterministic: bool, graph_capacity: int | None = None
+               ) -> FusionOutput:
     """Args:
       hidden: [R, L, ds] pLM hidden states.
       x: [N, dg] GNN node states.
@@ -270,14 +303,19 @@ class FusionLevel(nn.Module):
       num_graphs: G (static).
       deterministic: no dropout.
       graph_capacity: per-graph layout of global fusion (static); see `GlobalFusion`.
-
-    Returns:
-      (hidden [R, L, ds], x [N, dg]) after write-back.
     """
+    if self.write_back not in WRITE_BACKS:
+      raise ValueError(f"model.fusion.write_back must be one of {WRITE_BACKS}, "
+                       f"got {self.write_back!r}")
     has_token = (node_to_token[:, 0] >= 0) & node_mask
-    u = nn.Dense(self.dim, dtype=self.dtype, name="seq_in")(
-        batch_lib.gather_tokens(hidden, node_to_token))
-    v = nn.Dense(self.dim, dtype=self.dtype, name="struct_in")(x)
+    seq_side, struct_side = batch_lib.gather_tokens(hidden, node_to_token), x
+    if self.norm:
+      seq_side = layer_norm("seq_norm", self.dtype)(seq_side)
+      struct_side = jnp.where(node_mask[:, None],
+                              layer_norm("struct_norm", self.dtype, structure=True)(x),
+                              0).astype(x.dtype)
+    u = nn.Dense(self.dim, dtype=self.dtype, name="seq_in")(seq_side)
+    v = nn.Dense(self.dim, dtype=self.dtype, name="struct_in")(struct_side)
 
     if self.mode == "local":
       z, gates = LocalFusion(hidden=self.dim, dtype=self.dtype, name="local")(
@@ -296,16 +334,40 @@ class FusionLevel(nn.Module):
                        f"got {self.mode!r}")
 
     drop = nn.Dropout(self.dropout)
+    replace = self.write_back == "replace"
     if self.write_struct:
       update = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_struct")(z_struct)
-      update = drop(update, deterministic=deterministic)
-      x = x + jnp.where(node_mask[:, None], update, 0).astype(x.dtype)
+      update = drop(update, deterministic=deterministic).astype(x.dtype)
+      x = jnp.where(node_mask[:, None], update if replace else struct_side + update, x)
     if self.write_seq:
-      update = nn.Dense(hidden.shape[-1], dtype=self.dtype,
-                        kernel_init=nn.initializers.zeros,
-                        bias_init=nn.initializers.zeros, name="to_seq")(z_seq)
+      # Added updates start at zero (the pretrained pLM is exact at step 0); a
+      # replacement cannot.
+      zero = {} if replace else {"kernel_init": nn.initializers.zeros,
+                                 "bias_init": nn.initializers.zeros}
+      update = nn.Dense(hidden.shape[-1], dtype=self.dtype, name="to_seq", **zero)(z_seq)
       update = drop(update, deterministic=deterministic)
       update = jnp.where(has_token[:, None], update, 0)
-      hidden = hidden + batch_lib.scatter_to_tokens(
-          update, node_to_token, hidden.shape[:2]).astype(hidden.dtype)
-    return hidden, x
+      grid = batch_lib.scatter_to_tokens(update, node_to_token,
+                                         hidden.shape[:2]).astype(hidden.dtype)
+      if replace:
+        written = batch_lib.scatter_to_tokens(
+            has_token[:, None].astype(jnp.float32), node_to_token, hidden.shape[:2]) > 0
+        hidden = jnp.where(written, grid, hidden)
+      else:
+        hidden = hidden + grid
+    return FusionOutput(hidden=hidden, x=x, z_seq=z_seq, z_struct=z_struct)
+
+
+# LayerNorm epsilon where the streams meet. ProNet's states are ~1e-3 after 2 blocks
+# and ~5e-5 after 4 at initialisation (variance ~1e-9): ESM's 1e-5 would dominate that
+# variance and leave them small, so the structure side uses an epsilon far below it
+# (still normalising states down to an RMS of about 1e-7, some 8 blocks deep).
+SEQ_NORM_EPS = 1e-5
+STRUCT_NORM_EPS = 1e-16
+
+
+def layer_norm(name: str, dtype: Dtype = jnp.float32, *, structure: bool = False
+               ) -> nn.LayerNorm:
+  """The LayerNorm used where the two streams meet (float32 statistics)."""
+  eps = STRUCT_NORM_EPS if structure else SEQ_NORM_EPS
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)

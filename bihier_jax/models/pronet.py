@@ -412,19 +412,34 @@ class ProNet(nn.Module):
     # Used only when extra node features are passed (the 'serial' baseline); pass them
     # at init too so its parameters exist.
     self.extra_embed = nn.Dense(cfg.hidden, dtype=cfg.dtype)
+    self.embed_norm = nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype)
+    self.extra_norm = nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype)
     self.blocks = [InteractionBlock(cfg) for _ in range(cfg.num_blocks)]
 
   def _augment_rng(self):
     return self.make_rng("augment" if self.has_rng("augment") else "dropout")
 
+  def draw_residue_mask(self, graph: jraph.GraphsTuple):
+    """Residue-type masking (training augmentation): bool[N], each residue node
+    independently with probability `mask_aatype_prob`; never ligand atoms or padding."""
+    nodes = graph.nodes
+    hit = jax.random.bernoulli(self._augment_rng(), self.config.mask_aatype_prob,
+                               jnp.shape(nodes["aatype"]))
+    return hit & (jnp.asarray(nodes["node_kind"]) == 0)
+
   def embed(self, graph: jraph.GraphsTuple, deterministic: bool = True,
-            extra_node_features=None):
+            extra_node_features=None, residue_mask=None, normalize_extra: bool = False):
     """Input node embedding and edge features.
 
     Args:
       graph: the Batch's residue graph (nodes dict as documented in `Batch`).
       deterministic: no augmentation when True.
       extra_node_features: optional [N, F] added after a linear projection.
+      residue_mask: optional bool[N], residues whose type is masked (unknown, 25) when
+        not deterministic; None draws it (`draw_residue_mask`) if mask_aatype_prob > 0.
+      normalize_extra: LayerNorm the residue embedding and the projected extra
+        features before adding them, so neither swamps the other (ProNet's input
+        embedding has RMS ≈ 0.2, a projected ESM-2 state ≈ 1).
 
     Returns:
       x [N, hidden], EdgeFeatures.
@@ -437,10 +452,10 @@ class ProNet(nn.Module):
                            n_edge=jnp.asarray(graph.n_edge))
     aatype = nodes["aatype"]
     positions = nodes["atom_positions"][:, :3].astype(jnp.float32)  # N, CA, C
-    if not deterministic and cfg.mask_aatype_prob > 0:
-      hit = jax.random.bernoulli(self._augment_rng(), cfg.mask_aatype_prob, aatype.shape)
-      hit &= nodes["node_kind"] == 0
-      aatype = jnp.where(hit, residue_constants.UNKNOWN_RESTYPE, aatype)
+    if residue_mask is None and not deterministic and cfg.mask_aatype_prob > 0:
+      residue_mask = self.draw_residue_mask(graph)
+    if residue_mask is not None and not deterministic:
+      aatype = jnp.where(residue_mask, residue_constants.UNKNOWN_RESTYPE, aatype)
     if not deterministic and cfg.coord_noise_std > 0:
       noise = cfg.coord_noise_std * jax.random.normal(
           self._augment_rng(), (positions.shape[0], 3), jnp.float32)
@@ -454,7 +469,10 @@ class ProNet(nn.Module):
         features.append(nodes["sidechain_torsions"])
       x = x + self.feature_embed(jnp.concatenate(features, axis=-1).astype(cfg.dtype))
     if extra_node_features is not None:
-      x = x + self.extra_embed(extra_node_features.astype(cfg.dtype))
+      extra = self.extra_embed(extra_node_features.astype(cfg.dtype))
+      if normalize_extra:
+        x, extra = self.embed_norm(x), self.extra_norm(extra)
+      x = x + extra
     edges = edge_features(cfg, graph, positions)
     return x, edges
 

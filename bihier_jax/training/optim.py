@@ -1,14 +1,16 @@
-"""Optimizer: AdamW with warmup + cosine/step schedule, clipping, ESM learning-rate policy.
+"""Optimizer: AdamW with warmup + cosine/step schedule, clipping, ESM learning-rate ratio.
 
-Parameters are split into groups with `optax.multi_transform`:
-- `default`: everything outside `params['esm']`, at `optim.learning_rate`;
-- `esm`: the ESM-2 branch, at `optim.esm_lr_ratio` x that rate (`model.esm.trainable`
-  = finetune), or untouched (`frozen`), or only its last `model.esm.last_n` layers plus
-  the final LayerNorm (`last_n`): the stacked layer leaves (leading axis = layer index)
-  get a per-layer 0/1 mask on their updates, so earlier layers never move;
-- `frozen`: zero updates (`optax.set_to_zero`).
-Weight decay applies to kernels and embeddings only (not biases or LayerNorm scales).
-Gradients are clipped by their global norm before the split.
+The optimizer works on the trainable parameters only: the trees it sees are
+`trainable.Trainable.select(...)` views (what trains is decided in
+`bihier_jax.models.trainable`), so gradient clipping by global norm, Adam's moments and
+weight decay cover exactly what trains, and frozen parameters cost no optimizer state.
+Within that view, `optax.multi_transform` gives two groups:
+- `default`: everything outside params['esm'], at `optim.learning_rate`;
+- `esm`: the trainable part of the ESM-2 branch at `optim.esm_lr_ratio` x that rate.
+Weight decay applies to weight matrices and embeddings (parameters with two or more
+axes per layer: Dense and convolution kernels, ProNet's edge-feature and convolution
+kernels, embedding tables), not to biases, LayerNorm scales or the 1-D modality
+embeddings.
 """
 
 from __future__ import annotations
@@ -16,13 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
-ESM_KEY = "esm"
-ESM_LAYERS_KEY = "layers"
-_DECAYED = ("kernel", "embedding")
+from bihier_jax.models import esm2
+from bihier_jax.models import trainable as trainable_lib
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -50,56 +50,31 @@ def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def param_labels(params: Any, trainable: str) -> Any:
-  """Pytree of group labels ('default' | 'esm' | 'esm_layers' | 'frozen') like params."""
-  if trainable not in ("frozen", "finetune", "last_n"):
-    raise ValueError(f"model.esm.trainable must be frozen | finetune | last_n, got "
-                     f"{trainable!r}")
-
-  def label(path, _):
-    keys = _path_keys(path)
-    if not keys or keys[0] != ESM_KEY:
-      return "default"
-    if trainable == "frozen":
-      return "frozen"
-    if trainable == "finetune":
-      return "esm"
-    if ESM_LAYERS_KEY in keys:
-      return "esm_layers"
-    # last_n: the final LayerNorm (after the last layers) trains; embeddings stay.
-    return "esm" if any("after" in k or "final" in k for k in keys) else "frozen"
-
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def _decay_mask(params: Any) -> Any:
+def param_labels(tree: Any) -> Any:
+  """Pytree of group labels ('default' | 'esm') like `tree` (a trainable view)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: _path_keys(path)[-1] in _DECAYED if path else False, params)
+      lambda path, _: ("esm" if _path_keys(path)[:1] == (trainable_lib.ESM_KEY,)
+                       else "default"), tree)
 
 
-def mask_leading_layers(last_n: int) -> optax.GradientTransformation:
-  """Zeroes updates of all but the last `last_n` entries along each leaf's axis 0."""
+def decayed(path: tuple[str, ...], leaf) -> bool:
+  """Weight decay for weight matrices and embeddings only.
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-
-    def mask(u):
-      num_layers = u.shape[0]
-      keep = jnp.arange(num_layers) >= num_layers - last_n
-      return u * keep.reshape((num_layers,) + (1,) * (u.ndim - 1)).astype(u.dtype)
-
-    return jax.tree_util.tree_map(mask, updates), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  A parameter decays if it has two or more axes per layer (stacked ESM-2 layer leaves
+  carry a leading layer axis) and is not a bias (`bias`, `*_bias`, e.g. ProNet's
+  `conv_lin_l_bias` [3, h])."""
+  stacked = path[:1] == (trainable_lib.ESM_KEY,) and esm2.LAYERS_PARAM in path[1:2]
+  per_layer_axes = leaf.ndim - (1 if stacked else 0)
+  return per_layer_axes >= 2 and not path[-1].endswith("bias")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any
-                   ) -> optax.GradientTransformation:
-  """The full optimizer for `params` (a pytree with an optional 'esm' subtree)."""
+def _decay_mask(tree: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: decayed(_path_keys(path), leaf), tree)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimizer over trainable views (`Trainable.select` trees) of the parameters."""
   o = config.optim
   schedule = learning_rate_schedule(config)
   esm_schedule = lambda step: schedule(step) * o.esm_lr_ratio
@@ -108,19 +83,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
     return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay,
                        mask=_decay_mask)
 
-  transforms = {
-      "default": adamw(schedule),
-      "esm": adamw(esm_schedule),
-      "esm_layers": optax.chain(adamw(esm_schedule),
-                                mask_leading_layers(int(config.model.esm.last_n))),
-      "frozen": optax.set_to_zero(),
-  }
-  labels = param_labels(params, config.model.esm.trainable)
-  used = set(jax.tree_util.tree_leaves(labels))
-  transforms = {k: v for k, v in transforms.items() if k in used} or {
-      "default": transforms["default"]}
   chain = []
   if o.grad_clip and o.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(o.grad_clip))
-  chain.append(optax.multi_transform(transforms, labels))
+  chain.append(optax.multi_transform({"default": adamw(schedule),
+                                      "esm": adamw(esm_schedule)}, param_labels))
   return optax.chain(*chain)

@@ -70,8 +70,13 @@ def create_train_state(config: ml_collections.ConfigDict, model, sample_batch: B
       logging.warning("!" * 80)
       if jax.process_index() == 0:
         print("WARNING: " + message % config.model.esm.preset, flush=True)
-  tx = optim.make_optimizer(config, params)
-  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  tx = optim.make_optimizer(config)
+  trainable = model.config.trainable
+  trained, total = trainable.count(params)
+  logging.info("trainable parameters: %d of %d (model.esm.trainable=%s)", trained, total,
+               trainable.policy)
+  opt_state = jax.jit(lambda p: tx.init(trainable.select(p)),
+                      out_shardings=replicated)(params)
   state = TrainState(
       step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state,
       rng=jax.random.key_data(key), nonfinite_streak=jnp.zeros([], jnp.int32),
@@ -190,18 +195,24 @@ def train_step(state: TrainState, batch: Batch, *, model, tx, task, mesh=None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One data-parallel update on a device-stacked batch [D, ...] (see loss_and_grads).
 
+  Only the trainable parameters (`model.config.trainable`, see
+  `bihier_jax.models.trainable`) are seen by the gradient norm, the non-finite check
+  and `tx` (an `optim.make_optimizer` transformation over trainable views).
   A non-finite loss or gradient leaves parameters and optimizer state unchanged
   (in-graph select) and is counted in nonfinite_streak / nonfinite_total.
   """
+  trainable = model.config.trainable
   (loss, aux), grads = loss_and_grads(state.params, batch, state.rng, state.step,
                                       model=model, task=task, mesh=mesh)
+  grads = trainable.select(grads)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # Zero bad gradients so the optimizer's arithmetic stays finite; the result is
   # discarded anyway when not finite.
   safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
-  updates, new_opt_state = tx.update(safe_grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  updates, new_opt_state = tx.update(safe_grads, state.opt_state,
+                                     trainable.select(state.params))
+  new_params = trainable.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree_util.tree_map(
       lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(

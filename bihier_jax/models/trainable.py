@@ -1,0 +1,126 @@
+"""Which parameters train: the one place that decides it (`model.esm.trainable`).
+
+Everything outside params['esm'] always trains. The ESM-2 branch follows one policy:
+
+  finetune  every ESM parameter trains (at `optim.esm_lr_ratio` x the learning rate);
+  frozen    no ESM parameter trains;
+  last_n    the last `model.esm.last_n` layers and the final LayerNorm train; the token
+            embedding and the earlier layers do not.
+
+What "frozen" means, in both halves of a training step:
+
+  model      frozen parameters enter the computation as constants (`stop_gradient` on
+             the parameters; `esm_overrides` sets `esm2.ESM2Config.frozen_*`), so
+             `jax.grad` of the loss is exactly zero for them and XLA computes none of
+             their weight-gradient matmuls. Activations still carry gradients through
+             frozen layers, to the fusion parameters that write into the pLM stream.
+  optimizer  `Trainable.select` keeps only the trainable parts of a parameter or
+             gradient tree (whole leaves, or the trailing layers of a stacked layer
+             leaf), and the optimizer only ever sees such trees: gradient clipping, the
+             logged gradient norm, the non-finite check and Adam's moments cover the
+             trainable parameters only; `Trainable.apply_updates` writes the updates
+             back into the full tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from bihier_jax.models import esm2
+
+POLICIES = ("frozen", "finetune", "last_n")
+ESM_KEY = "esm"  # the ESM-2 subtree of the fusion model's parameters
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """The trainability policy of one model.
+
+  Attributes:
+    policy: frozen | finetune | last_n.
+    num_esm_layers: S, layers of the ESM-2 branch.
+    last_n: layers trained under last_n (1..S).
+  """
+  policy: str = "finetune"
+  num_esm_layers: int = 0
+  last_n: int = 0
+
+  def __post_init__(self):
+    if self.policy not in POLICIES:
+      raise ValueError(f"model.esm.trainable must be one of {' | '.join(POLICIES)}, "
+                       f"got {self.policy!r}")
+    if self.policy == "last_n" and not 1 <= self.last_n <= self.num_esm_layers:
+      raise ValueError(f"model.esm.last_n={self.last_n} must lie in 1..{self.num_esm_layers}"
+                       f" (the ESM-2 layers) with model.esm.trainable=last_n")
+
+  @classmethod
+  def from_config(cls, config) -> "Trainable":
+    """From `config.model.esm` (trainable, last_n, preset)."""
+    esm = config.model.esm
+    num_layers = esm2.config_from_preset(esm.preset).num_layers
+    return cls(policy=esm.trainable, num_esm_layers=num_layers, last_n=int(esm.last_n))
+
+  @property
+  def first_trainable_layer(self) -> int:
+    """0-based index of the first ESM layer that trains (S: none does)."""
+    if self.policy == "finetune":
+      return 0
+    if self.policy == "frozen":
+      return self.num_esm_layers
+    return self.num_esm_layers - self.last_n
+
+  def esm_overrides(self) -> dict[str, Any]:
+    """`esm2.ESM2Config` fields that make the frozen ESM parameters constants."""
+    return {"frozen_embedding": self.policy != "finetune",
+            "frozen_layers": self.first_trainable_layer,
+            "frozen_final_norm": self.policy == "frozen"}
+
+  def start(self, path: tuple[str, ...]) -> int | None:
+    """Where a parameter (path of dict keys) trains from: None = frozen, 0 = the whole
+    leaf, k > 0 = entries k.. along axis 0 (stacked ESM layers under last_n)."""
+    if not path or path[0] != ESM_KEY or self.policy == "finetune":
+      return 0
+    if self.policy == "frozen":
+      return None
+    part = path[1] if len(path) > 1 else ""
+    if part == esm2.LAYERS_PARAM:
+      return self.first_trainable_layer
+    return 0 if part == esm2.FINAL_NORM_PARAM else None
+
+  def select(self, tree) -> dict:
+    """The trainable parts of a parameter-shaped tree (params, gradients, updates), as
+    nested dicts; frozen leaves are left out, partly trained leaves sliced."""
+    out = {}
+    for path, leaf in _flat(tree).items():
+      start = self.start(path)
+      if start is not None:
+        out[path] = leaf if start == 0 else leaf[start:]
+    return flax.traverse_util.unflatten_dict(out)
+
+  def apply_updates(self, params, updates) -> dict:
+    """params with `updates` (a `select`-shaped tree) added to their trainable parts;
+    each result keeps its parameter's dtype."""
+    flat = _flat(params)
+    for path, update in _flat(updates).items():
+      p, start = flat[path], self.start(path)
+      p = jnp.asarray(p)
+      flat[path] = ((p + update) if start == 0 else p.at[start:].add(update)
+                    ).astype(p.dtype)
+    return flax.traverse_util.unflatten_dict(flat)
+
+  def count(self, params) -> tuple[int, int]:
+    """(trainable, total) numbers of parameter entries."""
+    total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+    trained = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(
+        self.select(params)))
+    return trained, total
