@@ -24,7 +24,8 @@ from configs import default
 
 
 DEFAULTS = dict(kind="bihier", mode="global", direction="bi", trainable="finetune",
-                level="node", levels=(1, 2))
+                level="node", levels=(1, 2), write_back="add", readout="auto", norm=True,
+                mask=0.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,9 +38,14 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", before)
 
 
-def _config(kind, mode, direction, trainable, level, levels):
+def _config(kind, mode, direction, trainable, level, levels, write_back, readout, norm,
+            mask):
   c = default.get_config()
   c.model.kind = kind
+  c.model.fusion.write_back = write_back
+  c.model.readout = readout
+  c.model.fusion.norm = norm
+  c.model.gnn.mask_aatype_prob = mask
   c.model.esm.preset = "tiny"
   c.model.esm.trainable = trainable
   c.model.gnn.hidden = 16
@@ -214,6 +220,8 @@ VARIANTS = [
     dict(kind="bihier", mode="global", direction="struct2seq", level="graph",
          levels=(2,)),
     dict(kind="bihier", mode="local", direction="bi", levels=(2,)),
+    dict(kind="cross", readout="streams", norm=False),
+    dict(kind="bihier", mode="local", write_back="replace", readout="fused", mask=0.5),
 ]
 
 
@@ -256,3 +264,19 @@ def test_bad_config_is_rejected():
   with pytest.raises(ValueError, match="model.kind"):
     c = _config(**{**DEFAULTS, "kind": "late"})
     bihier.BiHierConfig.from_config(c)
+
+
+def test_masked_residues_get_the_mask_token():
+  """mask_tokens puts <mask> exactly at the tokens of the masked residue nodes."""
+  batch = _batch()
+  rng = np.random.default_rng(0)
+  hit = rng.random(batch.node_mask.shape) < 0.5
+  got = np.asarray(bihier.mask_tokens(jnp.asarray(batch.tokens),
+                                      jnp.asarray(batch.node_to_token), jnp.asarray(hit)))
+  want = np.asarray(batch.tokens).copy()
+  for (row, col), h in zip(np.asarray(batch.node_to_token), hit):
+    if h and row >= 0:
+      want[row, col] = 32  # <mask>
+  np.testing.assert_array_equal(got, want)
+  assert (got == 32).sum() > 3
+

@@ -148,26 +148,89 @@ def test_write_back_directions(mode):
 
   level = fusion.FusionLevel(mode=mode, dim=D, num_heads=4)
   params = level.init(jax.random.PRNGKey(0), hidden, x, *args)
-  h1, x1 = level.apply(params, hidden, x, *args)
+  out = level.apply(params, hidden, x, *args)
+  h1, x1 = out.hidden, out.x
   np.testing.assert_array_equal(h1, hidden)  # Dense0: pLM exactly as before
   assert np.abs(np.asarray(x1) - x)[NODE_MASK].max() > 1e-3
   np.testing.assert_array_equal(np.asarray(x1)[~NODE_MASK], x[~NODE_MASK])
 
   # After training moves Dense0, only tokens that nodes map to change.
   bumped = jax.tree_util.tree_map(lambda a: a + 0.1, params)
-  h2, _ = level.apply(bumped, hidden, x, *args)
+  h2 = level.apply(bumped, hidden, x, *args).hidden
   changed = np.abs(np.asarray(h2) - hidden).max(-1) > 0
   target = np.zeros((3, 6), bool)
   target[node_to_token[:8, 0], node_to_token[:8, 1]] = True
   np.testing.assert_array_equal(changed, target)
 
   seq2struct = fusion.FusionLevel(mode=mode, dim=D, num_heads=4, write_seq=False)
-  h3, _ = seq2struct.apply(bumped, hidden, x, *args)
+  h3 = seq2struct.apply(bumped, hidden, x, *args).hidden
   np.testing.assert_array_equal(h3, hidden)
   struct2seq = fusion.FusionLevel(mode=mode, dim=D, num_heads=4, write_struct=False)
-  h4, x4 = struct2seq.apply(bumped, hidden, x, *args)
+  out4 = struct2seq.apply(bumped, hidden, x, *args)
+  h4, x4 = out4.hidden, out4.x
   np.testing.assert_array_equal(x4, x)
   np.testing.assert_allclose(h4, h2, rtol=1e-6)
+
+
+def _write_back_case():
+  rng = np.random.default_rng(8)
+  hidden = rng.normal(size=(3, 6, 24)).astype(np.float32)
+  x = (1e-3 * rng.normal(size=(12, 8))).astype(np.float32)  # ProNet-sized states
+  node_to_token = np.full((12, 2), -1, np.int32)
+  node_to_token[:8] = [[0, 1], [0, 2], [0, 3], [1, 1], [1, 2], [1, 3], [1, 4], [2, 1]]
+  node_to_token[8] = -1  # the ligand atom
+  return hidden, x, (node_to_token, NODE_GRAPH, NODE_MASK, NUM_GRAPHS, True)
+
+
+def _dense(z, p):
+  return np.asarray(z) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+
+
+def _layer_norm(a, p, eps):
+  a = np.asarray(a, np.float64)
+  centred = a - a.mean(-1, keepdims=True)
+  y = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + eps)
+  return y * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+def test_structure_stream_continues_from_its_normalised_state():
+  """With norm: X <- LN(X) + Dense(Zg), LN with the structure epsilon (tiny states are
+  normalised, not flattened by the epsilon); padding nodes keep their states."""
+  hidden, x, args = _write_back_case()
+  level = fusion.FusionLevel(mode="local", dim=D)
+  params = level.init(jax.random.PRNGKey(0), hidden, x, *args)
+  out = level.apply(params, hidden, x, *args)
+  p = params["params"]
+  normed = _layer_norm(x, p["struct_norm"], fusion.STRUCT_NORM_EPS)
+  want = normed + _dense(out.z_struct, p["to_struct"])
+  np.testing.assert_allclose(np.asarray(out.x)[NODE_MASK], want[NODE_MASK], rtol=1e-4,
+                             atol=1e-5)
+  assert np.abs(normed[NODE_MASK]).std() > 0.5  # O(1), from states of size 1e-3
+  np.testing.assert_array_equal(np.asarray(out.x)[~NODE_MASK], x[~NODE_MASK])
+
+
+def test_replace_write_back():
+  """write_back=replace: residue tokens of H become Dense(Zs), real nodes of X become
+  Dense(Zg); tokens without a node (<cls>, <eos>, padding) and padding nodes keep their
+  states."""
+  hidden, x, args = _write_back_case()
+  node_to_token = args[0]
+  level = fusion.FusionLevel(mode="global", dim=D, num_heads=4, write_back="replace")
+  params = level.init(jax.random.PRNGKey(0), hidden, x, *args)
+  out = level.apply(params, hidden, x, *args)
+  p = params["params"]
+  has_token = (node_to_token[:, 0] >= 0) & NODE_MASK
+  rows, cols = node_to_token[has_token, 0], node_to_token[has_token, 1]
+  np.testing.assert_allclose(np.asarray(out.hidden)[rows, cols],
+                             _dense(out.z_seq, p["to_seq"])[has_token], rtol=1e-5,
+                             atol=1e-6)
+  untouched = np.ones(hidden.shape[:2], bool)
+  untouched[rows, cols] = False
+  np.testing.assert_array_equal(np.asarray(out.hidden)[untouched], hidden[untouched])
+  np.testing.assert_allclose(np.asarray(out.x)[NODE_MASK],
+                             _dense(out.z_struct, p["to_struct"])[NODE_MASK], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out.x)[~NODE_MASK], x[~NODE_MASK])
 
 
 def test_key_mask_equals_pair_mask_with_gradients():

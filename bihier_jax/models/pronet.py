@@ -47,7 +47,8 @@ Things a consumer should know (both as in the reference): the (d, angle) expansi
 m = 0 harmonics only, i.e. cos(angle) for L = 2, so τ and the Euler angles enter up to
 their sign; and there is no normalisation, so with this initialisation each block shrinks
 the RMS of the node states about 8-fold (≈0.2 after the backbone embedding, ≈5e-5 after
-4 blocks): normalise before mixing them with other features.
+4 blocks): normalise before mixing them with other features (the fusion model does, with
+a small epsilon: `fusion.STRUCT_NORM_EPS`).
 
 Padding: the edge mask is derived from `graph.n_edge` with jraph's convention (the last
 graph is the padding graph, its edges are the trailing ones); edge features are zeroed
