@@ -4,7 +4,9 @@ Restores a checkpoint of DIR (`--checkpoint best|latest|STEP`; default the best 
 task's validation metric, else the latest), evaluates `--splits` (default
 config.data.eval_splits) and writes, per split:
 
-- DIR/eval/<split>.json: metric name -> number (NaN as null), plus step and checkpoint;
+- DIR/eval/<split>.json: metric name -> number (NaN as null), plus `step` and
+  `checkpoint` ('best', 'latest' or the step number asked for; the default is written
+  as the one it resolved to);
 - DIR/eval/<split>_predictions.npz: one row per scored item (labelled residue for node
   tasks, protein for graph tasks), enough to recompute every metric of the JSON offline
   (`training.pooling.recompute_metrics`) or to pool cross-validation folds

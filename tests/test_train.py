@@ -88,6 +88,7 @@ def reference_run(tmp_path_factory, demo_data, cache_dir):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert "RANDOM weights" in proc.stdout  # the loud warning
   assert "| accuracy |" in proc.stdout  # the final metrics table
+  assert "real proteins per step on average" in proc.stdout
   return workdir
 
 
@@ -105,20 +106,39 @@ def test_train_eval_predict(reference_run, demo_data):
   # Every logged step but the first (compilation) reports a positive throughput.
   assert sorted(tflops) == list(range(2, 9))
   assert all(np.isfinite(v) and v > 0 for v in tflops.values())
+  # Real proteins per step: the training batches' graph_mask (padding graph excluded)
+  # counted here on the same stream (one device: one batch per step, in order).
+  cfg = demo.get_config("tiny")
+  stream = input_pipeline.make_dataset(demo_data, "train", cfg, training=True, seed=0,
+                                       process_index=0, process_count=1)
+  expected = [float(np.sum(b.graph_mask)) for b, _ in itertools.islice(stream, 8)]
+  logged = {r["step"]: r["train/proteins_per_step"] for r in rows
+            if "train/proteins_per_step" in r}
+  assert [logged[s] for s in range(1, 9)] == expected
+  assert all(1 <= n <= cfg.train.batch_size for n in expected)
   assert os.path.getsize(os.path.join(workdir, "train_curves.png")) > 1000
-  val = json.load(open(os.path.join(workdir, "eval", "val.json")))
+  # Reported: every split from the checkpoint selected on val accuracy; the test split
+  # was evaluated once, for it.
+  best = checkpointing.Checkpointer(workdir, read_only=True).best_step()
+  assert best in (4, 8)
+  reported = {split: json.load(open(os.path.join(workdir, "eval", f"{split}.json")))
+              for split in ("val", "test")}
+  assert {(r["checkpoint"], r["step"]) for r in reported.values()} == {("best", best)}
+  val = reported["val"]
   assert 0.0 <= val["accuracy"] <= 1.0 and val["num_items"] > 100
+  assert [r["step"] for r in rows if "test/accuracy" in r] == [best]
+  assert [r["step"] for r in rows if "val/accuracy" in r] == [4, 8]
   assert "| accuracy |" in open(os.path.join(workdir, "eval", "metrics.md")).read()
 
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  cfg = demo.get_config("tiny")
   cfg.data.dir = demo_data
   cfg.train.num_steps = 8
   results = inference.evaluate_checkpoint(cfg, workdir, "best", ["test"])
   with open(os.path.join(workdir, "eval", "test.json")) as f:
     saved = json.load(f)
   assert saved["accuracy"] == pytest.approx(results["test"]["accuracy"])
-  assert saved["step"] in (4, 8)  # the evaluated checkpoints
+  assert (saved["checkpoint"], saved["step"]) == ("best", best)
+  assert saved["accuracy"] == pytest.approx(reported["test"]["accuracy"], rel=1e-6)
   from bihier_jax.training import pooling  # pylint: disable=g-import-not-at-top
   items = pooling.load_predictions(os.path.join(workdir, "eval", "test_predictions.npz"))
   assert pooling.recompute_metrics(items)["accuracy"] == saved["accuracy"]
@@ -234,6 +254,95 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
   assert counted[:4] == [0, 0, 1, 2]
 
 
+def _validation_peaks_first(dataset_fn, passes):
+  """Wraps a dataset_fn: the first 'val' pass has every label 0, so the validation
+  majority_accuracy (labels only) is 1.0 at the first evaluation and lower after it.
+  Counts the evaluation passes per split in `passes`."""
+  def wrapped(data_dir, split, config, *, training, **kw):
+    stream = dataset_fn(data_dir, split, config, training=training, **kw)
+    if training:
+      return stream
+    passes[split] = passes.get(split, 0) + 1
+    if split != "val" or passes[split] > 1:
+      return stream
+    return ((b.replace(node_labels=np.zeros_like(b.node_labels)), m) for b, m in stream)
+  return wrapped
+
+
+def _selection_config():
+  config = demo.get_config("tiny")
+  config.task.name = "synthetic"
+  config.task.select_metric = "majority_accuracy"
+  config.train.num_steps = 6
+  config.train.eval_every = 2
+  config.train.checkpoint_every = 100
+  config.train.keep_checkpoints = 1
+  return config
+
+
+def test_reports_the_checkpoint_selected_on_validation(tmp_path, capsys):
+  workdir = str(tmp_path)
+  config = _selection_config()
+  passes = {}
+  results = train_lib.train_and_evaluate(
+      config, workdir, dataset_fn=_validation_peaks_first(_synthetic_dataset(), passes))
+  # val at steps 2, 4, 6 (the final results reuse step 2's); test once, at the end.
+  assert passes == {"val": 3, "test": 1}
+  reported = {split: json.load(open(tmp_path / "eval" / f"{split}.json"))
+              for split in ("val", "test")}
+  assert {(r["checkpoint"], r["step"]) for r in reported.values()} == {("best", 2)}
+  assert reported["val"]["majority_accuracy"] == 1.0
+  assert reported["test"]["loss"] == pytest.approx(results["test"]["loss"])
+  assert "Checkpoint best (step 2)" in open(tmp_path / "eval" / "metrics.md").read()
+  # keep_checkpoints=1: the latest (6) plus the best (2); step 4 went.
+  assert checkpointing.Checkpointer(workdir, read_only=True).all_steps() == [2, 6]
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "test/loss" in r] == [2]  # logged at the end only
+  assert [r["step"] for r in rows if "val/loss" in r] == [2, 4, 6]
+
+  # An independent evaluation of step 2's checkpoint gives the reported test metrics;
+  # the last step's differ.
+  from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
+  at_2 = inference.evaluate_checkpoint(config, workdir, "2", ["test"],
+                                       dataset_fn=_synthetic_dataset())["test"]
+  last = inference.evaluate_checkpoint(config, workdir, "latest", ["test"],
+                                       dataset_fn=_synthetic_dataset())["test"]
+  assert json.load(open(tmp_path / "eval" / "test.json"))["checkpoint"] == "latest"
+  for name in ("loss", "accuracy"):
+    assert reported["test"][name] == pytest.approx(at_2[name], rel=1e-6), name
+  assert reported["test"]["loss"] != pytest.approx(last["loss"], rel=1e-6)
+
+  # The last checkpoint saved without validation metrics (a stop at the last step):
+  # a restart scores it on val, saves it again with them, and reports step 2 again.
+  ckpt = checkpointing.Checkpointer(workdir, keep=1, select_metric="majority_accuracy")
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+      ckpt._manager.item_metadata(6).state)  # pylint: disable=protected-access
+  state6, extra6, _ = ckpt.restore(6, abstract)
+  ckpt.save(6, state6, extra6["input_position"], None, replace=True)
+  ckpt.wait()
+  assert ckpt.metrics(6) is None
+  ckpt.close()
+  again = train_lib.train_and_evaluate(
+      config, workdir, dataset_fn=_validation_peaks_first(_synthetic_dataset(), passes))
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True,
+                                    select_metric="majority_accuracy")
+  assert ckpt.metrics(6)["majority_accuracy"] < 1.0 and ckpt.best_step() == 2
+  rerun = json.load(open(tmp_path / "eval" / "test.json"))
+  assert (rerun["checkpoint"], rerun["step"]) == ("best", 2)
+  assert again["test"]["loss"] == pytest.approx(reported["test"]["loss"], rel=1e-6)
+
+  # Without a validation split nothing is selected: the last step, named as such.
+  config.data.eval_splits = ("test",)
+  capsys.readouterr()
+  fallback = train_lib.train_and_evaluate(config, workdir, dataset_fn=_synthetic_dataset())
+  saved = json.load(open(tmp_path / "eval" / "test.json"))
+  assert (saved["checkpoint"], saved["step"]) == ("latest", 6)
+  assert fallback["test"]["loss"] == pytest.approx(last["loss"], rel=1e-6)
+  out = capsys.readouterr().out
+  assert "checkpoint latest, step 6" in out and "LAST step" in out
+
+
 # Orbax's reader reports the damaged arrays through un-awaited coroutines as well.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_missing_and_corrupt_checkpoints(tmp_path):
@@ -265,52 +374,6 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
         f.write(b"\0" * 7)
   with pytest.raises(checkpointing.CheckpointError, match="cannot be read"):
     train_lib.restore_params(other, str(tmp_path), "latest", batch, mesh)
-
-
-# --- optimizer: ESM learning-rate policy ------------------------------------------------
-
-def _fake_params():
-  return {
-      "esm": {"embed_tokens": {"embedding": np.ones([5, 3], np.float32)},
-              "layers": {"fc1": {"kernel": np.ones([4, 3, 3], np.float32),
-                                 "bias": np.ones([4, 3], np.float32)}},
-              "emb_layer_norm_after": {"scale": np.ones([3], np.float32)}},
-      "head": {"kernel": np.ones([3, 2], np.float32)},
-  }
-
-
-@pytest.mark.parametrize("trainable", ["frozen", "finetune", "last_n"])
-def test_esm_learning_rate_policy(trainable):
-  from bihier_jax.training import optim  # pylint: disable=g-import-not-at-top
-  config = demo.get_config()
-  config.model.esm.trainable = trainable
-  config.model.esm.last_n = 2
-  config.optim.esm_lr_ratio = 0.1
-  config.optim.weight_decay = 0.0
-  config.optim.warmup_steps = 0
-  config.optim.schedule = "constant"
-  config.optim.grad_clip = 0.0
-  params = _fake_params()
-  tx = optim.make_optimizer(config, params)
-  grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.5), params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  lr = config.optim.learning_rate
-  # Adam's first step moves every trained parameter by lr (ratio x lr for ESM).
-  np.testing.assert_allclose(updates["head"]["kernel"], -lr, rtol=1e-4)
-  esm = updates["esm"]
-  layers = esm["layers"]["fc1"]["kernel"]
-  if trainable == "frozen":
-    for u in jax.tree_util.tree_leaves(esm):
-      np.testing.assert_array_equal(u, 0.0)
-  elif trainable == "finetune":
-    for u in jax.tree_util.tree_leaves(esm):
-      np.testing.assert_allclose(u, -0.1 * lr, rtol=1e-4)
-  else:
-    np.testing.assert_array_equal(layers[:2], 0.0)
-    np.testing.assert_allclose(layers[2:], -0.1 * lr, rtol=1e-4)
-    np.testing.assert_array_equal(esm["embed_tokens"]["embedding"], 0.0)
-    np.testing.assert_allclose(esm["emb_layer_norm_after"]["scale"], -0.1 * lr,
-                               rtol=1e-4)
 
 
 def test_matmul_throughput_counts_only_added_steps(monkeypatch):

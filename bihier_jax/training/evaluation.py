@@ -190,8 +190,15 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def write_eval_results(workdir: str, results: dict[str, dict[str, float]], *,
-                       step: int, checkpoint: str) -> str:
-  """DIR/eval/<split>.json per split and DIR/eval/metrics.md; returns the table."""
+                       step: int, checkpoint: str, note: str = "") -> str:
+  """DIR/eval/<split>.json per split and DIR/eval/metrics.md; returns the table.
+
+  Args:
+    step: the training step of the evaluated parameters.
+    checkpoint: which checkpoint they are: 'best' (selected on validation), 'latest',
+      or the step number asked for; stored in every JSON beside `step`.
+    note: a line under the metrics.md heading (how the checkpoint was chosen).
+  """
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   for split, values in results.items():
@@ -201,5 +208,6 @@ def write_eval_results(workdir: str, results: dict[str, dict[str, float]], *,
                 indent=1, sort_keys=True)
   table = markdown_table(results)
   with open(os.path.join(out_dir, "metrics.md"), "w") as f:
-    f.write(f"Checkpoint {checkpoint} (step {step})\n\n{table}")
+    f.write(f"Checkpoint {checkpoint} (step {step})\n\n" + (f"{note}\n\n" if note else "")
+            + table)
   return table

@@ -22,8 +22,8 @@ from bihier_jax.training import pooling
 from bihier_jax.training.evaluation import (eval_stream, per_device_config,
                                             write_eval_results)
 from bihier_jax.training.steps import jit_eval_step
-from bihier_jax.training.train_lib import (default_dataset_fn, ensure_demo_data,
-                                           restore_params)
+from bihier_jax.training.train_lib import (checkpoint_name, default_dataset_fn,
+                                           ensure_demo_data, restore_params)
 
 
 class _ResiduePositions:
@@ -69,16 +69,24 @@ class _ResiduePositions:
     return full["chain_row"], full["residue_index"]
 
 
-def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
-                        ) -> dict[str, dict[str, float]]:
-  """Metrics per split of a run's checkpoint; also written under workdir/eval/."""
+def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None, *,
+                        dataset_fn=None) -> dict[str, dict[str, float]]:
+  """Metrics per split of a run's checkpoint; also written under workdir/eval/.
+
+  Args:
+    checkpoint: 'best' | 'latest' | a step number | '' (best if any checkpoint has
+      validation metrics, else latest). The JSONs record the resolved name and step.
+    splits: default config.data.eval_splits.
+    dataset_fn: as `train_lib.train_and_evaluate`'s (default: the records pipeline).
+  """
   parallel.initialize_distributed(bool(config.train.multi_host))
   ensure_demo_data(config)
   splits = list(splits or config.data.eval_splits)
-  dataset_fn = default_dataset_fn()
+  dataset_fn = dataset_fn or default_dataset_fn()
   mesh = parallel.make_mesh()
   sub_config = per_device_config(config, jax.device_count())
   sample_batch, _ = next(iter(eval_stream(config, dataset_fn, splits[0], sub_config)))
+  checkpoint = checkpoint_name(config, workdir, checkpoint)
   model, params, step = restore_params(config, workdir, checkpoint, sample_batch, mesh)
   eval_mesh = parallel.local_mesh()
   eval_fn = jit_eval_step(model, config.task, eval_mesh)
@@ -103,9 +111,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
       logging.info("%s predictions (%d items) -> %s", split,
                    collected["labels"].shape[0], path)
   if jax.process_index() == 0:
-    table = write_eval_results(workdir, results, step=step,
-                               checkpoint=checkpoint or "auto")
-    print(f"Checkpoint step {step}\n\n{table}", flush=True)
+    table = write_eval_results(workdir, results, step=step, checkpoint=checkpoint)
+    print(f"Checkpoint {checkpoint}, step {step}\n\n{table}", flush=True)
   return results
 
 

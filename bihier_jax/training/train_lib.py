@@ -3,8 +3,16 @@
 `train_and_evaluate(config, workdir)` is what `python -m bihier_jax.train` runs:
 data (the demo set is built on first use), model, optimizer, Orbax checkpoints (resumed
 automatically), the data-parallel steps of `steps`, periodic evaluation with host-side
-metrics (`evaluation`), TensorBoard summaries, steps/s + ETA, and at the end an
-evaluation of every split, a Markdown table and a PNG of the training curves.
+metrics (`evaluation`), TensorBoard summaries, steps/s + ETA, and at the end the
+results of every eval split, a Markdown table and a PNG of the training curves.
+
+Selection: periodic evaluations score `data.select_split` only (all eval splits with
+`train.eval_test_during_training`), and each is saved with its checkpoint. At the end
+the checkpoint best by `task.select_metric` / `task.select_mode` on that split is
+restored and every eval split is scored on it: those are the reported results
+(checkpoint 'best' and its step in eval/<split>.json). Without any checkpoint with a
+finite validation metric the last step is reported, named 'latest'. Restarting a
+finished run reports the same selected checkpoint again.
 
 Faults: the step skips the update in-graph when the loss or any gradient is not finite
 and counts it; `train.max_consecutive_nonfinite` bad steps in a row raise
@@ -13,8 +21,10 @@ SIGTERM (preemptible TPUs) makes the loop save a checkpoint and return cleanly; 
 restarted run resumes from the latest checkpoint, input position included, and
 reproduces the uninterrupted run's losses (the per-step RNG is fold_in(seed key, step)).
 
-Files under workdir: checkpoints/, metrics.jsonl (every logged scalar), TensorBoard
-events, eval/<split>.json + eval/metrics.md, train_curves.png, config.json.
+Files under workdir: checkpoints/, metrics.jsonl (every logged scalar, including
+train/proteins_per_step: real proteins per step, fewer than train.batch_size when the
+node budget fills first), TensorBoard events, eval/<split>.json + eval/metrics.md,
+train_curves.png, config.json.
 """
 
 from __future__ import annotations
@@ -195,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     dataset_fn: defaults to `bihier_jax.data.input_pipeline.make_dataset`.
 
   Returns:
-    Final metrics per evaluation split ({} when stopped early by SIGTERM).
+    Final metrics per evaluation split, all of the selected checkpoint ({} when stopped
+    early by SIGTERM).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   parallel.initialize_distributed(bool(config.train.multi_host))
@@ -225,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if ckpt.latest_step() is not None:
     abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
     state, extra, step = ckpt.restore("latest", abstract)
-    tx = optim.make_optimizer(config, state.params)
+    tx = optim.make_optimizer(config)
     position = parallel.InputPosition.from_json(extra.get("input_position", {}))
     logging.info("resumed from checkpoint %d (input position %s)", step, position)
   else:
@@ -244,35 +255,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            every_steps=config.train.log_every)
   eval_splits = tuple(config.data.eval_splits)
   select_split = config.data.select_split
+  has_validation = bool(select_split) and select_split in eval_splits
+  # Held-out splits stay unseen until the end unless the config asks to log them.
+  periodic_splits = (eval_splits if config.train.eval_test_during_training
+                     else (select_split,) if has_validation else ())
   max_bad = int(config.train.max_consecutive_nonfinite)
   lr_schedule = optim.learning_rate_schedule(config)
-  logging.info("training steps %d..%d on %d devices (%d on this host), global batch %d",
-               initial_step, num_steps, jax.device_count(), num_local,
-               config.train.batch_size)
+  logging.info("training steps %d..%d on %d devices (%d on this host), global batch %d "
+               "proteins at most (train.batch_size; the node budget packs fewer, see "
+               "train/proteins_per_step); periodic evaluation of %s", initial_step,
+               num_steps, jax.device_count(), num_local, config.train.batch_size,
+               ", ".join(periodic_splits) or "no split")
+  if not has_validation:
+    logging.warning("data.select_split %r is not one of data.eval_splits %s: no "
+                    "checkpoint is selected, the final results are the last step's",
+                    select_split, eval_splits)
 
-  def evaluate_and_save(step):
-    results = evaluation.evaluate_splits(config, dataset_fn, eval_fn, state.params,
-                                         eval_mesh, eval_splits)
+  evaluated: dict[int, dict[str, dict[str, float]]] = {}  # step -> split -> metrics
+
+  def evaluate(step, params, splits):
+    """Metrics of `splits` (this process's evaluations of `step` are reused)."""
+    done = evaluated.setdefault(step, {})
+    missing = [s for s in splits if s not in done]
+    if missing:
+      done.update(evaluation.evaluate_splits(config, dataset_fn, eval_fn, params,
+                                             eval_mesh, missing))
+    return {s: done[s] for s in splits}
+
+  def evaluate_and_save(step, *, replace=False):
+    results = evaluate(step, state.params, periodic_splits)
     for split, values in results.items():
       writer.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()
                                   if np.isfinite(v)})
-    selected = dict(results.get(select_split, {}))
-    for split, values in results.items():
-      if split != select_split:
-        selected.update({f"{split}/{k}": v for k, v in values.items()})
-    ckpt.save(step, state, batcher.position.to_json(), selected, force=True)
-    return results
+    ckpt.save(step, state, batcher.position.to_json(),
+              _checkpoint_metrics(results, select_split), force=True, replace=replace)
 
-  results: dict[str, dict[str, float]] = {}
   stopped = False
   log_sums: dict[str, float] = {}
   log_count = 0
+  proteins, proteins_steps = 0, 0  # real graphs over the log window, for its mean
+  run_proteins, run_steps = 0, 0  # the same over this process's whole run
   throughput = MatmulThroughput(jax.device_count())
   step_flops: dict[Any, int] = {}  # per program (padding bucket)
   with _StopSignal() as stop:
     step = initial_step
     while step < num_steps:
       stacked, _ = next(batcher)
+      # graph_mask marks real proteins only (jraph's padding graph is False).
+      real_graphs = int(np.sum(stacked.graph_mask))
       global_batch = parallel.put_global(stacked, mesh)
       program = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(global_batch))
       compiles = program not in step_flops
@@ -285,6 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, step_metrics = train_fn(state, global_batch)
       step += 1
       step_metrics = jax.device_get(step_metrics)
+      proteins += real_graphs
+      proteins_steps += 1
       if compiles:
         throughput.pause()
       else:
@@ -305,11 +337,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars = {f"train/{k}": v / max(log_count, 1) for k, v in log_sums.items()}
         scalars["train/learning_rate"] = float(lr_schedule(step - 1))
         scalars["train/nonfinite_steps"] = float(step_metrics["nonfinite_total"])
+        window = _sum_over_hosts(proteins)
+        scalars["train/proteins_per_step"] = window / proteins_steps
+        run_proteins += window
+        run_steps += proteins_steps
         tflops = throughput.read()
         if tflops is not None:
           scalars["train/matmul_tflops_per_device"] = tflops
         writer.write_scalars(step, scalars)
         log_sums, log_count = {}, 0
+        proteins, proteins_steps = 0, 0
       if step % config.train.eval_every == 0 and step < num_steps:
         evaluate_and_save(step)
         throughput.pause()
@@ -321,28 +358,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         stopped = True
         break
     if not stopped:
-      if ckpt.latest_step() == step:  # restarted after the end: evaluate again
-        results = evaluation.evaluate_splits(config, dataset_fn, eval_fn, state.params,
-                                             eval_mesh, eval_splits)
-      else:
-        results = evaluate_and_save(step)
+      if ckpt.latest_step() != step:
+        evaluate_and_save(step)
+      elif has_validation and ckpt.metrics(step) is None:
+        # A restart after a stop at the last step: that checkpoint has no validation
+        # metrics yet, and without them it could not compete for best.
+        evaluate_and_save(step, replace=True)
+  del batcher  # releases the endless training input pipeline
+  results: dict[str, dict[str, float]] = {}
+  if not stopped:
+    ckpt.wait()  # the keep policy has run: the best checkpoint is on disk
+    best = ckpt.best_step() if has_validation else None
+    report_step, report_name, note = _describe_selection(config, best, step)
+    if report_step == step:
+      params = state.params
+    else:
+      logging.info("restoring the best checkpoint (step %d) for the final results",
+                   report_step)
+      abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
+      state = None  # frees the training state before the restore
+      params = ckpt.restore(report_step, abstract)[0].params
+    results = evaluate(report_step, params, eval_splits)
+    for split, values in results.items():
+      if split != select_split:
+        writer.write_scalars(report_step, {f"{split}/{k}": v for k, v in values.items()
+                                           if np.isfinite(v)})
   ckpt.wait()
   ckpt.close()
   writer.close()
-  del batcher  # releases the endless training input pipeline
   if stopped:
     logging.warning("stopped at step %d by SIGTERM; checkpoint saved", step)
     return {}
+  per_step = (f"{run_proteins / run_steps:.2f} real proteins per step on average "
+              f"(train.batch_size {config.train.batch_size})" if run_steps else "")
+  if per_step:
+    logging.info("steps %d..%d: %s", initial_step, step, per_step)
   if jax.process_index() == 0:
-    table = evaluation.write_eval_results(workdir, results, step=step,
-                                          checkpoint=str(step))
+    table = evaluation.write_eval_results(workdir, results, step=report_step,
+                                          checkpoint=report_name, note=note)
     png = plots.plot_training_curves(
         os.path.join(workdir, "metrics.jsonl"),
         os.path.join(workdir, "train_curves.png"),
         eval_metric=config.task.select_metric)
-    print(f"\nFinal metrics (step {step}):\n\n{table}\nTraining curves: {png}",
-          flush=True)
+    print(f"\nFinal metrics: checkpoint {report_name}, step {report_step} "
+          f"(trained to step {step}). {note}\n\n{table}\n"
+          + (f"Training: {per_step}.\n" if per_step else "")
+          + f"Training curves: {png}", flush=True)
   return results
+
+
+def _checkpoint_metrics(results: dict[str, dict[str, float]], select_split: str
+                        ) -> dict[str, float] | None:
+  """What a checkpoint stores for selection: the select split's metrics as they are,
+  other splits' as '<split>/<name>' (None without select-split metrics)."""
+  if select_split not in results:
+    return None
+  selected = dict(results[select_split])
+  for split, values in results.items():
+    if split != select_split:
+      selected.update({f"{split}/{k}": v for k, v in values.items()})
+  return selected
+
+
+def _describe_selection(config, best: int | None, last_step: int
+                        ) -> tuple[int, str, str]:
+  """(step, checkpoint name 'best' | 'latest', a sentence) of the reported results."""
+  select = f"{config.data.select_split} {config.task.select_metric}"
+  if best is None:
+    note = (f"No checkpoint has a finite validation {select} (data.select_split in "
+            f"data.eval_splits, task.select_metric): nothing was selected, these are "
+            f"the LAST step's metrics.")
+    logging.warning("%s", note)
+    return last_step, "latest", note
+  return best, "best", (f"Selected on {select} ({config.task.select_mode}) among the "
+                        f"checkpoints evaluated during training.")
+
+
+def _sum_over_hosts(value: int) -> int:
+  """`value` summed over every process (each counts its own sub-batches)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.sum(multihost_utils.process_allgather(np.array([value]))))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -358,6 +455,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 # --- inference from a run directory -------------------------------------------------------
 
+def checkpoint_name(config: ml_collections.ConfigDict, workdir: str, which: str) -> str:
+  """What `which` names: '' -> 'best' if any checkpoint has a finite validation metric,
+  else 'latest'; anything else as given ('best' | 'latest' | a step number)."""
+  if which:
+    return str(which)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True,
+                                    select_metric=config.task.select_metric,
+                                    select_mode=config.task.select_mode)
+  best = ckpt.best_step()
+  ckpt.close()
+  return "best" if best is not None else "latest"
+
+
 def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
                    sample_batch: Batch, mesh: jax.sharding.Mesh):
   """(model, params, step) of a run's checkpoint.
@@ -370,11 +480,10 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
     checkpointing.CheckpointError: no such checkpoint, or it cannot be read.
   """
   model = steps.build_model(config)
+  which = checkpoint_name(config, workdir, which)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True,
                                     select_metric=config.task.select_metric,
                                     select_mode=config.task.select_mode)
-  if not which:
-    which = "best" if ckpt.best_step() is not None else "latest"
   abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
   state, _, step = ckpt.restore(which, abstract)
   ckpt.close()
