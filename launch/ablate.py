@@ -4,14 +4,20 @@
       --sweep fusion_depth --seeds 0,1,2 --local --workdir /tmp/abl
 
 Each (variant, seed) is one run in DIR/<variant>/seed<k>: `python -m bihier_jax.train`
-then `python -m bihier_jax.eval` with the variant's config overrides, which writes
-DIR/<variant>/seed<k>/eval/<split>.json (metric name -> number). `--local` runs them one
-after another here (finished runs are skipped, so a sweep resumes); `--emit-commands`
-prints them instead (plain shell lines, or `launch.slurm_gpu` jobs with
-`--launcher slurm`). Afterwards, and with `--aggregate-only`, the eval JSONs
-are gathered into
+then `python -m bihier_jax.eval --checkpoint best` with the variant's config overrides,
+which writes DIR/<variant>/seed<k>/eval/<split>.json (metric name -> number, with the
+`step` and `checkpoint` they came from). `--local` runs them one after another here;
+`--emit-commands` prints them instead (plain shell lines, or `launch.slurm_gpu` jobs
+with `--launcher slurm`).
 
-  DIR/ablation_<sweep>_<split>.csv   one row per run
+A result counts only if it is the run's selected checkpoint's (`run_status`): training
+reached its num_steps, the JSON says checkpoint "best" at the step that is the run's
+best now, and it is newer than that checkpoint. `--local` skips such runs (a sweep
+resumes), re-runs only the evaluation of a finished run whose result is missing or
+stale (an evaluation that crashed, a JSON of another checkpoint), and trains the rest.
+Afterwards, and with `--aggregate-only`, the accepted results are gathered into
+
+  DIR/ablation_<sweep>_<split>.csv   one row per run, with the step of its result
   DIR/ablation_<sweep>_<split>.md    mean ± sample std (ddof=1) over seeds per variant
   DIR/ablation_<sweep>_<split>.png   bar plot of one metric with ±1 std error bars
 """
@@ -35,6 +41,8 @@ SWEEPS = ("fusion_depth", "fusion_mode", "direction", "baselines")
 BASELINE_KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
 # Bookkeeping numbers that bihier_jax.eval writes beside the metrics.
 NOT_METRICS = frozenset({"step", "num_items"})
+# The checkpoint whose results tables accept: the one selected on validation.
+SELECTED_CHECKPOINT = "best"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +134,13 @@ class Run:
 
   def eval_argv(self, python: str = "python") -> list[str]:
     return [python, "-m", "bihier_jax.eval", f"--config={self.config_spec}",
-            f"--workdir={self.workdir}", *self.flags()]
+            f"--workdir={self.workdir}", f"--checkpoint={SELECTED_CHECKPOINT}",
+            *self.flags()]
+
+  def override(self, key: str) -> str | None:
+    """The value this run's flags give `key` (the last one wins), else None."""
+    values = [v for k, v in (*self.common, *self.variant.overrides) if k == key]
+    return values[-1] if values else None
 
   def eval_json(self, split: str) -> str:
     return os.path.join(self.workdir, "eval", f"{split}.json")
@@ -157,31 +171,106 @@ def emit_commands(runs: Sequence[Run], launcher: str = "shell") -> list[str]:
   return lines
 
 
+def read_eval_json(path: str) -> dict:
+  """An eval/<split>.json as a dict; ValueError if it is not a JSON object."""
+  with open(path) as f:
+    try:
+      result = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(result, dict):
+    raise ValueError(f"{path}: expected an object of metric name -> number")
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  """What a run needs before its result counts: 'done', 'evaluate' or 'train'."""
+  action: str
+  reason: str
+
+
+def run_status(run: Run, split: str) -> Status:
+  """Whether `run`'s eval/<split>.json is its selected checkpoint's, current result.
+
+  'train': no config.json or checkpoints, fewer steps than train.num_steps (this run's
+  flag, else its config.json), or no checkpoint with validation metrics (a restarted
+  train adds them to its last checkpoint). 'evaluate': trained, but the JSON is missing,
+  unreadable, of another checkpoint than "best", of another step than the best one
+  now, or not newer than that checkpoint. 'done' otherwise.
+  """
+  config_path = os.path.join(run.workdir, "config.json")
+  if not (os.path.exists(config_path)
+          and os.path.isdir(os.path.join(run.workdir, "checkpoints"))):
+    return Status("train", "not trained")
+  with open(config_path) as f:
+    config = json.load(f)
+  num_steps = int(run.override("train.num_steps") or config["train"]["num_steps"])
+  # Imported here: --emit-commands needs no JAX or Orbax.
+  from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(run.workdir, read_only=True,
+                                    select_metric=config["task"]["select_metric"],
+                                    select_mode=config["task"]["select_mode"])
+  try:
+    latest, best = ckpt.latest_step(), ckpt.best_step()
+    best_time = ckpt.checkpoint_time(best) if best is not None else 0.0
+  finally:
+    ckpt.close()
+  if latest is None or latest < num_steps:
+    return Status("train", f"trained to step {latest or 0} of {num_steps}")
+  if best is None:
+    return Status("train", "no checkpoint has validation metrics to select from")
+  path = run.eval_json(split)
+  if not os.path.exists(path):
+    return Status("evaluate", f"no {os.path.relpath(path, run.workdir)}")
+  try:
+    result = read_eval_json(path)
+  except ValueError as e:
+    return Status("evaluate", str(e))
+  if result.get("checkpoint") != SELECTED_CHECKPOINT:
+    return Status("evaluate", f"result of checkpoint {result.get('checkpoint')!r}, not "
+                  f"{SELECTED_CHECKPOINT!r}")
+  if result.get("step") != best:
+    return Status("evaluate", f"result of step {result.get('step')}, the best "
+                  f"checkpoint is step {best}")
+  if os.path.getmtime(path) <= best_time:
+    return Status("evaluate", f"result older than the best checkpoint (step {best})")
+  return Status("done", f"best checkpoint, step {best}")
+
+
 def run_locally(runs: Sequence[Run], split: str, python: str = sys.executable,
                 env: Mapping[str, str] | None = None) -> list[Run]:
-  """Trains and evaluates each run in turn; returns the runs that failed.
+  """Brings each run to a result that counts (`run_status`); returns those that failed.
 
-  A run whose eval JSON exists is skipped. Output goes to <run>/ablate.log.
+  'done' runs are skipped; 'evaluate' runs only `bihier_jax.eval --checkpoint best`;
+  'train' runs train (which resumes) and then eval. Output goes to <run>/ablate.log.
   """
   failed = []
   for i, run in enumerate(runs):
     tag = f"[{i + 1}/{len(runs)}] {run.variant.name} seed {run.seed}"
-    if os.path.exists(run.eval_json(split)):
-      print(f"{tag}: done already, skipped", flush=True)
+    status = run_status(run, split)
+    if status.action == "done":
+      print(f"{tag}: done already ({status.reason}), skipped", flush=True)
       continue
+    commands = [run.eval_argv(python)]
+    if status.action == "train":
+      commands.insert(0, run.train_argv(python))
+    print(f"{tag}: {status.reason}: {'training' if len(commands) > 1 else 'evaluating'}",
+          flush=True)
     os.makedirs(run.workdir, exist_ok=True)
     log_path = os.path.join(run.workdir, "ablate.log")
     start = time.time()
     with open(log_path, "a") as log:
-      for argv in (run.train_argv(python), run.eval_argv(python)):
+      for argv in commands:
         log.write(f"$ {shlex.join(argv)}\n")
         log.flush()
         rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                             check=False).returncode
         if rc != 0:
           break
-    if rc != 0 or not os.path.exists(run.eval_json(split)):
-      print(f"{tag}: FAILED (exit {rc}); see {log_path}", flush=True)
+    after = run_status(run, split) if rc == 0 else Status("failed", f"exit {rc}")
+    if after.action != "done":
+      print(f"{tag}: FAILED ({after.reason}); see {log_path}", flush=True)
       failed.append(run)
     else:
       print(f"{tag}: {time.time() - start:.0f} s", flush=True)
@@ -192,23 +281,23 @@ def run_locally(runs: Sequence[Run], split: str, python: str = sys.executable,
 
 
 def collect_results(runs: Sequence[Run], split: str) -> list[dict]:
-  """Rows {variant, seed, <metric>: value} for every run whose eval JSON exists.
+  """Rows {variant, seed, step, <metric>: value}, one per run whose result counts.
 
-  Numeric entries are metrics, except the bookkeeping in `NOT_METRICS`.
+  Numeric entries are metrics, except the bookkeeping in `NOT_METRICS`. A result that
+  does not count (`run_status`: not the selected checkpoint's, or stale) is left out
+  and named on stderr; a JSON that cannot be read raises ValueError.
   """
   rows = []
   for run in runs:
     path = run.eval_json(split)
     if not os.path.exists(path):
       continue
-    with open(path) as f:
-      try:
-        metrics = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(metrics, dict):
-      raise ValueError(f"{path}: expected an object of metric name -> number")
-    row = {"variant": run.variant.name, "seed": run.seed}
+    metrics = read_eval_json(path)
+    status = run_status(run, split)
+    if status.action != "done":
+      print(f"ignored {path}: {status.reason}", file=sys.stderr)
+      continue
+    row = {"variant": run.variant.name, "seed": run.seed, "step": int(metrics["step"])}
     for name, value in metrics.items():
       if (isinstance(value, (int, float)) and not isinstance(value, bool)
           and name not in NOT_METRICS):
@@ -221,7 +310,7 @@ def metric_names(rows: Sequence[dict]) -> list[str]:
   names = []
   for row in rows:
     for key in row:
-      if key not in ("variant", "seed") and key not in names:
+      if key not in ("variant", "seed", "step") and key not in names:
         names.append(key)
   return names
 
@@ -252,9 +341,9 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
   names = metric_names(rows)
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["variant", "seed", *names])
+    writer.writerow(["variant", "seed", "step", *names])
     for row in rows:
-      writer.writerow([row["variant"], row["seed"],
+      writer.writerow([row["variant"], row["seed"], row.get("step", ""),
                        *(repr(row[n]) if n in row else "" for n in names)])
 
 
@@ -321,7 +410,7 @@ class Outputs:
 
 def aggregate(runs: Sequence[Run], workdir: str, sweep: str, split: str,
               metric: str | None = None, caption: str = "") -> Outputs | None:
-  """Writes CSV, Markdown and PNG for the runs that finished; None if none did."""
+  """Writes CSV, Markdown and PNG of the results that count; None if none does."""
   rows = collect_results(runs, split)
   if not rows:
     return None
@@ -356,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
   mode.add_argument("--local", action="store_true", help="run here, one after another")
   mode.add_argument("--emit-commands", action="store_true", help="print commands only")
   mode.add_argument("--aggregate-only", action="store_true",
-                    help="only gather finished runs into CSV/Markdown/PNG")
+                    help="only gather the results that count into CSV/Markdown/PNG")
   p.add_argument("--only", default="", help="comma-separated variant names to keep")
   p.add_argument("--launcher", default="shell", choices=("shell", "slurm"),
                  help="form of --emit-commands lines")
