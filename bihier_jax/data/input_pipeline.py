@@ -715,8 +715,11 @@ def shard_files(data_dir: str, split: str) -> list[str]:
 #   2. read record by record from all files in turn (up to _MAX_OPEN_SHARDS open), so
 #      records written next to each other (the decoys of one MQA target) end up a file
 #      count apart;
-#   3. record k of that sequence goes to host k mod process_count (every host draws the
-#      same sequence, so the hosts' records are disjoint and complete in every epoch);
+#   3. each block of process_count consecutive records of that sequence gives one record
+#      to every host, in a rotation drawn per block (every host draws the same sequence
+#      and rotations, so the hosts' records are disjoint and complete in every epoch; a
+#      fixed k mod process_count would hand a host whole files when process_count
+#      divides the file count, and so whole groups);
 #   4. a shuffle buffer of `shuffle_buffer_size` records, by default the whole split on
 #      this host (memory permitting), emptied at the epoch's end: no record crosses into
 #      the next epoch;
@@ -773,12 +776,19 @@ def _epoch_chunks(files: Sequence[str], *, seed: int, buffer: int, chunk_size: i
 
   def one_epoch(epoch):
     key = tf.stack([tf.constant(seed, tf.int64), epoch])
-    file_key, shuffle_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    file_key, host_key, shuffle_key = tf.unstack(
+        tf.random.experimental.stateless_split(key, 3))
     order = tf.argsort(tf.random.stateless_uniform([n_files], seed=file_key))
     ds = tf.data.Dataset.from_tensor_slices(tf.gather(file_table, order))
     ds = ds.interleave(tf.data.TFRecordDataset, block_length=1,
                        cycle_length=min(n_files, _MAX_OPEN_SHARDS))
-    ds = ds.shard(process_count, process_index)
+    if process_count > 1:
+      def mine(k, _):
+        block_key = tf.random.experimental.stateless_fold_in(host_key, k // process_count)
+        shift = tf.random.stateless_uniform([], seed=block_key, maxval=process_count,
+                                            dtype=tf.int64)
+        return tf.equal((k + shift) % process_count, process_index)
+      ds = ds.enumerate().filter(mine).map(lambda _, record: record)
     shuffle_seed = tf.random.stateless_uniform([], seed=shuffle_key, minval=None,
                                                maxval=None, dtype=tf.int64)
     ds = ds.shuffle(buffer, seed=shuffle_seed)

@@ -1,0 +1,217 @@
+"""Epochs in steps: how many batches one pass over a split gives with the current packing.
+
+A training batch is packed up to a padding budget (`input_pipeline.bucket_budgets`), not
+to a protein count: proteins join a batch while its nodes, edges, rows and graphs fit,
+so a batch holds at most train.batch_size proteins and on PDB-like lengths about 0.8 to
+0.9 of that. An epoch therefore takes more steps than ceil(records / batch_size).
+
+`estimate_epoch` simulates the packer on the split's sizes.json (the same bucket choice,
+budgets, chunks and next-fit packing as `make_dataset`, crops counted as in
+`bucket_budgets`) over random record orders, and averages a few seeds. It is an
+estimate: the pipeline's real order comes from its shuffle buffer, and cropped examples'
+edge counts are scaled, not recomputed. On the test splits it lands within a few per
+cent of the batches `make_dataset` emits per epoch.
+
+`resolve_epochs` turns the epoch-denominated fields of a config into the step fields the
+training loop reads (call it before the optimizer and its schedule are built):
+
+  train.num_epochs            -> train.num_steps
+  train.eval_every_epochs     -> train.eval_every
+  train.checkpoint_every_epochs -> train.checkpoint_every
+  optim.step_every_epochs     -> optim.step_every
+
+A field that is missing or 0 leaves its step field as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from bihier_jax.data import input_pipeline
+from bihier_jax.data.batch import PaddingBudget
+
+EPOCH_FIELDS = (  # (group, epoch field, step field it sets)
+    ("train", "num_epochs", "num_steps"),
+    ("train", "eval_every_epochs", "eval_every"),
+    ("train", "checkpoint_every_epochs", "checkpoint_every"),
+    ("optim", "step_every_epochs", "step_every"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEstimate:
+  """Expected figures of one pass over a split (means over the simulated seeds).
+
+  Attributes:
+    records: examples in the split.
+    batches: padded batches the input pipelines of all hosts emit per pass, each of at
+      most batch_size / num_devices proteins (one per device per step).
+    steps: training steps per pass: batches / num_devices.
+    proteins_per_batch: real proteins in a padded batch (records / batches).
+    proteins_per_step: real proteins per step (records / steps).
+    batch_size: the config's global train.batch_size, for comparison.
+  """
+  records: int
+  batches: float
+  steps: float
+  proteins_per_batch: float
+  proteins_per_step: float
+  batch_size: int
+
+
+def _sub_config(config, num_devices: int):
+  """The config each device's input pipeline sees (train.batch_size per device)."""
+  if int(config.train.batch_size) % num_devices:
+    raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
+                     f"the {num_devices} devices")
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.train.batch_size = int(config.train.batch_size) // num_devices
+  return sub
+
+
+def _bucket_and_sizes(sizes: np.ndarray, budgets: Sequence[PaddingBudget],
+                      max_residues: int):
+  """Bucket of each example and its (nodes, edges, rows) after cropping, as packed.
+
+  Args:
+    sizes: int[n, 4] (nodes, longest chain, chains, edges) as in sizes.json.
+
+  Returns:
+    (bucket int[n], long bool[n] (cropped), pack sizes int[n, 3]).
+  """
+  nodes, longest, chains, edges = (sizes[:, i].astype(np.int64) for i in range(4))
+  long = longest > max_residues
+  excess = np.maximum(longest - max_residues, 0)
+  # Same rule as bucket_budgets: a pocket (few nodes of a long chain) keeps its nodes.
+  cropped = nodes - excess
+  crop_nodes = np.where(cropped >= np.minimum(nodes, max_residues), cropped, nodes)
+  crop_edges = np.round(edges * crop_nodes / np.maximum(nodes, 1)).astype(np.int64)
+  table = np.array([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length]
+                    for b in budgets], np.int64)
+  need = np.stack([nodes + 1, edges, np.full_like(nodes, 2), chains, longest + 2], 1)
+  fits = (need[:, None, :] <= table[None]).all(-1)
+  fits[long] = np.arange(len(budgets))[None] == len(budgets) - 1
+  if not fits.any(1).all():
+    bad = np.flatnonzero(~fits.any(1))[:4]
+    raise ValueError(f"examples {bad.tolist()} fit no padding budget: sizes "
+                     f"{sizes[bad].tolist()}")
+  bucket = fits.argmax(1)
+  pack = np.stack([np.where(long, crop_nodes, nodes), np.where(long, crop_edges, edges),
+                   chains], 1)
+  return bucket, long, pack
+
+
+def simulate_batches(sizes: np.ndarray, budgets: Sequence[PaddingBudget], *,
+                     max_residues: int, chunk_size: int, process_count: int = 1,
+                     seed: int = 0) -> int:
+  """Padded batches one random-order pass over `sizes` gives, summed over the hosts.
+
+  Hosts take every process_count-th record of a random order, as the pipeline does;
+  each host packs chunks of `chunk_size` records bucket by bucket, next-fit in order
+  (the last bucket: uncropped examples, then cropped ones), as `make_dataset` does.
+  """
+  bucket, long, pack = _bucket_and_sizes(np.asarray(sizes, np.int64).reshape(-1, 4),
+                                         budgets, max_residues)
+  limits = [(b.n_node - 1, b.n_edge, b.n_row) for b in budgets]
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(bucket))
+  total = 0
+  for host in range(process_count):
+    mine = order[host::process_count]
+    for start in range(0, len(mine), chunk_size):
+      chunk = mine[start:start + chunk_size]
+      for k, budget in enumerate(budgets):
+        members = chunk[bucket[chunk] == k]
+        if k == len(budgets) - 1:
+          members = np.concatenate([members[~long[members]], members[long[members]]])
+        if not len(members):
+          continue
+        rows = np.minimum(pack[members], np.array(limits[k]))  # scaled crops stay in
+        total += int(input_pipeline.greedy_pack(rows, limits[k], budget.n_graph - 1)[-1]) + 1
+  return total
+
+
+def estimate_epoch(config, data_dir: str | None = None, split: str | None = None, *,
+                   num_devices: int = 1, process_count: int = 1,
+                   seeds: Sequence[int] = (0, 1, 2),
+                   budgets: Sequence[PaddingBudget] | None = None,
+                   chunk_size: int | None = None) -> EpochEstimate:
+  """Expected batches and proteins per batch of one training pass over a split.
+
+  Args:
+    config: the experiment config (global train.batch_size, data.*).
+    data_dir: prepared records (default config.data.dir); needs <split>/sizes.json.
+    split: default config.data.train_split.
+    num_devices: devices over all hosts; each step takes one batch of batch_size /
+      num_devices proteins per device (as the training loop's per-device config).
+    process_count: hosts; records are dealt to them in turn.
+    seeds: random record orders simulated; the figures are their means.
+    budgets, chunk_size: as given to `make_dataset` (default: its defaults for the
+      per-device config, i.e. budgets from every split's sizes).
+
+  Raises:
+    ValueError: no sizes.json for the split.
+  """
+  data_dir = data_dir or config.data.dir
+  split = split or config.data.get("train_split", "train")
+  sizes = input_pipeline.load_sizes(data_dir, split)
+  if sizes is None or not len(sizes):
+    raise ValueError(f"no {split}/sizes.json under {data_dir}: cannot count an epoch "
+                     "(written by data_pipelines.preprocess)")
+  sub = _sub_config(config, num_devices)
+  if budgets is None:
+    budgets = input_pipeline.bucket_budgets(sub, input_pipeline.dataset_sizes(data_dir))
+  chunk = chunk_size or input_pipeline.default_chunk_size(sub.train.batch_size)
+  batches = float(np.mean([
+      simulate_batches(sizes, budgets, max_residues=int(config.data.max_residues),
+                       chunk_size=chunk, process_count=process_count, seed=s)
+      for s in seeds]))
+  steps = batches / num_devices
+  return EpochEstimate(records=int(len(sizes)), batches=batches, steps=steps,
+                       proteins_per_batch=len(sizes) / batches,
+                       proteins_per_step=len(sizes) / steps,
+                       batch_size=int(config.train.batch_size))
+
+
+def batches_per_epoch(config, data_dir: str | None = None, split: str = "train", *,
+                      num_devices: int = 1, process_count: int = 1) -> float:
+  """Expected training steps (global batches) in one pass over `split` (an estimate).
+
+  With one device this is the number of padded batches `make_dataset` emits per epoch;
+  with D devices, a step is D such batches of batch_size / D proteins each. See
+  `estimate_epoch` for the proteins per batch.
+  """
+  return estimate_epoch(config, data_dir, split, num_devices=num_devices,
+                        process_count=process_count).steps
+
+
+def resolve_epochs(config, data_dir: str | None = None, *, num_devices: int = 1,
+                   process_count: int = 1) -> ml_collections.ConfigDict:
+  """A copy of `config` with its epoch fields (EPOCH_FIELDS) turned into step counts.
+
+  Each used field (present and > 0) sets its step field to round(epochs x steps per
+  epoch), at least 1, with steps per epoch from `batches_per_epoch` on
+  config.data.train_split; train.steps_per_epoch records that figure. Without any
+  epoch field the copy equals the config.
+
+  Args:
+    config: the global experiment config.
+    data_dir: prepared records (default config.data.dir).
+    num_devices, process_count: as the run will use (jax.device_count(),
+      jax.process_count()).
+  """
+  out = ml_collections.ConfigDict(config.to_dict())
+  used = [(group, field, target) for group, field, target in EPOCH_FIELDS
+          if group in out and float(out[group].get(field, 0) or 0) > 0]
+  if not used:
+    return out
+  steps = batches_per_epoch(config, data_dir, config.data.get("train_split", "train"),
+                            num_devices=num_devices, process_count=process_count)
+  for group, field, target in used:
+    out[group][target] = max(1, int(round(float(out[group][field]) * steps)))
+  out.train.steps_per_epoch = float(steps)
+  return out
