@@ -241,10 +241,38 @@ def _rotate_half(x):
 
 
 def _apply_rotary(x, cos, sin):
-  """x [B, L, H, hd]; cos, sin [L, hd]."""
-  cos = cos[None, :, None, :].astype(x.dtype)
-  sin = sin[None, :, None, :].astype(x.dtype)
+  """x [B, L, H, hd]; cos, sin [L, hd] (one position per column) or [B, L, hd]."""
+  cos = (cos[None] if cos.ndim == 2 else cos)[:, :, None, :].astype(x.dtype)
+  sin = (sin[None] if sin.ndim == 2 else sin)[:, :, None, :].astype(x.dtype)
   return x * cos + _rotate_half(x) * sin
+
+
+def segment_positions(segments):
+  """Position of each token within its segment: int32[B, L].
+
+  segments: int[B, L], chains packed into a row as contiguous runs of one id
+  (`<cls> seq <eos>` each); a new run starts wherever the id changes.
+  """
+  length = segments.shape[1]
+  column = jnp.arange(length, dtype=jnp.int32)[None]
+  starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                            segments[:, 1:] != segments[:, :-1]], axis=1)
+  first = jax.lax.cummax(jnp.where(starts, column, 0), axis=1)
+  return column - first
+
+
+def attention_mask(tokens, segments=None):
+  """Which keys each query may attend to: bool[B, L] (real keys, one chain per row) or,
+  with segments, bool[B, L, L] (real keys of the query's own segment)."""
+  real = tokens != rc.ESM_PAD
+  if segments is None:
+    return real
+  return (segments[:, :, None] == segments[:, None, :]) & real[:, None, :]
+
+
+def _mask4(mask):
+  """[B, L] key mask or [B, L, L] pair mask -> broadcastable to [B, H, L, L]."""
+  return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
 
 
 def _layer_norm(x, p, eps, dtype):
@@ -261,34 +289,38 @@ def _dense(x, p, dtype):
   return jnp.dot(x, p["kernel"].astype(dtype)) + p["bias"].astype(dtype)
 
 
-def _exact_attention(q, k, v, key_mask):
-  """Reference einsum attention with float32 softmax. q, k, v [B, L, H, hd]."""
+def _exact_attention(q, k, v, mask):
+  """Reference einsum attention with float32 softmax. q, k, v [B, L, H, hd]; mask as
+  `attention_mask` returns."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(key_mask[:, None, None, :], logits, attention.MASKED_LOGIT)
+  logits = jnp.where(_mask4(mask), logits, attention.MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def _cpu_attention(q, k, v, key_mask):
+def _cpu_attention(q, k, v, mask):
   """Same maths as `_exact_attention`, arranged for CPU (`attention.masked_attention`:
   head-major GEMMs, late softmax normalisation, closed-form backward)."""
-  return attention.masked_attention(q, k, v,
-                                    attention.mask_bias(key_mask)[:, None, None, :])
+  return attention.masked_attention(q, k, v, attention.mask_bias(_mask4(mask)))
 
 
-def _cudnn_attention(q, k, v, key_mask):
+def _cudnn_attention(q, k, v, mask):
   """cuDNN fused attention; padding given as per-row key lengths.
 
   Assumes padding is trailing (`<cls> seq <eos> <pad>...`, as `tokenize` and the batch
   pipeline produce). Rows of only padding get length 1 (finite, ignored outputs).
+  Packed rows (a pair mask) go to `jax.nn.dot_product_attention` with the mask.
   """
-  lengths = jnp.maximum(key_mask.sum(-1), 1).astype(jnp.int32)
+  if mask.ndim == 3:
+    return jax.nn.dot_product_attention(q, k, v, mask=_mask4(mask), scale=1.0)
+  lengths = jnp.maximum(mask.sum(-1), 1).astype(jnp.int32)
   return jax.nn.dot_product_attention(q, k, v, scale=1.0, key_value_seq_lengths=lengths,
                                       implementation="cudnn")
 
 
-def _attention(q, k, v, key_mask, kind):
-  """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; key_mask bool [B, L].
+def _attention(q, k, v, mask, kind):
+  """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; mask bool [B, L] (keys)
+  or [B, L, L] (query, key) pairs (`attention_mask`).
 
   kind 'exact': einsum reference. 'auto': by backend - CPU: `_cpu_attention` (same
   maths, CPU-friendly arrangement); GPU with bf16/fp16 compute: cuDNN fused attention
@@ -296,19 +328,19 @@ def _attention(q, k, v, key_mask, kind):
   otherwise XLA's.
   """
   if kind == "exact":
-    return _exact_attention(q, k, v, key_mask)
+    return _exact_attention(q, k, v, mask)
   backend = jax.default_backend()
   if backend == "cpu":
-    return _cpu_attention(q, k, v, key_mask)
+    return _cpu_attention(q, k, v, mask)
   if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
-      return _cudnn_attention(q, k, v, key_mask)
+      return _cudnn_attention(q, k, v, mask)
     except Exception:  # pylint: disable=broad-except  # unsupported shape/version: use XLA
       pass
-  return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :], scale=1.0)
+  return jax.nn.dot_product_attention(q, k, v, mask=_mask4(mask), scale=1.0)
 
 
-def _transformer_layer(p, h, key_mask, cos, sin, cfg: ESM2Config):
+def _transformer_layer(p, h, mask, cos, sin, cfg: ESM2Config):
   """One pre-LN ESM-2 layer. p: one layer's params (no layer axis); h [B, L, D]."""
   dtype = cfg.dtype
   b, length, d = h.shape
@@ -320,7 +352,7 @@ def _transformer_layer(p, h, key_mask, cos, sin, cfg: ESM2Config):
   q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)  # before rotary, as the original
   q = _apply_rotary(q, cos, sin)
   k = _apply_rotary(k, cos, sin)
-  attn = _attention(q, k, v, key_mask, cfg.attention).reshape(b, length, d)
+  attn = _attention(q, k, v, mask, cfg.attention).reshape(b, length, d)
   h = h + _dense(attn, p["out_proj"], dtype)
   x = _layer_norm(h, p["final_layer_norm"], cfg.layer_norm_eps, dtype)
   x = jax.nn.gelu(_dense(x, p["fc1"], dtype), approximate=False)
@@ -395,8 +427,18 @@ class ESM2(nn.Module):
     if cfg.mlm_head:
       self.lm_head = self.param("lm_head", init_lm_head)
 
-  def embed(self, tokens):
-    """Token embeddings with token dropout and padding mask. tokens int [B, L] -> [B, L, D]."""
+  def embed(self, tokens, segments=None):
+    """Token embeddings with token dropout and padding mask.
+
+    Args:
+      tokens: int [B, L].
+      segments: optional int [B, L] chain of each token within its row (packed rows,
+        see `segment_positions`); token dropout's observed-mask ratio is then taken per
+        chain, as fair-esm takes it per sequence.
+
+    Returns:
+      [B, L, D].
+    """
     cfg = self.config
     table = _constant_if(cfg.frozen_embedding, self.embed_tokens["embedding"])
     x = jnp.take(table, tokens, axis=0)  # float32
@@ -404,18 +446,31 @@ class ESM2(nn.Module):
     if cfg.token_dropout:
       is_mask = tokens == rc.ESM_MASK
       x = jnp.where(is_mask[..., None], 0.0, x)
+      if segments is None:
+        num_real, num_masked = real.sum(-1, keepdims=True), is_mask.sum(-1, keepdims=True)
+      else:  # per (row, chain): ids row * L + segment, summed and read back per token
+        rows, length = tokens.shape
+        ids = (jnp.arange(rows)[:, None] * length + jnp.clip(segments, 0, length - 1))
+        ids = ids.reshape(-1)
+        count = lambda a: jax.ops.segment_sum(a.reshape(-1).astype(jnp.int32), ids,
+                                              num_segments=rows * length)[ids].reshape(
+                                                  tokens.shape)
+        num_real, num_masked = count(real), count(is_mask)
       # max(., 1): all-padding rows (batch padding) stay finite instead of 0/0.
-      src_lengths = jnp.maximum(real.sum(-1), 1).astype(jnp.float32)
-      ratio_observed = is_mask.sum(-1).astype(jnp.float32) / src_lengths
-      x = x * (1.0 - MASK_RATIO_TRAIN) / (1.0 - ratio_observed)[:, None, None]
+      ratio_observed = (num_masked.astype(jnp.float32)
+                        / jnp.maximum(num_real, 1).astype(jnp.float32))
+      x = x * ((1.0 - MASK_RATIO_TRAIN) / (1.0 - ratio_observed))[..., None]
     x = x * real[..., None].astype(x.dtype)
     return x.astype(cfg.dtype)
 
-  def run_layers(self, h, tokens, start: int, stop: int, collect: bool = False):
+  def run_layers(self, h, tokens, start: int, stop: int, collect: bool = False,
+                 segments=None):
     """Layers (start, stop] on h [B, L, D]: 1-based layers start+1..stop, which are
     params['layers'][start:stop] (0-based). h comes from `embed` or an earlier range.
 
-    start, stop: static python ints, 0 <= start <= stop <= num_layers. Returns h, or
+    start, stop: static python ints, 0 <= start <= stop <= num_layers. segments:
+    optional int [B, L] for packed rows (several chains per row): attention stays
+    within a chain and rotary positions restart at each chain. Returns h, or
     (h, per-layer outputs [stop - start, B, L, D]) if collect.
     """
     cfg = self.config
@@ -424,8 +479,11 @@ class ESM2(nn.Module):
     h = h.astype(cfg.dtype)
     if start == stop:
       return (h, jnp.zeros((0, *h.shape), h.dtype)) if collect else h
-    key_mask = tokens != rc.ESM_PAD
+    key_mask = attention_mask(tokens, segments)
     cos, sin = rotary_tables(h.shape[1], cfg.head_dim)  # static: constants in the program
+    if segments is not None:
+      positions = segment_positions(segments)
+      cos, sin = jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]
     layer_fn = functools.partial(_transformer_layer, cfg=cfg)
     if cfg.remat:
       layer_fn = jax.checkpoint(layer_fn, prevent_cse=not cfg.scan_layers)
@@ -477,16 +535,19 @@ class ESM2(nn.Module):
     return logits + p["bias"]
 
   def __call__(self, tokens, return_mlm_logits: bool = False,
-               output_hidden_states: bool = True) -> ESM2Output:
-    """Full forward. tokens int [B, L] (from `tokenize`)."""
+               output_hidden_states: bool = True, segments=None) -> ESM2Output:
+    """Full forward. tokens int [B, L] (from `tokenize`); segments: optional int [B, L]
+    for packed rows (see `run_layers`)."""
     cfg = self.config
-    h = self.embed(tokens)
+    h = self.embed(tokens, segments)
     if output_hidden_states:
-      h_last, outs = self.run_layers(h, tokens, 0, cfg.num_layers, collect=True)
+      h_last, outs = self.run_layers(h, tokens, 0, cfg.num_layers, collect=True,
+                                     segments=segments)
       final = self.final_norm(h_last)
       hidden = (h, *(outs[i] for i in range(cfg.num_layers - 1)), final)
     else:
-      final = self.final_norm(self.run_layers(h, tokens, 0, cfg.num_layers))
+      final = self.final_norm(self.run_layers(h, tokens, 0, cfg.num_layers,
+                                              segments=segments))
       hidden = None
     logits = self.mlm_logits(final) if return_mlm_logits else None
     return ESM2Output(last_hidden_state=final, hidden_states=hidden, logits=logits)
