@@ -4,16 +4,31 @@
   python -m data_pipelines.preprocess react --raw RAW --out PREPARED
   python -m bihier_jax.train --config configs/react.py --workdir W --config.data.dir=PREPARED
 
-Recipe of the ProNet reference for react (DATASETS.md §3, DESIGN.md): batch 32, Adam
-5e-4, step decay ×0.5 every 60 epochs, dropout 0.3, residue-type masking 0.2, Cα noise
-std 0.1 Å clipped to ±0.3 Å, sum readout. 29,215 training chains = 913 steps/epoch at
-batch 32. The epoch count (200) is ours. Metric: top-1 accuracy; the checkpoint with
-the best validation accuracy is reported on test.
+Recipe of the ProNet reference for react: batch 32, Adam 5e-4, step decay ×0.5 every 60
+epochs, dropout 0.3, residue-type masking 0.2, Cα noise std 0.1 Å clipped to ±0.3 Å, sum
+readout. The epoch count (200) and evaluation every 5 epochs are ours. Metric: top-1
+accuracy; the checkpoint with the best validation accuracy is reported on test.
+
+The recipe is stated in epochs (`EPOCHS`, written into train.* / optim.* fields).
+`bihier_jax.data.epochs.resolve_epochs` turns them into step counts from the prepared
+train split's sizes. An epoch is not ceil(29,215 / 32) = 913 steps: batches are packed
+to node budgets and hold fewer than 32 chains (28.1 on average, simulated for lognormal
+PDB-like lengths at batch 32 on one device: 1,038 steps per epoch). The step fields
+below use that figure; they apply only where resolve_epochs is not called, or with the
+epoch fields set to 0.
 """
 
 from configs import benchmark_tiny, default
 
-STEPS_PER_EPOCH = 913  # ceil(29,215 / 32)
+# The ProNet recipe in epochs: field -> epochs (resolve_epochs sets the step field).
+EPOCHS = {
+    "train.num_epochs": 200,
+    "train.eval_every_epochs": 5,
+    "train.checkpoint_every_epochs": 5,
+    "optim.step_every_epochs": 60,
+}
+# Fallback epoch length for the step fields: 29,215 chains / 28.1 per batch (see above).
+FALLBACK_STEPS_PER_EPOCH = 1038
 
 
 def get_config(arg: str | None = None):
@@ -41,13 +56,16 @@ def get_config(arg: str | None = None):
   c.optim.weight_decay = 0.0  # plain Adam in the reference
   c.optim.schedule = "step"
   c.optim.warmup_steps = 0
-  c.optim.step_every = 60 * STEPS_PER_EPOCH
   c.optim.step_factor = 0.5
-
   c.train.batch_size = 32
-  c.train.num_steps = 200 * STEPS_PER_EPOCH
-  c.train.eval_every = 5 * STEPS_PER_EPOCH
-  c.train.checkpoint_every = 5 * STEPS_PER_EPOCH
+  for name, epochs in EPOCHS.items():
+    group, field = name.split(".")
+    c[group][field] = epochs
+    step_field = field.replace("num_epochs", "num_steps").replace("_epochs", "")
+    c[group][step_field] = epochs * FALLBACK_STEPS_PER_EPOCH
   if arg == "tiny":
     benchmark_tiny.apply_tiny(c)
+    for name in EPOCHS:  # the tiny run counts in steps
+      group, field = name.split(".")
+      c[group][field] = 0
   return c
