@@ -114,6 +114,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- training loop --------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10_000
+  # Epoch counts (0 = unused) set the step field named beside them at the start of
+  # training, from the real number of packed batches per pass over the training split.
+  c.train.num_epochs = 0.0  # -> train.num_steps
+  c.train.eval_every_epochs = 0.0  # -> train.eval_every
+  c.train.checkpoint_every_epochs = 0.0  # -> train.checkpoint_every
   c.train.batch_size = 8  # proteins per global batch
   c.train.eval_every = 1000  # periodic evaluation (and saved checkpoint) every N steps
   # Periodic evaluations score only data.select_split (the test splits stay unseen until

@@ -88,7 +88,9 @@ def _losses(workdir):
 def reference_run(tmp_path_factory, demo_data, cache_dir):
   """An uninterrupted tiny run through the CLI, with config overrides."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  proc = subprocess.run(_train_cmd(workdir, demo_data, "--config.train.eval_every=4"),
+  # checkpoint_every_epochs: resolved into steps at the start (losses do not depend on it).
+  proc = subprocess.run(_train_cmd(workdir, demo_data, "--config.train.eval_every=4",
+                                   "--config.train.checkpoint_every_epochs=0.25"),
                         cwd=REPO, env=_env(cache_dir), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -102,6 +104,14 @@ def test_train_eval_predict(reference_run, demo_data):
   workdir = reference_run
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["train"]["num_steps"] == 8 and config["train"]["eval_every"] == 4
+  # The epoch field became steps (as recorded), from about one pass's real batches.
+  steps_per_epoch = config["train"]["steps_per_epoch"]
+  assert config["train"]["checkpoint_every"] == max(1, round(0.25 * steps_per_epoch))
+  epoch_batches = sum(1 for _ in itertools.takewhile(
+      lambda item: item[1]["epoch"] == 0, input_pipeline.make_dataset(
+          demo_data, "train", demo.get_config("tiny"), training=True, seed=0,
+          process_index=0, process_count=1)))
+  assert abs(steps_per_epoch - epoch_batches) <= 0.25 * epoch_batches
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, 9))
   assert all(np.isfinite(v[0]) for v in losses.values())

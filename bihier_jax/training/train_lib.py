@@ -193,6 +193,25 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose *_epochs fields (train.num_epochs, ...) are step counts.
+
+  Steps per epoch come from the packing of the training split's sizes.json
+  (`data.epochs.resolve_epochs`); every field it sets is logged.
+  """
+  from bihier_jax.data import epochs  # pylint: disable=g-import-not-at-top
+  resolved = epochs.resolve_epochs(config, evaluation.data_dir(config),
+                                   num_devices=jax.device_count(),
+                                   process_count=jax.process_count())
+  for group, field, target in epochs.EPOCH_FIELDS:
+    value = float(config[group].get(field, 0) or 0) if group in config else 0.0
+    if value > 0:
+      logging.info("%s.%s=%g epochs -> %s.%s=%d steps (%.2f steps per epoch)", group,
+                   field, value, group, target, resolved[group][target],
+                   resolved.train.steps_per_epoch)
+  return resolved
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -211,10 +230,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(os.path.expanduser(workdir))
   parallel.initialize_distributed(bool(config.train.multi_host))
   os.makedirs(workdir, exist_ok=True)
+  ensure_demo_data(config)
+  config = resolve_epoch_fields(config)  # before the schedule and the loop read steps
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  ensure_demo_data(config)
   dataset_fn = dataset_fn or default_dataset_fn()
   mesh = parallel.make_mesh()
   num_local = parallel.local_device_count(mesh)
