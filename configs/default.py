@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"  # cosine | step | constant
   c.optim.warmup_steps = 100
   c.optim.step_every = 1000  # step schedule: decay every this many steps
+  c.optim.step_every_epochs = 0.0  # > 0: decay every this many epochs (replaces step_every)
   c.optim.step_factor = 0.5
   c.optim.grad_clip = 1.0  # global norm
 

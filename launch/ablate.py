@@ -37,8 +37,13 @@ import sys
 import time
 from typing import Mapping, Sequence
 
-SWEEPS = ("fusion_depth", "fusion_mode", "direction", "baselines")
+SWEEPS = ("fusion_depth", "fusion_mode", "direction", "baselines", "comparison")
 BASELINE_KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
+# The headline question: does bi-hierarchical fusion (either mechanism) beat the
+# structure encoder alone and the late-fusion baselines on the same code path?
+COMPARISON = (("gnn_only", "gnn_only", None), ("parallel", "parallel", None),
+              ("cross", "cross", None), ("bihier_local", "bihier", "local"),
+              ("bihier_global", "bihier", "global"))
 # Bookkeeping numbers that bihier_jax.eval writes beside the metrics.
 NOT_METRICS = frozenset({"step", "num_items"})
 # The checkpoint whose results tables accept: the one selected on validation.
@@ -92,6 +97,10 @@ def sweep_variants(sweep: str, num_blocks: int = 4) -> list[Variant]:
             for d in ("bi", "seq2struct", "struct2seq")]
   if sweep == "baselines":
     return [Variant(f"kind_{k}", (("model.kind", k),)) for k in BASELINE_KINDS]
+  if sweep == "comparison":
+    return [Variant(name, (("model.kind", kind),)
+                    + ((("model.fusion.mode", mode),) if mode else ()))
+            for name, kind, mode in COMPARISON]
   raise ValueError(f"unknown sweep {sweep!r}; choose from {', '.join(SWEEPS)}")
 
 

@@ -44,6 +44,12 @@ def test_sweep_variants_names_and_overrides():
                                                            "struct2seq"]
   assert [dict(v.overrides)["model.kind"] for v in ablate.sweep_variants("baselines")
           ] == ["bihier", "esm_only", "gnn_only", "serial", "parallel", "cross"]
+  assert [(v.name, v.overrides) for v in ablate.sweep_variants("comparison")] == [
+      ("gnn_only", (("model.kind", "gnn_only"),)),
+      ("parallel", (("model.kind", "parallel"),)),
+      ("cross", (("model.kind", "cross"),)),
+      ("bihier_local", (("model.kind", "bihier"), ("model.fusion.mode", "local"))),
+      ("bihier_global", (("model.kind", "bihier"), ("model.fusion.mode", "global")))]
   with pytest.raises(ValueError, match="unknown sweep"):
     ablate.sweep_variants("depth")
 
