@@ -23,7 +23,9 @@ pipeline has epochs, and the same definition for every version of the pipeline):
 - once per pass: whether every record appears exactly once in each tagged epoch (meta
   "epoch", where the pipeline tags batches with it);
 - timing: wall time to the first batch, and the pause at the pass boundary against the
-  median gap between batches (the shuffle buffer refills there).
+  median gap between batches (the shuffle buffer refills there);
+- with --epoch-length: the batches one epoch emits at batch 8 and 32 against
+  `bihier_jax.data.epochs.estimate_epoch` and the naive ceil(records / batch size).
 The script runs against whatever `bihier_jax` is first on sys.path: copied into an older
 tree it measures that tree (how BENCHMARKS.md's "before" column was taken).
 """
@@ -117,7 +119,7 @@ def measure(data_dir: str, config, group_of: dict, *, threads: int) -> dict:
                                    process_index=0, process_count=1)
   seen = {}  # id -> positions (in delivered records)
   passes = [[], []]  # per pass: (budget, groups) of each batch
-  times, epochs_of = [], {}
+  times, epochs_of, epoch_batches = [], {}, []
   delivered = 0
   first_batch_s = None
   pass_end_batch = None
@@ -137,6 +139,7 @@ def measure(data_dir: str, config, group_of: dict, *, threads: int) -> dict:
       delivered += 1
       if "epoch" in meta:
         epochs_of.setdefault(i, []).append(int(meta["epoch"]))
+    epoch_batches.append(meta.get("epoch"))
     if all(len(p) >= 2 for p in seen.values()) and len(seen) == n:
       break
   out = {"records": n, "batches_pass1": len(passes[0])}
@@ -167,6 +170,7 @@ def measure(data_dir: str, config, group_of: dict, *, threads: int) -> dict:
   out["pass_order_spearman"] = spearman(first, second)
   if epochs_of:
     out["every_record_once_per_epoch"] = all(e[:2] == [0, 1] for e in epochs_of.values())
+    out["batches_per_epoch_emitted"] = [epoch_batches.count(e) for e in range(2)]
   gaps = np.diff(times)
   out["first_batch_s"] = first_batch_s
   out["median_batch_gap_s"] = float(np.median(gaps))
@@ -178,14 +182,40 @@ def measure(data_dir: str, config, group_of: dict, *, threads: int) -> dict:
   return out
 
 
+def epoch_length(data_dir: str, config, *, threads: int) -> dict:
+  """Batches one epoch of `make_dataset` emits against `epochs.estimate_epoch`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import epochs  # pylint: disable=g-import-not-at-top
+  tf.config.threading.set_inter_op_parallelism_threads(threads)
+  tf.config.threading.set_intra_op_parallelism_threads(threads)
+  emitted = 0
+  for _, meta in input_pipeline.make_dataset(data_dir, "train", config, training=True,
+                                             seed=0, process_index=0, process_count=1):
+    if meta["epoch"] > 0:
+      break
+    emitted += 1
+  est = epochs.estimate_epoch(config, data_dir)
+  return {"batch_size": int(config.train.batch_size), "emitted": emitted,
+          "estimate": est.batches, "estimate_error": est.batches / emitted - 1,
+          "proteins_per_batch": est.proteins_per_batch,
+          "naive_ceil_records_over_batch": -(-est.records // int(config.train.batch_size))}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--json", default="")
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--data-dir", default="", help="reuse records written before")
+  parser.add_argument("--shuffle-buffer", type=int, default=-1,
+                      help="data.shuffle_buffer (default: the config's)")
+  parser.add_argument("--epoch-length", action="store_true",
+                      help="also count one epoch's batches at batch 8 and 32 against "
+                           "bihier_jax.data.epochs' estimate")
   args = parser.parse_args()
   config = mqa.get_config()
+  if args.shuffle_buffer >= 0:
+    config.data.shuffle_buffer = args.shuffle_buffer
   items = grouped_items(60 if args.quick else 300)
   data_dir = args.data_dir or os.path.join(tempfile.mkdtemp(prefix="bench_shuffle_"), "r")
   if not os.path.exists(os.path.join(data_dir, "metadata.json")):
@@ -199,6 +229,11 @@ def main():
              "targets": len(set(group_of.values())), "batch_size": config.train.batch_size,
              "data_dir": data_dir}
   results.update(measure(data_dir, config, group_of, threads=args.threads))
+  if args.epoch_length:
+    for batch in (8, 32):
+      config.train.batch_size = batch
+      results[f"epoch_length_batch{batch}"] = epoch_length(data_dir, config,
+                                                          threads=args.threads)
   for k, v in results.items():
     print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
   if args.json:

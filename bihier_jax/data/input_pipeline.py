@@ -729,6 +729,7 @@ def shard_files(data_dir: str, split: str) -> list[str]:
 # Evaluation reads the files in sorted order, one pass, batches bucket by bucket.
 
 _MAX_OPEN_SHARDS = 256  # open record files while interleaving (a read buffer each)
+_HOST_BLOCKS = 256  # blocks of process_count records dealt to hosts in one step
 DEFAULT_SHUFFLE_BUFFER_MB = 4096  # data.shuffle_buffer_mb if the config has none
 
 
@@ -783,12 +784,17 @@ def _epoch_chunks(files: Sequence[str], *, seed: int, buffer: int, chunk_size: i
     ds = ds.interleave(tf.data.TFRecordDataset, block_length=1,
                        cycle_length=min(n_files, _MAX_OPEN_SHARDS))
     if process_count > 1:
-      def mine(k, _):
-        block_key = tf.random.experimental.stateless_fold_in(host_key, k // process_count)
-        shift = tf.random.stateless_uniform([], seed=block_key, maxval=process_count,
-                                            dtype=tf.int64)
-        return tf.equal((k + shift) % process_count, process_index)
-      ds = ds.enumerate().filter(mine).map(lambda _, record: record)
+      # Rotations drawn for many blocks at once: per-record tf.data ops cost ~10x more.
+      group = process_count * _HOST_BLOCKS
+
+      def mine(j, serialized):
+        shift = tf.random.stateless_uniform(
+            [_HOST_BLOCKS], seed=tf.random.experimental.stateless_fold_in(host_key, j),
+            maxval=process_count, dtype=tf.int64)
+        k = tf.range(tf.shape(serialized, out_type=tf.int64)[0])
+        owner = (k + tf.gather(shift, k // process_count)) % process_count
+        return tf.boolean_mask(serialized, tf.equal(owner, process_index))
+      ds = ds.batch(group).enumerate().map(mine).unbatch()
     shuffle_seed = tf.random.stateless_uniform([], seed=shuffle_key, minval=None,
                                                maxval=None, dtype=tf.int64)
     ds = ds.shuffle(buffer, seed=shuffle_seed)
