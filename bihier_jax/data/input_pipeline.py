@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from absl import logging
 import jraph
 import numpy as np
 
@@ -828,8 +829,10 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
 
   files = shard_files(data_dir, split)
   if training:
-    ds = _epoch_chunks(files, seed=seed, chunk_size=chunk_size,
-                       buffer=shuffle_buffer_size(config, data_dir, split, process_count),
+    buffer = shuffle_buffer_size(config, data_dir, split, process_count)
+    logging.info("%s/%s: %d files, shuffle buffer %d records per host (%d hosts)",
+                 data_dir, split, len(files), buffer, process_count)
+    ds = _epoch_chunks(files, seed=seed, chunk_size=chunk_size, buffer=buffer,
                        process_index=process_index, process_count=process_count)
   else:
     ds = tf.data.TFRecordDataset(files)
