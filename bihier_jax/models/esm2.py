@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -52,6 +52,7 @@ from bihier_jax.models import attention
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 replaced by <mask> in training
 ROTARY_BASE = 10000.0
+ATTENTION_KINDS = ("auto", "exact", "splash")
 # Top-level parameter names (the tree in the module docstring).
 EMBEDDING_PARAM = "embed_tokens"
 LAYERS_PARAM = "layers"
@@ -78,9 +79,11 @@ class ESM2Config:
     remat: rematerialise each layer in the backward pass (memory for compute).
     scan_layers: apply layers with lax.scan (False: unrolled python loop, same numbers).
     attention: 'auto' = fastest exact path for the backend (CPU:
-      `attention.masked_attention`; GPU bf16: cuDNN fused attention via
+      `attention.masked_attention`; TPU: Pallas splash attention with segment ids
+      when the row length is a multiple of 128; GPU bf16: cuDNN fused attention via
       jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
-      'exact' = plain einsum + float32 softmax.
+      'exact' = plain einsum + float32 softmax; 'splash' = the splash kernel on any
+      backend (interpreted off TPU: for tests).
     frozen_embedding, frozen_layers, frozen_final_norm: parameters that enter the
       computation as constants (`stop_gradient` on the parameters): the token
       embedding, the first `frozen_layers` layers, the final LayerNorm. Their gradient
@@ -112,8 +115,9 @@ class ESM2Config:
       raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
     if (self.embed_dim // self.num_heads) % 2:
       raise ValueError(f"head width {self.embed_dim // self.num_heads} must be even (rotary)")
-    if self.attention not in ("auto", "exact"):
-      raise ValueError(f"attention must be 'auto' or 'exact', got {self.attention!r}")
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(f"attention must be one of {ATTENTION_KINDS}, "
+                       f"got {self.attention!r}")
     if not 0 <= self.frozen_layers <= self.num_layers:
       raise ValueError(f"frozen_layers {self.frozen_layers} outside 0..{self.num_layers}")
 
@@ -261,13 +265,25 @@ def segment_positions(segments):
   return column - first
 
 
-def attention_mask(tokens, segments=None):
-  """Which keys each query may attend to: bool[B, L] (real keys, one chain per row) or,
-  with segments, bool[B, L, L] (real keys of the query's own segment)."""
+class AttentionLayout(NamedTuple):
+  """Who attends to whom in a token grid [B, L].
+
+  mask: bool[B, L] (real keys, one chain per row) or bool[B, L, L] ((query, key) pairs
+    of one chain, packed rows).
+  segment_ids: int32[B, L] chain of each token within its row, -1 at padding (padding
+    attends to padding only): the form segment-id kernels (splash attention) take.
+  """
+  mask: Any
+  segment_ids: Any
+
+
+def attention_layout(tokens, segments=None) -> AttentionLayout:
+  """The `AttentionLayout` of a token grid, one chain per row unless `segments`."""
   real = tokens != rc.ESM_PAD
+  ids = jnp.where(real, 0 if segments is None else segments, -1).astype(jnp.int32)
   if segments is None:
-    return real
-  return (segments[:, :, None] == segments[:, None, :]) & real[:, None, :]
+    return AttentionLayout(real, ids)
+  return AttentionLayout((ids[:, :, None] == ids[:, None, :]) & real[:, None, :], ids)
 
 
 def _mask4(mask):
@@ -291,7 +307,7 @@ def _dense(x, p, dtype):
 
 def _exact_attention(q, k, v, mask):
   """Reference einsum attention with float32 softmax. q, k, v [B, L, H, hd]; mask as
-  `attention_mask` returns."""
+  `AttentionLayout.mask` holds."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   logits = jnp.where(_mask4(mask), logits, attention.MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -318,18 +334,44 @@ def _cudnn_attention(q, k, v, mask):
                                       implementation="cudnn")
 
 
-def _attention(q, k, v, mask, kind):
-  """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; mask bool [B, L] (keys)
-  or [B, L, L] (query, key) pairs (`attention_mask`).
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(length: int, num_heads: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
+  mask = splash_attention.MultiHeadMask(
+      [splash_attention.FullMask((length, length))] * num_heads)
+  return splash_attention.make_splash_mha_single_device(mask=mask, interpret=interpret)
 
-  kind 'exact': einsum reference. 'auto': by backend - CPU: `_cpu_attention` (same
-  maths, CPU-friendly arrangement); GPU with bf16/fp16 compute: cuDNN fused attention
+
+def _splash_attention(q, k, v, segment_ids):
+  """Pallas splash attention (flash attention that skips blocks of other segments) with
+  segment ids; on TPU natively, elsewhere interpreted. q, k, v [B, L, H, hd], L a
+  multiple of 128."""
+  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
+  _, length, h, _ = q.shape
+  kernel = _splash_kernel(length, h, jax.default_backend() != "tpu")
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, hd]
+  out = jax.vmap(lambda q, k, v, ids: kernel(
+      q, k, v, segment_ids=splash_attention.SegmentIds(q=ids, kv=ids)))(
+          heads_first(q), heads_first(k), heads_first(v), segment_ids)
+  return heads_first(out)
+
+
+def _attention(q, k, v, layout: AttentionLayout, kind):
+  """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; layout from
+  `attention_layout`.
+
+  kind 'exact': einsum reference. 'splash': `_splash_attention`. 'auto': by backend -
+  CPU: `_cpu_attention` (same maths, CPU-friendly arrangement); TPU: splash attention
+  when L is a multiple of 128; GPU with bf16/fp16 compute: cuDNN fused attention
   (falls back to XLA's jax.nn.dot_product_attention if cuDNN refuses the shapes);
   otherwise XLA's.
   """
+  mask = layout.mask
   if kind == "exact":
     return _exact_attention(q, k, v, mask)
   backend = jax.default_backend()
+  if kind == "splash" or (backend == "tpu" and q.shape[1] % 128 == 0):
+    return _splash_attention(q, k, v, layout.segment_ids)
   if backend == "cpu":
     return _cpu_attention(q, k, v, mask)
   if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
@@ -340,7 +382,7 @@ def _attention(q, k, v, mask, kind):
   return jax.nn.dot_product_attention(q, k, v, mask=_mask4(mask), scale=1.0)
 
 
-def _transformer_layer(p, h, mask, cos, sin, cfg: ESM2Config):
+def _transformer_layer(p, h, layout, cos, sin, cfg: ESM2Config):
   """One pre-LN ESM-2 layer. p: one layer's params (no layer axis); h [B, L, D]."""
   dtype = cfg.dtype
   b, length, d = h.shape
@@ -352,7 +394,7 @@ def _transformer_layer(p, h, mask, cos, sin, cfg: ESM2Config):
   q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)  # before rotary, as the original
   q = _apply_rotary(q, cos, sin)
   k = _apply_rotary(k, cos, sin)
-  attn = _attention(q, k, v, mask, cfg.attention).reshape(b, length, d)
+  attn = _attention(q, k, v, layout, cfg.attention).reshape(b, length, d)
   h = h + _dense(attn, p["out_proj"], dtype)
   x = _layer_norm(h, p["final_layer_norm"], cfg.layer_norm_eps, dtype)
   x = jax.nn.gelu(_dense(x, p["fc1"], dtype), approximate=False)
@@ -479,7 +521,7 @@ class ESM2(nn.Module):
     h = h.astype(cfg.dtype)
     if start == stop:
       return (h, jnp.zeros((0, *h.shape), h.dtype)) if collect else h
-    key_mask = attention_mask(tokens, segments)
+    layout = attention_layout(tokens, segments)
     cos, sin = rotary_tables(h.shape[1], cfg.head_dim)  # static: constants in the program
     if segments is not None:
       positions = segment_positions(segments)
@@ -494,12 +536,12 @@ class ESM2(nn.Module):
       stacked = _constant_if(last <= cfg.frozen_layers, stacked)
       if cfg.scan_layers:
         def body(carry, p):
-          out = layer_fn(p, carry, key_mask, cos, sin)
+          out = layer_fn(p, carry, layout, cos, sin)
           return out, (out if collect else None)
         return jax.lax.scan(body, h, stacked)
       outs = []
       for i in range(last - first):
-        h = layer_fn(jax.tree.map(lambda a, i=i: a[i], stacked), h, key_mask, cos, sin)
+        h = layer_fn(jax.tree.map(lambda a, i=i: a[i], stacked), h, layout, cos, sin)
         outs.append(h)
       return h, (jnp.stack(outs) if collect else None)
 
