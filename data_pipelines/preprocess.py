@@ -2,6 +2,7 @@
 
   python -m data_pipelines.preprocess pdb_dir --raw DIR --out OUT [--split NAME]
   python -m data_pipelines.preprocess demo --out OUT
+  python -m data_pipelines.preprocess custom --raw DIR --labels LABELS.csv --out OUT
   python -m data_pipelines.preprocess <task> --raw DIR --out OUT [--workers N]
       [--shard-size K] [--limit N]
 
@@ -17,8 +18,11 @@ import json
 import os
 import sys
 
+from data_pipelines import custom
 from data_pipelines import shards
 from data_pipelines import tasks
+
+tasks.register(custom.CUSTOM)  # your own labelled structures (docs/custom_data.md)
 
 
 def build_parser(task: tasks.Task | None) -> argparse.ArgumentParser:
