@@ -207,10 +207,12 @@ def _row(path: str, line: int, cell: dict[str, str]) -> LabelRow:
   split = ""
   if "split" in cell:
     split = cell["split"].lower()
+    if not split:
+      raise LabelFileError(f"{where}: empty 'split' (with a split column every row needs "
+                           f"one of {', '.join(SPLITS)})")
     if split not in SPLITS:
       raise LabelFileError(f"{where}: split {cell['split']!r} is not one of "
-                           f"{', '.join(SPLITS)}" + (" (the cell is empty)" if not split
-                                                     else ""))
+                           f"{', '.join(SPLITS)}")
   return LabelRow(line, cell["structure"], cell.get("chain", ""), residue, cell["label"],
                   split)
 
@@ -465,13 +467,15 @@ def match_labels(labels: LabelFile, kind: LabelKind, index: StructureIndex, *,
                               row.line))
 
   by_path: dict[str, list[LabelRow]] = collections.OrderedDict()
+  named = set()  # files some row names, even one without a label
   for row in labels.rows:
-    if not row.label:
-      report(row, "empty label", "label row: empty label")
-      continue
     path, what, why = index.resolve(row.structure)
     if path is None:
       report(row, what, why)
+      continue
+    named.add(path)
+    if not row.label:
+      report(row, "empty label", "label row: empty label")
       continue
     by_path.setdefault(path, []).append(row)
   if labels.level == "residue" and labels.has_split:
@@ -501,13 +505,17 @@ def match_labels(labels: LabelFile, kind: LabelKind, index: StructureIndex, *,
       chains.setdefault(c.chain_id, c)  # a repeated chain id: the first, as featurize
     build = _protein_examples if labels.level == "protein" else _residue_examples
     made = build(path, rows, chains, kind, index, report)
-    if not made:
-      file_reports.append(Report(path, "structure without usable rows",
-                                 "structure: none of its label rows can be used (each is "
-                                 "reported)"))
     examples.extend(made)
-  file_reports.extend(Report(p, "structure without label rows", "structure: no label rows")
-                      for p in index.paths if p not in by_path)
+  done = {ex.path for ex in examples} | {r.source for r in file_reports}
+  for p in index.paths:
+    if p in done:
+      continue
+    if p in named:
+      file_reports.append(Report(p, "structure without usable rows", "structure: none of "
+                                 "its label rows can be used (each is reported)"))
+    else:
+      file_reports.append(Report(p, "structure without label rows",
+                                 "structure: no label rows"))
   row_reports.sort(key=lambda r: r.line)
   return Matched(examples, row_reports + file_reports)
 
@@ -1125,7 +1133,7 @@ def write_dssp_example(out_dir: str, raw_dir: str | None = None) -> dict[str, st
 
   Writes
     helix_fraction.csv         structure,chain,label: the fraction of the chain's
-                               residues in a helix (DSSP H, G, I), 4 decimals
+                               residues in a helix (DSSP H, G, I), 6 decimals
     secondary_structure.csv    structure,chain,residue,label: helix / strand / other per
                                residue (the demo's 3-state reduction of DSSP)
   for every chain whose DSSP string fits its residues (data_pipelines/demo.py).
@@ -1149,7 +1157,7 @@ def write_dssp_example(out_dir: str, raw_dir: str | None = None) -> dict[str, st
       continue
     chain = chains[0]
     classes = demo.ss_labels(dssp).astype(int)
-    protein_rows.append((file_id, chain.chain_id, f"{np.mean(classes == 0):.4f}"))
+    protein_rows.append((file_id, chain.chain_id, f"{np.mean(classes == 0):.6f}"))
     residue_rows.extend(
         (file_id, chain.chain_id, f"{n}{i}", SS_NAMES[k])
         for n, i, k in zip(chain.residue_number.tolist(), chain.insertion_code.tolist(),
