@@ -114,24 +114,39 @@ def test_global_equals_each_protein_alone(global_fusion):
   del module
 
 
-@pytest.mark.parametrize("capacity", [4, 3])  # 3 < 4 nodes of protein 1: dense fallback
-def test_per_graph_layout_equals_dense(global_fusion, capacity):
+def _slot_table(capacity, order=None):
+  """int32[G-1, P]: node of each (real graph, slot), built here by hand; `order` permutes
+  each graph's slots (the layout need not follow node order)."""
+  table = np.full((NUM_GRAPHS - 1, capacity), -1, np.int32)
+  for g in range(NUM_GRAPHS - 1):
+    nodes = np.flatnonzero((NODE_GRAPH == g) & NODE_MASK)
+    if order is not None:
+      nodes = nodes[order(len(nodes))]
+    table[g, :len(nodes)] = nodes
+  return table
+
+
+@pytest.mark.parametrize("capacity,shuffled", [(4, False), (6, True)])
+def test_per_graph_layout_equals_dense(global_fusion, capacity, shuffled):
   _, params, apply = global_fusion
   u, v = _tokens(6)
   want = apply(u, v)
-  module = fusion.GlobalFusion(dim=D, num_heads=4, graph_capacity=capacity)
-  got = module.apply(params, u, v, NODE_GRAPH, SEQ_MASK, NODE_MASK, NUM_GRAPHS, True)
-  for a, b in zip(want, got):
+  rng = np.random.default_rng(0)
+  table = _slot_table(capacity, rng.permutation if shuffled else None)
+  module = fusion.GlobalFusion(dim=D, num_heads=4)
+  run = lambda p, u, slots: module.apply(p, u, v, NODE_GRAPH, SEQ_MASK, NODE_MASK,
+                                         NUM_GRAPHS, True, slots)
+  for a, b in zip(want, run(params, u, table)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  # Gradients too (the dense branch is rematerialised inside the cond).
-  dense = fusion.GlobalFusion(dim=D, num_heads=4)
-  def grads(m):
-    f = lambda p, u: sum(jnp.sum(jnp.sin(z)) for z in m.apply(
-        p, u, v, NODE_GRAPH, SEQ_MASK, NODE_MASK, NUM_GRAPHS, True))
+  def grads(slots):
+    f = lambda p, u: sum(jnp.sum(jnp.sin(z)) for z in run(p, u, slots))
     return jax.grad(f, argnums=(0, 1))(params, u)
-  for a, b in zip(jax.tree_util.tree_leaves(grads(dense)),
-                  jax.tree_util.tree_leaves(grads(module))):
+  for a, b in zip(jax.tree_util.tree_leaves(grads(None)),
+                  jax.tree_util.tree_leaves(grads(table))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # P = 0 slots: the dense layout.
+  for a, b in zip(want, run(params, u, np.zeros((NUM_GRAPHS - 1, 0), np.int32))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # jit vs eager rounding
 
 
 @pytest.mark.parametrize("mode", ["local", "global"])

@@ -52,8 +52,8 @@ class EpochEstimate:
   Attributes:
     records: examples in the split.
     batches: padded batches the input pipelines of all hosts emit per pass, each of at
-      most batch_size / num_devices proteins (one per device per step).
-    steps: training steps per pass: batches / num_devices.
+      most batch_size / (num_devices x grad_accum_steps) proteins.
+    steps: training steps per pass: batches / (num_devices x grad_accum_steps).
     proteins_per_batch: real proteins in a padded batch (records / batches).
     proteins_per_step: real proteins per step (records / steps).
     batch_size: the config's global train.batch_size, for comparison.
@@ -66,13 +66,25 @@ class EpochEstimate:
   batch_size: int
 
 
-def _sub_config(config, num_devices: int):
-  """The config each device's input pipeline sees (train.batch_size per device)."""
-  if int(config.train.batch_size) % num_devices:
+def accumulation_steps(config) -> int:
+  """Micro-batches per update and device (`train.grad_accum_steps`, default 1)."""
+  steps = int(config.train.get("grad_accum_steps", 1))
+  if steps < 1:
+    raise ValueError(f"train.grad_accum_steps must be >= 1, got {steps}")
+  return steps
+
+
+def sub_batch_config(config, num_devices: int) -> ml_collections.ConfigDict:
+  """The config each input pipeline sees: train.batch_size = proteins per sub-batch,
+  the global batch split over `num_devices` and `train.grad_accum_steps` micro-batches
+  (evaluation uses the same sub-batch size, hence the same compiled shapes)."""
+  parts = num_devices * accumulation_steps(config)
+  if int(config.train.batch_size) % parts:
     raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
-                     f"the {num_devices} devices")
+                     f"the {num_devices} devices x train.grad_accum_steps="
+                     f"{accumulation_steps(config)} (one padded sub-batch each)")
   sub = ml_collections.ConfigDict(config.to_dict())
-  sub.train.batch_size = int(config.train.batch_size) // num_devices
+  sub.train.batch_size = int(config.train.batch_size) // parts
   return sub
 
 
@@ -101,8 +113,9 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
     config: the experiment config (global train.batch_size, data.*).
     data_dir: prepared records (default config.data.dir); needs <split>/sizes.json.
     split: default config.data.train_split.
-    num_devices: devices over all hosts; each step takes one batch of batch_size /
-      num_devices proteins per device (as the training loop's per-device config).
+    num_devices: devices over all hosts; each step takes train.grad_accum_steps
+      batches of batch_size / (num_devices x grad_accum_steps) proteins per device (as
+      the training loop's per-device config).
     process_count: hosts; records are dealt to them in turn.
     seeds: random record orders simulated; the figures are their means.
     budgets, chunk_size: as given to `make_dataset` (default: its defaults for the
@@ -117,7 +130,7 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
   if sizes is None or not len(sizes):
     raise ValueError(f"no {split}/sizes.json under {data_dir}: cannot count an epoch "
                      "(written by data_pipelines.preprocess)")
-  sub = _sub_config(config, num_devices)
+  sub = sub_batch_config(config, num_devices)
   if budgets is None:
     budgets = input_pipeline.bucket_budgets(sub, input_pipeline.dataset_sizes(data_dir))
   chunk = chunk_size or input_pipeline.default_chunk_size(sub.train.batch_size)
@@ -125,7 +138,7 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
       simulate_batches(sizes, budgets, max_residues=int(config.data.max_residues),
                        chunk_size=chunk, process_count=process_count, seed=s)
       for s in seeds]))
-  steps = batches / num_devices
+  steps = batches / (num_devices * accumulation_steps(config))
   return EpochEstimate(records=int(len(sizes)), batches=batches, steps=steps,
                        proteins_per_batch=len(sizes) / batches,
                        proteins_per_step=len(sizes) / steps,

@@ -152,6 +152,7 @@ class BiHierConfig:
   fusion_write_back: str
   readout: str  # streams | fused (auto resolved)
   mask_esm_tokens: bool
+  packed_rows: bool  # several chains per ESM row (Batch.token_segments), data.pack_rows
   head_pooling: str
   head_hidden: int
   head_dropout: float
@@ -213,6 +214,7 @@ class BiHierConfig:
         fusion_dropout=m.fusion.dropout, fusion_ffn_mult=m.fusion.get("ffn_mult", 4),
         fusion_norm=bool(m.fusion.get("norm", True)), fusion_write_back=write_back,
         readout=readout, mask_esm_tokens=bool(m.esm.get("mask_augmented", True)),
+        packed_rows=bool(config.data.get("pack_rows", False)),
         head_pooling=m.head.pooling,
         head_hidden=m.head.hidden, head_dropout=m.head.dropout, task_level=t.level,
         num_classes=t.num_classes)
@@ -224,19 +226,6 @@ class BiHierConfig:
   @property
   def uses_gnn(self) -> bool:
     return self.kind != "esm_only"
-
-
-def _graph_capacity(num_nodes: int, num_graphs: int, row_length: int) -> int | None:
-  """Static per-protein capacity for global fusion, or None for the dense layout.
-
-  Nodes per protein rarely exceed one ESM row (single-chain proteins); bigger ones fall
-  back to dense at run time. Per-graph attention (two compiled branches) is used only
-  where dense attention is big and at least twice as costly: N > 512 and
-  2·(G−1)·(2P)² < (2N)² (the padding graph G−1 gets no slots).
-  """
-  cap = min(row_length, num_nodes)
-  worth_it = num_nodes > 512 and 2 * (num_graphs - 1) * cap * cap < num_nodes * num_nodes
-  return cap if worth_it else None
 
 
 def mask_tokens(tokens, node_to_token, residue_mask):
@@ -278,10 +267,8 @@ class BiHierModel(nn.Module):
                               dropout=cfg.head_dropout, dtype=cfg.dtype)
 
   def _fuse(self, module, hidden, x, batch, deterministic) -> fusion_lib.FusionOutput:
-    num_nodes, num_graphs = batch.node_mask.shape[0], batch.graph_mask.shape[0]
-    capacity = _graph_capacity(num_nodes, num_graphs, batch.tokens.shape[1])
     return module(hidden, x, batch.node_to_token, batch.node_graph, batch.node_mask,
-                  num_graphs, deterministic, capacity)
+                  batch.graph_mask.shape[0], deterministic, batch.graph_slot_node)
 
   def _residue_mask(self, batch, deterministic):
     """Residues masked by the residue-type augmentation this step, or None."""
@@ -314,24 +301,28 @@ class BiHierModel(nn.Module):
     if cfg.uses_esm and cfg.mask_esm_tokens and residue_mask is not None:
       tokens = mask_tokens(tokens, batch.node_to_token, residue_mask)
 
+    # Packed rows (several chains per row): attention, rotary positions and token
+    # dropout follow each token's chain.
+    segments = batch.token_segments if cfg.packed_rows else None
     if cfg.kind == "bihier":
-      hidden = self.esm.embed(tokens)
+      hidden = self.esm.embed(tokens, segments)
       x, edges = self.gnn.embed(graph, deterministic, residue_mask=residue_mask)
       done = 0
       for k in range(1, cfg.gnn.num_blocks + 1):
         x = self.gnn.block(k - 1, x, edges, graph, deterministic)
         if k in cfg.fusion_levels:
           stop = cfg.fusion_esm_layers[cfg.fusion_levels.index(k)]
-          hidden = self.esm.run_layers(hidden, tokens, done, stop)
+          hidden = self.esm.run_layers(hidden, tokens, done, stop, segments=segments)
           done = stop
           fused = self._fuse(self.fusion[str(k)], hidden, x, batch, deterministic)
           hidden, x = fused.hidden, fused.x
-      hidden = self.esm.final_norm(
-          self.esm.run_layers(hidden, tokens, done, cfg.esm.num_layers))
+      hidden = self.esm.final_norm(self.esm.run_layers(
+          hidden, tokens, done, cfg.esm.num_layers, segments=segments))
     else:
       if cfg.uses_esm:
-        hidden = self.esm.final_norm(
-            self.esm.run_layers(self.esm.embed(tokens), tokens, 0, cfg.esm.num_layers))
+        hidden = self.esm.final_norm(self.esm.run_layers(
+            self.esm.embed(tokens, segments), tokens, 0, cfg.esm.num_layers,
+            segments=segments))
       if cfg.uses_gnn:
         extra = (batch_lib.gather_tokens(hidden, batch.node_to_token)
                  if cfg.kind == "serial" else None)

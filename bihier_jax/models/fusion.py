@@ -130,48 +130,31 @@ class JointTokenBlock(nn.Module):
     return tokens + nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
 
-def _graph_slots(node_graph, node_mask, num_graphs):
-  """Slot of each node within its graph: index minus the graph's first node index.
-
-  Nodes of one graph are contiguous (jraph batching). Returns int32[N].
-  """
-  index = jnp.arange(node_graph.shape[0], dtype=jnp.int32)
-  first = jax.ops.segment_min(jnp.where(node_mask, index, node_graph.shape[0]),
-                              node_graph, num_segments=num_graphs)
-  return index - first[node_graph]
-
-
 class GlobalFusion(nn.Module):
   """Joint self-attention over each protein's sequence and structure residue tokens.
 
   Each protein contributes 2n tokens (U + e_seq for its n residues, V + e_str); tokens
   attend only to real tokens of the same graph.
 
-  Two equivalent layouts of the same computation:
-  - dense: one [2N, 2N] masked attention over the whole batch. Cost O((2N)²) time and
-    memory: N = 2048 nodes with 4 heads is 4096² x 4 float32 logits = 268 MB and 8x the
-    FLOPs of per-protein attention for 8 equal proteins.
-  - per graph: nodes are laid out as [G-1, P] by (graph, slot within graph) with a static
-    capacity P (the padding graph G-1 gets no slots); cost (G-1) x (2P)². Used when
-    `graph_capacity` is set and every real node fits (checked on device); otherwise the
-    dense layout runs (via `nn.cond`, so both are compiled and results are always
-    exact). Caveat: under `jax.vmap` the data-dependent
-    predicate is batched and `cond` becomes `select`, so BOTH layouts run (the dense
-    cost is paid); call the model outside vmap for the per-graph saving, as the
-    training and eval steps do (one unbatched program per device under shard_map).
+  Two layouts of the same computation:
+  - per graph (`graph_slot_node` given, with P > 0 slots): each real graph's nodes are
+    laid out as [G-1, 2P] tokens (its P node slots, sequence side then structure side)
+    by the input pipeline's slot table, so attention costs (G-1)·(2P)² and nothing is
+    decided on device;
+  - dense (no slot table, or P = 0, which the pipeline chooses where per-graph would not
+    pay): one [2N, 2N] masked attention over the whole batch, O((2N)²) time and memory
+    (N = 2048 nodes with 4 heads: 4096² x 4 float32 logits = 268 MB).
 
   Attributes:
     dim: token width d.
     num_heads: attention heads.
     dropout: dropout rate.
-    graph_capacity: P, nodes per graph in the per-graph layout; None = dense only.
     ffn_mult: FFN hidden width = ffn_mult x dim.
     dtype: compute dtype.
   """
   dim: int
   num_heads: int
   dropout: float = 0.0
-  graph_capacity: int | None = None
   ffn_mult: int = 4
   dtype: Dtype = jnp.float32
 
@@ -189,26 +172,23 @@ class GlobalFusion(nn.Module):
                & token_mask[:, None] & token_mask[None, :])
     return self.block(tokens[None], allowed[None], deterministic)[0]
 
-  def _per_graph(self, tokens, slots, token_graph, token_mask, num_graphs,
-                 deterministic):
-    """tokens [2N, d], slots int32[2N] in [0, 2P) -> [2N, d] via a [G-1, 2P, d] layout.
-
-    The last graph is jraph's padding graph (only masked tokens): it gets no slots.
-    """
-    cap2 = 2 * self.graph_capacity
-    # Masked tokens are parked in an extra slot (of graph 0) that is sliced away.
-    slots = jnp.where(token_mask, slots, cap2)
-    graphs = jnp.where(token_mask, token_graph, 0)
-    grid = jnp.zeros((num_graphs - 1, cap2 + 1, tokens.shape[-1]), tokens.dtype)
-    grid = grid.at[graphs, slots].set(tokens)[:, :cap2]
-    grid_mask = jnp.zeros((num_graphs - 1, cap2 + 1), bool)
-    grid_mask = grid_mask.at[graphs, slots].set(token_mask)[:, :cap2]
+  def _per_graph(self, u, v, seq_mask, struct_mask, graph_slot_node, deterministic):
+    """[G-1, 2P] layout from the slot table; returns (z_seq, z_struct) [N, d]."""
+    n = u.shape[0]
+    filled = graph_slot_node >= 0  # [G-1, P]
+    node = jnp.maximum(graph_slot_node, 0)
+    grid = jnp.concatenate([u[node], v[node]], axis=1)  # [G-1, 2P, d]
+    grid_mask = jnp.concatenate([filled & seq_mask[node], filled & struct_mask[node]], 1)
     out = self.block(grid, grid_mask, deterministic)
-    out = jnp.pad(out, ((0, 0), (0, 1), (0, 0)))
-    return out[graphs, slots]
+    # Back to nodes; empty slots write to a dropped row N.
+    target = jnp.where(filled, graph_slot_node, n).reshape(-1)
+    slots = graph_slot_node.shape[1]
+    back = lambda half: jnp.zeros((n + 1, u.shape[-1]), out.dtype).at[target].set(
+        half.reshape(-1, u.shape[-1]))[:n]
+    return back(out[:, :slots]), back(out[:, slots:])
 
   def __call__(self, u, v, node_graph, seq_mask, struct_mask, num_graphs: int,
-               deterministic: bool):
+               deterministic: bool, graph_slot_node=None):
     """Fuses all proteins of a batch.
 
     Args:
@@ -218,39 +198,26 @@ class GlobalFusion(nn.Module):
       struct_mask: bool[N] the node's structure token is real (real node).
       num_graphs: G (static).
       deterministic: no dropout.
+      graph_slot_node: optional int32[G-1, P], node of each (real graph, slot), -1 for
+        empty slots (`Batch.graph_slot_node`); every real node has one slot.
 
     Returns:
       (z_seq [N, d], z_struct [N, d]); zero at masked tokens.
     """
-    e_seq, e_str = self.seq_type_embedding, self.struct_type_embedding
-    n = u.shape[0]
-    tokens = jnp.concatenate([u + e_seq.astype(u.dtype), v + e_str.astype(v.dtype)], 0)
-    token_graph = jnp.concatenate([node_graph, node_graph], 0)
-    token_mask = jnp.concatenate([seq_mask, struct_mask], 0)
-
-    if self.graph_capacity is None:
-      out = self._dense(tokens, token_graph, token_mask, deterministic)
+    del num_graphs  # the layouts need no graph count beyond the slot table's
+    u = u + self.seq_type_embedding.astype(u.dtype)
+    v = v + self.struct_type_embedding.astype(v.dtype)
+    if graph_slot_node is not None and graph_slot_node.shape[-1] > 0:
+      z_seq, z_struct = self._per_graph(u, v, seq_mask, struct_mask, graph_slot_node,
+                                        deterministic)
     else:
-      cap = self.graph_capacity
-      node_slots = _graph_slots(node_graph, struct_mask | seq_mask, num_graphs)
-      # Real nodes must fit their graph's slots and not sit in the padding graph G-1.
-      real = struct_mask | seq_mask
-      fits = jnp.all(jnp.where(real, (node_slots < cap) & (node_graph < num_graphs - 1),
-                               True))
-      slots = jnp.concatenate([node_slots, node_slots + cap], 0)
-      # Rematerialised: in reverse mode `cond` keeps the residuals of BOTH branches
-      # (zeros for the one not taken), and the dense branch's [2N, 2N] attention
-      # residuals would cost more than the per-graph attention itself.
-      dense = nn.checkpoint(
-          lambda mdl, t, tg, tm: mdl._dense(t, tg, tm, deterministic))
-      out = nn.cond(
-          fits,
-          lambda mdl, t: mdl._per_graph(t, slots, token_graph, token_mask, num_graphs,
-                                        deterministic),
-          lambda mdl, t: dense(mdl, t, token_graph, token_mask),
-          self, tokens)
-    out = jnp.where(token_mask[:, None], out, jnp.zeros_like(out))
-    return out[:n], out[n:]
+      n = u.shape[0]
+      out = self._dense(jnp.concatenate([u, v], 0),
+                        jnp.concatenate([node_graph, node_graph], 0),
+                        jnp.concatenate([seq_mask, struct_mask], 0), deterministic)
+      z_seq, z_struct = out[:n], out[n:]
+    return (jnp.where(seq_mask[:, None], z_seq, 0),
+            jnp.where(struct_mask[:, None], z_struct, 0))
 
 
 WRITE_BACKS = ("add", "replace")
@@ -294,7 +261,7 @@ class FusionLevel(nn.Module):
 
   @nn.compact
   def __call__(self, hidden, x, node_to_token, node_graph, node_mask,
-               num_graphs: int, deterministic: bool, graph_capacity: int | None = None
+               num_graphs: int, deterministic: bool, graph_slot_node=None
                ) -> FusionOutput:
     """Args:
       hidden: [R, L, ds] pLM hidden states.
@@ -302,7 +269,8 @@ class FusionLevel(nn.Module):
       node_to_token: int32[N, 2]; node_graph: int32[N]; node_mask: bool[N].
       num_graphs: G (static).
       deterministic: no dropout.
-      graph_capacity: per-graph layout of global fusion (static); see `GlobalFusion`.
+      graph_slot_node: optional int32[G-1, P], the per-graph layout of global fusion;
+        see `GlobalFusion`.
     """
     if self.write_back not in WRITE_BACKS:
       raise ValueError(f"model.fusion.write_back must be one of {WRITE_BACKS}, "
@@ -325,10 +293,9 @@ class FusionLevel(nn.Module):
     elif self.mode == "global":
       z_seq, z_struct = GlobalFusion(
           dim=self.dim, num_heads=self.num_heads, dropout=self.dropout,
-          graph_capacity=graph_capacity, ffn_mult=self.ffn_mult, dtype=self.dtype,
-          name="global")(
-              u, v, node_graph, has_token, node_mask, num_graphs,
-              deterministic)
+          ffn_mult=self.ffn_mult, dtype=self.dtype, name="global")(
+              u, v, node_graph, has_token, node_mask, num_graphs, deterministic,
+              graph_slot_node)
     else:
       raise ValueError(f"model.fusion.mode must be 'local' or 'global', "
                        f"got {self.mode!r}")

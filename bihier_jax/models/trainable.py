@@ -107,6 +107,17 @@ class Trainable:
         out[path] = leaf if start == 0 else leaf[start:]
     return flax.traverse_util.unflatten_dict(out)
 
+  def merge(self, view, params) -> dict:
+    """params with their trainable parts taken from `view` (a `select`-shaped tree):
+    differentiating through it w.r.t. `view` gives the trainable parameters' gradient
+    with the rest of `params` held constant."""
+    flat = _flat(params)
+    for path, part in _flat(view).items():
+      start = self.start(path)
+      flat[path] = part if start == 0 else jnp.concatenate(
+          [jax.lax.stop_gradient(jnp.asarray(flat[path])[:start]), part])
+    return flax.traverse_util.unflatten_dict(flat)
+
   def apply_updates(self, params, updates) -> dict:
     """params with `updates` (a `select`-shaped tree) added to their trainable parts;
     each result keeps its parameter's dtype."""

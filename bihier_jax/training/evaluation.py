@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
 from bihier_jax.training import metrics as metrics_lib
 from bihier_jax.training import parallel
@@ -25,15 +26,9 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.abspath(os.path.expanduser(config.data.dir))
 
 
-def per_device_config(config: ml_collections.ConfigDict, num_devices: int
-                      ) -> ml_collections.ConfigDict:
-  """The config the input pipeline sees: train.batch_size = proteins per sub-batch."""
-  if config.train.batch_size % num_devices:
-    raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
-                     f"the {num_devices} devices (one padded sub-batch each)")
-  sub = ml_collections.ConfigDict(config.to_dict())
-  sub.train.batch_size = config.train.batch_size // num_devices
-  return sub
+# One rule for the input pipeline, the epoch estimate and the training loop.
+accumulation_steps = epochs.accumulation_steps
+per_device_config = epochs.sub_batch_config
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

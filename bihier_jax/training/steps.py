@@ -106,12 +106,8 @@ def _sub_batch_keys(step_key, num):
 
 
 def _each_sub_batch(fn, block):
-  """fn on every sub-batch of a [d, ...] block, without vmap.
-
-  vmap would turn the models' on-device layout choices (`lax.cond`, e.g. GlobalFusion's
-  per-graph layout vs its dense fallback) into selects that compute both branches;
-  one sub-batch is squeezed and run as is, several run one after another (lax.map).
-  """
+  """fn on every sub-batch of a [d, ...] block, one after another (lax.map), so peak
+  activation memory is one sub-batch's; a single sub-batch is squeezed and run as is."""
   count = jax.tree_util.tree_leaves(block)[0].shape[0]
   if count == 1:
     out = fn(jax.tree_util.tree_map(lambda x: x[0], block))
@@ -143,57 +139,81 @@ def _context_mesh(mesh):
 
 
 def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
-  """Global-batch loss and its gradients for a device-stacked batch [D, ...].
+  """Global-batch loss and the gradients of the trainable parameters, for a
+  device-stacked batch [M, ...] of M sub-batches.
 
-  loss = Σ_d loss_d·W_d / Σ_d W_d, W_d = label weight of sub-batch d: the weighted mean
-  over the whole global batch, as `heads.loss` defines it for one batch. Sub-batch d
-  draws dropout/augmentation keys from fold_in(fold_in(key(rng), step), d), so the
+  loss = Σ_m loss_m·W_m / Σ_m W_m, W_m = label weight of sub-batch m: the weighted mean
+  over the whole global batch, as `heads.loss` defines it for one batch. Sub-batch m
+  draws dropout/augmentation keys from fold_in(fold_in(key(rng), step), m), so the
   result does not depend on how the device axis is sharded.
 
-  With `mesh` (or a context mesh with a 'data' axis) each device runs the unbatched
-  model on its own sub-batches (`jax.shard_map`) and the sums are `psum`med over
-  'data'; without one the sub-batches run one after another on the whole stack.
+  Each device runs the unbatched model on its own sub-batches, one after another, and
+  takes each one's gradient before the next (gradient accumulation: M = devices x
+  train.grad_accum_steps, and activation memory is one sub-batch's); the sums are
+  `psum`med over 'data' when there is a mesh (`mesh`, or a context mesh with a 'data'
+  axis). Gradients are taken w.r.t. `model.config.trainable.select(params)`; frozen
+  parameters are constants.
 
   Returns:
-    ((loss, aux), grads) with aux = {accuracy (weighted, softmax tasks), label_weight}.
+    ((loss, aux), grads) with aux = {accuracy (weighted, softmax tasks), label_weight}
+    and grads shaped like the trainable view.
   """
   from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+  trainable = model.config.trainable
   num_sub = batch.node_mask.shape[0]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
   key_data = jax.random.key_data(_sub_batch_keys(step_key, num_sub))
 
+  def weighted_sums(view, params, sub_batch, key):
+    """(Σ w·loss, (Σ w, Σ w·correct)) of one sub-batch; unlabelled ones add zero."""
+    dropout_key, augment_key = jax.random.split(jax.random.wrap_key_data(key))
+    out = model.apply({"params": trainable.merge(view, params)}, sub_batch,
+                      deterministic=False,
+                      rngs={"dropout": dropout_key, "augment": augment_key})
+    loss, aux = heads.loss(task, out.logits, sub_batch)
+    weight = aux["weight_sum"]
+    used = weight > 0  # a 0/0 loss must not leak in
+    return (jnp.where(used, loss, 0.0) * weight,
+            (weight, jnp.where(used, aux.get("accuracy", 0.0), 0.0) * weight))
+
+  grad_fn = jax.value_and_grad(weighted_sums, has_aux=True)
+
   def body(params, block, key_block, *, axis_name):
+    view = trainable.select(params)
+    if axis_name is not None:
+      # Per-device gradients, summed below with the other sums in one all-reduce (an
+      # invariant `view` would have its cotangent psum'd by JAX itself, twice in all).
+      view = jax.tree_util.tree_map(
+          lambda p: jax.lax.pcast(p, axis_name, to="varying"), view)
+
     def one(args):
-      sub_batch, key = args
-      dropout_key, augment_key = jax.random.split(jax.random.wrap_key_data(key))
-      out = model.apply({"params": params}, sub_batch, deterministic=False,
-                        rngs={"dropout": dropout_key, "augment": augment_key})
-      loss, aux = heads.loss(task, out.logits, sub_batch)
-      return loss, aux["weight_sum"], aux.get("accuracy", jnp.zeros([]))
-    losses, weight_sums, accuracies = _each_sub_batch(one, (block, key_block))
-    used = weight_sums > 0  # unlabelled sub-batches' 0/0 losses must not leak in
-    sums = (jnp.sum(jnp.where(used, losses, 0.0) * weight_sums),
-            jnp.sum(jnp.where(used, accuracies, 0.0) * weight_sums),
-            jnp.sum(weight_sums))
+      (loss_w, (weight, accuracy_w)), grads = grad_fn(view, params, *args)
+      return loss_w, weight, accuracy_w, grads
+
+    # The first sub-batch starts the sums (so they carry this device's values), the
+    # others are added one after another.
+    sums = one(jax.tree_util.tree_map(lambda x: x[0], (block, key_block)))
+    if jax.tree_util.tree_leaves(block)[0].shape[0] > 1:
+      rest = jax.tree_util.tree_map(lambda x: x[1:], (block, key_block))
+      sums, _ = jax.lax.scan(
+          lambda total, args: (jax.tree_util.tree_map(jnp.add, total, one(args)), None),
+          sums, rest)
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
-    loss_sum, accuracy_sum, total = sums
+    loss_sum, total, accuracy_sum, grads = sums
     scale = jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
-    return loss_sum * scale, accuracy_sum * scale, total
+    grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
+    return loss_sum * scale, accuracy_sum * scale, total, grads
 
-  global_sums = _data_parallel(body, _context_mesh(mesh),
-                               out_specs=jax.sharding.PartitionSpec())
-
-  def loss_fn(params):
-    loss, accuracy, total = global_sums(params, batch, key_data)
-    return loss, {"accuracy": accuracy, "label_weight": total}
-
-  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+  loss, accuracy, total, grads = _data_parallel(
+      body, _context_mesh(mesh), out_specs=jax.sharding.PartitionSpec())(
+          params, batch, key_data)
+  return (loss, {"accuracy": accuracy, "label_weight": total}), grads
 
 
 def train_step(state: TrainState, batch: Batch, *, model, tx, task, mesh=None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-  """One data-parallel update on a device-stacked batch [D, ...] (see loss_and_grads).
+  """One data-parallel update on a device-stacked batch [M, ...] (see loss_and_grads).
 
   Only the trainable parameters (`model.config.trainable`, see
   `bihier_jax.models.trainable`) are seen by the gradient norm, the non-finite check
@@ -204,7 +224,6 @@ def train_step(state: TrainState, batch: Batch, *, model, tx, task, mesh=None
   trainable = model.config.trainable
   (loss, aux), grads = loss_and_grads(state.params, batch, state.rng, state.step,
                                       model=model, task=task, mesh=mesh)
-  grads = trainable.select(grads)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # Zero bad gradients so the optimizer's arithmetic stays finite; the result is
