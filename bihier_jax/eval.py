@@ -1,8 +1,12 @@
-r"""Evaluate a trained run: `python -m bihier_jax.eval --config C --workdir DIR`.
+r"""Evaluate a trained run: `python -m bihier_jax.eval --workdir DIR [--config C]`.
 
+The config defaults to the one the run was trained with (DIR/config.json); --config
+and --config.x.y=... overrides change it (e.g. --config.data.dir on another machine).
 Restores a checkpoint of DIR (`--checkpoint best|latest|STEP`; default the best by the
-task's validation metric, else the latest), evaluates `--splits` (default
-config.data.eval_splits) and writes, per split:
+task's validation metric, else the latest; if that one cannot be read, the next best or
+next newest readable one, with a warning naming both; train.on_corrupt_checkpoint=fail
+stops instead), evaluates `--splits` (default config.data.eval_splits) and writes, per
+split:
 
 - DIR/eval/<split>.json: metric name -> number (NaN as null), plus `step` and
   `checkpoint` ('best', 'latest' or the step number asked for; the default is written
@@ -20,37 +24,29 @@ config.data.eval_splits) and writes, per split:
 and DIR/eval/metrics.md (a Markdown table of all splits, also printed).
 """
 
-import sys
-
-from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
 from bihier_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The run's config file (.py).",
-                                lock_config=True)
 flags.DEFINE_string("workdir", None, "The training run's directory.")
 flags.DEFINE_string("checkpoint", "", "best | latest | step number (default: best if "
                     "any checkpoint has validation metrics, else latest).")
 flags.DEFINE_list("splits", None, "Splits to evaluate (default: config.data.eval_splits).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   cli.start(argv)
-  from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  try:
-    inference.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                                  FLAGS.splits)
-  except checkpointing.CheckpointError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  if not FLAGS.config.train.multi_host:
+    # Multi-host: evaluate_checkpoint joins the job first, then the backend starts.
+    train_lib.start_backend(False)
+  inference.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                                FLAGS.splits)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_help="The run's config file (.py); default: the config it was "
+          "trained with, WORKDIR/config.json.", workdir_config=True)

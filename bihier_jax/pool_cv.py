@@ -1,10 +1,11 @@
 r"""Pool cross-validation folds: `python -m bihier_jax.pool_cv --predictions F1 ... --out J`.
 
-ScanNet's BCE headline number (DATASETS.md §5): each of the 5 runs (trained with
-`--holdout-fold k`) is evaluated on its held-out fold with `python -m bihier_jax.eval`,
-which writes RUN_k/eval/test_predictions.npz; this tool concatenates those out-of-fold
-predictions and computes one weighted AUPRC (ScanNet's trapezoidal definition) and AUROC
-over all residues, plus each fold's value and their mean ± std (sample std, ddof=1).
+ScanNet's BCE headline number (docs/tasks.md, bce): each of the 5 runs (trained on the
+records of `preprocess bce --holdout-fold k`) is evaluated on its held-out fold with
+`python -m bihier_jax.eval`, which writes RUN_k/eval/test_predictions.npz; this tool
+concatenates those out-of-fold predictions and computes one weighted AUPRC (ScanNet's
+trapezoidal definition) and AUROC over all residues, plus each fold's value and their
+mean ± std (sample std, ddof=1).
 An example present in two files is an error (folds must be disjoint).
 
   python -m bihier_jax.pool_cv \

@@ -126,7 +126,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.num_epochs = 0.0  # -> train.num_steps
   c.train.eval_every_epochs = 0.0  # -> train.eval_every
   c.train.checkpoint_every_epochs = 0.0  # -> train.checkpoint_every
-  c.train.batch_size = 8  # proteins per global batch
+  c.train.batch_size = 8  # proteins per global batch (per update)
+  # Micro-batches per update and device: gradients are summed over them (activation
+  # memory of one micro-batch of batch_size / (devices x grad_accum_steps) proteins).
+  c.train.grad_accum_steps = 1
   c.train.eval_every = 1000  # periodic evaluation (and saved checkpoint) every N steps
   # Periodic evaluations score only data.select_split (the test splits stay unseen until
   # the selected checkpoint is reported at the end); True also scores and logs them.
@@ -134,6 +137,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.log_every = 50
   c.train.keep_checkpoints = 3
+  # An unreadable newest (or best) checkpoint: fallback = resume from / evaluate the
+  # newest (next best) readable one, with a warning; fail = stop with an error.
+  c.train.on_corrupt_checkpoint = "fallback"
   c.train.max_consecutive_nonfinite = 10  # stop with an error after this many bad steps
   c.train.multi_host = False  # call jax.distributed.initialize() first
 

@@ -1,4 +1,4 @@
-"""Downloads each benchmark's official files (DATASETS.md) and unpacks them.
+"""Downloads each benchmark's official files (docs/tasks.md) and unpacks them.
 
   python -m data_pipelines.download <lba30|lba60|mqa|react|ppbs|bce> --out DIR
 

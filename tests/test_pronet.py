@@ -1,6 +1,7 @@
 """ProNet-style structure encoder: geometry, invariance, padding, learning.
 
-Budget: ~60 s in all on 2 CPU cores (the slow learning test ~30 s of it).
+Budget: ~60 s in all on 2 CPU cores (the slow learning test ~30 s of it). Programs are
+compiled with XLA's optimisation passes off (see `_fast_compiles`).
 """
 
 import functools
@@ -65,6 +66,18 @@ def _jitted_apply(enc):
 
 def _init(enc, graph, seed=0):
   return enc.init(jax.random.PRNGKey(seed), graph)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """XLA's CPU optimisation passes are most of this file's compile time (a ProNet
+  gradient compiled in ~20 s with them); what the tests compare (invariances, padding,
+  finiteness, exact API equalities, a learning run's loss and accuracy thresholds) does
+  not depend on them. Restored after the module."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
 
 
 # --- geometry on constructed inputs ----------------------------------------------------
@@ -344,11 +357,13 @@ def test_learns_secondary_structure_from_structure():
   evaluate = jax.jit(loss_fn)
   first_loss, _ = evaluate(params, train_batch)
   _, first_acc = evaluate(params, test_batch)
-  for _ in range(150):
+  # Measured: train loss under 0.1x its start from step ~35 and ~0 from step ~70,
+  # held-out accuracy over 0.8 from step ~20 (0.84 at 80 steps, 0.85 at 150).
+  for _ in range(80):
     params, opt_state, _ = step(params, opt_state)
   train_loss, _ = evaluate(params, train_batch)
   _, test_acc = evaluate(params, test_batch)
   # Held-out loss is not asserted: 10 chains are memorised and the logits grow
-  # overconfident; held-out accuracy shows what was learnt (measured ~0.82; majority ~0.4).
+  # overconfident; held-out accuracy shows what was learnt (majority ~0.4).
   assert float(train_loss) < 0.1 * float(first_loss)
   assert float(test_acc) > 0.75 > float(first_acc)

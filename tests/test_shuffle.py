@@ -30,11 +30,13 @@ def _grouped_process(item):
   return [dataclasses.replace(ex, group=group)]
 
 
-def _config():
+def _config(packed=False):
+  """One chain per row, or (packed) rows of 64 tokens and the 128 bucket above them."""
   c = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict(dict(
       train_split="train", max_residues=1022, crop="random", shuffle_buffer=0,
-      length_buckets=(32, 64, 128), max_neighbors=32))
+      length_buckets=(32, 64, 128), max_neighbors=32, pack_rows=packed,
+      row_length=64 if packed else 0))
   c.train = ml_collections.ConfigDict(dict(batch_size=4))
   return c
 
@@ -56,11 +58,11 @@ def data_dir(tmp_path_factory):
 
 
 @functools.lru_cache(maxsize=None)
-def _stream(data_dir, *, process_index=0, skip=0, epochs=3):
+def _stream(data_dir, *, process_index=0, skip=0, epochs=3, packed=False):
   """The first `epochs` epochs of host process_index of 2, seed 0: [(Batch, meta)]."""
   out = []
-  it = input_pipeline.make_dataset(data_dir, "train", _config(), training=True, seed=0,
-                                   process_index=process_index, process_count=2,
+  it = input_pipeline.make_dataset(data_dir, "train", _config(packed), training=True,
+                                   seed=0, process_index=process_index, process_count=2,
                                    skip_batches=skip)
   for batch, meta in it:
     if meta["epoch"] >= epochs:
@@ -178,11 +180,15 @@ def test_every_record_once_per_epoch_over_two_hosts(data_dir):
     assert abs(len(got[0]) - len(got[1])) <= 1
 
 
-def test_epoch_estimate_matches_the_batches_the_pipeline_emits(data_dir):
-  per_host = [_stream(data_dir), _stream(data_dir, process_index=1, epochs=2)]
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_epoch_estimate_matches_the_batches_the_pipeline_emits(data_dir, packed):
+  per_host = [_stream(data_dir, epochs=2 if packed else 3, packed=packed),
+              _stream(data_dir, process_index=1, epochs=2, packed=packed)]
+  if packed:
+    assert all(b.packed_rows for s in per_host for b, _ in s)
   emitted = np.mean([sum(sum(m["epoch"] == e for _, m in s) for s in per_host)
                      for e in range(2)])  # batches per epoch, both hosts
-  config = _config()
+  config = _config(packed)
   config.train.batch_size = 8  # 2 devices (one per host) of 4 proteins, as streamed
   est = epochs.estimate_epoch(config, data_dir, num_devices=2, process_count=2,
                               seeds=range(8))

@@ -21,6 +21,8 @@ import glob
 import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,22 +86,46 @@ def _losses(workdir):
   return out
 
 
+# The tests that read the reference run share one xdist worker (--dist loadgroup), so
+# the run is made once.
+_ONE_REFERENCE_RUN = pytest.mark.xdist_group("train_reference_run")
+_REFERENCE_OVERRIDES = ("--config.train.eval_every=4",
+                        "--config.train.checkpoint_every_epochs=0.25")
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, demo_data, cache_dir):
   """An uninterrupted tiny run through the CLI, with config overrides."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   # checkpoint_every_epochs: resolved into steps at the start (losses do not depend on it).
-  proc = subprocess.run(_train_cmd(workdir, demo_data, "--config.train.eval_every=4",
-                                   "--config.train.checkpoint_every_epochs=0.25"),
+  proc = subprocess.run(_train_cmd(workdir, demo_data, *_REFERENCE_OVERRIDES),
                         cwd=REPO, env=_env(cache_dir), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert "RANDOM weights" in proc.stdout  # the loud warning
   assert "| accuracy |" in proc.stdout  # the final metrics table
   assert "real proteins per step on average" in proc.stdout
+  with open(os.path.join(workdir, "stderr.txt"), "w") as f:
+    f.write(proc.stderr)
   return workdir
 
 
+@_ONE_REFERENCE_RUN
+def test_log_starts_with_the_backend_and_stays_quiet(reference_run):
+  stderr = open(os.path.join(reference_run, "stderr.txt")).read()
+  log = [l for l in stderr.splitlines() if re.match(r"[IWEF]\d{4} ", l)]
+  # This process sees the same backend (same environment, JAX_PLATFORMS=cpu).
+  assert (f"] JAX backend {jax.default_backend().upper()}: {jax.device_count()} device(s)"
+          in log[0]), log[:3]
+  # The config and the parameter table are files, not log lines.
+  assert "[Hyperparameters]" not in stderr and "shuffle_buffer_mb" not in stderr
+  table = open(os.path.join(reference_run, "parameters.txt")).read()
+  assert "Total:" in table and "gnn" in table
+  assert "Total:" not in stderr
+  assert "Traceback" not in stderr and "never awaited" not in stderr
+
+
+@_ONE_REFERENCE_RUN
 def test_train_eval_predict(reference_run, demo_data):
   workdir = reference_run
   config = json.load(open(os.path.join(workdir, "config.json")))
@@ -184,6 +210,7 @@ def _wait_for_step(workdir, step, proc, timeout=300):
   return False
 
 
+@_ONE_REFERENCE_RUN
 def test_resume_after_sigkill_and_sigterm(reference_run, demo_data, cache_dir,
                                           tmp_path):
   workdir = str(tmp_path / "faulty")
@@ -214,6 +241,76 @@ def test_resume_after_sigkill_and_sigterm(reference_run, demo_data, cache_dir,
   for step, values in resumed.items():
     np.testing.assert_allclose(values, reference[step][0], rtol=0, atol=1e-6,
                                err_msg=f"step {step}")
+
+
+def _garble_checkpoint(workdir, step):
+  """Truncates the array files of one checkpoint (a partial copy, a bad disk)."""
+  for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**"),
+                        recursive=True):
+    if os.path.isfile(path) and "METADATA" not in os.path.basename(path).upper():
+      with open(path, "r+b") as f:
+        f.truncate(5)
+
+
+def _lines(stderr, text):
+  return [line for line in stderr.splitlines() if text in line]
+
+
+@_ONE_REFERENCE_RUN
+def test_unreadable_newest_checkpoint(reference_run, demo_data, cache_dir, tmp_path):
+  """eval and train fall back to the newest readable checkpoint, with one warning line;
+  a checkpoint of another optimizer structure stops train with one error line. Uses a copy of the reference run (no new training run from step 0)."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_run, workdir)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  on_disk = ckpt.all_steps()
+  ckpt.close()
+  newest, older = on_disk[-1], on_disk[-2]
+  _garble_checkpoint(workdir, newest)
+  steps_text = ", ".join(map(str, on_disk))
+
+  # eval (its config from the workdir's config.json): the newest readable one.
+  proc = subprocess.run(
+      [sys.executable, "-m", "bihier_jax.eval", "--workdir", workdir,
+       "--checkpoint", "latest", "--splits", "val"],
+      cwd=REPO, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [warning] = _lines(proc.stderr, "cannot be read")
+  assert f"checkpoint step {newest} in " in warning and f"using step {older}" in warning
+  assert f"steps on disk: {steps_text}" in warning
+  assert json.load(open(os.path.join(workdir, "eval", "val.json")))["step"] == older
+
+  # train.on_corrupt_checkpoint=fail is tested in-process (test_checkpointing).
+  cmd = _train_cmd(workdir, demo_data, *_REFERENCE_OVERRIDES)
+
+  # train, default: resumes from the older step, its own input position, and logs
+  # exactly the uninterrupted run's losses again; the bad step is kept, moved aside.
+  before = _losses(workdir)
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(cache_dir), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [warning] = _lines(proc.stderr, "cannot be read")
+  assert f"using step {older}" in warning and f"steps on disk: {steps_text}" in warning
+  assert os.path.isdir(os.path.join(workdir, checkpointing.UNREADABLE_DIR, str(newest)))
+  reference, after = _losses(reference_run), _losses(workdir)
+  assert sorted(s for s in after if len(after[s]) > len(before.get(s, []))) == list(
+      range(older + 1, 9))
+  for step, values in after.items():
+    np.testing.assert_allclose(values, reference[step][0], rtol=0, atol=1e-6,
+                               err_msg=f"step {step}")
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  assert ckpt.latest_step() == 8
+  ckpt.close()
+
+  # A checkpoint whose optimizer state has another structure (as written before the
+  # optimizer kept state for trainable parameters only): one line, nothing skipped.
+  proc = subprocess.run(cmd + ["--config.model.esm.trainable=frozen"], cwd=REPO,
+                        env=_env(cache_dir), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  [error] = _lines(proc.stderr, "error:")
+  assert error.startswith("error: checkpoint step 8 in ")
+  assert "was written by a different model/optimizer configuration: opt_state/" in error
+  assert "start a new workdir" in error and "Traceback" not in proc.stderr
 
 
 # --- in-process: non-finite losses, checkpoint errors ------------------------------------
@@ -359,8 +456,9 @@ def test_reports_the_checkpoint_selected_on_validation(tmp_path, capsys):
   assert "checkpoint latest, step 6" in out and "LAST step" in out
 
 
-# Orbax's reader reports the damaged arrays through un-awaited coroutines as well.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# Orbax's reads of damaged arrays must all end before the restore returns (no coroutine
+# left un-awaited on a closed event loop).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_missing_and_corrupt_checkpoints(tmp_path):
   config = demo.get_config("tiny")
   config.task.name = "synthetic"
@@ -378,7 +476,8 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
   ckpt.save(1, state, {"consumed": 1, "pending": []})
   ckpt.wait()
   ckpt.close()
-  with pytest.raises(checkpointing.CheckpointError, match="cannot be read"):
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"different model/optimizer configuration: params/\S+ has shape"):
     train_lib.restore_params(config, str(tmp_path), "latest", batch, mesh)
   with pytest.raises(checkpointing.CheckpointError, match="available steps"):
     train_lib.restore_params(other, str(tmp_path), "7", batch, mesh)

@@ -10,21 +10,118 @@ Checkpoints with validation metrics compete for "best" (`task.select_metric`,
 `task.select_mode`; a tie goes to the later step, and a checkpoint whose select metric
 is missing or NaN is never best); the policy keeps the `keep` latest plus the single
 best, so the best survives any number of later saves until a better one replaces it.
+
+Unreadable checkpoints: `restore` of 'latest' or 'best' with on_corrupt='fallback' uses
+the newest (or next best) readable one and logs one warning naming the unreadable steps
+and the steps on disk; 'fail' raises instead. A checkpoint whose saved tree does not fit
+the state asked for (another model or optimizer configuration, or an older version of
+the code) raises `CheckpointMismatchError` and is never skipped: an older step would not
+fit either. Nothing is deleted; training moves unreadable steps aside (`set_aside`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import re
 from typing import Any
 
 from absl import logging
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from bihier_jax import config_check
+
+ON_CORRUPT = config_check.ON_CORRUPT_CHECKPOINT  # fallback | fail
+UNREADABLE_DIR = "checkpoints_unreadable"  # under the workdir, beside checkpoints/
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing or cannot be read; the message says which and why."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint's saved tree differs from the state to restore (another config)."""
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that, when closed, first waits for the tasks still running on it.
+
+  Orbax runs a restore in a fresh loop and gathers one read per array; when one read
+  fails the gather returns at once and Orbax closes the loop while the other reads are
+  in flight in TensorStore, whose callbacks then hit the closed loop ("Event loop is
+  closed", tasks destroyed pending, coroutines never awaited). Waiting ends them cleanly.
+  """
+
+  def close(self):
+    if not self.is_closed() and not self.is_running():
+      pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _DrainingEventLoop
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """New event loops (Orbax's, during a restore) finish their tasks before closing."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
+def _short_reason(error: BaseException) -> str:
+  """The first line of an Orbax/TensorStore error, without its TensorStore spec dump."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = re.sub(r"\s*\[tensorstore_spec.*$", "", text)
+  if len(text) > 300:
+    text = text[:297] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _leaf_path(path) -> str:
+  keys = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        keys.append(str(getattr(k, attr)))
+        break
+    else:
+      keys.append(str(k))
+  return "/".join(keys)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Array leaves of `tree` (arrays, ShapeDtypeStructs or Orbax metadata) by path."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_leaf_path(path): tuple(leaf.shape) for path, leaf in leaves
+          if getattr(leaf, "shape", None) is not None}
+
+
+def tree_difference(saved: Any, wanted: Any) -> str | None:
+  """None if both trees have the same array leaves and shapes, else the first
+  difference and how many there are, in one line."""
+  have, want = _leaf_shapes(saved), _leaf_shapes(wanted)
+  problems = [(p, f"{p} is in the checkpoint but not in this configuration")
+              for p in set(have) - set(want)]
+  problems += [(p, f"{p} is missing from the checkpoint") for p in set(want) - set(have)]
+  problems += [(p, f"{p} has shape {have[p]} in the checkpoint, {want[p]} here")
+               for p in set(have) & set(want) if have[p] != want[p]]
+  if not problems:
+    return None
+  # A parameter says more about the cause than the optimizer moments that follow it.
+  problems.sort(key=lambda item: (not item[0].startswith("params/"), item[0]))
+  more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+  return problems[0][1] + more
 
 
 def _finite_metric(select_metric: str, sign: float):
@@ -48,15 +145,17 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, select_metric: str = "loss",
                select_mode: str = "max", read_only: bool = False):
-    if select_mode not in ("max", "min"):
+    if select_mode not in config_check.SELECT_MODES:
       raise ValueError(f"select_mode must be max | min, got {select_mode!r}")
-    self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)),
-                                  "checkpoints")
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.unreadable: dict[int, str] = {}  # step -> why, found by restore
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(
           f"no checkpoint directory {self.directory}: train first "
           f"(python -m bihier_jax.train --workdir {workdir})")
     self.select_metric = select_metric
+    self._select_mode = select_mode
     sign = 1.0 if select_mode == "max" else -1.0
     best = _finite_metric(select_metric, sign)
     policy = pp.AnyPreservationPolicy([
@@ -67,9 +166,12 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
         best_fn=best, best_mode="max", create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "input"))
+        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=True)
+    # Handlers named up front: item_metadata can read a step before any restore.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "input": ocp.JsonCheckpointHandler()})
 
   # --- queries ---------------------------------------------------------------------------
 
@@ -80,12 +182,21 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    """Step with the best validation metric (None if no checkpoint has a finite one)."""
-    step = self._manager.best_step()
-    if step is None:
-      return None
-    value = (self.metrics(step) or {}).get(self.select_metric, np.nan)
-    return step if np.isfinite(value) else None
+    """Step with the best validation metric (None if no checkpoint has a finite one); a
+    tie goes to the later step (`ranked_steps`, the one rule for training, eval and
+    the tests)."""
+    ranked = self.ranked_steps()
+    return ranked[0] if ranked else None
+
+  def ranked_steps(self) -> list[int]:
+    """Steps with a finite validation metric, best first (a tie: the later step first)."""
+    sign = 1.0 if self._select_mode == "max" else -1.0
+    scored = []
+    for step in self.all_steps():
+      value = float((self.metrics(step) or {}).get(self.select_metric, np.nan))
+      if np.isfinite(value):
+        scored.append((sign * value, step))
+    return [step for _, step in sorted(scored, reverse=True)]
 
   def metrics(self, step: int) -> dict[str, float] | None:
     """The validation metrics saved with `step` (None if it was saved without)."""
@@ -157,37 +268,120 @@ class Checkpointer:
       logging.info("saving checkpoint %d to %s", step, self.directory)
     return saved
 
-  def restore(self, which: int | str, abstract_state: Any
-              ) -> tuple[Any, dict[str, Any], int]:
+  def restore(self, which: int | str, abstract_state: Any, *, on_corrupt: str = "fail",
+              set_aside: bool = False) -> tuple[Any, dict[str, Any], int]:
     """Reads a checkpoint into the structure/shardings of `abstract_state`.
 
     Args:
       which: 'latest' | 'best' | step.
       abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) or arrays.
+      on_corrupt: for 'latest' / 'best', what an unreadable checkpoint does: 'fallback'
+        to the newest (next best) readable one, with one warning, or 'fail'. A step
+        asked for by number never falls back.
+      set_aside: move the unreadable steps passed over to WORKDIR/checkpoints_unreadable/
+        (kept, not deleted), so that a training run can write those steps again.
 
     Returns:
       (state, extra JSON dict with 'input_position' and maybe 'metrics', step).
 
     Raises:
-      CheckpointError: missing, or unreadable (truncated, wrong model config, ...).
+      CheckpointMismatchError: the checkpoint holds another model/optimizer structure.
+      CheckpointError: missing, or unreadable (truncated, garbled, ...).
     """
-    step = self.resolve(which)
-    try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                        input=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax/tensorstore raise many types; one message for users
+    if on_corrupt not in ON_CORRUPT:
+      raise ValueError(f"on_corrupt must be {' | '.join(ON_CORRUPT)}, got {on_corrupt!r}")
+    first = self.resolve(which)
+    named = which in ("latest", "best", None, "")
+    if not named or on_corrupt == "fail":
+      candidates = [first]
+    elif which == "best":
+      candidates = [first] + [s for s in self.ranked_steps() if s != first]
+    else:
+      candidates = sorted(self.all_steps(), reverse=True)
+    bad = []
+    for step in candidates:
+      try:
+        state, extra = self._restore_step(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except CheckpointError as e:
+        bad.append(step)
+        self.unreadable[step] = str(e)
+        continue
+      if bad:
+        kind = "next best" if which == "best" else "newest"
+        on_disk = ", ".join(map(str, self.all_steps()))
+        names = ", ".join(map(str, bad))
+        kept = (f"{names} moved to {self._set_aside(bad)}, nothing deleted" if set_aside
+                else f"{names} left as it is")
+        logging.warning(
+            "checkpoint step %s in %s cannot be read (%s): using step %d, the %s readable "
+            "one; steps on disk: %s; %s (train.on_corrupt_checkpoint=fail stops instead)",
+            names, self.directory, self.unreadable[bad[0]], step, kind, on_disk, kept)
+      return state, extra, step
+    steps = ", ".join(map(str, self.all_steps()))
+    if len(bad) == 1:
+      hint = ("; train.on_corrupt_checkpoint=fallback uses the newest readable one"
+              if named and on_corrupt == "fail" else "")
       raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} cannot be read "
-          f"({type(e).__name__}: {str(e)[:500]}); it may be corrupt or written by a "
-          f"different model config") from e
-    return restored.state, dict(restored.input or {}), step
+          f"checkpoint step {bad[0]} in {self.directory} cannot be read "
+          f"({self.unreadable[bad[0]]}); it may be truncated or corrupt; steps on disk: "
+          f"{steps}{hint}")
+    raise CheckpointError(
+        f"no readable checkpoint among steps {', '.join(map(str, bad))} in "
+        f"{self.directory} ({self.unreadable[bad[0]]}); steps on disk: {steps}")
+
+  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    # Both the metadata and the arrays are read through TensorStore in Orbax's loops.
+    with _draining_event_loops():
+      try:
+        saved = self._manager.item_metadata(step).state
+      except Exception as e:  # orbax/tensorstore raise many types; one message for users
+        raise CheckpointError(_short_reason(e)) from e
+      if saved is None:
+        raise CheckpointError("no readable state metadata")
+      difference = tree_difference(saved, abstract_state)
+      if difference:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} was written by a different "
+            f"model/optimizer configuration: {difference}; start a new workdir, or run "
+            f"the code version and config that wrote it")
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                input=ocp.args.JsonRestore()))
+      except Exception as e:  # orbax/tensorstore raise many types; one message for users
+        raise CheckpointError(_short_reason(e)) from e
+    return restored.state, dict(restored.input or {})
+
+  def _set_aside(self, steps) -> str:
+    """Moves `steps` to WORKDIR/checkpoints_unreadable/; returns that folder."""
+    target = os.path.join(self.workdir, UNREADABLE_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in sorted(steps):
+        destination, n = os.path.join(target, str(step)), 1
+        while os.path.exists(destination):
+          destination, n = os.path.join(target, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(self.directory, str(step)), destination)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host preemption notice agreed by all hosts (false on single host)."""

@@ -1,24 +1,35 @@
 """Log hygiene for the command-line entry points."""
 
 import logging as std_logging
+import re
 
 from absl import logging
 
 # Libraries whose INFO records (one per checkpoint file rename, thread hand-off, ...)
 # bury the training progress; their warnings and errors still show.
 _CHATTY_LIBRARIES = ("/orbax/",)
+# Orbax warnings that describe our own settings and ask nothing of the user: opening a
+# checkpoint directory read-only (eval, predict), and saves without validation metrics
+# (periodic checkpoints between evaluations).
+_EXPECTED_WARNINGS = re.compile(
+    r"Given directory is read only|read_only=True, setting save_interval_steps"
+    r"|Requested `tracked_metric`; did not provide metrics")
 
 
 class _DropLibraryInfo(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.WARNING:
+    ours = not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+    if ours or record.levelno >= std_logging.ERROR:
       return True
-    return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+    if record.levelno >= std_logging.WARNING:
+      return not _EXPECTED_WARNINGS.search(record.getMessage())
+    return False
 
 
 def quiet_library_logs() -> None:
-  """Keeps only warnings and errors of chatty libraries in the absl log."""
+  """Keeps only warnings and errors of chatty libraries in the absl log (less the
+  warnings that are expected)."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
     handler.addFilter(_DropLibraryInfo())

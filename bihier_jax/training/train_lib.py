@@ -20,11 +20,16 @@ and counts it; `train.max_consecutive_nonfinite` bad steps in a row raise
 SIGTERM (preemptible TPUs) makes the loop save a checkpoint and return cleanly; a
 restarted run resumes from the latest checkpoint, input position included, and
 reproduces the uninterrupted run's losses (the per-step RNG is fold_in(seed key, step)).
+An unreadable newest checkpoint gives way to the newest readable one (its own input
+position, so the losses from there are the uninterrupted run's again) and is moved to
+checkpoints_unreadable/, never deleted; train.on_corrupt_checkpoint=fail stops instead.
+The final selection passes over an unreadable best checkpoint the same way.
 
 Files under workdir: checkpoints/, metrics.jsonl (every logged scalar, including
 train/proteins_per_step: real proteins per step, fewer than train.batch_size when the
 node budget fills first), TensorBoard events, eval/<split>.json + eval/metrics.md,
-train_curves.png, config.json.
+train_curves.png, config.json (the resolved config), parameters.txt (the parameter
+table). Nothing is written there before the train state exists (resumed or new).
 """
 
 from __future__ import annotations
@@ -160,13 +165,43 @@ class MatmulThroughput:
     return value
 
 
+class _LoggingWriter(metric_writers.LoggingWriter):
+  """Scalars to the log; hyperparameters not (they are DIR/config.json)."""
+
+  def write_hparams(self, hparams):
+    del hparams
+
+
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+  writers = [_LoggingWriter()]
   if jax.process_index() == 0:
-    return metric_writers.MultiWriter([writer, JsonlWriter(
-        os.path.join(workdir, "metrics.jsonl"))])
-  return writer
+    writers += [metric_writers.SummaryWriter(workdir),
+                JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+  return metric_writers.MultiWriter(writers)
+
+
+def write_parameter_overview(params, path: str) -> None:
+  """The parameter table (name, shape, size, mean, std) into a file, its total logged."""
+  with open(path, "w") as f:
+    f.write(parameter_overview.get_parameter_overview(params) + "\n")
+  count = parameter_overview.count_parameters(params)
+  logging.info("%d parameters (table: %s)", count, path)
+
+
+def start_backend(multi_host: bool) -> None:
+  """Joins the multi-host job if asked, starts JAX and logs its backend and devices."""
+  if multi_host and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+  kinds = sorted({d.device_kind for d in jax.devices()})
+  logging.info("JAX backend %s: %d device(s) (%s), %d process(es), %d device(s) on "
+               "this one", jax.default_backend().upper(), jax.device_count(),
+               ", ".join(kinds), jax.process_count(), jax.local_device_count())
+
+
+def _checkpointer(config, workdir: str, **kwargs) -> checkpointing.Checkpointer:
+  return checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                    select_metric=config.task.select_metric,
+                                    select_mode=config.task.select_mode, **kwargs)
 
 
 class _StopSignal:
@@ -228,18 +263,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     early by SIGTERM).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  parallel.initialize_distributed(bool(config.train.multi_host))
-  os.makedirs(workdir, exist_ok=True)
+  start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
   config = resolve_epoch_fields(config)  # before the schedule and the loop read steps
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
   dataset_fn = dataset_fn or default_dataset_fn()
   mesh = parallel.make_mesh()
   num_local = parallel.local_device_count(mesh)
   sub_config = evaluation.per_device_config(config, jax.device_count())
-  writer = make_writer(workdir)
 
   def train_stream(skip):
     return dataset_fn(evaluation.data_dir(config), config.data.train_split, sub_config,
@@ -249,25 +279,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   sample_batch, _ = next(iter(train_stream(0)))
   model = steps.build_model(config)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                    select_metric=config.task.select_metric,
-                                    select_mode=config.task.select_mode)
+  on_corrupt = config.train.get("on_corrupt_checkpoint", "fallback")
+  # Start-up writes nothing into workdir until the state exists (resumed or new).
+  ckpt = (_checkpointer(config, workdir)
+          if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
   position = parallel.InputPosition()
-  if ckpt.latest_step() is not None:
+  if ckpt is not None and ckpt.latest_step() is not None:
     abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
-    state, extra, step = ckpt.restore("latest", abstract)
+    try:
+      # Unreadable newer steps are moved aside: the run writes them again.
+      state, extra, step = ckpt.restore("latest", abstract, on_corrupt=on_corrupt,
+                                        set_aside=True)
+    except checkpointing.CheckpointError:
+      ckpt.close()
+      raise
     tx = optim.make_optimizer(config)
     position = parallel.InputPosition.from_json(extra.get("input_position", {}))
     logging.info("resumed from checkpoint %d (input position %s)", step, position)
+    fresh = False
   else:
     state, tx = steps.create_train_state(config, model, sample_batch, mesh)
-    parameter_overview.log_parameter_overview(jax.device_get(state.params))
+    fresh = True
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = ckpt or _checkpointer(config, workdir)
+  writer = make_writer(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    if fresh:
+      write_parameter_overview(jax.device_get(state.params),
+                               os.path.join(workdir, "parameters.txt"))
+  if fresh:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
 
   train_fn = steps.jit_train_step(model, tx, config.task, mesh)
   eval_mesh = parallel.local_mesh()
   eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
-  batcher = parallel.DeviceBatcher(train_stream(position.resume_from), num_local,
+  # One update: train.grad_accum_steps sub-batches per local device.
+  batcher = parallel.DeviceBatcher(train_stream(position.resume_from),
+                                   num_local * evaluation.accumulation_steps(config),
                                    position)
   num_steps = int(config.train.num_steps)
   initial_step = int(jax.device_get(state.step))
@@ -389,15 +439,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if not stopped:
     ckpt.wait()  # the keep policy has run: the best checkpoint is on disk
     best = ckpt.best_step() if has_validation else None
-    report_step, report_name, note = _describe_selection(config, best, step)
-    if report_step == step:
-      params = state.params
-    else:
-      logging.info("restoring the best checkpoint (step %d) for the final results",
-                   report_step)
+    params = state.params if best in (None, step) else None
+    if params is None:
+      logging.info("restoring the best checkpoint (step %d) for the final results", best)
       abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
       state = None  # frees the training state before the restore
-      params = ckpt.restore(report_step, abstract)[0].params
+      # An unreadable best gives way to the next best readable one (on_corrupt).
+      restored, _, best = ckpt.restore("best", abstract, on_corrupt=on_corrupt,
+                                       set_aside=True)
+      params = restored.params
+    report_step, report_name, note = _describe_selection(config, best, step)
     results = evaluate(report_step, params, eval_splits)
     for split, values in results.items():
       if split != select_split:
@@ -480,11 +531,10 @@ def checkpoint_name(config: ml_collections.ConfigDict, workdir: str, which: str)
   else 'latest'; anything else as given ('best' | 'latest' | a step number)."""
   if which:
     return str(which)
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True,
-                                    select_metric=config.task.select_metric,
-                                    select_mode=config.task.select_mode)
-  best = ckpt.best_step()
-  ckpt.close()
+  with checkpointing.Checkpointer(workdir, read_only=True,
+                                  select_metric=config.task.select_metric,
+                                  select_mode=config.task.select_mode) as ckpt:
+    best = ckpt.best_step()
   return "best" if best is not None else "latest"
 
 
@@ -494,17 +544,19 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
 
   Args:
     which: 'best' | 'latest' | a step number | '' (best if any checkpoint has
-      validation metrics, else latest).
+      validation metrics, else latest). An unreadable 'best' / 'latest' gives way to
+      the next best / newest readable one, with a warning (train.on_corrupt_checkpoint
+      = fail raises instead); nothing is moved or deleted.
 
   Raises:
     checkpointing.CheckpointError: no such checkpoint, or it cannot be read.
   """
   model = steps.build_model(config)
   which = checkpoint_name(config, workdir, which)
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True,
-                                    select_metric=config.task.select_metric,
-                                    select_mode=config.task.select_mode)
-  abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
-  state, _, step = ckpt.restore(which, abstract)
-  ckpt.close()
+  with checkpointing.Checkpointer(workdir, read_only=True,
+                                  select_metric=config.task.select_metric,
+                                  select_mode=config.task.select_mode) as ckpt:
+    abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
+    state, _, step = ckpt.restore(
+        which, abstract, on_corrupt=config.train.get("on_corrupt_checkpoint", "fallback"))
   return model, state.params, step
