@@ -1,13 +1,74 @@
-"""Test-wide settings: CPU only, quiet TensorFlow, transformers without TensorFlow."""
+"""Test-wide settings: CPU only, quiet TensorFlow, transformers without TensorFlow, one
+persistent XLA compilation cache for the whole session."""
 
+import contextlib
+import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# Compilation dominates the suite on CPU, and many tests compile the same tiny programs
+# again: each train_and_evaluate call jits its steps anew (a miss in JAX's in-memory
+# cache), every `python -m bihier_jax.train` subprocess starts empty, and both xdist
+# workers build the same models. A cache hit is the executable XLA compiled from the
+# same program with the same options (the key hashes both), so no result changes.
+# The first process to import this file (the xdist controller, before it starts the
+# workers) makes the directory; workers and subprocesses inherit it via os.environ.
+# A directory given in the environment is used as it is, and kept.
+_CACHE_DIR = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE_DIR = None
+if not os.environ.get(_CACHE_DIR):
+  _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="bihier-tests-xla-cache-")
+  os.environ[_CACHE_DIR] = _OWN_CACHE_DIR
+# Tiny test programs compile in well under JAX's default threshold of 1 s.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+if importlib.util.find_spec("filelock") is not None:
+  # A size limit makes JAX read and write entries under a file lock, so one worker
+  # never reads another's half-written entry.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
+
+# XLA's optimisation passes are most of the compile time of the suite's tiny programs
+# (about half of it), and compiling is most of the suite; the tests check values against
+# independent references with tolerances, and the same computation unoptimised. Set in
+# the environment, so `python -m bihier_jax...` subprocesses compile the same way.
+# (Benchmarks and real runs keep XLA's default.)
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 # XLA CPU steps stop page-faulting their buffers in on every call: bihier_jax.common.host.
 from bihier_jax.common import host  # pylint: disable=wrong-import-position
 
 host.tune_malloc()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE_DIR is not None:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+  """A directory every xdist worker of this session shares, built by the first to ask.
+
+  with built_once(tmp_path_factory, "demo") as (path, ready):
+    if not ready:
+      ...  # build into `path` (the others wait on a file lock meanwhile)
+
+  Without xdist it is a fresh directory of this session. A failed build leaves no
+  "ready" mark, so the next worker to ask builds it again (and fails the same way).
+  """
+  import filelock  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist each worker's basetemp is <session>/popen-gwN: share the session's.
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  path, mark = root / name, root / f"{name}.ready"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    path.mkdir(exist_ok=True)
+    ready = mark.exists()
+    yield path, ready
+    mark.touch()

@@ -32,8 +32,10 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from fixtures import builders
 
+from bihier_jax.data import input_pipeline
 from data_pipelines import custom
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -472,17 +474,23 @@ def test_config_argument_and_errors(tmp_path, capsys):
 # --- end to end on the worked example ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def example(tmp_path_factory):
-  """The worked example's two label files and their prepared folders (built once)."""
+  """The worked example's two label files and their prepared folders (built once per
+  session, shared by the xdist workers)."""
+  from data_pipelines import demo
   from data_pipelines import preprocess
-  root = tmp_path_factory.mktemp("custom_example")
-  paths = custom.write_dssp_example(str(root / "labels"))
-  prepared = {}
-  for level in ("protein", "residue"):
-    prepared[level] = str(root / level)
-    preprocess.main(["custom", "--raw", paths["raw"], "--labels", paths[level], "--out",
-                     prepared[level], "--workers", "1", "--no-progress"])
+  with conftest.built_once(tmp_path_factory, "custom_example") as (root, ready):
+    labels = root / "labels"
+    if not ready:
+      assert custom.write_dssp_example(str(labels))["raw"] == demo.default_raw_dir()
+    paths = {"raw": demo.default_raw_dir(), "protein": str(labels / "helix_fraction.csv"),
+             "residue": str(labels / "secondary_structure.csv")}
+    prepared = {level: str(root / level) for level in ("protein", "residue")}
+    if not ready:
+      for level, out in prepared.items():
+        preprocess.main(["custom", "--raw", paths["raw"], "--labels", paths[level],
+                         "--out", out, "--workers", "1", "--no-progress"])
   return paths, prepared
 
 
@@ -561,7 +569,14 @@ def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compil
     assert np.isfinite(out["protein_predictions"]).all()
   else:
     assert config.task.class_names == ("helix", "other", "strand")
-    assert len(items["label"]) == meta["splits"]["test"]["labels"]
+    # Every labelled residue the evaluation pipeline gives is scored: all of the split's
+    # labels, less those outside the first window of chains cropped to max_residues.
+    scored = sum(int(np.sum(b.node_label_mask)) for b, _ in input_pipeline.make_dataset(
+        prepared[level], "test", config, training=False, seed=0, process_index=0,
+        process_count=1))
+    assert len(items["label"]) == scored
+    cropped = meta["splits"]["test"]["labels"] - scored
+    assert 0 <= cropped and (cropped == 0) == (config.data.max_residues >= 1022)
     probabilities = out["residue_predictions"]
     assert probabilities.shape == (out["residue_type"].shape[0], 3)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)

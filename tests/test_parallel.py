@@ -142,6 +142,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")
   config.model.gnn.dropout = config.model.fusion.dropout = config.model.head.dropout = 0.0
+  # One GNN block fused once: the smallest fused model (compile time).
+  config.model.gnn.num_blocks, config.model.fusion.levels = 1, (1,)
   config.optim.warmup_steps, config.optim.schedule = 0, "constant"
   examples = [testing.random_example(n, seed=i) for i, n in enumerate([9, 12, 7, 10])]
   big = input_pipeline.collate(examples, input_pipeline.budget_for(examples, n_graph=5))

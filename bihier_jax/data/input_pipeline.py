@@ -27,8 +27,10 @@ chain, their residue_index values are consecutive and their Cα atoms are at mos
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 import functools
+import os
 
 from absl import logging
 import jraph
@@ -770,13 +772,18 @@ def _pack(x, member, budget: PaddingBudget):
     flat = lambda t: tf.reshape(t, [-1])  # pylint: disable=unnecessary-lambda-assignment
     return flat(tf.minimum(ex, n_ex - 1)), flat(pos), flat(real), flat(i)
 
+  padded = {}  # id -> (values, values with a zero row appended), once per field
+
   def take(values, rows, keep):
     """values[rows] where keep, else zeros (rows clamped into range)."""
     n = tf.shape(values)[0]
-    values = tf.cond(n > 0, lambda: values,  # e.g. no ligand atoms: one zero row
-                     lambda: tf.zeros(tf.concat([[1], tf.shape(values)[1:]], 0),
-                                      values.dtype))
-    got = tf.gather(values, tf.clip_by_value(rows, 0, tf.maximum(n - 1, 0)))
+    if id(values) not in padded:
+      # A zero row at the end, so that an empty field (e.g. no ligand atoms) has a row
+      # to read; no tf.cond (each one is a function graph, and _pack has dozens).
+      zero = tf.zeros(tf.concat([[1], tf.shape(values)[1:]], 0), values.dtype)
+      padded[id(values)] = (values, tf.concat([values, zero], 0))
+    rows = tf.clip_by_value(rows, 0, tf.maximum(n - 1, 0))
+    got = tf.gather(padded[id(values)][1], rows)
     keep = tf.reshape(keep, [-1] + [1] * (len(values.shape) - 1))
     return tf.where(keep, got, tf.zeros_like(got))
 
@@ -1042,6 +1049,10 @@ def _epoch_chunks(files: Sequence[str], *, seed: int, buffer: int, chunk_size: i
   return tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(one_epoch)
 
 
+_BUILT_DATASETS: collections.OrderedDict = collections.OrderedDict()
+_MAX_BUILT_DATASETS = 16
+
+
 def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: int,
                     process_index: int | None = None, process_count: int | None = None,
                     budgets: Sequence[PaddingBudget] | None = None,
@@ -1049,15 +1060,39 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
   """The tf.data.Dataset of padded batches (dicts of tensors; see `make_dataset`).
 
   Every batch also carries "epoch": int64, its training epoch (0 in evaluation).
+
+  Building the packer's graph takes seconds (thousands of ops), so a process keeps the
+  last datasets it built and returns the same one for the same arguments, config and
+  record files (path, size, modification time); a Dataset is re-iterable and each
+  iteration starts from the beginning. Periodic evaluations reuse one dataset per split.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from bihier_jax.data import records  # pylint: disable=g-import-not-at-top
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   if budgets is None:
     budgets = bucket_budgets(config, dataset_sizes(data_dir))
-  budgets = list(budgets)
+  budgets = tuple(budgets)
+  files = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                for f in shard_files(data_dir, split))
+  key = (os.path.abspath(data_dir), split, config.to_json_best_effort(sort_keys=True),
+         training, seed, process_index, process_count, budgets, chunk_size, files)
+  if key in _BUILT_DATASETS:
+    _BUILT_DATASETS.move_to_end(key)
+    return _BUILT_DATASETS[key]
+  ds = _build_tf_dataset(data_dir, split, config, training=training, seed=seed,
+                         process_index=process_index, process_count=process_count,
+                         budgets=list(budgets), chunk_size=chunk_size)
+  _BUILT_DATASETS[key] = ds
+  if len(_BUILT_DATASETS) > _MAX_BUILT_DATASETS:
+    _BUILT_DATASETS.popitem(last=False)
+  return ds
+
+
+def _build_tf_dataset(data_dir, split, config, *, training, seed, process_index,
+                      process_count, budgets, chunk_size):
+  """make_tf_dataset without the reuse."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import records  # pylint: disable=g-import-not-at-top
   batch = int(config.train.batch_size)
   chunk_size = chunk_size or default_chunk_size(batch)
   max_res = int(config.data.max_residues)
@@ -1106,9 +1141,10 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
       both = _concat(short, cropped)
       return _pack(both, tf.ones_like(both["num_residues"], tf.bool), budgets[-1])
 
-    packed.append(tf.cond(tf.reduce_any(long), last_with_crops,
-                          lambda: _pack(x, tf.equal(bucket, len(budgets) - 1),
-                                        budgets[-1])))
+    # Without long examples this packs the bucket's members in chunk order, as packing
+    # them directly would; one packer in the graph, not one per branch of a tf.cond
+    # (each packer is ~1,000 graph ops: seconds of dataset construction).
+    packed.append(last_with_crops())
     counts = tf.stack([tf.shape(p["n_node"])[0] for p in packed])
     for p, nb in zip(packed, tf.unstack(counts)):
       p["epoch"] = tf.fill([nb], epoch)
