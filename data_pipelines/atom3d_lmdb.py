@@ -7,8 +7,10 @@ gzip of the serialised dict. DataFrames are stored in pandas "split" orientation
 (`{"index", "columns", "data"}`) and flagged in the item's `types` dict by a type string
 containing `DataFrame`; we return them as `AtomTable`s (numpy columns).
 
-Pickle-serialised datasets run arbitrary code when loaded, so they are refused unless
-the caller passes `allow_pickle=True` explicitly (and then need pandas to unpickle).
+Pickle-serialised datasets (`pkl`) are refused: loading one runs code stored in the
+file. json is atom3d's default format (and presumably that of the released archives);
+re-serialise a pickle one as json or msgpack (e.g. atom3d's `make_lmdb_dataset(..., serialization_format='json')`,
+run where you trust the file).
 """
 
 from __future__ import annotations
@@ -98,9 +100,6 @@ def _deserialize(raw: bytes, fmt: str, where: str) -> Any:
   if fmt == "msgpack":
     import msgpack  # runtime dependency, imported lazily for a fast module import
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-  if fmt == "pkl":
-    import pickle  # only reached after the explicit allow_pickle opt-in
-    return pickle.loads(raw)  # noqa: S301 — the user opted in to trusting this file
   raise LMDBFormatError(f"{where}: unknown serialization format {fmt!r}")
 
 
@@ -116,7 +115,7 @@ class LMDBDataset:
   keys typed as DataFrames (e.g. `atoms`, `atoms_pocket`) are `AtomTable`s.
   """
 
-  def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+  def __init__(self, path: str | os.PathLike):
     import lmdb  # runtime dependency
     self.path = os.fspath(path)
     if not os.path.isdir(self.path) or not os.path.exists(
@@ -140,11 +139,11 @@ class LMDBDataset:
     if self.serialization_format not in SERIALIZATION_FORMATS:
       raise LMDBFormatError(
           f"{self.path}: unknown serialization format {self.serialization_format!r}")
-    if self.serialization_format == "pkl" and not allow_pickle:
+    if self.serialization_format == "pkl":
       raise LMDBFormatError(
-          f"{self.path}: this dataset is pickle-serialised; loading it would execute "
-          "code stored in the file. Re-serialise it as json/msgpack, or pass "
-          "allow_pickle=True (--allow-pickle) if you trust its source.")
+          f"{self.path}: this dataset is pickle-serialised, which is never read (loading "
+          "it would run code stored in the file); re-serialise it as json or msgpack, "
+          "e.g. with atom3d's make_lmdb_dataset(..., serialization_format='json')")
     self._id_to_idx = (_deserialize(id_to_idx, self.serialization_format,
                                     f"{self.path}:id_to_idx") if id_to_idx else {})
 
@@ -187,8 +186,6 @@ class LMDBDataset:
     types = item.get("types") or {}
     for key, value in list(item.items()):
       if _is_frame_type(types.get(key)):
-        if hasattr(value, "to_dict"):  # a real DataFrame (pickle datasets only)
-          value = value.to_dict(orient="split")
         item[key] = table_from_split(value, f"{where}.{key}")
     item.setdefault("file_path", self.path)
     item.setdefault("id", str(index))

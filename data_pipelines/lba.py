@@ -50,8 +50,6 @@ def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_lmdb_arguments(parser: argparse.ArgumentParser) -> None:
   add_graph_arguments(parser)
-  _add_once(parser, "--allow-pickle", action="store_true",
-            help="read pickle-serialised LMDBs (this runs code stored in the file)")
 
 
 def find_split_dirs(raw_dir: str, marker: str) -> dict[str, str]:
@@ -84,12 +82,12 @@ def find_split_dirs(raw_dir: str, marker: str) -> dict[str, str]:
   return {s: os.path.join(base, s) for s in SPLITS}
 
 
-def list_lmdb_items(split_dirs: dict[str, str], allow_pickle: bool, extra: tuple,
+def list_lmdb_items(split_dirs: dict[str, str], extra: tuple,
                     group_of) -> list[WorkItem]:
   """One WorkItem per LMDB entry; asserts that `group_of(id)` never spans splits."""
   items, owner = [], {}
   for split, path in split_dirs.items():
-    ds = atom3d_lmdb.LMDBDataset(path, allow_pickle=allow_pickle)
+    ds = atom3d_lmdb.LMDBDataset(path)
     ids = ds.ids()
     n = len(ds)
     ds.close()  # workers reopen it: an LMDB environment must not cross a fork
@@ -98,15 +96,15 @@ def list_lmdb_items(split_dirs: dict[str, str], allow_pickle: bool, extra: tuple
       if owner.setdefault(key, split) != split:
         raise ValueError(f"{key!r} occurs in both {owner[key]} and {split} "
                          f"({path}): the splits leak")
-    items += [WorkItem(f"{path}#{i}", split, (path, i, allow_pickle) + extra)
+    items += [WorkItem(f"{path}#{i}", split, (path, i) + extra)
               for i in range(n)]
   return items
 
 
 def read_lmdb_item(item: WorkItem) -> dict:
-  path, index, allow_pickle = item.payload[:3]
+  path, index = item.payload[:2]
   try:
-    return atom3d_lmdb.LMDBDataset(path, allow_pickle=allow_pickle)[index]
+    return atom3d_lmdb.LMDBDataset(path)[index]
   except (atom3d_lmdb.LMDBFormatError, ValueError, KeyError) as e:
     raise SkipItem(f"{item.source}: unreadable item ({e})") from e
 
@@ -170,15 +168,14 @@ class LBATask:
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
-    allow_pickle = bool(getattr(args, "allow_pickle", False))
     extra = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
              int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS))
     dirs = find_split_dirs(raw_dir, self.marker)
-    return list_lmdb_items(dirs, allow_pickle, extra, group_of=lambda i: str(i).lower())
+    return list_lmdb_items(dirs, extra, group_of=lambda i: str(i).lower())
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize
-    cutoff, max_neighbors = item.payload[3:5]
+    cutoff, max_neighbors = item.payload[2:4]
     record = read_lmdb_item(item)
     where = f"{item.source} ({record.get('id')})"
     for key in ("atoms_protein", "atoms_pocket", "atoms_ligand", "scores"):

@@ -61,16 +61,15 @@ class MQATask:
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
-    allow_pickle = bool(getattr(args, "allow_pickle", False))
     extra = (float(getattr(args, "cutoff", None) or lba.DEFAULT_CUTOFF),
              int(getattr(args, "max_neighbors", None) or lba.DEFAULT_MAX_NEIGHBORS))
     dirs = lba.find_split_dirs(raw_dir, MARKER)
-    return lba.list_lmdb_items(dirs, allow_pickle, extra,
+    return lba.list_lmdb_items(dirs, extra,
                                group_of=lambda i: parse_decoy_id(i)[0])
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize
-    cutoff, max_neighbors = item.payload[3:5]
+    cutoff, max_neighbors = item.payload[2:4]
     record = lba.read_lmdb_item(item)
     where = f"{item.source} ({record.get('id')})"
     try:

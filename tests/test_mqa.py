@@ -61,7 +61,7 @@ def test_target_in_two_splits_is_rejected(tmp_path, monkeypatch):
     mqa.MQA.list_items(str(tmp_path), None)
 
 
-def test_pickle_needs_the_cli_flag(tmp_path, monkeypatch):
+def test_pickle_lmdb_is_refused_with_its_path(tmp_path, monkeypatch):
   import argparse
   targets = {s: {"T0601": ("1ahsA.pdb.gz", [("a_TS1", 0.0, 0.9)])} if s == "train" else
              {f"T070{i}": ("1eteA.pdb.gz", [("a_TS1", 0.0, 0.9)])}
@@ -70,7 +70,8 @@ def test_pickle_needs_the_cli_flag(tmp_path, monkeypatch):
   builders.write_psr(str(tmp_path), str(tmp_path / "tmp"), fmt="pkl")
   parser = argparse.ArgumentParser()
   mqa.MQA.add_arguments(parser)
-  with pytest.raises(Exception, match="pickle"):
+  with pytest.raises(Exception, match="pickle-serialised, which is never read"):
     mqa.MQA.list_items(str(tmp_path), parser.parse_args([]))
-  items = mqa.MQA.list_items(str(tmp_path), parser.parse_args(["--allow-pickle"]))
-  assert mqa.MQA.process(items[0])[0].group == "T0601"
+  # The flag that once opted in is gone.
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--allow-pickle"])
