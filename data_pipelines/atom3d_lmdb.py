@@ -9,8 +9,8 @@ containing `DataFrame`; we return them as `AtomTable`s (numpy columns).
 
 Pickle-serialised datasets (`pkl`) are refused: loading one runs code stored in the
 file. json is atom3d's default format (and presumably that of the released archives);
-re-serialise a pickle one as json or msgpack (e.g. atom3d's `make_lmdb_dataset(..., serialization_format='json')`,
-run where you trust the file).
+re-serialise a pickle one as json or msgpack (e.g. atom3d's
+`make_lmdb_dataset(..., serialization_format='json')`, run where you trust the file).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 persistent XLA compilation cache for the whole session."""
 
 import contextlib
+import glob
 import importlib.util
 import os
 import shutil
@@ -72,3 +73,13 @@ def built_once(tmp_path_factory, name: str):
     ready = mark.exists()
     yield path, ready
     mark.touch()
+
+
+def garble_checkpoint(workdir, step: int) -> None:
+  """Truncates every array file of one checkpoint under WORKDIR/checkpoints (a partial
+  copy, a bad disk); its metadata stays readable."""
+  for path in glob.glob(os.path.join(str(workdir), "checkpoints", str(step), "state", "**"),
+                        recursive=True):
+    if os.path.isfile(path) and "METADATA" not in os.path.basename(path).upper():
+      with open(path, "r+b") as f:
+        f.truncate(3)

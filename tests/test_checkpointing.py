@@ -2,7 +2,6 @@
 checkpoints (fallback to the newest / next best readable one, or fail; moved aside on
 request, never deleted), another model's tree named. Budget: < 25 s."""
 
-import glob
 import logging
 import os
 import shutil
@@ -11,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import conftest
 
 from bihier_jax.training import checkpointing
 
@@ -120,15 +121,6 @@ def test_best_needs_a_finite_metric_and_replace_attaches_one(tmp_path):
   ckpt.close()
 
 
-def _garble(directory, step):
-  """Truncates every array file of a checkpoint (its metadata stays readable)."""
-  for path in glob.glob(os.path.join(directory, "checkpoints", str(step), "state", "**"),
-                        recursive=True):
-    if os.path.isfile(path) and "METADATA" not in os.path.basename(path).upper():
-      with open(path, "r+b") as f:
-        f.truncate(3)
-
-
 def _saved(tmp_path, accs):
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=10, select_metric="acc")
   for step, acc in accs.items():
@@ -147,7 +139,7 @@ def _warnings(caplog):
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_newest_falls_back_or_fails(tmp_path, caplog):
   _saved(tmp_path, {2: None, 4: None, 6: None})
-  _garble(tmp_path, 6)
+  conftest.garble_checkpoint(tmp_path, 6)
   reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
   with caplog.at_level(logging.WARNING):
     state, extra, step = reader.restore("latest", _abstract(), on_corrupt="fallback")
@@ -182,7 +174,7 @@ def test_unreadable_newest_falls_back_or_fails(tmp_path, caplog):
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_best_gives_way_to_the_next_best(tmp_path, caplog):
   _saved(tmp_path, {2: 0.5, 4: 0.9, 6: 0.7, 8: None})
-  _garble(tmp_path, 4)
+  conftest.garble_checkpoint(tmp_path, 4)
   reader = checkpointing.Checkpointer(str(tmp_path), read_only=True, select_metric="acc")
   assert reader.ranked_steps() == [4, 6, 2]
   with caplog.at_level(logging.WARNING):

@@ -246,15 +246,6 @@ def test_resume_after_sigkill_and_sigterm(reference_run, demo_data, cache_dir,
                                err_msg=f"step {step}")
 
 
-def _garble_checkpoint(workdir, step):
-  """Truncates the array files of one checkpoint (a partial copy, a bad disk)."""
-  for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**"),
-                        recursive=True):
-    if os.path.isfile(path) and "METADATA" not in os.path.basename(path).upper():
-      with open(path, "r+b") as f:
-        f.truncate(5)
-
-
 def _lines(stderr, text):
   return [line for line in stderr.splitlines() if text in line]
 
@@ -268,7 +259,7 @@ def test_unreadable_newest_checkpoint(reference_run, demo_data, cache_dir, tmp_p
   on_disk = ckpt.all_steps()
   ckpt.close()
   newest, older = on_disk[-1], on_disk[-2]
-  _garble_checkpoint(workdir, newest)
+  conftest.garble_checkpoint(workdir, newest)
   steps_text = ", ".join(map(str, on_disk))
 
   # eval (its config from the workdir's config.json): the newest readable one.
