@@ -7,10 +7,14 @@ neopetrosiamide), modified residues (1hvr CSO, neopetrosiamide SME, an MSE rewri
 hydrogens (1hvr, 3e8m), mmCIF (3PWP, 7cth, 5PTI).
 """
 
+import bz2
 import gzip
 import importlib.util
+import lzma
 import os
 import warnings
+import zipfile
+import zlib
 
 import gemmi
 import numpy as np
@@ -298,7 +302,16 @@ def test_gzip_and_mmcif_forms_agree(tmp_path, name):
   assembly.write_bytes(zipped.read_bytes())
   no_suffix = tmp_path / "x_cif"
   no_suffix.write_bytes(cif.read_bytes())
-  for path in (plain, zipped, cif, cif_gz, assembly, no_suffix):
+  pdbx = tmp_path / "x.pdbx"  # mmCIF under the PDBx name
+  pdbx.write_bytes(cif.read_bytes())
+  bzipped = tmp_path / "x.pdb.bz2"
+  bzipped.write_bytes(bz2.compress(text.encode()))
+  xz_cif = tmp_path / "x.cif.xz"
+  xz_cif.write_bytes(lzma.compress(cif.read_bytes()))
+  misnamed = tmp_path / "x.pdb.txt"  # mmCIF content under a PDB-looking, unlisted name
+  misnamed.write_bytes(cif.read_bytes())
+  for path in (plain, zipped, cif, cif_gz, assembly, no_suffix, pdbx, bzipped, xz_cif,
+               misnamed):
     _assert_same_structure(reference, structure.parse_structure(str(path)))
   # Bytes input, format detected from content.
   _assert_same_structure(reference, structure.parse_structure(cif_gz.read_bytes()))
@@ -313,6 +326,21 @@ def _broken_files(tmp_path):
   files["empty"].write_bytes(b"")
   files["truncated_gz"] = tmp_path / "trunc.pdb.gz"
   files["truncated_gz"].write_bytes(raw[: len(raw) // 2])
+  # A gzip stream cut where its output ends on a whole record (a full flush there, then
+  # nothing): gemmi used to read it as a shorter, valid-looking structure.
+  plain = gzip.decompress(raw)
+  whole_records = plain[:plain.index(b"\nATOM", len(plain) // 2) + 1]
+  gz = zlib.compressobj(wbits=31)  # gzip container
+  files["truncated_gz_at_record"] = tmp_path / "trunc_record.pdb.gz"
+  files["truncated_gz_at_record"].write_bytes(
+      gz.compress(whole_records) + gz.flush(zlib.Z_FULL_FLUSH))
+  files["truncated_bz2"] = tmp_path / "trunc.pdb.bz2"
+  files["truncated_bz2"].write_bytes(bz2.compress(plain)[:len(raw) // 3])
+  files["zip"] = tmp_path / "1ahs.zip"
+  with zipfile.ZipFile(files["zip"], "w") as z:
+    z.writestr("1ahsA.pdb", plain)
+  files["text"] = tmp_path / "notes.txt"
+  files["text"].write_text("sequence,label\nMKV,1\n")
   files["garbage"] = tmp_path / "garbage.pdb"
   files["garbage"].write_bytes(np.random.default_rng(0).bytes(4000))
   files["garbage_cif"] = tmp_path / "garbage.cif"
@@ -333,7 +361,10 @@ def _broken_files(tmp_path):
 
 
 @pytest.mark.parametrize("case,reason", [
-    ("empty", "empty"), ("truncated_gz", "cannot parse"), ("garbage", "no atoms"),
+    ("empty", "empty"), ("truncated_gz", "truncated or corrupt gzip"),
+    ("truncated_gz_at_record", "truncated or corrupt gzip"),
+    ("truncated_bz2", "truncated or corrupt bzip2"), ("zip", "zip archive"),
+    ("garbage", "binary content"), ("text", "not a PDB or mmCIF"),
     ("garbage_cif", "cannot parse"), ("header_only", "no atoms"),
     ("dna_only", "nucleic"), ("ligand_only", "ligand"), ("missing", "not found")])
 def test_broken_inputs_raise_with_file_and_reason(tmp_path, case, reason):
@@ -343,6 +374,29 @@ def test_broken_inputs_raise_with_file_and_reason(tmp_path, case, reason):
   message = str(info.value)
   assert message.startswith(path + ": ")
   assert reason in message
+
+
+def test_incomplete_backbone_counted():
+  """A CA-only copy of a real chain: every residue lacks N, C, O; the full file none."""
+  src = mda("dssp", "1ahsA.pdb.gz")
+  full = structure.parse_structure(src)
+  assert full.stats["incomplete_backbone"] == 0
+  ca_lines = [l for l in gzip.decompress(open(src, "rb").read()).decode().splitlines()
+              if l.startswith("ATOM") and l[12:16] == " CA "]
+  ca_only = structure.parse_structure(("\n".join(ca_lines) + "\nEND\n").encode())
+  n = full.num_residues
+  assert ca_only.num_residues == n
+  assert ca_only.stats["incomplete_backbone"] == n
+  assert ca_only.chains[0].incomplete_backbone.all()
+  # One residue without its carbonyl O counts once.
+  lines = [l for l in gzip.decompress(open(src, "rb").read()).decode().splitlines()
+           if l.startswith("ATOM")]
+  first = int(lines[0][22:26])
+  no_o = [l for l in lines if not (int(l[22:26]) == first and l[12:16] == " O  ")]
+  parsed = structure.parse_structure(("\n".join(no_o) + "\nEND\n").encode())
+  assert parsed.stats["incomplete_backbone"] == 1
+  assert parsed.chains[0].incomplete_backbone[0]
+  assert not parsed.chains[0].incomplete_backbone[1:].any()
 
 
 def test_md_style_caps_deuterium_and_solvent():

@@ -35,10 +35,17 @@ Rules (what a structural biologist expects; each is tested in tests/test_structu
   (`modified_residues`); their side-chain atoms fill the parent's slots (MSE's SE is the
   δ atom of MET).
 
-Inputs: .pdb/.ent/.cif/.mmcif and their .gz forms by extension; other names (assembly
-files "1abc.pdb1.gz", no extension) by content. gemmi reads a gzip file that was cut short
-up to where it ends: a truncation that falls between records goes unnoticed, so check
-downloads (`gzip -t`) before preprocessing.
+Inputs: the content decides, never the file name. gzip, bzip2 and xz streams are
+decompressed whole (a truncated or corrupt stream is refused, never read in part); zip
+and zstd are refused with what to do; then PDB vs mmCIF is told from the first records
+(`sniff_format`), so `.pdbx`, assembly files (`1abc.pdb1.gz`) and files without an
+extension read like any other. Anything else is a `StructureError` naming the file and
+the reason.
+
+Backbone completeness: a residue is kept when it has a CA; `Chain.incomplete_backbone`
+marks those lacking N, C or O (CA-only models, truncated residues). The featuriser
+gives them degenerate frames (see bihier_jax/data/featurize.py); callers count them
+and follow `data.incomplete_backbone` (warn | skip | allow).
 
 Layout of `atom_positions`: `residue_constants.ATOM_NAMES` (N, CA, C, O, CB, then the
 χ-defining side-chain atoms of `residue_constants.CHI_ATOMS`). Coordinates are in Å.
@@ -46,9 +53,11 @@ Layout of `atom_positions`: `residue_constants.ATOM_NAMES` (N, CA, C, O, CB, the
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import functools
 import gzip
+import lzma
 import os
 from typing import Sequence
 
@@ -61,6 +70,13 @@ from bihier_jax.common import residue_constants as rc
 _CA_SLOT = rc.ATOM_SLOT["CA"]
 _NO_NUMBER = -(2**31)  # a ligand listed without a residue number
 _BACKBONE_SLOTS = frozenset(rc.ATOM_SLOT[a] for a in rc.BACKBONE_ATOMS)
+_BACKBONE_SLOT_LIST = [rc.ATOM_SLOT[a] for a in rc.BACKBONE_ATOMS]
+
+
+def incomplete_backbone(atom_mask: np.ndarray) -> np.ndarray:
+  """bool[n]: residues of an [n, NUM_ATOM_SLOTS] atom mask lacking N, CA, C or O."""
+  mask = np.asarray(atom_mask, bool)
+  return ~mask[:, _BACKBONE_SLOT_LIST].all(axis=-1)
 
 
 class StructureError(ValueError):
@@ -78,7 +94,7 @@ _SIDECHAIN_RENAMES = {"MSE": {"SE": "SD"}}
 _STAT_KEYS = (
     "residues", "chains", "ligands", "residues_without_ca", "hydrogens", "waters",
     "nucleic_chains", "altlocs_resolved", "modified_residues", "unknown_residues",
-    "non_amino_acid_residues")
+    "non_amino_acid_residues", "incomplete_backbone")
 
 
 @dataclasses.dataclass
@@ -113,6 +129,11 @@ class Chain:
   @property
   def num_residues(self) -> int:
     return int(self.aatype.shape[0])
+
+  @property
+  def incomplete_backbone(self) -> np.ndarray:
+    """bool[n]: residues lacking N, C or O (CA is always present)."""
+    return incomplete_backbone(self.atom_mask)
 
 
 @dataclasses.dataclass
@@ -207,36 +228,98 @@ def _type_residue(resname: str) -> _ResidueKind:
 _UNKNOWN_AA = _ResidueKind(True, False, "X", False, _slots_for("UNK", "UNK"))
 
 
-_KNOWN_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".json")
+# Compressions by their magic bytes: the content decides, never the file name.
+_DECOMPRESSORS = {b"\x1f\x8b": ("gzip", gzip.decompress),
+                  b"BZh": ("bzip2", bz2.decompress),
+                  b"\xfd7zXZ\x00": ("xz", lzma.decompress)}
+_UNREAD_CONTAINERS = {b"PK\x03\x04": "a zip archive: unpack it first",
+                      b"\x28\xb5\x2f\xfd": "zstd-compressed: decompress it first (zstd -d)",
+                      b"\x89HDF": "an HDF5 file, not a structure file"}
+# Record names that open a PDB-format file (wwPDB format v3.3) when no ATOM/HETATM
+# record comes early: a header-only file reads as PDB and then fails as "no atoms".
+_PDB_RECORDS = frozenset({
+    "HEADER", "OBSLTE", "TITLE", "SPLIT", "CAVEAT", "COMPND", "SOURCE", "KEYWDS",
+    "EXPDTA", "NUMMDL", "MDLTYP", "AUTHOR", "REVDAT", "SPRSDE", "JRNL", "REMARK",
+    "DBREF", "DBREF1", "DBREF2", "SEQADV", "SEQRES", "MODRES", "HET", "HETNAM",
+    "HETSYN", "FORMUL", "HELIX", "SHEET", "SSBOND", "LINK", "CISPEP", "SITE", "CRYST1",
+    "ORIGX1", "SCALE1", "MTRIX1", "MODEL", "ATOM", "HETATM", "ANISOU", "TER"})
+_SNIFF_LINES = 64
+
+
+def decompress(data: bytes, name: str) -> bytes:
+  """The plain bytes of a file that may be gzip, bzip2 or xz compressed.
+
+  Raises:
+    StructureError: a truncated or corrupt compressed stream (never read in part), or a
+      container this reader does not open (zip, zstd).
+  """
+  for magic, (kind, decompress_fn) in _DECOMPRESSORS.items():
+    if data.startswith(magic):
+      try:
+        return decompress_fn(data)
+      except (EOFError, OSError, ValueError, lzma.LZMAError) as e:
+        raise StructureError(f"{name}: truncated or corrupt {kind} stream ({e}); "
+                             "nothing of it was read") from e
+  for magic, what in _UNREAD_CONTAINERS.items():
+    if data.startswith(magic):
+      raise StructureError(f"{name}: {what}")
+  return data
+
+
+def sniff_format(text: str) -> str | None:
+  """'cif', 'pdb', or None for text that is neither, from its first lines."""
+  lines = 0
+  for line in text.splitlines():
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+      continue  # blank lines; mmCIF comments
+    if stripped.startswith("data_"):
+      return "cif"
+    if line[:6].rstrip() in _PDB_RECORDS:
+      return "pdb"
+    lines += 1
+    if lines >= _SNIFF_LINES:
+      break
+  return None
 
 
 def _read_gemmi(source, fmt: str | None, name: str) -> gemmi.Structure:
-  """Reads a path or bytes into a gemmi.Structure; raises StructureError."""
-  try:
-    if isinstance(source, (bytes, bytearray)):
-      data = bytes(source)
-      if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-      text = data.decode("utf-8", errors="replace")
-      fmt = (fmt or ("cif" if text.lstrip().startswith("data_") else "pdb")).lower()
-      if fmt in ("cif", "mmcif"):
-        doc = gemmi.cif.read_string(text)
-        return gemmi.make_structure_from_block(doc.sole_block())
-      return gemmi.read_pdb_string(text)
+  """Reads a path or bytes into a gemmi.Structure; raises StructureError.
+
+  The format comes from the content (after any decompression), not the file name:
+  `fmt` ("pdb" | "cif") overrides it.
+  """
+  if isinstance(source, (bytes, bytearray)):
+    data = bytes(source)
+  else:
     if not os.path.exists(source):
       raise StructureError(f"{name}: file not found")
-    if os.path.getsize(source) == 0:
-      raise StructureError(f"{name}: empty file")
-    if fmt is not None:
-      fmt = {"cif": "mmcif", "ent": "pdb"}.get(fmt.lower(), fmt.lower())
-      return gemmi.read_structure(source, format=gemmi.CoorFormat[fmt.capitalize()])
-    stem = source[:-3] if source.lower().endswith(".gz") else source
-    if stem.lower().endswith(_KNOWN_SUFFIXES):
-      return gemmi.read_structure(source)
-    # Other names (biological assemblies "1abc.pdb1", no extension): sniff the content.
-    return gemmi.read_structure(source, format=gemmi.CoorFormat.Detect)
-  except StructureError:
-    raise
+    if os.path.isdir(source):
+      raise StructureError(f"{name}: a directory, not a structure file")
+    try:
+      with open(source, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise StructureError(f"{name}: cannot read ({e.strerror or e})") from e
+  if not data:
+    raise StructureError(f"{name}: empty file")
+  data = decompress(data, name)
+  if not data.strip():
+    raise StructureError(f"{name}: empty file (after decompression)")
+  if b"\x00" in data[:4096]:
+    raise StructureError(f"{name}: binary content, not a PDB or mmCIF text file")
+  text = data.decode("utf-8", errors="replace")
+  if fmt is not None:
+    fmt = {"mmcif": "cif", "ent": "pdb", "pdbx": "cif"}.get(fmt.lower(), fmt.lower())
+  fmt = fmt or sniff_format(text)
+  if fmt is None:
+    first = next((l.strip() for l in text.splitlines() if l.strip()), "")[:40]
+    raise StructureError(f"{name}: not a PDB or mmCIF file (first line: {first!r})")
+  try:
+    if fmt == "cif":
+      doc = gemmi.cif.read_string(text)
+      return gemmi.make_structure_from_block(doc.sole_block())
+    return gemmi.read_pdb_string(text)
   except (RuntimeError, ValueError, OSError, EOFError, IndexError, KeyError) as e:
     raise StructureError(f"{name}: cannot parse ({type(e).__name__}: {e})") from e
 
@@ -288,6 +371,7 @@ def parse_structure(source: str | os.PathLike | bytes, model_index: int = 0, *,
   stats["chains"] = len(chains)
   stats["ligands"] = len(ligands)
   stats["residues"] = sum(c.num_residues for c in chains)
+  stats["incomplete_backbone"] = sum(int(c.incomplete_backbone.sum()) for c in chains)
   if not chains:
     reason = ("only nucleic-acid chains" if stats["nucleic_chains"] else
               "ligands/water only" if ligands or stats["waters"] else
