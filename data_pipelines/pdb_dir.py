@@ -1,7 +1,10 @@
 """Task `pdb_dir`: any folder of structure files -> one example per protein chain.
 
-Files: PDB (`.pdb`, `.ent`, `.pdb1`..), mmCIF (`.cif`, `.mmcif`) and their `.gz`
-forms, found recursively in sorted path order. All go to one split (`--split`, default
+Files: every file under `--raw`, recursively, in sorted path order; each one ends up
+in the manifest as `ok` or `skipped` with the reason. The reader goes by content
+(bihier_jax.common.structure): PDB or mmCIF, plain or gzip / bzip2 / xz, whatever the
+name (`.pdbx`, `.pdb1`, no extension); anything else (a README, a zip archive, a
+truncated download) is skipped and says why. All go to one split (`--split`, default
 `train`). `--whole` keeps all protein chains of a file in one example instead.
 """
 
@@ -13,16 +16,24 @@ import re
 
 from data_pipelines.tasks import SkipItem, WorkItem
 
-_STRUCTURE_FILE = re.compile(r"\.(pdb\d*|ent|cif|mmcif)(\.gz)?$", re.IGNORECASE)
+# Names that look like structure files (label matching in data_pipelines.custom).
+_STRUCTURE_FILE = re.compile(r"\.(pdb\d*|ent|cif|mmcif|pdbx)(\.(gz|bz2|xz))?$",
+                             re.IGNORECASE)
 
 
-def structure_files(raw_dir: str) -> list[str]:
-  """Every structure file under `raw_dir`, sorted."""
+def all_files(raw_dir: str) -> list[str]:
+  """Every regular file under `raw_dir`, sorted (folders in sorted order too)."""
   found = []
   for root, dirs, files in os.walk(raw_dir):
     dirs.sort()
-    found.extend(os.path.join(root, f) for f in sorted(files) if _STRUCTURE_FILE.search(f))
+    found.extend(os.path.join(root, f) for f in sorted(files)
+                 if os.path.isfile(os.path.join(root, f)))
   return found
+
+
+def structure_files(raw_dir: str) -> list[str]:
+  """The files under `raw_dir` whose names look like structure files, sorted."""
+  return [p for p in all_files(raw_dir) if _STRUCTURE_FILE.search(os.path.basename(p))]
 
 
 class PdbDirTask:
@@ -40,13 +51,11 @@ class PdbDirTask:
     split = getattr(args, "split", "train")
     per_chain = not getattr(args, "whole", False)
     return [WorkItem(source=path, split=split, payload=(per_chain,))
-            for path in structure_files(raw_dir)]
+            for path in all_files(raw_dir)]
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
     per_chain = item.payload[0] if item.payload else True
-    if os.path.getsize(item.source) == 0:
-      raise SkipItem(f"{item.source}: empty file")
     examples = featurize.examples_from_file(item.source, per_chain=per_chain)
     if not examples:
       raise SkipItem(f"{item.source}: no protein chain")

@@ -38,6 +38,11 @@ def build_parser(task: tasks.Task | None) -> argparse.ArgumentParser:
   parser.add_argument("--limit", type=int, default=0,
                       help="only the first N work items (0 = all); for trials")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--incomplete-backbone", default="warn",
+                      choices=shards.INCOMPLETE_BACKBONE,
+                      help="residues lacking N, C or O (e.g. CA-only models): warn = keep "
+                      "and say how many (manifest field incomplete_backbone), skip = "
+                      "leave out the examples that have any, allow = keep quietly")
   if task is not None and hasattr(task, "add_arguments"):
     task.add_arguments(parser)
   return parser
@@ -60,11 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     items = items[:args.limit]
   metadata = shards.write_dataset(items, task.process, args.out,
                                   num_workers=args.workers, shard_size=args.shard_size,
-                                  task=task.name, progress=not args.no_progress)
+                                  task=task.name, progress=not args.no_progress,
+                                  incomplete_backbone=args.incomplete_backbone)
   summary = {split: {k: v[k] for k in ("examples", "residues", "sources", "skipped")}
              for split, v in metadata["splits"].items()}
   print(json.dumps({"out": args.out, "splits": summary,
-                    "skipped_reasons": metadata["skipped_reasons"]}, indent=1))
+                    "skipped_reasons": metadata["skipped_reasons"],
+                    "incomplete_backbone": metadata["incomplete_backbone"]}, indent=1))
   return metadata
 
 

@@ -19,6 +19,12 @@ sidecar likewise; a shard whose file and sidecar both exist is skipped on a re-r
 its manifest lines are kept. Shards are fixed groups of `shard_size` consecutive work
 items of a split, so re-running with the same items and shard size finds them again.
 
+Residues without a complete backbone (N, CA, C, O; e.g. CA-only models) are counted per
+item (manifest field `incomplete_backbone`, metadata `incomplete_backbone`) and follow
+`incomplete_backbone`: `warn` keeps them and prints one summary line, `skip` leaves out
+the examples that have any (an item left with none is `skipped` with the reason),
+`allow` keeps them quietly.
+
 One bad item never stops the run: any exception from `process` (SkipItem, a parser's
 StructureError, or an unexpected crash, logged with its type and message) makes the item
 `skipped` with that reason.
@@ -31,6 +37,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -38,12 +45,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tqdm
 
+from bihier_jax.common import structure
 from bihier_jax.data import records
 from data_pipelines.tasks import SkipItem, WorkItem
 
 METADATA = "metadata.json"
 MANIFEST = "manifest.jsonl"
 HISTOGRAM_BIN = 16  # residues per bin of the length histogram
+INCOMPLETE_BACKBONE = ("warn", "skip", "allow")  # data.incomplete_backbone's values
 
 
 @dataclasses.dataclass
@@ -61,14 +70,45 @@ def example_size(ex) -> list[int]:
           ex.num_edges]
 
 
-def run_item(process_fn: Callable, item: WorkItem) -> ItemResult:
+def incomplete_backbone_residues(ex) -> int:
+  """Residues of an example lacking N, CA, C or O."""
+  return int(structure.incomplete_backbone(ex.atom_mask).sum())
+
+
+def filter_incomplete_backbone(examples, policy: str, source: str):
+  """(examples kept, incomplete residues among them, ids left out) under `policy`.
+
+  Raises:
+    SkipItem: `skip` left no example.
+  """
+  if policy not in INCOMPLETE_BACKBONE:
+    raise ValueError(f"incomplete_backbone={policy!r} is not one of "
+                     f"{' | '.join(INCOMPLETE_BACKBONE)}")
+  counts = [incomplete_backbone_residues(ex) for ex in examples]
+  if policy != "skip":
+    return list(examples), sum(counts), []
+  dropped = [ex.id for ex, c in zip(examples, counts) if c]
+  kept = [ex for ex, c in zip(examples, counts) if not c]
+  if not kept:
+    raise SkipItem(f"{source}: {sum(counts)} residue(s) without a complete backbone "
+                   "(N, CA, C, O) and incomplete_backbone=skip")
+  return kept, 0, dropped
+
+
+def run_item(process_fn: Callable, item: WorkItem,
+             incomplete_backbone: str = "warn") -> ItemResult:
   """Processes and serialises one item; every failure becomes a `skipped` line."""
   line = {"source": item.source, "split": item.split, "status": "ok", "reason": "",
-          "chains": 0, "n_residues": 0, "examples": 0}
+          "chains": 0, "n_residues": 0, "examples": 0, "incomplete_backbone": 0}
   try:
     examples = process_fn(item)
     if not examples:
       raise SkipItem("no examples (no protein chain)")
+    examples, incomplete, dropped = filter_incomplete_backbone(
+        examples, incomplete_backbone, item.source)
+    line["incomplete_backbone"] = incomplete
+    if dropped:
+      line["left_out_incomplete_backbone"] = dropped
     data = [records.serialize_example(ex) for ex in examples]
   except SkipItem as err:
     line.update(status="skipped", reason=str(err))
@@ -90,11 +130,12 @@ def run_item(process_fn: Callable, item: WorkItem) -> ItemResult:
 class _Runner:
   """Picklable callable for the pool: `run_item` bound to a process function."""
 
-  def __init__(self, process_fn):
+  def __init__(self, process_fn, incomplete_backbone: str = "warn"):
     self.process_fn = process_fn
+    self.incomplete_backbone = incomplete_backbone
 
   def __call__(self, item):
-    return run_item(self.process_fn, item)
+    return run_item(self.process_fn, item, self.incomplete_backbone)
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -138,7 +179,8 @@ def _write_json(path: str, obj) -> None:
 
 def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir: str, *,
                   num_workers: int = 1, shard_size: int = 256, task: str = "",
-                  progress: bool = True, chunksize: int = 4) -> dict:
+                  progress: bool = True, chunksize: int = 4,
+                  incomplete_backbone: str = "warn") -> dict:
   """Processes `work_items` into sharded records under `out_dir`.
 
   Args:
@@ -150,6 +192,7 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
     task: name written to the metadata.
     progress: show a tqdm bar.
     chunksize: items sent to a worker at a time.
+    incomplete_backbone: warn | skip | allow, for residues lacking N, C or O.
 
   Returns:
     The metadata dict also written to `out_dir/metadata.json`.
@@ -164,7 +207,10 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
   n_todo = sum(len(items) for _, items in todo)
   n_done = len(work_items) - n_todo
 
-  runner = _Runner(process_fn)
+  if incomplete_backbone not in INCOMPLETE_BACKBONE:
+    raise ValueError(f"incomplete_backbone={incomplete_backbone!r} is not one of "
+                     f"{' | '.join(INCOMPLETE_BACKBONE)}")
+  runner = _Runner(process_fn, incomplete_backbone)
   all_items = [item for _, items in todo for item in items]
   pool = None
   if num_workers > 1 and all_items:
@@ -195,10 +241,19 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
     if pool is not None:
       pool.terminate()
   elapsed = time.perf_counter() - start
-  return finalize(out_dir, plan, task=task, elapsed_s=elapsed, processed=n_todo)
+  metadata = finalize(out_dir, plan, task=task, elapsed_s=elapsed, processed=n_todo,
+                      incomplete_backbone=incomplete_backbone)
+  found = metadata["incomplete_backbone"]
+  if incomplete_backbone == "warn" and found["residues"]:
+    print(f"warning: {found['sources']} input(s) hold {found['residues']} residue(s) "
+          "without a complete backbone (N, C or O missing), featurised with degenerate "
+          f"frames; see 'incomplete_backbone' in {os.path.join(out_dir, MANIFEST)} "
+          "(--incomplete-backbone=skip leaves them out)", file=sys.stderr)
+  return metadata
 
 
-def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int) -> dict:
+def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
+             incomplete_backbone: str = "warn") -> dict:
   """Merges shard sidecars into manifest.jsonl, <split>/sizes.json and metadata.json."""
   manifest, sizes_by_split, files = [], collections.OrderedDict(), {}
   _remove_stale_shards(out_dir, plan)
@@ -229,6 +284,12 @@ def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int)
       "format": "tfrecord",
       "splits": splits,
       "skipped_reasons": dict(reasons.most_common()),
+      "incomplete_backbone": {
+          "policy": incomplete_backbone,
+          "sources": sum(bool(m.get("incomplete_backbone")) for m in manifest),
+          "residues": sum(m.get("incomplete_backbone", 0) for m in manifest),
+          "examples_left_out": sum(len(m.get("left_out_incomplete_backbone", ()))
+                                   for m in manifest)},
       "last_run": {"processed_items": processed, "seconds": round(elapsed_s, 3)},
   }
   _write_json(os.path.join(out_dir, METADATA), metadata)

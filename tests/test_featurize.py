@@ -1,5 +1,6 @@
 """Structure files -> ProteinExample: fields consistent with the parts they come from."""
 
+import gzip
 import importlib.util
 import os
 
@@ -140,6 +141,19 @@ def test_structure_stem():
   assert featurize.structure_stem("x/2xyz.pdb1.gz") == "2xyz"
   assert featurize.structure_stem("pdb1abc.ent") == "pdb1abc"
   assert featurize.structure_stem("noext") == "noext"
+  assert featurize.structure_stem("3abc.pdb.bz2") == "3abc"
+  assert featurize.structure_stem("4abc.pdbx") == "4abc"
+
+
+def test_blank_chain_id_gives_a_readable_example_id(tmp_path):
+  """A real chain with its chain column blanked: the id says so instead of "1ahsA_"."""
+  text = gzip.decompress(open(one_chain(), "rb").read()).decode()
+  blank = "".join(l[:21] + " " + l[22:] + "\n" if l.startswith(("ATOM", "HETATM", "TER"))
+                  else l + "\n" for l in text.splitlines())
+  path = tmp_path / "1ahsA.pdb"
+  path.write_text(blank)
+  (ex,) = featurize.examples_from_file(str(path))
+  assert ex.id == "1ahsA_blank" and ex.chain_ids == [""]
 
 
 def _chain_ends(ex):

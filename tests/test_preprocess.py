@@ -64,6 +64,83 @@ def test_broken_inputs_are_skipped_and_the_rest_written(tmp_path):
   assert not glob.glob(os.path.join(out, "**", "*.tmp-*"), recursive=True)
 
 
+def _ca_only(path) -> str:
+  """The CA lines of a real gzipped PDB file (every residue lacks N, C and O)."""
+  with open(path, "rb") as f:
+    text = gzip.decompress(f.read()).decode()
+  return "".join(l + "\n" for l in text.splitlines()
+                 if l.startswith("ATOM") and l[12:16] == " CA ") + "END\n"
+
+
+def _odd_folder(raw):
+  """Real structures under odd names and compressions, and files that are not ones."""
+  import bz2  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  import gemmi  # pylint: disable=g-import-not-at-top
+  good = _good_files()
+  with open(good[0], "rb") as f:
+    plain = gzip.decompress(f.read())
+  raw.mkdir()
+  (raw / "1ahsA.pdb.bz2").write_bytes(bz2.compress(plain))
+  st = gemmi.read_structure(good[1])
+  st.setup_entities()
+  st.make_mmcif_document().write_file(str(raw / "3q4oA.pdbx"))
+  (raw / "1ahsA_copy.structure").write_bytes(plain)  # PDB content, unlisted extension
+  (raw / "1ahsA_ca.pdb").write_text(_ca_only(good[0]))
+  (raw / "README.txt").write_text("Structures for the odd-folder test.\n")
+  with zipfile.ZipFile(raw / "archive.zip", "w") as z:
+    z.writestr("1ahsA.pdb", plain)
+  (raw / "cut.pdb.bz2").write_bytes(bz2.compress(plain)[:1500])
+  # gzip output ending on a whole record: read in part before, refused now.
+  head = plain[:plain.index(b"\nATOM", len(plain) // 2) + 1]
+  gz = zlib.compressobj(wbits=31)
+  (raw / "cut_at_record.pdb.gz").write_bytes(gz.compress(head) + gz.flush(zlib.Z_FULL_FLUSH))
+  return {"ok": ("1ahsA.pdb.bz2", "3q4oA.pdbx", "1ahsA_copy.structure", "1ahsA_ca.pdb"),
+          "skipped": {"README.txt": "not a PDB or mmCIF", "archive.zip": "zip archive",
+                      "cut.pdb.bz2": "truncated or corrupt bzip2",
+                      "cut_at_record.pdb.gz": "truncated or corrupt gzip"}}
+
+
+def test_pdb_dir_accounts_for_every_file(tmp_path, capsys):
+  """Every file of the folder is in the manifest, read by content or skipped with why;
+  CA-only residues are counted and warned about (default), left out (skip), or kept
+  quietly (allow)."""
+  raw = tmp_path / "raw"
+  expect = _odd_folder(raw)
+  out = str(tmp_path / "warn")
+  metadata = preprocess.main(["pdb_dir", "--raw", str(raw), "--out", out,
+                              "--workers", "1", "--no-progress"])
+  lines = {os.path.basename(m["source"]): m for m in _manifest(out)}
+  assert sorted(lines) == sorted(os.listdir(raw))
+  for name in expect["ok"]:
+    assert lines[name]["status"] == "ok", (name, lines[name]["reason"])
+  for name, reason in expect["skipped"].items():
+    assert lines[name]["status"] == "skipped" and reason in lines[name]["reason"], name
+  n_ca = lines["1ahsA_ca.pdb"]["n_residues"]
+  assert n_ca == lines["1ahsA.pdb.bz2"]["n_residues"] > 50
+  assert lines["1ahsA_ca.pdb"]["incomplete_backbone"] == n_ca
+  assert all(lines[n]["incomplete_backbone"] == 0 for n in expect["ok"][:3])
+  assert metadata["incomplete_backbone"] == {
+      "policy": "warn", "sources": 1, "residues": n_ca, "examples_left_out": 0}
+  warning = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warning) == 1 and f"{n_ca} residue(s) without a complete backbone" in warning[0]
+
+  out = str(tmp_path / "skip")
+  metadata = preprocess.main(["pdb_dir", "--raw", str(raw), "--out", out, "--workers",
+                              "1", "--no-progress", "--incomplete-backbone", "skip"])
+  line = {os.path.basename(m["source"]): m for m in _manifest(out)}["1ahsA_ca.pdb"]
+  assert line["status"] == "skipped" and "incomplete_backbone=skip" in line["reason"]
+  assert metadata["splits"]["train"]["examples"] == 3
+  out = str(tmp_path / "allow")
+  capsys.readouterr()
+  metadata = preprocess.main(["pdb_dir", "--raw", str(raw), "--out", out, "--workers",
+                              "1", "--no-progress", "--incomplete-backbone", "allow"])
+  assert metadata["splits"]["train"]["examples"] == 4
+  assert metadata["incomplete_backbone"]["residues"] == n_ca
+  assert "warning:" not in capsys.readouterr().err
+
+
 def _items(n):
   return [WorkItem(source=f"s{i:02d}", split="train" if i % 4 else "val",
                    payload=(10 + i, i, 1, 0)) for i in range(n)]

@@ -24,7 +24,8 @@ StructureError = structure.StructureError
 
 _CA = rc.ATOM_SLOT["CA"]
 
-_STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb1")
+_STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdbx", ".pdb1")
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
 
 
 def ligand_element_index(element: str) -> int:
@@ -126,12 +127,20 @@ def example_from_chains(
 
 
 def structure_stem(path: str | os.PathLike) -> str:
-  """File name without directory, .gz and structure suffix: "d/1abc.cif.gz" -> "1abc"."""
+  """File name without directory, compression and structure suffix:
+  "d/1abc.cif.gz" -> "1abc", "1abc.pdb.bz2" -> "1abc"."""
   name = os.path.basename(os.fspath(path))
-  if name.lower().endswith(".gz"):
-    name = name[:-3]
+  for suffix in _COMPRESSION_SUFFIXES:
+    if name.lower().endswith(suffix):
+      name = name[:-len(suffix)]
+      break
   root, ext = os.path.splitext(name)
   return root if ext.lower() in _STRUCTURE_SUFFIXES else name
+
+
+def chain_example_id(stem: str, chain_id: str) -> str:
+  """Id of a one-chain example: "<stem>_<chain>"; a blank chain id reads "<stem>_blank"."""
+  return f"{stem}_{chain_id.strip() or 'blank'}"
 
 
 def examples_from_file(
@@ -142,11 +151,11 @@ def examples_from_file(
   """Parses a structure file into examples.
 
   Args:
-    path: .pdb/.ent/.cif/.mmcif file, optionally gzipped.
+    path: PDB or mmCIF file, optionally gzip / bzip2 / xz compressed (read by content).
     model_index: model to read (first by default).
     chain_ids: author chain ids to keep, in this order (all protein chains if None);
       a requested chain that is missing raises StructureError.
-    per_chain: one example per chain, id "<stem>_<chain>"; else one example of all
+    per_chain: one example per chain, id "<stem>_<chain>" (`chain_example_id`); else one example of all
       chains, id "<stem>".
     min_residues: chains with fewer residues are left out (per_chain) or, for one
       example of all chains, the total must reach it.
@@ -181,7 +190,7 @@ def examples_from_file(
       raise StructureError(f"{source}: no chain with at least {min_residues} residues")
     return [
         example_from_chains(
-            f"{stem}_{c.chain_id}", [c],
+            chain_example_id(stem, c.chain_id), [c],
             ligands=[l for l in parsed.ligands if l.chain_id == c.chain_id]
             if include_ligands else (), **kw)
         for c in kept]
