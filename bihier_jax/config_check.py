@@ -146,6 +146,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   from bihier_jax.training import metrics
   # pylint: enable=g-import-not-at-top
   _one_of(config, "task.level", heads.LEVELS)
+  from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
+  _one_of(config, "data.incomplete_backbone", featurize.INCOMPLETE_BACKBONE_POLICIES)
+  names = _get(config, "task.class_names")
+  columns = _get(config, "task.num_classes") if _get(config, "task.loss") == (
+      "softmax_ce") else 1
+  if names and columns is not None and len(names) != int(columns):
+    raise ConfigError(f"task.class_names has {len(names)} name(s) for {columns} "
+                      "prediction column(s): give one per class, or () for class_0..")
   _one_of(config, "task.loss", heads.LOSSES)
   _one_of(config, "task.select_mode", SELECT_MODES)
   _one_of(config, "model.kind", bihier.KINDS)

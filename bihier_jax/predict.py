@@ -1,59 +1,150 @@
-r"""Run a trained model on a structure file.
+r"""Run a trained model on structure files.
 
-  python -m bihier_jax.predict --config C --workdir DIR --structure FILE [--out P.npz]
+  python -m bihier_jax.predict --workdir DIR --structure FILE [--out P.npz]
+  python -m bihier_jax.predict --workdir DIR --structures DIR_OR_GLOB [--out P.npz]
 
-Parses FILE (PDB or mmCIF, optionally gzipped), builds the residue graph as the
-training data was built (config.data.cutoff Å, config.data.max_neighbors), restores
-the run's checkpoint (`--checkpoint`, as in bihier_jax.eval) and saves an .npz with:
+The config defaults to the run's own (DIR/config.json); --config and --config.x.y=...
+change it. Each file is read by content (PDB or mmCIF, plain or gzip / bzip2 / xz) and
+its residue graph built as the training data was (config.data.cutoff Å,
+config.data.max_neighbors). All inputs are read and checked before JAX starts: with
+--structure a file that cannot be used ends the command with one line naming it and the
+reason (exit status 2); with --structures such files are skipped and listed in the
+manifest, and the command fails only if none is usable. Residues lacking N, C or O
+follow config.data.incomplete_backbone (warn: kept, counted and reported; skip: their
+protein is left out; allow: kept quietly).
 
-  protein_ids [P]                  one protein per example (all chains, or per chain
-                                   with --per_chain)
+The proteins are batched as evaluation batches them (the task's padding budgets, one
+device), with a progress bar, after restoring the run's checkpoint (`--checkpoint`, as
+in bihier_jax.eval). One .npz holds every protein:
+
+  protein_ids [P]                  "<stem>_<chain>" with --per_chain (blank chain:
+                                   "<stem>_blank"), else "<stem>"
+  protein_file [P]                 the file it came from
+  protein_incomplete_backbone [P]  its residues lacking N, C or O
   residue_protein [n]              index into protein_ids of each residue
   chain_id, residue_number, insertion_code, residue_type [n]   (author numbering)
-  node_embeddings [n, D]           per-residue readout features
-  graph_embeddings [P, D]          per-protein pooled features
-  residue_predictions [n, ...]     node tasks: class probabilities [n, C] /
-                                   positive probability [n] / value [n]
-  protein_predictions [P, ...]     graph tasks, likewise per protein
-Default output: DIR/predictions/<file stem>.npz. The work is done by
-`bihier_jax.training.inference.predict_structure`.
+  residue_backbone_complete [n]    False for residues lacking N, C or O
+  node_embeddings [n, D]           per-residue features the head reads
+  graph_embeddings [P, D]          their pool per protein
+  residue_predictions [n, ...]     node tasks, protein_predictions [P, ...] graph tasks:
+                                   class probabilities [., C], positive probability [.]
+                                   or value [.] in label units
+  class_names [C], prediction_kind what the prediction columns are (e.g. helix / strand /
+                                   other, class_probabilities for the demo)
+  embedding, task_name, checkpoint_step
+
+Default output: DIR/predictions/<file stem>.npz (--structure) or
+DIR/predictions/<folder name>.npz (--structures); --structures also writes
+<output>.manifest.jsonl, one line per file (ok or skipped, with the reason).
 """
 
+import json
+import os
 import sys
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
+from absl import logging
 
 from bihier_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The run's config file (.py).",
-                                lock_config=True)
 flags.DEFINE_string("workdir", None, "The training run's directory.")
-flags.DEFINE_string("structure", None, "PDB / mmCIF file (.gz accepted).")
-flags.DEFINE_string("out", "", "Output .npz (default DIR/predictions/<stem>.npz).")
+flags.DEFINE_string("structure", None, "One PDB / mmCIF file (gzip, bzip2, xz read).")
+flags.DEFINE_string("structures", None, "A folder (every file under it) or a glob "
+                    "('data/*.cif.gz') of structure files, predicted in batches.")
+flags.DEFINE_string("out", "", "Output .npz (default DIR/predictions/<name>.npz).")
 flags.DEFINE_string("checkpoint", "", "best | latest | step number (default: best if "
                     "any checkpoint has validation metrics, else latest).")
 flags.DEFINE_bool("per_chain", False, "One protein per chain instead of one protein of "
-                  "all chains.")
+                  "all chains of a file.")
 flags.DEFINE_list("chains", None, "Author chain ids to keep (default: all protein "
-                  "chains).")
-flags.mark_flags_as_required(["config", "workdir", "structure"])
+                  "chains); a file without one of them cannot be used.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _output_path() -> str:
+  from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
+  if FLAGS.out:
+    return FLAGS.out
+  if FLAGS.structure:
+    name = featurize.structure_stem(FLAGS.structure)
+  else:
+    spec = FLAGS.structures.rstrip("/")
+    name = os.path.basename(spec) if os.path.isdir(spec) else "structures"
+  return os.path.join(FLAGS.workdir, "predictions", f"{name}.npz")
+
+
+def _read_inputs(config):
+  """Parses every input (no JAX yet); exits 2 with one line when nothing can be used."""
+  from bihier_jax.common import structure  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
+  if bool(FLAGS.structure) == bool(FLAGS.structures):
+    raise cli.CommandLineError("give one of --structure FILE or --structures "
+                               "DIR_OR_GLOB")
+  kw = dict(per_chain=FLAGS.per_chain, chains=FLAGS.chains,
+            incomplete_backbone=str(config.data.get("incomplete_backbone", "warn")),
+            cutoff=float(config.data.cutoff),
+            max_neighbors=int(config.data.max_neighbors))
+  try:
+    if FLAGS.structure:
+      if not os.path.isfile(FLAGS.structure):
+        raise structure.StructureError(
+            f"{FLAGS.structure}: " + ("a folder: use --structures" if
+                                      os.path.isdir(FLAGS.structure) else "file not found"))
+      examples, line = structure_inputs.load_file(FLAGS.structure, **kw)
+      return structure_inputs.Loaded(examples, [FLAGS.structure] * len(examples), [line])
+    paths = structure_inputs.expand(FLAGS.structures)
+  except (structure.StructureError, structure_inputs.InputError) as e:
+    raise cli.CommandLineError(str(e)) from e
+  loaded = structure_inputs.load(paths, **kw)
+  if not loaded.examples:
+    reasons = "; ".join(m["reason"] for m in loaded.skipped[:3])
+    raise cli.CommandLineError(f"{FLAGS.structures}: none of {len(paths)} file(s) can be "
+                               f"used ({reasons}{'; ...' if len(paths) > 3 else ''})")
+  return loaded
+
+
+def _report_inputs(loaded, config, out: str) -> None:
+  policy = str(config.data.get("incomplete_backbone", "warn"))
+  incomplete = [m for m in loaded.manifest if m.get("incomplete_backbone")]
+  if incomplete and policy == "warn":
+    residues = sum(m["incomplete_backbone"] for m in incomplete)
+    where = incomplete[0]["source"] if len(incomplete) == 1 else (
+        f"{len(incomplete)} files")
+    print(f"warning: {where}: {residues} residue(s) without a complete backbone (N, C or "
+          "O missing), predicted from degenerate frames; see protein_incomplete_backbone "
+          "(--config.data.incomplete_backbone=skip leaves such proteins out)",
+          file=sys.stderr, flush=True)
+  if FLAGS.structures:
+    manifest = os.path.splitext(out)[0] + ".manifest.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(manifest)), exist_ok=True)
+    with open(manifest, "w") as f:
+      for line in loaded.manifest:
+        f.write(json.dumps(line) + "\n")
+    if loaded.skipped:
+      print(f"warning: {len(loaded.skipped)} of {len(loaded.manifest)} file(s) skipped "
+            f"(reasons in {manifest})", file=sys.stderr, flush=True)
 
 
 def main(argv):
   cli.start(argv)
-  from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  loaded = _read_inputs(config)
+  out = _output_path()
+  _report_inputs(loaded, config, out)
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  try:
-    inference.predict_structure(
-        FLAGS.config, FLAGS.workdir, FLAGS.structure, out=FLAGS.out,
-        checkpoint=FLAGS.checkpoint, per_chain=FLAGS.per_chain, chains=FLAGS.chains)
-  except checkpointing.CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.start_backend(False)
+  done = inference.predict_structures(config, FLAGS.workdir, loaded, out=out,
+                                      checkpoint=FLAGS.checkpoint,
+                                      progress=FLAGS.progress)
+  logging.info("%d protein(s) from %d file(s): %.2f proteins/s (restore and compile "
+               "included)", done["proteins"], len(loaded.manifest) - len(loaded.skipped),
+               done["proteins"] / max(done["seconds"], 1e-9))
+  print(out, flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_help="The run's config file (.py); default: the config it was "
+          "trained with, WORKDIR/config.json.", workdir_config=True, needs_data=False)

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None):
   c.task.level = "node"
   c.task.loss = "sigmoid_bce"
   c.task.num_classes = 1
+  c.task.class_names = ("epitope",)
   c.task.metrics = ("auprc", "auroc")
   c.task.select_metric = "auprc"
   c.task.select_mode = "max"

@@ -19,6 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.level = "node"  # node (per residue) | graph (per protein)
   c.task.loss = "softmax_ce"  # softmax_ce | sigmoid_bce | mse
   c.task.num_classes = 3  # classes for softmax_ce; 1 for sigmoid_bce / mse
+  # Names of the prediction columns in predict's output (() = class_0.., or the task's
+  # name for the one column of sigmoid_bce / mse).
+  c.task.class_names = ()
   c.task.metrics = ("accuracy",)  # names from bihier_jax.training.metrics
   c.task.select_metric = "accuracy"  # validation metric that picks the best checkpoint
   c.task.select_mode = "max"  # max | min
@@ -47,6 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.row_length = 0
   c.data.max_neighbors = 32
   c.data.cutoff = 10.0  # Å
+  # Residues lacking N, C or O (CA-only models, truncated residues) in predict's inputs:
+  # warn = kept, counted and reported | skip = their protein left out | allow = kept
+  # quietly. The model sees them with degenerate frames (docs/data.md). Preprocessing
+  # takes the same choice as --incomplete-backbone.
+  c.data.incomplete_backbone = "warn"
   c.data.num_workers = 4  # preprocessing processes
 
   # --- model ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
   c.task.level = "node"
   c.task.loss = "softmax_ce"
   c.task.num_classes = 3
+  c.task.class_names = ("helix", "strand", "other")  # data_pipelines.demo's classes
   c.task.metrics = ("accuracy", "majority_accuracy")
   c.task.select_metric = "accuracy"
   c.task.select_mode = "max"

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None, identity: int = 30):
   c.task.level = "graph"
   c.task.loss = "mse"
   c.task.num_classes = 1
+  c.task.class_names = ("neglog_aff",)  # pK = -log10(Kd or Ki in M)
   c.task.metrics = ("rmse", "pearson", "spearman")
   c.task.select_metric = "rmse"
   c.task.select_mode = "min"

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
   c.task.level = "graph"
   c.task.loss = "mse"
   c.task.num_classes = 1
+  c.task.class_names = ("gdt_ts",)
   c.task.metrics = ("spearman_global", "pearson_global", "kendall_global",
                     "spearman_per_target", "pearson_per_target", "kendall_per_target",
                     "rmse")

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
   c.task.level = "node"
   c.task.loss = "sigmoid_bce"
   c.task.num_classes = 1
+  c.task.class_names = ("binding_site",)
   c.task.metrics = ("auprc", "auroc", "auprc_per_group")
   c.task.select_metric = "auprc"
   c.task.select_mode = "max"

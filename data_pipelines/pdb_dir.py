@@ -14,6 +14,7 @@ import argparse
 import os
 import re
 
+from bihier_jax.data import structure_inputs
 from data_pipelines.tasks import SkipItem, WorkItem
 
 # Names that look like structure files (label matching in data_pipelines.custom).
@@ -21,19 +22,10 @@ _STRUCTURE_FILE = re.compile(r"\.(pdb\d*|ent|cif|mmcif|pdbx)(\.(gz|bz2|xz))?$",
                              re.IGNORECASE)
 
 
-def all_files(raw_dir: str) -> list[str]:
-  """Every regular file under `raw_dir`, sorted (folders in sorted order too)."""
-  found = []
-  for root, dirs, files in os.walk(raw_dir):
-    dirs.sort()
-    found.extend(os.path.join(root, f) for f in sorted(files)
-                 if os.path.isfile(os.path.join(root, f)))
-  return found
-
-
 def structure_files(raw_dir: str) -> list[str]:
   """The files under `raw_dir` whose names look like structure files, sorted."""
-  return [p for p in all_files(raw_dir) if _STRUCTURE_FILE.search(os.path.basename(p))]
+  return [p for p in structure_inputs.all_files(raw_dir)
+          if _STRUCTURE_FILE.search(os.path.basename(p))]
 
 
 class PdbDirTask:
@@ -51,7 +43,7 @@ class PdbDirTask:
     split = getattr(args, "split", "train")
     per_chain = not getattr(args, "whole", False)
     return [WorkItem(source=path, split=split, payload=(per_chain,))
-            for path in all_files(raw_dir)]
+            for path in structure_inputs.all_files(raw_dir)]
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top

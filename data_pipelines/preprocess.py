@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from bihier_jax.data import featurize
 from data_pipelines import custom
 from data_pipelines import shards
 from data_pipelines import tasks
@@ -39,7 +40,7 @@ def build_parser(task: tasks.Task | None) -> argparse.ArgumentParser:
                       help="only the first N work items (0 = all); for trials")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--incomplete-backbone", default="warn",
-                      choices=shards.INCOMPLETE_BACKBONE,
+                      choices=featurize.INCOMPLETE_BACKBONE_POLICIES,
                       help="residues lacking N, C or O (e.g. CA-only models): warn = keep "
                       "and say how many (manifest field incomplete_backbone), skip = "
                       "leave out the examples that have any, allow = keep quietly")

@@ -45,14 +45,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tqdm
 
-from bihier_jax.common import structure
+from bihier_jax.data import featurize
 from bihier_jax.data import records
 from data_pipelines.tasks import SkipItem, WorkItem
 
 METADATA = "metadata.json"
 MANIFEST = "manifest.jsonl"
 HISTOGRAM_BIN = 16  # residues per bin of the length histogram
-INCOMPLETE_BACKBONE = ("warn", "skip", "allow")  # data.incomplete_backbone's values
 
 
 @dataclasses.dataclass
@@ -70,29 +69,13 @@ def example_size(ex) -> list[int]:
           ex.num_edges]
 
 
-def incomplete_backbone_residues(ex) -> int:
-  """Residues of an example lacking N, CA, C or O."""
-  return int(structure.incomplete_backbone(ex.atom_mask).sum())
-
-
 def filter_incomplete_backbone(examples, policy: str, source: str):
-  """(examples kept, incomplete residues among them, ids left out) under `policy`.
-
-  Raises:
-    SkipItem: `skip` left no example.
-  """
-  if policy not in INCOMPLETE_BACKBONE:
-    raise ValueError(f"incomplete_backbone={policy!r} is not one of "
-                     f"{' | '.join(INCOMPLETE_BACKBONE)}")
-  counts = [incomplete_backbone_residues(ex) for ex in examples]
-  if policy != "skip":
-    return list(examples), sum(counts), []
-  dropped = [ex.id for ex, c in zip(examples, counts) if c]
-  kept = [ex for ex, c in zip(examples, counts) if not c]
+  """`featurize.apply_incomplete_backbone`; raises SkipItem when `skip` left none."""
+  kept, incomplete, dropped = featurize.apply_incomplete_backbone(examples, policy)
   if not kept:
-    raise SkipItem(f"{source}: {sum(counts)} residue(s) without a complete backbone "
-                   "(N, CA, C, O) and incomplete_backbone=skip")
-  return kept, 0, dropped
+    raise SkipItem(f"{source}: residues without a complete backbone (N, CA, C, O) in "
+                   f"{', '.join(dropped)} and incomplete_backbone=skip")
+  return kept, incomplete, dropped
 
 
 def run_item(process_fn: Callable, item: WorkItem,
@@ -207,9 +190,7 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
   n_todo = sum(len(items) for _, items in todo)
   n_done = len(work_items) - n_todo
 
-  if incomplete_backbone not in INCOMPLETE_BACKBONE:
-    raise ValueError(f"incomplete_backbone={incomplete_backbone!r} is not one of "
-                     f"{' | '.join(INCOMPLETE_BACKBONE)}")
+  featurize.check_incomplete_backbone_policy(incomplete_backbone)
   runner = _Runner(process_fn, incomplete_backbone)
   all_items = [item for _, items in todo for item in items]
   pool = None

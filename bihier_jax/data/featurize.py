@@ -28,6 +28,35 @@ _STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdbx", ".pdb1")
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
 
 
+# data.incomplete_backbone: residues lacking N, C or O (CA-only models, truncated
+# residues). The model sees them with a degenerate frame: the missing N / C take the CA
+# position (ProNet's frame angles 0), the backbone dihedrals that need them are 0, and
+# ESM reads their residue type as usual.
+INCOMPLETE_BACKBONE_POLICIES = ("warn", "skip", "allow")
+
+
+def incomplete_backbone_residues(ex: ProteinExample) -> int:
+  """Residues of an example lacking N, CA, C or O."""
+  return int(structure.incomplete_backbone(ex.atom_mask).sum())
+
+
+def check_incomplete_backbone_policy(policy: str) -> None:
+  if policy not in INCOMPLETE_BACKBONE_POLICIES:
+    raise ValueError(f"incomplete_backbone={policy!r} is not one of "
+                     f"{' | '.join(INCOMPLETE_BACKBONE_POLICIES)}")
+
+
+def apply_incomplete_backbone(examples: Sequence[ProteinExample], policy: str):
+  """(examples kept, their incomplete-backbone residues, ids left out) under `policy`:
+  warn and allow keep every example (the caller warns), skip leaves out those with any."""
+  check_incomplete_backbone_policy(policy)
+  counts = [incomplete_backbone_residues(ex) for ex in examples]
+  if policy != "skip":
+    return list(examples), sum(counts), []
+  return ([ex for ex, c in zip(examples, counts) if not c], 0,
+          [ex.id for ex, c in zip(examples, counts) if c])
+
+
 def ligand_element_index(element: str) -> int:
   """Index in `residue_constants.LIGAND_ELEMENTS`; unlisted elements are OTHER."""
   return rc.ELEMENT_INDEX.get(element.upper(), rc.ELEMENT_INDEX["OTHER"])

@@ -546,6 +546,60 @@ def bucket_budgets(config, sizes: np.ndarray | None = None, *,
                   node_fill=node_fill, node_multiple=node_multiple)
 
 
+def size_rows(examples: Sequence[ProteinExample]) -> np.ndarray:
+  """int[M, 4] (nodes, longest chain, chains, edges) per example: the sizes.json rows
+  that `bucket_budgets` takes."""
+  rows = [example_sizes(ex) for ex in examples]
+  return np.array([[n, row - 2, c, e] for n, e, c, row in rows] or np.zeros([0, 4]),
+                  np.int64).reshape(-1, 4)
+
+
+def inference_batches(examples: Sequence[ProteinExample], config
+                      ) -> list[tuple[PaddingBudget, list[int]]]:
+  """Padded batches for examples held in memory, as evaluation would batch them.
+
+  The budgets are the task's `bucket_budgets` for these examples' sizes (the rule of
+  evaluation, so at most len(data.length_buckets) + 1 compiled shapes); each example
+  goes to the smallest budget it fits and each budget's examples are packed in order by
+  `packing.plan_batches`, as the tf.data packer packs a chunk. Nothing is cropped:
+  data.max_residues is raised to the longest chain, so a longer chain gets the top
+  length bucket; an example that still fits no budget gets a batch of its own,
+  `budget_for` it.
+
+  Returns:
+    [(budget, indices into `examples`)], every example exactly once.
+  """
+  sizes = size_rows(examples)
+  longest = int(sizes[:, 1].max(initial=0))
+  if longest > int(config.data.max_residues):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.max_residues = longest
+  budgets = bucket_budgets(config, sizes)
+  members: dict[int, list[int]] = collections.defaultdict(list)
+  alone = []
+  for i, ex in enumerate(examples):
+    n_node, n_edge, _, _ = example_sizes(ex)
+    tokens = [len(s) + 2 for s in ex.sequences]
+    fit = next((b for b, budget in enumerate(budgets)
+                if packing.oversize(n_node, n_edge, tokens, budget) is None), None)
+    if fit is None:
+      alone.append(i)
+    else:
+      members[fit].append(i)
+  out = []
+  for b in sorted(members):
+    idx = members[b]
+    plan = _plan([examples[i] for i in idx], budgets[b])
+    for k in range(plan.num_batches):
+      out.append((budgets[b], [i for i, j in zip(idx, plan.batch) if j == k]))
+  packed = bool(config.data.get("pack_rows", False))
+  for i in alone:
+    out.append((budget_for([examples[i]], node_multiple=64, edge_multiple=512,
+                           row_multiple=8, packed_rows=packed), [i]))
+  return out
+
+
 # --- tf.data pipeline ------------------------------------------------------------------
 #
 # The pipeline works on chunks: C serialized records are batched, parsed at once into

@@ -138,6 +138,23 @@ def loss(task, logits, batch):
   return value, aux
 
 
+def prediction_kind(task) -> str:
+  """What `predictions` hold: class_probabilities | positive_probability | value."""
+  return {"softmax_ce": "class_probabilities", "sigmoid_bce": "positive_probability",
+          "mse": "value"}[task.loss]
+
+
+def class_names(task) -> tuple[str, ...]:
+  """Names of the prediction columns: task.class_names, else class_0.. (softmax_ce),
+  the positive class (sigmoid_bce) or the label (mse) named after the task."""
+  names = tuple(str(n) for n in (task.get("class_names", ()) or ()))
+  if names:
+    return names
+  if task.loss == "softmax_ce":
+    return tuple(f"class_{k}" for k in range(int(task.num_classes)))
+  return (f"{task.name}_positive",) if task.loss == "sigmoid_bce" else (task.name,)
+
+
 def predictions(task, logits):
   """What metrics consume: class probabilities float32[M, C] (softmax_ce), positive-class
   probabilities float32[M] (sigmoid_bce), or de-standardised values float32[M] (mse)."""

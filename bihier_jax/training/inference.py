@@ -1,4 +1,4 @@
-"""Inference from a run directory: evaluate a checkpoint, predict on a structure file.
+"""Inference from a run directory: evaluate a checkpoint, predict on structure files.
 
 The library side of `python -m bihier_jax.eval` and `python -m bihier_jax.predict`.
 `evaluate_checkpoint` writes, per split, DIR/eval/<split>.json (metrics) and
@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.common import structure
 from bihier_jax.data import featurize
 from bihier_jax.data import input_pipeline
 from bihier_jax.training import evaluation
@@ -117,52 +118,99 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None,
   return results
 
 
-def predict_structure(config, workdir: str, structure_path: str, *, out: str = "",
-                      checkpoint: str = "", per_chain: bool = False, chains=None) -> str:
-  """Writes the predictions .npz (fields: see bihier_jax/predict.py) for one structure
-  file; returns its path."""
-  examples = featurize.examples_from_file(
-      structure_path, per_chain=per_chain, chain_ids=chains,
-      cutoff=float(config.data.cutoff), max_neighbors=int(config.data.max_neighbors))
-  too_long = [f"{ex.id} ({max(len(s) for s in ex.sequences)})" for ex in examples
-              if max(len(s) for s in ex.sequences) > 1022]
-  if too_long:
-    raise ValueError(f"{structure_path}: chains longer than ESM-2's 1022 residues: "
-                     f"{', '.join(too_long)}")
-  # One program for the whole file, rounded so that similar files share it.
-  budget = input_pipeline.budget_for(examples, node_multiple=64, edge_multiple=512,
-                                     row_multiple=8)
-  batch = input_pipeline.collate(examples, budget)
-  mesh = parallel.make_mesh(jax.local_devices()[:1])
-  model, params, step = restore_params(config, workdir, checkpoint, batch, mesh)
-  eval_fn = jit_eval_step(model, config.task, mesh)
-  outputs = eval_fn(params, parallel.put_global(parallel.stack([batch]), mesh))
-  outputs = {k: np.asarray(jax.device_get(v))[0] for k, v in outputs.items()}
+def predict_structures(config, workdir: str, loaded, *, out: str,
+                       checkpoint: str = "", progress: bool = True) -> dict:
+  """Predictions for the proteins `structure_inputs.load` read, in one .npz at `out`.
 
-  residue = (batch.node_mask & (batch.graph.nodes["node_kind"] == 0))
-  num_proteins = len(examples)
+  Batches them as evaluation does (`input_pipeline.inference_batches`), one device.
+  Fields: see bihier_jax/predict.py. Returns {"out", "proteins", "residues", "seconds",
+  "compiled_shapes"}; `seconds` counts restore, compile and run, not parsing.
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  examples = loaded.examples
+  batches = input_pipeline.inference_batches(examples, config)
+  first_budget, first_members = batches[0]
+  sample = input_pipeline.collate([examples[i] for i in first_members], first_budget)
+  mesh = parallel.make_mesh(jax.local_devices()[:1])
+  model, params, step = restore_params(config, workdir, checkpoint, sample, mesh)
+  eval_fn = jit_eval_step(model, config.task, mesh)
+  node_task = config.task.level == "node"
+  per_example = [None] * len(examples)
+  bar = tqdm.tqdm(total=len(examples), unit="protein", desc="predict",
+                  disable=not progress, smoothing=0.1)
+  with bar:
+    for budget, members in batches:
+      batch = input_pipeline.collate([examples[i] for i in members], budget)
+      outputs = eval_fn(params, parallel.put_global(parallel.stack([batch]), mesh))
+      outputs = {k: np.asarray(jax.device_get(v))[0] for k, v in outputs.items()}
+      residue = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)
+      for g, i in enumerate(members):
+        nodes = residue & (batch.node_graph == g)
+        per_example[i] = {
+            "node_embeddings": outputs["node_embeddings"][nodes],
+            "graph_embeddings": outputs["graph_embeddings"][g],
+            "predictions": outputs["predictions"][nodes] if node_task
+                           else outputs["predictions"][g]}
+      bar.update(len(members))
+  shapes = len({budget for budget, _ in batches})
+
   result = {
       "protein_ids": np.array([ex.id for ex in examples]),
-      "residue_protein": batch.node_graph[residue].astype(np.int32),
+      "protein_file": np.array(loaded.example_file),
+      "protein_incomplete_backbone": np.array(
+          [featurize.incomplete_backbone_residues(ex) for ex in examples], np.int32),
+      "residue_protein": np.concatenate([np.full([ex.num_residues], p, np.int32)
+                                         for p, ex in enumerate(examples)]),
       "chain_id": np.concatenate([np.asarray(ex.chain_ids)[ex.chain_row]
                                   for ex in examples]),
       "residue_number": np.concatenate([ex.residue_number for ex in examples]),
       "insertion_code": np.concatenate([ex.insertion_code for ex in examples]),
       "residue_type": np.array([rc.RESTYPES[a] for ex in examples for a in ex.aatype]),
-      "node_embeddings": outputs["node_embeddings"][residue],
-      "graph_embeddings": outputs["graph_embeddings"][:num_proteins],
+      "residue_backbone_complete": np.concatenate(
+          [~structure.incomplete_backbone(ex.atom_mask) for ex in examples]),
+      "node_embeddings": np.concatenate([r["node_embeddings"] for r in per_example]),
+      "graph_embeddings": np.stack([r["graph_embeddings"] for r in per_example]),
+      "class_names": np.array(heads.class_names(config.task)),
+      "prediction_kind": np.array(heads.prediction_kind(config.task)),
+      "embedding": np.array(
+          f"node_embeddings: per-residue features the {config.task.level}-level head "
+          f"reads (model.kind={config.model.kind}, readout={config.model.readout}); "
+          "graph_embeddings: their pool per protein"),
+      "task_name": np.array(str(config.task.name)),
       "checkpoint_step": np.int64(step),
   }
-  if config.task.level == "node":
-    result["residue_predictions"] = outputs["predictions"][residue]
-  else:
-    result["protein_predictions"] = outputs["predictions"][:num_proteins]
-  if not out:
-    stem = featurize.structure_stem(structure_path)
-    out = os.path.join(workdir, "predictions", f"{stem}.npz")
+  key = "residue_predictions" if node_task else "protein_predictions"
+  result[key] = (np.concatenate if node_task else np.stack)(
+      [r["predictions"] for r in per_example])
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   np.savez(out, **result)
-  logging.info("predictions for %d protein(s), %d residues -> %s", num_proteins,
-               int(residue.sum()), out)
-  print(out, flush=True)
-  return out
+  seconds = time.perf_counter() - start
+  n_residues = int(result["residue_protein"].shape[0])
+  logging.info("predictions for %d protein(s), %d residues in %d batch(es) of %d "
+               "shape(s), %.1f s -> %s", len(examples), n_residues, len(batches),
+               shapes, seconds, out)
+  return {"out": out, "proteins": len(examples), "residues": n_residues,
+          "seconds": seconds, "compiled_shapes": shapes}
+
+
+def predict_structure(config, workdir: str, structure_path: str, *, out: str = "",
+                      checkpoint: str = "", per_chain: bool = False, chains=None) -> str:
+  """`predict_structures` for one file (no progress bar); returns the .npz path
+  (default DIR/predictions/<file stem>.npz).
+
+  Raises:
+    structure.StructureError: the file cannot be used (names it and the reason).
+  """
+  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
+  examples, line = structure_inputs.load_file(
+      structure_path, per_chain=per_chain, chains=chains,
+      incomplete_backbone=str(config.data.get("incomplete_backbone", "warn")),
+      cutoff=float(config.data.cutoff), max_neighbors=int(config.data.max_neighbors))
+  loaded = structure_inputs.Loaded(examples, [structure_path] * len(examples), [line])
+  out = out or os.path.join(workdir, "predictions",
+                            f"{featurize.structure_stem(structure_path)}.npz")
+  return predict_structures(config, workdir, loaded, out=out, checkpoint=checkpoint,
+                            progress=False)["out"]

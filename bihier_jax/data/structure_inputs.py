@@ -1,0 +1,129 @@
+"""Structure files named on a command line -> examples, with one manifest line per file.
+
+Used by `predict` (and `preprocess pdb_dir` for the folder listing) before JAX or
+TensorFlow start: parsing and featurising need gemmi and numpy only, so a bad input is
+reported at once.
+
+  paths = structure_inputs.expand("structures/")            # a file, folder or glob
+  loaded = structure_inputs.load(paths, cutoff=10.0, max_neighbors=32)
+  loaded.examples, loaded.example_file, loaded.manifest
+
+Every file ends up in `manifest` as `ok` or `skipped` with the reason (the reader's
+StructureError, a chain longer than ESM-2 takes, a missing `chains` id, or residues
+without a complete backbone under the `skip` policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Sequence
+
+from bihier_jax.common import structure
+from bihier_jax.data import featurize
+from bihier_jax.data.example import ProteinExample
+
+# ESM-2 was trained on at most 1,024 tokens: 1,022 residues and <cls>, <eos>.
+MAX_CHAIN_LENGTH = 1022
+
+
+class InputError(ValueError):
+  """Nothing usable was named (no such file, an empty folder, a glob matching none)."""
+
+
+def all_files(folder: str) -> list[str]:
+  """Every regular file under `folder`, recursively, sorted (folders in sorted order)."""
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    found.extend(os.path.join(root, f) for f in sorted(files)
+                 if os.path.isfile(os.path.join(root, f)))
+  return found
+
+
+def expand(spec: str) -> list[str]:
+  """The files that `spec` names: a file, every file under a folder, or a glob's files.
+
+  Raises:
+    InputError: nothing matches (the message says what was looked for).
+  """
+  if os.path.isdir(spec):
+    files = all_files(spec)
+    if not files:
+      raise InputError(f"{spec}: folder holds no files")
+    return files
+  if os.path.isfile(spec):
+    return [spec]
+  if glob.has_magic(spec):
+    files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    if not files:
+      raise InputError(f"{spec}: no file matches")
+    return files
+  raise InputError(f"{spec}: no such file or folder")
+
+
+@dataclasses.dataclass
+class Loaded:
+  """What `load` read.
+
+  Attributes:
+    examples: [P] the usable proteins, files in order.
+    example_file: [P] the file each came from.
+    manifest: one dict per file: source, status (ok | skipped), reason, proteins,
+      residues, incomplete_backbone (residues lacking N, C or O, in kept proteins).
+  """
+  examples: list[ProteinExample]
+  example_file: list[str]
+  manifest: list[dict]
+
+  @property
+  def skipped(self) -> list[dict]:
+    return [m for m in self.manifest if m["status"] != "ok"]
+
+
+def load_file(path: str, *, per_chain: bool = False, chains: Sequence[str] | None = None,
+              incomplete_backbone: str = "warn", cutoff: float = 10.0,
+              max_neighbors: int = 32) -> tuple[list[ProteinExample], dict]:
+  """One file's examples and its manifest line (status `ok`).
+
+  Raises:
+    structure.StructureError: the file cannot be used; the message names it and why.
+  """
+  examples = featurize.examples_from_file(
+      path, per_chain=per_chain, chain_ids=list(chains) if chains else None,
+      cutoff=cutoff, max_neighbors=max_neighbors)
+  too_long = [f"{ex.id} ({max(len(s) for s in ex.sequences)})" for ex in examples
+              if max(len(s) for s in ex.sequences) > MAX_CHAIN_LENGTH]
+  if too_long:
+    raise structure.StructureError(
+        f"{path}: chain(s) longer than ESM-2's {MAX_CHAIN_LENGTH} residues: "
+        f"{', '.join(too_long)}")
+  kept, incomplete, dropped = featurize.apply_incomplete_backbone(
+      examples, incomplete_backbone)
+  if not kept:
+    raise structure.StructureError(
+        f"{path}: every protein has residues without a complete backbone (N, CA, C, "
+        f"O) and data.incomplete_backbone=skip ({', '.join(dropped)})")
+  line = {"source": path, "status": "ok", "reason": "", "proteins": len(kept),
+          "residues": sum(ex.num_residues for ex in kept),
+          "incomplete_backbone": incomplete}
+  if dropped:
+    line["left_out_incomplete_backbone"] = dropped
+  return kept, line
+
+
+def load(paths: Sequence[str], **kw) -> Loaded:
+  """`load_file` of each path; a file that cannot be used is a `skipped` line."""
+  loaded = Loaded([], [], [])
+  for path in paths:
+    try:
+      examples, line = load_file(path, **kw)
+    except structure.StructureError as e:
+      loaded.manifest.append({"source": path, "status": "skipped", "reason": str(e),
+                              "proteins": 0, "residues": 0, "incomplete_backbone": 0})
+      continue
+    loaded.examples.extend(examples)
+    loaded.example_file.extend([path] * len(examples))
+    loaded.manifest.append(line)
+  return loaded
