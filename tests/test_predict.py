@@ -202,3 +202,16 @@ def test_folder_in_one_call(tmp_path, demo_run):
   np.testing.assert_allclose(alone["node_embeddings"], preds["node_embeddings"][rows],
                              atol=1e-4)
   assert list(alone["residue_number"]) == list(preds["residue_number"][rows])
+
+
+def test_config_of_another_variant_is_named(demo_run):
+  """The run is `tiny`; --config configs/demo.py (the default variant) is another model:
+  one line saying so and naming a parameter, exit 2."""
+  workdir, _ = demo_run
+  proc = _predict("--workdir", workdir, "--config", "configs/demo.py", "--structure",
+                  _dssp("1ahsA.pdb.gz"))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "different model/optimizer configuration" in errors[0]
+  assert "params/" in errors[0]
