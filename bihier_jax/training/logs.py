@@ -30,6 +30,8 @@ class _DropLibraryInfo(std_logging.Filter):
 def quiet_library_logs() -> None:
   """Keeps only warnings and errors of chatty libraries in the absl log (less the
   warnings that are expected)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
+  # The absl handler (absl apps) and the absl logger (also outside absl apps, e.g.
+  # launch.ablate reading checkpoints, where records go to Python's default handler).
+  for target in (logging.get_absl_handler(), std_logging.getLogger("absl")):
+    if not any(isinstance(f, _DropLibraryInfo) for f in target.filters):
+      target.addFilter(_DropLibraryInfo())
