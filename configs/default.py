@@ -65,10 +65,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.esm = ml_collections.ConfigDict()
   c.model.esm.preset = "t6_8M"  # t6_8M | t12_35M | t30_150M | t33_650M | t36_3B | t48_15B | tiny
   c.model.esm.checkpoint = ""  # HF dir / fair-esm .pt / converted dir; "" = random init (loud)
-  # finetune | frozen | last_n (last_n layers + final LayerNorm). Frozen parameters are
+  # finetune | frozen | last_n (last_n layers + final LayerNorm) | lora. Frozen parameters are
   # constants of the step: zero gradient, no weight-gradient matmuls, no optimizer state.
   c.model.esm.trainable = "finetune"
   c.model.esm.last_n = 2  # layers trained when trainable == last_n
+  # trainable == lora: low-rank adapters W + (alpha / rank) B A on these projections of
+  # every layer (q | k | v | out | fc1 | fc2); the base weights are constants.
+  c.model.esm.lora_rank = 8
+  c.model.esm.lora_alpha = 16.0
+  c.model.esm.lora_targets = ("q", "v")
   c.model.esm.remat = False  # rematerialise each layer (memory for compute)
   c.model.esm.scan_layers = True  # stacked + scanned layers: compile time flat in depth
   c.model.esm.attention = "auto"  # auto (jax.nn.dot_product_attention) | exact

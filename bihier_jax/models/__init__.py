@@ -42,6 +42,8 @@ def load_pretrained_esm(params: dict, path: str) -> dict:
     raise ValueError("model has no 'esm' parameters (model.kind='gnn_only')")
   _, loaded = esm2.from_pretrained(path)
   loaded = {k: v for k, v in loaded.items() if k in params["esm"]}
+  if esm2.LORA_PARAM in params["esm"]:  # fresh adapters on the pretrained weights
+    loaded[esm2.LORA_PARAM] = params["esm"][esm2.LORA_PARAM]
   want = jax.tree_util.tree_structure(params["esm"])
   got = jax.tree_util.tree_structure(loaded)
   if want != got:

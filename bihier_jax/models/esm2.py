@@ -57,6 +57,10 @@ ATTENTION_KINDS = ("auto", "exact", "splash")
 EMBEDDING_PARAM = "embed_tokens"
 LAYERS_PARAM = "layers"
 FINAL_NORM_PARAM = "emb_layer_norm_after"
+LORA_PARAM = "lora"
+# Projections LoRA can adapt: q/k/v (the three parts of the fused qkv_proj), the
+# attention output, the two FFN matmuls.
+LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")
 
 
 # --- configuration ---------------------------------------------------------------------
@@ -90,6 +94,13 @@ class ESM2Config:
       is exactly zero and no weight-gradient matmuls are computed for them; gradients
       of activations still flow through them. `bihier_jax.models.trainable` sets these
       from `model.esm.trainable`; the numbers of the forward pass do not change.
+    lora_rank, lora_alpha, lora_targets: low-rank adapters (Hu et al. 2021, "LoRA")
+      on the projections `lora_targets` of every layer when lora_rank > 0: W x + b +
+      (alpha / rank) · B A x with A [d_in, r], B [r, d_out] (params['lora'][t]['a'],
+      ['b'], stacked over layers). B starts at zero, so an unadapted model computes
+      exactly the base model's numbers; A starts uniform in ±1/sqrt(d_in) (the
+      Kaiming-uniform bound peft uses). The adapters are never constants, whatever
+      the frozen_* fields say.
   """
   num_layers: int
   embed_dim: int
@@ -106,6 +117,9 @@ class ESM2Config:
   frozen_embedding: bool = False
   frozen_layers: int = 0
   frozen_final_norm: bool = False
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("q", "v")
 
   def __post_init__(self):
     if self.ffn_dim is None:
@@ -120,6 +134,22 @@ class ESM2Config:
                        f"got {self.attention!r}")
     if not 0 <= self.frozen_layers <= self.num_layers:
       raise ValueError(f"frozen_layers {self.frozen_layers} outside 0..{self.num_layers}")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if self.lora_rank < 0 or unknown or (self.lora_rank and not self.lora_targets):
+      raise ValueError(f"LoRA: rank {self.lora_rank} (>= 0) on targets "
+                       f"{self.lora_targets} (a non-empty subset of {LORA_TARGETS})")
+
+  @property
+  def lora_scale(self) -> float:
+    return float(self.lora_alpha) / self.lora_rank if self.lora_rank else 0.0
+
+  def lora_shapes(self) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each adapted projection."""
+    d, f = self.embed_dim, self.ffn_dim
+    io = {"q": (d, d), "k": (d, d), "v": (d, d), "out": (d, d), "fc1": (d, f),
+          "fc2": (f, d)}
+    return {t: io[t] for t in self.lora_targets} if self.lora_rank else {}
 
   @property
   def head_dim(self) -> int:
@@ -305,6 +335,21 @@ def _dense(x, p, dtype):
   return jnp.dot(x, p["kernel"].astype(dtype)) + p["bias"].astype(dtype)
 
 
+def _lora_delta(x, lora, target: str, cfg):
+  """(alpha / r) · B A x of one adapted projection, or None where it is not adapted."""
+  if lora is None or target not in lora:
+    return None
+  dtype = cfg.dtype
+  low = jnp.dot(x, lora[target]["a"].astype(dtype))
+  return jnp.dot(low, lora[target]["b"].astype(dtype)) * jnp.asarray(cfg.lora_scale, dtype)
+
+
+def _adapted(x, p, lora, target: str, cfg):
+  y = _dense(x, p, cfg.dtype)
+  delta = _lora_delta(x, lora, target, cfg)
+  return y if delta is None else y + delta
+
+
 def _exact_attention(q, k, v, mask):
   """Reference einsum attention with float32 softmax. q, k, v [B, L, H, hd]; mask as
   `AttentionLayout.mask` holds."""
@@ -382,23 +427,30 @@ def _attention(q, k, v, layout: AttentionLayout, kind):
   return jax.nn.dot_product_attention(q, k, v, mask=_mask4(mask), scale=1.0)
 
 
-def _transformer_layer(p, h, layout, cos, sin, cfg: ESM2Config):
-  """One pre-LN ESM-2 layer. p: one layer's params (no layer axis); h [B, L, D]."""
+def _transformer_layer(p, h, layout, cos, sin, lora=None, *, cfg: ESM2Config):
+  """One pre-LN ESM-2 layer. p: one layer's params (no layer axis); h [B, L, D];
+  lora: that layer's adapters (params['lora'] sliced) or None."""
   dtype = cfg.dtype
   b, length, d = h.shape
   x = _layer_norm(h, p["self_attn_layer_norm"], cfg.layer_norm_eps, dtype)
   # One fused q|k|v matmul (on an H100 this measured faster than a projection-major
   # einsum or three separate matmuls).
-  qkv = _dense(x, p["qkv_proj"], dtype).reshape(b, length, 3, cfg.num_heads, cfg.head_dim)
+  qkv = _dense(x, p["qkv_proj"], dtype)
+  deltas = [_lora_delta(x, lora, t, cfg) for t in ("q", "k", "v")]
+  if any(delta is not None for delta in deltas):
+    zero = jnp.zeros((b, length, d), dtype)
+    qkv = qkv + jnp.concatenate([zero if delta is None else delta for delta in deltas],
+                                axis=-1)
+  qkv = qkv.reshape(b, length, 3, cfg.num_heads, cfg.head_dim)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)  # before rotary, as the original
   q = _apply_rotary(q, cos, sin)
   k = _apply_rotary(k, cos, sin)
   attn = _attention(q, k, v, layout, cfg.attention).reshape(b, length, d)
-  h = h + _dense(attn, p["out_proj"], dtype)
+  h = h + _adapted(attn, p["out_proj"], lora, "out", cfg)
   x = _layer_norm(h, p["final_layer_norm"], cfg.layer_norm_eps, dtype)
-  x = jax.nn.gelu(_dense(x, p["fc1"], dtype), approximate=False)
-  return h + _dense(x, p["fc2"], dtype)
+  x = jax.nn.gelu(_adapted(x, p["fc1"], lora, "fc1", cfg), approximate=False)
+  return h + _adapted(x, p["fc2"], lora, "fc2", cfg)
 
 
 def _constant_if(frozen: bool, params):
@@ -466,6 +518,18 @@ class ESM2(nn.Module):
     self.embed_tokens = self.param(EMBEDDING_PARAM, init_embedding)
     self.layers = self.param(LAYERS_PARAM, init_layers)
     self.emb_layer_norm_after = self.param(FINAL_NORM_PARAM, lambda _: _init_norm((d,)))
+
+    def init_lora(key):
+      out = {}
+      for t, key_t in zip(cfg.lora_shapes(), jax.random.split(key, len(LORA_TARGETS))):
+        d_in, d_out = cfg.lora_shapes()[t]
+        bound = d_in ** -0.5
+        out[t] = {"a": jax.random.uniform(key_t, (s, d_in, cfg.lora_rank), jnp.float32,
+                                          -bound, bound),
+                  "b": jnp.zeros((s, cfg.lora_rank, d_out), jnp.float32)}
+      return out
+
+    self.lora = self.param(LORA_PARAM, init_lora) if cfg.lora_rank else None
     if cfg.mlm_head:
       self.lm_head = self.param("lm_head", init_lm_head)
 
@@ -534,14 +598,20 @@ class ESM2(nn.Module):
       """Layers (first, last] with one parameter slice: scanned or unrolled."""
       stacked = jax.tree.map(lambda a: a[first:last], self.layers)
       stacked = _constant_if(last <= cfg.frozen_layers, stacked)
+      # Adapters train whatever is frozen: never constants.
+      adapters = (jax.tree.map(lambda a: a[first:last], self.lora)
+                  if self.lora is not None else None)
       if cfg.scan_layers:
-        def body(carry, p):
-          out = layer_fn(p, carry, layout, cos, sin)
+        def body(carry, p_and_lora):
+          p, lora = p_and_lora
+          out = layer_fn(p, carry, layout, cos, sin, lora)
           return out, (out if collect else None)
-        return jax.lax.scan(body, h, stacked)
+        return jax.lax.scan(body, h, (stacked, adapters))
       outs = []
       for i in range(last - first):
-        h = layer_fn(jax.tree.map(lambda a, i=i: a[i], stacked), h, layout, cos, sin)
+        h = layer_fn(jax.tree.map(lambda a, i=i: a[i], stacked), h, layout, cos, sin,
+                     None if adapters is None else
+                     jax.tree.map(lambda a, i=i: a[i], adapters))
         outs.append(h)
       return h, (jnp.stack(outs) if collect else None)
 
@@ -593,6 +663,31 @@ class ESM2(nn.Module):
       hidden = None
     logits = self.mlm_logits(final) if return_mlm_logits else None
     return ESM2Output(last_hidden_state=final, hidden_states=hidden, logits=logits)
+
+
+def merge_lora(cfg: ESM2Config, params: dict) -> tuple[ESM2Config, dict]:
+  """(config, params) of a plain model computing what the adapted one computes: each
+  adapted kernel W [S, d_in, d_out] becomes W + (alpha / r) · A B; params['lora'] is
+  dropped and lora_rank set to 0. Float32 arithmetic."""
+  if not cfg.lora_rank:
+    return cfg, params
+  params = dict(params)
+  lora = params.pop(LORA_PARAM)
+  layers = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params[LAYERS_PARAM])
+  d = cfg.embed_dim
+  for t, ab in lora.items():
+    delta = cfg.lora_scale * jnp.einsum("sir,sro->sio", jnp.asarray(ab["a"], jnp.float32),
+                                        jnp.asarray(ab["b"], jnp.float32))
+    if t in ("q", "k", "v"):
+      k = ("q", "k", "v").index(t)
+      kernel = layers["qkv_proj"]["kernel"]
+      layers["qkv_proj"] = {**layers["qkv_proj"],
+                            "kernel": kernel.at[..., k * d:(k + 1) * d].add(delta)}
+    else:
+      name = "out_proj" if t == "out" else t
+      layers[name] = {**layers[name], "kernel": layers[name]["kernel"] + delta}
+  params[LAYERS_PARAM] = layers
+  return dataclasses.replace(cfg, lora_rank=0), params
 
 
 def init_params(cfg: ESM2Config, seed: int = 0, length: int = 8) -> dict:

@@ -6,6 +6,10 @@ Everything outside params['esm'] always trains. The ESM-2 branch follows one pol
   frozen    no ESM parameter trains;
   last_n    the last `model.esm.last_n` layers and the final LayerNorm train; the token
             embedding and the earlier layers do not.
+  lora      no base ESM parameter trains; low-rank adapters (`model.esm.lora_rank`,
+            `lora_alpha`, `lora_targets`; esm2.ESM2Config) on every layer do. Step 0
+            computes the base model's numbers exactly (B = 0); `esm2.merge_lora` folds
+            trained adapters back into plain weights.
 
 What "frozen" means, in both halves of a training step:
 
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 
 from bihier_jax.models import esm2
 
-POLICIES = ("frozen", "finetune", "last_n")
+POLICIES = ("frozen", "finetune", "last_n", "lora")
 ESM_KEY = "esm"  # the ESM-2 subtree of the fusion model's parameters
 
 
@@ -50,10 +54,14 @@ class Trainable:
     policy: frozen | finetune | last_n.
     num_esm_layers: S, layers of the ESM-2 branch.
     last_n: layers trained under last_n (1..S).
+    lora_rank, lora_alpha, lora_targets: the adapters under lora.
   """
   policy: str = "finetune"
   num_esm_layers: int = 0
   last_n: int = 0
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("q", "v")
 
   def __post_init__(self):
     if self.policy not in POLICIES:
@@ -62,37 +70,47 @@ class Trainable:
     if self.policy == "last_n" and not 1 <= self.last_n <= self.num_esm_layers:
       raise ValueError(f"model.esm.last_n={self.last_n} must lie in 1..{self.num_esm_layers}"
                        f" (the ESM-2 layers) with model.esm.trainable=last_n")
+    if self.policy == "lora" and self.lora_rank < 1:
+      raise ValueError(f"model.esm.lora_rank={self.lora_rank} must be >= 1 with "
+                       "model.esm.trainable=lora")
 
   @classmethod
   def from_config(cls, config) -> "Trainable":
     """From `config.model.esm` (trainable, last_n, preset)."""
     esm = config.model.esm
     num_layers = esm2.config_from_preset(esm.preset).num_layers
-    return cls(policy=esm.trainable, num_esm_layers=num_layers, last_n=int(esm.last_n))
+    return cls(policy=esm.trainable, num_esm_layers=num_layers, last_n=int(esm.last_n),
+               lora_rank=int(esm.get("lora_rank", 0)),
+               lora_alpha=float(esm.get("lora_alpha", 16.0)),
+               lora_targets=tuple(esm.get("lora_targets", ("q", "v"))))
 
   @property
   def first_trainable_layer(self) -> int:
     """0-based index of the first ESM layer that trains (S: none does)."""
     if self.policy == "finetune":
       return 0
-    if self.policy == "frozen":
+    if self.policy in ("frozen", "lora"):
       return self.num_esm_layers
     return self.num_esm_layers - self.last_n
 
   def esm_overrides(self) -> dict[str, Any]:
     """`esm2.ESM2Config` fields that make the frozen ESM parameters constants."""
+    lora = ({"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+             "lora_targets": self.lora_targets} if self.policy == "lora" else {})
     return {"frozen_embedding": self.policy != "finetune",
             "frozen_layers": self.first_trainable_layer,
-            "frozen_final_norm": self.policy == "frozen"}
+            "frozen_final_norm": self.policy in ("frozen", "lora"), **lora}
 
   def start(self, path: tuple[str, ...]) -> int | None:
     """Where a parameter (path of dict keys) trains from: None = frozen, 0 = the whole
     leaf, k > 0 = entries k.. along axis 0 (stacked ESM layers under last_n)."""
     if not path or path[0] != ESM_KEY or self.policy == "finetune":
       return 0
-    if self.policy == "frozen":
-      return None
     part = path[1] if len(path) > 1 else ""
+    if part == esm2.LORA_PARAM:
+      return 0  # adapters exist only under lora, and always train
+    if self.policy in ("frozen", "lora"):
+      return None
     if part == esm2.LAYERS_PARAM:
       return self.first_trainable_layer
     return 0 if part == esm2.FINAL_NORM_PARAM else None

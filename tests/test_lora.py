@@ -1,0 +1,99 @@
+"""LoRA on ESM-2 (model.esm.trainable=lora): step 0 is the base model, only adapters get
+gradients, merged weights compute what the adapters compute, the optimizer sees
+adapters only."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bihier_jax.models import esm2
+from bihier_jax.models import trainable
+
+TARGETS = esm2.LORA_TARGETS
+SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVRAAGLEK"]
+
+
+def _setup(targets=TARGETS, rank=4):
+  base = esm2.config_from_preset("tiny", attention="exact")
+  adapted = dataclasses.replace(base, lora_rank=rank, lora_alpha=8.0,
+                                lora_targets=targets)
+  params = esm2.init_params(adapted, seed=1)
+  tokens = jnp.asarray(esm2.tokenize(SEQUENCES))
+  return base, adapted, params, tokens
+
+
+def _run(cfg, params, tokens):
+  return esm2.ESM2(cfg).apply({"params": params}, tokens).last_hidden_state
+
+
+def test_step_zero_is_the_base_model_exactly():
+  base, adapted, params, tokens = _setup()
+  assert set(params["lora"]) == set(TARGETS)
+  assert all(not np.any(ab["b"]) for ab in params["lora"].values())
+  plain = {k: v for k, v in params.items() if k != "lora"}
+  np.testing.assert_array_equal(_run(adapted, params, tokens), _run(base, plain, tokens))
+
+
+def test_only_adapters_get_gradients_with_frozen_base():
+  _, adapted, params, tokens = _setup()
+  frozen = dataclasses.replace(adapted, frozen_embedding=True,
+                               frozen_layers=adapted.num_layers, frozen_final_norm=True)
+  # Non-zero B so that A gets a gradient too.
+  params = dict(params, lora=jax.tree.map(
+      lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), x.shape), params["lora"]))
+  grads = jax.grad(lambda p: jnp.sum(_run(frozen, p, tokens) ** 2))(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    name = jax.tree_util.keystr(path)
+    if name.startswith("['lora']"):
+      assert np.abs(np.asarray(g)).max() > 0, name
+    else:
+      assert not np.any(np.asarray(g)), name
+
+
+@pytest.mark.parametrize("targets", [TARGETS, ("q", "v"), ("k", "fc2")])
+def test_merged_weights_compute_the_adapted_model(targets):
+  _, adapted, params, tokens = _setup(targets)
+  params = dict(params, lora=jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape), params["lora"]))
+  merged_cfg, merged = esm2.merge_lora(adapted, params)
+  assert merged_cfg.lora_rank == 0 and "lora" not in merged
+  want = _run(adapted, params, tokens)
+  got = _run(merged_cfg, merged, tokens)
+  assert np.abs(np.asarray(want) - np.asarray(_run(merged_cfg, {
+      k: v for k, v in params.items() if k != "lora"}, tokens))).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_policy_trains_adapters_and_everything_outside_esm():
+  from bihier_jax import models  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import input_pipeline, testing  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("tiny")
+  config.model.esm.trainable = "lora"
+  config.model.esm.lora_targets = ("q", "k", "v", "out")
+  model = models.build_model(config)
+  examples = [testing.random_example(20, seed=s) for s in range(2)]
+  batch = input_pipeline.collate(examples, input_pipeline.budget_for(examples))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch,
+                                             deterministic=True)["params"])
+  policy = trainable.Trainable.from_config(config)
+  view = policy.select(params)
+  assert set(view["esm"]) == {"lora"}
+  assert set(view["esm"]["lora"]) == {"q", "k", "v", "out"}
+  assert set(view) == set(params)  # the GNN, fusion and heads all train
+  trained, total = policy.count(params)
+  esm_total = sum(x.size for x in jax.tree.leaves(params["esm"]))
+  lora_total = sum(x.size for x in jax.tree.leaves(params["esm"]["lora"]))
+  assert trained == total - esm_total + lora_total
+  cfg = esm2.config_from_preset("tiny")
+  assert lora_total == cfg.num_layers * 4 * 8 * (cfg.embed_dim + cfg.embed_dim)
+
+
+def test_bad_lora_settings_are_refused():
+  with pytest.raises(ValueError, match="subset"):
+    esm2.config_from_preset("tiny", lora_rank=4, lora_targets=("query",))
+  with pytest.raises(ValueError, match="lora_rank=0"):
+    trainable.Trainable(policy="lora", num_esm_layers=4, lora_rank=0)
