@@ -86,7 +86,10 @@ def _get(config, path: str, default=None):
 
 
 def _one_of(config, path: str, allowed) -> None:
-  value = _get(config, path)
+  _one_of_value(path, _get(config, path), allowed)
+
+
+def _one_of_value(path: str, value, allowed) -> None:
   if value is None or value in allowed:
     return
   guess = closest(str(value), [str(a) for a in allowed])
@@ -161,6 +164,13 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "model.readout", bihier.READOUTS)
   _one_of(config, "model.esm.preset", tuple(esm2.PRESETS))
   _one_of(config, "model.esm.trainable", trainable.POLICIES)
+  if _get(config, "model.esm.trainable") == "lora":
+    _whole(config, "model.esm.lora_rank", 1)
+    for target in _get(config, "model.esm.lora_targets", ()) or ():
+      _one_of_value("model.esm.lora_targets", target, esm2.LORA_TARGETS)
+    if not _get(config, "model.esm.lora_targets", ()):
+      raise ConfigError("model.esm.lora_targets is empty: name some of "
+                        f"{' | '.join(esm2.LORA_TARGETS)}")
   _one_of(config, "model.esm.attention", esm2.ATTENTION_KINDS)
   _one_of(config, "model.gnn.level", pronet.LEVELS)
   _one_of(config, "model.fusion.mode", bihier.MODES)

@@ -97,3 +97,19 @@ def test_bad_lora_settings_are_refused():
     esm2.config_from_preset("tiny", lora_rank=4, lora_targets=("query",))
   with pytest.raises(ValueError, match="lora_rank=0"):
     trainable.Trainable(policy="lora", num_esm_layers=4, lora_rank=0)
+
+
+def test_config_check_names_bad_lora_fields():
+  from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("tiny")
+  config.model.esm.trainable = "lora"
+  config_check.check(config, needs_data=False)
+  config.model.esm.lora_targets = ("q", "query")
+  with pytest.raises(config_check.ConfigError,
+                     match=r"lora_targets='query' is not one of q \| k \| v"):
+    config_check.check(config, needs_data=False)
+  config.model.esm.lora_targets = ("q",)
+  config.model.esm.lora_rank = 0
+  with pytest.raises(config_check.ConfigError, match="lora_rank=0 must be >= 1"):
+    config_check.check(config, needs_data=False)
