@@ -1,10 +1,14 @@
 """Converts ESM-2 weights to our format: an Orbax checkpoint plus config.json.
 
   python -m bihier_jax.convert_esm --src PATH --out DIR [--no-mlm-head] [--overwrite]
+  python -m bihier_jax.convert_esm --from-run WORKDIR [--checkpoint best] --out DIR
 
 PATH: a Hugging Face ESM directory (config.json + model.safetensors / pytorch_model.bin),
 a fair-esm `.pt` file, or an already converted directory. Missing, unexpected or
 mis-shaped tensors stop the conversion with a list of their names and shapes.
+--from-run writes the ESM-2 branch of a trained fusion run's checkpoint instead, with
+LoRA adapters (model.esm.trainable=lora) merged into plain weights, so that another run
+or tool can start from the fine-tuned pLM (no MLM head: fusion runs have none).
 Load the result with `bihier_jax.models.esm2.from_pretrained(DIR)`.
 """
 
@@ -29,14 +33,56 @@ def convert(src: str, out: str, mlm_head: bool = True, overwrite: bool = False) 
           f"{n:,} parameters")
 
 
+def export_from_run(workdir: str, out: str, checkpoint: str = "",
+                    overwrite: bool = False) -> str:
+  """Writes the ESM-2 branch of a run's checkpoint (adapters merged) to `out`."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import input_pipeline, testing  # pylint: disable=g-import-not-at-top
+  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import parallel, train_lib  # pylint: disable=g-import-not-at-top
+  config = config_check.load_saved_config(workdir)
+  if config.model.kind == "gnn_only":
+    raise ValueError(f"{workdir}: model.kind=gnn_only has no ESM-2 branch")
+  # Parameter shapes do not depend on the batch: any small one will do.
+  example = testing.random_example(16, seed=0, num_classes=int(config.task.num_classes))
+  batch = input_pipeline.collate([example], input_pipeline.budget_for(
+      [example], packed_rows=bool(config.data.get("pack_rows", False))))
+  mesh = parallel.make_mesh(jax.local_devices()[:1])
+  model, params, step = train_lib.restore_params(config, workdir, checkpoint, batch, mesh)
+  cfg, esm_params = esm2.merge_lora(model.config.esm, jax.device_get(params["esm"]))
+  cfg = dataclasses.replace(cfg, frozen_embedding=False, frozen_layers=0,
+                            frozen_final_norm=False, mlm_head=False)
+  esm2_checkpoint.save(out, cfg, esm_params, source=f"{workdir} (step {step})",
+                       overwrite=overwrite)
+  n = sum(int(x.size) for x in jax.tree.leaves(esm_params))
+  merged = " (LoRA adapters merged)" if model.config.esm.lora_rank else ""
+  return (f"{workdir} step {step} -> {out}: ESM-2 branch{merged}, {cfg.num_layers} "
+          f"layers, width {cfg.embed_dim}, {n:,} parameters")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--src", required=True, help="HF directory, fair-esm .pt, or converted dir")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--src", help="HF directory, fair-esm .pt, or converted dir")
+  source.add_argument("--from-run", default="", help="a trained fusion run's workdir: "
+                      "export its ESM-2 branch (LoRA adapters merged)")
+  parser.add_argument("--checkpoint", default="", help="with --from-run: best | latest | "
+                      "step (default: best if any checkpoint has validation metrics)")
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--no-mlm-head", action="store_true", help="drop the masked-LM head")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
   args = parser.parse_args(argv)
   try:
+    if args.from_run:
+      from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
+      from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+      try:
+        print(export_from_run(args.from_run, args.out, args.checkpoint, args.overwrite))
+      except (config_check.ConfigError, checkpointing.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+      return 0
     print(convert(args.src, args.out, mlm_head=not args.no_mlm_head, overwrite=args.overwrite))
   except (esm2_checkpoint.CheckpointMismatchError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

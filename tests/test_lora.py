@@ -160,3 +160,41 @@ def test_one_training_step_moves_adapters_not_base_weights():
   moments = sum(x.size for x in jax.tree.leaves(new_state.opt_state)
                 if hasattr(x, "ndim") and x.ndim > 0)
   assert moments == 2 * trained
+
+
+def test_export_from_run_merges_adapters(tmp_path):
+  """convert_esm --from-run on a lora run's checkpoint: a plain ESM-2 checkpoint whose
+  outputs equal the adapted branch's (to 1e-5), loadable by from_pretrained."""
+  from bihier_jax import convert_esm, models  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import input_pipeline, testing  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import checkpointing, parallel, steps  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("tiny")
+  config.model.esm.trainable = "lora"
+  config.model.esm.lora_targets = ("q", "v", "fc1")
+  model = models.build_model(config)
+  example = testing.random_example(16, seed=0)
+  batch = input_pipeline.collate([example], input_pipeline.budget_for([example]))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state, _ = steps.create_train_state(config, model, batch, mesh, load_esm=False)
+  params = jax.device_get(state.params)
+  params["esm"]["lora"] = jax.tree.map(  # as if trained: B off zero
+      lambda x: x + 0.05 * np.asarray(jax.random.normal(jax.random.key(5), x.shape)),
+      params["esm"]["lora"])
+  state = state.replace(params=params)
+  run = tmp_path / "run"
+  ckpt = checkpointing.Checkpointer(str(run))
+  ckpt.save(3, state, {"consumed": 3, "pending": []})
+  ckpt.wait()
+  ckpt.close()
+  (run / "config.json").write_text(config.to_json_best_effort())
+
+  out = str(tmp_path / "esm")
+  assert convert_esm.main(["--from-run", str(run), "--out", out]) == 0
+  merged_model, merged = esm2.from_pretrained(out)
+  assert merged_model.config.lora_rank == 0 and "lora" not in merged
+  tokens = jnp.asarray(esm2.tokenize(SEQUENCES))
+  adapted = esm2.ESM2(model.config.esm).apply({"params": params["esm"]}, tokens)
+  got = merged_model.apply({"params": merged}, tokens)
+  np.testing.assert_allclose(got.last_hidden_state, adapted.last_hidden_state,
+                             atol=1e-5, rtol=1e-5)
