@@ -2,6 +2,7 @@
 
   python bench/bench_esm2.py [--quick] [--json PATH]            # CPU: speed + memory
   python bench/bench_esm2.py --gpu [--quick] [--json PATH]      # accelerator: bf16 t33_650M
+  python bench/bench_esm2.py --varlen [--quick] [--json PATH]   # CPU: realistic lengths
 
 CPU speed: forward tokens/s of the port (jit) and of transformers' PyTorch `EsmModel`
 (default attention, inference_mode, torch.set_num_threads(2)) with the same random
@@ -9,6 +10,13 @@ weights, batch 8 x 256 tokens, no padding, measured side by side in one process 
 interleaved rounds; the speedup is the median of per-round ratios. On a shared machine
 PyTorch's OpenMP threads suffer more from oversubscription than XLA's: `--threads 1`
 (both single-threaded) gives a comparison that is robust to load.
+Variable lengths (--varlen): 48 sequences drawn from PDB-like lengths (lognormal, median
+200, log-sd 0.7, cropped to 1,022), same random weights: transformers sorted by length in
+batches of 8 padded to the batch's longest, the port on packed rows (several chains per
+row, segment ids; the row length the input pipeline chooses for the preset, longer
+chains one per row in 512/768/1024 buckets), one jitted call per row-length bucket.
+Alternating rounds; the speedup is the median of per-round ratios. Also the token-slot
+efficiency of each side (real tokens / slots).
 Memory: `jit(loss+grad).lower().compile().memory_analysis()` of t33_650M fine-tuning
 (MLM loss, L = 1024, batch 1) with and without per-layer remat; params come from
 jax.eval_shape, nothing is allocated.
@@ -152,6 +160,141 @@ def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> d
   return result
 
 
+# --- CPU: variable lengths, packed rows vs padded batches ------------------------------
+
+
+def realistic_lengths(n: int, seed: int = 0) -> np.ndarray:
+  """PDB-like chain lengths: lognormal (median 200, log-sd 0.7), 30..1500, cropped to
+  ESM-2's 1,022 residues (the distribution of bench_packing / bench_input_pipeline)."""
+  lengths = np.clip(np.random.default_rng(seed).lognormal(np.log(200), 0.7, n), 30, 1500)
+  return np.minimum(lengths.astype(int), 1022)
+
+
+def _pack_rows(lengths: np.ndarray, row_length: int, buckets) -> list[tuple[int, list]]:
+  """[(row length, rows)], each row a list of chain indices, first fit per length bucket:
+  chains whose tokens (n + 2) fit `row_length` share its rows; longer ones go one per row
+  into the smallest bucket above that holds them."""
+  groups: dict[int, list] = {}
+  for i in np.argsort(-lengths, kind="stable"):
+    tokens = int(lengths[i]) + 2
+    length = next(b for b in (row_length, *sorted(buckets)) if b >= tokens)
+    rows = groups.setdefault(length, [])
+    for row in rows:
+      if sum(int(lengths[j]) + 2 for j in row) + tokens <= length:
+        row.append(int(i))
+        break
+    else:
+      rows.append([int(i)])
+  return sorted(groups.items())
+
+
+def varlen_speed(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
+  """Forward over `n` sequences of realistic lengths (same random weights): the port on
+  packed rows (one jitted call per row-length bucket) vs transformers sorted by length,
+  batches of 8 padded to the batch's longest."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
+
+  torch.set_num_threads(THREADS)
+  cfg = esm2.config_from_preset(preset, mlm_head=False)
+  hf_config = transformers.EsmConfig(
+      vocab_size=33, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_dim,
+      position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
+      mask_token_id=rc.ESM_MASK, pad_token_id=rc.ESM_PAD, max_position_embeddings=1026,
+      layer_norm_eps=cfg.layer_norm_eps)
+  torch.manual_seed(0)
+  reference = transformers.EsmModel(hf_config, add_pooling_layer=False).eval()
+  state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  # pylint: disable=protected-access
+  params = jax.tree.map(jnp.asarray, esm2_checkpoint.params_from_torch(
+      state, cfg, esm2_checkpoint._HF_LAYER, esm2_checkpoint._HF_TOP,
+      esm2_checkpoint._HF_IGNORED, "bench"))
+  # pylint: enable=protected-access
+  lengths = realistic_lengths(n, seed)
+  rng = np.random.default_rng(seed + 1)
+  chains = [random_tokens(1, int(k) + 2, seed=int(rng.integers(1 << 30)))[0]
+            for k in lengths]
+
+  # transformers: sorted by length, batches of 8 padded to the batch's longest.
+  order = np.argsort(lengths, kind="stable")
+  torch_batches = []
+  for start in range(0, n, 8):
+    idx = order[start:start + 8]
+    width = max(len(chains[i]) for i in idx)
+    tok = np.full((len(idx), width), rc.ESM_PAD, np.int64)
+    for r, i in enumerate(idx):
+      tok[r, :len(chains[i])] = chains[i]
+    torch_batches.append((idx, torch.from_numpy(tok), torch.from_numpy(
+        (tok != rc.ESM_PAD).astype(np.int64))))
+
+  def run_torch():
+    outs = {}
+    with torch.inference_mode():
+      for idx, tok, mask in torch_batches:
+        h = reference(tok, attention_mask=mask).last_hidden_state.numpy()
+        for r, i in enumerate(idx):
+          outs[int(i)] = h[r, :len(chains[i])]
+    return outs
+
+  # Port: packed rows of the row length the pipeline would choose for this preset.
+  # (chosen on 4,000 lengths of the same distribution, as the pipeline chooses on a
+  # dataset's sizes.json, for batches of 8 proteins)
+  pool = realistic_lengths(4000, seed + 2)
+  sizes = np.stack([pool, pool, np.ones_like(pool), 16 * pool], 1)
+  row_length = input_pipeline.choose_row_length(sizes, cfg.embed_dim, cfg.ffn_dim,
+                                                batch_size=8)
+  groups = _pack_rows(lengths, row_length, (512, 768, 1024))
+  model = esm2.ESM2(cfg)
+  fwd = jax.jit(lambda p, t, s: model.apply({"params": p}, t, output_hidden_states=False,
+                                            segments=s).last_hidden_state)
+  packed = []
+  for length, rows in groups:
+    tok = np.full((len(rows), length), rc.ESM_PAD, np.int32)
+    seg = np.full((len(rows), length), -1, np.int32)
+    where = []
+    for r, row in enumerate(rows):
+      col = 0
+      for k, i in enumerate(row):
+        tok[r, col:col + len(chains[i])] = chains[i]
+        seg[r, col:col + len(chains[i])] = k
+        where.append((i, r, col))
+        col += len(chains[i])
+    packed.append((jnp.asarray(tok), jnp.asarray(seg), where))
+
+  def run_port():
+    outs = {}
+    for tok, seg, where in packed:
+      h = np.asarray(fwd(params, tok, seg).block_until_ready())
+      for i, r, col in where:
+        outs[i] = h[r, col:col + len(chains[i])]
+    return outs
+
+  want, got = run_torch(), run_port()
+  diff = max(float(np.max(np.abs(want[i] - got[i]))) for i in range(n))
+  torch_times, port_times = [], []
+  for _ in range(repeats):
+    torch_times.append(_time(run_torch, 1, warmup=0))
+    port_times.append(_time(run_port, 1, warmup=0))
+  real = int(sum(len(c) for c in chains))
+  port_slots = sum(int(t.size) for t, _, _ in packed)
+  torch_slots = sum(int(t.numel()) for _, t, _ in torch_batches)
+  return {
+      "preset": preset, "sequences": n, "real_tokens": real,
+      "row_length": int(row_length), "port_shapes": [[int(t.shape[0]), int(t.shape[1])]
+                                                     for t, _, _ in packed],
+      "port_token_efficiency": real / port_slots,
+      "transformers_token_efficiency": real / torch_slots,
+      "transformers_s": statistics.median(torch_times),
+      "port_s": statistics.median(port_times),
+      "speedup_vs_transformers": statistics.median(
+          t / j for t, j in zip(torch_times, port_times)),
+      "max_abs_diff_vs_transformers": diff,
+  }
+
+
 # --- compiled memory ---------------------------------------------------------------------
 
 
@@ -241,6 +384,20 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def _varlen(quick: bool) -> dict:
+  """The variable-length comparison for t6_8M and t12_35M, printed and as results."""
+  presets = ["t6_8M"] if quick else ["t6_8M", "t12_35M"]
+  rows = [varlen_speed(p, 16 if quick else 48, 2 if quick else 5) for p in presets]
+  print(f"\nforward over {rows[0]['sequences']} realistic lengths, {THREADS} threads, "
+        f"load average {os.getloadavg()[0]:.1f}")
+  _print_table(rows, ["preset", "row_length", "port_token_efficiency",
+                      "transformers_token_efficiency", "transformers_s", "port_s",
+                      "speedup_vs_transformers", "max_abs_diff_vs_transformers"])
+  return {"varlen": {r["preset"]: r for r in rows},
+          "packing": {"token_efficiency": rows[-1]["port_token_efficiency"]},
+          "threads": THREADS}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats / smaller cases")
@@ -250,6 +407,8 @@ def main(argv=None) -> int:
   parser.add_argument("--peak-tflops", type=float, default=None)
   parser.add_argument("--threads", type=int, default=2,
                       help="CPU threads for torch; 1 also makes XLA single-threaded")
+  parser.add_argument("--varlen", action="store_true",
+                      help="only the variable-length comparison (48 realistic lengths)")
   args = parser.parse_args(argv)
   results: dict = {"backend": jax.default_backend(),
                    "devices": [d.device_kind for d in jax.devices()],
@@ -272,6 +431,8 @@ def main(argv=None) -> int:
     print("auto vs exact attention (bf16, padded):", results["gpu_attention_check"])
     _print_table(rows, ["device", "attention", "batch", "length", "step_ms", "tokens_per_s",
                         "achieved_tflops", "mfu", "error"])
+  elif args.varlen:
+    results.update(_varlen(args.quick))
   else:
     repeats = 3 if args.quick else 10
     batch = args.batch or 8
@@ -297,6 +458,7 @@ def main(argv=None) -> int:
     print("\nfine-tuning (MLM loss + grad) compiled memory, batch 1 x 1024")
     _print_table(memory, ["preset", "remat", "argument_gib", "output_gib", "temp_gib",
                           "total_gib", "compile_s"])
+    results.update(_varlen(args.quick))
 
   if args.json:
     with open(args.json, "w") as f:
