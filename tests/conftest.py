@@ -3,6 +3,7 @@ persistent XLA compilation cache for the whole session."""
 
 import contextlib
 import glob
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -39,6 +40,19 @@ if importlib.util.find_spec("filelock") is not None:
 # the environment, so `python -m bihier_jax...` subprocesses compile the same way.
 # (Benchmarks and real runs keep XLA's default.)
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Of what is left, XLA CPU's MLIR fusion emitters and copy insertion's region analysis
+# take about half (jit of the tiny bihier model's gradient: 11.3 s -> 5.6 s, its init
+# 13 s -> 10 s). The older loop emitters run the same fused HLO; values agree to float
+# rounding. Flags of jaxlib 0.10 (setup.cfg pins it): XLA aborts on a flag it does not
+# know, so another version keeps its defaults. test_host's allocator probe drops them.
+FAST_COMPILE_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
+                          "--xla_cpu_copy_insertion_use_region_analysis=false")
+if importlib.metadata.version("jaxlib").startswith("0.10."):
+  _xla_flags = os.environ.get("XLA_FLAGS", "")
+  for _flag in FAST_COMPILE_XLA_FLAGS:
+    if _flag.split("=")[0] not in _xla_flags:  # a value set in the environment stays
+      _xla_flags += " " + _flag
+  os.environ["XLA_FLAGS"] = _xla_flags.strip()
 
 # XLA CPU steps stop page-faulting their buffers in on every call: bihier_jax.common.host.
 from bihier_jax.common import host  # pylint: disable=wrong-import-position

@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+import conftest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A ProNet-like edge convolution, forward + backward: its temporaries (~35 MB) exceed
@@ -40,7 +42,12 @@ _PROBE = textwrap.dedent("""
 
 
 def _probe(tune: bool) -> dict:
+  # XLA's default emitters, as in real runs: with the suite's fast-compile flags
+  # (conftest) this program's temporaries stay under glibc's mmap threshold.
+  xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+               if f not in conftest.FAST_COMPILE_XLA_FLAGS]
   env = dict(os.environ, BIHIER_TUNE_MALLOC="1" if tune else "0", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(xla_flags),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                        text=True, check=True, timeout=300).stdout

@@ -11,8 +11,8 @@
   last checkpoint keeps finite parameters;
 - a missing or corrupt checkpoint gives a clear error.
 
-Subprocesses share a persistent XLA compilation cache (tmp dir), so only the first run
-compiles. Budget: < 150 s on an idle 2-core machine for the rest; the in-process
+Subprocesses share the session's persistent XLA compilation cache (conftest) with both
+xdist workers and the in-process tests, so only the first run compiles. Budget: < 150 s on an idle 2-core machine for the rest; the in-process
 selection test compiles its own steps (4.6 min measured on the shared 2-core VM at load
 average 4-5).
 """
@@ -46,11 +46,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
   """The demo records, built once for the session (as train does on first use)."""
   with conftest.built_once(tmp_path_factory, "train_demo_data") as (root, ready):
@@ -63,9 +58,10 @@ def demo_data(tmp_path_factory):
   return out
 
 
-def _env(cache_dir):
+def _env():
+  """The subprocesses' environment: the session's compilation cache (conftest), shared
+  with both xdist workers and this process, every program kept."""
   return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
@@ -95,7 +91,7 @@ _REFERENCE_OVERRIDES = ("--config.train.eval_every=4",
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, demo_data, cache_dir):
+def reference_run(tmp_path_factory, demo_data):
   """An uninterrupted tiny run through the CLI, with config overrides (one per session,
   shared by the xdist workers; the tests read it or copy it)."""
   with conftest.built_once(tmp_path_factory, "train_reference_run") as (root, ready):
@@ -104,7 +100,7 @@ def reference_run(tmp_path_factory, demo_data, cache_dir):
       # checkpoint_every_epochs: resolved into steps at the start (losses do not depend
       # on it).
       proc = subprocess.run(_train_cmd(workdir, demo_data, *_REFERENCE_OVERRIDES),
-                            cwd=REPO, env=_env(cache_dir), capture_output=True,
+                            cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=600)
       assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
       assert "RANDOM weights" in proc.stdout  # the loud warning
@@ -214,19 +210,18 @@ def _wait_for_step(workdir, step, proc, timeout=300):
   return False
 
 
-def test_resume_after_sigkill_and_sigterm(reference_run, demo_data, cache_dir,
-                                          tmp_path):
+def test_resume_after_sigkill_and_sigterm(reference_run, demo_data, tmp_path):
   workdir = str(tmp_path / "faulty")
   cmd = _train_cmd(workdir, demo_data, "--config.train.eval_every=4")
   # 1) SIGKILL once a few steps are done.
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir),
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   assert _wait_for_step(workdir, 3, proc), "run ended before it could be killed"
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL
   # 2) Restart, then SIGTERM: a clean exit that leaves a checkpoint of its last step.
   before = max(_losses(workdir))
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir),
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   reached = _wait_for_step(workdir, before + 1, proc)
   proc.send_signal(signal.SIGTERM)
@@ -250,7 +245,7 @@ def _lines(stderr, text):
   return [line for line in stderr.splitlines() if text in line]
 
 
-def test_unreadable_newest_checkpoint(reference_run, demo_data, cache_dir, tmp_path):
+def test_unreadable_newest_checkpoint(reference_run, demo_data, tmp_path):
   """eval and train fall back to the newest readable checkpoint, with one warning line.
   Uses a copy of the reference run (no new training run from step 0)."""
   workdir = str(tmp_path / "copy")
@@ -266,7 +261,7 @@ def test_unreadable_newest_checkpoint(reference_run, demo_data, cache_dir, tmp_p
   proc = subprocess.run(
       [sys.executable, "-m", "bihier_jax.eval", "--workdir", workdir,
        "--checkpoint", "latest", "--splits", "val"],
-      cwd=REPO, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   [warning] = _lines(proc.stderr, "cannot be read")
   assert f"checkpoint step {newest} in " in warning and f"using step {older}" in warning
@@ -279,7 +274,7 @@ def test_unreadable_newest_checkpoint(reference_run, demo_data, cache_dir, tmp_p
   # train, default: resumes from the older step, its own input position, and logs
   # exactly the uninterrupted run's losses again; the bad step is kept, moved aside.
   before = _losses(workdir)
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(cache_dir), capture_output=True,
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   [warning] = _lines(proc.stderr, "cannot be read")
