@@ -97,7 +97,9 @@ def model_flops(cfg: esm2.ESM2Config, batch: int, length: int) -> float:
 # --- CPU: port vs transformers ----------------------------------------------------------
 
 
-def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> dict:
+def reference_and_params(preset: str):
+  """(transformers EsmModel with random weights, eval mode; the same weights as the
+  port's params) for `preset`, torch at THREADS threads."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
@@ -118,7 +120,13 @@ def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> d
       state, cfg, esm2_checkpoint._HF_LAYER, esm2_checkpoint._HF_TOP,
       esm2_checkpoint._HF_IGNORED, "bench")
   # pylint: enable=protected-access
-  params = jax.tree.map(jnp.asarray, params)
+  return reference, jax.tree.map(jnp.asarray, params)
+
+
+def cpu_speed(preset: str, batch: int, length: int, repeats: int, variants) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+
+  reference, params = reference_and_params(preset)
   tokens = random_tokens(batch, length)
   t_tokens = torch.from_numpy(tokens).long()
   t_mask = torch.ones_like(t_tokens)
@@ -193,26 +201,10 @@ def varlen_speed(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
   packed rows (one jitted call per row-length bucket) vs transformers sorted by length,
   batches of 8 padded to the batch's longest."""
   import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
   from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
 
-  torch.set_num_threads(THREADS)
   cfg = esm2.config_from_preset(preset, mlm_head=False)
-  hf_config = transformers.EsmConfig(
-      vocab_size=33, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_dim,
-      position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
-      mask_token_id=rc.ESM_MASK, pad_token_id=rc.ESM_PAD, max_position_embeddings=1026,
-      layer_norm_eps=cfg.layer_norm_eps)
-  torch.manual_seed(0)
-  reference = transformers.EsmModel(hf_config, add_pooling_layer=False).eval()
-  state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
-  # pylint: disable=protected-access
-  params = jax.tree.map(jnp.asarray, esm2_checkpoint.params_from_torch(
-      state, cfg, esm2_checkpoint._HF_LAYER, esm2_checkpoint._HF_TOP,
-      esm2_checkpoint._HF_IGNORED, "bench"))
-  # pylint: enable=protected-access
+  reference, params = reference_and_params(preset)
   lengths = realistic_lengths(n, seed)
   rng = np.random.default_rng(seed + 1)
   chains = [random_tokens(1, int(k) + 2, seed=int(rng.integers(1 << 30)))[0]
