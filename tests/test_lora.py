@@ -11,6 +11,7 @@ import pytest
 
 from bihier_jax.models import esm2
 from bihier_jax.models import trainable
+from tests import test_trainable  # its one-step harness (_config, _one_step)
 
 TARGETS = esm2.LORA_TARGETS
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVRAAGLEK"]
@@ -115,32 +116,14 @@ def test_config_check_names_bad_lora_fields():
     config_check.check(config, needs_data=False)
 
 
-def test_one_training_step_moves_adapters_not_base_weights():
+def test_one_training_step_moves_adapters_not_base_weights():  # pylint: disable=too-many-locals
   """A real train_step of the fused model: the base ESM weights stay bit-identical, B
   moves off zero, the GNN moves, and Adam keeps moments for trained entries only."""
-  import functools  # pylint: disable=g-import-not-at-top
-  from bihier_jax import models  # pylint: disable=g-import-not-at-top
-  from bihier_jax.data import input_pipeline, testing  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import parallel, steps  # pylint: disable=g-import-not-at-top
-  from configs import demo  # pylint: disable=g-import-not-at-top
   before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   try:
-    config = demo.get_config("tiny")
-    config.model.esm.trainable = "lora"
-    config.optim.warmup_steps = 0
-    config.optim.schedule = "constant"
-    model = models.build_model(config)
-    examples = [testing.random_example(14, seed=0), testing.random_example(9, seed=1)]
-    batch = input_pipeline.collate(examples, input_pipeline.budget_for(
-        examples, node_multiple=8))
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    state, tx = steps.create_train_state(config, model, batch, mesh, load_esm=False)
-    old = jax.device_get(state.params)
-    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                     task=config.task))
-    new_state, metrics = step(state, parallel.stack([batch]))
-    new = jax.device_get(new_state.params)
+    config = test_trainable._config(trainable="lora")  # pylint: disable=protected-access
+    old, new, metrics, new_state = test_trainable._one_step(config)  # pylint: disable=protected-access
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
   assert np.isfinite(float(metrics["loss"]))
@@ -157,8 +140,7 @@ def test_one_training_step_moves_adapters_not_base_weights():
                                               jax.tree.leaves(new["gnn"]))]
   assert any(gnn_moved)
   trained, _ = trainable.Trainable.from_config(config).count(old)
-  moments = sum(x.size for x in jax.tree.leaves(new_state.opt_state)
-                if hasattr(x, "ndim") and x.ndim > 0)
+  moments = test_trainable._moment_entries(new_state.opt_state)  # pylint: disable=protected-access
   assert moments == 2 * trained
 
 
