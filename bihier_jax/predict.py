@@ -64,15 +64,11 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _output_path() -> str:
-  from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
   if FLAGS.out:
     return FLAGS.out
-  if FLAGS.structure:
-    name = featurize.structure_stem(FLAGS.structure)
-  else:
-    spec = FLAGS.structures.rstrip("/")
-    name = os.path.basename(spec) if os.path.isdir(spec) else "structures"
-  return os.path.join(FLAGS.workdir, "predictions", f"{name}.npz")
+  return structure_inputs.default_output(FLAGS.workdir,
+                                         FLAGS.structure or FLAGS.structures)
 
 
 def _read_inputs(config):
@@ -82,10 +78,8 @@ def _read_inputs(config):
   if bool(FLAGS.structure) == bool(FLAGS.structures):
     raise cli.CommandLineError("give one of --structure FILE or --structures "
                                "DIR_OR_GLOB")
-  kw = dict(per_chain=FLAGS.per_chain, chains=FLAGS.chains,
-            incomplete_backbone=str(config.data.get("incomplete_backbone", "warn")),
-            cutoff=float(config.data.cutoff),
-            max_neighbors=int(config.data.max_neighbors))
+  kw = structure_inputs.load_options(config, per_chain=FLAGS.per_chain,
+                                     chains=FLAGS.chains)
   try:
     if FLAGS.structure:
       if not os.path.isfile(FLAGS.structure):

@@ -63,6 +63,17 @@ def expand(spec: str) -> list[str]:
   raise InputError(f"{spec}: no such file or folder")
 
 
+def default_output(workdir: str, spec: str) -> str:
+  """WORKDIR/predictions/<name>.npz: a file's stem, a folder's name, else "structures"
+  (a glob)."""
+  spec = spec.rstrip("/")
+  if os.path.isfile(spec):
+    name = featurize.structure_stem(spec)
+  else:
+    name = os.path.basename(spec) if os.path.isdir(spec) else "structures"
+  return os.path.join(workdir, "predictions", f"{name}.npz")
+
+
 @dataclasses.dataclass
 class Loaded:
   """What `load` read.
@@ -80,6 +91,17 @@ class Loaded:
   @property
   def skipped(self) -> list[dict]:
     return [m for m in self.manifest if m["status"] != "ok"]
+
+
+def load_options(config, *, per_chain: bool = False,
+                 chains: Sequence[str] | None = None) -> dict:
+  """`load_file` / `load` keyword arguments from a run's config: the graph as its
+  training data was built (data.cutoff, data.max_neighbors) and its
+  data.incomplete_backbone (warn for configs older than the field)."""
+  return dict(per_chain=per_chain, chains=chains,
+              incomplete_backbone=str(config.data.get("incomplete_backbone", "warn")),
+              cutoff=float(config.data.cutoff),
+              max_neighbors=int(config.data.max_neighbors))
 
 
 def load_file(path: str, *, per_chain: bool = False, chains: Sequence[str] | None = None,

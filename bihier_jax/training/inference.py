@@ -206,11 +206,9 @@ def predict_structure(config, workdir: str, structure_path: str, *, out: str = "
   """
   from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
   examples, line = structure_inputs.load_file(
-      structure_path, per_chain=per_chain, chains=chains,
-      incomplete_backbone=str(config.data.get("incomplete_backbone", "warn")),
-      cutoff=float(config.data.cutoff), max_neighbors=int(config.data.max_neighbors))
+      structure_path, **structure_inputs.load_options(config, per_chain=per_chain,
+                                                      chains=chains))
   loaded = structure_inputs.Loaded(examples, [structure_path] * len(examples), [line])
-  out = out or os.path.join(workdir, "predictions",
-                            f"{featurize.structure_stem(structure_path)}.npz")
+  out = out or structure_inputs.default_output(workdir, structure_path)
   return predict_structures(config, workdir, loaded, out=out, checkpoint=checkpoint,
                             progress=False)["out"]
