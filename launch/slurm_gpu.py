@@ -14,6 +14,9 @@ Example:
 
   python -m launch.slurm_gpu --config configs/react.py --workdir /shared/runs/react1 \
       --nodes 2 --gpus-per-node 8 --partition gpu --venv /shared/venvs/bihier --dry-run
+
+`--fsdp N` sets train.fsdp (parameter-sharding group size); a group must lie within one
+node, so N must divide --gpus-per-node. The script notes the mesh in a `# mesh:` line.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class SlurmJob:
   venv: str = ""  # virtual environment to activate on every node
   overrides: tuple[str, ...] = ()  # key=value config overrides
   evaluate: bool = False  # run bihier_jax.eval on one GPU after training
+  fsdp: int | None = None  # train.fsdp (--fsdp); None: the config's value
 
   @property
   def num_tasks(self) -> int:
@@ -54,18 +58,25 @@ def train_argv(job: SlurmJob) -> list[str]:
   """The program every task runs (inside srun)."""
   return ["python", "-m", "bihier_jax.train", f"--config={job.config}",
           f"--workdir={job.workdir}", "--config.train.multi_host=True",
-          *tpu_vm.config_override_flags(job.overrides)]
+          *tpu_vm.fsdp_flags(job.fsdp), *tpu_vm.config_override_flags(job.overrides)]
 
 
 def eval_argv(job: SlurmJob) -> list[str]:
+  # Same train.fsdp as training: eval builds its mesh from it to restore the checkpoint.
   return ["python", "-m", "bihier_jax.eval", f"--config={job.config}",
-          f"--workdir={job.workdir}", *tpu_vm.config_override_flags(job.overrides)]
+          f"--workdir={job.workdir}", *tpu_vm.fsdp_flags(job.fsdp),
+          *tpu_vm.config_override_flags(job.overrides)]
 
 
 def sbatch_script(job: SlurmJob) -> str:
   """The batch script text."""
   if job.nodes < 1 or job.gpus_per_node < 1:
     raise ValueError(f"nodes={job.nodes}, gpus_per_node={job.gpus_per_node}: need >= 1")
+  # train.fsdp from --fsdp or --set train.fsdp=M; its groups must not span nodes.
+  fsdp, given = tpu_vm.fsdp_from_flags(job.fsdp, job.overrides)
+  if fsdp is not None:
+    tpu_vm.check_fsdp_within_host(fsdp, given, job.gpus_per_node,
+                                  f"--gpus-per-node {job.gpus_per_node}", host="node")
   lines = [
       "#!/bin/bash",
       f"#SBATCH --job-name={job.job_name}",
@@ -89,6 +100,7 @@ def sbatch_script(job: SlurmJob) -> str:
   lines += [
       "# One JAX process per GPU; jax.distributed.initialize() reads the SLURM variables.",
       "export TF_CPP_MIN_LOG_LEVEL=2",
+      tpu_vm.mesh_line(fsdp, job.num_tasks),
       f"srun --ntasks={job.num_tasks} --ntasks-per-node={job.gpus_per_node} "
       f"--kill-on-bad-exit=1 {shlex.join(train_argv(job))}",
   ]
@@ -115,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--account", default="")
   p.add_argument("--venv", default="")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--fsdp", type=int, default=None, metavar="N",
+                 help="train.fsdp: GPUs per parameter-sharding group, must divide "
+                 "--gpus-per-node (default: the config's value)")
   p.add_argument("--eval", action="store_true", help="evaluate after training")
   p.add_argument("--script", default="", help="where to write the script "
                  "(default: <job-name>.sbatch in the current directory)")
@@ -129,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
                  time=args.time, job_name=args.job_name, partition=args.partition,
                  account=args.account, venv=args.venv, overrides=tuple(args.set),
-                 evaluate=args.eval)
+                 evaluate=args.eval, fsdp=args.fsdp)
   try:
     script = sbatch_script(job)
   except ValueError as e:

@@ -18,7 +18,8 @@ Example (pod slice, spot capacity through the queue):
   python -m launch.tpu_vm install --name bh --zone us-central2-b --dry-run
   python -m launch.tpu_vm train --name bh --zone us-central2-b \
       --config configs/react.py --workdir gs://my-bucket/react/run1 \
-      --set data.dir=gs://my-bucket/records/react --dry-run
+      --set data.dir=gs://my-bucket/records/react --fsdp 4 --accelerator-type v4-32 \
+      --dry-run
   python -m launch.tpu_vm logs --name bh --zone us-central2-b --dry-run
   python -m launch.tpu_vm delete --name bh --zone us-central2-b --queued --dry-run
 """
@@ -133,21 +134,142 @@ def config_override_flags(overrides: Sequence[str]) -> list[str]:
   return out
 
 
+FSDP_KEY = "train.fsdp"
+
+
+def fsdp_from_flags(fsdp: int | None, overrides: Sequence[str] = ()
+                    ) -> tuple[int | None, str]:
+  """`train.fsdp` as the command line sets it, and how it was given (for messages).
+
+  `--fsdp N` (the `fsdp` argument) or `--set train.fsdp=M`; both only with the same
+  value. (None, "") when neither sets it: the config's value holds.
+
+  Raises:
+    ValueError: --fsdp and --set train.fsdp disagree, or the value is not an int >= 1.
+  """
+  set_values = [item.split("=", 1)[1].strip() for item in overrides
+                if "=" in item and item.split("=", 1)[0].strip() == FSDP_KEY]
+  if fsdp is not None:
+    for value in set_values:
+      if value != str(fsdp):
+        raise ValueError(f"--fsdp {fsdp} conflicts with --set {FSDP_KEY}={value}: "
+                         "give only one of them (or the same value)")
+    value, given = fsdp, f"--fsdp {fsdp}"
+  elif set_values:
+    # The last --set wins, as for any repeated config flag.
+    try:
+      value = int(set_values[-1])
+    except ValueError:
+      raise ValueError(f"--set {FSDP_KEY}={set_values[-1]}: expected an integer "
+                       ">= 1") from None
+    given = f"--set {FSDP_KEY}={set_values[-1]}"
+  else:
+    return None, ""
+  if value < 1:
+    raise ValueError(f"{given}: the fsdp group size must be an integer >= 1")
+  return value, given
+
+
+def fsdp_flags(fsdp: int | None) -> list[str]:
+  """`--fsdp N` -> `--config.train.fsdp=N` (nothing when not given)."""
+  return [] if fsdp is None else [f"--config.{FSDP_KEY}={fsdp}"]
+
+
+def tpu_devices(accelerator_type: str) -> tuple[int, int] | None:
+  """(JAX devices of the slice, devices per worker host) of a TPU VM accelerator type;
+  None for a type not covered here (then nothing is checked).
+
+  The rule implemented (one JAX device per chip on these families):
+    v4-N, v5p-N: N counts TensorCores, 2 per chip, so N/2 chips (v4-32: 16 chips);
+      4 chips per worker host (v4-8 and v5p-8 are one host).
+    v5litepod-N, v6e-N: N counts chips. Slices of 1, 4 or 8 chips are one host
+      (v5litepod-8, v6e-8: 8 chips on one worker); larger slices have 4 chips per host.
+  Anything else (v2, v3 with one device per TensorCore, unknown names or sizes) is not
+  guessed.
+  """
+  family, _, count = accelerator_type.partition("-")
+  if not count.isdigit():
+    return None
+  n = int(count)
+  if family in ("v4", "v5p"):
+    if n >= 8 and n % 8 == 0:
+      return n // 2, 4
+    return None
+  if family in ("v5litepod", "v6e"):
+    if n in (1, 4, 8):
+      return n, n
+    if n > 8 and n % 4 == 0:
+      return n, 4
+  return None
+
+
+def check_fsdp_within_host(fsdp: int, given: str, per_host: int, per_host_desc: str,
+                           host: str = "host"):
+  """An fsdp group must lie within one host: train.fsdp divides the devices per host.
+
+  `given` and `per_host_desc` name the flags in the message, e.g. "--fsdp 3" and
+  "--gpus-per-node 8".
+  """
+  if per_host % fsdp:
+    divisors = [str(d) for d in range(1, per_host + 1) if per_host % d == 0]
+    choices = ", ".join(divisors[:-1]) + " or " + divisors[-1] if len(divisors) > 1 \
+        else divisors[0]
+    raise ValueError(f"{given} does not divide {per_host_desc}: an fsdp group must lie "
+                     f"within one {host}; use --fsdp {choices}")
+
+
+def mesh_line(fsdp: int | None, devices: int | None, where: str = "") -> str:
+  """The `# mesh: ...` comment of a dry run (empty when there is nothing to say).
+
+  `devices` is the total device count when the launcher knows it; `where` describes
+  them (e.g. "v4-32, 4 per worker").
+  """
+  about = f"{devices} devices" + (f" of {where}" if where else "")
+  if fsdp is None:
+    return f"# mesh: data x fsdp over {about}; {FSDP_KEY} from the config" if devices \
+        else ""
+  if devices is None:
+    return f"# mesh: fsdp={fsdp}, data = devices / {fsdp}"
+  return f"# mesh: data={devices // fsdp} x fsdp={fsdp} ({about}; {FSDP_KEY}={fsdp})"
+
+
+def train_mesh_line(fsdp: int | None, accelerator_type: str | None) -> str:
+  """The mesh comment of `train`: from the accelerator type when it is known."""
+  known = tpu_devices(accelerator_type) if accelerator_type else None
+  if known is None:
+    return mesh_line(fsdp, None)
+  devices, per_host = known
+  return mesh_line(fsdp, devices, f"{accelerator_type}, {per_host} per worker")
+
+
 def train_command(target: Target, config: str, workdir: str,
-                  overrides: Sequence[str] = (), allow_local_workdir: bool = False
+                  overrides: Sequence[str] = (), allow_local_workdir: bool = False,
+                  fsdp: int | None = None, accelerator_type: str | None = None
                   ) -> list[Command]:
   """Starts `bihier_jax.train` on every worker at once, detached, logging to a file.
 
   All hosts must start together: `jax.distributed.initialize()` (enabled by
   `train.multi_host=True`; on a single host it finds one process) waits for every
   process of the slice.
+
+  `fsdp` (--fsdp) becomes `--config.train.fsdp=N`. With `accelerator_type` known to
+  `tpu_devices`, train.fsdp (from --fsdp or --set) must divide the devices per worker;
+  without it nothing about the device count is assumed.
   """
+  value, given = fsdp_from_flags(fsdp, overrides)
+  known = tpu_devices(accelerator_type) if accelerator_type else None
+  if value is not None and known is not None:
+    check_fsdp_within_host(
+        value, given, known[1],
+        f"the {known[1]} devices per worker of --accelerator-type {accelerator_type}",
+        host="worker")
   if not workdir.startswith("gs://") and not allow_local_workdir:
     raise ValueError(
         f"workdir {workdir!r}: TPU workers share no disk; use a gs:// bucket "
         "(or --allow-local-workdir for a single-host test)")
   argv = ["-m", "bihier_jax.train", f"--config={config}", f"--workdir={workdir}",
-          "--config.train.multi_host=True", *config_override_flags(overrides)]
+          "--config.train.multi_host=True", *fsdp_flags(fsdp),
+          *config_override_flags(overrides)]
   # The interpreter path stays unquoted so the remote shell expands `~`.
   remote = (f"cd {REMOTE_DIR} && nohup {REMOTE_VENV}/bin/python {shlex.join(argv)} "
             f"> {REMOTE_LOG} 2>&1 < /dev/null &")
@@ -227,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, repeatable (becomes --config.KEY=VALUE)")
   p.add_argument("--allow-local-workdir", action="store_true")
+  p.add_argument("--fsdp", type=int, default=None, metavar="N",
+                 help="train.fsdp: devices per parameter-sharding group, within one "
+                 "worker (default: the config's value)")
+  p.add_argument("--accelerator-type", default=None,
+                 help="e.g. v4-32, as given to create: checks --fsdp against the "
+                 "devices per worker and shows the mesh (optional, not guessed)")
 
   p = add("logs", "stream a worker's training log")
   p.add_argument("--worker", default="0")
@@ -251,7 +379,7 @@ def commands_from_args(args: argparse.Namespace) -> list[Command]:
     return install_commands(target, args.archive, args.ref)
   if args.verb == "train":
     return train_command(target, args.config, args.workdir, args.set,
-                         args.allow_local_workdir)
+                         args.allow_local_workdir, args.fsdp, args.accelerator_type)
   if args.verb == "logs":
     return logs_command(target, args.worker, follow=not args.no_follow)
   if args.verb == "status":
@@ -270,6 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.verb == "train":
+    fsdp, _ = fsdp_from_flags(args.fsdp, args.set)
+    note = train_mesh_line(fsdp, args.accelerator_type)
+    if note:
+      print(note, flush=True)  # a comment: the dry-run output stays copy-pastable
   return execute(commands, args.dry_run)
 
 

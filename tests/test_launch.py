@@ -88,6 +88,52 @@ def test_train_rejects_malformed_override():
     tpu_vm.train_command(tpu_vm.Target("bh", "z"), "c.py", "gs://b/r", ["oops"])
 
 
+def test_train_fsdp_and_mesh_line(capsys):
+  base = ["train", "--name", "bh", "--zone", "z", "--config", "c.py",
+          "--workdir", "gs://b/r", "--fsdp", "4"]
+  # v4-32: 32 TensorCores = 16 chips, 4 per worker.
+  lines = _dry_run(capsys, tpu_vm, [*base, "--accelerator-type", "v4-32"])
+  assert lines[0] == "# mesh: data=4 x fsdp=4 (16 devices of v4-32, 4 per worker; " \
+                     "train.fsdp=4)"
+  assert len(lines) == 2
+  assert ("--config.train.multi_host=True --config.train.fsdp=4 > ~/bihier_train.log"
+          in lines[1])
+  # Without the accelerator type the device count is not guessed.
+  lines = _dry_run(capsys, tpu_vm, base)
+  assert lines[0] == "# mesh: fsdp=4, data = devices / 4"
+  assert "--config.train.fsdp=4" in lines[1]
+  # The same value through --set as well is no conflict.
+  lines = _dry_run(capsys, tpu_vm, [*base, "--set", "train.fsdp=4"])
+  assert "--config.train.fsdp=4" in lines[1]
+
+
+def test_tpu_devices_per_worker():
+  assert tpu_vm.tpu_devices("v4-8") == (4, 4)
+  assert tpu_vm.tpu_devices("v5p-64") == (32, 4)
+  assert tpu_vm.tpu_devices("v5litepod-8") == (8, 8)
+  assert tpu_vm.tpu_devices("v6e-16") == (16, 4)
+  # Families or sizes the rule does not cover: no guess, no check.
+  assert tpu_vm.tpu_devices("v3-8") is None
+  assert tpu_vm.tpu_devices("v4-12") is None
+  assert tpu_vm.tpu_devices("v5litepod-2") is None
+
+
+def test_train_fsdp_refused(capsys):
+  base = ["train", "--name", "bh", "--zone", "z", "--config", "c.py",
+          "--workdir", "gs://b/r", "--dry-run"]
+  assert tpu_vm.main([*base, "--fsdp", "4", "--set", "train.fsdp=2"]) == 2
+  out = capsys.readouterr()
+  assert out.out == ""
+  assert out.err == ("error: --fsdp 4 conflicts with --set train.fsdp=2: give only "
+                     "one of them (or the same value)\n")
+  # v5litepod-16: 4 hosts of 4 chips; a group of 8 would span two workers.
+  assert tpu_vm.main([*base, "--fsdp", "8", "--accelerator-type", "v5litepod-16"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1
+  assert "--fsdp 8" in err and "--accelerator-type v5litepod-16" in err
+  assert "use --fsdp 1, 2 or 4" in err
+
+
 def test_logs_status_stop(capsys):
   assert _dry_run(capsys, tpu_vm, ["logs", "--name", "bh", "--zone", "z",
                                    "--worker", "3"]) == [
@@ -150,3 +196,36 @@ def test_slurm_script_written_and_submitted(tmp_path, monkeypatch):
   assert rc == 0 and calls == [["sbatch", str(path)]]
   assert path.read_text() == slurm_gpu.sbatch_script(
       slurm_gpu.SlurmJob(config="c.py", workdir="/w", nodes=1, gpus_per_node=2))
+
+
+def test_slurm_fsdp_in_train_and_eval(capsys):
+  lines = _dry_run(capsys, slurm_gpu, [
+      "--config", "c.py", "--workdir", "/w", "--nodes", "2", "--gpus-per-node", "8",
+      "--fsdp", "4", "--eval"])
+  assert "# mesh: data=4 x fsdp=4 (16 devices; train.fsdp=4)" in lines
+  assert ("srun --ntasks=16 --ntasks-per-node=8 --kill-on-bad-exit=1 python -m "
+          "bihier_jax.train --config=c.py --workdir=/w --config.train.multi_host=True "
+          "--config.train.fsdp=4") in lines
+  # Eval restores the checkpoint onto a mesh built the same way.
+  assert ("srun --nodes=1 --ntasks=1 python -m bihier_jax.eval --config=c.py "
+          "--workdir=/w --config.train.fsdp=4") in lines
+  # Every line of the script that is no command is a comment.
+  script = lines[lines.index("#!/bin/bash"):lines.index("# --- submit ---")]
+  assert all(not line or line.startswith(("#", "set ", "export ", "srun "))
+             for line in script)
+
+
+def test_slurm_fsdp_refused(capsys):
+  base = ["--config", "c.py", "--workdir", "/w", "--nodes", "2", "--dry-run"]
+  assert slurm_gpu.main([*base, "--gpus-per-node", "8", "--fsdp", "3"]) == 2
+  out = capsys.readouterr()
+  assert out.out == ""
+  assert out.err == ("error: --fsdp 3 does not divide --gpus-per-node 8: an fsdp group "
+                     "must lie within one node; use --fsdp 1, 2, 4 or 8\n")
+  # The value may also come from --set; 16 divides the 32 GPUs but not one node's 8.
+  assert slurm_gpu.main([*base, "--gpus-per-node", "8", "--nodes", "4",
+                         "--set", "train.fsdp=16"]) == 2
+  err = capsys.readouterr().err
+  assert "--set train.fsdp=16 does not divide --gpus-per-node 8" in err
+  assert slurm_gpu.main([*base, "--fsdp", "2", "--set", "train.fsdp=4"]) == 2
+  assert "--fsdp 2 conflicts with --set train.fsdp=4" in capsys.readouterr().err
