@@ -199,7 +199,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
   for path in ("train.num_steps", "train.batch_size", "train.eval_every",
                "train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
-               "train.max_consecutive_nonfinite", "train.grad_accum_steps",
+               "train.max_consecutive_nonfinite", "train.grad_accum_steps", "train.fsdp",
                "model.gnn.num_blocks",
                "model.gnn.hidden", "model.fusion.dim", "model.fusion.num_heads",
                "model.head.hidden", "data.max_neighbors"):

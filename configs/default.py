@@ -143,6 +143,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Micro-batches per update and device: gradients are summed over them (activation
   # memory of one micro-batch of batch_size / (devices x grad_accum_steps) proteins).
   c.train.grad_accum_steps = 1
+  # Parameter sharding (ZeRO-3 style): devices per 'fsdp' group. The large ESM-2 layer
+  # matrices and their Adam moments are split over a group and gathered one layer at a
+  # time; the batch is still split over every device. 1 = plain data parallelism; must
+  # divide the devices of each host. See docs/parallelism.md.
+  c.train.fsdp = 1
   c.train.eval_every = 1000  # periodic evaluation (and saved checkpoint) every N steps
   # Periodic evaluations score only data.select_split (the test splits stay unseen until
   # the selected checkpoint is reported at the end); True also scores and logs them.

@@ -41,14 +41,17 @@ import math
 import re
 from typing import Any, NamedTuple, Sequence
 
+import flax
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.models import attention
+from bihier_jax.models import fsdp
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 replaced by <mask> in training
 ROTARY_BASE = 10000.0
@@ -475,6 +478,78 @@ def _init_dense(key, shape_in_out, lead=()):
           "bias": jnp.zeros((*lead, d_out), jnp.float32)}
 
 
+def _init_layers(cfg: "ESM2Config", key) -> dict:
+  """params['layers']: every layer's parameters stacked on a leading [S] axis."""
+  d, f, s = cfg.embed_dim, cfg.ffn_dim, cfg.num_layers
+  k = jax.random.split(key, 4)
+  return {
+      "self_attn_layer_norm": _init_norm((s, d)),
+      "qkv_proj": _init_dense(k[0], (d, 3 * d), (s,)),
+      "out_proj": _init_dense(k[1], (d, d), (s,)),
+      "final_layer_norm": _init_norm((s, d)),
+      "fc1": _init_dense(k[2], (d, f), (s,)),
+      "fc2": _init_dense(k[3], (f, d), (s,)),
+  }
+
+
+def _init_lora(cfg: "ESM2Config", key) -> dict:
+  """params['lora']: A (uniform ±1/sqrt(d_in)) and B (zero) per target, stacked [S]."""
+  out = {}
+  shapes = cfg.lora_shapes()
+  for t, key_t in zip(shapes, jax.random.split(key, len(LORA_TARGETS))):
+    d_in, d_out = shapes[t]
+    bound = d_in ** -0.5
+    out[t] = {"a": jax.random.uniform(key_t, (cfg.num_layers, d_in, cfg.lora_rank),
+                                      jnp.float32, -bound, bound),
+              "b": jnp.zeros((cfg.num_layers, cfg.lora_rank, d_out), jnp.float32)}
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _stacked_shapes(cfg: "ESM2Config") -> tuple[dict, dict | None]:
+  """Global shapes of params['layers'] and params['lora'] (None without adapters): what
+  `fsdp.gather` needs inside a body that only sees this device's pieces."""
+  shape_of = lambda init: jax.eval_shape(functools.partial(init, cfg), jax.random.key(0))
+  return shape_of(_init_layers), (shape_of(_init_lora) if cfg.lora_rank else None)
+
+
+def _stack_init(init, cfg: "ESM2Config", shapes: dict):
+  """The initializer of a stacked tree (`_init_layers`, `_init_lora`) for `self.param`.
+
+  Inside a step body with the layers split over 'fsdp' (`fsdp.active_size()` > 1) the
+  existing parameters are this device's pieces, and Flax checks their shapes against
+  the initializer's output: there it describes the pieces (it never runs then: the
+  parameters exist)."""
+  size = fsdp.active_size()
+  if size == 1:
+    return functools.partial(init, cfg)
+  return lambda key: jax.tree.map(
+      lambda s: jnp.zeros(fsdp.local_shape(s.shape, size), s.dtype), shapes)
+
+
+def _gathered_layer(layer_fn, cfg: "ESM2Config"):
+  """layer_fn that first gathers its layer's split weights over the 'fsdp' axis
+  (`fsdp.gather`), rematerialised so that no gathered weight is kept for the backward
+  pass: with cfg.remat the whole layer is recomputed, otherwise every activation is
+  saved except the gathered weights (gathered again in the backward pass)."""
+  layer_shapes, lora_shapes = _stacked_shapes(cfg)
+
+  def gather_all(tree, shapes):
+    flat_shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+    return flax.traverse_util.unflatten_dict({
+        path: fsdp.gather(x, flat_shapes[path].shape, cfg.dtype) for path, x in
+        flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()})
+
+  def gathered(p, h, layout, cos, sin, lora=None):
+    p = gather_all(p, layer_shapes)
+    lora = None if lora is None else gather_all(lora, lora_shapes)
+    return layer_fn(p, h, layout, cos, sin, lora)
+
+  policy = (None if cfg.remat else
+            jax.checkpoint_policies.save_anything_except_these_names(fsdp.GATHERED))
+  return jax.checkpoint(gathered, prevent_cse=not cfg.scan_layers, policy=policy)
+
+
 # --- the model -------------------------------------------------------------------------
 
 
@@ -494,42 +569,22 @@ class ESM2(nn.Module):
 
   def setup(self):
     cfg = self.config
-    d, f, s, v = cfg.embed_dim, cfg.ffn_dim, cfg.num_layers, cfg.vocab_size
+    d, v = cfg.embed_dim, cfg.vocab_size
 
     def init_embedding(key):
       emb = _normal(key, (v, d))
       return {"embedding": emb.at[rc.ESM_PAD].set(0.0)}  # torch padding_idx row is zero
-
-    def init_layers(key):
-      k = jax.random.split(key, 4)
-      return {
-          "self_attn_layer_norm": _init_norm((s, d)),
-          "qkv_proj": _init_dense(k[0], (d, 3 * d), (s,)),
-          "out_proj": _init_dense(k[1], (d, d), (s,)),
-          "final_layer_norm": _init_norm((s, d)),
-          "fc1": _init_dense(k[2], (d, f), (s,)),
-          "fc2": _init_dense(k[3], (f, d), (s,)),
-      }
 
     def init_lm_head(key):
       return {"dense": _init_dense(key, (d, d)), "layer_norm": _init_norm((d,)),
               "bias": jnp.zeros((v,), jnp.float32)}
 
     self.embed_tokens = self.param(EMBEDDING_PARAM, init_embedding)
-    self.layers = self.param(LAYERS_PARAM, init_layers)
+    layer_shapes, lora_shapes = _stacked_shapes(cfg)
+    self.layers = self.param(LAYERS_PARAM, _stack_init(_init_layers, cfg, layer_shapes))
     self.emb_layer_norm_after = self.param(FINAL_NORM_PARAM, lambda _: _init_norm((d,)))
-
-    def init_lora(key):
-      out = {}
-      for t, key_t in zip(cfg.lora_shapes(), jax.random.split(key, len(LORA_TARGETS))):
-        d_in, d_out = cfg.lora_shapes()[t]
-        bound = d_in ** -0.5
-        out[t] = {"a": jax.random.uniform(key_t, (s, d_in, cfg.lora_rank), jnp.float32,
-                                          -bound, bound),
-                  "b": jnp.zeros((s, cfg.lora_rank, d_out), jnp.float32)}
-      return out
-
-    self.lora = self.param(LORA_PARAM, init_lora) if cfg.lora_rank else None
+    self.lora = (self.param(LORA_PARAM, _stack_init(_init_lora, cfg, lora_shapes))
+                 if cfg.lora_rank else None)
     if cfg.mlm_head:
       self.lm_head = self.param("lm_head", init_lm_head)
 
@@ -591,7 +646,9 @@ class ESM2(nn.Module):
       positions = segment_positions(segments)
       cos, sin = jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]
     layer_fn = functools.partial(_transformer_layer, cfg=cfg)
-    if cfg.remat:
+    if fsdp.active_size() > 1:  # inside a step body with weights split over 'fsdp'
+      layer_fn = _gathered_layer(layer_fn, cfg)
+    elif cfg.remat:
       layer_fn = jax.checkpoint(layer_fn, prevent_cse=not cfg.scan_layers)
 
     def apply(h, first, last):

@@ -15,6 +15,15 @@ that compute both branches. The loss is the mean over the global batch:
 equals one 1-device step on the same stacked batch (tests/test_parallel.py checks it,
 8 vs 1).
 
+Parameter sharding (`train.fsdp = F`, ZeRO-3 style). The mesh is 2-D, ('data', 'fsdp')
+with F consecutive devices (within one host) per 'fsdp' group. The batch is still split
+over EVERY device (leading axis on both mesh axes); only the large ESM-2 layer matrices
+and their optimizer moments are split over 'fsdp' (`param_specs`, rule in
+`models.fsdp`); everything else stays replicated. Inside the step body each layer's
+pieces are all-gathered one layer at a time and its gradient reduce-scattered, so a
+device holds ~1/F of the ESM weights, gradients and Adam moments. F = 1 is plain data
+parallelism.
+
 Sub-batches are grouped by budget: `DeviceBatcher` collects batches from the input
 stream per budget and emits D of the same budget at once; its `position` (raw batches
 consumed and those still waiting) is saved in checkpoints so a restarted run sees
@@ -33,8 +42,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from bihier_jax.data.batch import Batch
+from bihier_jax.models import esm2
+from bihier_jax.models import fsdp
+from bihier_jax.models import trainable
 
 DATA_AXIS = "data"
+FSDP_AXIS = fsdp.AXIS
 
 
 def initialize_distributed(multi_host: bool) -> None:
@@ -45,29 +58,95 @@ def initialize_distributed(multi_host: bool) -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh ('data',) over `devices` (default: every device of every host)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp_size: int = 1) -> Mesh:
+  """The ('data', 'fsdp') mesh over `devices` (default: every device of every host):
+  `fsdp_size` consecutive devices form one parameter-sharding group.
+
+  Raises:
+    ValueError: fsdp_size does not divide the devices (of every host: a group must not
+      span hosts, so its all-gathers stay on the fast interconnect).
+  """
   devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.array(devices), (DATA_AXIS,))
+  fsdp_size = int(fsdp_size)
+  per_host = {}
+  for d in devices:
+    per_host[d.process_index] = per_host.get(d.process_index, 0) + 1
+  if fsdp_size < 1 or any(n % fsdp_size for n in per_host.values()):
+    raise ValueError(f"train.fsdp={fsdp_size} must be >= 1 and divide the devices of "
+                     f"each host ({sorted(set(per_host.values()))} here, "
+                     f"{len(devices)} in all)")
+  return Mesh(np.array(devices).reshape(-1, fsdp_size), (DATA_AXIS, FSDP_AXIS))
 
 
-def local_mesh() -> Mesh:
-  """This host's devices only: evaluation runs per host, without cross-host programs
-  (hosts see different numbers and shapes of eval batches); results are gathered
-  once at the end."""
-  return make_mesh(jax.local_devices())
+def training_mesh(config) -> Mesh:
+  """The mesh of a run: every device, `config.train.fsdp` per sharding group."""
+  return make_mesh(fsdp_size=int(config.train.get("fsdp", 1)))
+
+
+def local_mesh(fsdp_size: int = 1) -> Mesh:
+  """This host's devices only, with the training mesh's `fsdp_size`: evaluation runs
+  per host, without cross-host programs (hosts see different numbers and shapes of
+  eval batches); results are gathered once at the end."""
+  return make_mesh(jax.local_devices(), fsdp_size)
+
+
+def fsdp_size(mesh: Mesh) -> int:
+  """Devices per parameter-sharding group (1 for a mesh without an 'fsdp' axis)."""
+  return int(dict(mesh.shape).get(FSDP_AXIS, 1))
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes the device-stacked batch is split over: all of them."""
+  return tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names)
+
+
+def _is_esm_stack(path) -> bool:
+  """Whether a tree path runs through params['esm']['layers' | 'lora'] (also inside an
+  optimizer state, whose moments mirror the parameter tree)."""
+  keys = [getattr(k, "key", None) for k in path]
+  return any(a == trainable.ESM_KEY and b in (esm2.LAYERS_PARAM, esm2.LORA_PARAM)
+             for a, b in zip(keys, keys[1:]))
+
+
+def param_specs(tree: Any, mesh) -> Any:
+  """PartitionSpec per leaf of a parameter-shaped tree (params, a trainable view,
+  gradients, an optimizer state): the ESM layer matrices split over 'fsdp' on their
+  `fsdp.shard_dim`, everything else replicated."""
+  size = fsdp_size(mesh)
+
+  def spec(path, leaf):
+    dim = fsdp.shard_dim(tuple(leaf.shape), size) if _is_esm_stack(path) else None
+    return PartitionSpec() if dim is None else PartitionSpec(*([None] * dim), FSDP_AXIS)
+
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs; see param_specs)."""
+  return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh))
 
 
 def localize(tree: Any, mesh: Mesh) -> Any:
-  """Replicated global arrays -> replicated on `mesh` (e.g. the local mesh)."""
-  if jax.process_count() > 1:
-    tree = jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
-  return jax.device_put(tree, replicated(mesh))
+  """Global arrays (replicated, or split over 'fsdp' within hosts) -> the same layout on
+  `mesh`, this host's part of the training mesh (`local_mesh`)."""
+
+  def one(x):
+    spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec()
+    target = NamedSharding(mesh, spec)
+    if jax.process_count() == 1:
+      return jax.device_put(x, target)
+    if spec == PartitionSpec():
+      return jax.device_put(x.addressable_data(0), target)
+    # Every piece of a split leaf lives on this host (groups never span hosts).
+    return jax.make_array_from_single_device_arrays(
+        x.shape, target, [s.data for s in x.addressable_shards])
+
+  return jax.tree_util.tree_map(one, tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (device) axis split over 'data', everything else whole."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  """Leading (device) axis split over every mesh axis, everything else whole."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

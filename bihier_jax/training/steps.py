@@ -2,8 +2,9 @@
 
 `loss_and_grads` / `train_step` / `eval_step` take a device-stacked batch [D, ...]
 (one padded sub-batch per device) and run as one `jax.shard_map` program per device of
-the 'data' mesh (see `parallel` for the design); `jit_train_step` / `jit_eval_step`
-bind them to a model, task and mesh. `create_train_state` builds fresh parameters and
+the ('data', 'fsdp') mesh (see `parallel` for the design: the batch is split over every
+device, the large ESM layer matrices and their optimizer moments over 'fsdp');
+`jit_train_step` / `jit_eval_step` bind them to a model, task and mesh. `create_train_state` builds fresh parameters and
 optimizer state, `abstract_train_state` their shapes for restoring a checkpoint.
 
 Faults: the step skips the update in-graph when the loss or any gradient is not finite
@@ -23,6 +24,7 @@ import ml_collections
 import optax
 
 from bihier_jax.data.batch import Batch
+from bihier_jax.models import fsdp
 from bihier_jax.training import optim
 from bihier_jax.training import parallel
 
@@ -48,18 +50,21 @@ def build_model(config: ml_collections.ConfigDict):
 def create_train_state(config: ml_collections.ConfigDict, model, sample_batch: Batch,
                        mesh: jax.sharding.Mesh, *, load_esm: bool = True
                        ) -> tuple[TrainState, optax.GradientTransformation]:
-  """Fresh parameters (pretrained ESM if configured), optimizer state, replicated."""
+  """Fresh parameters (pretrained ESM if configured) and optimizer state, laid out on
+  `mesh` (`parallel.state_shardings`: replicated, ESM layer matrices split over 'fsdp')."""
   from bihier_jax import models  # pylint: disable=g-import-not-at-top
   replicated = parallel.replicated(mesh)
   key = jax.random.key(config.seed)
   init_key = jax.random.fold_in(key, 0x1217)
-  params = jax.jit(lambda k, b: model.init(k, b, deterministic=True)["params"],
-                   out_shardings=replicated)(init_key, sample_batch)
+  init = lambda k, b: model.init(k, b, deterministic=True)["params"]
+  param_shardings = parallel.state_shardings(jax.eval_shape(init, init_key, sample_batch),
+                                             mesh)
+  params = jax.jit(init, out_shardings=param_shardings)(init_key, sample_batch)
   if "esm" in params and load_esm:
     if config.model.esm.checkpoint:
       params = models.load_pretrained_esm(jax.device_get(params),
                                           config.model.esm.checkpoint)
-      params = jax.device_put(params, replicated)
+      params = jax.device_put(params, param_shardings)
       logging.info("ESM weights loaded from %s", config.model.esm.checkpoint)
     else:
       message = ("model.esm.checkpoint is empty: the ESM-2 branch starts from RANDOM "
@@ -75,13 +80,17 @@ def create_train_state(config: ml_collections.ConfigDict, model, sample_batch: B
   trained, total = trainable.count(params)
   logging.info("trainable parameters: %d of %d (model.esm.trainable=%s)", trained, total,
                trainable.policy)
-  opt_state = jax.jit(lambda p: tx.init(trainable.select(p)),
-                      out_shardings=replicated)(params)
+  init_opt = lambda p: tx.init(trainable.select(p))
+  opt_state = jax.jit(init_opt, out_shardings=parallel.state_shardings(
+      jax.eval_shape(init_opt, params), mesh))(params)
   state = TrainState(
       step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state,
       rng=jax.random.key_data(key), nonfinite_streak=jnp.zeros([], jnp.int32),
       nonfinite_total=jnp.zeros([], jnp.int32))
-  return jax.device_put(state, replicated), tx
+  scalars = jax.device_put((state.step, state.rng, state.nonfinite_streak,
+                            state.nonfinite_total), replicated)
+  return state.replace(step=scalars[0], rng=scalars[1], nonfinite_streak=scalars[2],
+                       nonfinite_total=scalars[3]), tx
 
 
 def abstract_train_state(config, model, sample_batch, mesh):
@@ -94,9 +103,9 @@ def abstract_train_state(config, model, sample_batch, mesh):
     return state
 
   shapes = jax.eval_shape(make)
-  replicated = parallel.replicated(mesh)
   return jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      shapes, parallel.state_shardings(shapes, mesh))
 
 
 # --- steps ---------------------------------------------------------------------------------
@@ -116,16 +125,31 @@ def _each_sub_batch(fn, block):
 
 
 def _data_parallel(body, mesh, out_specs):
-  """body(params, *stacked) as one program per device of `mesh` (shard_map over
-  'data': params replicated, stacked arrays split on their leading device axis), or
-  as is on the whole stack when there is no mesh."""
+  """body(params, *stacked, axis_name=...) as one program per device of `mesh`
+  (shard_map over all its axes: params laid out by `parallel.param_specs`, stacked
+  arrays split on their leading device axis over every device), or as is on the whole
+  stack when there is no mesh (axis_name=None). While the body is traced,
+  `fsdp.gathering` is active with the mesh's 'fsdp' size."""
   if mesh is None:
     return functools.partial(body, axis_name=None)
   spec = jax.sharding.PartitionSpec
+  axes = parallel.batch_axes(mesh)
+
+  def traced(*args):
+    with fsdp.gathering(parallel.fsdp_size(mesh)):
+      return body(*args, axis_name=axes)
+
   return lambda params, *stacked: jax.shard_map(
-      functools.partial(body, axis_name=parallel.DATA_AXIS), mesh=mesh,
-      in_specs=(spec(),) + (spec(parallel.DATA_AXIS),) * len(stacked),
-      out_specs=out_specs, check_vma=True)(params, *stacked)
+      traced, mesh=mesh,
+      in_specs=(parallel.param_specs(params, mesh),) + (spec(axes),) * len(stacked),
+      out_specs=out_specs(params) if callable(out_specs) else out_specs,
+      check_vma=True)(params, *stacked)
+
+
+def _unsplit_axes(spec, axes: tuple[str, ...]) -> tuple[str, ...]:
+  """The mesh axes of `axes` a leaf with PartitionSpec `spec` is NOT split over."""
+  used = {a for part in spec for a in ((part,) if isinstance(part, str) else part or ())}
+  return tuple(a for a in axes if a not in used)
 
 
 def _context_mesh(mesh):
@@ -178,13 +202,19 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
 
   grad_fn = jax.value_and_grad(weighted_sums, has_aux=True)
 
+  mesh = _context_mesh(mesh)
+  view_specs = (None if mesh is None else parallel.param_specs(
+      jax.eval_shape(trainable.select, params), mesh))
+
   def body(params, block, key_block, *, axis_name):
     view = trainable.select(params)
     if axis_name is not None:
-      # Per-device gradients, summed below with the other sums in one all-reduce (an
-      # invariant `view` would have its cotangent psum'd by JAX itself, twice in all).
+      # Per-device gradients, summed below with the other sums (an invariant `view`
+      # would have its cotangent psum'd by JAX itself, twice in all). Leaves split over
+      # 'fsdp' already vary there; their gradients come back reduce-scattered.
       view = jax.tree_util.tree_map(
-          lambda p: jax.lax.pcast(p, axis_name, to="varying"), view)
+          lambda p, spec: jax.lax.pcast(p, _unsplit_axes(spec, axis_name), to="varying")
+          if _unsplit_axes(spec, axis_name) else p, view, view_specs)
 
     def one(args):
       (loss_w, (weight, accuracy_w)), grads = grad_fn(view, params, *args)
@@ -198,15 +228,20 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
       sums, _ = jax.lax.scan(
           lambda total, args: (jax.tree_util.tree_map(jnp.add, total, one(args)), None),
           sums, rest)
-    if axis_name is not None:
-      sums = jax.lax.psum(sums, axis_name)
     loss_sum, total, accuracy_sum, grads = sums
+    if axis_name is not None:
+      loss_sum, total, accuracy_sum = jax.lax.psum((loss_sum, total, accuracy_sum),
+                                                   axis_name)
+      grads = jax.tree_util.tree_map(
+          lambda g, spec: jax.lax.psum(g, _unsplit_axes(spec, axis_name))
+          if _unsplit_axes(spec, axis_name) else g, grads, view_specs)
     scale = jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
     grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
     return loss_sum * scale, accuracy_sum * scale, total, grads
 
+  scalar = jax.sharding.PartitionSpec()
   loss, accuracy, total, grads = _data_parallel(
-      body, _context_mesh(mesh), out_specs=jax.sharding.PartitionSpec())(
+      body, mesh, out_specs=(scalar, scalar, scalar, view_specs))(
           params, batch, key_data)
   return (loss, {"accuracy": accuracy, "label_weight": total}), grads
 
@@ -264,20 +299,24 @@ def eval_step(params, batch: Batch, *, model, task, mesh=None
               "graph_embeddings": out.graph_embeddings}
     return _each_sub_batch(one, block)
 
-  return _data_parallel(body, _context_mesh(mesh),
-                        out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))(
+  mesh = _context_mesh(mesh)
+  return _data_parallel(body, mesh, out_specs=None if mesh is None else
+                        jax.sharding.PartitionSpec(parallel.batch_axes(mesh)))(
                             params, batch)
 
 
-def jit_train_step(model, tx, task, mesh):
-  replicated = parallel.replicated(mesh)
+def jit_train_step(model, tx, task, mesh, state: TrainState):
+  """train_step jitted for `mesh`; `state` (arrays or abstract) gives the state's
+  layout (`parallel.state_shardings`), kept from step to step."""
+  shardings = parallel.state_shardings(state, mesh)
   return jax.jit(functools.partial(train_step, model=model, tx=tx, task=task,
                                    mesh=mesh),
-                 in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(model, task, mesh):
+  """eval_step jitted for `mesh`; parameters come laid out as training left them
+  (`parallel.localize`)."""
   return jax.jit(functools.partial(eval_step, model=model, task=task, mesh=mesh),
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=parallel.batch_sharding(mesh))

@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ensure_demo_data(config)
   config = resolve_epoch_fields(config)  # before the schedule and the loop read steps
   dataset_fn = dataset_fn or default_dataset_fn()
-  mesh = parallel.make_mesh()
+  mesh = parallel.training_mesh(config)
   num_local = parallel.local_device_count(mesh)
   sub_config = evaluation.per_device_config(config, jax.device_count())
 
@@ -312,8 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if fresh:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
 
-  train_fn = steps.jit_train_step(model, tx, config.task, mesh)
-  eval_mesh = parallel.local_mesh()
+  train_fn = steps.jit_train_step(model, tx, config.task, mesh, state)
+  eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
   eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
   # One update: train.grad_accum_steps sub-batches per local device.
   batcher = parallel.DeviceBatcher(train_stream(position.resume_from),
