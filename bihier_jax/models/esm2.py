@@ -48,6 +48,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.models import attention
@@ -61,6 +62,9 @@ EMBEDDING_PARAM = "embed_tokens"
 LAYERS_PARAM = "layers"
 FINAL_NORM_PARAM = "emb_layer_norm_after"
 LORA_PARAM = "lora"
+# Checkpoint name of one layer's weights read from the stack (never saved for the
+# backward pass: re-read, see _layer_fn).
+LAYER_WEIGHTS = "esm_layer_weights"
 # Projections LoRA can adapt: q/k/v (the three parts of the fused qkv_proj), the
 # attention output, the two FFN matmuls.
 LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")
@@ -527,27 +531,41 @@ def _stack_init(init, cfg: "ESM2Config", shapes: dict):
       lambda s: jnp.zeros(fsdp.local_shape(s.shape, size), s.dtype), shapes)
 
 
-def _gathered_layer(layer_fn, cfg: "ESM2Config"):
-  """layer_fn that first gathers its layer's split weights over the 'fsdp' axis
-  (`fsdp.gather`), rematerialised so that no gathered weight is kept for the backward
-  pass: with cfg.remat the whole layer is recomputed, otherwise every activation is
-  saved except the gathered weights (gathered again in the backward pass)."""
+def _layer_fn(cfg: "ESM2Config", layers, lora, layout, cos, sin):
+  """fn(i, h): layer i (0-based, traced or static) of the stacked trees applied to h.
+
+  The layer's weights are read from the whole stack INSIDE the function, and the
+  function is rematerialised with a policy that never saves them, so a scan over i
+  copies no weights: slicing the stack per layer range (xs of a scan) would
+  materialise a copy of every layer it covers, and saving each layer's slice for the
+  backward pass another. With cfg.remat nothing else is saved either (the whole layer
+  is recomputed); otherwise every activation is.
+
+  Inside a step body with the layers split over 'fsdp' (`fsdp.active_size()` > 1),
+  the layer's pieces are all-gathered first (`fsdp.gather`); the gathered weights are
+  not saved either, so the backward pass gathers them again.
+  """
   layer_shapes, lora_shapes = _stacked_shapes(cfg)
+  gathering = fsdp.active_size() > 1
 
-  def gather_all(tree, shapes):
+  def layer_slice(tree, shapes, i):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
     flat_shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
-    return flax.traverse_util.unflatten_dict({
-        path: fsdp.gather(x, flat_shapes[path].shape, cfg.dtype) for path, x in
-        flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()})
+    out = {}
+    for path, a in flat.items():
+      x = checkpoint_name(jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                          LAYER_WEIGHTS)
+      out[path] = fsdp.gather(x, flat_shapes[path].shape, cfg.dtype) if gathering else x
+    return flax.traverse_util.unflatten_dict(out)
 
-  def gathered(p, h, layout, cos, sin, lora=None):
-    p = gather_all(p, layer_shapes)
-    lora = None if lora is None else gather_all(lora, lora_shapes)
-    return layer_fn(p, h, layout, cos, sin, lora)
+  def one(i, h):
+    p = layer_slice(layers, layer_shapes, i)
+    adapters = None if lora is None else layer_slice(lora, lora_shapes, i)
+    return _transformer_layer(p, h, layout, cos, sin, adapters, cfg=cfg)
 
-  policy = (None if cfg.remat else
-            jax.checkpoint_policies.save_anything_except_these_names(fsdp.GATHERED))
-  return jax.checkpoint(gathered, prevent_cse=not cfg.scan_layers, policy=policy)
+  policy = (None if cfg.remat else jax.checkpoint_policies.save_anything_except_these_names(
+      LAYER_WEIGHTS, fsdp.GATHERED))
+  return jax.checkpoint(one, prevent_cse=not cfg.scan_layers, policy=policy)
 
 
 # --- the model -------------------------------------------------------------------------
@@ -645,30 +663,19 @@ class ESM2(nn.Module):
     if segments is not None:
       positions = segment_positions(segments)
       cos, sin = jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]
-    layer_fn = functools.partial(_transformer_layer, cfg=cfg)
-    if fsdp.active_size() > 1:  # inside a step body with weights split over 'fsdp'
-      layer_fn = _gathered_layer(layer_fn, cfg)
-    elif cfg.remat:
-      layer_fn = jax.checkpoint(layer_fn, prevent_cse=not cfg.scan_layers)
-
     def apply(h, first, last):
-      """Layers (first, last] with one parameter slice: scanned or unrolled."""
-      stacked = jax.tree.map(lambda a: a[first:last], self.layers)
-      stacked = _constant_if(last <= cfg.frozen_layers, stacked)
+      """Layers (first, last]: scanned over the layer index, or unrolled."""
       # Adapters train whatever is frozen: never constants.
-      adapters = (jax.tree.map(lambda a: a[first:last], self.lora)
-                  if self.lora is not None else None)
+      one = _layer_fn(cfg, _constant_if(last <= cfg.frozen_layers, self.layers),
+                      self.lora, layout, cos, sin)
       if cfg.scan_layers:
-        def body(carry, p_and_lora):
-          p, lora = p_and_lora
-          out = layer_fn(p, carry, layout, cos, sin, lora)
+        def body(carry, i):
+          out = one(i, carry)
           return out, (out if collect else None)
-        return jax.lax.scan(body, h, (stacked, adapters))
+        return jax.lax.scan(body, h, jnp.arange(first, last))
       outs = []
-      for i in range(last - first):
-        h = layer_fn(jax.tree.map(lambda a, i=i: a[i], stacked), h, layout, cos, sin,
-                     None if adapters is None else
-                     jax.tree.map(lambda a, i=i: a[i], adapters))
+      for i in range(first, last):
+        h = one(i, h)
         outs.append(h)
       return h, (jnp.stack(outs) if collect else None)
 
