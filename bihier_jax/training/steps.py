@@ -261,18 +261,21 @@ def train_step(state: TrainState, batch: Batch, *, model, tx, task, mesh=None
                                       model=model, task=task, mesh=mesh)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # Zero bad gradients so the optimizer's arithmetic stays finite; the result is
-  # discarded anyway when not finite.
-  safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
-  updates, new_opt_state = tx.update(safe_grads, state.opt_state,
-                                     trainable.select(state.params))
-  new_params = trainable.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree_util.tree_map(
-      lambda a, b: jnp.where(finite, a, b), new, old)
+
+  def update(params, opt_state):
+    updates, new_opt_state = tx.update(grads, opt_state, trainable.select(params))
+    return trainable.apply_updates(params, updates), new_opt_state
+
+  # The update runs only when finite (a cond, not a select of both results: selecting
+  # would keep new and old parameters and moments alive together, ~3 state-sized
+  # temporaries at the step's peak).
+  new_params, new_opt_state = jax.lax.cond(
+      finite, update, lambda params, opt_state: (params, opt_state), state.params,
+      state.opt_state)
   new_state = state.replace(
       step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      params=new_params,
+      opt_state=new_opt_state,
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
   step_metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
