@@ -22,7 +22,8 @@ Reported (one JSON object; `--json` also writes it):
 - state_gib_per_device: the training state's bytes on one device (parameters, Adam
   moments), from the shardings alone.
 - all_gather_gib / reduce_scatter_gib / all_reduce_gib: bytes per step on one device,
-  from the compiled HLO: each all-gather's and all-reduce's result, each
+  from the compiled HLO (collectives over groups of one device left out): each
+  all-gather's and all-reduce's result, each
   reduce-scatter's input (result x group size), times the known trip count of each
   enclosing while loop (the scanned layers). XLA's CPU backend runs bfloat16
   collectives in float32 (it converts around them), so the all-gather bytes here are
@@ -94,7 +95,12 @@ def _group_size(line: str) -> int:
   if iota:
     return int(iota.group(1))
   listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-  return len(listed.group(1).split(",")) if listed else 1
+  if listed:
+    return len(listed.group(1).split(","))
+  axes = re.search(r"replica_groups=mesh\[([^\]]*)\]", line)  # named-axes form
+  if axes:
+    return math.prod(int(n) for n in re.findall(r"=(\d+)", axes.group(1)))
+  return 1
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
@@ -126,9 +132,11 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       op = re.match(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\(", line)
       if op and op.group(3) in _COLLECTIVES:
         kind = _COLLECTIVES[op.group(3)]
-        # A reduce-scatter's result is one piece: the bytes reduced are group x that.
-        group = _group_size(line) if kind == "reduce_scatter" else 1
-        sums[kind] += group * _shape_bytes(op.group(2))
+        group = _group_size(line)
+        if group > 1:  # groups of one device move nothing
+          # A reduce-scatter's result is one piece: the bytes reduced are group x it.
+          scale = group if kind == "reduce_scatter" else 1
+          sums[kind] += scale * _shape_bytes(op.group(2))
       trips = 1
       if op and op.group(3) == "while":
         known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)

@@ -215,7 +215,8 @@ _HLO = """HloModule step
 
 ENTRY %main (x: f32[8]) -> f32[16] {
   %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %init), condition=%cond, body=%layer, backend_config={"known_trip_count":{"n":"36"}}
-  ROOT %ar = f32[16]{0} all-reduce(f32[16]{0} %z), replica_groups={{0,1}}, to_apply=%add
+  %ar = f32[16]{0} all-reduce(f32[16]{0} %z), replica_groups={{0,1}}, to_apply=%add
+  ROOT %one = f32[16]{0} all-reduce(f32[16]{0} %ar), replica_groups={{0},{1}}, to_apply=%add
 }
 """
 

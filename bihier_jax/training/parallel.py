@@ -96,8 +96,13 @@ def fsdp_size(mesh: Mesh) -> int:
 
 
 def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes the device-stacked batch is split over: all of them."""
-  return tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names)
+  """The mesh axes the device-stacked batch is split over, and the step's `shard_map`
+  runs manually over: every axis of more than one device ('data' alone on one device).
+  A size-1 axis is left out, so no collective runs over groups of one device (XLA's
+  CPU backend keeps such all-reduces: a state-sized copy per step)."""
+  sizes = dict(mesh.shape)
+  axes = tuple(a for a in (DATA_AXIS, FSDP_AXIS) if sizes.get(a, 1) > 1)
+  return axes or (DATA_AXIS,)
 
 
 def _is_esm_stack(path) -> bool:

@@ -126,8 +126,8 @@ def _each_sub_batch(fn, block):
 
 def _data_parallel(body, mesh, out_specs):
   """body(params, *stacked, axis_name=...) as one program per device of `mesh`
-  (shard_map over all its axes: params laid out by `parallel.param_specs`, stacked
-  arrays split on their leading device axis over every device), or as is on the whole
+  (shard_map over `parallel.batch_axes`: params laid out by `parallel.param_specs`,
+  stacked arrays split on their leading device axis over every device), or as is on the whole
   stack when there is no mesh (axis_name=None). While the body is traced,
   `fsdp.gathering` is active with the mesh's 'fsdp' size."""
   if mesh is None:
@@ -143,7 +143,7 @@ def _data_parallel(body, mesh, out_specs):
       traced, mesh=mesh,
       in_specs=(parallel.param_specs(params, mesh),) + (spec(axes),) * len(stacked),
       out_specs=out_specs(params) if callable(out_specs) else out_specs,
-      check_vma=True)(params, *stacked)
+      axis_names=set(axes), check_vma=True)(params, *stacked)
 
 
 def _unsplit_axes(spec, axes: tuple[str, ...]) -> tuple[str, ...]:
