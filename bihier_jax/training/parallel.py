@@ -60,7 +60,8 @@ def initialize_distributed(multi_host: bool) -> None:
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp_size: int = 1) -> Mesh:
   """The ('data', 'fsdp') mesh over `devices` (default: every device of every host):
-  `fsdp_size` consecutive devices form one parameter-sharding group.
+  `fsdp_size` consecutive devices form one parameter-sharding group; an axis of size
+  1 is left out (('data',) when fsdp_size is 1, ('fsdp',) when it is every device).
 
   Raises:
     ValueError: fsdp_size does not divide the devices (of every host: a group must not
@@ -75,7 +76,14 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp_size: int = 1) -
     raise ValueError(f"train.fsdp={fsdp_size} must be >= 1 and divide the devices of "
                      f"each host ({sorted(set(per_host.values()))} here, "
                      f"{len(devices)} in all)")
-  return Mesh(np.array(devices).reshape(-1, fsdp_size), (DATA_AXIS, FSDP_AXIS))
+  # Axes of one device are left out ('data' stays on one device): no collective ever
+  # runs over groups of one device (XLA's CPU backend keeps such all-reduces, a
+  # state-sized copy per step).
+  axes = [(n, size) for n, size in ((DATA_AXIS, len(devices) // fsdp_size),
+                                    (FSDP_AXIS, fsdp_size)) if size > 1]
+  axes = axes or [(DATA_AXIS, 1)]
+  return Mesh(np.array(devices).reshape([size for _, size in axes]),
+              tuple(n for n, _ in axes))
 
 
 def training_mesh(config) -> Mesh:
@@ -96,13 +104,8 @@ def fsdp_size(mesh: Mesh) -> int:
 
 
 def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes the device-stacked batch is split over, and the step's `shard_map`
-  runs manually over: every axis of more than one device ('data' alone on one device).
-  A size-1 axis is left out, so no collective runs over groups of one device (XLA's
-  CPU backend keeps such all-reduces: a state-sized copy per step)."""
-  sizes = dict(mesh.shape)
-  axes = tuple(a for a in (DATA_AXIS, FSDP_AXIS) if sizes.get(a, 1) > 1)
-  return axes or (DATA_AXIS,)
+  """The mesh axes the device-stacked batch is split over: all of them."""
+  return tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names)
 
 
 def _is_esm_stack(path) -> bool:

@@ -126,7 +126,7 @@ def _each_sub_batch(fn, block):
 
 def _data_parallel(body, mesh, out_specs):
   """body(params, *stacked, axis_name=...) as one program per device of `mesh`
-  (shard_map over `parallel.batch_axes`: params laid out by `parallel.param_specs`,
+  (shard_map over all its axes: params laid out by `parallel.param_specs`,
   stacked arrays split on their leading device axis over every device), or as is on the whole
   stack when there is no mesh (axis_name=None). While the body is traced,
   `fsdp.gathering` is active with the mesh's 'fsdp' size."""
@@ -143,7 +143,7 @@ def _data_parallel(body, mesh, out_specs):
       traced, mesh=mesh,
       in_specs=(parallel.param_specs(params, mesh),) + (spec(axes),) * len(stacked),
       out_specs=out_specs(params) if callable(out_specs) else out_specs,
-      axis_names=set(axes), check_vma=True)(params, *stacked)
+      check_vma=True)(params, *stacked)
 
 
 def _unsplit_axes(spec, axes: tuple[str, ...]) -> tuple[str, ...]:
@@ -153,11 +153,12 @@ def _unsplit_axes(spec, axes: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _context_mesh(mesh):
-  """`mesh`, else the mesh set with jax.set_mesh if it has the 'data' axis, else None."""
+  """`mesh`, else the mesh set with jax.set_mesh if it has a 'data' or 'fsdp' axis,
+  else None."""
   if mesh is not None:
     return mesh
   context = jax.sharding.get_abstract_mesh()
-  if not context.empty and parallel.DATA_AXIS in context.axis_names:
+  if not context.empty and parallel.batch_axes(context):
     return context
   return None
 
