@@ -56,11 +56,13 @@ def _device_count_from_argv(argv) -> int:
   return 8
 
 
-# Simulated devices must be set before JAX starts.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                           f"device_count={_device_count_from_argv(sys.argv)}")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":
+  # Simulated devices must be set before JAX starts (run as a script only: imported,
+  # e.g. by a test for collective_bytes, the module leaves the environment alone).
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                             f"platform_device_count={_device_count_from_argv(sys.argv)}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:

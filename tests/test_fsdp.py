@@ -23,6 +23,7 @@ from bihier_jax.training import parallel
 from bihier_jax.training import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS", "")
 
 
 def test_shard_dim_splits_layer_matrices_only():
@@ -231,3 +232,4 @@ def test_collective_bytes_counts_loop_trips_and_reduce_scatter_inputs():
   assert got == {"all_gather": 36 * 64 * 8 * 2,  # the gathered bf16 result, 36 trips
                  "reduce_scatter": 36 * 4 * 2 * 4,  # group of 4 x the f32[2] piece
                  "all_reduce": 16 * 4}, got
+  assert os.environ.get("XLA_FLAGS", "") == _XLA_FLAGS_BEFORE  # importing set nothing
