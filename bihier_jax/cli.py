@@ -85,6 +85,11 @@ def start(argv) -> None:
     raise CommandLineError(f"unexpected arguments {argv[1:]}: flags take the form "
                            f"--name=value")
   host.tune_malloc()
+  # TensorFlow (only tf.data runs here, no TF math) announces its oneDNN kernels in an
+  # INFO line at import that TF_CPP_MIN_LOG_LEVEL does not silence; the option only
+  # concerns TF's own matmuls and convolutions, which the input pipeline never runs.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
   logs.quiet_library_logs()
 
