@@ -4,6 +4,7 @@
       --json OUT.json
   python bench/bench_sharding.py --preset t48_15B --devices 32 --fsdp 32 --lora
   python bench/bench_sharding.py --preset t36_3B --lora --fit-gib 16   # fewest devices
+  python bench/bench_sharding.py --quick      # t6_8M, 4 devices (bench/run_all.py --quick)
 
 What is measured. The trainer's own step (`steps.jit_train_step`: forward, backward,
 gradient clipping, AdamW update, the in-graph non-finite guard) of the full bihier
@@ -46,7 +47,7 @@ import time
 
 def _device_count_from_argv(argv) -> int:
   """--devices N (default 8), or the largest count a --fit-gib search may try."""
-  if "--fit-gib" in argv:
+  if any(a == "--fit-gib" or a.startswith("--fit-gib=") for a in argv):
     return 64
   for i, arg in enumerate(argv):
     if arg == "--devices" and i + 1 < len(argv):
@@ -234,7 +235,11 @@ def main(argv=None) -> int:
   parser.add_argument("--fit-gib", type=float, default=0.0,
                       help="find the fewest devices (fsdp = devices) within this memory")
   parser.add_argument("--json", default="")
+  parser.add_argument("--quick", action="store_true",
+                      help="t6_8M on 4 devices, fsdp 4, L = 256 (a smoke run)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.preset, args.devices, args.fsdp, args.seq_len = "t6_8M", 4, 4, 256
   if args.fit_gib:
     rows, devices = [], 1
     while devices <= jax.device_count():
