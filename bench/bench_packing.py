@@ -1,6 +1,6 @@
 """Packed ESM rows benchmark: how much of the ESM work is real, by row layout and model.
 
-  python bench/bench_packing.py [--quick] [--json PATH] [--examples N]
+  python bench/bench_packing.py [--quick] [--json PATH] [--examples N] [--whole-step t33_650M]
 
 On PDB-like single chains (lognormal lengths, median 200 residues, log-sd 0.7, clipped
 to 30..1500 and cropped to 1,022, the distribution of bench_input_pipeline.py; edges 12
@@ -15,6 +15,11 @@ packs them) gives, per layout:
 - proteins per batch, distinct budgets (compiled shapes);
 - ESM matmul FLOPs per real token of one layer (`packing.esm_layer_flops` per slot),
   per ESM-2 preset, and packed / unpacked: the expected ratio of ESM step time.
+
+--whole-step PRESET (batch 8): also the matmul FLOPs per real residue of a whole fused
+training step (forward + backward of `steps.loss_and_grads`, every module), counted from
+its jaxpr with abstract parameters per budget and weighted by the simulated pass, for
+both layouts.
 
 Layouts: today's one chain per row in the length buckets (128, 256, 512, 1024), and
 packed rows with the row length `choose_row_length` picks for each preset (the table
@@ -75,10 +80,41 @@ def layout_figures(sizes, budgets, *, max_residues: int, chunk_size: int) -> dic
   return out
 
 
+def whole_step_flops(config, budgets, sizes, *, chunk_size: int) -> dict:
+  """Matmul FLOPs per real residue of a whole fused training step (forward + backward
+  of `steps.loss_and_grads`, every module: ESM-2, ProNet, fusion, head), counted from
+  the jaxpr with abstract parameters, once per budget, weighted by how often the
+  simulated pass uses each budget."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import testing  # pylint: disable=import-outside-toplevel
+  from bihier_jax.training import steps  # pylint: disable=import-outside-toplevel
+  sim = packing.simulate(sizes, budgets, max_residues=int(config.data.max_residues),
+                         chunk_size=chunk_size)
+  model = steps.build_model(config)
+  per_budget = []
+  for budget in budgets:
+    batch = input_pipeline.collate([testing.random_example(20, seed=0)], budget)
+    params = jax.eval_shape(lambda k, b: model.init(k, b)["params"], jax.random.key(0),
+                            batch)
+    stacked = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
+        (1,) + x.shape, x.dtype), batch)
+    rng = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
+    per_budget.append(flops.matmul_flops(
+        lambda p, b, r: steps.loss_and_grads(p, b, r, 0, model=model, task=config.task),
+        params, stacked, rng))
+  total = float(np.array(per_budget, np.float64)[sim.budget].sum())
+  return {"tflop_per_budget": [f / 1e12 for f in per_budget],
+          "mflop_per_real_residue": total / float(sim.nodes.sum()) / 1e6}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--json", default="")
+  parser.add_argument("--whole-step", default="", metavar="PRESET",
+                      help="also count a whole fused training step's matmul FLOPs per "
+                           "real residue from its jaxpr (batch 8), e.g. t33_650M")
   parser.add_argument("--examples", type=int, default=0,
                       help="sizes simulated (default 29,215, react's training split)")
   args = parser.parse_args()
@@ -121,6 +157,21 @@ def main():
                                "proteins_per_batch": v["proteins_per_batch"]}
                       for k, v in costs.items()})
       row["packed"][preset] = figures
+    if args.whole_step and batch_size == 8:
+      config.model.esm.preset = args.whole_step
+      whole = {}
+      for pack in (False, True):
+        config.data.pack_rows = pack
+        whole["packed" if pack else "unpacked"] = whole_step_flops(
+            config, input_pipeline.bucket_budgets(config, sizes), sizes,
+            chunk_size=chunk)
+      whole["unpacked_over_packed"] = (whole["unpacked"]["mflop_per_real_residue"]
+                                       / whole["packed"]["mflop_per_real_residue"])
+      row["whole_step_" + args.whole_step] = whole
+      print(f"  whole fused step, {args.whole_step}: MFLOP per real residue unpacked "
+            f"{whole['unpacked']['mflop_per_real_residue']:.1f}, packed "
+            f"{whole['packed']['mflop_per_real_residue']:.1f} "
+            f"({whole['unpacked_over_packed']:.3f}x fewer packed)")
     results["batch_sizes"][str(batch_size)] = row
     print(f"batch {batch_size}: unpacked tokens {unpacked['token_efficiency']:.3f} "
           f"attention {unpacked['attention_efficiency']:.3f} proteins/batch "
