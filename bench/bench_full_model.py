@@ -52,6 +52,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from bihier_jax.common import flops as flops_lib  # pylint: disable=wrong-import-position
+from bihier_jax.common import residue_constants as rc  # pylint: disable=wrong-import-position
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 STEP_NAME = "bench_train_step"
@@ -372,6 +373,56 @@ def gpu_suite(preset: str, length: int, batch_size: int, steps: int, timeout: in
   return results
 
 
+def realistic_lengths(n: int, seed: int = 0) -> np.ndarray:
+  """PDB-like chain lengths: lognormal, median 200, log-sd 0.7, 30..1,022 residues."""
+  rng = np.random.default_rng(seed)
+  return np.clip(rng.lognormal(np.log(200), 0.7, n), 30, 1022).astype(int)
+
+
+def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int) -> dict:
+  """Fused training steps over `n` proteins of realistic lengths, packed ESM rows
+  (data.pack_rows) against one chain per row in length buckets, side by side.
+
+  Both layouts batch the same proteins as evaluation would (`inference_batches`: the
+  task's budgets for these sizes); each gets its own Stepper from the same seed (same
+  initial parameters). Every budget is compiled before timing; then `rounds`
+  alternating passes over each layout's batches. Real residues per second of a pass =
+  the proteins' residues / the pass's summed step wall time.
+  """
+  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  examples = make_examples(realistic_lengths(n))
+  residues = int(sum(ex.aatype.shape[0] for ex in examples))
+  layouts = {}
+  for pack in (False, True):
+    config = bench_config(preset, batch_size=batch_size)
+    config.data.pack_rows = pack
+    plan = input_pipeline.inference_batches(examples, config)
+    batches = [input_pipeline.collate([examples[i] for i in members], budget)
+               for budget, members in plan]
+    stepper = Stepper(config, batches[0])
+    for budget in dict.fromkeys(b.budget for b in batches):  # compile each shape
+      stepper.step(next(b for b in batches if b.budget == budget))
+    slots = sum(int(b.tokens.size) for b in batches)
+    tokens = sum(int((b.tokens != rc.ESM_PAD).sum()) for b in batches)
+    layouts["packed" if pack else "unpacked"] = {
+        "stepper": stepper, "batches": batches, "passes": [],
+        "token_efficiency": tokens / slots, "budgets": len({b.budget for b in batches})}
+  for _ in range(rounds):
+    for layout in layouts.values():
+      seconds = sum(layout["stepper"].step(b) for b in layout["batches"])
+      layout["passes"].append(residues / seconds)
+  out = {"preset": preset, "proteins": n, "residues": residues, "batch_size": batch_size,
+         "threads": os.cpu_count()}
+  for name, layout in layouts.items():
+    out[name] = {"residues_per_s": statistics.median(layout["passes"]),
+                 "passes": layout["passes"], "batches": len(layout["batches"]),
+                 "budgets": layout["budgets"],
+                 "token_efficiency": layout["token_efficiency"]}
+  out["packed_speedup"] = (out["packed"]["residues_per_s"]
+                           / out["unpacked"]["residues_per_s"])
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,6 +438,9 @@ def main(argv=None) -> int:
   p.add_argument("--gpu-length", type=int, default=512)
   p.add_argument("--gpu-batch-size", type=int, default=8)
   p.add_argument("--gpu-timeout", type=int, default=1200)
+  p.add_argument("--varlen", type=int, default=0, metavar="N",
+                 help="only the packed-vs-bucketed fused step on N realistic lengths")
+  p.add_argument("--rounds", type=int, default=3, help="alternating passes (--varlen)")
   p.add_argument("--gpu-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--remat", dest="remat", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--no-remat", dest="remat", action="store_false", help=argparse.SUPPRESS)
@@ -399,7 +453,10 @@ def main(argv=None) -> int:
 
   results = {"backend": jax.default_backend(),
              "device": getattr(jax.devices()[0], "device_kind", str(jax.devices()[0]))}
-  if args.gpu:
+  if args.varlen:
+    results["varlen"] = varlen_step_speed(args.preset or "t12_35M", args.varlen,
+                                          args.batch_size, args.rounds)
+  elif args.gpu:
     if jax.default_backend() != "gpu":
       results["gpu"] = {"error": f"no GPU: backend is {jax.default_backend()}"}
     else:
