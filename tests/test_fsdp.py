@@ -9,7 +9,6 @@ an idle 2-core machine.
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -22,6 +21,7 @@ from bihier_jax.data import testing
 from bihier_jax.models import fsdp
 from bihier_jax.training import parallel
 from bihier_jax.training import steps
+from tests import test_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS", "")
@@ -225,11 +225,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
 
 def test_fsdp_on_eight_devices_matches_one_device_and_restores_across_meshes():
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0 and "OK" in proc.stdout, (
-      proc.stdout[-3000:] + proc.stderr[-5000:])
+  test_parallel.run_script(_EIGHT_DEVICES, timeout=600)
 
 
 _HLO = """HloModule step

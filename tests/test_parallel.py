@@ -84,12 +84,18 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_eight_devices_match_one_device():
+def run_script(script: str, timeout: int) -> None:
+  """Runs `script` in a fresh interpreter (its own XLA_FLAGS before jax starts) from the
+  repository root; it must exit 0 and print OK."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0 and "OK" in proc.stdout, (
       proc.stdout[-3000:] + proc.stderr[-5000:])
+
+
+def test_eight_devices_match_one_device():
+  run_script(_EIGHT_DEVICES, timeout=300)
 
 
 def _stream(budgets, start=0):
