@@ -545,17 +545,19 @@ def _layer_fn(cfg: "ESM2Config", layers, lora, layout, cos, sin):
   the layer's pieces are all-gathered first (`fsdp.gather`); the gathered weights are
   not saved either, so the backward pass gathers them again.
   """
-  layer_shapes, lora_shapes = _stacked_shapes(cfg)
+  flat_shapes = lambda tree: (None if tree is None else flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(tree)))
+  layer_shapes, lora_shapes = map(flat_shapes, _stacked_shapes(cfg))
   gathering = fsdp.active_size() > 1
 
   def layer_slice(tree, shapes, i):
+    """Layer i of a stacked tree; `shapes`: its global leaf shapes by flat path."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
-    flat_shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
     out = {}
     for path, a in flat.items():
       x = checkpoint_name(jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
                           LAYER_WEIGHTS)
-      out[path] = fsdp.gather(x, flat_shapes[path].shape, cfg.dtype) if gathering else x
+      out[path] = fsdp.gather(x, shapes[path].shape, cfg.dtype) if gathering else x
     return flax.traverse_util.unflatten_dict(out)
 
   def one(i, h):
@@ -563,8 +565,9 @@ def _layer_fn(cfg: "ESM2Config", layers, lora, layout, cos, sin):
     adapters = None if lora is None else layer_slice(lora, lora_shapes, i)
     return _transformer_layer(p, h, layout, cos, sin, adapters, cfg=cfg)
 
-  policy = (None if cfg.remat else jax.checkpoint_policies.save_anything_except_these_names(
-      LAYER_WEIGHTS, fsdp.GATHERED))
+  policy = None if cfg.remat else (
+      jax.checkpoint_policies.save_anything_except_these_names(LAYER_WEIGHTS,
+                                                               fsdp.GATHERED))
   return jax.checkpoint(one, prevent_cse=not cfg.scan_layers, policy=policy)
 
 

@@ -4,8 +4,9 @@
 (one padded sub-batch per device) and run as one `jax.shard_map` program per device of
 the ('data', 'fsdp') mesh (see `parallel` for the design: the batch is split over every
 device, the large ESM layer matrices and their optimizer moments over 'fsdp');
-`jit_train_step` / `jit_eval_step` bind them to a model, task and mesh. `create_train_state` builds fresh parameters and
-optimizer state, `abstract_train_state` their shapes for restoring a checkpoint.
+`jit_train_step` / `jit_eval_step` bind them to a model, task and mesh.
+`create_train_state` builds fresh parameters and optimizer state,
+`abstract_train_state` their shapes for restoring a checkpoint.
 
 Faults: the step skips the update in-graph when the loss or any gradient is not finite
 and counts it in the state (the loop in `train_lib` decides when to stop).
@@ -53,7 +54,6 @@ def create_train_state(config: ml_collections.ConfigDict, model, sample_batch: B
   """Fresh parameters (pretrained ESM if configured) and optimizer state, laid out on
   `mesh` (`parallel.state_shardings`: replicated, ESM layer matrices split over 'fsdp')."""
   from bihier_jax import models  # pylint: disable=g-import-not-at-top
-  replicated = parallel.replicated(mesh)
   key = jax.random.key(config.seed)
   init_key = jax.random.fold_in(key, 0x1217)
   init = lambda k, b: model.init(k, b, deterministic=True)["params"]
@@ -87,10 +87,7 @@ def create_train_state(config: ml_collections.ConfigDict, model, sample_batch: B
       step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state,
       rng=jax.random.key_data(key), nonfinite_streak=jnp.zeros([], jnp.int32),
       nonfinite_total=jnp.zeros([], jnp.int32))
-  scalars = jax.device_put((state.step, state.rng, state.nonfinite_streak,
-                            state.nonfinite_total), replicated)
-  return state.replace(step=scalars[0], rng=scalars[1], nonfinite_streak=scalars[2],
-                       nonfinite_total=scalars[3]), tx
+  return jax.device_put(state, parallel.state_shardings(state, mesh)), tx
 
 
 def abstract_train_state(config, model, sample_batch, mesh):
@@ -126,8 +123,8 @@ def _each_sub_batch(fn, block):
 
 def _data_parallel(body, mesh, out_specs):
   """body(params, *stacked, axis_name=...) as one program per device of `mesh`
-  (shard_map over all its axes: params laid out by `parallel.param_specs`,
-  stacked arrays split on their leading device axis over every device), or as is on the whole
+  (shard_map over all its axes: params laid out by `parallel.param_specs`, stacked
+  arrays split on their leading device axis over every device), or as is on the whole
   stack when there is no mesh (axis_name=None). While the body is traced,
   `fsdp.gathering` is active with the mesh's 'fsdp' size."""
   if mesh is None:
@@ -142,7 +139,7 @@ def _data_parallel(body, mesh, out_specs):
   return lambda params, *stacked: jax.shard_map(
       traced, mesh=mesh,
       in_specs=(parallel.param_specs(params, mesh),) + (spec(axes),) * len(stacked),
-      out_specs=out_specs(params) if callable(out_specs) else out_specs,
+      out_specs=out_specs,
       check_vma=True)(params, *stacked)
 
 
