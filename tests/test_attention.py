@@ -80,3 +80,58 @@ def test_cpu_key_padding_at_multiples_of_256_keeps_the_result():
   loss = lambda q, k, v: jnp.sum(attend(q, k, v) * g)
   assert "264" in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
   assert "264" not in str(jax.make_jaxpr(attend)(q, k, v))
+
+
+def _packed_ids(seed, rows=3, length=512):
+  """Random packed rows: chains of 5-299 tokens back to back, then padding (-1)."""
+  rng = np.random.default_rng(seed)
+  ids = np.full((rows, length), -1, np.int32)
+  for r in range(rows):
+    col, chain = 0, 0
+    while True:
+      n = int(rng.integers(5, 300))
+      if col + n > length - 40 * r:
+        break
+      ids[r, col:col + n] = chain
+      chain, col = chain + 1, col + n
+  return ids
+
+
+def test_segment_windows_hold_every_key_of_the_blocks_chains():
+  ids = _packed_ids(1)
+  widths, starts = map(np.asarray, jax.jit(attention.segment_windows, static_argnums=1)(
+      jnp.asarray(ids), 128))
+  for r in range(ids.shape[0]):
+    for i in range(ids.shape[1] // 128):
+      chains = set(ids[r, i * 128:(i + 1) * 128]) - {-1}
+      lo, width = starts[r, i], widths[r, i] * 128
+      needed = np.flatnonzero(np.isin(ids[r], list(chains)))
+      if not chains:
+        assert width == 0
+        continue
+      assert lo <= needed.min() and needed.max() < lo + width <= ids.shape[1]
+      assert width - 128 < needed.max() + 1 - needed.min()  # the narrowest multiple
+
+
+def test_segment_attention_equals_masked_attention_with_a_chain_mask():
+  ids = _packed_ids(2)
+  rng = np.random.default_rng(3)
+  q, k, v, g = (jnp.asarray(rng.normal(size=ids.shape + (2, 8)), jnp.float32)
+                for _ in range(4))
+  allowed = (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, None, :]
+  real = (ids >= 0)[:, :, None, None]
+  dense = lambda q, k, v: attention.masked_attention(q, k, v, attention.mask_bias(allowed)) * real
+  windows = lambda q, k, v: attention.segment_attention(q, k, v, ids, 128)
+  want, want_vjp = jax.vjp(dense, q, k, v)
+  got = jax.jit(windows)(q, k, v)  # undifferentiated: the windowed forward
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got)[~np.broadcast_to(real, got.shape)] == 0)
+  primal, got_vjp = jax.vjp(windows, q, k, v)
+  np.testing.assert_allclose(primal, want, rtol=1e-5, atol=1e-6)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # A chain's output depends on its own tokens only.
+  k2 = np.asarray(k).copy()
+  k2[0, ids[0] == 1] += 1.0
+  moved = np.asarray(jax.jit(windows)(q, jnp.asarray(k2), v))
+  np.testing.assert_array_equal(moved[0, ids[0] != 1], np.asarray(got)[0, ids[0] != 1])

@@ -71,9 +71,14 @@ def model():
   return ref, cfg, params, hidden
 
 
-def test_packed_chains_equal_transformers_on_each_chain_alone(model):
+# 256-token rows take the CPU's windowed packed attention (attention.segment_attention).
+ROW_LENGTHS = [LENGTH, 256]
+
+
+@pytest.mark.parametrize("length", ROW_LENGTHS)
+def test_packed_chains_equal_transformers_on_each_chain_alone(model, length):
   ref, _, params, hidden = model
-  tokens, segments, spans = packed_rows()
+  tokens, segments, spans = packed_rows(length=length)
   got = np.asarray(hidden(params, tokens, segments))
   for c, (r, start, stop) in enumerate(spans):
     alone = _tokens(CHAINS[c])[None]
@@ -111,13 +116,14 @@ def test_packed_equals_one_chain_per_row_with_gradients(model):
                                atol=TOL, rtol=0)
 
 
-def test_a_chain_never_sees_its_row_neighbours(model):
+@pytest.mark.parametrize("length", ROW_LENGTHS)
+def test_a_chain_never_sees_its_row_neighbours(model, length):
   """Changing chain 1's tokens leaves chain 0 (same row) bit-identical."""
   _, _, params, hidden = model
-  tokens, segments, spans = packed_rows()
+  tokens, segments, spans = packed_rows(length=length)
   other = list(CHAINS)
   other[1] = "WWWWW<mask>WWW"  # same length, other residues and mask position
-  tokens2, segments2, _ = packed_rows(other)
+  tokens2, segments2, _ = packed_rows(other, length=length)
   np.testing.assert_array_equal(segments, segments2)
   a = np.asarray(hidden(params, tokens, segments))
   b = np.asarray(hidden(params, tokens2, segments2))

@@ -123,3 +123,174 @@ def masked_attention(q, k, v, bias):
   """
   return _head_major(_attend(_head_major(q), _head_major(k), _head_major(v), bias,
                              _key_padding(k.shape[1])))
+
+
+# --- packed rows: attention inside each chain's window ------------------------------------
+#
+# In a packed row (several chains back to back, `<cls> seq <eos>` each) a query may only
+# attend to keys of its own chain, so most of the row's [L, L] score grid is masked: on
+# the realistic length distribution about half of it (BENCHMARKS.md "Packed ESM rows").
+# `segment_attention` cuts the row into query blocks of `SEGMENT_BLOCK` tokens and gives
+# each block the narrowest key window, a multiple of `SEGMENT_BLOCK` wide, that holds
+# every chain its queries belong to (chains are contiguous, so that is one interval).
+# The window width is data; each width is a branch of a `lax.switch`, so shapes stay
+# static and only the chosen width is computed. Only the undifferentiated forward takes
+# the windows (see `segment_attention` for why).
+
+SEGMENT_BLOCK = 128
+
+
+def _run_bounds(segment_ids):
+  """[start, end) of each token's contiguous run of one id in its row: int32 [B, L] x 2."""
+  length = segment_ids.shape[1]
+  column = jnp.arange(length, dtype=jnp.int32)[None]
+  first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  last = jnp.concatenate([segment_ids[:, :-1] != segment_ids[:, 1:],
+                          jnp.ones_like(segment_ids[:, :1], bool)], axis=1)
+  start = jax.lax.cummax(jnp.where(first, column, 0), axis=1)
+  from_right = jnp.where(last, length - 1 - column, 0)[:, ::-1]
+  end = length - jax.lax.cummax(from_right, axis=1)[:, ::-1]
+  return start, end
+
+
+def segment_windows(segment_ids, block: int = SEGMENT_BLOCK):
+  """Key window of every block of `block` tokens of a packed row.
+
+  segment_ids: int [B, L] (L a multiple of `block`), chains as contiguous runs of one
+  id, -1 at padding. Returns (widths, starts), int32 [B, L // block]: the window holds
+  keys [start, start + width · block), every key of every chain that a real token of
+  the block belongs to; width 0 for a block of padding only.
+  """
+  b, length = segment_ids.shape
+  start, end = _run_bounds(segment_ids)
+  blocks = (b, length // block, block)
+  real = (segment_ids >= 0).reshape(blocks)
+  lo = jnp.min(jnp.where(real, start.reshape(blocks), length), axis=-1)
+  hi = jnp.max(jnp.where(real, end.reshape(blocks), 0), axis=-1)
+  widths = (jnp.maximum(hi - lo, 0) + block - 1) // block
+  starts = jnp.clip(lo, 0, length - widths * block)
+  return widths.astype(jnp.int32), starts.astype(jnp.int32)
+
+
+def _window_weights(q, k, q_ids, k_ids):
+  """(unnormalised softmax weights [H, Tq, Tk] float32, their sum over keys [H, Tq, 1])
+  of queries q [H, Tq, c] over keys k [H, Tk, c], allowed where the ids match."""
+  allowed = (q_ids[:, None] == k_ids[None, :]) & (q_ids[:, None] >= 0)
+  logits = jnp.einsum("hqc,hkc->hqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits + mask_bias(allowed)[None]
+  # A real query's own key is allowed, so the max is a real logit and masked entries
+  # are exactly 0; a padding query gets uniform weights, zeroed by the caller.
+  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  return unnormalised, jnp.sum(unnormalised, axis=-1, keepdims=True)
+
+
+def _over_blocks(fn, widths, starts, block: int, length: int, out_like):
+  """Stack fn(row, block index, window start, width) over every block of every row.
+
+  fn(row, i, start, width) is traced once per static width 1..length // block and runs,
+  through a `lax.switch`, only for the block's own width; width 0 gives zeros shaped
+  like `out_like` (a pytree of per-block ShapeDtypeStructs). Returns that pytree with
+  leading axes [B, L // block].
+  """
+  b, num_blocks = widths.shape
+  zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_like)
+  branches = [lambda row, i, start: zeros()] + [
+      functools.partial(lambda row, i, start, width: fn(row, i, start, width), width=w)
+      for w in range(1, length // block + 1)]
+
+  def step(_, pair):
+    row, i, width, start = pair
+    return None, jax.lax.switch(width, branches, row, i, start)
+
+  rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_blocks)
+  index = jnp.tile(jnp.arange(num_blocks, dtype=jnp.int32), b)
+  _, out = jax.lax.scan(step, None, (rows, index, widths.reshape(-1), starts.reshape(-1)))
+  return jax.tree.map(lambda x: x.reshape((b, num_blocks) + x.shape[1:]), out)
+
+
+def _blocks_to_row(x):
+  """[B, nb, H, block, ...] -> [B, H, nb · block, ...]."""
+  x = jnp.moveaxis(x, 2, 1)
+  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+
+def _slice_tokens(x, row, start, size: int):
+  """x [B, H, L, ...] -> row `row`, tokens [start, start + size): [H, size, ...]."""
+  x = jax.lax.dynamic_index_in_dim(x, row, axis=0, keepdims=False)
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def _slice_ids(ids, row, start, size: int):
+  return jax.lax.dynamic_slice_in_dim(
+      jax.lax.dynamic_index_in_dim(ids, row, axis=0, keepdims=False), start, size)
+
+
+def _segment_forward(q, k, v, ids, block):
+  """Output [B, H, L, c] in v's dtype of head-major q, k, v; zeros at padding queries."""
+  _, h, length, c = q.shape
+  widths, starts = segment_windows(ids, block)
+
+  def one(row, i, start, width):
+    span = width * block
+    q_blk = _slice_tokens(q, row, i * block, block)
+    weights, total = _window_weights(
+        q_blk, _slice_tokens(k, row, start, span), _slice_ids(ids, row, i * block, block),
+        _slice_ids(ids, row, start, span))
+    out = jnp.einsum("hqk,hkc->hqc", weights.astype(v.dtype),
+                     _slice_tokens(v, row, start, span), preferred_element_type=jnp.float32)
+    real = (_slice_ids(ids, row, i * block, block) >= 0)[None, :, None]
+    return jnp.where(real, out / total, 0.0).astype(v.dtype)
+
+  like = jax.ShapeDtypeStruct((h, block, c), v.dtype)
+  return _blocks_to_row(_over_blocks(one, widths, starts, block, length, like))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _segment_attend(q, k, v, bias, ids, block: int, key_padding: int):
+  """Head-major packed-row attention: forward by key windows; the differentiated path
+  is `_attend`'s (dense scores, closed-form backward; see `segment_attention`)."""
+  del bias, key_padding
+  return _segment_forward(q, k, v, ids, block)
+
+
+def _segment_attend_fwd(q, k, v, bias, ids, block, key_padding):
+  del block
+  out, residuals = _attend_fwd(q, k, v, bias, key_padding)
+  return out, (residuals, ids)
+
+
+def _segment_attend_bwd(block, key_padding, residuals, g):
+  del block
+  residuals, ids = residuals
+  return _attend_bwd(key_padding, residuals, g) + (np.zeros(ids.shape, jax.dtypes.float0),)
+
+
+_segment_attend.defvjp(_segment_attend_fwd, _segment_attend_bwd)
+
+
+def segment_attention(q, k, v, segment_ids, block: int = SEGMENT_BLOCK):
+  """Attention of packed rows, each query over the keys of its own chain only.
+
+  The undifferentiated call (inference, evaluation) computes each block of `block`
+  queries over its key window only (`segment_windows`). Under differentiation the
+  forward and backward are `masked_attention`'s over the whole row with a same-chain
+  mask: on XLA:CPU the windowed backward (two passes over the windows, logits
+  recomputed in each) measured slower than the dense closed form (BENCHMARKS.md
+  "Packed ESM rows"). Both give the same values.
+
+  Args:
+    q: [B, L, H, c], already scaled; k, v: [B, L, H, c]; L a multiple of `block`.
+    segment_ids: int [B, L], each chain a contiguous run of one id, -1 at padding.
+    block: query-block size and window granularity (tokens).
+
+  Returns:
+    [B, L, H, c] in v's dtype: softmax over same-chain keys, float32 softmax; zeros at
+    padding queries.
+  """
+  ids = jnp.asarray(segment_ids, jnp.int32)
+  real = ids >= 0
+  bias = mask_bias((ids[:, None, :, None] == ids[:, None, None, :]) & real[:, None, None, :])
+  out = _segment_attend(_head_major(q), _head_major(k), _head_major(v), bias, ids, block,
+                        _key_padding(k.shape[1]))
+  return jnp.where(real[:, :, None, None], _head_major(out), jnp.zeros((), v.dtype))

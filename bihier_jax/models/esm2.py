@@ -90,7 +90,9 @@ class ESM2Config:
     remat: rematerialise each layer in the backward pass (memory for compute).
     scan_layers: apply layers with lax.scan (False: unrolled python loop, same numbers).
     attention: 'auto' = fastest exact path for the backend (CPU:
-      `attention.masked_attention`; TPU: Pallas splash attention with segment ids
+      `attention.masked_attention`, and for packed rows of >= 256 tokens
+      `attention.segment_attention`, each query block over its chains' key window;
+      TPU: Pallas splash attention with segment ids
       when the row length is a multiple of 128; GPU bf16: cuDNN fused attention via
       jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
       'exact' = plain einsum + float32 softmax; 'splash' = the splash kernel on any
@@ -408,12 +410,21 @@ def _splash_attention(q, k, v, segment_ids):
   return heads_first(out)
 
 
+def _segment_windows_pay(length: int) -> bool:
+  """Packed rows on CPU: `attention.segment_attention` (each query block over its own
+  chains' key window) where the row holds at least two blocks; measured in
+  BENCHMARKS.md "Packed ESM rows"."""
+  block = attention.SEGMENT_BLOCK
+  return length % block == 0 and length >= 2 * block
+
+
 def _attention(q, k, v, layout: AttentionLayout, kind):
   """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; layout from
   `attention_layout`.
 
   kind 'exact': einsum reference. 'splash': `_splash_attention`. 'auto': by backend -
-  CPU: `_cpu_attention` (same maths, CPU-friendly arrangement); TPU: splash attention
+  CPU: `_cpu_attention` (same maths, CPU-friendly arrangement), packed rows by key
+  windows where `_segment_windows_pay`; TPU: splash attention
   when L is a multiple of 128; GPU with bf16/fp16 compute: cuDNN fused attention
   (falls back to XLA's jax.nn.dot_product_attention if cuDNN refuses the shapes);
   otherwise XLA's.
@@ -425,6 +436,8 @@ def _attention(q, k, v, layout: AttentionLayout, kind):
   if kind == "splash" or (backend == "tpu" and q.shape[1] % 128 == 0):
     return _splash_attention(q, k, v, layout.segment_ids)
   if backend == "cpu":
+    if mask.ndim == 3 and _segment_windows_pay(q.shape[1]):
+      return attention.segment_attention(q, k, v, layout.segment_ids)
     return _cpu_attention(q, k, v, mask)
   if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
