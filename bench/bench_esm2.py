@@ -16,7 +16,10 @@ batches of 8 padded to the batch's longest, the port on packed rows (several cha
 row, segment ids; the row length the input pipeline chooses for the preset, longer
 chains one per row in 512/768/1024 buckets), one jitted call per row-length bucket.
 Alternating rounds; the speedup is the median of per-round ratios. Also the token-slot
-efficiency of each side (real tokens / slots).
+efficiency of each side (real tokens / slots), and one layer's attention on the packed
+768-token rows: key windows (`attention.segment_attention`, forward) vs the whole row
+with a same-chain mask, forward and forward + backward (segment_attention's gradient
+path is the whole-row closed form, so the grad columns should match).
 Memory: `jit(loss+grad).lower().compile().memory_analysis()` of t33_650M fine-tuning
 (MLM loss, L = 1024, batch 1) with and without per-layer remat; params come from
 jax.eval_shape, nothing is allocated.
@@ -376,6 +379,46 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def packed_attention_ab(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
+  """One layer's attention on the packed rows `varlen_speed` builds (the rows of the
+  chosen length, the preset's heads, random q/k/v): `attention.segment_attention`
+  (forward by key windows) vs `attention.masked_attention` with the same-chain mask
+  over the whole row, forward and forward + backward, alternating rounds."""
+  from bihier_jax.models import attention  # pylint: disable=import-outside-toplevel
+  cfg = esm2.config_from_preset(preset, mlm_head=False)
+  lengths = realistic_lengths(n, seed)
+  length, rows = _pack_rows(lengths, 768, (1024,))[0]
+  ids = np.full((len(rows), length), -1, np.int32)
+  for r, row in enumerate(rows):
+    col = 0
+    for k, i in enumerate(row):
+      ids[r, col:col + int(lengths[i]) + 2] = k
+      col += int(lengths[i]) + 2
+  shape = ids.shape + (cfg.num_heads, cfg.head_dim)
+  rng = np.random.default_rng(seed)
+  q, k, v, g = (jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32) for _ in range(4))
+  ids = jnp.asarray(ids)
+
+  def whole(q, k, v, ids):
+    same_chain = (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, None, :]
+    return attention.masked_attention(q, k, v, attention.mask_bias(same_chain))
+
+  grad = lambda f: jax.jit(jax.grad(lambda q, k, v, ids: jnp.sum(f(q, k, v, ids) * g),
+                                    (0, 1, 2)))
+  fns = {"whole_row_forward": jax.jit(whole),
+         "windows_forward": jax.jit(attention.segment_attention),
+         "whole_row_grad": grad(whole),
+         "segment_attention_grad": grad(attention.segment_attention)}
+  times = {name: [] for name in fns}
+  for _ in range(repeats + 1):  # the first round compiles
+    for name, fn in fns.items():
+      times[name].append(_time(lambda fn=fn: jax.block_until_ready(fn(q, k, v, ids)), 1, 0))
+  result = {name: statistics.median(t[1:]) for name, t in times.items()}
+  result.update(preset=preset, rows=list(shape[:2]),
+                forward_speedup=result["whole_row_forward"] / result["windows_forward"])
+  return result
+
+
 def _varlen(quick: bool) -> dict:
   """The variable-length comparison for t6_8M and t12_35M, printed and as results."""
   presets = ["t6_8M"] if quick else ["t6_8M", "t12_35M"]
@@ -385,7 +428,12 @@ def _varlen(quick: bool) -> dict:
   _print_table(rows, ["preset", "row_length", "port_token_efficiency",
                       "transformers_token_efficiency", "transformers_s", "port_s",
                       "speedup_vs_transformers", "max_abs_diff_vs_transformers"])
+  ab = [packed_attention_ab(p, 16 if quick else 48, 2 if quick else 5) for p in presets]
+  print("\none layer's attention on the packed rows, s: key windows vs the whole row")
+  _print_table(ab, ["preset", "rows", "whole_row_forward", "windows_forward",
+                    "forward_speedup", "whole_row_grad", "segment_attention_grad"])
   return {"varlen": {r["preset"]: r for r in rows},
+          "packed_attention": {r["preset"]: r for r in ab},
           "packing": {"token_efficiency": rows[-1]["port_token_efficiency"]},
           "threads": THREADS}
 

@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.esm.lora_targets = ("q", "v")
   c.model.esm.remat = False  # rematerialise each layer (memory for compute)
   c.model.esm.scan_layers = True  # stacked + scanned layers: compile time flat in depth
-  c.model.esm.attention = "auto"  # auto (jax.nn.dot_product_attention) | exact
+  c.model.esm.attention = "auto"  # auto (per backend, docs/model.md) | exact | splash | flash_gpu
   c.model.esm.token_dropout = True
   # Residues hidden by the residue-type augmentation (gnn.mask_aatype_prob) also get
   # <mask> as their ESM token, so fusion cannot pass the hidden type to the GNN.

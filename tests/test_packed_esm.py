@@ -140,10 +140,11 @@ def test_segment_positions_restart_per_chain():
     np.testing.assert_array_equal(positions[r, start:stop], np.arange(stop - start))
 
 
-def test_splash_attention_equals_exact_on_packed_rows(model):
-  """The TPU path (Pallas splash attention with segment ids, interpreted on CPU) gives
-  the exact attention's states and gradients on packed rows (128-token rows: the
-  kernel's block size)."""
+@pytest.mark.parametrize("kind", ["splash", "flash_gpu"])
+def test_segment_id_kernels_equal_exact_on_packed_rows(model, kind):
+  """The TPU path (Pallas splash attention) and the GPU flash kernel (Pallas Triton
+  attention), both with segment ids and interpreted on CPU, give the exact attention's
+  states and gradients on packed rows (128-token rows: the kernels' block size)."""
   _, cfg, params, _ = model
   tokens, segments, spans = packed_rows(length=128)
 
@@ -156,7 +157,7 @@ def test_splash_attention_equals_exact_on_packed_rows(model):
     (_, h), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(h), g
 
-  h_splash, g_splash = run("splash")
+  h_splash, g_splash = run(kind)
   h_exact, g_exact = run("exact")
   for r, start, stop in spans:
     np.testing.assert_allclose(h_splash[r, start:stop], h_exact[r, start:stop],

@@ -56,7 +56,7 @@ from bihier_jax.models import fsdp
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 replaced by <mask> in training
 ROTARY_BASE = 10000.0
-ATTENTION_KINDS = ("auto", "exact", "splash")
+ATTENTION_KINDS = ("auto", "exact", "splash", "flash_gpu")
 # Top-level parameter names (the tree in the module docstring).
 EMBEDDING_PARAM = "embed_tokens"
 LAYERS_PARAM = "layers"
@@ -96,7 +96,10 @@ class ESM2Config:
       when the row length is a multiple of 128; GPU bf16: cuDNN fused attention via
       jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
       'exact' = plain einsum + float32 softmax; 'splash' = the splash kernel on any
-      backend (interpreted off TPU: for tests).
+      backend (interpreted off TPU: for tests); 'flash_gpu' = Pallas' Triton flash
+      attention with segment ids (`jax.experimental.pallas.ops.gpu.attention.mha`:
+      fused, never writes the [L, L] scores; interpreted off GPU: for tests), rows a
+      multiple of 128 tokens. Opt-in: not yet measured on a GPU by this project.
     frozen_embedding, frozen_layers, frozen_final_norm: parameters that enter the
       computation as constants (`stop_gradient` on the parameters): the token
       embedding, the first `frozen_layers` layers, the final LayerNorm. Their gradient
@@ -418,6 +421,15 @@ def _segment_windows_pay(length: int) -> bool:
   return length % block == 0 and length >= 2 * block
 
 
+def _flash_gpu_attention(q, k, v, segment_ids):
+  """Pallas (Triton) flash attention with segment ids: a query attends to keys of its
+  own id (padding, id -1, to padding). q, k, v [B, L, H, hd], L a multiple of 128;
+  interpreted off GPU."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # pylint: disable=g-import-not-at-top
+  return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=1.0,
+                        interpret=jax.default_backend() != "gpu")
+
+
 def _attention(q, k, v, layout: AttentionLayout, kind):
   """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; layout from
   `attention_layout`.
@@ -433,6 +445,8 @@ def _attention(q, k, v, layout: AttentionLayout, kind):
   if kind == "exact":
     return _exact_attention(q, k, v, mask)
   backend = jax.default_backend()
+  if kind == "flash_gpu":
+    return _flash_gpu_attention(q, k, v, layout.segment_ids)
   if kind == "splash" or (backend == "tpu" and q.shape[1] % 128 == 0):
     return _splash_attention(q, k, v, layout.segment_ids)
   if backend == "cpu":
