@@ -1,7 +1,8 @@
 """ESM-2 port benchmarks: CPU forward vs transformers, compiled memory, GPU throughput/MFU.
 
   python bench/bench_esm2.py [--quick] [--json PATH]            # CPU: speed + memory
-  python bench/bench_esm2.py --gpu [--quick] [--json PATH]      # accelerator: bf16 t33_650M
+  python bench/bench_esm2.py --gpu [--quick] [--json PATH]      # accelerator: bf16 t33_650M,
+                                                                # packed rows per attention kind
   python bench/bench_esm2.py --varlen [--quick] [--json PATH]   # CPU: realistic lengths
 
 CPU speed: forward tokens/s of the port (jit) and of transformers' PyTorch `EsmModel`
@@ -199,6 +200,25 @@ def _pack_rows(lengths: np.ndarray, row_length: int, buckets) -> list[tuple[int,
   return sorted(groups.items())
 
 
+def packed_arrays(chains, groups):
+  """[(tokens int32[R, L], segments int32[R, L] (-1 at padding), [(chain, row, column)])]
+  per (row length, rows) group of `_pack_rows`; chains: token arrays with <cls>/<eos>."""
+  out = []
+  for length, rows in groups:
+    tok = np.full((len(rows), length), rc.ESM_PAD, np.int32)
+    seg = np.full((len(rows), length), -1, np.int32)
+    where = []
+    for r, row in enumerate(rows):
+      col = 0
+      for k, i in enumerate(row):
+        tok[r, col:col + len(chains[i])] = chains[i]
+        seg[r, col:col + len(chains[i])] = k
+        where.append((i, r, col))
+        col += len(chains[i])
+    out.append((tok, seg, where))
+  return out
+
+
 def varlen_speed(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
   """Forward over `n` sequences of realistic lengths (same random weights): the port on
   packed rows (one jitted call per row-length bucket) vs transformers sorted by length,
@@ -245,19 +265,8 @@ def varlen_speed(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
   model = esm2.ESM2(cfg)
   fwd = jax.jit(lambda p, t, s: model.apply({"params": p}, t, output_hidden_states=False,
                                             segments=s).last_hidden_state)
-  packed = []
-  for length, rows in groups:
-    tok = np.full((len(rows), length), rc.ESM_PAD, np.int32)
-    seg = np.full((len(rows), length), -1, np.int32)
-    where = []
-    for r, row in enumerate(rows):
-      col = 0
-      for k, i in enumerate(row):
-        tok[r, col:col + len(chains[i])] = chains[i]
-        seg[r, col:col + len(chains[i])] = k
-        where.append((i, r, col))
-        col += len(chains[i])
-    packed.append((jnp.asarray(tok), jnp.asarray(seg), where))
+  packed = [(jnp.asarray(tok), jnp.asarray(seg), where)
+            for tok, seg, where in packed_arrays(chains, groups)]
 
   def run_port():
     outs = {}
@@ -347,6 +356,43 @@ def gpu_throughput(preset: str, batch: int, length: int, repeats: int, peak_tflo
           "mfu": achieved / peak_tflops if peak_tflops else None,
           "flops_formula": "2*P_matmul*tokens + 4*L^2*D*layers*batch, "
                            "P_matmul = layers*(4*D^2 + 2*D*F)"}
+
+
+def gpu_packed_forward(preset: str, n: int, repeats: int) -> list[dict]:
+  """bf16 forward and forward + backward of `n` realistic chains packed into 768-token
+  rows (the chains that fit; one call), per attention kind: 'auto' (dense same-chain
+  mask through jax.nn.dot_product_attention), 'flash_gpu' (Pallas Triton flash attention
+  with segment ids) and 'exact'; real tokens/s and max |kind - exact| at real tokens."""
+  cfg = esm2.config_from_preset(preset, dtype=jnp.bfloat16, mlm_head=False)
+  params = jax.jit(lambda: esm2.init_params(cfg))()
+  lengths = realistic_lengths(n)
+  lengths = lengths[lengths + 2 <= 768]
+  chains = [random_tokens(1, int(k) + 2, seed=i)[0] for i, k in enumerate(lengths)]
+  tok, seg, _ = packed_arrays(chains, _pack_rows(lengths, 768, ()))[0]
+  real = int((seg >= 0).sum())
+  tok, seg = jnp.asarray(tok), jnp.asarray(seg)
+  rows, outs = [], {}
+  for kind in ("exact", "auto", "flash_gpu"):
+    model = esm2.ESM2(dataclasses.replace(cfg, attention=kind))
+    fwd = jax.jit(lambda p, t, s, model=model: model.apply(
+        {"params": p}, t, segments=s, output_hidden_states=False).last_hidden_state)
+    loss = lambda p, t, s, fwd=fwd: jnp.sum(fwd(p, t, s).astype(jnp.float32) * (s >= 0)[..., None])
+    grad = jax.jit(jax.grad(loss))
+    row = {"device": jax.devices()[0].device_kind, "preset": preset, "attention": kind,
+           "rows": list(tok.shape), "real_tokens": real}
+    try:
+      outs[kind] = np.asarray(fwd(params, tok, seg), np.float32)
+      row["forward_ms"] = 1e3 * _time(lambda: fwd(params, tok, seg).block_until_ready(),
+                                      repeats)
+      row["grad_ms"] = 1e3 * _time(lambda: jax.block_until_ready(grad(params, tok, seg)),
+                                   repeats)
+      row["forward_real_tokens_per_s"] = real / row["forward_ms"] * 1e3
+      row["max_abs_diff_vs_exact"] = float(np.abs(
+          outs[kind] - outs["exact"])[np.asarray(seg) >= 0].max())
+    except Exception as e:  # pylint: disable=broad-except  # a kernel the device refuses
+      row["error"] = f"{type(e).__name__}: {e}"[:500]
+    rows.append(row)
+  return rows
 
 
 def gpu_attention_check() -> dict:
@@ -469,6 +515,13 @@ def main(argv=None) -> int:
     except Exception as e:  # pylint: disable=broad-except
       results["gpu_attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     print("auto vs exact attention (bf16, padded):", results["gpu_attention_check"])
+    results["gpu_packed_forward"] = gpu_packed_forward(
+        "t12_35M" if args.quick else "t33_650M", 64 if args.quick else 256,
+        3 if args.quick else 10)
+    print("\npacked 768-token rows, bf16, per attention kind")
+    _print_table(results["gpu_packed_forward"],
+                 ["device", "preset", "attention", "rows", "forward_ms", "grad_ms",
+                  "forward_real_tokens_per_s", "max_abs_diff_vs_exact", "error"])
     _print_table(rows, ["device", "attention", "batch", "length", "step_ms", "tokens_per_s",
                         "achieved_tflops", "mfu", "error"])
   elif args.varlen:
