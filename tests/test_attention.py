@@ -135,3 +135,19 @@ def test_segment_attention_equals_masked_attention_with_a_chain_mask():
   k2[0, ids[0] == 1] += 1.0
   moved = np.asarray(jax.jit(windows)(q, jnp.asarray(k2), v))
   np.testing.assert_array_equal(moved[0, ids[0] != 1], np.asarray(got)[0, ids[0] != 1])
+
+
+def test_segment_attention_runs_inside_shard_map():
+  """Evaluation calls it per device under shard_map: every window branch must carry the
+  batch's device-varying type (a constant zeros branch did not)."""
+  ids = _packed_ids(4, rows=2, length=256)
+  ids[1, 128:] = -1  # a block of padding only
+  q = jnp.asarray(np.random.default_rng(5).normal(size=ids.shape + (2, 8)), jnp.float32)
+  mesh = jax.make_mesh((1,), ("data",))
+  spec = jax.sharding.PartitionSpec("data")
+  sharded = jax.jit(jax.shard_map(lambda q, ids: attention.segment_attention(q, q, q, ids),
+                                  mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+  on_mesh = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  np.testing.assert_allclose(sharded(on_mesh(q), on_mesh(jnp.asarray(ids))),
+                             jax.jit(attention.segment_attention)(q, q, q, jnp.asarray(ids)),
+                             rtol=1e-6, atol=1e-6)

@@ -169,7 +169,7 @@ def segment_windows(segment_ids, block: int = SEGMENT_BLOCK):
   lo = jnp.min(jnp.where(real, start.reshape(blocks), length), axis=-1)
   hi = jnp.max(jnp.where(real, end.reshape(blocks), 0), axis=-1)
   widths = (jnp.maximum(hi - lo, 0) + block - 1) // block
-  starts = jnp.clip(lo, 0, length - widths * block)
+  starts = jnp.clip(lo, 0, length - jnp.maximum(widths, 1) * block)
   return widths.astype(jnp.int32), starts.astype(jnp.int32)
 
 
@@ -185,23 +185,22 @@ def _window_weights(q, k, q_ids, k_ids):
   return unnormalised, jnp.sum(unnormalised, axis=-1, keepdims=True)
 
 
-def _over_blocks(fn, widths, starts, block: int, length: int, out_like):
+def _over_blocks(fn, widths, starts, block: int, length: int):
   """Stack fn(row, block index, window start, width) over every block of every row.
 
   fn(row, i, start, width) is traced once per static width 1..length // block and runs,
-  through a `lax.switch`, only for the block's own width; width 0 gives zeros shaped
-  like `out_like` (a pytree of per-block ShapeDtypeStructs). Returns that pytree with
-  leading axes [B, L // block].
+  through a `lax.switch`, only for the block's own width; a block of padding only
+  (width 0) runs width 1, whose output fn zeroes at padding queries. (No separate zeros
+  branch: inside shard_map its constant output would not match the other branches'
+  device-varying type.) Returns fn's output pytree with leading axes [B, L // block].
   """
   b, num_blocks = widths.shape
-  zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_like)
-  branches = [lambda row, i, start: zeros()] + [
-      functools.partial(lambda row, i, start, width: fn(row, i, start, width), width=w)
-      for w in range(1, length // block + 1)]
+  branches = [functools.partial(lambda row, i, start, width: fn(row, i, start, width),
+                                width=w) for w in range(1, length // block + 1)]
 
   def step(_, pair):
     row, i, width, start = pair
-    return None, jax.lax.switch(width, branches, row, i, start)
+    return None, jax.lax.switch(jnp.maximum(width, 1) - 1, branches, row, i, start)
 
   rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_blocks)
   index = jnp.tile(jnp.arange(num_blocks, dtype=jnp.int32), b)
@@ -228,7 +227,7 @@ def _slice_ids(ids, row, start, size: int):
 
 def _segment_forward(q, k, v, ids, block):
   """Output [B, H, L, c] in v's dtype of head-major q, k, v; zeros at padding queries."""
-  _, h, length, c = q.shape
+  length = q.shape[2]
   widths, starts = segment_windows(ids, block)
 
   def one(row, i, start, width):
@@ -242,8 +241,7 @@ def _segment_forward(q, k, v, ids, block):
     real = (_slice_ids(ids, row, i * block, block) >= 0)[None, :, None]
     return jnp.where(real, out / total, 0.0).astype(v.dtype)
 
-  like = jax.ShapeDtypeStruct((h, block, c), v.dtype)
-  return _blocks_to_row(_over_blocks(one, widths, starts, block, length, like))
+  return _blocks_to_row(_over_blocks(one, widths, starts, block, length))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
