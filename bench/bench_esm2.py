@@ -433,28 +433,29 @@ def packed_attention_ab(preset: str, n: int, repeats: int, seed: int = 0) -> dic
   from bihier_jax.models import attention  # pylint: disable=import-outside-toplevel
   cfg = esm2.config_from_preset(preset, mlm_head=False)
   lengths = realistic_lengths(n, seed)
-  length, rows = _pack_rows(lengths, 768, (1024,))[0]
-  ids = np.full((len(rows), length), -1, np.int32)
-  for r, row in enumerate(rows):
-    col = 0
-    for k, i in enumerate(row):
-      ids[r, col:col + int(lengths[i]) + 2] = k
-      col += int(lengths[i]) + 2
+  chains = [np.zeros(int(n) + 2, np.int32) for n in lengths]  # only the layout counts
+  _, ids, _ = packed_arrays(chains, _pack_rows(lengths, 768, (1024,)))[0]
   shape = ids.shape + (cfg.num_heads, cfg.head_dim)
   rng = np.random.default_rng(seed)
   q, k, v, g = (jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32) for _ in range(4))
   ids = jnp.asarray(ids)
 
+  def same_chain(ids):
+    return attention.mask_bias(
+        (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, None, :])
+
   def whole(q, k, v, ids):
-    same_chain = (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, None, :]
-    return attention.masked_attention(q, k, v, attention.mask_bias(same_chain))
+    return attention.masked_attention(q, k, v, same_chain(ids))
+
+  def windows(q, k, v, ids):
+    return attention.segment_attention(q, k, v, ids, same_chain(ids))
 
   grad = lambda f: jax.jit(jax.grad(lambda q, k, v, ids: jnp.sum(f(q, k, v, ids) * g),
                                     (0, 1, 2)))
   fns = {"whole_row_forward": jax.jit(whole),
-         "windows_forward": jax.jit(attention.segment_attention),
+         "windows_forward": jax.jit(windows),
          "whole_row_grad": grad(whole),
-         "segment_attention_grad": grad(attention.segment_attention)}
+         "segment_attention_grad": grad(windows)}
   times = {name: [] for name in fns}
   for _ in range(repeats + 1):  # the first round compiles
     for name, fn in fns.items():

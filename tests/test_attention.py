@@ -121,7 +121,8 @@ def test_segment_attention_equals_masked_attention_with_a_chain_mask():
   allowed = (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, None, :]
   real = (ids >= 0)[:, :, None, None]
   dense = lambda q, k, v: attention.masked_attention(q, k, v, attention.mask_bias(allowed)) * real
-  windows = lambda q, k, v: attention.segment_attention(q, k, v, ids, 128)
+  windows = lambda q, k, v: attention.segment_attention(q, k, v, ids,
+                                                        attention.mask_bias(allowed), 128)
   want, want_vjp = jax.vjp(dense, q, k, v)
   got = jax.jit(windows)(q, k, v)  # undifferentiated: the windowed forward
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -145,9 +146,11 @@ def test_segment_attention_runs_inside_shard_map():
   q = jnp.asarray(np.random.default_rng(5).normal(size=ids.shape + (2, 8)), jnp.float32)
   mesh = jax.make_mesh((1,), ("data",))
   spec = jax.sharding.PartitionSpec("data")
-  sharded = jax.jit(jax.shard_map(lambda q, ids: attention.segment_attention(q, q, q, ids),
-                                  mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+  def attend(q, ids):
+    same_chain = (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, None, :]
+    return attention.segment_attention(q, q, q, ids, attention.mask_bias(same_chain))
+  sharded = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec), out_specs=spec))
   on_mesh = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
   np.testing.assert_allclose(sharded(on_mesh(q), on_mesh(jnp.asarray(ids))),
-                             jax.jit(attention.segment_attention)(q, q, q, jnp.asarray(ids)),
+                             jax.jit(attend)(q, jnp.asarray(ids)),
                              rtol=1e-6, atol=1e-6)

@@ -140,7 +140,7 @@ def masked_attention(q, k, v, bias):
 SEGMENT_BLOCK = 128
 
 
-def _run_bounds(segment_ids):
+def run_bounds(segment_ids):
   """[start, end) of each token's contiguous run of one id in its row: int32 [B, L] x 2."""
   length = segment_ids.shape[1]
   column = jnp.arange(length, dtype=jnp.int32)[None]
@@ -163,7 +163,7 @@ def segment_windows(segment_ids, block: int = SEGMENT_BLOCK):
   the block belongs to; width 0 for a block of padding only.
   """
   b, length = segment_ids.shape
-  start, end = _run_bounds(segment_ids)
+  start, end = run_bounds(segment_ids)
   blocks = (b, length // block, block)
   real = (segment_ids >= 0).reshape(blocks)
   lo = jnp.min(jnp.where(real, start.reshape(blocks), length), axis=-1)
@@ -195,8 +195,7 @@ def _over_blocks(fn, widths, starts, block: int, length: int):
   device-varying type.) Returns fn's output pytree with leading axes [B, L // block].
   """
   b, num_blocks = widths.shape
-  branches = [functools.partial(lambda row, i, start, width: fn(row, i, start, width),
-                                width=w) for w in range(1, length // block + 1)]
+  branches = [functools.partial(fn, width=w) for w in range(1, length // block + 1)]
 
   def step(_, pair):
     row, i, width, start = pair
@@ -232,14 +231,13 @@ def _segment_forward(q, k, v, ids, block):
 
   def one(row, i, start, width):
     span = width * block
-    q_blk = _slice_tokens(q, row, i * block, block)
+    q_ids = _slice_ids(ids, row, i * block, block)
     weights, total = _window_weights(
-        q_blk, _slice_tokens(k, row, start, span), _slice_ids(ids, row, i * block, block),
+        _slice_tokens(q, row, i * block, block), _slice_tokens(k, row, start, span), q_ids,
         _slice_ids(ids, row, start, span))
     out = jnp.einsum("hqk,hkc->hqc", weights.astype(v.dtype),
                      _slice_tokens(v, row, start, span), preferred_element_type=jnp.float32)
-    real = (_slice_ids(ids, row, i * block, block) >= 0)[None, :, None]
-    return jnp.where(real, out / total, 0.0).astype(v.dtype)
+    return jnp.where((q_ids >= 0)[None, :, None], out / total, 0.0).astype(v.dtype)
 
   return _blocks_to_row(_over_blocks(one, widths, starts, block, length))
 
@@ -267,7 +265,7 @@ def _segment_attend_bwd(block, key_padding, residuals, g):
 _segment_attend.defvjp(_segment_attend_fwd, _segment_attend_bwd)
 
 
-def segment_attention(q, k, v, segment_ids, block: int = SEGMENT_BLOCK):
+def segment_attention(q, k, v, segment_ids, bias, block: int = SEGMENT_BLOCK):
   """Attention of packed rows, each query over the keys of its own chain only.
 
   The undifferentiated call (inference, evaluation) computes each block of `block`
@@ -280,6 +278,8 @@ def segment_attention(q, k, v, segment_ids, block: int = SEGMENT_BLOCK):
   Args:
     q: [B, L, H, c], already scaled; k, v: [B, L, H, c]; L a multiple of `block`.
     segment_ids: int [B, L], each chain a contiguous run of one id, -1 at padding.
+    bias: the same-chain mask as `mask_bias` gives it, broadcastable to [B, H, L, L]
+      (the differentiated path's `masked_attention` bias; the windows use the ids).
     block: query-block size and window granularity (tokens).
 
   Returns:
@@ -287,8 +287,6 @@ def segment_attention(q, k, v, segment_ids, block: int = SEGMENT_BLOCK):
     padding queries.
   """
   ids = jnp.asarray(segment_ids, jnp.int32)
-  real = ids >= 0
-  bias = mask_bias((ids[:, None, :, None] == ids[:, None, None, :]) & real[:, None, None, :])
   out = _segment_attend(_head_major(q), _head_major(k), _head_major(v), bias, ids, block,
                         _key_padding(k.shape[1]))
-  return jnp.where(real[:, :, None, None], _head_major(out), jnp.zeros((), v.dtype))
+  return jnp.where((ids >= 0)[:, :, None, None], _head_major(out), jnp.zeros((), v.dtype))

@@ -299,12 +299,8 @@ def segment_positions(segments):
   segments: int[B, L], chains packed into a row as contiguous runs of one id
   (`<cls> seq <eos>` each); a new run starts wherever the id changes.
   """
-  length = segments.shape[1]
-  column = jnp.arange(length, dtype=jnp.int32)[None]
-  starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
-                            segments[:, 1:] != segments[:, :-1]], axis=1)
-  first = jax.lax.cummax(jnp.where(starts, column, 0), axis=1)
-  return column - first
+  start, _ = attention.run_bounds(segments)
+  return jnp.arange(segments.shape[1], dtype=jnp.int32)[None] - start
 
 
 class AttentionLayout(NamedTuple):
@@ -451,7 +447,8 @@ def _attention(q, k, v, layout: AttentionLayout, kind):
     return _splash_attention(q, k, v, layout.segment_ids)
   if backend == "cpu":
     if mask.ndim == 3 and _segment_windows_pay(q.shape[1]):
-      return attention.segment_attention(q, k, v, layout.segment_ids)
+      return attention.segment_attention(q, k, v, layout.segment_ids,
+                                         attention.mask_bias(_mask4(mask)))
     return _cpu_attention(q, k, v, mask)
   if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
