@@ -16,8 +16,13 @@ Variable lengths (--varlen): 48 sequences drawn from PDB-like lengths (lognormal
 batches of 8 padded to the batch's longest, the port on packed rows (several chains per
 row, segment ids; the row length the input pipeline chooses for the preset, longer
 chains one per row in 512/768/1024 buckets), one jitted call per row-length bucket.
-Alternating rounds; the speedup is the median of per-round ratios. Also the token-slot
-efficiency of each side (real tokens / slots), and one layer's attention on the packed
+In the same alternating rounds, with the same weights: the port before packing (one
+chain per row in its 128/256/512/1024 bucket, up to 8 rows per call;
+`speedup_vs_bucketed`) and both engines on uniform 8 x 256 rows
+(`uniform_speedup_vs_transformers`: the host's engine-against-engine ratio when neither
+pads, which bounds what packing can show against transformers). The speedup is the
+median of per-round ratios. Also the token-slot efficiency of each layout (real tokens /
+slots), and one layer's attention on the packed
 768-token rows: key windows (`attention.segment_attention`, forward) vs the whole row
 with a same-chain mask, forward and forward + backward (segment_attention's gradient
 path is the whole-row closed form, so the grad columns should match).
@@ -268,34 +273,67 @@ def varlen_speed(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
   packed = [(jnp.asarray(tok), jnp.asarray(seg), where)
             for tok, seg, where in packed_arrays(chains, groups)]
 
-  def run_port():
+  def run_port(batches):
     outs = {}
-    for tok, seg, where in packed:
+    for tok, seg, where in batches:
       h = np.asarray(fwd(params, tok, seg).block_until_ready())
       for i, r, col in where:
         outs[i] = h[r, col:col + len(chains[i])]
     return outs
 
-  want, got = run_torch(), run_port()
+  # The port before packing: one chain per row, rows of its length bucket, up to 8 rows
+  # per call, chains sorted by length (no segments: the unpacked path).
+  buckets = (128, 256, 512, 1024)
+  bucket_of = [next(b for b in buckets if b >= len(c)) for c in chains]
+  bucketed = []
+  for length in buckets:
+    rows = [[int(i)] for i in order if bucket_of[i] == length]
+    for start in range(0, len(rows), 8):
+      tok, _, where = packed_arrays(chains, [(length, rows[start:start + 8])])[0]
+      bucketed.append((jnp.asarray(tok), None, where))
+  assert sum(len(w) for _, _, w in bucketed) == n
+
+  # Uniform rows, same weights, same rounds: how the two engines compare on this host
+  # when neither pads (the varlen speed-up's ceiling is this times the slot ratio).
+  uniform = random_tokens(8, 256, seed)
+  uniform_t, uniform_j = torch.from_numpy(uniform).long(), jnp.asarray(uniform)
+
+  def run_torch_uniform():
+    with torch.inference_mode():
+      return reference(uniform_t, attention_mask=torch.ones_like(uniform_t))
+
+  runs = {"transformers": run_torch, "port": lambda: run_port(packed),
+          "port_bucketed": lambda: run_port(bucketed),
+          "uniform_transformers": run_torch_uniform,
+          "uniform_port": lambda: fwd(params, uniform_j, None).block_until_ready()}
+  want, got, got_bucketed = run_torch(), runs["port"](), runs["port_bucketed"]()
   diff = max(float(np.max(np.abs(want[i] - got[i]))) for i in range(n))
-  torch_times, port_times = [], []
-  for _ in range(repeats):
-    torch_times.append(_time(run_torch, 1, warmup=0))
-    port_times.append(_time(run_port, 1, warmup=0))
+  diff_bucketed = max(float(np.max(np.abs(want[i] - got_bucketed[i]))) for i in range(n))
+  runs["uniform_transformers"]()
+  runs["uniform_port"]()
+  times = {name: [] for name in runs}
+  for _ in range(repeats):  # alternating rounds: each ratio compares runs seconds apart
+    for name, fn in runs.items():
+      times[name].append(_time(fn, 1, warmup=0))
+  ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
   real = int(sum(len(c) for c in chains))
-  port_slots = sum(int(t.size) for t, _, _ in packed)
+  slots = lambda batches: sum(int(t.size) for t, _, _ in batches)
   torch_slots = sum(int(t.numel()) for _, t, _ in torch_batches)
   return {
       "preset": preset, "sequences": n, "real_tokens": real,
       "row_length": int(row_length), "port_shapes": [[int(t.shape[0]), int(t.shape[1])]
                                                      for t, _, _ in packed],
-      "port_token_efficiency": real / port_slots,
+      "port_token_efficiency": real / slots(packed),
+      "bucketed_token_efficiency": real / slots(bucketed),
       "transformers_token_efficiency": real / torch_slots,
-      "transformers_s": statistics.median(torch_times),
-      "port_s": statistics.median(port_times),
-      "speedup_vs_transformers": statistics.median(
-          t / j for t, j in zip(torch_times, port_times)),
-      "max_abs_diff_vs_transformers": diff,
+      "transformers_s": statistics.median(times["transformers"]),
+      "port_s": statistics.median(times["port"]),
+      "port_bucketed_s": statistics.median(times["port_bucketed"]),
+      "speedup_vs_transformers": ratio("transformers", "port"),
+      "bucketed_speedup_vs_transformers": ratio("transformers", "port_bucketed"),
+      "speedup_vs_bucketed": ratio("port_bucketed", "port"),
+      "uniform_speedup_vs_transformers": ratio("uniform_transformers", "uniform_port"),
+      "max_abs_diff_vs_transformers": max(diff, diff_bucketed),
   }
 
 
@@ -473,8 +511,11 @@ def _varlen(quick: bool) -> dict:
   print(f"\nforward over {rows[0]['sequences']} realistic lengths, {THREADS} threads, "
         f"load average {os.getloadavg()[0]:.1f}")
   _print_table(rows, ["preset", "row_length", "port_token_efficiency",
-                      "transformers_token_efficiency", "transformers_s", "port_s",
-                      "speedup_vs_transformers", "max_abs_diff_vs_transformers"])
+                      "bucketed_token_efficiency", "transformers_token_efficiency",
+                      "transformers_s", "port_s", "port_bucketed_s",
+                      "speedup_vs_transformers", "bucketed_speedup_vs_transformers",
+                      "speedup_vs_bucketed", "uniform_speedup_vs_transformers",
+                      "max_abs_diff_vs_transformers"])
   ab = [packed_attention_ab(p, 16 if quick else 48, 2 if quick else 5) for p in presets]
   print("\none layer's attention on the packed rows, s: key windows vs the whole row")
   _print_table(ab, ["preset", "rows", "whole_row_forward", "windows_forward",

@@ -379,9 +379,13 @@ def realistic_lengths(n: int, seed: int = 0) -> np.ndarray:
   return np.clip(rng.lognormal(np.log(200), 0.7, n), 30, 1022).astype(int)
 
 
-def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int) -> dict:
+def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int,
+                      row_lengths=(0,)) -> dict:
   """Fused training steps over `n` proteins of realistic lengths, packed ESM rows
   (data.pack_rows) against one chain per row in length buckets, side by side.
+  row_lengths: the packed layouts' data.row_length (0: the one the pipeline chooses);
+  each is one more layout in the same alternating passes ("packed" for the first,
+  "packed_<L>" for the others).
 
   Both layouts batch the same proteins as evaluation would (`inference_batches`: the
   task's budgets for these sizes); each gets its own Stepper from the same seed (same
@@ -393,9 +397,12 @@ def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int) -> dict
   examples = make_examples(realistic_lengths(n))
   residues = int(sum(ex.aatype.shape[0] for ex in examples))
   layouts = {}
-  for pack in (False, True):
+  for pack, row_length in [(False, 0)] + [(True, r) for r in row_lengths]:
     config = bench_config(preset, batch_size=batch_size)
     config.data.pack_rows = pack
+    config.data.row_length = row_length
+    name = ("packed" if row_length == row_lengths[0] else f"packed_{row_length}"
+            ) if pack else "unpacked"
     plan = input_pipeline.inference_batches(examples, config)
     batches = [input_pipeline.collate([examples[i] for i in members], budget)
                for budget, members in plan]
@@ -404,9 +411,10 @@ def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int) -> dict
       stepper.step(next(b for b in batches if b.budget == budget))
     slots = sum(int(b.tokens.size) for b in batches)
     tokens = sum(int((b.tokens != rc.ESM_PAD).sum()) for b in batches)
-    layouts["packed" if pack else "unpacked"] = {
+    layouts[name] = {
         "stepper": stepper, "batches": batches, "passes": [],
-        "token_efficiency": tokens / slots, "budgets": len({b.budget for b in batches})}
+        "token_efficiency": tokens / slots, "budgets": len({b.budget for b in batches}),
+        "row_lengths": sorted({int(b.budget.row_length) for b in batches})}
   for _ in range(rounds):
     for layout in layouts.values():
       seconds = sum(layout["stepper"].step(b) for b in layout["batches"])
@@ -416,10 +424,12 @@ def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int) -> dict
   for name, layout in layouts.items():
     out[name] = {"residues_per_s": statistics.median(layout["passes"]),
                  "passes": layout["passes"], "batches": len(layout["batches"]),
-                 "budgets": layout["budgets"],
+                 "budgets": layout["budgets"], "row_lengths": layout["row_lengths"],
                  "token_efficiency": layout["token_efficiency"]}
-  out["packed_speedup"] = (out["packed"]["residues_per_s"]
-                           / out["unpacked"]["residues_per_s"])
+    if name != "unpacked":
+      out[name]["speedup"] = statistics.median(
+          p / u for p, u in zip(layout["passes"], layouts["unpacked"]["passes"]))
+  out["packed_speedup"] = out["packed"]["speedup"]
   return out
 
 
@@ -441,6 +451,8 @@ def main(argv=None) -> int:
   p.add_argument("--varlen", type=int, default=0, metavar="N",
                  help="only the packed-vs-bucketed fused step on N realistic lengths")
   p.add_argument("--rounds", type=int, default=3, help="alternating passes (--varlen)")
+  p.add_argument("--row-lengths", default="0", help="packed row lengths to compare "
+                 "(--varlen), comma-separated; 0 = the one the pipeline chooses")
   p.add_argument("--gpu-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--remat", dest="remat", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--no-remat", dest="remat", action="store_false", help=argparse.SUPPRESS)
@@ -455,7 +467,8 @@ def main(argv=None) -> int:
              "device": getattr(jax.devices()[0], "device_kind", str(jax.devices()[0]))}
   if args.varlen:
     results["varlen"] = varlen_step_speed(args.preset or "t12_35M", args.varlen,
-                                          args.batch_size, args.rounds)
+                                          args.batch_size, args.rounds,
+                                          tuple(int(r) for r in args.row_lengths.split(",")))
   elif args.gpu:
     if jax.default_backend() != "gpu":
       results["gpu"] = {"error": f"no GPU: backend is {jax.default_backend()}"}
