@@ -23,9 +23,9 @@ chain per row in its 128/256/512/1024 bucket, up to 8 rows per call;
 pads, which bounds what packing can show against transformers). The speedup is the
 median of per-round ratios. Also the token-slot efficiency of each layout (real tokens /
 slots), and one layer's attention on the packed
-768-token rows: key windows (`attention.segment_attention`, forward) vs the whole row
-with a same-chain mask, forward and forward + backward (segment_attention's gradient
-path is the whole-row closed form, so the grad columns should match).
+768-token rows: key windows (`attention.segment_attention`, forward and backward) vs the
+whole row with a same-chain mask, forward and forward + backward, and the compiled
+temporary memory of each forward + backward.
 Memory: `jit(loss+grad).lower().compile().memory_analysis()` of t33_650M fine-tuning
 (MLM loss, L = 1024, batch 1) with and without per-layer remat; params come from
 jax.eval_shape, nothing is allocated.
@@ -466,8 +466,9 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 def packed_attention_ab(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
   """One layer's attention on the packed rows `varlen_speed` builds (the rows of the
   chosen length, the preset's heads, random q/k/v): `attention.segment_attention`
-  (forward by key windows) vs `attention.masked_attention` with the same-chain mask
-  over the whole row, forward and forward + backward, alternating rounds."""
+  (key windows, forward and backward) vs `attention.masked_attention` with the
+  same-chain mask over the whole row; forward and forward + backward, alternating
+  rounds, and the compiled temporary memory of each forward + backward."""
   from bihier_jax.models import attention  # pylint: disable=import-outside-toplevel
   cfg = esm2.config_from_preset(preset, mlm_head=False)
   lengths = realistic_lengths(n, seed)
@@ -486,21 +487,26 @@ def packed_attention_ab(preset: str, n: int, repeats: int, seed: int = 0) -> dic
     return attention.masked_attention(q, k, v, same_chain(ids))
 
   def windows(q, k, v, ids):
-    return attention.segment_attention(q, k, v, ids, same_chain(ids))
+    return attention.segment_attention(q, k, v, ids)
 
   grad = lambda f: jax.jit(jax.grad(lambda q, k, v, ids: jnp.sum(f(q, k, v, ids) * g),
                                     (0, 1, 2)))
   fns = {"whole_row_forward": jax.jit(whole),
          "windows_forward": jax.jit(windows),
          "whole_row_grad": grad(whole),
-         "segment_attention_grad": grad(windows)}
+         "windows_grad": grad(windows)}
   times = {name: [] for name in fns}
   for _ in range(repeats + 1):  # the first round compiles
     for name, fn in fns.items():
       times[name].append(_time(lambda fn=fn: jax.block_until_ready(fn(q, k, v, ids)), 1, 0))
   result = {name: statistics.median(t[1:]) for name, t in times.items()}
+  temp_mib = lambda fn: fn.lower(q, k, v, ids).compile().memory_analysis(
+      ).temp_size_in_bytes / 2**20
   result.update(preset=preset, rows=list(shape[:2]),
-                forward_speedup=result["whole_row_forward"] / result["windows_forward"])
+                forward_speedup=result["whole_row_forward"] / result["windows_forward"],
+                grad_speedup=result["whole_row_grad"] / result["windows_grad"],
+                whole_row_grad_temp_mib=temp_mib(fns["whole_row_grad"]),
+                windows_grad_temp_mib=temp_mib(fns["windows_grad"]))
   return result
 
 
@@ -519,7 +525,8 @@ def _varlen(quick: bool) -> dict:
   ab = [packed_attention_ab(p, 16 if quick else 48, 2 if quick else 5) for p in presets]
   print("\none layer's attention on the packed rows, s: key windows vs the whole row")
   _print_table(ab, ["preset", "rows", "whole_row_forward", "windows_forward",
-                    "forward_speedup", "whole_row_grad", "segment_attention_grad"])
+                    "forward_speedup", "whole_row_grad", "windows_grad", "grad_speedup",
+                    "whole_row_grad_temp_mib", "windows_grad_temp_mib"])
   return {"varlen": {r["preset"]: r for r in rows},
           "packed_attention": {r["preset"]: r for r in ab},
           "packing": {"token_efficiency": rows[-1]["port_token_efficiency"]},

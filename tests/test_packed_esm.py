@@ -71,7 +71,8 @@ def model():
   return ref, cfg, params, hidden
 
 
-# 256-token rows take the CPU's windowed packed attention (attention.segment_attention).
+# 256-token rows take the CPU's windowed packed attention (attention.segment_attention),
+# forward and backward.
 ROW_LENGTHS = [LENGTH, 256]
 
 
@@ -89,9 +90,10 @@ def test_packed_chains_equal_transformers_on_each_chain_alone(model, length):
                                  rtol=0, err_msg=f"chain {c} layer {layer}")
 
 
-def test_packed_equals_one_chain_per_row_with_gradients(model):
+@pytest.mark.parametrize("length", ROW_LENGTHS)  # 256: the windowed backward too
+def test_packed_equals_one_chain_per_row_with_gradients(model, length):
   _, cfg, params, hidden = model
-  tokens, segments, spans = packed_rows()
+  tokens, segments, spans = packed_rows(length=length)
   unpacked = esm2.tokenize(CHAINS, max_length=LENGTH)
   np.testing.assert_array_equal(hidden(params, unpacked, None).shape[1], len(CHAINS))
 

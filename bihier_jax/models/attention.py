@@ -134,8 +134,8 @@ def masked_attention(q, k, v, bias):
 # each block the narrowest key window, a multiple of `SEGMENT_BLOCK` wide, that holds
 # every chain its queries belong to (chains are contiguous, so that is one interval).
 # The window width is data; each width is a branch of a `lax.switch`, so shapes stay
-# static and only the chosen width is computed. Only the undifferentiated forward takes
-# the windows (see `segment_attention` for why).
+# static and only the chosen width is computed. The backward pass runs over the same
+# windows, recomputing each block's weights (see `segment_attention`).
 
 SEGMENT_BLOCK = 128
 
@@ -173,38 +173,47 @@ def segment_windows(segment_ids, block: int = SEGMENT_BLOCK):
   return widths.astype(jnp.int32), starts.astype(jnp.int32)
 
 
-def _window_weights(q, k, q_ids, k_ids):
-  """(unnormalised softmax weights [H, Tq, Tk] float32, their sum over keys [H, Tq, 1])
-  of queries q [H, Tq, c] over keys k [H, Tk, c], allowed where the ids match."""
+def _window_logits(q, k, q_ids, k_ids):
+  """Logits [H, Tq, Tk] float32 of queries q [H, Tq, c] over keys k [H, Tk, c], with
+  `MASKED_LOGIT` added where the ids differ or the query is padding."""
   allowed = (q_ids[:, None] == k_ids[None, :]) & (q_ids[:, None] >= 0)
   logits = jnp.einsum("hqc,hkc->hqk", q, k, preferred_element_type=jnp.float32)
-  logits = logits + mask_bias(allowed)[None]
+  return logits + mask_bias(allowed)[None]
+
+
+def _window_weights(q, k, q_ids, k_ids):
+  """(unnormalised softmax weights [H, Tq, Tk] float32, their sum over keys [H, Tq, 1],
+  the row maxima [H, Tq, 1]) of `_window_logits`."""
+  logits = _window_logits(q, k, q_ids, k_ids)
   # A real query's own key is allowed, so the max is a real logit and masked entries
   # are exactly 0; a padding query gets uniform weights, zeroed by the caller.
-  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  return unnormalised, jnp.sum(unnormalised, axis=-1, keepdims=True)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  unnormalised = jnp.exp(logits - peak)
+  return unnormalised, jnp.sum(unnormalised, axis=-1, keepdims=True), peak
 
 
-def _over_blocks(fn, widths, starts, block: int, length: int):
-  """Stack fn(row, block index, window start, width) over every block of every row.
+def _over_blocks(fn, widths, starts, block: int, length: int, carry=None):
+  """Run fn(carry, row, block index, window start, width) over every block of every row.
 
-  fn(row, i, start, width) is traced once per static width 1..length // block and runs,
-  through a `lax.switch`, only for the block's own width; a block of padding only
-  (width 0) runs width 1, whose output fn zeroes at padding queries. (No separate zeros
-  branch: inside shard_map its constant output would not match the other branches'
-  device-varying type.) Returns fn's output pytree with leading axes [B, L // block].
+  fn is traced once per static width 1..length // block and runs, through a
+  `lax.switch`, only for the block's own width; a block of padding only (width 0) runs
+  width 1, whose output fn zeroes at padding queries. (No separate zeros branch: inside
+  shard_map its constant output would not match the other branches' device-varying
+  type.) fn returns (carry, output); the carry threads through the blocks in order.
+  Returns (final carry, fn's output pytree with leading axes [B, L // block]).
   """
   b, num_blocks = widths.shape
   branches = [functools.partial(fn, width=w) for w in range(1, length // block + 1)]
 
-  def step(_, pair):
+  def step(carry, pair):
     row, i, width, start = pair
-    return None, jax.lax.switch(jnp.maximum(width, 1) - 1, branches, row, i, start)
+    return jax.lax.switch(jnp.maximum(width, 1) - 1, branches, carry, row, i, start)
 
   rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_blocks)
   index = jnp.tile(jnp.arange(num_blocks, dtype=jnp.int32), b)
-  _, out = jax.lax.scan(step, None, (rows, index, widths.reshape(-1), starts.reshape(-1)))
-  return jax.tree.map(lambda x: x.reshape((b, num_blocks) + x.shape[1:]), out)
+  carry, out = jax.lax.scan(step, carry,
+                            (rows, index, widths.reshape(-1), starts.reshape(-1)))
+  return carry, jax.tree.map(lambda x: x.reshape((b, num_blocks) + x.shape[1:]), out)
 
 
 def _blocks_to_row(x):
@@ -219,67 +228,118 @@ def _slice_tokens(x, row, start, size: int):
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
+def _add_tokens(x, row, start, update):
+  """x [B, H, L, c] with `update` [H, size, c] added at row `row`, tokens from `start`."""
+  here = _slice_tokens(x, row, start, update.shape[1])
+  return jax.lax.dynamic_update_slice(x, (here + update)[None], (row, 0, start, 0))
+
+
 def _slice_ids(ids, row, start, size: int):
   return jax.lax.dynamic_slice_in_dim(
       jax.lax.dynamic_index_in_dim(ids, row, axis=0, keepdims=False), start, size)
 
 
 def _segment_forward(q, k, v, ids, block):
-  """Output [B, H, L, c] in v's dtype of head-major q, k, v; zeros at padding queries."""
+  """(output [B, H, L, c] in v's dtype, zeros at padding queries; log-sum-exp of each
+  query's logits [B, H, L, 1] float32) of head-major q, k, v, by key windows."""
   length = q.shape[2]
   widths, starts = segment_windows(ids, block)
 
-  def one(row, i, start, width):
+  def one(carry, row, i, start, width):
     span = width * block
     q_ids = _slice_ids(ids, row, i * block, block)
-    weights, total = _window_weights(
+    weights, total, peak = _window_weights(
         _slice_tokens(q, row, i * block, block), _slice_tokens(k, row, start, span), q_ids,
         _slice_ids(ids, row, start, span))
     out = jnp.einsum("hqk,hkc->hqc", weights.astype(v.dtype),
                      _slice_tokens(v, row, start, span), preferred_element_type=jnp.float32)
-    return jnp.where((q_ids >= 0)[None, :, None], out / total, 0.0).astype(v.dtype)
+    out = jnp.where((q_ids >= 0)[None, :, None], out / total, 0.0).astype(v.dtype)
+    return carry, (out, peak + jnp.log(total))
 
-  return _blocks_to_row(_over_blocks(one, widths, starts, block, length))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _segment_attend(q, k, v, bias, ids, block: int, key_padding: int):
-  """Head-major packed-row attention: forward by key windows; the differentiated path
-  is `_attend`'s (dense scores, closed-form backward; see `segment_attention`)."""
-  del bias, key_padding
-  return _segment_forward(q, k, v, ids, block)
+  _, (out, lse) = _over_blocks(one, widths, starts, block, length)
+  return _blocks_to_row(out), _blocks_to_row(lse)
 
 
-def _segment_attend_fwd(q, k, v, bias, ids, block, key_padding):
-  del block
-  out, residuals = _attend_fwd(q, k, v, bias, key_padding)
-  return out, (residuals, ids)
+def _segment_backward(q, k, v, ids, out, lse, g, block):
+  """(dq, dk, dv) of `_segment_forward`'s output for its cotangent g, by the same key
+  windows, in one pass: each block recomputes its weights from the saved log-sum-exp
+  (nothing [L, L]-sized is kept from the forward), gives its queries' dq and adds its
+  keys' dk, dv into row-sized float32 accumulators."""
+  length = q.shape[2]
+  widths, starts = segment_windows(ids, block)
+  # Σ_c g ⊙ out per query: the softmax backward's row term Σ_k w ⊙ dw, without w.
+  row_term = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+
+  def one(_, row, i, start, width):
+    span = width * block
+    q_ids = _slice_ids(ids, row, i * block, block)
+    q_block, g_block = (_slice_tokens(x, row, i * block, block) for x in (q, g))
+    k_window, v_window = (_slice_tokens(x, row, start, span) for x in (k, v))
+    logits = _window_logits(q_block, k_window, q_ids, _slice_ids(ids, row, start, span))
+    weights = jnp.exp(logits - _slice_tokens(lse, row, i * block, block))
+    weights = jnp.where((q_ids >= 0)[None, :, None], weights, 0.0)
+    dv = jnp.einsum("hqk,hqc->hkc", weights, g_block, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("hqc,hkc->hqk", g_block, v_window, preferred_element_type=jnp.float32)
+    dlogits = weights * (dw - _slice_tokens(row_term, row, i * block, block))
+    dk = jnp.einsum("hqk,hqc->hkc", dlogits, q_block, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("hqk,hkc->hqc", dlogits, k_window, preferred_element_type=jnp.float32)
+    # The window's dk, dv placed in a row-long buffer: every branch returns one shape.
+    place = lambda x: jax.lax.dynamic_update_slice(
+        jnp.zeros((x.shape[0], length, x.shape[2]), x.dtype), x, (0, start, 0))
+    return None, (dq.astype(q.dtype), place(dk), place(dv))
+
+  widths_flat = widths.reshape(-1)
+  rows = jnp.repeat(jnp.arange(q.shape[0], dtype=jnp.int32), widths.shape[1])
+  index = jnp.tile(jnp.arange(widths.shape[1], dtype=jnp.int32), q.shape[0])
+  branches = [functools.partial(one, width=w) for w in range(1, length // block + 1)]
+
+  def step(carry, pair):
+    dk, dv = carry
+    row, i, width, start = pair
+    _, (dq, dk_row, dv_row) = jax.lax.switch(jnp.maximum(width, 1) - 1, branches, None,
+                                             row, i, start)
+    add = lambda acc, x: jax.lax.dynamic_update_slice(
+        acc, (jax.lax.dynamic_index_in_dim(acc, row, 0) + x[None]), (row, 0, 0, 0))
+    return (add(dk, dk_row), add(dv, dv_row)), dq
+
+  zeros = jnp.zeros_like(k, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(step, (zeros, zeros),
+                              (rows, index, widths_flat, starts.reshape(-1)))
+  dq = dq.reshape(widths.shape + dq.shape[1:])
+  return _blocks_to_row(dq), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _segment_attend_bwd(block, key_padding, residuals, g):
-  del block
-  residuals, ids = residuals
-  return _attend_bwd(key_padding, residuals, g) + (np.zeros(ids.shape, jax.dtypes.float0),)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _segment_attend(q, k, v, ids, block: int):
+  """Head-major packed-row attention by key windows, forward and backward."""
+  return _segment_forward(q, k, v, ids, block)[0]
+
+
+def _segment_attend_fwd(q, k, v, ids, block):
+  out, lse = _segment_forward(q, k, v, ids, block)
+  return out, (q, k, v, ids, out, lse)
+
+
+def _segment_attend_bwd(block, residuals, g):
+  q, k, v, ids, out, lse = residuals
+  return _segment_backward(q, k, v, ids, out, lse, g, block) + (
+      np.zeros(ids.shape, jax.dtypes.float0),)
 
 
 _segment_attend.defvjp(_segment_attend_fwd, _segment_attend_bwd)
 
 
-def segment_attention(q, k, v, segment_ids, bias, block: int = SEGMENT_BLOCK):
+def segment_attention(q, k, v, segment_ids, block: int = SEGMENT_BLOCK):
   """Attention of packed rows, each query over the keys of its own chain only.
 
-  The undifferentiated call (inference, evaluation) computes each block of `block`
-  queries over its key window only (`segment_windows`). Under differentiation the
-  forward and backward are `masked_attention`'s over the whole row with a same-chain
-  mask: on XLA:CPU the windowed backward (two passes over the windows, logits
-  recomputed in each) measured slower than the dense closed form (BENCHMARKS.md
-  "Packed ESM rows"). Both give the same values.
+  Each block of `block` queries attends over its key window only (`segment_windows`),
+  in the forward and in the backward (flash-attention style: the backward recomputes a
+  block's weights from the saved log-sum-exp of its logits, so no [L, L] tensor is
+  kept between the passes). Same values as `masked_attention` with a same-chain mask.
 
   Args:
     q: [B, L, H, c], already scaled; k, v: [B, L, H, c]; L a multiple of `block`.
     segment_ids: int [B, L], each chain a contiguous run of one id, -1 at padding.
-    bias: the same-chain mask as `mask_bias` gives it, broadcastable to [B, H, L, L]
-      (the differentiated path's `masked_attention` bias; the windows use the ids).
     block: query-block size and window granularity (tokens).
 
   Returns:
@@ -287,6 +347,5 @@ def segment_attention(q, k, v, segment_ids, bias, block: int = SEGMENT_BLOCK):
     padding queries.
   """
   ids = jnp.asarray(segment_ids, jnp.int32)
-  out = _segment_attend(_head_major(q), _head_major(k), _head_major(v), bias, ids, block,
-                        _key_padding(k.shape[1]))
+  out = _segment_attend(_head_major(q), _head_major(k), _head_major(v), ids, block)
   return jnp.where((ids >= 0)[:, :, None, None], _head_major(out), jnp.zeros((), v.dtype))

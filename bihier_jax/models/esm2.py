@@ -91,7 +91,8 @@ class ESM2Config:
     scan_layers: apply layers with lax.scan (False: unrolled python loop, same numbers).
     attention: 'auto' = fastest exact path for the backend (CPU:
       `attention.masked_attention`, and for packed rows of >= 256 tokens
-      `attention.segment_attention`, each query block over its chains' key window;
+      `attention.segment_attention`, each query block over its chains' key window,
+      forward and backward;
       TPU: Pallas splash attention with segment ids
       when the row length is a multiple of 128; GPU bf16: cuDNN fused attention via
       jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
@@ -447,8 +448,7 @@ def _attention(q, k, v, layout: AttentionLayout, kind):
     return _splash_attention(q, k, v, layout.segment_ids)
   if backend == "cpu":
     if mask.ndim == 3 and _segment_windows_pay(q.shape[1]):
-      return attention.segment_attention(q, k, v, layout.segment_ids,
-                                         attention.mask_bias(_mask4(mask)))
+      return attention.segment_attention(q, k, v, layout.segment_ids)
     return _cpu_attention(q, k, v, mask)
   if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
