@@ -192,22 +192,25 @@ def _window_weights(q, k, q_ids, k_ids):
   return unnormalised, jnp.sum(unnormalised, axis=-1, keepdims=True), peak
 
 
-def _over_blocks(fn, widths, starts, block: int, length: int, carry=None):
-  """Run fn(carry, row, block index, window start, width) over every block of every row.
+def _over_blocks(fn, widths, starts, block: int, length: int, carry=None, combine=None):
+  """Run fn(row, block index, window start, width) over every block of every row.
 
   fn is traced once per static width 1..length // block and runs, through a
   `lax.switch`, only for the block's own width; a block of padding only (width 0) runs
   width 1, whose output fn zeroes at padding queries. (No separate zeros branch: inside
   shard_map its constant output would not match the other branches' device-varying
-  type.) fn returns (carry, output); the carry threads through the blocks in order.
-  Returns (final carry, fn's output pytree with leading axes [B, L // block]).
+  type.) combine(carry, row, output) -> (carry, kept output), if given, runs after each
+  block outside the switch (a carry passed through the switch's branches is copied in
+  every block). Returns (final carry, the kept outputs with leading axes [B, L // block]).
   """
   b, num_blocks = widths.shape
   branches = [functools.partial(fn, width=w) for w in range(1, length // block + 1)]
+  combine = combine or (lambda carry, row, out: (carry, out))
 
   def step(carry, pair):
     row, i, width, start = pair
-    return jax.lax.switch(jnp.maximum(width, 1) - 1, branches, carry, row, i, start)
+    return combine(carry, row, jax.lax.switch(jnp.maximum(width, 1) - 1, branches, row, i,
+                                              start))
 
   rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_blocks)
   index = jnp.tile(jnp.arange(num_blocks, dtype=jnp.int32), b)
@@ -228,12 +231,6 @@ def _slice_tokens(x, row, start, size: int):
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _add_tokens(x, row, start, update):
-  """x [B, H, L, c] with `update` [H, size, c] added at row `row`, tokens from `start`."""
-  here = _slice_tokens(x, row, start, update.shape[1])
-  return jax.lax.dynamic_update_slice(x, (here + update)[None], (row, 0, start, 0))
-
-
 def _slice_ids(ids, row, start, size: int):
   return jax.lax.dynamic_slice_in_dim(
       jax.lax.dynamic_index_in_dim(ids, row, axis=0, keepdims=False), start, size)
@@ -245,7 +242,7 @@ def _segment_forward(q, k, v, ids, block):
   length = q.shape[2]
   widths, starts = segment_windows(ids, block)
 
-  def one(carry, row, i, start, width):
+  def one(row, i, start, width):
     span = width * block
     q_ids = _slice_ids(ids, row, i * block, block)
     weights, total, peak = _window_weights(
@@ -254,7 +251,7 @@ def _segment_forward(q, k, v, ids, block):
     out = jnp.einsum("hqk,hkc->hqc", weights.astype(v.dtype),
                      _slice_tokens(v, row, start, span), preferred_element_type=jnp.float32)
     out = jnp.where((q_ids >= 0)[None, :, None], out / total, 0.0).astype(v.dtype)
-    return carry, (out, peak + jnp.log(total))
+    return out, peak + jnp.log(total)
 
   _, (out, lse) = _over_blocks(one, widths, starts, block, length)
   return _blocks_to_row(out), _blocks_to_row(lse)
@@ -270,7 +267,7 @@ def _segment_backward(q, k, v, ids, out, lse, g, block):
   # Σ_c g ⊙ out per query: the softmax backward's row term Σ_k w ⊙ dw, without w.
   row_term = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
 
-  def one(_, row, i, start, width):
+  def one(row, i, start, width):
     span = width * block
     q_ids = _slice_ids(ids, row, i * block, block)
     q_block, g_block = (_slice_tokens(x, row, i * block, block) for x in (q, g))
@@ -286,26 +283,18 @@ def _segment_backward(q, k, v, ids, out, lse, g, block):
     # The window's dk, dv placed in a row-long buffer: every branch returns one shape.
     place = lambda x: jax.lax.dynamic_update_slice(
         jnp.zeros((x.shape[0], length, x.shape[2]), x.dtype), x, (0, start, 0))
-    return None, (dq.astype(q.dtype), place(dk), place(dv))
+    return dq.astype(q.dtype), place(dk), place(dv)
 
-  widths_flat = widths.reshape(-1)
-  rows = jnp.repeat(jnp.arange(q.shape[0], dtype=jnp.int32), widths.shape[1])
-  index = jnp.tile(jnp.arange(widths.shape[1], dtype=jnp.int32), q.shape[0])
-  branches = [functools.partial(one, width=w) for w in range(1, length // block + 1)]
-
-  def step(carry, pair):
-    dk, dv = carry
-    row, i, width, start = pair
-    _, (dq, dk_row, dv_row) = jax.lax.switch(jnp.maximum(width, 1) - 1, branches, None,
-                                             row, i, start)
+  def accumulate(carry, row, out):
+    """Adds a block's row-long dk, dv to its row's sums; keeps its dq."""
+    dq, dk_row, dv_row = out
     add = lambda acc, x: jax.lax.dynamic_update_slice(
-        acc, (jax.lax.dynamic_index_in_dim(acc, row, 0) + x[None]), (row, 0, 0, 0))
-    return (add(dk, dk_row), add(dv, dv_row)), dq
+        acc, jax.lax.dynamic_index_in_dim(acc, row, 0) + x[None], (row, 0, 0, 0))
+    return (add(carry[0], dk_row), add(carry[1], dv_row)), dq
 
   zeros = jnp.zeros_like(k, jnp.float32)
-  (dk, dv), dq = jax.lax.scan(step, (zeros, zeros),
-                              (rows, index, widths_flat, starts.reshape(-1)))
-  dq = dq.reshape(widths.shape + dq.shape[1:])
+  (dk, dv), dq = _over_blocks(one, widths, starts, block, length, (zeros, zeros),
+                              accumulate)
   return _blocks_to_row(dq), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
