@@ -620,12 +620,26 @@ _SCALARS = ("num_residues", "num_edges", "num_chains", "num_ligand_atoms", "num_
             "max_sequence_length", "graph_label", "weight", "id", "group")
 
 
+def _last_start(starts, size):
+  """int32[size]: for each flat position, the number of `starts` at or before it, minus one.
+
+  With starts in non-decreasing order (each in 0..size; those at size count nowhere),
+  that is the index of the last start at or before the position (-1 before the first;
+  of equal starts, the last). A scatter and one cumulative sum: on millions of positions
+  a fraction of the cost of a search, or of tf.repeat (a [starts, max length] mask).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  marks = tf.math.unsorted_segment_sum(tf.ones_like(starts), starts, size + 1)
+  return tf.cumsum(marks[:-1]) - 1
+
+
 def _rows(lengths):
   """(owner, position) of each row of a flat array with per-example row `lengths`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  owner = tf.repeat(tf.range(tf.size(lengths)), lengths)
-  pos = tf.range(tf.size(owner)) - tf.gather(tf.cumsum(lengths, exclusive=True), owner)
-  return owner, pos
+  starts = tf.cumsum(lengths, exclusive=True)
+  total = tf.reduce_sum(lengths)
+  owner = _last_start(starts, total)  # empty examples own no row
+  return owner, tf.range(total) - tf.gather(starts, owner)
 
 
 def _crop(x, max_residues: int, seed):
@@ -713,11 +727,12 @@ def _select(x, keep):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   kept = tf.where(keep)[:, 0]
   out = {k: tf.gather(x[k], kept) for k in _SCALARS}
-  rows = {}
+  rows = {}  # per count: the kept examples' rows, found from the kept examples only
   for name, count in _COUNT.items():
     if count not in rows:
-      owner, _ = _rows(x[count])
-      rows[count] = tf.where(tf.gather(keep, owner))[:, 0]
+      owner, pos = _rows(tf.gather(x[count], kept))
+      first = tf.gather(tf.cumsum(x[count], exclusive=True), kept)
+      rows[count] = tf.gather(first, owner) + pos
     out[name] = tf.gather(x[name], rows[count])
   return out
 
@@ -760,9 +775,10 @@ def _pack(x, member, budget: PaddingBudget):
 
   Examples (where member, bool[C]) go to batches and their chains to rows by
   `packing.plan_batches` in chunk order; a batch's examples keep that order. Every
-  padded slot finds its example (or chain) by a binary search over the batch's offsets
-  and reads its value with one gather from the chunk's flat arrays: no copy of the
-  chunk, no scatter of values.
+  padded slot finds its example (or chain) by a cumulative count of the members (or
+  chains) placed before it and reads its value with one gather from the chunk's flat
+  arrays (with a sentinel row for padding): no search, no scatter of values, no
+  per-slot select of whole rows.
 
   Returns:
     dict of [nb, ...] tensors (nb = batches filled, 0 if none).
@@ -809,105 +825,115 @@ def _pack(x, member, budget: PaddingBudget):
   def table(values, fill):  # [nb, G-1] per (batch, slot) of the member examples
     return tf.tensor_scatter_nd_update(tf.fill([nb, g_real], fill), where2, values)
 
-  big = np.iinfo(np.int32).max
   members = table(sel, n_ex)
-  member_first_chain = tf.cumsum(sizes[:, 2], exclusive=True)  # into chain_r / chain_c
-  offsets = [table(within_batch(sizes[:, i]), big) for i in range(2)]
-  chain_offsets = table(within_batch(sizes[:, 2]), 0)
+  node_off = within_batch(sizes[:, 0])
   used = [tf.math.unsorted_segment_sum(sizes[:, i], batch_of, nb) for i in range(2)]
 
   def locate(which, width):
-    """(example, position in it, real?, graph slot) of every one of nb x width slots."""
-    j = tf.tile(tf.range(width)[None], [nb, 1])
-    i = tf.maximum(tf.searchsorted(offsets[which], j, side="right") - 1, 0)
-    ex = tf.gather(members, i, batch_dims=1)
-    pos = j - tf.gather(offsets[which], i, batch_dims=1)
-    real = j < used[which][:, None]
-    flat = lambda t: tf.reshape(t, [-1])  # pylint: disable=unnecessary-lambda-assignment
-    return flat(tf.minimum(ex, n_ex - 1)), flat(pos), flat(real), flat(i)
+    """(owner, r, base) of the nb x width slots: r = b x width + j is slot j of batch b,
+    owner[r] the index into `sel` of the member that holds it (past the batch's last real
+    slot, the batch's last member), base (per member) = b x width of its batch.
 
-  padded = {}  # id -> (values, values with a zero row appended), once per field
+    Members are in (batch, slot) order and every batch has one at offset 0, so a slot's
+    owner is the last member placed at or before it; empty members that close a full
+    batch sit at the next batch's first slot, which only adds them to the count.
+    """
+    base = batch_of * width
+    return _last_start(base + within_batch(sizes[:, which]), nb * width), \
+        tf.range(nb * width), base
 
-  def take(values, rows, keep):
-    """values[rows] where keep, else zeros (rows clamped into range)."""
-    n = tf.shape(values)[0]
-    if id(values) not in padded:
-      # A zero row at the end, so that an empty field (e.g. no ligand atoms) has a row
-      # to read; no tf.cond (each one is a function graph, and _pack has dozens).
-      zero = tf.zeros(tf.concat([[1], tf.shape(values)[1:]], 0), values.dtype)
-      padded[id(values)] = (values, tf.concat([values, zero], 0))
-    rows = tf.clip_by_value(rows, 0, tf.maximum(n - 1, 0))
-    got = tf.gather(padded[id(values)][1], rows)
-    keep = tf.reshape(keep, [-1] + [1] * (len(values.shape) - 1))
-    return tf.where(keep, got, tf.zeros_like(got))
-
-  # Nodes: per example, residues then ligand atoms.
-  ex, pos, real, gslot = locate(0, n_max)
-  n_res_o = tf.gather(n_res, ex)
-  is_res = real & (pos < n_res_o)
+  # Nodes: per example, residues then ligand atoms. Every node field is one gather from
+  # a source table of the chunk's residue rows, then its ligand atoms' rows, then one
+  # zero row (padding); a slot's row is r plus a per-member delta. Columns per member,
+  # gathered once per slot; positions in them are r-like (batch base included).
+  owner, r, base = locate(0, n_max)
+  n_res_sel = tf.gather(n_res, sel)
+  total_res, total_lig = tf.shape(x["aatype"])[0], tf.shape(x["ligand_elements"])[0]
+  first = base + node_off
+  cols = tf.gather(tf.stack([
+      base, first, first + sizes[:, 0], first + n_res_sel,
+      tf.gather(tf.cumsum(n_res, exclusive=True), sel) - first,
+      total_res + tf.gather(tf.cumsum(n_lig, exclusive=True), sel) - first - n_res_sel,
+      tf.cumsum(sizes[:, 2], exclusive=True), within_batch(sizes[:, 2]), slot], 1), owner)
+  first, res_end, gslot = cols[:, 1], cols[:, 3], cols[:, 8]
+  j = r - cols[:, 0]  # node index in its batch
+  real = r < cols[:, 2]
+  is_res = real & (r < res_end)
   is_lig = real & tf.logical_not(is_res)
-  res_row = tf.gather(tf.cumsum(n_res, exclusive=True), ex) + pos
-  lig_row = tf.gather(tf.cumsum(n_lig, exclusive=True), ex) + pos - n_res_o
-  chain_row, residue_index = x["chain_row"], x["residue_index"]
+  res_row = r + cols[:, 4]
+  src = tf.where(is_res, res_row, tf.where(is_lig, r + cols[:, 5], total_res + total_lig))
+
+  def node_field(residue, ligand):  # residue rows [total_res, ...], ligand [total_lig, ...]
+    zero = tf.zeros(tf.concat([[1], tf.shape(residue)[1:]], 0), residue.dtype)
+    return tf.gather(tf.concat([residue, ligand, zero], 0), src)
+
+  def residue_field(values):  # 0 on ligand atoms and padding
+    return node_field(values, tf.zeros(tf.concat([[total_lig], tf.shape(values)[1:]], 0),
+                                       values.dtype))
+
+  # Frame references: `linked_to_next` once over the chunk's residue rows; an example's
+  # last residue links to nothing, and the sentinel row links to nothing either.
   ca = rc.ATOM_SLOT["CA"]
   ca_xyz, ca_ok = x["atom_positions"][:, ca], x["atom_mask"][:, ca]
-
-  def linked(lo, hi, valid):  # `linked_to_next` for flat residue rows lo, hi = lo + 1
-    d = take(ca_xyz, hi, valid) - take(ca_xyz, lo, valid)
-    dist_sq = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
-    return (valid & tf.equal(take(chain_row, lo, valid), take(chain_row, hi, valid))
-            & tf.equal(take(residue_index, hi, valid) - take(residue_index, lo, valid), 1)
-            & take(ca_ok, lo, valid) & take(ca_ok, hi, valid)
-            & (dist_sq <= _CA_CA_MAX_SQ))
-
-  chain_o = take(chain_row, res_row, is_res)
-  same_prev = linked(res_row - 1, res_row, is_res & (pos > 0))
-  same_next = linked(res_row, res_row + 1, is_res & (pos < n_res_o - 1))
-  local = tf.tile(tf.range(n_max), [nb])
-  batch_o = tf.repeat(tf.range(nb), n_max)
-  at_slot = batch_o * g_real + tf.minimum(gslot, g_real - 1)
-  member_o = tf.gather(tf.reshape(table(tf.range(tf.size(sel)), 0), [-1]), at_slot)
-  chain_flat = tf.gather(member_first_chain, member_o) + chain_o  # into chain_r / chain_c
-  batch_chain_o = tf.gather(tf.reshape(chain_offsets, [-1]), at_slot) + chain_o
-  residue_index_o = take(residue_index, res_row, is_res)
-  lig_pos = take(x["ligand_positions"], lig_row, is_lig)
-  lig_pos = tf.pad(lig_pos[:, None, :], [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
+  d = ca_xyz[1:] - ca_xyz[:-1]
+  dist_sq = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
+  chain_row, residue_index = x["chain_row"], x["residue_index"]
+  link = ((chain_row[1:] == chain_row[:-1])
+          & (residue_index[1:] - residue_index[:-1] == 1)
+          & ca_ok[1:] & ca_ok[:-1] & (dist_sq <= _CA_CA_MAX_SQ))
+  link = tf.concat([link, [False, False]], 0)  # rows total_res - 1 and the sentinel
+  same_next = is_res & (r < res_end - 1) & tf.gather(
+      link, tf.where(is_res, res_row, total_res))
+  same_prev = is_res & (r > first) & tf.gather(
+      link, tf.where(is_res & (r > first), res_row - 1, total_res))
+  chain_o = residue_field(chain_row)
+  chain_flat = cols[:, 6] + chain_o  # into chain_r / chain_c
+  batch_chain_o = cols[:, 7] + chain_o
+  residue_index_o = residue_field(residue_index)
   f32 = lambda t: tf.cast(t, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
   graph_o = tf.where(real, gslot, g_max - 1)
+  lig_xyz = tf.pad(x["ligand_positions"][:, None, :],
+                   [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
+  lig_mask = tf.tile(tf.one_hot(ca, rc.NUM_ATOM_SLOTS)[None], [total_lig, 1])
   nodes = {
-      "aatype": tf.where(is_lig, rc.NUM_RESTYPES + take(x["ligand_elements"], lig_row,
-                                                       is_lig),
-                         take(x["aatype"], res_row, is_res)),
-      "atom_positions": take(x["atom_positions"], res_row, is_res) + lig_pos,
-      "atom_mask": (take(f32(x["atom_mask"]), res_row, is_res)
-                    + f32(is_lig)[:, None] * tf.one_hot(ca, rc.NUM_ATOM_SLOTS)[None]),
-      "backbone_dihedrals": take(x["backbone_dihedrals"], res_row, is_res),
-      "sidechain_torsions": take(x["sidechain_torsions"], res_row, is_res),
-      "chi_mask": take(f32(x["chi_mask"]), res_row, is_res),
-      "prev_node": local - tf.cast(same_prev, tf.int32),
-      "next_node": local + tf.cast(same_next, tf.int32),
+      "aatype": node_field(x["aatype"], rc.NUM_RESTYPES + x["ligand_elements"]),
+      "atom_positions": node_field(x["atom_positions"], lig_xyz),
+      "atom_mask": node_field(f32(x["atom_mask"]), lig_mask),
+      "backbone_dihedrals": residue_field(x["backbone_dihedrals"]),
+      "sidechain_torsions": residue_field(x["sidechain_torsions"]),
+      "chi_mask": residue_field(f32(x["chi_mask"])),
+      "prev_node": j - tf.cast(same_prev, tf.int32),
+      "next_node": j + tf.cast(same_next, tf.int32),
       "residue_index": residue_index_o,
       "chain_id": tf.where(is_res, batch_chain_o,
                            tf.where(is_lig, budget.max_chains + gslot, -1)),
       "node_kind": tf.cast(is_lig, tf.int32),
   }
   out = {"nodes": nodes, "node_graph": graph_o, "node_mask": real}
+  n_chain_list = tf.size(chain_r)
+  chain_at = tf.where(is_res, chain_flat, n_chain_list)
   out["node_to_token"] = tf.where(
-      is_res[:, None], tf.stack([take(chain_r, chain_flat, is_res),
-                                 take(chain_c, chain_flat, is_res) + residue_index_o + 1],
-                                1), -1)
-  out["node_labels"] = take(x["node_labels"], res_row, is_res)
-  out["node_label_mask"] = take(f32(x["node_label_mask"]), res_row, is_res)
-  out["node_weights"] = take(x["node_weights"], res_row, is_res)
+      is_res[:, None], tf.stack([tf.gather(tf.concat([chain_r, [0]], 0), chain_at),
+                                 tf.gather(tf.concat([chain_c, [0]], 0), chain_at)
+                                 + residue_index_o + 1], 1), -1)
+  out["node_labels"] = residue_field(x["node_labels"])
+  out["node_label_mask"] = residue_field(f32(x["node_label_mask"]))
+  out["node_weights"] = residue_field(x["node_weights"])
 
-  # Edges: indices shift by the example's node offset in its batch.
-  ex_e, pos_e, real_e, gslot_e = locate(1, e_max)
-  src = tf.gather(tf.cumsum(x["num_edges"], exclusive=True), ex_e) + pos_e
-  batch_e = tf.repeat(tf.range(nb), e_max)
-  shift = tf.gather(tf.reshape(offsets[0], [-1]), batch_e * g_real + gslot_e)
-  pad_node = tf.fill(tf.shape(src), n_max - 1)
-  out["senders"] = tf.where(real_e, take(x["senders"], src, real_e) + shift, pad_node)
-  out["receivers"] = tf.where(real_e, take(x["receivers"], src, real_e) + shift, pad_node)
+  # Edges: one gather of (sender, receiver) from the chunk's edge rows (padding reads a
+  # sentinel row of the padding node), shifted by the member's node offset in its batch.
+  owner_e, r_e, base_e = locate(1, e_max)
+  first_e = base_e + within_batch(sizes[:, 1])
+  cols_e = tf.gather(tf.stack([
+      first_e + sizes[:, 1],
+      tf.gather(tf.cumsum(x["num_edges"], exclusive=True), sel) - first_e, node_off],
+      1), owner_e)
+  real_e = r_e < cols_e[:, 0]
+  row_e = tf.where(real_e, r_e + cols_e[:, 1], tf.shape(x["senders"])[0])
+  shift = tf.where(real_e, cols_e[:, 2], 0)
+  pad_node = [n_max - 1]  # the sentinel row: padding edges join the padding node
+  out["senders"] = tf.gather(tf.concat([x["senders"], pad_node], 0), row_e) + shift
+  out["receivers"] = tf.gather(tf.concat([x["receivers"], pad_node], 0), row_e) + shift
   out["edge_mask"] = real_e
 
   # Graphs: real graphs in slots 0.., the padding graph G-1 takes the remainder.
@@ -926,36 +952,42 @@ def _pack(x, member, budget: PaddingBudget):
   out["groups"] = tf.gather(tf.concat([x["group"], [""]], 0), slot_ex)
   p = tf.range(cap)[None, None]
   graph_slot_node = tf.where(p < table(sizes[:, 0], 0)[..., None],
-                             offsets[0][..., None] + p, -1)  # [nb, G-1, P]
+                             table(node_off, 0)[..., None] + p, -1)  # [nb, G-1, P]
 
   # Token grid: each chain <cls> seq <eos> at its (row, column); the chain of a slot is
-  # the last chain starting at or before it in grid order, if the slot is within it.
-  chain_b = tf.cast(tf.gather(batch_of, chain_owner), tf.int64)
-  grid_row = chain_b * r_max + tf.cast(chain_r, tf.int64)  # of all nb x R rows
-  start = grid_row * l_max + tf.cast(chain_c, tf.int64)
+  # the last chain starting at or before it in grid order (`_last_start` counts the
+  # chains' starts, which are distinct, into the chains sorted by start), if the slot is
+  # within it. int32 slot
+  # numbers: nb x R x L stays far below 2^31 (nb <= chunk records).
+  grid_row = tf.gather(batch_of, chain_owner) * r_max + chain_r  # of all nb x R rows
+  start = grid_row * l_max + chain_c
+  n_slots = nb * r_max * l_max
   by_start = tf.argsort(start)
-  start_sorted = tf.gather(start, by_start)
-  slots = tf.range(tf.cast(nb, tf.int64) * r_max * l_max)
-  k = tf.searchsorted(start_sorted, slots, side="right") - 1
-  has = k >= 0
-  k = tf.maximum(k, 0)
-  chain_k = tf.gather(by_start, k)  # into the member chain list
-  lengths = take(tf.gather(x["sequence_lengths"], chain_src), chain_k, has)
-  at = tf.cast(slots - take(start_sorted, k, has), tf.int32)
-  in_chain = has & (at <= lengths + 1)
-  first_token = tf.gather(tf.cumsum(x["sequence_lengths"], exclusive=True), chain_src)
-  tok = take(x["sequence_tokens"], take(first_token, chain_k, has) + at - 1,
-             in_chain & (at >= 1) & (at <= lengths))
-  tokens = tf.where(at == 0, rc.ESM_CLS, tf.where(at == lengths + 1, rc.ESM_EOS, tok))
-  out["tokens"] = tf.reshape(tf.where(in_chain, tokens, rc.ESM_PAD), [-1, l_max])
+  k = _last_start(start, n_slots)
   # A chain's index in its row: its rank among the row's chains in grid order.
   n_rows = nb * r_max
-  row_sorted = tf.cast(tf.gather(grid_row, by_start), tf.int32)
+  row_sorted = tf.gather(grid_row, by_start)
   rank = tf.range(tf.size(row_sorted)) - tf.gather(tf.math.unsorted_segment_min(
       tf.range(tf.size(row_sorted)), row_sorted, n_rows), row_sorted)
-  out["token_segments"] = tf.reshape(tf.where(in_chain, take(rank, k, has), -1),
-                                     [-1, l_max])
-  chain_rows = tf.cast(grid_row, tf.int32)
+  first_token = tf.gather(tf.cumsum(x["sequence_lengths"], exclusive=True), chain_src)
+  # Per chain in start order: start, length, first token in the chunk, rank; then a
+  # sentinel (length -2: no slot is inside it) for the slots before any chain.
+  per_chain = tf.concat([tf.stack([tf.gather(start, by_start),
+                                   tf.gather(x["sequence_lengths"],
+                                             tf.gather(chain_src, by_start)),
+                                   tf.gather(first_token, by_start), rank], 1),
+                         [[0, -2, 0, -1]]], 0)
+  c = tf.gather(per_chain, tf.where(k >= 0, k, tf.size(start)))
+  at = tf.range(n_slots) - c[:, 0]
+  lengths = c[:, 1]
+  in_chain = at <= lengths + 1
+  tok = tf.gather(tf.concat([x["sequence_tokens"], [0]], 0),
+                  tf.where(in_chain & (at >= 1) & (at <= lengths), c[:, 2] + at - 1,
+                           tf.size(x["sequence_tokens"])))
+  tokens = tf.where(at == 0, rc.ESM_CLS, tf.where(at == lengths + 1, rc.ESM_EOS, tok))
+  out["tokens"] = tf.reshape(tf.where(in_chain, tokens, rc.ESM_PAD), [-1, l_max])
+  out["token_segments"] = tf.reshape(tf.where(in_chain, c[:, 3], -1), [-1, l_max])
+  chain_rows = grid_row
   chain_graph = tf.gather(slot, chain_owner)
   count = tf.math.unsorted_segment_sum(tf.ones_like(chain_rows), chain_rows, n_rows)
   lo = tf.math.unsorted_segment_min(chain_graph, chain_rows, n_rows)
