@@ -790,11 +790,13 @@ def _pack(x, member, budget: PaddingBudget):
   """Packs the member examples of a flat chunk into padded batches of one budget.
 
   Examples (where member, bool[C]) go to batches and their chains to rows by
-  `packing.plan_batches` in chunk order; a batch's examples keep that order. Every
-  padded slot finds its example (or chain) by a cumulative count of the members (or
-  chains) placed before it and reads its value with one gather from the chunk's flat
-  arrays (with a sentinel row for padding): no search, no scatter of values, no
-  per-slot select of whole rows.
+  `packing.plan_batches` in chunk order; a batch's examples keep that order. Node and
+  edge slots are filled with ragged ops on the real rows only: the members' row runs
+  in (batch, slot) order (`tf.ragged.range`, `RaggedGather`), padded per batch
+  (`RaggedTensorToTensor`); node fields are then one gather each from the chunk's flat
+  arrays (a padding row appended). Token slots find their chain by a cumulative count
+  of the chains starting before them (`_last_start`). No search, no scatter of values,
+  no per-slot select of whole rows.
 
   Returns:
     dict of [nb, ...] tensors (nb = batches filled, 0 if none).
@@ -845,39 +847,26 @@ def _pack(x, member, budget: PaddingBudget):
   node_off = within_batch(sizes[:, 0])
   used = [tf.math.unsorted_segment_sum(sizes[:, i], batch_of, nb) for i in range(2)]
 
-  def locate(which, width):
-    """(owner, r, base) of the nb x width slots: r = b x width + j is slot j of batch b,
-    owner[r] the index into `sel` of the member that holds it (past the batch's last real
-    slot, the batch's last member), base (per member) = b x width of its batch.
-
-    Members are in (batch, slot) order and every batch has one at offset 0, so a slot's
-    owner is the last member placed at or before it; empty members that close a full
-    batch sit at the next batch's first slot, which only adds them to the count.
-    """
-    base = batch_of * width
-    return _last_start(base + within_batch(sizes[:, which]), nb * width), \
-        tf.range(nb * width), base
-
   # Nodes: per example, residues then ligand atoms. Every node field is one gather from
   # a source table of the chunk's residue rows, then its ligand atoms' rows, then one
-  # zero row (padding); a slot's row is r plus a per-member delta. Columns per member,
-  # gathered once per slot; positions in them are r-like (batch base included).
-  owner, r, base = locate(0, n_max)
-  n_res_sel = tf.gather(n_res, sel)
+  # padding row; `src` is each slot's row there: the members' runs (a residue run and a
+  # ligand run each) in (batch, slot) order by one ragged range, padded per batch. What
+  # depends on the member (graph slot, chain numbering, token position) is first written
+  # per source row of the chunk (read or not) and then gathered like the fields.
   total_res, total_lig = tf.shape(x["aatype"])[0], tf.shape(x["ligand_elements"])[0]
-  first = base + node_off
-  cols = tf.gather(tf.stack([
-      base, first, first + sizes[:, 0], first + n_res_sel,
-      tf.gather(tf.cumsum(n_res, exclusive=True), sel) - first,
-      total_res + tf.gather(tf.cumsum(n_lig, exclusive=True), sel) - first - n_res_sel,
-      tf.cumsum(sizes[:, 2], exclusive=True), within_batch(sizes[:, 2]), slot], 1), owner)
-  first, res_end, gslot = cols[:, 1], cols[:, 3], cols[:, 8]
-  j = r - cols[:, 0]  # node index in its batch
-  real = r < cols[:, 2]
-  is_res = real & (r < res_end)
-  is_lig = real & tf.logical_not(is_res)
-  res_row = r + cols[:, 4]
-  src = tf.where(is_res, res_row, tf.where(is_lig, r + cols[:, 5], total_res + total_lig))
+  pad_row = total_res + total_lig
+  run_start = tf.reshape(tf.stack([
+      tf.gather(tf.cumsum(n_res, exclusive=True), sel),
+      total_res + tf.gather(tf.cumsum(n_lig, exclusive=True), sel)], 1), [-1])
+  run_length = tf.reshape(tf.stack([tf.gather(n_res, sel), tf.gather(n_lig, sel)], 1),
+                          [-1])
+  runs = tf.ragged.range(run_start, run_start + run_length).flat_values
+  src = tf.reshape(tf.RaggedTensor.from_row_splits(
+      runs, tf.concat([[0], tf.cumsum(used[0])], 0), validate=False).to_tensor(
+          default_value=pad_row, shape=[nb, n_max]), [-1])
+  real = tf.reshape(tf.sequence_mask(used[0], n_max), [-1])
+  is_lig = real & (src >= total_res)
+  j = tf.tile(tf.range(n_max), [nb])  # node index in its batch
 
   def node_field(residue, ligand):  # residue rows [total_res, ...], ligand [total_lig, ...]
     zero = tf.zeros(tf.concat([[1], tf.shape(residue)[1:]], 0), residue.dtype)
@@ -887,27 +876,38 @@ def _pack(x, member, budget: PaddingBudget):
     return node_field(values, tf.zeros(tf.concat([[total_lig], tf.shape(values)[1:]], 0),
                                        values.dtype))
 
-  # Frame references: `linked_to_next` once over the chunk's residue rows; an example's
-  # last residue links to nothing, and the sentinel row links to nothing either.
+  def per_example(values, fill):  # [C]: the members' values, `fill` for the others
+    return tf.tensor_scatter_nd_update(tf.fill([n_ex], fill), sel[:, None], values)
+  res_ex = _repeat(tf.range(n_ex), n_res)  # the chunk example of each residue row
+  lig_ex = _repeat(tf.range(n_ex), n_lig)
+  chain_row, residue_index = x["chain_row"], x["residue_index"]
+
+  # Frame references: `linked_to_next` once over the chunk's residue rows, pairs of
+  # consecutive rows of one example; ligand atoms and padding link to nothing.
   ca = rc.ATOM_SLOT["CA"]
   ca_xyz, ca_ok = x["atom_positions"][:, ca], x["atom_mask"][:, ca]
   d = ca_xyz[1:] - ca_xyz[:-1]
   dist_sq = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
-  chain_row, residue_index = x["chain_row"], x["residue_index"]
-  link = ((chain_row[1:] == chain_row[:-1])
-          & (residue_index[1:] - residue_index[:-1] == 1)
-          & ca_ok[1:] & ca_ok[:-1] & (dist_sq <= _CA_CA_MAX_SQ))
-  link = tf.concat([link, [False, False]], 0)  # rows total_res - 1 and the sentinel
-  same_next = is_res & (r < res_end - 1) & tf.gather(
-      link, tf.where(is_res, res_row, total_res))
-  same_prev = is_res & (r > first) & tf.gather(
-      link, tf.where(is_res & (r > first), res_row - 1, total_res))
-  chain_o = residue_field(chain_row)
-  chain_flat = cols[:, 6] + chain_o  # into chain_r / chain_c
-  batch_chain_o = cols[:, 7] + chain_o
-  residue_index_o = residue_field(residue_index)
+  link = tf.cast((res_ex[1:] == res_ex[:-1]) & (chain_row[1:] == chain_row[:-1])
+                 & (residue_index[1:] - residue_index[:-1] == 1)
+                 & ca_ok[1:] & ca_ok[:-1] & (dist_sq <= _CA_CA_MAX_SQ), tf.int32)
+  to_next = tf.concat([link, tf.zeros([total_lig + 2], tf.int32)], 0)
+  to_prev = tf.concat([[0], link, tf.zeros([total_lig + 1], tf.int32)], 0)
+  # Graph slot, chain id and ESM token of every source row.
+  graph_lig = tf.gather(per_example(slot, g_max - 1), lig_ex)
+  graph_rows = tf.concat([tf.gather(per_example(slot, g_max - 1), res_ex), graph_lig,
+                          [g_max - 1]], 0)
+  chain_rows = tf.concat([
+      chain_row + tf.gather(per_example(within_batch(sizes[:, 2]), 0), res_ex),
+      budget.max_chains + graph_lig, [-1]], 0)
+  n_chain_list = tf.size(chain_r)  # the members' chains, in (batch, slot) order
+  in_list = tf.minimum(n_chain_list, chain_row + tf.gather(
+      per_example(tf.cumsum(sizes[:, 2], exclusive=True), n_chain_list), res_ex))
+  token_rows = tf.concat([
+      tf.stack([tf.gather(tf.concat([chain_r, [0]], 0), in_list),
+                tf.gather(tf.concat([chain_c, [0]], 0), in_list) + residue_index + 1], 1),
+      tf.fill([total_lig + 1, 2], -1)], 0)
   f32 = lambda t: tf.cast(t, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
-  graph_o = tf.where(real, gslot, g_max - 1)
   lig_xyz = tf.pad(x["ligand_positions"][:, None, :],
                    [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
   lig_mask = tf.tile(tf.one_hot(ca, rc.NUM_ATOM_SLOTS)[None], [total_lig, 1])
@@ -918,20 +918,14 @@ def _pack(x, member, budget: PaddingBudget):
       "backbone_dihedrals": residue_field(x["backbone_dihedrals"]),
       "sidechain_torsions": residue_field(x["sidechain_torsions"]),
       "chi_mask": residue_field(f32(x["chi_mask"])),
-      "prev_node": j - tf.cast(same_prev, tf.int32),
-      "next_node": j + tf.cast(same_next, tf.int32),
-      "residue_index": residue_index_o,
-      "chain_id": tf.where(is_res, batch_chain_o,
-                           tf.where(is_lig, budget.max_chains + gslot, -1)),
+      "prev_node": j - tf.gather(to_prev, src),
+      "next_node": j + tf.gather(to_next, src),
+      "residue_index": residue_field(residue_index),
+      "chain_id": tf.gather(chain_rows, src),
       "node_kind": tf.cast(is_lig, tf.int32),
   }
-  out = {"nodes": nodes, "node_graph": graph_o, "node_mask": real}
-  n_chain_list = tf.size(chain_r)
-  chain_at = tf.where(is_res, chain_flat, n_chain_list)
-  out["node_to_token"] = tf.where(
-      is_res[:, None], tf.stack([tf.gather(tf.concat([chain_r, [0]], 0), chain_at),
-                                 tf.gather(tf.concat([chain_c, [0]], 0), chain_at)
-                                 + residue_index_o + 1], 1), -1)
+  out = {"nodes": nodes, "node_graph": tf.gather(graph_rows, src), "node_mask": real,
+         "node_to_token": tf.gather(token_rows, src)}
   out["node_labels"] = residue_field(x["node_labels"])
   out["node_label_mask"] = residue_field(f32(x["node_label_mask"]))
   out["node_weights"] = residue_field(x["node_weights"])
