@@ -620,19 +620,6 @@ _SCALARS = ("num_residues", "num_edges", "num_chains", "num_ligand_atoms", "num_
             "max_sequence_length", "graph_label", "weight", "id", "group")
 
 
-def _last_start(starts, size):
-  """int32[size]: for each flat position, the number of `starts` at or before it, minus one.
-
-  With starts in non-decreasing order (each in 0..size; those at size count nowhere),
-  that is the index of the last start at or before the position (-1 before the first;
-  of equal starts, the last). A scatter and one cumulative sum: on millions of positions
-  a fraction of the cost of a search, or of tf.repeat (a [starts, max length] mask).
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  marks = tf.math.unsorted_segment_sum(tf.ones_like(starts), starts, size + 1)
-  return tf.cumsum(marks[:-1]) - 1
-
-
 def _repeat(values, counts):
   """int32: values[i] (int32 >= 0) counts[i] times, for each i in turn.
 
@@ -793,10 +780,9 @@ def _pack(x, member, budget: PaddingBudget):
   `packing.plan_batches` in chunk order; a batch's examples keep that order. Node and
   edge slots are filled with ragged ops on the real rows only: the members' row runs
   in (batch, slot) order (`tf.ragged.range`, `RaggedGather`), padded per batch
-  (`RaggedTensorToTensor`); node fields are then one gather each from the chunk's flat
-  arrays (a padding row appended). Token slots find their chain by a cumulative count
-  of the chains starting before them (`_last_start`). No search, no scatter of values,
-  no per-slot select of whole rows.
+  (`RaggedTensorToTensor`); node fields and tokens are then one gather each from the
+  chunk's flat arrays (a padding row appended). No search, no scatter of values, no
+  per-slot select of whole rows.
 
   Returns:
     dict of [nb, ...] tensors (nb = batches filled, 0 if none).
@@ -962,39 +948,38 @@ def _pack(x, member, budget: PaddingBudget):
   graph_slot_node = tf.where(p < table(sizes[:, 0], 0)[..., None],
                              table(node_off, 0)[..., None] + p, -1)  # [nb, G-1, P]
 
-  # Token grid: each chain <cls> seq <eos> at its (row, column); the chain of a slot is
-  # the last chain starting at or before it in grid order (`_last_start` counts the
-  # chains' starts, which are distinct, into the chains sorted by start), if the slot is
-  # within it. int32 slot
-  # numbers: nb x R x L stays far below 2^31 (nb <= chunk records).
+  # Token grid: `packing.plan_batches` places a row's chains back to back from column 0
+  # (`<cls> seq <eos>` each), padding after them. So each row is the runs of its chains
+  # in column order, padded by RaggedTensorToTensor; a token is read from a table of the
+  # chunk's sequence letters followed by <cls>, <eos> and <pad>.
   grid_row = tf.gather(batch_of, chain_owner) * r_max + chain_r  # of all nb x R rows
-  start = grid_row * l_max + chain_c
-  n_slots = nb * r_max * l_max
-  by_start = tf.argsort(start)
-  k = _last_start(start, n_slots)
-  # A chain's index in its row: its rank among the row's chains in grid order.
   n_rows = nb * r_max
+  by_start = tf.argsort(grid_row * l_max + chain_c)
+  # A chain's index in its row: its rank among the row's chains in grid order.
   row_sorted = tf.gather(grid_row, by_start)
   rank = tf.range(tf.size(row_sorted)) - tf.gather(tf.math.unsorted_segment_min(
       tf.range(tf.size(row_sorted)), row_sorted, n_rows), row_sorted)
-  first_token = tf.gather(tf.cumsum(x["sequence_lengths"], exclusive=True), chain_src)
-  # Per chain in start order: start, length, first token in the chunk, rank; then a
-  # sentinel (length -2: no slot is inside it) for the slots before any chain.
-  per_chain = tf.concat([tf.stack([tf.gather(start, by_start),
-                                   tf.gather(x["sequence_lengths"],
-                                             tf.gather(chain_src, by_start)),
-                                   tf.gather(first_token, by_start), rank], 1),
-                         [[0, -2, 0, -1]]], 0)
-  c = tf.gather(per_chain, tf.where(k >= 0, k, tf.size(start)))
-  at = tf.range(n_slots) - c[:, 0]
-  lengths = c[:, 1]
-  in_chain = at <= lengths + 1
-  tok = tf.gather(tf.concat([x["sequence_tokens"], [0]], 0),
-                  tf.where(in_chain & (at >= 1) & (at <= lengths), c[:, 2] + at - 1,
-                           tf.size(x["sequence_tokens"])))
-  tokens = tf.where(at == 0, rc.ESM_CLS, tf.where(at == lengths + 1, rc.ESM_EOS, tok))
-  out["tokens"] = tf.reshape(tf.where(in_chain, tokens, rc.ESM_PAD), [-1, l_max])
-  out["token_segments"] = tf.reshape(tf.where(in_chain, c[:, 3], -1), [-1, l_max])
+  chain_sorted = tf.gather(chain_src, by_start)
+  letters = tf.gather(x["sequence_lengths"], chain_sorted)
+  n_letters = tf.size(x["sequence_tokens"])
+  token_table = tf.concat([x["sequence_tokens"],
+                           tf.constant([rc.ESM_CLS, rc.ESM_EOS, rc.ESM_PAD],
+                                       x["sequence_tokens"].dtype)], 0)
+  run_start = tf.reshape(tf.stack([
+      tf.fill(tf.shape(letters), n_letters),
+      tf.gather(tf.cumsum(x["sequence_lengths"], exclusive=True), chain_sorted),
+      tf.fill(tf.shape(letters), n_letters + 1)], 1), [-1])
+  run_length = tf.reshape(tf.stack([tf.ones_like(letters), letters,
+                                    tf.ones_like(letters)], 1), [-1])
+  row_splits = tf.concat([[0], tf.cumsum(tf.math.unsorted_segment_sum(
+      letters + 2, row_sorted, n_rows))], 0)
+
+  def grid(values, fill):  # [n_rows, l_max]: each row's values, then `fill`
+    return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False).to_tensor(
+        default_value=fill, shape=[n_rows, l_max])
+  token_src = tf.ragged.range(run_start, run_start + run_length).flat_values
+  out["tokens"] = tf.gather(token_table, grid(token_src, n_letters + 2))
+  out["token_segments"] = grid(_repeat(rank, letters + 2), -1)
   chain_rows = grid_row
   chain_graph = tf.gather(slot, chain_owner)
   count = tf.math.unsorted_segment_sum(tf.ones_like(chain_rows), chain_rows, n_rows)
