@@ -620,6 +620,12 @@ _SCALARS = ("num_residues", "num_edges", "num_chains", "num_ligand_atoms", "num_
             "max_sequence_length", "graph_label", "weight", "id", "group")
 
 
+def _runs(starts, lengths):
+  """int: the ranges [starts[i], starts[i] + lengths[i]) one after another."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.ragged.range(starts, starts + lengths).flat_values
+
+
 def _repeat(values, counts):
   """int32: values[i] (int32 >= 0) counts[i] times, for each i in turn.
 
@@ -629,8 +635,7 @@ def _repeat(values, counts):
   element). Needs counts < 2^31.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  high = tf.cast(values, tf.int64) * (1 << 31)
-  flat = tf.ragged.range(high, high + tf.cast(counts, tf.int64)).flat_values
+  flat = _runs(tf.cast(values, tf.int64) * (1 << 31), tf.cast(counts, tf.int64))
   return tf.cast(tf.bitwise.right_shift(flat, tf.constant(31, tf.int64)), tf.int32)
 
 
@@ -648,6 +653,15 @@ def _gather_rows(values, lengths, which):
   splits = tf.concat([[0], tf.cumsum(lengths)], 0)
   ragged = tf.RaggedTensor.from_row_splits(values, splits, validate=False)
   return tf.gather(ragged, which).flat_values
+
+
+def _padded(values, lengths, fill, width: int):
+  """[len(lengths), width]: row i holds the next lengths[i] (<= width) of `values`,
+  then `fill`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  splits = tf.concat([[0], tf.cumsum(lengths)], 0)
+  return tf.RaggedTensor.from_row_splits(values, splits, validate=False).to_tensor(
+      default_value=fill, shape=[tf.size(lengths), width])
 
 
 def _crop(x, max_residues: int, seed):
@@ -846,10 +860,7 @@ def _pack(x, member, budget: PaddingBudget):
       total_res + tf.gather(tf.cumsum(n_lig, exclusive=True), sel)], 1), [-1])
   run_length = tf.reshape(tf.stack([tf.gather(n_res, sel), tf.gather(n_lig, sel)], 1),
                           [-1])
-  runs = tf.ragged.range(run_start, run_start + run_length).flat_values
-  src = tf.reshape(tf.RaggedTensor.from_row_splits(
-      runs, tf.concat([[0], tf.cumsum(used[0])], 0), validate=False).to_tensor(
-          default_value=pad_row, shape=[nb, n_max]), [-1])
+  src = tf.reshape(_padded(_runs(run_start, run_length), used[0], pad_row, n_max), [-1])
   real = tf.reshape(tf.sequence_mask(used[0], n_max), [-1])
   is_lig = real & (src >= total_res)
   j = tf.tile(tf.range(n_max), [nb])  # node index in its batch
@@ -920,12 +931,10 @@ def _pack(x, member, budget: PaddingBudget):
   # shifted by the member's node offset in its batch, then each batch's run padded to
   # e_max with edges of the padding node. Real edges only until the padding.
   shift = _repeat(node_off, sizes[:, 1])
-  batch_splits = tf.concat([[0], tf.cumsum(used[1])], 0)
 
   def edge_field(values):
     moved = _gather_rows(values, x["num_edges"], sel) + shift
-    padded = tf.RaggedTensor.from_row_splits(moved, batch_splits, validate=False)
-    return tf.reshape(padded.to_tensor(default_value=n_max - 1, shape=[nb, e_max]), [-1])
+    return tf.reshape(_padded(moved, used[1], n_max - 1, e_max), [-1])
   out["senders"] = edge_field(x["senders"])
   out["receivers"] = edge_field(x["receivers"])
   out["edge_mask"] = tf.reshape(tf.sequence_mask(used[1], e_max), [-1])
@@ -971,15 +980,10 @@ def _pack(x, member, budget: PaddingBudget):
       tf.fill(tf.shape(letters), n_letters + 1)], 1), [-1])
   run_length = tf.reshape(tf.stack([tf.ones_like(letters), letters,
                                     tf.ones_like(letters)], 1), [-1])
-  row_splits = tf.concat([[0], tf.cumsum(tf.math.unsorted_segment_sum(
-      letters + 2, row_sorted, n_rows))], 0)
-
-  def grid(values, fill):  # [n_rows, l_max]: each row's values, then `fill`
-    return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False).to_tensor(
-        default_value=fill, shape=[n_rows, l_max])
-  token_src = tf.ragged.range(run_start, run_start + run_length).flat_values
-  out["tokens"] = tf.gather(token_table, grid(token_src, n_letters + 2))
-  out["token_segments"] = grid(_repeat(rank, letters + 2), -1)
+  row_tokens = tf.math.unsorted_segment_sum(letters + 2, row_sorted, n_rows)
+  out["tokens"] = tf.gather(token_table, _padded(_runs(run_start, run_length),
+                                                 row_tokens, n_letters + 2, l_max))
+  out["token_segments"] = _padded(_repeat(rank, letters + 2), row_tokens, -1, l_max)
   chain_rows = grid_row
   chain_graph = tf.gather(slot, chain_owner)
   count = tf.math.unsorted_segment_sum(tf.ones_like(chain_rows), chain_rows, n_rows)
