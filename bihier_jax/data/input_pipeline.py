@@ -661,7 +661,8 @@ def _padded(values, lengths, fill, width: int):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   splits = tf.concat([[0], tf.cumsum(lengths)], 0)
   return tf.RaggedTensor.from_row_splits(values, splits, validate=False).to_tensor(
-      default_value=fill, shape=[tf.size(lengths), width])
+      default_value=fill,
+      shape=tf.concat([[tf.size(lengths), width], tf.shape(values)[1:]], 0))
 
 
 def _crop(x, max_residues: int, seed):
@@ -847,40 +848,38 @@ def _pack(x, member, budget: PaddingBudget):
   node_off = within_batch(sizes[:, 0])
   used = [tf.math.unsorted_segment_sum(sizes[:, i], batch_of, nb) for i in range(2)]
 
-  # Nodes: per example, residues then ligand atoms. Every node field is one gather from
-  # a source table of the chunk's residue rows, then its ligand atoms' rows, then one
-  # padding row; `src` is each slot's row there: the members' runs (a residue run and a
-  # ligand run each) in (batch, slot) order by one ragged range, padded per batch. What
-  # depends on the member (graph slot, chain numbering, token position) is first written
-  # per source row of the chunk (read or not) and then gathered like the fields.
-  total_res, total_lig = tf.shape(x["aatype"])[0], tf.shape(x["ligand_elements"])[0]
-  pad_row = total_res + total_lig
-  run_start = tf.reshape(tf.stack([
-      tf.gather(tf.cumsum(n_res, exclusive=True), sel),
-      total_res + tf.gather(tf.cumsum(n_lig, exclusive=True), sel)], 1), [-1])
-  run_length = tf.reshape(tf.stack([tf.gather(n_res, sel), tf.gather(n_lig, sel)], 1),
-                          [-1])
-  src = tf.reshape(_padded(_runs(run_start, run_length), used[0], pad_row, n_max), [-1])
-  real = tf.reshape(tf.sequence_mask(used[0], n_max), [-1])
-  is_lig = real & (src >= total_res)
-  j = tf.tile(tf.range(n_max), [nb])  # node index in its batch
+  # Nodes: per batch, its members' nodes in slot order, each member's residues then its
+  # ligand atoms, then padding. A field's real nodes are one `_gather_rows` over the
+  # chunk's 2C runs (its residue runs, then its ligand runs; a member reads its two),
+  # padded per batch; per-member values reach their nodes by `_repeat`.
+  total_lig = tf.shape(x["ligand_elements"])[0]
+  n_res_sel, n_lig_sel = tf.gather(n_res, sel), tf.gather(n_lig, sel)
+  run_rows = tf.concat([n_res, n_lig], 0)
+  member_runs = tf.reshape(tf.stack([sel, n_ex + sel], 1), [-1])
+  run_length = tf.reshape(tf.stack([n_res_sel, n_lig_sel], 1), [-1])
+
+  def real_nodes(residue, ligand):  # [sum of sizes[:, 0], ...] in (batch, slot) order
+    return _gather_rows(tf.concat([residue, ligand], 0), run_rows, member_runs)
+
+  def on_runs(residue, ligand):  # per-member values (>= 0) onto its residues, ligands
+    return _repeat(tf.reshape(tf.stack([residue, ligand], 1), [-1]), run_length)
+
+  def padded(values, fill=0):  # real nodes -> [nb * n_max, ...]
+    return tf.reshape(_padded(values, used[0], fill, n_max), [-1, *values.shape[1:]])
+
+  def no_ligand(values):  # zeros for the ligand rows of a residue field
+    return tf.zeros(tf.concat([[total_lig], tf.shape(values)[1:]], 0), values.dtype)
 
   def node_field(residue, ligand):  # residue rows [total_res, ...], ligand [total_lig, ...]
-    zero = tf.zeros(tf.concat([[1], tf.shape(residue)[1:]], 0), residue.dtype)
-    return tf.gather(tf.concat([residue, ligand, zero], 0), src)
+    return padded(real_nodes(residue, ligand))
 
   def residue_field(values):  # 0 on ligand atoms and padding
-    return node_field(values, tf.zeros(tf.concat([[total_lig], tf.shape(values)[1:]], 0),
-                                       values.dtype))
+    return node_field(values, no_ligand(values))
 
-  def per_example(values, fill):  # [C]: the members' values, `fill` for the others
-    return tf.tensor_scatter_nd_update(tf.fill([n_ex], fill), sel[:, None], values)
-  res_ex = _repeat(tf.range(n_ex), n_res)  # the chunk example of each residue row
-  lig_ex = _repeat(tf.range(n_ex), n_lig)
   chain_row, residue_index = x["chain_row"], x["residue_index"]
-
-  # Frame references: `linked_to_next` once over the chunk's residue rows, pairs of
-  # consecutive rows of one example; ligand atoms and padding link to nothing.
+  # Frame references: `linked_to_next` once over the chunk's residue rows, for pairs of
+  # consecutive rows of one example.
+  res_ex = _repeat(tf.range(n_ex), n_res)  # the chunk example of each residue row
   ca = rc.ATOM_SLOT["CA"]
   ca_xyz, ca_ok = x["atom_positions"][:, ca], x["atom_mask"][:, ca]
   d = ca_xyz[1:] - ca_xyz[:-1]
@@ -888,22 +887,19 @@ def _pack(x, member, budget: PaddingBudget):
   link = tf.cast((res_ex[1:] == res_ex[:-1]) & (chain_row[1:] == chain_row[:-1])
                  & (residue_index[1:] - residue_index[:-1] == 1)
                  & ca_ok[1:] & ca_ok[:-1] & (dist_sq <= _CA_CA_MAX_SQ), tf.int32)
-  to_next = tf.concat([link, tf.zeros([total_lig + 2], tf.int32)], 0)
-  to_prev = tf.concat([[0], link, tf.zeros([total_lig + 1], tf.int32)], 0)
-  # Graph slot, chain id and ESM token of every source row.
-  graph_lig = tf.gather(per_example(slot, g_max - 1), lig_ex)
-  graph_rows = tf.concat([tf.gather(per_example(slot, g_max - 1), res_ex), graph_lig,
-                          [g_max - 1]], 0)
-  chain_rows = tf.concat([
-      chain_row + tf.gather(per_example(within_batch(sizes[:, 2]), 0), res_ex),
-      budget.max_chains + graph_lig, [-1]], 0)
-  n_chain_list = tf.size(chain_r)  # the members' chains, in (batch, slot) order
-  in_list = tf.minimum(n_chain_list, chain_row + tf.gather(
-      per_example(tf.cumsum(sizes[:, 2], exclusive=True), n_chain_list), res_ex))
-  token_rows = tf.concat([
-      tf.stack([tf.gather(tf.concat([chain_r, [0]], 0), in_list),
-                tf.gather(tf.concat([chain_c, [0]], 0), in_list) + residue_index + 1], 1),
-      tf.fill([total_lig + 1, 2], -1)], 0)
+  total_res = tf.size(res_ex)
+  to_next = tf.concat([link, [0]], 0)[:total_res]
+  to_prev = tf.concat([[0], link], 0)[:total_res]
+  j = tf.tile(tf.range(n_max), [nb])  # node index in its batch
+  is_lig = on_runs(tf.zeros_like(sel), tf.ones_like(sel))
+  chain_real = real_nodes(chain_row, no_ligand(chain_row))  # 0 on ligand atoms
+  index_real = real_nodes(residue_index, no_ligand(residue_index))
+  # ESM token of a residue: its chain's (row, column) in the members' chain list; ligand
+  # atoms read the sentinel (-1, -2), which gives (-1, -1).
+  in_list = chain_real + on_runs(tf.cumsum(sizes[:, 2], exclusive=True),
+                                 tf.fill(tf.shape(sel), tf.size(chain_r)))
+  token = tf.stack([tf.gather(tf.concat([chain_r, [-1]], 0), in_list),
+                    tf.gather(tf.concat([chain_c, [-2]], 0), in_list) + index_real + 1], 1)
   f32 = lambda t: tf.cast(t, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
   lig_xyz = tf.pad(x["ligand_positions"][:, None, :],
                    [[0, 0], [ca, rc.NUM_ATOM_SLOTS - ca - 1], [0, 0]])
@@ -915,14 +911,16 @@ def _pack(x, member, budget: PaddingBudget):
       "backbone_dihedrals": residue_field(x["backbone_dihedrals"]),
       "sidechain_torsions": residue_field(x["sidechain_torsions"]),
       "chi_mask": residue_field(f32(x["chi_mask"])),
-      "prev_node": j - tf.gather(to_prev, src),
-      "next_node": j + tf.gather(to_next, src),
-      "residue_index": residue_field(residue_index),
-      "chain_id": tf.gather(chain_rows, src),
-      "node_kind": tf.cast(is_lig, tf.int32),
+      "prev_node": j - residue_field(to_prev),
+      "next_node": j + residue_field(to_next),
+      "residue_index": padded(index_real),
+      "chain_id": padded(chain_real + on_runs(within_batch(sizes[:, 2]),
+                                              budget.max_chains + slot), -1),
+      "node_kind": padded(is_lig),
   }
-  out = {"nodes": nodes, "node_graph": tf.gather(graph_rows, src), "node_mask": real,
-         "node_to_token": tf.gather(token_rows, src)}
+  out = {"nodes": nodes, "node_graph": padded(_repeat(slot, sizes[:, 0]), g_max - 1),
+         "node_mask": tf.reshape(tf.sequence_mask(used[0], n_max), [-1]),
+         "node_to_token": padded(token, -1)}
   out["node_labels"] = residue_field(x["node_labels"])
   out["node_label_mask"] = residue_field(f32(x["node_label_mask"]))
   out["node_weights"] = residue_field(x["node_weights"])
