@@ -792,12 +792,12 @@ def _pack(x, member, budget: PaddingBudget):
   """Packs the member examples of a flat chunk into padded batches of one budget.
 
   Examples (where member, bool[C]) go to batches and their chains to rows by
-  `packing.plan_batches` in chunk order; a batch's examples keep that order. Node and
-  edge slots are filled with ragged ops on the real rows only: the members' row runs
-  in (batch, slot) order (`tf.ragged.range`, `RaggedGather`), padded per batch
-  (`RaggedTensorToTensor`); node fields and tokens are then one gather each from the
-  chunk's flat arrays (a padding row appended). No search, no scatter of values, no
-  per-slot select of whole rows.
+  `packing.plan_batches` in chunk order; a batch's examples keep that order. Every
+  slot kind is filled from the real rows only: the members' runs of node and edge rows
+  in (batch, slot) order by one `RaggedGather` per field (`_gather_rows`), the token
+  rows' source indices by ragged ranges (`_runs`), per-member values expanded onto
+  their rows by `_repeat`, and each batch (or ESM row) padded by `_padded`. No search
+  and no per-slot lookup of the member a padded slot belongs to.
 
   Returns:
     dict of [nb, ...] tensors (nb = batches filled, 0 if none).
