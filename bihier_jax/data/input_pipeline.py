@@ -650,8 +650,7 @@ def _gather_rows(values, lengths, which):
   """The rows of examples `which` (int32[k]), in that order, from a flat array of
   per-example rows (`lengths` each): one RaggedGather, a block copy per example."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  splits = tf.concat([[0], tf.cumsum(lengths)], 0)
-  ragged = tf.RaggedTensor.from_row_splits(values, splits, validate=False)
+  ragged = tf.RaggedTensor.from_row_lengths(values, lengths, validate=False)
   return tf.gather(ragged, which).flat_values
 
 
@@ -659,8 +658,7 @@ def _padded(values, lengths, fill, width: int):
   """[len(lengths), width]: row i holds the next lengths[i] (<= width) of `values`,
   then `fill`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  splits = tf.concat([[0], tf.cumsum(lengths)], 0)
-  return tf.RaggedTensor.from_row_splits(values, splits, validate=False).to_tensor(
+  return tf.RaggedTensor.from_row_lengths(values, lengths, validate=False).to_tensor(
       default_value=fill,
       shape=tf.concat([[tf.size(lengths), width], tf.shape(values)[1:]], 0))
 
@@ -982,11 +980,10 @@ def _pack(x, member, budget: PaddingBudget):
   out["tokens"] = tf.gather(token_table, _padded(_runs(run_start, run_length),
                                                  row_tokens, n_letters + 2, l_max))
   out["token_segments"] = _padded(_repeat(rank, letters + 2), row_tokens, -1, l_max)
-  chain_rows = grid_row
   chain_graph = tf.gather(slot, chain_owner)
-  count = tf.math.unsorted_segment_sum(tf.ones_like(chain_rows), chain_rows, n_rows)
-  lo = tf.math.unsorted_segment_min(chain_graph, chain_rows, n_rows)
-  hi = tf.math.unsorted_segment_max(chain_graph, chain_rows, n_rows)
+  count = tf.math.unsorted_segment_sum(tf.ones_like(grid_row), grid_row, n_rows)
+  lo = tf.math.unsorted_segment_min(chain_graph, grid_row, n_rows)
+  hi = tf.math.unsorted_segment_max(chain_graph, grid_row, n_rows)
   out["row_graph"] = tf.where(count == 0, g_max - 1, tf.where(lo == hi, lo, -1))
   out["row_mask"] = count > 0
 
