@@ -193,3 +193,28 @@ def test_find_split_dirs_layouts(tmp_path):
   make("other/psr_unpacked/data")  # a lone folder of unknown name is accepted
   assert lba.find_split_dirs(str(tmp_path / "other"), "split-by-year")["test"].endswith(
       "psr_unpacked/data/test")
+
+
+def test_atom_tables_type_unknown_polymer_residues_as_x(tmp_path):
+  """An unknown HETATM residue with a CA inside the chain is X in an atom table as in
+  the structure file it came from; the zinc after the chain is a ligand in both."""
+  from data_pipelines import atom_rows
+  lines = [l for l in open(builders.real_structure("pdb1ubi.pdb"))
+           if l.startswith(("ATOM", "TER"))]
+  lines = ["HETATM" + l[6:17] + "XYZ" + l[20:] if l.startswith("ATOM") and
+           int(l[22:26]) == 10 else l for l in lines]
+  lines.append("HETATM 9999 ZN    ZN A 101      10.000  10.000  10.000  1.00  0.00"
+               "          ZN\n")
+  path = tmp_path / "ubi_xyz.pdb"
+  path.write_text("".join(lines) + "END\n")
+  from_file = structure.parse_structure(str(path))
+  frame = builders.atom3d_frame(str(path), str(tmp_path / "tmp"))
+  table = atom_rows.structure_from_atoms(
+      frame["chain"], frame["residue"], frame["insertion_code"], frame["resname"],
+      frame["name"], frame["element"], frame[["x", "y", "z"]].to_numpy(),
+      hetero=frame["hetero"])
+  assert [c.sequence for c in table.chains] == [c.sequence for c in from_file.chains]
+  assert table.chains[0].sequence[9] == "X" and table.chains[0].residue_names[9] == "XYZ"
+  assert [(l.name, l.elements) for l in table.ligands] == [("ZN", ["ZN"])]
+  np.testing.assert_allclose(table.chains[0].atom_positions,
+                             from_file.chains[0].atom_positions, atol=1e-3)
