@@ -70,6 +70,8 @@ class Task(Protocol):
   # Optional: def add_arguments(self, parser: argparse.ArgumentParser) -> None
   # Optional: reference_counts: data_pipelines.reference.ReferenceCounts (the split
   #   and subset sizes of the literature, printed next to ours after preprocessing)
+  # Optional: metadata_notes: dict of facts about the task's fields, written to
+  #   metadata.json "notes" (e.g. what react's residue numbers are)
 
 
 _REGISTRY: dict[str, Task] = {}
