@@ -1,11 +1,14 @@
 """Reader of ATOM3D LMDB datasets (LBA, PSR), without atom3d, torch or pandas.
 
-Format (DATASETS.md §0.1, checked in atom3d `datasets/datasets.py`): a directory with
+Format (atom3d `datasets/datasets.py`): a directory with
 `data.mdb`; metadata keys `num_examples` (ASCII int), `serialization_format` (`json`,
 `msgpack` or `pkl`), `id_to_idx` (serialised, not gzipped); item i under `str(i)`, the
 gzip of the serialised dict. DataFrames are stored in pandas "split" orientation
 (`{"index", "columns", "data"}`) and flagged in the item's `types` dict by a type string
-containing `DataFrame`; we return them as `AtomTable`s (numpy columns).
+containing `DataFrame`; we return them as `AtomTable`s (numpy columns). Items written
+before atom3d added `types` (February 2021; atom3d ships `update_types_df.py` to
+convert such datasets) have no flags: there, and wherever a value is a dict of exactly
+those three keys, the split-orientation dict is read as a frame all the same.
 
 Pickle-serialised datasets (`pkl`) are refused: loading one runs code stored in the
 file. json is atom3d's default format (and presumably that of the released archives);
@@ -108,11 +111,19 @@ def _is_frame_type(type_string: Any) -> bool:
   return isinstance(type_string, str) and "DataFrame" in type_string
 
 
+_SPLIT_KEYS = frozenset({"index", "columns", "data"})
+
+
+def _is_split_frame(value: Any) -> bool:
+  """A pandas split-orientation dict (what atom3d stores for every DataFrame)."""
+  return isinstance(value, dict) and set(value) == _SPLIT_KEYS
+
 class LMDBDataset:
   """Read-only random access to one ATOM3D LMDB directory.
 
   Usage: `ds = LMDBDataset(path); len(ds); item = ds[0]; ds.get(id)`. Items are dicts; the
-  keys typed as DataFrames (e.g. `atoms`, `atoms_pocket`) are `AtomTable`s.
+  keys typed as DataFrames (e.g. `atoms`, `atoms_pocket`), or holding a
+  split-orientation dict, are `AtomTable`s.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -185,7 +196,7 @@ class LMDBDataset:
     where = f"{self.path}[{index}]"
     types = item.get("types") or {}
     for key, value in list(item.items()):
-      if _is_frame_type(types.get(key)):
+      if _is_frame_type(types.get(key)) or _is_split_frame(value):
         item[key] = table_from_split(value, f"{where}.{key}")
     item.setdefault("file_path", self.path)
     item.setdefault("id", str(index))

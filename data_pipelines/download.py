@@ -9,6 +9,11 @@
 - Google Drive answers large files with a "can't scan for viruses" page; the download
   then needs the confirm token (and uuid) from that page or from a `download_warning`
   cookie, which `drive_url_with_confirm` extracts (what gdown does).
+- react: the five ProtFunct text files (chain_functions, unique_functions, training,
+  validation, testing) come from IEConv's repository when the Drive archive lacks
+  them, next to its `data/` folder of HDF5 files; each is checked against its md5 and
+  line count (`REACT_LABEL_FILES`). Copies found in the archive are checked by line
+  count (a differing md5 is reported).
 - PPBS / BCE: ScanNet's label files and table.csv from GitHub, then one structure file
   per PDB id in the label files from the wwPDB file server (PPBS: first biological
   assembly, `.pdb1.gz`, else `-assembly1.cif.gz`; BCE: asymmetric unit `.cif.gz`, else
@@ -22,6 +27,7 @@ which host could not be reached and where to place the file by hand.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import hashlib
 import html
@@ -40,6 +46,8 @@ import zipfile
 ZENODO = "https://zenodo.org/record/{record}/files/{name}?download=1"
 DRIVE_URL = "https://drive.google.com/uc?export=download&id={id}"
 SCANNET_RAW = "https://raw.githubusercontent.com/jertubiana/ScanNet/main/datasets/{task}/{name}"
+IECONV_RAW = ("https://raw.githubusercontent.com/phermosilla/IEConv_proteins/master/"
+              "Datasets/data/ProtFunct/{name}")
 WWPDB = "https://files.wwpdb.org/pub/pdb/data"
 PPBS_STRUCTURE_URLS = (
     ("{id}.pdb1.gz", WWPDB + "/biounit/PDB/divided/{xy}/{id}.pdb1.gz"),
@@ -71,6 +79,18 @@ SCANNET_FILES = {
     "bce": ["table.csv"] + [f"labels_fold{k}.txt" for k in range(1, 6)],
 }
 TASKS = sorted(set(ARCHIVES) | set(SCANNET_FILES))
+
+LabelFile = collections.namedtuple("LabelFile", "lines md5")
+# IEConv's ProtFunct text files (repository phermosilla/IEConv_proteins, branch master):
+# non-empty lines and md5, as committed there; the split files' line counts are the
+# split sizes the literature reports.
+REACT_LABEL_FILES = {
+    "chain_functions.txt": LabelFile(37428, "436b1098766a2643fdd9df80b5239989"),
+    "unique_functions.txt": LabelFile(384, "9f2ca83737fb67dceede5821319cecdf"),
+    "training.txt": LabelFile(29215, "43efda21dd8757fb896ff86da7cb7b00"),
+    "validation.txt": LabelFile(2562, "acebf12f48b0f5668529027ddab99c46"),
+    "testing.txt": LabelFile(5651, "9156907fabe55585e8ec2b3635f21b08"),
+}
 CHUNK = 1 << 20
 
 
@@ -329,6 +349,51 @@ def fetch_structures(pdb_ids, out_dir: str, biounit: bool, *, workers: int = 8,
   return failed
 
 
+# --- react label files -----------------------------------------------------------------
+
+def _protfunct_root(out_dir: str) -> str:
+  """The folder of the ProtFunct text files: where chain_functions.txt is, else the one
+  holding the `data/` folder of HDF5 files, else `out_dir/ProtFunct`."""
+  for root, dirs, files in os.walk(out_dir):
+    if "chain_functions.txt" in files:
+      return root
+  for root, dirs, _ in os.walk(out_dir):
+    if "data" in dirs and any(f.endswith(".hdf5")
+                              for f in os.listdir(os.path.join(root, "data"))):
+      return root
+  return os.path.join(out_dir, "ProtFunct")
+
+
+def _count_lines(path: str) -> int:
+  with open(path, "rb") as f:
+    return sum(1 for line in f if line.strip())
+
+
+def react_label_files(out_dir: str, *, timeout: float = 60.0) -> str:
+  """Makes sure the five ProtFunct text files sit beside the HDF5 `data/` folder.
+
+  Missing ones are fetched from IEConv's repository (md5 checked); every file's line
+  count must be the published one. Returns the folder.
+  """
+  root = _protfunct_root(out_dir)
+  for name, facts in REACT_LABEL_FILES.items():
+    path = os.path.join(root, name)
+    if os.path.exists(path):
+      got = md5sum(path)
+      if got != facts.md5:
+        print(f"note: {path} (from the archive) has md5 {got}, IEConv's repository "
+              f"has {facts.md5}; its line count is checked instead", file=sys.stderr)
+    else:
+      fetch(IECONV_RAW.format(name=name), path, md5=facts.md5, timeout=timeout,
+            progress=False)
+    lines = _count_lines(path)
+    if lines != facts.lines:
+      raise DownloadError(f"{path}: {lines} lines, expected {facts.lines} (IEConv's "
+                          f"ProtFunct/{name}); delete it and re-run to fetch "
+                          "IEConv's copy")
+  return root
+
+
 # --- per task --------------------------------------------------------------------------
 
 def download(task: str, out_dir: str, *, timeout: float = 60.0, workers: int = 8,
@@ -341,6 +406,8 @@ def download(task: str, out_dir: str, *, timeout: float = 60.0, workers: int = 8
       else:
         fetch(url, dest, md5=md5, timeout=timeout)
       unpack(dest, out_dir)
+    if task == "react":
+      react_label_files(out_dir, timeout=timeout)
     return
   if task not in SCANNET_FILES:
     raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")

@@ -1,19 +1,26 @@
 """ATOM3D LBA (ligand binding affinity), 30% and 60% sequence-identity splits.
 
-Raw layout (DATASETS.md §1): `split-by-sequence-identity-<30|60>/data/{train,val,test}/`
-ATOM3D LMDB directories; items hold `atoms_protein`, `atoms_pocket`, `atoms_ligand`
-(DataFrames), `id` (PDB code) and `scores["neglog_aff"]` (pK, the regression label).
+Raw layout (Zenodo record 4914718): `split-by-sequence-identity-<30|60>/data/{train,
+val,test}/` ATOM3D LMDB directories; items hold `atoms_protein` (PDBbind's protein
+file, written to mmCIF and read back by Biopython), `atoms_pocket` (its whole residues
+within 6 Å of the ligand, waters excluded), `atoms_ligand` (DataFrames), `id` (PDB
+code) and `scores["neglog_aff"]` (pK, the regression label).
 
-One example per complex:
-- Nodes: the pocket residues (whole residues within 6 Å of the ligand, as ATOM3D cut
-  them), then the ligand's heavy atoms as extra nodes typed by element
-  (`residue_constants.LIGAND_ELEMENTS`).
+Atom tables are read like structure files (`atom_rows.structure_from_atoms`: one
+residue-typing rule, gemmi's table behind the project's, so a CAS or YCM pocket residue
+is a cysteine; an unknown polymer residue with a CA is X). One example per complex:
+- Nodes: the pocket's amino-acid residues, then the ligand's heavy atoms, then (by
+  default) the pocket's other hetero groups' heavy atoms (metal ions, cofactors:
+  ATOM3D's baselines featurise every pocket atom), each typed by element
+  (`residue_constants.LIGAND_ELEMENTS`). `--pocket-hetero drop` leaves the hetero
+  groups out (counted and named in the manifest).
 - ESM sequences: the full chains the pocket comes from, rebuilt from `atoms_protein`
-  (amino-acid residues with a CA, modified ones mapped to their parent, file order;
-  the released `seq` field is empty). Each pocket residue's `residue_index` is its
+  (the released `seq` field is empty). Each pocket residue's `residue_index` is its
   position in that full chain, found by (chain, residue number, insertion code); a
   pocket residue absent from the protein table skips the item (reported, not guessed).
 - Pocket chains without any pocket residue are not embedded.
+What the tables hold but the example does not (hydrogens, waters, residues without a
+CA, dropped hetero groups) is counted per item in the manifest's `dropped`.
 PDB ids must be disjoint across splits (atom3d #45 leaked val into test); checked in
 `list_items`.
 """
@@ -28,11 +35,13 @@ import numpy as np
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
 from data_pipelines import atom3d_lmdb, atom_rows
-from data_pipelines.tasks import SkipItem, WorkItem
+from data_pipelines.reference import ReferenceCounts
+from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
 SPLITS = ("train", "val", "test")
 DEFAULT_CUTOFF = 10.0  # Å, configs/default.py data.cutoff
 DEFAULT_MAX_NEIGHBORS = 32
+POCKET_HETERO = ("keep", "drop")  # keep: ATOM3D's baselines featurise every pocket atom
 
 
 def _add_once(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
@@ -109,12 +118,22 @@ def read_lmdb_item(item: WorkItem) -> dict:
     raise SkipItem(f"{item.source}: unreadable item ({e})") from e
 
 
-def chains_from_table(table: atom3d_lmdb.AtomTable) -> list[structure.Chain]:
-  """Amino-acid chains of an ATOM3D atoms table (hydrogens dropped)."""
-  hetero = table["hetero"] if "hetero" in table else None
-  return atom_rows.chains_from_atoms(
-      table["chain"], table["residue"], table["insertion_code"], table["resname"],
-      table["name"], table["element"], table.coords, residue_keys=hetero)
+def structure_from_table(table: atom3d_lmdb.AtomTable, where: str) -> structure.Structure:
+  """An ATOM3D atoms table read as one model (`atom_rows.structure_from_atoms`)."""
+  def column(name, default):
+    return table[name] if name in table else np.full(len(table), default)
+  try:
+    return atom_rows.structure_from_atoms(
+        table["chain"], table["residue"], column("insertion_code", ""),
+        table["resname"], table["name"], table["element"], table.coords,
+        hetero=column("hetero", " "), occupancies=column("occupancy", 1.0), name=where)
+  except structure.StructureError as e:
+    raise SkipItem(str(e), kind="no amino-acid residue with a CA") from e
+
+
+def dropped_counts(st: structure.Structure, prefix: str) -> dict[str, int]:
+  """What the structure rules left out of `st`, as manifest `dropped` counts."""
+  return {f"{prefix}{k}": st.stats[k] for k in structure.DROPPED_STATS if st.stats[k]}
 
 
 def ligand_from_table(table: atom3d_lmdb.AtomTable, where: str) -> structure.Ligand:
@@ -122,7 +141,7 @@ def ligand_from_table(table: atom3d_lmdb.AtomTable, where: str) -> structure.Lig
   elements = np.char.upper(np.char.strip(table["element"].astype(str)))
   heavy = ~np.isin(elements, ("H", "D"))
   if not heavy.any():
-    raise SkipItem(f"{where}: ligand has no heavy atoms")
+    raise SkipItem(f"{where}: ligand has no heavy atoms", kind="ligand without heavy atoms")
   return structure.Ligand(name="LIG", chain_id="LIG", residue_number=0,
                           elements=[str(e) for e in elements[heavy]],
                           positions=table.coords[heavy].astype(np.float32))
@@ -140,7 +159,8 @@ def pocket_in_full_chains(pocket: list[structure.Chain], full: list[structure.Ch
   for pc in pocket:
     fc = by_id.get(pc.chain_id)
     if fc is None:
-      raise SkipItem(f"{where}: pocket chain {pc.chain_id!r} not in atoms_protein")
+      raise SkipItem(f"{where}: pocket chain {pc.chain_id!r} not in atoms_protein",
+                     kind="pocket chain not in atoms_protein")
     lookup = {(int(n), str(i)): k for k, (n, i) in
               enumerate(zip(fc.residue_number, fc.insertion_code))}
     idx = []
@@ -148,11 +168,31 @@ def pocket_in_full_chains(pocket: list[structure.Chain], full: list[structure.Ch
       k = lookup.get((int(n), str(i)))
       if k is None or fc.sequence[k] != letter:
         raise SkipItem(f"{where}: pocket residue {pc.chain_id}:{n}{i}{letter} has no "
-                       "matching residue in atoms_protein")
+                       "matching residue in atoms_protein",
+                       kind="pocket residue not in atoms_protein")
       idx.append(k)
     chains.append(fc)
     indices.append(np.asarray(idx, np.int32))
   return chains, indices
+
+
+# The ATOM3D paper's split sizes. For the 60% split the released LMDB reportedly holds
+# fewer (3,563 train / 452 test, unverified): the printed difference says which.
+REFERENCE_COUNTS = {
+    30: ReferenceCounts(source="ATOM3D (Townshend et al. 2021), LBA 30% identity",
+                        unit="complexes", by="split",
+                        counts={"train": 3507, "val": 466, "test": 490}),
+    60: ReferenceCounts(source="ATOM3D (Townshend et al. 2021), LBA 60% identity; the "
+                        "released LMDB reportedly differs", unit="complexes", by="split",
+                        counts={"train": 3678, "val": 460, "test": 460}),
+}
+
+
+def add_pocket_arguments(parser: argparse.ArgumentParser) -> None:
+  _add_once(parser, "--pocket-hetero", choices=POCKET_HETERO, default="keep",
+            help="the pocket's hetero groups (metal ions, cofactors): keep = heavy atoms "
+                 "as element-typed nodes like the ligand's (ATOM3D's baselines featurise "
+                 "every pocket atom), drop = leave them out (counted in the manifest)")
 
 
 class LBATask:
@@ -162,42 +202,51 @@ class LBATask:
     self.identity = identity
     self.name = f"lba{identity}"
     self.marker = f"split-by-sequence-identity-{identity}"
+    self.reference_counts = REFERENCE_COUNTS.get(identity)
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
     add_lmdb_arguments(parser)
+    add_pocket_arguments(parser)
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
     extra = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
-             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS))
+             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS),
+             getattr(args, "pocket_hetero", None) or "keep")
     dirs = find_split_dirs(raw_dir, self.marker)
     return list_lmdb_items(dirs, extra, group_of=lambda i: str(i).lower())
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize
-    cutoff, max_neighbors = item.payload[2:4]
+    cutoff, max_neighbors, pocket_hetero = item.payload[2:5]
     record = read_lmdb_item(item)
     where = f"{item.source} ({record.get('id')})"
     for key in ("atoms_protein", "atoms_pocket", "atoms_ligand", "scores"):
       if key not in record:
-        raise SkipItem(f"{where}: missing {key}")
+        raise SkipItem(f"{where}: missing {key}", kind=f"missing {key}")
     try:
       label = float(record["scores"]["neglog_aff"])
     except (KeyError, TypeError, ValueError) as e:
-      raise SkipItem(f"{where}: no neglog_aff score ({e})") from e
-    pocket = chains_from_table(record["atoms_pocket"])
-    if not pocket:
-      raise SkipItem(f"{where}: no amino-acid residue in the pocket")
-    full, indices = pocket_in_full_chains(
-        pocket, chains_from_table(record["atoms_protein"]), where)
+      raise SkipItem(f"{where}: no neglog_aff score ({e})", kind="no neglog_aff score") from e
+    pocket = structure_from_table(record["atoms_pocket"], f"{where} atoms_pocket")
+    protein = structure_from_table(record["atoms_protein"], f"{where} atoms_protein")
+    full, indices = pocket_in_full_chains(pocket.chains, protein.chains, where)
     ligand = ligand_from_table(record["atoms_ligand"], where)
+    hetero = pocket.ligands
+    dropped = {**dropped_counts(pocket, "pocket_"), **dropped_counts(protein, "protein_")}
+    n_hetero = sum(len(h.elements) for h in hetero)
+    if pocket_hetero == "drop":
+      dropped["pocket_hetero_atoms"] = n_hetero
+    notes = {"pocket_hetero": [f"{h.name}:{h.chain_id}{h.residue_number}"
+                               for h in hetero]} if hetero else {}
     example = featurize.example_from_chains(
-        str(record["id"]), pocket, ligands=(ligand,), cutoff=cutoff,
-        max_neighbors=max_neighbors, graph_label=label)
+        str(record["id"]), pocket.chains,
+        ligands=(ligand,) + (tuple(hetero) if pocket_hetero == "keep" else ()),
+        cutoff=cutoff, max_neighbors=max_neighbors, graph_label=label)
     # ESM reads the whole chains; pocket nodes point into them.
     example.sequences = [c.sequence for c in full]
     example.residue_index = np.concatenate(indices).astype(np.int32)
-    return [example]
+    return Processed([example], dropped=dropped, notes=notes)
 
 
 LBA30 = LBATask(30)

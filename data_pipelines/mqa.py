@@ -1,13 +1,16 @@
 """ATOM3D PSR as model quality assessment (MQA): rank decoys of CASP targets by GDT_TS.
 
-Raw layout (DATASETS.md §2): `split-by-year/data/{train,val,test}/` ATOM3D LMDB
+Raw layout (Zenodo record 4915648): `split-by-year/data/{train,val,test}/` ATOM3D LMDB
 directories; each item is one decoy: `atoms` (DataFrame, one chain), `id` = the string
 form of a tuple `(target, decoy)`, `scores` with `gdt_ts` (0–1, the label), `tm`,
 `gdt_ha`, `rmsd`.
 
-One example per decoy: all amino-acid residues (hydrogens dropped), label = gdt_ts,
-group = target (per-target correlations), id = the item id string. The id is parsed
-with `ast.literal_eval`, never `eval`. Targets must not span splits (checked).
+One example per decoy: all amino-acid residues, read like a structure file
+(`atom_rows.structure_from_atoms`: the project's one residue-typing rule), label =
+gdt_ts, group = target (per-target correlations), id = the item id string. Hydrogens,
+hetero groups and residues without a CA are left out and counted per item (manifest
+`dropped`). The id is parsed with `ast.literal_eval`, never `eval`. Targets must not
+span splits (checked).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import argparse
 import ast
 
 from data_pipelines import lba
-from data_pipelines.tasks import SkipItem, WorkItem
+from data_pipelines.reference import ReferenceCounts
+from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
 MARKER = "split-by-year"
 LABEL_KEY = "gdt_ts"
@@ -55,6 +59,10 @@ def casp_round(target: str) -> str:
 class MQATask:
   """Preprocessing task (data_pipelines.tasks protocol) for PSR split-by-year."""
   name = "mqa"
+  # Not from the ATOM3D paper: the sizes of a public copy of the released LMDBs.
+  reference_counts = ReferenceCounts(
+      source="the released PSR split-by-year LMDBs (Hugging Face copy, secondary)",
+      unit="decoys", by="split", counts={"train": 25400, "val": 2800, "test": 16014})
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
     lba.add_lmdb_arguments(parser)
@@ -76,15 +84,15 @@ class MQATask:
       target, _ = parse_decoy_id(record["id"])
       label = float(record["scores"][LABEL_KEY])
     except (KeyError, TypeError, ValueError) as e:
-      raise SkipItem(f"{where}: bad id or scores ({e})") from e
+      raise SkipItem(f"{where}: bad id or scores ({e})", kind="bad id or scores") from e
     if "atoms" not in record:
-      raise SkipItem(f"{where}: missing atoms")
-    chains = lba.chains_from_table(record["atoms"])
-    if not chains:
-      raise SkipItem(f"{where}: no amino-acid residue")
-    return [featurize.example_from_chains(
-        str(record["id"]), chains, cutoff=cutoff, max_neighbors=max_neighbors,
-        graph_label=label, group=target)]
+      raise SkipItem(f"{where}: missing atoms", kind="missing atoms")
+    decoy = lba.structure_from_table(record["atoms"], where)
+    dropped = lba.dropped_counts(decoy, "")
+    dropped["hetero_atoms"] = sum(len(h.elements) for h in decoy.ligands)
+    return Processed([featurize.example_from_chains(
+        str(record["id"]), decoy.chains, cutoff=cutoff, max_neighbors=max_neighbors,
+        graph_label=label, group=target)], dropped=dropped)
 
 
 MQA = MQATask()

@@ -8,7 +8,9 @@
 
 Tasks come from `data_pipelines.tasks` (each may add its own flags). Output layout,
 resumability and the manifest are described in `data_pipelines.shards`. Re-running the
-same command resumes: finished shards are kept.
+same command resumes: finished shards are kept. The benchmark tasks end by printing
+their split and subset sizes next to the literature's, each difference with its
+reasons counted (`data_pipelines.reference`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 
 from bihier_jax.data import featurize
 from data_pipelines import custom
+from data_pipelines import reference
 from data_pipelines import shards
 from data_pipelines import tasks
 
@@ -64,15 +67,22 @@ def main(argv: list[str] | None = None) -> dict:
   items = task.list_items(args.raw, args)
   if args.limit:
     items = items[:args.limit]
+  reference_counts = getattr(task, "reference_counts", None)
   metadata = shards.write_dataset(items, task.process, args.out,
                                   num_workers=args.workers, shard_size=args.shard_size,
                                   task=task.name, progress=not args.no_progress,
-                                  incomplete_backbone=args.incomplete_backbone)
-  summary = {split: {k: v[k] for k in ("examples", "residues", "sources", "skipped")}
+                                  incomplete_backbone=args.incomplete_backbone,
+                                  reference_counts=reference_counts,
+                                  notes=getattr(task, "metadata_notes", None))
+  summary = {split: {k: v[k] for k in ("examples", "residues", "sources", "skipped",
+                                       "dropped")}
              for split, v in metadata["splits"].items()}
   print(json.dumps({"out": args.out, "splits": summary,
                     "skipped_reasons": metadata["skipped_reasons"],
                     "incomplete_backbone": metadata["incomplete_backbone"]}, indent=1))
+  if reference_counts is not None:
+    print(reference.format_table(task.name, reference_counts,
+                                 metadata["reference_counts"]["subsets"]))
   return metadata
 
 

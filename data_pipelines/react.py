@@ -1,6 +1,7 @@
 """EC reaction classification ("react"): IEConv's ProtFunct dataset, 384 classes.
 
-Raw layout (DATASETS.md §3; what DIG's ECdataset reads):
+Raw layout (what DIG's ECdataset reads; `python -m data_pipelines.download react` adds
+the five text files from IEConv's repository when the Drive archive lacks them):
 ```
 ProtFunct/
   data/<pdb>.<chain>.hdf5     one chain per file (IEConv PyProtein.save_hdf5)
@@ -13,12 +14,20 @@ to restore the original frame), `atom_names`, `atom_amino_id` (residue index or 
 `atom_residue_names`, `atom_residue_id`, `amino_types` [n_res] (IEConv alphabet =
 `residue_constants.RESTYPES`, −1 unrecognised).
 
+Residue numbers: IEConv's `atom_residue_id` is `np.unique(resnum − min + 1 +
+chain·max, return_inverse=True)[1]`, a 0-based rank over all residues of the file,
+hetero groups included (1hvr.B's author numbers 1, 2, … are stored as 0, 1, …). The
+author numbers are not in the file, so examples carry that rank as `residue_number`
+(metadata.json `notes.residue_number` says so).
+
 Differences from DIG's conversion (stated so comparisons can account for them):
 - Atoms with `atom_amino_id == -1` (ligands, ions) are masked. DIG indexes with −1,
   so a hetero atom named N/CA/C/CB overwrites the *last* residue's coordinate.
 - Missing backbone atoms stay absent (mask) instead of copying the CA position.
-- `amino_types == -1` (e.g. MSE) becomes the parent letter when the residue name is a
-  known modified residue, else X (25); DIG always uses 25.
+- `amino_types == -1` (e.g. MSE) is typed by the project's one rule for residue names
+  (`structure.residue_kind`: the parent letter of a modified residue, else X = 25);
+  DIG always uses 25.
+Atoms outside any residue are counted per item (manifest `dropped.hetero_atoms`).
 One example per chain; graph label = class index; node labels unused.
 """
 
@@ -31,10 +40,14 @@ import numpy as np
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
-from data_pipelines import atom_rows
-from data_pipelines.tasks import SkipItem, WorkItem
+from data_pipelines import download
+from data_pipelines.reference import ReferenceCounts
+from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
 NUM_CLASSES = 384
+RESIDUE_NUMBER_NOTE = (
+    "IEConv's atom_residue_id: the 0-based rank of the residue among all residues of "
+    "the chain file (hetero groups included), not the author residue number")
 SPLIT_FILES = {"train": "training.txt", "val": "validation.txt", "test": "testing.txt"}
 DEFAULT_CUTOFF = 10.0
 DEFAULT_MAX_NEIGHBORS = 32
@@ -81,8 +94,18 @@ def _text(values) -> np.ndarray:
                   dtype=str)
 
 
-def chain_from_hdf5(path: str, chain_id: str) -> structure.Chain:
-  """The residues of one IEConv HDF5 chain file as a `Chain` (coordinates in Å)."""
+def chain_from_hdf5(path: str, chain_id: str) -> tuple[structure.Chain, dict[str, int]]:
+  """The residues of one IEConv HDF5 chain file as a `Chain` (coordinates in Å).
+
+  A residue is one of IEConv's (an atom named CA of element carbon). Its type is
+  IEConv's `amino_types` entry, or for −1 (a name IEConv does not know) the project's
+  one typing rule (`structure.residue_kind`: MSE → M, CAS → C, unknown → X). Its number
+  is `atom_residue_id`, IEConv's 0-based rank over all residues of the file (hetero
+  groups included), not the author number, which the file does not hold.
+
+  Returns:
+    (chain, dropped counts: "hetero_atoms" = atoms outside any residue, masked).
+  """
   import h5py
   with h5py.File(path, "r") as f:
     pos = np.asarray(f["atom_pos"][0], np.float64)
@@ -95,41 +118,54 @@ def chain_from_hdf5(path: str, chain_id: str) -> structure.Chain:
     amino_types = np.asarray(f["amino_types"][()], np.int64)
   n_res = len(amino_types)
   if not (len(names) == len(amino_id) == len(res_names) == len(pos)):
-    raise SkipItem(f"{path}: per-atom datasets disagree in length")
+    raise SkipItem(f"{path}: per-atom datasets disagree in length",
+                   kind="malformed HDF5 file")
   if amino_id.max(initial=-1) >= n_res:
-    raise SkipItem(f"{path}: atom_amino_id up to {amino_id.max()} for {n_res} residues")
-  positions = np.zeros([n_res, rc.NUM_ATOM_SLOTS, 3], np.float32)
-  mask = np.zeros([n_res, rc.NUM_ATOM_SLOTS], bool)
+    raise SkipItem(f"{path}: atom_amino_id up to {amino_id.max()} for {n_res} residues",
+                   kind="malformed HDF5 file")
   resname = np.full([n_res], "UNK", dtype=object)
   number = np.zeros([n_res], np.int32)
+  is_ca = (names == "CA") & (amino_id >= 0)
+  resname[amino_id[is_ca]] = res_names[is_ca]
+  number[amino_id[is_ca]] = res_ids[is_ca]
+  kinds = [_kind(str(n)) for n in resname]
+  positions = np.zeros([n_res, rc.NUM_ATOM_SLOTS, 3], np.float32)
+  mask = np.zeros([n_res, rc.NUM_ATOM_SLOTS], bool)
   # atom_amino_id == -1 marks hetero atoms: masked here (DIG's index -1 would write them
   # onto the last residue).
   for a in np.nonzero(amino_id >= 0)[0]:
     r = amino_id[a]
-    if names[a] == "CA":
-      resname[r], number[r] = res_names[a], res_ids[a]
-    slot = atom_rows.slot_of(res_names[a], names[a])
+    slot = kinds[r].slots.get(names[a])
     if slot is not None and not mask[r, slot]:
       positions[r, slot] = pos[a]
       mask[r, slot] = True
-  letters = []
-  for t, name in zip(amino_types, resname):
-    if t >= 0:
-      letters.append(rc.RESTYPES[t])
-    else:
-      letters.append(rc.one_letter(name) or "X")
-  sequence = "".join(letters)
-  return structure.Chain(
+  sequence = "".join(rc.RESTYPES[t] if t >= 0 else k.letter
+                     for t, k in zip(amino_types, kinds))
+  chain = structure.Chain(
       chain_id=chain_id, model_index=0, residue_names=[str(n) for n in resname],
       sequence=sequence, aatype=np.array([rc.restype_index(c) for c in sequence], np.int32),
       residue_number=number, insertion_code=np.full([n_res], "", dtype=str),
       atom_positions=positions, atom_mask=mask,
-      is_modified=np.array([rc.MODIFIED_TO_PARENT.get(n) is not None for n in resname]))
+      is_modified=np.array([k.is_modified for k in kinds], bool))
+  return chain, {"hetero_atoms": int((amino_id < 0).sum())}
+
+
+def _kind(resname: str):
+  """`structure.residue_kind`, with a name that is no amino acid read as X: IEConv made
+  it a residue because it has a carbon CA."""
+  kind = structure.residue_kind(resname)
+  return kind if kind.is_amino_acid else structure.UNKNOWN_AMINO_ACID
 
 
 class ReactTask:
   """Preprocessing task (data_pipelines.tasks protocol) for ProtFunct."""
   name = "react"
+  # The split files' line counts (IEConv's repository; ProNet and DIG use them as is).
+  reference_counts = ReferenceCounts(
+      source="IEConv's ProtFunct split files", unit="chains", by="split",
+      counts={split: download.REACT_LABEL_FILES[f].lines
+              for split, f in SPLIT_FILES.items()})
+  metadata_notes = {"residue_number": RESIDUE_NUMBER_NOTE}
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
     from data_pipelines import lba
@@ -158,19 +194,21 @@ class ReactTask:
     from bihier_jax.data import featurize
     path, name, label, cutoff, max_neighbors = item.payload
     if label < 0:
-      raise SkipItem(f"{name}: no entry in chain_functions.txt")
+      raise SkipItem(f"{name}: no entry in chain_functions.txt",
+                     kind="no entry in chain_functions.txt")
     if not os.path.exists(path):
-      raise SkipItem(f"{path}: missing HDF5 file")
+      raise SkipItem(f"{path}: missing HDF5 file", kind="missing HDF5 file")
     try:
-      chain = chain_from_hdf5(path, chain_id=name.rpartition(".")[2])
+      chain, dropped = chain_from_hdf5(path, chain_id=name.rpartition(".")[2])
     except (OSError, KeyError) as e:
-      raise SkipItem(f"{path}: unreadable HDF5 ({e})") from e
+      raise SkipItem(f"{path}: unreadable HDF5 ({e})", kind="unreadable HDF5 file") from e
     if chain.num_residues == 0:
-      raise SkipItem(f"{path}: no residues")
+      raise SkipItem(f"{path}: no residues", kind="no residues")
     if not chain.atom_mask[:, rc.ATOM_SLOT["CA"]].all():
-      raise SkipItem(f"{path}: residue(s) without a CA atom")
-    return [featurize.example_from_chains(
-        name, [chain], cutoff=cutoff, max_neighbors=max_neighbors, graph_label=float(label))]
+      raise SkipItem(f"{path}: residue(s) without a CA atom", kind="residue without CA")
+    return Processed([featurize.example_from_chains(
+        name, [chain], cutoff=cutoff, max_neighbors=max_neighbors,
+        graph_label=float(label))], dropped=dropped)
 
 
 REACT = ReactTask()

@@ -1,5 +1,6 @@
 """ScanNet's per-residue benchmarks: PPBS (protein–protein binding sites) and BCE
-(B-cell epitopes). Label files + table.csv + structure files (DATASETS.md §4–§5).
+(B-cell epitopes). Label files + table.csv + structure files (ScanNet's `datasets/PPBS`
+and `datasets/BCE`, structures from files.wwpdb.org).
 
 Raw layout (what `python -m data_pipelines.download ppbs|bce` writes):
 ```
@@ -13,20 +14,44 @@ or `>7e33_AB` (BCE: each character a chain of the asymmetric unit, model 0), the
 `<chain> <resnum> <aa> <label>` in structure order. Residue numbers carry no insertion
 code, so labels are aligned to the parsed chain by **position**: in order, a label line
 matches the next structure residue with the same number and one-letter type (identical
-sequences align one-to-one). Label lines that match nothing are reported: by default the
-item is skipped with the list (`--max-unmatched-fraction` tolerates a fraction, which
-are then dropped, never guessed). Structure residues without a label line are unlabelled
+sequences align one-to-one). Structure residues without a label line are unlabelled
 (`node_label_mask` False).
 
-Sample weights come from table.csv by row order within each `Set` (ScanNet's rule); the
-counts must match the label file. Per residue: node label 0/1, node weight = the chain's
-sample weight; example weight = sample weight; group = PPBS subset (`70`, `homology`,
-`topology`, `none`; `train`) or BCE fold (`fold1`..`fold5`).
+Residue sets follow ScanNet's parser (`preprocessing/PDB_processing.py`: a residue is
+any residue whose name is in its amino-acid dictionary, ATOM or HETATM, CA or not):
+- standard amino acids written as HETATM after TER are residues of their chain here
+  too (`parse_structure(..., hetatm_amino_acids=True)`);
+- residues without a CA are in the label files but cannot be graph nodes (a node sits
+  at its CA): their label lines are dropped and counted (`label_lines_without_ca`);
+- modified residues outside ScanNet's dictionary (e.g. CSO) have no label line: the
+  residue is kept, unlabelled.
+Label lines that match nothing else are reported: by default the item is skipped with
+the list (`--max-unmatched-fraction` tolerates a fraction, which are then dropped and
+counted, never guessed).
+
+Assemblies (PPBS): a header's model k is MODEL k of the `.pdb1` file. The mmCIF
+fallback written by wwPDB since May 2022 holds every symmetry copy in one model, chain
+X's copies named X, X-2, X-3, … (the operator id after the dash); there model k of
+chain X is the k-th copy of X in file order.
+
+Sample weights come from table.csv by row order within each `Set` (ScanNet's rule; the
+`Set` strings match with or without the backslash of `70\\%`); the counts must match
+the label file. Per residue: node label 0/1, node weight = the chain's sample weight;
+example weight = sample weight; group = PPBS subset (`70`, `homology`, `topology`,
+`none`; `train`) or BCE fold (`fold1`..`fold5`).
+
+Example ids are the headers. A header that occurs more than once in a task's label
+files (BCE: 2kh2_A ×77, 2ltq_A ×10, 2ltq_D ×10, each copy with other labels on the
+same structure; all are kept, as ScanNet keeps them) gets its occurrence number:
+`2ltq_A#1`, `2ltq_A#2`, ….
 
 Splits: PPBS `train`, `val` (four validation subsets), `test` (four test subsets).
 BCE: `fold1`..`fold5` by default; with `--holdout-fold k` (one run per fold of the 5-fold
 cross-validation, see configs/bce.py) `test` = fold k, and the other folds are split
-into `train` and `val` (a deterministic ~10% of examples by md5 of the header).
+into `train` and `val`: about 10% of their examples, whole groups at a time, where a
+group joins every example that shares a PDB entry or an antigen name (table.csv
+`Antigen Name`) with another, so that no entry or antigen is on both sides; groups are
+taken in md5 order of their first PDB id (deterministic).
 
 Truncation: ScanNet scores only the first 1024 residues of a PPBS chain (`Lmax_aa`; 2120
 for BCE). We keep every residue here; training/evaluation crop chains to
@@ -37,6 +62,7 @@ window differs from ScanNet's — see docs/tasks.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -47,7 +73,8 @@ import re
 import numpy as np
 
 from bihier_jax.common import structure
-from data_pipelines.tasks import SkipItem, WorkItem
+from data_pipelines.reference import ReferenceCounts
+from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
 DEFAULT_CUTOFF = 10.0
 DEFAULT_MAX_NEIGHBORS = 32
@@ -130,17 +157,84 @@ def read_label_file(path: str) -> list[LabelEntry]:
   return entries
 
 
-def read_table(path: str) -> dict[str, list[tuple[str, float]]]:
-  """table.csv -> {Set: [(PDB ID, sample weight)] in row order}."""
-  rows: dict[str, list[tuple[str, float]]] = {}
+TableRow = collections.namedtuple("TableRow", "pdb_id weight antigen")
+
+
+def set_key(set_name: str) -> str:
+  """A table.csv `Set` value as compared: `Validation (70\\%)` and `Validation (70%)`
+  are the same set (ScanNet's file has the backslash; copies may not)."""
+  return set_name.replace("\\", "").strip()
+
+
+def read_table(path: str) -> dict[str, list[TableRow]]:
+  """table.csv -> {set_key(Set): [TableRow] in row order}; antigen "" if no column."""
+  rows: dict[str, list[TableRow]] = {}
   with open(path, newline="") as f:
     reader = csv.DictReader(f)
     for column in ("PDB ID", "Set", "Sample weight"):
       if column not in (reader.fieldnames or []):
         raise ValueError(f"{path}: no {column!r} column (has {reader.fieldnames})")
-    for row in reader:
-      rows.setdefault(row["Set"], []).append((row["PDB ID"], float(row["Sample weight"])))
+    for n, row in enumerate(reader, 2):
+      try:
+        weight = float(row["Sample weight"])
+      except ValueError as e:
+        raise ValueError(f"{path}:{n}: Sample weight {row['Sample weight']!r} is not "
+                         "a number") from e
+      rows.setdefault(set_key(row["Set"]), []).append(
+          TableRow(row["PDB ID"], weight, (row.get("Antigen Name") or "").strip()))
   return rows
+
+
+def unique_ids(headers: list[str]) -> list[str]:
+  """Example ids: the header, or `<header>#<k>` for the k-th copy of a repeated one."""
+  counts = collections.Counter(headers)
+  seen: collections.Counter = collections.Counter()
+  ids = []
+  for header in headers:
+    if counts[header] > 1:
+      seen[header] += 1
+      ids.append(f"{header}#{seen[header]}")
+    else:
+      ids.append(header)
+  return ids
+
+
+def validation_holdout(examples: list[tuple[str, str, str]], fraction: float = 0.1
+                       ) -> set[str]:
+  """Ids of the validation examples among (id, PDB id, antigen name) triples.
+
+  Examples sharing a PDB id or a (case-folded) antigen name are one group, transitively;
+  groups are taken in md5 order of their smallest PDB id while the total stays within
+  `fraction` of all examples (a group that would overshoot is passed over; if none fits,
+  the smallest group is taken unless it is every example, so validation is empty only
+  when nothing can be held out without a shared entry or antigen).
+  """
+  parent = {}
+
+  def find(x):
+    while parent.setdefault(x, x) != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  for example_id, pdb_id, antigen in examples:
+    links = [("pdb", pdb_id.lower())]
+    if antigen and antigen.lower() not in ("nan", "none", "unknown"):
+      links.append(("antigen", antigen.casefold()))
+    for link in links:
+      parent[find(("id", example_id))] = find(link)
+  groups = collections.defaultdict(list)
+  for example_id, pdb_id, _ in examples:
+    groups[find(("id", example_id))].append((pdb_id.lower(), example_id))
+  ordered = sorted(groups.values(),
+                   key=lambda g: hashlib.md5(min(g)[0].encode()).hexdigest())
+  target, held = fraction * len(examples), []
+  for group in ordered:
+    if len(held) + len(group) <= target:
+      held += group
+  if not held and len(ordered) > 1:
+    held = min(ordered, key=len)
+  return {example_id for _, example_id in held}
 
 
 def _id_matches(table_id: str, entry: LabelEntry) -> bool:
@@ -215,19 +309,34 @@ def align_labels(chain: structure.Chain, labels: list[tuple[str, int, str, int]]
   return out, unmatched
 
 
-def held_out_for_validation(header: str, fraction: float = 0.1) -> bool:
-  """Deterministic ~`fraction` of examples, by md5 of the header (stable across runs)."""
-  digest = hashlib.md5(header.encode()).digest()
-  return int.from_bytes(digest[:4], "big") < fraction * 2**32
+# ScanNet's subset and fold sizes (counted in its label files; the PPBS training set's
+# size is not published).
+PPBS_REFERENCE = ReferenceCounts(
+    source="ScanNet's PPBS label files", unit="chains", by="split/group",
+    counts={"val/70": 414, "val/homology": 1458, "val/topology": 590, "val/none": 754,
+            "test/70": 554, "test/homology": 1488, "test/topology": 915,
+            "test/none": 1079})
+BCE_REFERENCE = ReferenceCounts(
+    source="ScanNet's BCE label files", unit="examples", by="group",
+    counts={"fold1": 990, "fold2": 580, "fold3": 760, "fold4": 927, "fold5": 499})
+
+
+def assembly_copy(parsed: structure.Structure, model: int, chain_id: str) -> str | None:
+  """Chain id of symmetry copy `model` (0-based) of `chain_id` in a single-model
+  assembly (wwPDB mmCIF since May 2022: copies X, X-2, X-3, … in file order)."""
+  copies = [c.chain_id for c in parsed.chains
+            if c.chain_id == chain_id or c.chain_id.startswith(chain_id + "-")]
+  return copies[model] if model < len(copies) else None
 
 
 class ScanNetTask:
   """Preprocessing task (data_pipelines.tasks protocol) for PPBS or BCE."""
 
-  def __init__(self, name: str, files, biounit: bool):
+  def __init__(self, name: str, files, biounit: bool, reference_counts: ReferenceCounts):
     self.name = name
     self.files = files
     self.biounit = biounit
+    self.reference_counts = reference_counts
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
     from data_pipelines import lba
@@ -237,87 +346,118 @@ class ScanNetTask:
                           help="structure folder (default: <raw>/structures)")
       parser.add_argument("--max-unmatched-fraction", type=float, default=0.0,
                           help="label lines per chain allowed to match no structure "
-                               "residue (dropped and logged); above it the item is skipped")
+                               "residue (dropped and counted); above it the item is "
+                               "skipped")
     if self.name == "bce" and not any("--holdout-fold" in a.option_strings
                                       for a in parser._actions):
       parser.add_argument("--holdout-fold", type=int, default=0, choices=range(6),
-                          help="k: test = fold k, train/val = the other folds "
+                          help="k: test = fold k, train/val = the other folds, "
+                               "validation grouped by PDB entry and antigen "
                                "(0: keep splits fold1..fold5)")
 
-  def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
-                 ) -> list[WorkItem]:
+  def _read_files(self, raw_dir: str):
+    """[(file name, split, group, entries, table rows)] with the count checks."""
     table_path = os.path.join(raw_dir, "table.csv")
     if not os.path.exists(table_path):
       raise FileNotFoundError(f"{raw_dir}: no table.csv (run `python -m "
                               f"data_pipelines.download {self.name}` first)")
     table = read_table(table_path)
-    structure_dir = getattr(args, "structures", "") or os.path.join(raw_dir, "structures")
-    tolerance = float(getattr(args, "max_unmatched_fraction", 0.0) or 0.0)
-    graph = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
-             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS))
-    items = []
+    out = []
     for fname, split, group, set_name in self.files:
       path = os.path.join(raw_dir, fname)
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: label file missing")
       entries = read_label_file(path)
-      rows = table.get(set_name, [])
+      rows = table.get(set_key(set_name), [])
       if len(rows) != len(entries):
         raise ValueError(f"{table_path}: {len(rows)} rows with Set {set_name!r} but "
                          f"{len(entries)} examples in {path}; weights are assigned by "
                          "row order, so the counts must match")
-      for entry, (table_id, weight) in zip(entries, rows):
-        items.append(WorkItem(
-            f"{fname}:{entry.header}", self._split(split, entry.header, args),
-            (dataclasses.astuple(entry), group, weight, table_id, structure_dir,
-             self.biounit, tolerance) + graph))
+      out.append((fname, split, group, entries, rows))
+    return out
+
+  def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
+                 ) -> list[WorkItem]:
+    files = self._read_files(raw_dir)
+    structure_dir = getattr(args, "structures", "") or os.path.join(raw_dir, "structures")
+    tolerance = float(getattr(args, "max_unmatched_fraction", 0.0) or 0.0)
+    graph = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
+             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS))
+    ids = iter(unique_ids([e.header for f in files for e in f[3]]))
+    listed = [(fname, split, group, entry, row, next(ids))
+              for fname, split, group, entries, rows in files
+              for entry, row in zip(entries, rows)]
+    holdout = int(getattr(args, "holdout_fold", 0) or 0)
+    val = validation_holdout([(i, e.pdb_id, row.antigen)
+                              for _, split, _, e, row, i in listed
+                              if split != f"fold{holdout}"]) if holdout else set()
+    items = []
+    for fname, split, group, entry, row, example_id in listed:
+      if holdout and split.startswith("fold"):
+        split = ("test" if split == f"fold{holdout}" else
+                 "val" if example_id in val else "train")
+      items.append(WorkItem(
+          f"{fname}:{example_id}", split,
+          (dataclasses.astuple(entry), example_id, group, row.weight, row.pdb_id,
+           structure_dir, self.biounit, tolerance) + graph, group=group))
     return items
 
-  @staticmethod
-  def _split(split: str, header: str, args) -> str:
-    """Cross-validation split of a BCE example when --holdout-fold k is given."""
-    k = int(getattr(args, "holdout_fold", 0) or 0)
-    if not k or not split.startswith("fold"):
-      return split
-    if split == f"fold{k}":
-      return "test"
-    return "val" if held_out_for_validation(header) else "train"
+  def _chain(self, path: str, model: int, chain_id: str, parsed: dict, where: str):
+    """(parsed structure holding the chain, the chain) for header chain (model, id)."""
+    def parse(model_index):
+      try:
+        return structure.parse_structure(path, model_index=model_index,
+                                         format=structure_format(path),
+                                         hetatm_amino_acids=True)
+      except structure.StructureError as e:
+        if isinstance(e, structure.ModelNotFoundError) and e.num_models == 1:
+          raise
+        raise SkipItem(f"{where}: {e}", kind="unreadable structure file or model") from e
+
+    if model not in parsed:
+      try:
+        parsed[model] = parse(model)
+      except structure.ModelNotFoundError:  # a single-model assembly: copies are chains
+        parsed[model] = parsed[0] = parsed[0] if 0 in parsed else parse(0)
+    st = parsed[model]
+    wanted = chain_id if st.chains[0].model_index == model else assembly_copy(
+        st, model, chain_id)
+    chain = next((c for c in st.chains if c.chain_id == wanted), None)
+    if chain is None:
+      have = [c.chain_id for c in st.chains]
+      raise SkipItem(f"{where}: chain {chain_id} not in model {model} of {path} "
+                     f"(has {have})", kind="chain not in the structure file")
+    return st, chain
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize
-    (entry_t, group, weight, table_id, structure_dir, biounit, tolerance, cutoff,
-     max_neighbors) = item.payload
+    (entry_t, example_id, group, weight, table_id, structure_dir, biounit, tolerance,
+     cutoff, max_neighbors) = item.payload
     entry = LabelEntry(*entry_t)
     where = item.source
     if not _id_matches(table_id, entry):
       raise SkipItem(f"{where}: table.csv row says {table_id!r}; weights would be "
-                     "misassigned")
+                     "misassigned", kind="table.csv row of another example")
     path = find_structure(structure_dir, entry.pdb_id, biounit)
     if path is None:
       kind = "biological assembly" if biounit else "asymmetric unit"
-      raise SkipItem(f"{where}: no {kind} file for {entry.pdb_id} in {structure_dir}")
+      raise SkipItem(f"{where}: no {kind} file for {entry.pdb_id} in {structure_dir}",
+                     kind=f"no {kind} file")
     parsed: dict[int, structure.Structure] = {}
     chains, labels, label_mask = [], [], []
+    dropped = collections.Counter()
     for (model, chain_id), lines in zip(entry.chains, _chain_label_runs(entry, where)):
-      if model not in parsed:
-        try:
-          parsed[model] = structure.parse_structure(path, model_index=model,
-                                                    format=structure_format(path))
-        except structure.StructureError as e:
-          raise SkipItem(f"{where}: {e}") from e
-      chain = next((c for c in parsed[model].chains if c.chain_id == chain_id), None)
-      if chain is None:
-        have = [c.chain_id for c in parsed[model].chains]
-        raise SkipItem(f"{where}: chain {chain_id} not in model {model} of {path} "
-                       f"(has {have})")
+      st, chain = self._chain(path, model, chain_id, parsed, where)
       index, unmatched = align_labels(chain, lines)
+      without_ca = _lines_on_residues_without_ca(st, chain.chain_id, lines, unmatched)
+      unmatched = [i for i in unmatched if i not in without_ca]
       if unmatched:
         shown = ", ".join(f"{lines[i][0]}:{lines[i][1]}{lines[i][2]}"
                           for i in unmatched[:5])
         message = (f"{where}: {len(unmatched)}/{len(lines)} label lines of chain "
                    f"{chain_id} match no residue of {path} ({shown}...)")
         if len(unmatched) > tolerance * len(lines):
-          raise SkipItem(message)
+          raise SkipItem(message, kind="label lines match no residue")
         logging.warning("%s; dropped", message)
       y = np.zeros([chain.num_residues], np.float32)
       m = np.zeros([chain.num_residues], bool)
@@ -325,16 +465,39 @@ class ScanNetTask:
       ok = (index >= 0) & (values >= 0)  # ScanNet: a negative label means "missing"
       y[index[ok]] = values[ok]
       m[index[ok]] = True
+      dropped.update(label_lines_without_ca=len(without_ca),
+                     label_lines_unmatched=len(unmatched),
+                     residues_without_label_line=int((~m).sum()),
+                     residues_without_ca=sum(r[0] == chain.chain_id
+                                             for r in st.residues_without_ca))
       chains.append(chain)
       labels.append(y)
       label_mask.append(m)
     n = sum(c.num_residues for c in chains)
     example = featurize.example_from_chains(
-        entry.header, chains, cutoff=cutoff, max_neighbors=max_neighbors,
+        example_id, chains, cutoff=cutoff, max_neighbors=max_neighbors,
         node_labels=np.concatenate(labels), node_label_mask=np.concatenate(label_mask),
         node_weights=np.full([n], weight, np.float32), weight=weight, group=group)
-    return [example]
+    kept_hetatm = sum(p.stats["hetatm_amino_acids"] for p in
+                      {id(p): p for p in parsed.values()}.values())
+    notes = {"hetatm_amino_acids": kept_hetatm} if kept_hetatm else {}
+    return Processed([example], dropped=dict(dropped), notes=notes)
 
 
-PPBS = ScanNetTask("ppbs", PPBS_FILES, biounit=True)
-BCE = ScanNetTask("bce", BCE_FILES, biounit=False)
+def _lines_on_residues_without_ca(st: structure.Structure, chain_id: str, lines,
+                                  unmatched: list[int]) -> set[int]:
+  """The unmatched label lines that name a residue the parser dropped for lacking a CA
+  (same chain, number and one-letter type, taken in order)."""
+  pending = [(number, structure.residue_kind(name).letter or "X")
+             for c, number, _, name in st.residues_without_ca if c == chain_id]
+  found = set()
+  for i in unmatched:
+    key = (lines[i][1], lines[i][2])
+    if key in pending:
+      pending.remove(key)
+      found.add(i)
+  return found
+
+
+PPBS = ScanNetTask("ppbs", PPBS_FILES, biounit=True, reference_counts=PPBS_REFERENCE)
+BCE = ScanNetTask("bce", BCE_FILES, biounit=False, reference_counts=BCE_REFERENCE)

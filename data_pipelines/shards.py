@@ -25,6 +25,14 @@ item (manifest field `incomplete_backbone`, metadata `incomplete_backbone`) and 
 the examples that have any (an item left with none is `skipped` with the reason),
 `allow` keeps them quietly.
 
+What an item's examples leave out (waters, hydrogens, residues without a CA, hetero
+groups, label lines that match no residue, ...) is counted by name: the task's
+`Processed.dropped`, in the manifest line's `dropped`, summed per split
+(`splits.<split>.dropped`) and over all items (`dropped`) in metadata.json. A task with
+`reference_counts` also gets `reference_counts` in metadata.json: its split and subset
+sizes next to the literature's, every difference with its reasons counted
+(data_pipelines.reference).
+
 One bad item never stops the run: any exception from `process` (SkipItem, a parser's
 StructureError, or an unexpected crash, logged with its type and message) makes the item
 `skipped` with that reason.
@@ -47,6 +55,7 @@ import tqdm
 
 from bihier_jax.data import featurize
 from bihier_jax.data import records
+from data_pipelines import reference
 from data_pipelines.tasks import SkipItem, WorkItem
 
 METADATA = "metadata.json"
@@ -82,9 +91,14 @@ def run_item(process_fn: Callable, item: WorkItem,
              incomplete_backbone: str = "warn") -> ItemResult:
   """Processes and serialises one item; every failure becomes a `skipped` line."""
   line = {"source": item.source, "split": item.split, "status": "ok", "reason": "",
-          "chains": 0, "n_residues": 0, "examples": 0, "incomplete_backbone": 0}
+          "chains": 0, "n_residues": 0, "examples": 0, "incomplete_backbone": 0,
+          "dropped": {}}
+  if item.group:
+    line["group"] = item.group
   try:
     examples = process_fn(item)
+    line["dropped"] = dict(getattr(examples, "dropped", {}))
+    line.update(getattr(examples, "notes", {}))
     if not examples:
       raise SkipItem("no examples (no protein chain)")
     examples, incomplete, dropped = filter_incomplete_backbone(
@@ -95,6 +109,8 @@ def run_item(process_fn: Callable, item: WorkItem,
     data = [records.serialize_example(ex) for ex in examples]
   except SkipItem as err:
     line.update(status="skipped", reason=str(err))
+    if err.kind:
+      line["reason_kind"] = err.kind
     return ItemResult(line, [], [])
   except Exception as err:  # pylint: disable=broad-except
     # Parser errors name the file; anything else is logged with its type to find bugs.
@@ -163,7 +179,8 @@ def _write_json(path: str, obj) -> None:
 def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir: str, *,
                   num_workers: int = 1, shard_size: int = 256, task: str = "",
                   progress: bool = True, chunksize: int = 4,
-                  incomplete_backbone: str = "warn") -> dict:
+                  incomplete_backbone: str = "warn", reference_counts=None,
+                  notes: dict | None = None) -> dict:
   """Processes `work_items` into sharded records under `out_dir`.
 
   Args:
@@ -176,6 +193,10 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
     progress: show a tqdm bar.
     chunksize: items sent to a worker at a time.
     incomplete_backbone: warn | skip | allow, for residues lacking N, C or O.
+    reference_counts: the literature's split sizes (`reference.ReferenceCounts`), to
+      compare ours with in metadata["reference_counts"].
+    notes: facts about the task's fields (metadata["notes"]), e.g. what react's
+      residue numbers are.
 
   Returns:
     The metadata dict also written to `out_dir/metadata.json`.
@@ -223,7 +244,8 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
       pool.terminate()
   elapsed = time.perf_counter() - start
   metadata = finalize(out_dir, plan, task=task, elapsed_s=elapsed, processed=n_todo,
-                      incomplete_backbone=incomplete_backbone)
+                      incomplete_backbone=incomplete_backbone,
+                      reference_counts=reference_counts, notes=notes)
   found = metadata["incomplete_backbone"]
   if incomplete_backbone == "warn" and found["residues"]:
     print(f"warning: {found['sources']} input(s) hold {found['residues']} residue(s) "
@@ -233,8 +255,17 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
   return metadata
 
 
+def _summed_drops(lines: list[dict]) -> dict[str, int]:
+  """The manifest lines' `dropped` counts summed by name."""
+  total = collections.Counter()
+  for line in lines:
+    total.update(line.get("dropped", {}))
+  return dict(sorted(total.items()))
+
+
 def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
-             incomplete_backbone: str = "warn") -> dict:
+             incomplete_backbone: str = "warn", reference_counts=None,
+             notes: dict | None = None) -> dict:
   """Merges shard sidecars into manifest.jsonl, <split>/sizes.json and metadata.json."""
   manifest, sizes_by_split, files = [], collections.OrderedDict(), {}
   _remove_stale_shards(out_dir, plan)
@@ -256,8 +287,9 @@ def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
     splits[split] = dict(split_statistics(sizes), files=files[split],
                          sources=len(lines),
                          residues=sum(m["n_residues"] for m in lines),
-                         skipped=sum(m["status"] != "ok" for m in lines))
-  reasons = collections.Counter(_reason_kind(m) for m in manifest
+                         skipped=sum(m["status"] != "ok" for m in lines),
+                         dropped=_summed_drops(lines))
+  reasons = collections.Counter(reference.reason_kind(m) for m in manifest
                                 if m["status"] != "ok")
   metadata = {
       "schema_version": records.SCHEMA_VERSION,
@@ -271,8 +303,16 @@ def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
           "residues": sum(m.get("incomplete_backbone", 0) for m in manifest),
           "examples_left_out": sum(len(m.get("left_out_incomplete_backbone", ()))
                                    for m in manifest)},
+      "dropped": _summed_drops(manifest),
       "last_run": {"processed_items": processed, "seconds": round(elapsed_s, 3)},
   }
+  if notes:
+    metadata["notes"] = dict(notes)
+  if reference_counts is not None:
+    metadata["reference_counts"] = {
+        "source": reference_counts.source, "unit": reference_counts.unit,
+        "by": reference_counts.by,
+        "subsets": reference.compare(reference_counts, manifest)}
   _write_json(os.path.join(out_dir, METADATA), metadata)
   return metadata
 
@@ -287,12 +327,6 @@ def _remove_stale_shards(out_dir: str, plan) -> None:
       base, ext = os.path.splitext(path)
       if ext in (".tfrecord", ".json") and base not in keep:
         os.remove(path)
-
-
-def _reason_kind(line: dict) -> str:
-  """A skip reason without the file name, to count reasons across items."""
-  reason = line["reason"].replace(line["source"], "").lstrip(": ")
-  return reason[:80]
 
 
 def split_statistics(sizes: list[list[int]]) -> dict:

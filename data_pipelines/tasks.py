@@ -24,10 +24,36 @@ class WorkItem:
   source: str  # what the manifest calls it: a path, or "lmdb_dir#index"
   split: str  # train / val / test / fold1 ...
   payload: tuple = ()
+  group: str = ""  # subset within the split (PPBS test subset, BCE fold), if any
+
+
+class Processed(list):
+  """The examples of one item, plus what was left out of them on the way.
+
+  `Task.process` may return this instead of a plain list. `dropped` counts what was
+  left out, by name (e.g. {"pocket_waters": 3}); the manifest line carries it and
+  metadata.json sums it per split. `notes` are per-item facts for the manifest line
+  (e.g. the names of dropped hetero groups), not summed.
+  """
+
+  def __init__(self, examples=(), dropped: dict[str, int] | None = None,
+               notes: dict | None = None):
+    super().__init__(examples)
+    self.dropped = {k: int(v) for k, v in (dropped or {}).items() if v}
+    self.notes = dict(notes or {})
 
 
 class SkipItem(Exception):
-  """Raised by `Task.process` for bad input; the manifest records `str(err)`."""
+  """Raised by `Task.process` for bad input; the manifest records `str(err)`.
+
+  `kind` names the reason without the item's particulars ("no structure file"), so
+  reasons can be counted across items (metadata `skipped_reasons`, the comparison with
+  the literature's counts); without it the message stands for itself.
+  """
+
+  def __init__(self, message: str, kind: str = ""):
+    super().__init__(message)
+    self.kind = kind
 
 
 @runtime_checkable
@@ -39,9 +65,13 @@ class Task(Protocol):
     """Every work item of the dataset under `raw_dir`, in a deterministic order."""
 
   def process(self, item: WorkItem) -> list[ProteinExample]:
-    """The examples of one item; raises `SkipItem(reason)` for bad input."""
+    """The examples of one item (a list or `Processed`); raises `SkipItem(reason)`."""
 
   # Optional: def add_arguments(self, parser: argparse.ArgumentParser) -> None
+  # Optional: reference_counts: data_pipelines.reference.ReferenceCounts (the split
+  #   and subset sizes of the literature, printed next to ours after preprocessing)
+  # Optional: metadata_notes: dict of facts about the task's fields, written to
+  #   metadata.json "notes" (e.g. what react's residue numbers are)
 
 
 _REGISTRY: dict[str, Task] = {}

@@ -75,6 +75,50 @@ def test_lba_json_and_msgpack_match_atom3d(tmp_path):
     assert item["atoms_protein"]["x"].dtype == np.float64
 
 
+def _strip_types(path):
+  """Rewrites every item of an LMDB as atom3d wrote it before February 2021 (commit
+  5085fb6 added `types`): the same gzipped json, without the `types` entry."""
+  import gzip
+  import json
+  import lmdb
+  env = lmdb.open(path, map_size=1 << 30)
+  with env.begin(write=True) as txn:
+    for i in range(int(txn.get(b"num_examples"))):
+      item = json.loads(gzip.decompress(txn.get(str(i).encode())))
+      del item["types"]
+      txn.put(str(i).encode(), gzip.compress(json.dumps(item).encode()))
+  env.close()
+
+
+def test_lmdb_without_types_reads_as_frames(tmp_path):
+  """An LMDB from before atom3d stored `types`: frames are split-orientation dicts with
+  nothing flagging them. They read as AtomTables, and the LBA task makes the same
+  example of them as of the typed dataset."""
+  from data_pipelines import lba, tasks
+  splits = {"train": [("1hvr.pdb", "1hvr", "H_XK2", 9.51)]}
+  typed = builders.write_lba(str(tmp_path / "typed"), str(tmp_path / "tmp"), splits=splits)
+  old = str(tmp_path / "old")
+  import shutil
+  shutil.copytree(typed, old)
+  _strip_types(os.path.join(old, "data", "train"))
+  items = {}
+  for name, base in (("typed", typed), ("old", old)):
+    path = os.path.join(base, "data", "train")
+    ds = atom3d_lmdb.LMDBDataset(path)
+    raw = ds.raw_item(0)
+    assert ("types" in raw) == (name == "typed")
+    item = ds[0]
+    for key in ("atoms_protein", "atoms_pocket", "atoms_ligand"):
+      assert isinstance(item[key], atom3d_lmdb.AtomTable), (name, key)
+    work = tasks.WorkItem(f"{path}#0", "train", (path, 0, 10.0, 32, "keep"))
+    items[name] = lba.LBA30.process(work)[0]
+  a, b = items["typed"], items["old"]
+  assert a.sequences == b.sequences
+  np.testing.assert_array_equal(a.aatype, b.aatype)
+  np.testing.assert_array_equal(a.ligand_elements, b.ligand_elements)
+  np.testing.assert_allclose(a.atom_positions, b.atom_positions)
+
+
 def test_pickle_dataset_refused(tmp_path):
   splits = {"train": [("1hvr.pdb", "1hvr", "H_XK2", 9.51)]}
   base = builders.write_lba(str(tmp_path), str(tmp_path / "tmp"), fmt="pkl", splits=splits)

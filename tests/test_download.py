@@ -24,6 +24,7 @@ DRIVE_PAGE = """<html><body>Google Drive can't scan this file for viruses.
 class Handler(http.server.BaseHTTPRequestHandler):
   served = []  # (path, Range header, bytes sent)
   honour_range = True
+  files = {}  # path -> bytes, served as is
 
   def log_message(self, *args):
     pass
@@ -42,6 +43,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def do_GET(self):
     base = f"http://127.0.0.1:{self.server.server_port}"
+    if self.path in Handler.files:
+      return self._send(Handler.files[self.path])
     if self.path.startswith("/file"):
       rng = self.headers.get("Range")
       if rng and Handler.honour_range:
@@ -77,6 +80,7 @@ def server():
 def reset():
   Handler.served.clear()
   Handler.honour_range = True
+  Handler.files = {}
 
 
 def test_fetch_and_md5(server, tmp_path):
@@ -174,3 +178,74 @@ def test_scannet_structure_urls_and_fallback(server, tmp_path):
   candidates = [(n, server + "/" + n) for n in ("1a2n.pdb1.gz", "1a2n-assembly1.cif.gz")]
   out = download.fetch_structure("1a2n", str(tmp_path / "s"), True, candidates=candidates)
   assert out.endswith("1a2n-assembly1.cif.gz") and open(out, "rb").read() == b"cif"
+
+
+# The five ProtFunct text files, small stand-ins with their own md5s and line counts.
+_LABEL_TEXT = {"chain_functions.txt": "1abc.A,0\n2def.B,1\n", "unique_functions.txt":
+               "1.1.1.1\n2.2.2.2\n", "training.txt": "1abc.A\n",
+               "validation.txt": "2def.B\n", "testing.txt": "3ghi.C\n4jkl.D\n"}
+
+
+def _protfunct_zip(path, with_labels=False):
+  """A Drive-like ProtFunct.zip: ProtFunct/data/*.hdf5, the text files only if asked."""
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("ProtFunct/data/1abc.A.hdf5", b"\x89HDF")
+    if with_labels:
+      for name, text in _LABEL_TEXT.items():
+        z.writestr(f"ProtFunct/{name}", text)
+
+
+@pytest.fixture
+def label_files(server, monkeypatch):
+  monkeypatch.setattr(download, "IECONV_RAW", server + "/ieconv/{name}")
+  monkeypatch.setattr(download, "REACT_LABEL_FILES", {
+      name: download.LabelFile(text.count("\n"), hashlib.md5(text.encode()).hexdigest())
+      for name, text in _LABEL_TEXT.items()})
+  for name, text in _LABEL_TEXT.items():
+    Handler.files[f"/ieconv/{name}"] = text.encode()
+
+
+def test_react_label_files_fetched_when_the_archive_lacks_them(server, tmp_path,
+                                                              monkeypatch, label_files):
+  _protfunct_zip(tmp_path / "ProtFunct.zip")
+  Handler.files["/ProtFunct.zip"] = (tmp_path / "ProtFunct.zip").read_bytes()
+  monkeypatch.setitem(download.ARCHIVES, "react",
+                      [("ProtFunct.zip", server + "/ProtFunct.zip", None)])
+  out = tmp_path / "raw"
+  download.download("react", str(out))
+  for name, text in _LABEL_TEXT.items():  # beside data/, where react.find_root looks
+    assert (out / "ProtFunct" / name).read_text() == text
+  from data_pipelines import react
+  assert react.find_root(str(out)) == str(out / "ProtFunct")
+
+
+def test_react_label_files_checked(server, tmp_path, label_files):
+  (tmp_path / "a").mkdir()
+  download.unpack(str(_zip_at(tmp_path / "a.zip")), str(tmp_path / "a"))
+  Handler.files["/ieconv/testing.txt"] = b"3ghi.C\n"  # not IEConv's file
+  with pytest.raises(download.DownloadError, match="testing.txt.*md5"):
+    download.react_label_files(str(tmp_path / "a"))
+  # A copy in the archive with a line missing is refused, naming the file.
+  _protfunct_zip(tmp_path / "b.zip", with_labels=True)
+  download.unpack(str(tmp_path / "b.zip"), str(tmp_path / "b"))
+  (tmp_path / "b" / "ProtFunct" / "training.txt").write_text("")
+  with pytest.raises(download.DownloadError, match="training.txt: 0 lines, expected 1"):
+    download.react_label_files(str(tmp_path / "b"))
+
+
+def _zip_at(path):
+  _protfunct_zip(path)
+  return path
+
+
+def test_python_requires_allows_tarfile_data_filter():
+  """unpack uses tarfile's filter="data", new in Python 3.11.4 (and 3.10.12, 3.9.17)."""
+  import configparser
+  from packaging.specifiers import SpecifierSet
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "setup.cfg"))
+  allowed = SpecifierSet(cfg["options"]["python_requires"])
+  assert "3.11.4" in allowed and "3.12.0" in allowed
+  assert "3.11.3" not in allowed and "3.11.0" not in allowed
+  assert hasattr(tarfile, "data_filter")

@@ -229,3 +229,53 @@ def test_other_shard_size_replaces_old_shards(tmp_path):
       "sizes.json", "train-00000-of-00002.json", "train-00000-of-00002.tfrecord",
       "train-00001-of-00002.json", "train-00001-of-00002.tfrecord"]
   assert metadata["splits"]["train"]["examples"] == 6
+
+
+def test_react_drops_notes_and_literature_counts(tmp_path, capsys):
+  """What each item leaves out is in its manifest line and summed per split; the split
+  sizes are printed and stored next to IEConv's, each difference with its reasons."""
+  from fixtures import builders  # pylint: disable=g-import-not-at-top
+  from data_pipelines import react  # pylint: disable=g-import-not-at-top
+  raw = str(tmp_path / "raw")
+  _, facts = builders.write_react(raw)
+  out = str(tmp_path / "out")
+  metadata = preprocess.main(["react", "--raw", raw, "--out", out, "--workers", "1",
+                              "--no-progress", "--max-neighbors", "8"])
+  lines = {m["source"].rsplit("/", 1)[1][:-5]: m for m in _manifest(out)}
+  for name, chain_facts in facts.items():
+    assert lines[name]["dropped"].get("hetero_atoms", 0) == len(chain_facts["hetero"])
+  for split in ("train", "val", "test"):
+    assert metadata["splits"][split]["dropped"].get("hetero_atoms", 0) == sum(
+        len(facts[n]["hetero"]) for n, c in builders.REACT_CHAINS.items() if c[3] == split)
+  assert metadata["dropped"]["hetero_atoms"] == sum(len(f["hetero"]) for f in facts.values())
+  assert metadata["notes"]["residue_number"] == react.RESIDUE_NUMBER_NOTE
+  subsets = metadata["reference_counts"]["subsets"]
+  assert {k: (v["examples"], v["reference"]) for k, v in subsets.items()} == {
+      "train": (4, 29215), "val": (1, 2562), "test": (1, 5651)}
+  assert subsets["test"]["difference"] == 1 - 5651
+  assert subsets["test"]["reasons"] == {
+      "not listed in the raw files (partial download or --limit)": 5651 - 2,
+      "missing HDF5 file": 1}
+  printed = capsys.readouterr().out
+  assert "react: chains per split vs. IEConv's ProtFunct split files" in printed
+  assert "  test                    1      5,651      -5,650" in printed
+  assert "1 × missing HDF5 file" in printed
+
+
+def test_reference_counts_by_subset():
+  from data_pipelines import reference  # pylint: disable=g-import-not-at-top
+  ref = reference.ReferenceCounts("a paper", "chains", "split/group",
+                                  {"val/70": 3, "test/70": 1})
+  line = lambda split, group, status="ok", reason="", kind="": dict(  # noqa: E731
+      source="x", split=split, group=group, status=status, reason=reason,
+      examples=int(status == "ok"), **({"reason_kind": kind} if kind else {}))
+  manifest = [line("val", "70"), line("val", "70", "skipped", "x: no file 1abc", "no file"),
+              line("test", "70"), line("train", "train")]
+  got = reference.compare(ref, manifest)
+  assert got["val/70"] == {"examples": 1, "reference": 3, "difference": -2, "items": 2,
+                           "reasons": {"no file": 1, "not listed in the raw files "
+                                       "(partial download or --limit)": 1}}
+  assert got["test/70"]["difference"] == 0 and not got["test/70"]["reasons"]
+  assert got["train/train"]["reference"] is None
+  assert reference.reason_kind(line("val", "70", "skipped", "x: 12 of 340 lines")) == (
+      "# of # lines")

@@ -132,7 +132,7 @@ def test_matches_bio_pdb(path, model_index):
     # Every layout atom has Bio.PDB's coordinates (its DisorderedAtom also selects the
     # highest occupancy), and is present exactly when Bio.PDB has it.
     for i, residue in enumerate(residues):
-      kind = structure._residue_kind(residue.get_resname())
+      kind = structure.residue_kind(residue.get_resname())
       for atom_name, slot in kind.slots.items():
         assert chain.atom_mask[i, slot] == (atom_name in residue), (i, atom_name)
         if atom_name in residue:

@@ -60,7 +60,8 @@ class _Prepared(dict):
     raw = os.path.join(root, "raw")
     os.makedirs(raw)
     _write_raw(task, raw)
-    # Fold 4 (1ubi_A) is the held-out test fold; 1osm_A is the md5-chosen val example.
+    # Fold 4 (1ubi_A) is the held-out test fold; 1osm_A is the val example (the other
+    # folds' groups: 1a28_AB#1+#2 one entry, 1hvr_B+4e43_A one antigen, 1osm_A).
     extra = ("--holdout-fold", "4") if task == "bce" else ()
     records = os.path.join(root, "records")
     self[task] = (records, _preprocess(task, raw, records, *extra))
@@ -86,10 +87,10 @@ def fast_compiles():
 EXPECTED = {  # split -> (examples, skipped) of each fixture
     "react": {"train": (4, 0), "val": (1, 0), "test": (1, 1)},
     "mqa": {"train": (3, 0), "val": (2, 0), "test": (3, 0)},
-    "lba30": {"train": (2, 0), "val": (1, 0), "test": (1, 0)},
-    "lba60": {"train": (2, 0), "val": (1, 0), "test": (1, 0)},
+    "lba30": {"train": (2, 0), "val": (1, 0), "test": (2, 0)},
+    "lba60": {"train": (2, 0), "val": (1, 0), "test": (2, 0)},
     "ppbs": {"train": (2, 0), "val": (1, 0), "test": (1, 1)},
-    "bce": {"train": (3, 0), "val": (1, 0), "test": (1, 0)},
+    "bce": {"train": (4, 0), "val": (1, 0), "test": (1, 0)},
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 # --- residue types ---------------------------------------------------------------------
 
-# IEConv / ProNet order (DATASETS.md §3). Index 25 = unknown / masked.
+# IEConv / ProNet order (IEConv's PyPeriodicTable amino list). Index 25 = unknown / masked.
 RESTYPES = "HDRFACGQEKLMNSYTIWPVUOBJZX"
 NUM_RESTYPES = len(RESTYPES)  # 26
 UNKNOWN_RESTYPE = RESTYPES.index("X")  # 25
@@ -27,8 +27,10 @@ THREE_TO_ONE = {
     "PRO": "P", "SER": "S", "THR": "T", "TRP": "W", "TYR": "Y", "VAL": "V",
     "SEC": "U", "PYL": "O", "ASX": "B", "GLX": "Z", "UNK": "X",
 }
+# The 20 standard amino acids' names (those ScanNet also keeps when written as HETATM).
+STANDARD_THREE_LETTER = frozenset(k for k, v in THREE_TO_ONE.items() if v in STANDARD_AA)
 
-# Modified residues mapped to their parent (ScanNet's list, DATASETS.md §0.2, plus the
+# Modified residues mapped to their parent (ScanNet's list, plus the
 # most frequent others in the PDB). Each maps to a key of THREE_TO_ONE.
 MODIFIED_TO_PARENT = {
     "MSE": "MET", "SEP": "SER", "TPO": "THR", "PTR": "TYR", "TYS": "TYR",
@@ -100,5 +102,8 @@ ESM_MAX_TOKENS = 1024  # positions the released ESM-2 models were trained on, in
 
 # --- chemical elements (ligand atoms as graph nodes, LBA) ------------------------------
 
-LIGAND_ELEMENTS = ("C", "N", "O", "S", "P", "F", "CL", "BR", "I", "B", "SE", "OTHER")
+# Metal ions (catalytic Zn²⁺/Mg²⁺ in LBA pockets; ATOM3D's baselines type them apart) come
+# after OTHER so that indices stored in records written before keep their meaning.
+LIGAND_ELEMENTS = ("C", "N", "O", "S", "P", "F", "CL", "BR", "I", "B", "SE", "OTHER",
+                   "ZN", "MG", "CA", "MN", "FE", "CO", "NI", "CU", "NA", "K")
 ELEMENT_INDEX = {e: i for i, e in enumerate(LIGAND_ELEMENTS)}

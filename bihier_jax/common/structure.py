@@ -29,11 +29,20 @@ Rules (what a structural biologist expects; each is tested in tests/test_structu
 - A chain whose polymer residues are nucleotides only is skipped (`nucleic_chains`).
 - Non-polymer residues other than water (ligands, ions, sugars, free amino acids after
   TER) are returned apart as `Ligand`s: ligand binding affinity needs them.
-- A residue without a CA atom is dropped and counted (`residues_without_ca`).
+- A residue without a CA atom is dropped and counted (`residues_without_ca`), and named
+  in `Structure.residues_without_ca` (ScanNet's label files list such residues).
+- Standard amino acids outside the polymer (HETATM after TER) are ligands by default;
+  `hetatm_amino_acids=True` keeps those with a CA as residues of their chain, in file
+  order, as ScanNet's parser does (`hetatm_amino_acids`).
 - Modified residues (MSE, SEP, ...) are typed as their parent (`residue_constants.
   MODIFIED_TO_PARENT`, else the parent letter gemmi tabulates) and flagged `is_modified`
   (`modified_residues`); their side-chain atoms fill the parent's slots (MSE's SE is the
   δ atom of MET).
+
+One typing rule for every input path: `residue_kind` (this module's tables, then
+gemmi's) types residues of structure files, of ATOM3D atom tables
+(data_pipelines.atom_rows builds a gemmi structure from them and reads it here) and of
+IEConv's HDF5 files (data_pipelines.react).
 
 Inputs: the content decides, never the file name. gzip, bzip2 and xz streams are
 decompressed whole (a truncated or corrupt stream is refused, never read in part); zip
@@ -83,6 +92,14 @@ class StructureError(ValueError):
   """A structure file cannot be used; the message names the file and the reason."""
 
 
+class ModelNotFoundError(StructureError):
+  """The requested model index is beyond the file's models (`num_models` of them)."""
+
+  def __init__(self, message: str, num_models: int):
+    super().__init__(message)
+    self.num_models = num_models
+
+
 # Water names of crystallography (gemmi knows these) and of MD force fields (it does not).
 WATER_NAMES = frozenset({
     "HOH", "WAT", "H2O", "DOD", "D2O", "TIP", "TIP3", "TIP4", "TIP5", "TP3", "T3P",
@@ -94,7 +111,11 @@ _SIDECHAIN_RENAMES = {"MSE": {"SE": "SD"}}
 _STAT_KEYS = (
     "residues", "chains", "ligands", "residues_without_ca", "hydrogens", "waters",
     "nucleic_chains", "altlocs_resolved", "modified_residues", "unknown_residues",
-    "non_amino_acid_residues", "incomplete_backbone")
+    "non_amino_acid_residues", "incomplete_backbone", "hetatm_amino_acids")
+# The stats that count something left out of the chains (the rest count what was kept
+# or changed): preprocessing reports these per item as `dropped`.
+DROPPED_STATS = ("hydrogens", "waters", "altlocs_resolved", "residues_without_ca",
+                 "non_amino_acid_residues", "nucleic_chains")
 
 
 @dataclasses.dataclass
@@ -158,12 +179,16 @@ class Ligand:
 class Structure:
   """The protein chains and ligands of one model of a structure file.
 
-  `stats` counts what the rules above dropped or changed (keys in `_STAT_KEYS`).
+  `stats` counts what the rules above dropped or changed (keys in `_STAT_KEYS`);
+  `residues_without_ca` names the residues dropped for lacking a CA, as
+  (chain id, residue number, insertion code, residue name) in file order.
   """
   source: str
   chains: list[Chain]
   ligands: list[Ligand]
   stats: dict[str, int]
+  residues_without_ca: list[tuple[str, int, str, str]] = dataclasses.field(
+      default_factory=list)
 
   @property
   def num_residues(self) -> int:
@@ -197,8 +222,8 @@ def _slots_for(parent3: str, resname: str) -> dict[str, int]:
 _KIND_CACHE: dict[str, _ResidueKind] = {}
 
 
-def _residue_kind(resname: str) -> _ResidueKind:
-  """Types a residue name once (cached: a file has few distinct names)."""
+def residue_kind(resname: str) -> _ResidueKind:
+  """How a residue name is typed: this module's tables, then gemmi's (cached)."""
   kind = _KIND_CACHE.get(resname)
   if kind is None:
     kind = _KIND_CACHE[resname] = _type_residue(resname)
@@ -225,7 +250,8 @@ def _type_residue(resname: str) -> _ResidueKind:
   return _ResidueKind(False, False, "", False, {})
 
 
-_UNKNOWN_AA = _ResidueKind(True, False, "X", False, _slots_for("UNK", "UNK"))
+# A polymer residue of unknown name that has a CA: an unknown amino acid (X).
+UNKNOWN_AMINO_ACID = _ResidueKind(True, False, "X", False, _slots_for("UNK", "UNK"))
 
 
 # Compressions by their magic bytes: the content decides, never the file name.
@@ -325,7 +351,8 @@ def _read_gemmi(source, fmt: str | None, name: str) -> gemmi.Structure:
 
 
 def parse_structure(source: str | os.PathLike | bytes, model_index: int = 0, *,
-                    format: str | None = None, name: str | None = None) -> Structure:
+                    format: str | None = None, name: str | None = None,
+                    hetatm_amino_acids: bool = False) -> Structure:
   """Reads the protein chains and ligands of one model of a structure file.
 
   Args:
@@ -334,37 +361,55 @@ def parse_structure(source: str | os.PathLike | bytes, model_index: int = 0, *,
     model_index: 0-based model to read (the first by default).
     format: "pdb" or "cif" to override detection from the extension / content.
     name: how errors and `Structure.source` name the input (default: the path).
+    hetatm_amino_acids: keep standard amino acids outside the polymer (HETATM after
+      TER) that have a CA as residues of their chain (ScanNet's rule), not ligands.
 
   Returns:
     A `Structure` with at least one protein chain.
 
   Raises:
     StructureError: unreadable, empty, or without protein residues (message names the
-      file and the reason).
+      file and the reason); `ModelNotFoundError` for a model beyond the file's.
   """
   if not isinstance(source, (bytes, bytearray)):
     source = os.fspath(source)
   name = name or (source if isinstance(source, str) else "<bytes>")
   st = _read_gemmi(source, format, name)
+  return structure_from_gemmi(st, model_index, name=name,
+                              hetatm_amino_acids=hetatm_amino_acids)
+
+
+def structure_from_gemmi(st: gemmi.Structure, model_index: int = 0, *, name: str,
+                         hetatm_amino_acids: bool = False,
+                         stats: dict[str, int] | None = None) -> Structure:
+  """The rules of this module applied to one model of a gemmi structure (modified).
+
+  Args:
+    st: the structure (entity typing and chain-part merging change it in place).
+    model_index, name, hetatm_amino_acids: as for `parse_structure`.
+    stats: counts already made by the caller (e.g. hydrogens it left out), added to.
+  """
   if len(st) == 0:
     raise StructureError(f"{name}: no atoms (empty or not a structure file)")
   if not 0 <= model_index < len(st):
-    raise StructureError(f"{name}: model {model_index} requested, file has {len(st)}")
+    raise ModelNotFoundError(
+        f"{name}: model {model_index} requested, file has {len(st)}", len(st))
   model = st[model_index]
-  stats = dict.fromkeys(_STAT_KEYS, 0)
+  stats = {**dict.fromkeys(_STAT_KEYS, 0), **(stats or {})}
   n_sites = model.count_atom_sites()
   if n_sites == 0:
     raise StructureError(f"{name}: no atoms in model {model_index}")
   model.remove_hydrogens()  # C++ side; also removes deuterium
-  stats["hydrogens"] = n_sites - model.count_atom_sites()
+  stats["hydrogens"] += n_sites - model.count_atom_sites()
   # Entity typing needs the whole structure; only one model is read below.
   st.setup_entities()
   st.merge_chain_parts()
   model = st[model_index]
 
-  chains, ligands = [], []
+  chains, ligands, without_ca = [], [], []
   for gchain in model:
-    chain, chain_ligands = _read_chain(gchain, model_index, stats, name)
+    chain, chain_ligands = _read_chain(gchain, model_index, stats, name,
+                                       hetatm_amino_acids, without_ca)
     ligands.extend(chain_ligands)
     if chain is not None:
       chains.append(chain)
@@ -377,7 +422,8 @@ def parse_structure(source: str | os.PathLike | bytes, model_index: int = 0, *,
               "ligands/water only" if ligands or stats["waters"] else
               "no amino-acid residues with CA")
     raise StructureError(f"{name}: no protein chain in model {model_index} ({reason})")
-  return Structure(source=name, chains=chains, ligands=ligands, stats=stats)
+  return Structure(source=name, chains=chains, ligands=ligands, stats=stats,
+                   residues_without_ca=without_ca)
 
 
 def _ligand_atoms(residue: gemmi.Residue, stats: dict):
@@ -458,8 +504,9 @@ def _merge_microheterogeneity(first, second):
   return slots, coords, second[2]
 
 
-def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict, name: str):
-  """One author chain -> (Chain or None, [Ligand])."""
+def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict, name: str,
+                hetatm_amino_acids: bool = False, without_ca: list | None = None):
+  """One author chain -> (Chain or None, [Ligand]); CA-less residues go to `without_ca`."""
   chain_id = gchain.name
   ligands = []
   kept = []  # (residue name, kind, seqid, (slots, flat coords, CA occupancy))
@@ -467,7 +514,9 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict, name: str):
   polymer = gemmi.EntityType.Polymer
   for residue in gchain:
     resname = residue.name
-    if residue.entity_type != polymer:
+    free_amino_acid = (hetatm_amino_acids and residue.entity_type != polymer
+                       and resname in rc.STANDARD_THREE_LETTER)
+    if residue.entity_type != polymer and not free_amino_acid:
       if residue.is_water() or resname in WATER_NAMES:
         stats["waters"] += 1
         continue
@@ -478,7 +527,7 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict, name: str):
             residue_number=_NO_NUMBER if residue.seqid.num is None else residue.seqid.num,
             elements=elements, positions=np.array(coords, np.float32).reshape(-1, 3)))
       continue
-    kind = _residue_kind(resname)
+    kind = residue_kind(resname)
     if kind.is_nucleotide:
       n_nucleotides += 1
       continue
@@ -490,7 +539,7 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict, name: str):
       if residue.find_atom("CA", "*") is None:
         stats["non_amino_acid_residues"] += 1
         continue
-      kind = _UNKNOWN_AA
+      kind = UNKNOWN_AMINO_ACID
     atoms = _slot_atoms(residue, kind.slot_items, stats)
     seqid = residue.seqid
     if seqid.num is None:
@@ -506,7 +555,10 @@ def _read_chain(gchain: gemmi.Chain, model_index: int, stats: dict, name: str):
       continue
     if atoms[2] is None:
       stats["residues_without_ca"] += 1
+      if without_ca is not None:
+        without_ca.append((chain_id, seqid.num, seqid.icode.strip(), resname))
       continue
+    stats["hetatm_amino_acids"] += free_amino_acid
     kept.append((resname, kind, seqid, atoms))
 
   if not kept:
