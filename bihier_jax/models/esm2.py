@@ -93,15 +93,20 @@ class ESM2Config:
     attention: 'auto' = fastest exact path for the backend (CPU:
       `attention.masked_attention`, and for packed rows of >= 256 tokens
       `attention.segment_attention`, each query block over its chains' key window,
-      forward and backward;
-      TPU: Pallas splash attention with segment ids
-      when the row length is a multiple of 128; GPU bf16: cuDNN fused attention via
-      jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
-      'exact' = plain einsum + float32 softmax; 'splash' = the splash kernel on any
-      backend (interpreted off TPU: for tests); 'flash_gpu' = Pallas' Triton flash
-      attention with segment ids (`jax.experimental.pallas.ops.gpu.attention.mha`:
-      fused, never writes the [L, L] scores; interpreted off GPU: for tests), rows a
-      multiple of 128 tokens. Opt-in: not yet measured on a GPU by this project.
+      forward and backward; TPU: Pallas splash attention when the row length is a
+      multiple of 128; GPU bf16: cuDNN fused attention via jax.nn.dot_product_attention,
+      XLA's with a warning where cuDNN refuses; else XLA's
+      jax.nn.dot_product_attention); 'exact' = plain einsum + float32 softmax;
+      'splash' = the splash kernel on any backend (interpreted off TPU), computing only
+      the 128 x 128 blocks that hold a query and a key of one chain
+      (`attention.block_visits`, from the segment ids at trace time) and masking by
+      segment ids inside them; 'flash_gpu' = Pallas' Triton flash attention with
+      segment ids (`jax.experimental.pallas.ops.gpu.attention.mha`; interpreted off
+      GPU), which computes every key block. Both Pallas kinds never write the [L, L]
+      scores, take rows padded to a multiple of `PALLAS_BLOCK` (the data pipeline
+      rounds row lengths up for them) and run inside the steps' shard_map through
+      `attention.untyped_kernel`. flash_gpu is opt-in: not yet timed on a GPU by this
+      project.
     frozen_embedding, frozen_layers, frozen_final_norm: parameters that enter the
       computation as constants (`stop_gradient` on the parameters): the token
       embedding, the first `frozen_layers` layers, the final LayerNorm. Their gradient
@@ -440,36 +445,44 @@ def pallas_row_multiple(kind: str) -> int:
   return PALLAS_BLOCK if kind in PALLAS_KINDS else 1
 
 
+def _loaded_blocks(visits, axis: int):
+  """int32 [nb, nb]: the block (index along `axis`) each grid entry of a splash kernel
+  loads: its own where visited, else the last visited one before it (the first after
+  it at the start), so a skipped entry reuses the block the kernel holds (no copy)."""
+  n = visits.shape[axis]
+  index = jax.lax.broadcasted_iota(jnp.int32, visits.shape, axis)
+  last = jax.lax.cummax(jnp.where(visits, index, -1), axis=axis)
+  first = jnp.min(jnp.where(visits, index, n), axis=axis, keepdims=True)
+  return jnp.where(last >= 0, last, first)
+
+
 def _splash_kernel(visits, interpret: bool):
-  """The splash kernel of one row, over the (query block, key block) pairs `visits`
-  (bool [nb, nb], `attention.block_visits`) only; segment ids mask inside each block.
+  """The splash kernel of one row, computing only the (query block, key block) pairs
+  `visits` (bool [nb, nb], `attention.block_visits`; segment ids mask inside them).
 
   Built inside the trace from traced arrays (never cached: a cached kernel would hold
   one trace's arrays). Its mask info has no partial-mask tables: a visited block is
   "full" (block_mask 2) and the segment ids do the elementwise masking, so the kernel
   keeps O(nb²) integers per row, not an [L, L] mask.
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info  # pylint: disable=g-import-not-at-top
-  n = visits.shape[-1]
+  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
+  kernel_lib = splash_attention.splash_attention_kernel
   block_mask = jnp.where(visits, 2, 0).astype(jnp.int8)[None]  # [1, nb, nb]: all heads
 
-  def info(next_block):
-    """Mask info whose skipped entries load block 0 (no new copy, as splash does)."""
-    return mask_info.MaskInfo(
-        data_next=jnp.where(visits, next_block, 0).astype(jnp.int32)[None],
-        mask_next=None, block_mask=block_mask, partial_mask_blocks=None, q_sequence=None,
-        is_dynamic_mask=True)
+  def info(loaded):
+    return splash_attention.splash_attention_mask_info.MaskInfo(
+        data_next=loaded[None], mask_next=None, block_mask=block_mask,
+        partial_mask_blocks=None, q_sequence=None, is_dynamic_mask=True)
 
-  key_block = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (n, n))
-  query_block = key_block.T  # the dk/dv kernel walks query blocks
+  key_blocks = info(_loaded_blocks(visits, 1))  # forward and dq kernels walk key blocks
+  query_blocks = info(_loaded_blocks(visits, 0))  # the dk/dv kernel walks query blocks
   size = PALLAS_BLOCK
-  blocks = splash.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size,
-                             block_q_dkv=size, block_kv_dkv=size,
-                             block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size)
-  return splash.SplashAttentionKernel(
-      info(key_block), info(key_block), info(query_block), block_sizes=blocks,
-      is_mqa=False, save_residuals=False, mask_value=splash.DEFAULT_MASK_VALUE,
+  blocks = kernel_lib.BlockSizes(
+      block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
+      block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size)
+  return kernel_lib.SplashAttentionKernel(
+      key_blocks, key_blocks, query_blocks, block_sizes=blocks, is_mqa=False,
+      save_residuals=False, mask_value=kernel_lib.DEFAULT_MASK_VALUE,
       attn_logits_soft_cap=None, residual_checkpoint_name=None, mask_function=None,
       interpret=interpret)
 
@@ -495,8 +508,8 @@ def _flash_gpu_rows(q, k, v, segment_ids):
   """Pallas (Triton) flash attention with segment ids (`pallas.ops.gpu.attention.mha`):
   a query attends to keys of its own id; every key block is computed. q, k, v
   [B, L, H, hd], L a multiple of PALLAS_BLOCK; interpreted off GPU."""
-  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # pylint: disable=g-import-not-at-top
-  return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=1.0,
+  from jax.experimental.pallas.ops.gpu import attention as gpu  # pylint: disable=g-import-not-at-top
+  return gpu.mha(q, k, v, segment_ids, sm_scale=1.0,
                         interpret=jax.default_backend() != "gpu")
 
 
