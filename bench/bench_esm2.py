@@ -4,6 +4,7 @@
   python bench/bench_esm2.py --gpu [--quick] [--json PATH]      # accelerator: bf16 t33_650M,
                                                                 # packed rows per attention kind
   python bench/bench_esm2.py --varlen [--quick] [--json PATH]   # CPU: realistic lengths
+  python bench/bench_esm2.py --splash-blocks [--json PATH]      # splash's visited blocks
 
 CPU speed: forward tokens/s of the port (jit) and of transformers' PyTorch `EsmModel`
 (default attention, inference_mode, torch.set_num_threads(2)) with the same random
@@ -510,6 +511,71 @@ def packed_attention_ab(preset: str, n: int, repeats: int, seed: int = 0) -> dic
   return result
 
 
+def _pipeline_rows(lengths: np.ndarray, row_length: int, batch_size: int,
+                   seed: int = 0) -> dict[int, np.ndarray]:
+  """Segment ids int32[R, L] (-1 at padding) of every row of every batch the input
+  pipeline makes of single chains of `lengths` residues in a random stream order:
+  `input_pipeline.bucket_budgets` (packed rows of `row_length`, longer chains in the
+  1,024-token bucket; batch padding rows included) and `packing.plan_batches`, per
+  row length."""
+  from bihier_jax.data import input_pipeline, packing  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.data.pack_rows, config.data.row_length = True, row_length
+  config.train.batch_size = batch_size
+  edges = lengths * 16  # a residue graph's edges per node; only budgets' n_edge sees it
+  sizes = np.stack([lengths, lengths, np.ones_like(lengths), edges], 1)
+  budgets = input_pipeline.bucket_budgets(config, sizes)
+  order = np.random.default_rng(seed).permutation(len(lengths))
+  home = {int(i): next(b for b, budget in enumerate(budgets) if packing.oversize(
+      int(lengths[i]), int(edges[i]), [int(lengths[i]) + 2], budget) is None)
+          for i in order}
+  out = {}
+  for b, budget in enumerate(budgets):
+    members = [i for i in order if home[int(i)] == b]
+    if not members:
+      continue
+    plan = packing.plan_batches(lengths[members], edges[members], np.ones(len(members)),
+                                lengths[members] + 2, budget)
+    ids = np.full((plan.num_batches, budget.n_row, budget.row_length), -1, np.int32)
+    for k, i in enumerate(members):
+      start = plan.column[k]
+      ids[plan.batch[k], plan.row[k], start:start + lengths[i] + 2] = k
+    out[budget.row_length] = ids.reshape(-1, budget.row_length)
+  return out
+
+
+def splash_blocks(n: int, row_length: int = 768, batch_size: int = 32,
+                  seed: int = 0) -> dict:
+  """The (query block, key block) pairs the splash kernel computes on the rows the
+  input pipeline packs `n` realistic chains into (`_pipeline_rows`), against all
+  (L / 128)² per row, per row length. The counts are read from the block mask of the
+  kernel each row gets (`esm2._splash_kernel`: its forward, dq and dk/dv kernels share
+  it); no kernel runs. Also the same-chain (query, key) pairs of real tokens over L x L:
+  what only elementwise skipping would leave."""
+  from bihier_jax.models import attention  # pylint: disable=import-outside-toplevel
+  out = {}
+  for length, ids in _pipeline_rows(realistic_lengths(n, seed), row_length, batch_size,
+                                    seed).items():
+    rows = ids.shape[0]
+    visits = attention.block_visits(jnp.asarray(ids), esm2.PALLAS_BLOCK)
+    block_mask = jax.vmap(lambda v: esm2._splash_kernel(v, True).fwd_mask_info.block_mask)(  # pylint: disable=protected-access
+        visits)
+    visited = int((np.asarray(block_mask) > 0).sum())
+    blocks = rows * (length // esm2.PALLAS_BLOCK) ** 2
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids >= 0)[:, :, None]
+    out[length] = {"rows": rows, "empty_rows": int((ids < 0).all(1).sum()),
+                   "chains": sum(len(set(row[row >= 0])) for row in ids),
+                   "real_tokens": int((ids >= 0).sum()), "blocks": blocks,
+                   "visited_blocks": visited, "visited_fraction": visited / blocks,
+                   "same_chain_pair_fraction": float(same.sum()) / (rows * length ** 2)}
+  total = sum(r["blocks"] for r in out.values())
+  visited = sum(r["visited_blocks"] for r in out.values())
+  out["all"] = {"rows": sum(r["rows"] for r in out.values()), "blocks": total,
+                "visited_blocks": visited, "visited_fraction": visited / total}
+  return out
+
+
 def _varlen(quick: bool) -> dict:
   """The variable-length comparison for t6_8M and t12_35M, printed and as results."""
   presets = ["t6_8M"] if quick else ["t6_8M", "t12_35M"]
@@ -544,6 +610,8 @@ def main(argv=None) -> int:
                       help="CPU threads for torch; 1 also makes XLA single-threaded")
   parser.add_argument("--varlen", action="store_true",
                       help="only the variable-length comparison (48 realistic lengths)")
+  parser.add_argument("--splash-blocks", action="store_true",
+                      help="only the splash kernel's visited blocks on packed rows")
   args = parser.parse_args(argv)
   results: dict = {"backend": jax.default_backend(),
                    "devices": [d.device_kind for d in jax.devices()],
@@ -575,6 +643,15 @@ def main(argv=None) -> int:
                         "achieved_tflops", "mfu", "error"])
   elif args.varlen:
     results.update(_varlen(args.quick))
+  elif args.splash_blocks:
+    n = 512 if args.quick else 4096
+    counts = splash_blocks(n)
+    results["splash_blocks"] = counts
+    print(f"splash blocks computed on the pipeline's batches of {n} realistic chains "
+          "(768-token packed rows, longer chains in 1,024-token rows; batch 32)")
+    _print_table([{"row_length": k, **v} for k, v in counts.items()],
+                 ["row_length", "rows", "empty_rows", "chains", "real_tokens", "blocks",
+                  "visited_blocks", "visited_fraction", "same_chain_pair_fraction"])
   else:
     repeats = 3 if args.quick else 10
     batch = args.batch or 8

@@ -172,6 +172,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       raise ConfigError("model.esm.lora_targets is empty: name some of "
                         f"{' | '.join(esm2.LORA_TARGETS)}")
   _one_of(config, "model.esm.attention", esm2.ATTENTION_KINDS)
+  _pallas_row_length(config, esm2.pallas_row_multiple(
+      str(_get(config, "model.esm.attention", "auto"))))
   _one_of(config, "model.gnn.level", pronet.LEVELS)
   _one_of(config, "model.fusion.mode", bihier.MODES)
   _one_of(config, "model.fusion.direction", bihier.DIRECTIONS)
@@ -224,6 +226,21 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     bihier.BiHierConfig.from_config(config)
   except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise ConfigError(str(e).splitlines()[0] if str(e) else repr(e)) from e
+
+
+def _pallas_row_length(config, multiple: int) -> None:
+  """A forced packing row length must fill whole blocks of a Pallas attention kernel
+  (other row lengths are rounded up to them by the data pipeline)."""
+  value = _get(config, "data.row_length")
+  if (multiple == 1 or isinstance(value, bool) or not isinstance(value, int)
+      or value <= 0 or value % multiple == 0):
+    return
+  kind = _get(config, "model.esm.attention")
+  fits = " or ".join(str(x) for x in (value // multiple * multiple,
+                                      -(-value // multiple) * multiple) if x > 0)
+  raise ConfigError(f"data.row_length={value} is not a multiple of {multiple}, the block "
+                    f"of the model.esm.attention={kind!r} kernel: use {fits}, or 0 "
+                    "(chosen for the model)")
 
 
 def check(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:

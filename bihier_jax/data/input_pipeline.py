@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 import functools
+import math
 import os
 
 from absl import logging
@@ -291,6 +292,8 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
 #     Packed, the packing row length L_p (data.row_length, or 0: `choose_row_length` for
 #     the config's ESM-2 preset), then the length buckets above it for longer chains.
 #     Buckets above the one holding the longest (cropped) chain of the data are dropped.
+#     With a Pallas attention kernel (model.esm.attention splash | flash_gpu) every
+#     length is rounded up to the kernels' block of 128 tokens (`esm_row_multiple`).
 #     An example goes to the first bucket whose budget it fits alone (longest chain + 2
 #     <= L_b, nodes, edges, chains, graph capacity).
 #   n_graph G_b = batch_size + 1: batch_size is the most proteins in a batch.
@@ -522,15 +525,28 @@ def _choose_row_length_cached(sizes_bytes: bytes, embed_dim: int, ffn_dim: int,
                            max_neighbors=max_neighbors)
 
 
+def esm_row_multiple(config) -> int:
+  """The multiple every ESM row length of `config` is rounded up to: the Pallas
+  kernels' block when model.esm.attention names one (`esm2.pallas_row_multiple`: 128
+  for splash and flash_gpu), else 1."""
+  model = config.get("model")
+  kind = model.esm.get("attention", "auto") if model and "esm" in model else "auto"
+  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
+  return esm2.pallas_row_multiple(str(kind))
+
+
 def bucket_budgets(config, sizes: np.ndarray | None = None, *,
                    node_fill: float | None = None, node_multiple: int = 128
                    ) -> list[PaddingBudget]:
   """The fixed budgets of a task (see the budget rule above), smallest first.
 
+  Every row length is rounded up to `esm_row_multiple(config)` (128 with a Pallas
+  attention kernel, so the rows, the init sample batch's included, fill whole blocks).
+
   Args:
     config: uses data.length_buckets, data.max_residues, data.max_neighbors,
       data.pack_rows (missing = False), data.row_length, model.esm.preset (packed with
-      data.row_length = 0) and train.batch_size.
+      data.row_length = 0), model.esm.attention and train.batch_size.
     sizes: int[n, 4] per-example (nodes, longest chain, chains, edges), e.g. the train
       split's `load_sizes`; chains longer than max_residues are counted as cropped.
     node_fill: default 0.9 unpacked, 1.0 packed.
@@ -540,6 +556,8 @@ def bucket_budgets(config, sizes: np.ndarray | None = None, *,
   if packed:
     row = packing_row_length(config, sizes)
     lengths = [row] + [b for b in lengths if b > row]
+  multiple = esm_row_multiple(config)
+  lengths = sorted({_round_up(b, multiple) for b in lengths})
   return _budgets(sizes, lengths, batch_size=int(config.train.batch_size),
                   max_residues=int(config.data.max_residues),
                   max_neighbors=int(config.data.max_neighbors), packed_rows=packed,
@@ -594,9 +612,10 @@ def inference_batches(examples: Sequence[ProteinExample], config
     for k in range(plan.num_batches):
       out.append((budgets[b], [i for i, j in zip(idx, plan.batch) if j == k]))
   packed = bool(config.data.get("pack_rows", False))
+  rows = math.lcm(8, esm_row_multiple(config))
   for i in alone:
     out.append((budget_for([examples[i]], node_multiple=64, edge_multiple=512,
-                           row_multiple=8, packed_rows=packed), [i]))
+                           row_multiple=rows, packed_rows=packed), [i]))
   return out
 
 

@@ -41,6 +41,7 @@ import math
 import re
 from typing import Any, NamedTuple, Sequence
 
+from absl import logging
 import flax
 import flax.linen as nn
 import flax.struct
@@ -92,15 +93,20 @@ class ESM2Config:
     attention: 'auto' = fastest exact path for the backend (CPU:
       `attention.masked_attention`, and for packed rows of >= 256 tokens
       `attention.segment_attention`, each query block over its chains' key window,
-      forward and backward;
-      TPU: Pallas splash attention with segment ids
-      when the row length is a multiple of 128; GPU bf16: cuDNN fused attention via
-      jax.nn.dot_product_attention; else XLA's jax.nn.dot_product_attention);
-      'exact' = plain einsum + float32 softmax; 'splash' = the splash kernel on any
-      backend (interpreted off TPU: for tests); 'flash_gpu' = Pallas' Triton flash
-      attention with segment ids (`jax.experimental.pallas.ops.gpu.attention.mha`:
-      fused, never writes the [L, L] scores; interpreted off GPU: for tests), rows a
-      multiple of 128 tokens. Opt-in: not yet measured on a GPU by this project.
+      forward and backward; TPU: Pallas splash attention when the row length is a
+      multiple of 128; GPU bf16: cuDNN fused attention via jax.nn.dot_product_attention,
+      XLA's with a warning where cuDNN refuses; else XLA's
+      jax.nn.dot_product_attention); 'exact' = plain einsum + float32 softmax;
+      'splash' = the splash kernel on any backend (interpreted off TPU), computing only
+      the 128 x 128 blocks that hold a query and a key of one chain
+      (`attention.block_visits`, from the segment ids at trace time) and masking by
+      segment ids inside them; 'flash_gpu' = Pallas' Triton flash attention with
+      segment ids (`jax.experimental.pallas.ops.gpu.attention.mha`; interpreted off
+      GPU), which computes every key block. Both Pallas kinds never write the [L, L]
+      scores, take rows padded to a multiple of `PALLAS_BLOCK` (the data pipeline
+      rounds row lengths up for them) and run inside the steps' shard_map through
+      `attention.untyped_kernel`. flash_gpu is opt-in: not yet timed on a GPU by this
+      project.
     frozen_embedding, frozen_layers, frozen_final_norm: parameters that enter the
       computation as constants (`stop_gradient` on the parameters): the token
       embedding, the first `frozen_layers` layers, the final LayerNorm. Their gradient
@@ -388,26 +394,136 @@ def _cudnn_attention(q, k, v, mask):
                                       implementation="cudnn")
 
 
-@functools.lru_cache(maxsize=None)
-def _splash_kernel(length: int, num_heads: int, interpret: bool):
-  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
-  mask = splash_attention.MultiHeadMask(
-      [splash_attention.FullMask((length, length))] * num_heads)
-  return splash_attention.make_splash_mha_single_device(mask=mask, interpret=interpret)
+def _xla_attention(q, k, v, mask):
+  return jax.nn.dot_product_attention(q, k, v, mask=_mask4(mask), scale=1.0)
 
 
-def _splash_attention(q, k, v, segment_ids):
-  """Pallas splash attention (flash attention that skips blocks of other segments) with
-  segment ids; on TPU natively, elsewhere interpreted. q, k, v [B, L, H, hd], L a
-  multiple of 128."""
+_CUDNN_WARNED: set[str] = set()
+
+
+def _warn_cudnn_refused(reason: str) -> None:
+  """One warning per distinct reason (each layer's trace would repeat it)."""
+  if reason not in _CUDNN_WARNED:
+    _CUDNN_WARNED.add(reason)
+    logging.warning("cuDNN fused attention refused (%s): ESM attention falls back to "
+                    "XLA's jax.nn.dot_product_attention", reason)
+
+
+def _cudnn_refusal(shape, dtype, packed: bool) -> str | None:
+  """Why cuDNN would refuse q, k, v of `shape` [B, L, H, hd] and `dtype` (first line of
+  its error), or None: the same call traced on shapes only."""
+  b, length = shape[:2]
+  qkv = jax.ShapeDtypeStruct(shape, dtype)
+  mask = jax.ShapeDtypeStruct((b, length, length) if packed else (b, length), jnp.bool_)
+  try:
+    jax.eval_shape(_cudnn_attention, qkv, qkv, qkv, mask)
+  except Exception as e:  # pylint: disable=broad-except  # any refusal: report it
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return None
+
+
+def _gpu_attention(q, k, v, mask):
+  """cuDNN fused attention, or XLA's with a warning where cuDNN refuses the call."""
+  try:
+    return _cudnn_attention(q, k, v, mask)
+  except Exception as e:  # pylint: disable=broad-except  # unsupported shape/version
+    _warn_cudnn_refused((str(e).strip().splitlines() or [type(e).__name__])[0])
+  return _xla_attention(q, k, v, mask)
+
+
+# --- Pallas kernels (splash on TPU, Triton flash on GPU; interpreted elsewhere) -----------
+
+PALLAS_KINDS = ("splash", "flash_gpu")
+# Query and key block of both kernels: rows are padded to a multiple of it (the data
+# pipeline chooses such row lengths for these kinds, `pallas_row_multiple`).
+PALLAS_BLOCK = 128
+
+
+def pallas_row_multiple(kind: str) -> int:
+  """The multiple ESM row lengths are rounded up to for `model.esm.attention=kind`:
+  `PALLAS_BLOCK` for the Pallas kinds, else 1."""
+  return PALLAS_BLOCK if kind in PALLAS_KINDS else 1
+
+
+def _loaded_blocks(visits, axis: int):
+  """int32 [nb, nb]: the block (index along `axis`) each grid entry of a splash kernel
+  loads: its own where visited, else the last visited one before it (the first after
+  it at the start), so a skipped entry reuses the block the kernel holds (no copy)."""
+  n = visits.shape[axis]
+  index = jax.lax.broadcasted_iota(jnp.int32, visits.shape, axis)
+  last = jax.lax.cummax(jnp.where(visits, index, -1), axis=axis)
+  first = jnp.min(jnp.where(visits, index, n), axis=axis, keepdims=True)
+  return jnp.where(last >= 0, last, first)
+
+
+def _splash_kernel(visits, interpret: bool):
+  """The splash kernel of one row, computing only the (query block, key block) pairs
+  `visits` (bool [nb, nb], `attention.block_visits`; segment ids mask inside them).
+
+  Built inside the trace from traced arrays (never cached: a cached kernel would hold
+  one trace's arrays). Its mask info has no partial-mask tables: a visited block is
+  "full" (block_mask 2) and the segment ids do the elementwise masking, so the kernel
+  keeps O(nb²) integers per row, not an [L, L] mask.
+  """
   from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
-  _, length, h, _ = q.shape
-  kernel = _splash_kernel(length, h, jax.default_backend() != "tpu")
-  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, hd]
-  out = jax.vmap(lambda q, k, v, ids: kernel(
-      q, k, v, segment_ids=splash_attention.SegmentIds(q=ids, kv=ids)))(
-          heads_first(q), heads_first(k), heads_first(v), segment_ids)
-  return heads_first(out)
+  kernel_lib = splash_attention.splash_attention_kernel
+  block_mask = jnp.where(visits, 2, 0).astype(jnp.int8)[None]  # [1, nb, nb]: all heads
+
+  def info(loaded):
+    return splash_attention.splash_attention_mask_info.MaskInfo(
+        data_next=loaded[None], mask_next=None, block_mask=block_mask,
+        partial_mask_blocks=None, q_sequence=None, is_dynamic_mask=True)
+
+  key_blocks = info(_loaded_blocks(visits, 1))  # forward and dq kernels walk key blocks
+  query_blocks = info(_loaded_blocks(visits, 0))  # the dk/dv kernel walks query blocks
+  size = PALLAS_BLOCK
+  blocks = kernel_lib.BlockSizes(
+      block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
+      block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size)
+  return kernel_lib.SplashAttentionKernel(
+      key_blocks, key_blocks, query_blocks, block_sizes=blocks, is_mqa=False,
+      save_residuals=False, mask_value=kernel_lib.DEFAULT_MASK_VALUE,
+      attn_logits_soft_cap=None, residual_checkpoint_name=None, mask_function=None,
+      interpret=interpret)
+
+
+def _splash_rows(q, k, v, segment_ids):
+  """Splash attention of rows: q, k, v [B, L, H, hd] (L a multiple of PALLAS_BLOCK),
+  segment_ids [B, L]; each row's kernel visits only the blocks `attention.block_visits`
+  names (on TPU natively, elsewhere interpreted)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
+  interpret = jax.default_backend() != "tpu"
+  visits = attention.block_visits(segment_ids, PALLAS_BLOCK)
+
+  def row(q, k, v, ids, visits):  # q, k, v [H, L, hd]
+    return _splash_kernel(visits, interpret)(
+        q, k, v, segment_ids=splash_attention.SegmentIds(q=ids, kv=ids))
+
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, H, hd] <-> [B, H, L, hd]
+  return heads_first(jax.vmap(row)(heads_first(q), heads_first(k), heads_first(v),
+                                   segment_ids, visits))
+
+
+def _flash_gpu_rows(q, k, v, segment_ids):
+  """Pallas (Triton) flash attention with segment ids (`pallas.ops.gpu.attention.mha`):
+  a query attends to keys of its own id; every key block is computed. q, k, v
+  [B, L, H, hd], L a multiple of PALLAS_BLOCK; interpreted off GPU."""
+  from jax.experimental.pallas.ops.gpu import attention as gpu  # pylint: disable=g-import-not-at-top
+  return gpu.mha(q, k, v, segment_ids, sm_scale=1.0,
+                        interpret=jax.default_backend() != "gpu")
+
+
+def _pallas_attention(rows, q, k, v, segment_ids):
+  """A Pallas kernel `rows` (`_splash_rows`, `_flash_gpu_rows`) on q, k, v [B, L, H, hd]
+  with segment ids [B, L]: rows padded to a multiple of PALLAS_BLOCK (padding tokens get
+  id -1, their outputs are cut off), run through `attention.untyped_kernel` so that it
+  traces inside the steps' shard_map."""
+  length = q.shape[1]
+  pad = -length % PALLAS_BLOCK
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  return attention.untyped_kernel(rows)(q, k, v, segment_ids)[:, :length]
 
 
 def _segment_windows_pay(length: int) -> bool:
@@ -418,44 +534,69 @@ def _segment_windows_pay(length: int) -> bool:
   return length % block == 0 and length >= 2 * block
 
 
-def _flash_gpu_attention(q, k, v, segment_ids):
-  """Pallas (Triton) flash attention with segment ids: a query attends to keys of its
-  own id (padding, id -1, to padding). q, k, v [B, L, H, hd], L a multiple of 128;
-  interpreted off GPU."""
-  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # pylint: disable=g-import-not-at-top
-  return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=1.0,
-                        interpret=jax.default_backend() != "gpu")
+def _choose_attention(kind: str, shape, dtype, packed: bool):
+  """(name, fn(q, k, v, layout)) of the attention run for `kind` on q, k, v of `shape`
+  [B, L, H, hd] and `dtype`; packed: a pair mask (several chains per row).
+
+  kind 'exact': einsum reference. 'splash' / 'flash_gpu': the Pallas kernels
+  (`_pallas_attention`). 'auto': by backend - CPU: `_cpu_attention` (same maths,
+  CPU-friendly arrangement), packed rows by key windows where `_segment_windows_pay`;
+  TPU: splash when L is a multiple of PALLAS_BLOCK; GPU with bf16/fp16 compute: cuDNN
+  fused attention (XLA's jax.nn.dot_product_attention, with a warning, where cuDNN
+  refuses the shapes); otherwise XLA's.
+  """
+  backend = jax.default_backend()
+  length = shape[1]
+  pallas = lambda rows: lambda q, k, v, layout: _pallas_attention(
+      rows, q, k, v, layout.segment_ids)
+  if kind == "exact":
+    return "exact (einsum, float32 softmax)", lambda q, k, v, layout: _exact_attention(
+        q, k, v, layout.mask)
+  if kind == "flash_gpu":
+    where = "" if backend == "gpu" else ", interpreted"
+    return (f"flash_gpu (Pallas Triton{where}; every key block computed)",
+            pallas(_flash_gpu_rows))
+  if kind == "splash" or (backend == "tpu" and length % PALLAS_BLOCK == 0):
+    where = "" if backend == "tpu" else ", interpreted"
+    return (f"splash (Pallas{where}; key blocks of other chains skipped)",
+            pallas(_splash_rows))
+  if backend == "cpu":
+    if packed and _segment_windows_pay(length):
+      return ("key windows (attention.segment_attention)",
+              lambda q, k, v, layout: attention.segment_attention(q, k, v,
+                                                                  layout.segment_ids))
+    return "masked_attention (CPU)", lambda q, k, v, layout: _cpu_attention(
+        q, k, v, layout.mask)
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    refusal = _cudnn_refusal(shape, dtype, packed)
+    if refusal is None:
+      return ("cuDNN fused (jax.nn.dot_product_attention)" if not packed else
+              "jax.nn.dot_product_attention with the same-chain mask",
+              lambda q, k, v, layout: _gpu_attention(q, k, v, layout.mask))
+    _warn_cudnn_refused(refusal)
+    return (f"XLA jax.nn.dot_product_attention (cuDNN refused: {refusal})",
+            lambda q, k, v, layout: _xla_attention(q, k, v, layout.mask))
+  return "XLA jax.nn.dot_product_attention", lambda q, k, v, layout: _xla_attention(
+      q, k, v, layout.mask)
+
+
+def describe_attention(cfg: "ESM2Config", rows: int, length: int, packed: bool) -> str:
+  """What `_attention` runs for `cfg` on a token grid [rows, length], e.g. 'splash
+  (Pallas, interpreted; key blocks of other chains skipped) on 768-token packed rows'
+  (for the log line of each compiled step)."""
+  shape = (rows, length, cfg.num_heads, cfg.head_dim)
+  name, _ = _choose_attention(cfg.attention, shape, cfg.dtype, packed)
+  layout = "packed" if packed else "one-chain"
+  padded = -length % PALLAS_BLOCK if cfg.attention in PALLAS_KINDS else 0
+  pad_note = f", padded to {length + padded} in the kernel" if padded else ""
+  return f"{name} on {length}-token {layout} rows{pad_note}"
 
 
 def _attention(q, k, v, layout: AttentionLayout, kind):
   """Softmax attention, q already scaled. q, k, v [B, L, H, hd]; layout from
-  `attention_layout`.
-
-  kind 'exact': einsum reference. 'splash': `_splash_attention`. 'auto': by backend -
-  CPU: `_cpu_attention` (same maths, CPU-friendly arrangement), packed rows by key
-  windows where `_segment_windows_pay`; TPU: splash attention
-  when L is a multiple of 128; GPU with bf16/fp16 compute: cuDNN fused attention
-  (falls back to XLA's jax.nn.dot_product_attention if cuDNN refuses the shapes);
-  otherwise XLA's.
-  """
-  mask = layout.mask
-  if kind == "exact":
-    return _exact_attention(q, k, v, mask)
-  backend = jax.default_backend()
-  if kind == "flash_gpu":
-    return _flash_gpu_attention(q, k, v, layout.segment_ids)
-  if kind == "splash" or (backend == "tpu" and q.shape[1] % 128 == 0):
-    return _splash_attention(q, k, v, layout.segment_ids)
-  if backend == "cpu":
-    if mask.ndim == 3 and _segment_windows_pay(q.shape[1]):
-      return attention.segment_attention(q, k, v, layout.segment_ids)
-    return _cpu_attention(q, k, v, mask)
-  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return _cudnn_attention(q, k, v, mask)
-    except Exception:  # pylint: disable=broad-except  # unsupported shape/version: use XLA
-      pass
-  return jax.nn.dot_product_attention(q, k, v, mask=_mask4(mask), scale=1.0)
+  `attention_layout`; kind: `ESM2Config.attention`, resolved by `_choose_attention`."""
+  _, fn = _choose_attention(kind, q.shape, q.dtype, layout.mask.ndim == 3)
+  return fn(q, k, v, layout)
 
 
 def _transformer_layer(p, h, layout, cos, sin, lora=None, *, cfg: ESM2Config):

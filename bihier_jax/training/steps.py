@@ -121,6 +121,18 @@ def _each_sub_batch(fn, block):
   return jax.lax.map(fn, block)
 
 
+def _log_attention(model, batch: Batch) -> None:
+  """Logs the ESM attention a step runs (`esm2.describe_attention`); called while the
+  step is traced, so once per compiled program."""
+  cfg = model.config
+  if not getattr(cfg, "uses_esm", False):
+    return
+  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
+  rows, length = batch.tokens.shape[-2:]
+  logging.info("ESM attention: %s",
+               esm2.describe_attention(cfg.esm, rows, length, batch.packed_rows))
+
+
 def _data_parallel(body, mesh, out_specs):
   """body(params, *stacked, axis_name=...) as one program per device of `mesh`
   (shard_map over all its axes: params laid out by `parallel.param_specs`, stacked
@@ -181,6 +193,7 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
     and grads shaped like the trainable view.
   """
   from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+  _log_attention(model, batch)
   trainable = model.config.trainable
   num_sub = batch.node_mask.shape[0]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
@@ -288,6 +301,7 @@ def eval_step(params, batch: Batch, *, model, task, mesh=None
   (each device runs its own sub-batches unbatched when there is a mesh, as in
   loss_and_grads)."""
   from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+  _log_attention(model, batch)
 
   def body(params, block, *, axis_name):
     del axis_name  # per-device outputs stay on their device
