@@ -40,11 +40,12 @@ def main(argv):
   cli.start(argv)
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  if not FLAGS.config.train.multi_host:
+  config = FLAGS.config
+  if not config.train.multi_host:
     # Multi-host: evaluate_checkpoint joins the job first, then the backend starts.
     train_lib.start_backend(False)
-  inference.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                                FLAGS.splits)
+    config = cli.fit_to_devices(config)  # e.g. an FSDP run on fewer devices
+  inference.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.splits)
 
 
 if __name__ == "__main__":
