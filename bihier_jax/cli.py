@@ -54,7 +54,7 @@ FLAGS = flags.FLAGS
 std_logging.getLogger("numexpr.utils").setLevel(std_logging.WARNING)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-# Lines the flag parser has to say once logging is set up (logged by `start`).
+# Lines the flag parser has to say once logging is set up (`check_devices` logs them).
 _PENDING_LOG: list[str] = []
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?", "h")
 
@@ -108,8 +108,6 @@ def start(argv) -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
   logs.quiet_library_logs()
-  while _PENDING_LOG:
-    logging.info("%s", _PENDING_LOG.pop(0))
 
 
 def _devices_per_host() -> tuple[int, list[int]]:
@@ -129,6 +127,8 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
   """
   from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
   train_lib.start_backend(bool(config.train.get("multi_host", False)))
+  while _PENDING_LOG:  # after the backend line, which opens every run's log
+    logging.info("%s", _PENDING_LOG.pop(0))
   num_devices, per_host = _devices_per_host()
   config_check.check_devices(config, num_devices, per_host)
   logging.info("%s", config_check.describe_layout(config, num_devices, len(per_host)))

@@ -326,9 +326,9 @@ def check_batch_split(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"train.fsdp={fsdp} needs train.batch_size={batch} to be a multiple of {fsdp} "
         f"x train.grad_accum_steps={accum} (every device of an fsdp group takes its own "
-        f"sub-batch): set --config.train.batch_size={_round_up(batch, accum * fsdp)}, "
-        f"or --config.train.fsdp to {_divisors(batch // accum)} (dividing your devices "
-        "per host)")
+        f"sub-batch): set --config.train.fsdp to {_divisors(batch // accum)} (one that "
+        f"divides your devices per host), or --config.train.batch_size to a multiple of "
+        f"{accum * fsdp}")
 
 
 def _round_up(x: int, m: int) -> int:

@@ -28,6 +28,9 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def _gfile():
+  # TensorFlow's start-up lines (oneDNN, absl::InitializeLog) before a one-line error.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.gfile
 
