@@ -239,11 +239,15 @@ def test_preset_read_from_every_format_and_url(hf_mlm_dir, tmp_path):
 
 
 def test_weights_through_a_file_url_equal_the_local_ones(hf_mlm_dir, tmp_path):
-  src, _ = hf_mlm_dir
+  src, model = hf_mlm_dir
   converted = str(tmp_path / "converted")
   assert convert_esm.main(["--src", "file://" + src, "--out", converted]) == 0
+  # The larger Hub checkpoints come as shards (pytorch_model-0000i-of-0000n.bin).
+  sharded = tmp_path / "sharded"
+  model.save_pretrained(sharded, safe_serialization=False, max_shard_size="40KB")
+  assert (sharded / "pytorch_model.bin.index.json").exists()
   _, local = esm2_checkpoint.load_pretrained(src)
-  for path in ("file://" + src, "file://" + converted):
+  for path in ("file://" + src, "file://" + converted, f"file://{sharded}"):
     cfg, remote = esm2_checkpoint.load_pretrained(path)
     assert cfg.num_layers == LAYERS and cfg.mlm_head
     assert jax.tree.structure(remote) == jax.tree.structure(local)

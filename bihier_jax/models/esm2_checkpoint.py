@@ -3,8 +3,9 @@
 Three sources, detected from the path (a local path or a URL such as gs://bucket/esm
 or file:///data/esm, read through `bihier_jax.common.files`):
 
-  Hugging Face directory  config.json + model.safetensors (or a sharded
-                          model.safetensors.index.json, or pytorch_model.bin)
+  Hugging Face directory  config.json + model.safetensors (or sharded safetensors
+                          with model.safetensors.index.json, or pytorch_model.bin,
+                          sharded or not)
   fair-esm file           `esm2_t33_650M_UR50D.pt` style: {'model': state dict, 'cfg': ...}
   our converted directory config.json with "format": "bihier_jax.esm2" + Orbax `params/`
 
@@ -100,9 +101,15 @@ def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
       tensors.update(_read_safetensors(storage.join(directory, shard)))
   elif storage.exists(binary):
     tensors = _torch_load(binary)
+  elif storage.exists(binary + ".index.json"):  # sharded pytorch_model-0000i-of-0000n.bin
+    shards = sorted(set(storage.read_json(binary + ".index.json")["weight_map"].values()))
+    tensors = {}
+    for shard in shards:
+      tensors.update(_torch_load(storage.join(directory, shard)))
   else:
     raise FileNotFoundError(
-        f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        f"{directory}: no model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json")
   return {k: _to_numpy(v) for k, v in tensors.items()}
 
 
