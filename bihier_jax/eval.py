@@ -2,6 +2,9 @@ r"""Evaluate a trained run: `python -m bihier_jax.eval --workdir DIR [--config C
 
 The config defaults to the one the run was trained with (DIR/config.json); --config
 and --config.x.y=... overrides change it (e.g. --config.data.dir on another machine).
+It runs on the devices it finds: train.fsdp and the batch split are fitted to them
+(`cli.fit_to_devices`, one warning line when they change; the metrics do not depend on
+them), so an FSDP run trained on many devices evaluates on fewer.
 Restores a checkpoint of DIR (`--checkpoint best|latest|STEP`; default the best by the
 task's validation metric, else the latest; if that one cannot be read, the next best or
 next newest readable one, with a warning naming both; train.on_corrupt_checkpoint=fail

@@ -6,7 +6,8 @@ follows a colon (`--config configs/demo.py:tiny`). The config is checked before 
 starts: a mistake ends in one line naming the field (exit status 2, nothing written).
 A run resumes from the latest readable checkpoint in DIR (docs/training.md,
 "Checkpoints"); Ctrl-C or SIGTERM saves one after the current step and stops.
-With --config.model.esm.checkpoint=PATH the ESM-2 preset is read from the checkpoint. See `bihier_jax.training.train_lib.train_and_evaluate`.
+With --config.model.esm.checkpoint=PATH the ESM-2 preset is read from the checkpoint.
+See `bihier_jax.training.train_lib.train_and_evaluate`.
 """
 
 from absl import flags
