@@ -136,7 +136,10 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
 
 def fit_to_devices(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A trained run's config adapted to the devices here (`config_check.fit_to_devices`:
-  an FSDP run evaluates on fewer devices), saying so in the log. Starts JAX."""
+  an FSDP run evaluates on fewer devices), saying so in the log. Starts JAX (one
+  process: a multi-host job has to be joined first)."""
+  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.start_backend(False)
   num_devices, per_host = _devices_per_host()
   fitted, note = config_check.fit_to_devices(config, num_devices, per_host)
   if note:

@@ -42,12 +42,11 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   cli.start(argv)
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   if not config.train.multi_host:
-    # Multi-host: evaluate_checkpoint joins the job first, then the backend starts.
-    train_lib.start_backend(False)
-    config = cli.fit_to_devices(config)  # e.g. an FSDP run on fewer devices
+    # Starts the backend (multi-host: evaluate_checkpoint joins the job first) and fits
+    # the run to these devices, e.g. an FSDP run trained on more of them.
+    config = cli.fit_to_devices(config)
   inference.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.splits)
 
 
