@@ -15,9 +15,17 @@ demo data and no workdir. With `workdir_config=True` a command without --config 
 the run's saved WORKDIR/config.json (`config_from_workdir`); --config.x.y=... overrides
 apply to it as to a config file.
 
-Errors a user can act on (a config mistake, an unreadable checkpoint, missing records)
-end in one line on stderr, `error: ...`, and exit status 2; --verbosity=1 (-v 1) adds
-the traceback.
+With `esm_checkpoint=True` (train) a `model.esm.checkpoint` is read for its
+architecture, which sets `model.esm.preset` (`config_check.check_esm_checkpoint`); a
+preset named on the command line must agree with it. `check_devices(config)` (train,
+once JAX may start) checks the batch split and fsdp groups against the devices;
+`fit_to_devices(config)` (eval) adapts a trained run's config to the devices at hand.
+
+Errors a user can act on (a config mistake, an unreadable checkpoint, missing records,
+a batch that does not split over the devices) end in one line on stderr, `error: ...`,
+and exit status 2; --verbosity=1 (-v 1) adds the traceback. Ctrl-C outside the
+training loop (which saves a checkpoint first, see train_lib) ends in one line and exit
+status 130.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import traceback
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -44,6 +53,9 @@ FLAGS = flags.FLAGS
 # before the backend line that starts every run's log.
 std_logging.getLogger("numexpr.utils").setLevel(std_logging.WARNING)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# Lines the flag parser has to say once logging is set up (`check_devices` logs them).
+_PENDING_LOG: list[str] = []
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?", "h")
 
 
@@ -61,7 +73,8 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
 
 
 def run(main: Callable[[list[str]], None], *, config_help: str,
-        workdir_config: bool = False, needs_data: bool = True) -> None:
+        workdir_config: bool = False, needs_data: bool = True,
+        esm_checkpoint: bool = False) -> None:
   """`app.run(main)` with --config defined, parsed and validated first.
 
   Args:
@@ -69,9 +82,12 @@ def run(main: Callable[[list[str]], None], *, config_help: str,
     config_help: help text of --config.
     workdir_config: without --config, read WORKDIR/config.json (--workdir's value).
     needs_data: the command reads config.data.dir (train, eval; not predict).
+    esm_checkpoint: the command loads model.esm.checkpoint (train): its architecture
+      sets model.esm.preset.
   """
   parser = functools.partial(_parse_flags, config_help=config_help,
-                             workdir_config=workdir_config, needs_data=needs_data)
+                             workdir_config=workdir_config, needs_data=needs_data,
+                             esm_checkpoint=esm_checkpoint)
   app.run(functools.partial(_run_main, main), flags_parser=parser)
 
 
@@ -92,6 +108,43 @@ def start(argv) -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
   logs.quiet_library_logs()
+
+
+def _devices_per_host() -> tuple[int, list[int]]:
+  import jax  # pylint: disable=g-import-not-at-top
+  counts: dict[int, int] = {}
+  for d in jax.devices():
+    counts[d.process_index] = counts.get(d.process_index, 0) + 1
+  return jax.device_count(), list(counts.values())
+
+
+def check_devices(config: ml_collections.ConfigDict) -> None:
+  """Starts JAX (joining the multi-host job if config.train.multi_host), then checks
+  the batch split and fsdp groups against its devices and logs the layout.
+
+  Raises:
+    config_check.ConfigError: the batch or fsdp groups do not fit the devices.
+  """
+  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.start_backend(bool(config.train.get("multi_host", False)))
+  while _PENDING_LOG:  # after the backend line, which opens every run's log
+    logging.info("%s", _PENDING_LOG.pop(0))
+  num_devices, per_host = _devices_per_host()
+  config_check.check_devices(config, num_devices, per_host)
+  logging.info("%s", config_check.describe_layout(config, num_devices, len(per_host)))
+
+
+def fit_to_devices(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A trained run's config adapted to the devices here (`config_check.fit_to_devices`:
+  an FSDP run evaluates on fewer devices), saying so in the log. Starts JAX (one
+  process: a multi-host job has to be joined first)."""
+  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.start_backend(False)
+  num_devices, per_host = _devices_per_host()
+  fitted, note = config_check.fit_to_devices(config, num_devices, per_host)
+  if note:
+    logging.warning("%s", note)
+  return fitted
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -193,7 +246,7 @@ def _define_config(argv, *, config_help, workdir_config):
   return spec
 
 
-def _parse_flags(argv, *, config_help, workdir_config, needs_data):
+def _parse_flags(argv, *, config_help, workdir_config, needs_data, esm_checkpoint):
   try:
     spec = _define_config(argv, config_help=config_help, workdir_config=workdir_config)
     try:
@@ -207,6 +260,12 @@ def _parse_flags(argv, *, config_help, workdir_config, needs_data):
         raise config_check.ConfigError(problem) from e
       raise
     config_check.check(FLAGS.config, needs_data=needs_data)
+    if esm_checkpoint:
+      note = config_check.check_esm_checkpoint(
+          FLAGS.config, _flag_value(argv, "config.model.esm.preset"))
+      if note:
+        _PENDING_LOG.append(note)
+        config_check.check_values(FLAGS.config)  # with the checkpoint's depth
   except SystemExit:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -254,3 +313,9 @@ def _run_main(main, argv):
     main(argv)
   except _user_error_types() as e:
     _fail(e, sys.argv)
+  except KeyboardInterrupt:
+    # Ctrl-C outside the training loop (start-up, final evaluation): the checkpoints
+    # already written stay; the loop itself saves first (train_lib).
+    print("interrupted (Ctrl-C): stopped; checkpoints already written are kept",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)

@@ -44,9 +44,12 @@ def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
 
 
 def closest(name: str, candidates) -> str | None:
-  """The candidate most like `name` (difflib), or None if none is close."""
-  found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-  return found[0] if found else None
+  """The candidate most like `name` (difflib, case ignored), or None if none is close."""
+  by_lower = {}
+  for candidate in candidates:
+    by_lower.setdefault(str(candidate).lower(), candidate)
+  found = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+  return by_lower[found[0]] if found else None
 
 
 def unknown_field(path: str, config: ml_collections.ConfigDict, prefix: str = ""
@@ -130,9 +133,10 @@ def check_data_dir(config: ml_collections.ConfigDict) -> None:
   if not directory:
     raise ConfigError(f"data.dir is not set: set --config.data.dir to the folder written "
                       f"by {command}")
-  path = os.path.expanduser(directory)
-  if not os.path.isfile(os.path.join(path, "metadata.json")):
-    what = "does not exist" if not os.path.exists(path) else "has no metadata.json"
+  from bihier_jax.common import storage  # pylint: disable=g-import-not-at-top
+  path = storage.absolute(directory)
+  if not storage.isfile(storage.join(path, "metadata.json")):
+    what = "does not exist" if not storage.exists(path) else "has no metadata.json"
     raise ConfigError(f"data.dir={directory} {what}: set --config.data.dir to the folder "
                       f"written by {command}")
 
@@ -162,7 +166,15 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "model.kind", bihier.KINDS)
   _one_of(config, "model.dtype", _DTYPES)
   _one_of(config, "model.readout", bihier.READOUTS)
-  _one_of(config, "model.esm.preset", tuple(esm2.PRESETS))
+  preset = _get(config, "model.esm.preset")
+  if preset is not None:
+    try:
+      esm2.preset_architecture(preset)
+    except ValueError:
+      guess = closest(str(preset), esm2.PRESETS)
+      hint = f" (did you mean {guess!r}?)" if guess else ""
+      raise ConfigError(f"model.esm.preset={preset!r} is not one of "
+                        f"{' | '.join(esm2.PRESETS)}{hint}") from None
   _one_of(config, "model.esm.trainable", trainable.POLICIES)
   if _get(config, "model.esm.trainable") == "lora":
     _whole(config, "model.esm.lora_rank", 1)
@@ -251,6 +263,163 @@ def check(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None
   if needs_data:
     check_data_dir(config)
   check_values(config)
+  check_batch_split(config)
+
+
+# --- ESM-2 checkpoint ----------------------------------------------------------------------
+
+def check_esm_checkpoint(config: ml_collections.ConfigDict,
+                         explicit_preset: str | None = None) -> str | None:
+  """Sets model.esm.preset to the architecture of model.esm.checkpoint (if one is given).
+
+  Reads the checkpoint's config.json (or a `.pt`'s shapes), not its weights. A preset
+  in a config file is a default for random weights, which the checkpoint replaces; one
+  named on the command line (`explicit_preset`) must agree with it.
+
+  Returns:
+    A line for the log when the preset changed, else None.
+
+  Raises:
+    ConfigError: the checkpoint cannot be read, is no ESM-2, or conflicts with
+      `explicit_preset`.
+  """
+  path = str(_get(config, "model.esm.checkpoint", "") or "")
+  if not path or _get(config, "model.kind") == "gnn_only":
+    return None
+  # pylint: disable=g-import-not-at-top
+  from bihier_jax.models import esm2
+  from bihier_jax.models import esm2_checkpoint
+  # pylint: enable=g-import-not-at-top
+  where = f"model.esm.checkpoint={path}"
+  try:
+    found = esm2_checkpoint.read_architecture(path)
+  except FileNotFoundError as e:
+    reason = str(e).removeprefix(f"{path}: ")
+    raise ConfigError(f"{where}: {reason}: give a Hugging Face ESM-2 folder, a fair-esm "
+                      ".pt file or a folder written by bihier_jax.convert_esm "
+                      "(docs/pretrained.md)") from e
+  except (ImportError, ValueError, KeyError) as e:  # CheckpointMismatchError included
+    reason = str(e).splitlines()[0].removeprefix(f"{path}: ")
+    raise ConfigError(f"{where}: {reason}") from e
+  name = esm2.preset_name(found)
+  shape = esm2_checkpoint.describe(found)
+  if explicit_preset is not None and explicit_preset != name:
+    raise ConfigError(f"--config.model.esm.preset={explicit_preset} conflicts with {where}"
+                      f", a {name} checkpoint ({shape}): leave the preset out (it is "
+                      "read from the checkpoint) or give a checkpoint of that size")
+  configured = _get(config, "model.esm.preset")
+  if configured == name:
+    return None
+  config.model.esm.preset = name
+  return (f"model.esm.preset={name} read from {where} ({shape}; the config file said "
+          f"{configured})")
+
+
+# --- batch, accumulation, devices ---------------------------------------------------------
+
+def _divisors(n: int) -> str:
+  found = [str(d) for d in range(1, n + 1) if n % d == 0]
+  return ", ".join(found[:-1]) + " or " + found[-1] if len(found) > 1 else found[0]
+
+
+def _batch_fields(config) -> tuple[int, int, int]:
+  """(train.batch_size, train.grad_accum_steps, train.fsdp), defaults 1."""
+  return tuple(int(_get(config, f"train.{name}", 1) or 1)
+               for name in ("batch_size", "grad_accum_steps", "fsdp"))
+
+
+def check_batch_split(config: ml_collections.ConfigDict) -> None:
+  """What train.batch_size, grad_accum_steps and fsdp must satisfy on any devices: the
+  global batch is split into devices x grad_accum_steps equal sub-batches, and the
+  devices are a multiple of train.fsdp."""
+  batch, accum, fsdp = _batch_fields(config)
+  if batch % accum:
+    raise ConfigError(
+        f"train.batch_size={batch} is not a multiple of train.grad_accum_steps={accum} "
+        f"(each update sums {accum} equal micro-batches): set --config.train."
+        f"grad_accum_steps to {_divisors(batch)}, or --config.train.batch_size to a "
+        f"multiple of {accum}")
+  if batch % (accum * fsdp):
+    raise ConfigError(
+        f"train.fsdp={fsdp} needs train.batch_size={batch} to be a multiple of {fsdp} "
+        f"x train.grad_accum_steps={accum} (every device of an fsdp group takes its own "
+        f"sub-batch): set --config.train.fsdp to {_divisors(batch // accum)} (one that "
+        f"divides your devices per host), or --config.train.batch_size to a multiple of "
+        f"{accum * fsdp}")
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def check_devices(config: ml_collections.ConfigDict, num_devices: int,
+                  devices_per_host) -> None:
+  """The batch split and fsdp groups on these devices (all hosts; devices of each host).
+
+  Raises:
+    ConfigError: train.fsdp does not divide the devices of a host, or train.batch_size
+      is no multiple of the devices x train.grad_accum_steps; the message names the fix.
+  """
+  check_batch_split(config)
+  batch, accum, fsdp = _batch_fields(config)
+  for per_host in sorted(set(int(n) for n in devices_per_host)):
+    if per_host % fsdp:
+      raise ConfigError(
+          f"train.fsdp={fsdp} does not divide the {per_host} device(s) of "
+          f"{'each host' if num_devices > per_host else 'this machine'} (an fsdp group "
+          f"stays within one host): set --config.train.fsdp to {_divisors(per_host)}")
+  if batch % (num_devices * accum):
+    raise ConfigError(
+        f"train.batch_size={batch} is not a multiple of the {num_devices} devices x "
+        f"train.grad_accum_steps={accum} (one padded sub-batch per device and "
+        f"micro-batch): set --config.train.batch_size="
+        f"{_round_up(batch, num_devices * accum)}, or run on fewer devices (a divisor "
+        f"of {batch // accum})")
+
+
+def fit_to_devices(config: ml_collections.ConfigDict, num_devices: int,
+                   devices_per_host) -> tuple[ml_collections.ConfigDict, str | None]:
+  """A copy of a trained run's config that evaluation can run on these devices.
+
+  Evaluation needs no accumulation and any fsdp group size that divides the devices of
+  a host: train.fsdp becomes its largest divisor that does, and train.batch_size a
+  multiple of the devices (the per-device sub-batch as close to training's as known).
+  The numbers do not depend on either (each protein is scored whole).
+
+  Returns:
+    (config, a line saying what changed, or None when nothing had to).
+  """
+  batch, accum, fsdp = _batch_fields(config)
+  per_host = min(int(n) for n in devices_per_host)
+  new_fsdp = max(d for d in range(1, fsdp + 1) if fsdp % d == 0 and per_host % d == 0)
+  fits = batch % (num_devices * accum) == 0
+  if new_fsdp == fsdp and fits:
+    return config, None
+  out = ml_collections.ConfigDict(config.to_dict())
+  changes = []
+  if new_fsdp != fsdp:
+    out.train.fsdp = new_fsdp
+    changes.append(f"train.fsdp {fsdp} -> {new_fsdp}")
+  if not fits:
+    sub = max(1, batch // (num_devices * accum))
+    out.train.grad_accum_steps, out.train.batch_size = 1, sub * num_devices
+    changes.append(f"train.batch_size {batch} -> {sub * num_devices}, "
+                   f"train.grad_accum_steps {accum} -> 1")
+  out.lock()
+  return out, (f"evaluating on the {num_devices} device(s) here: {', '.join(changes)} "
+               "(the metrics do not depend on them)")
+
+
+def describe_layout(config: ml_collections.ConfigDict, num_devices: int,
+                    num_hosts: int) -> str:
+  """One line: the mesh, the batch split and the compute dtype of a training run."""
+  batch, accum, fsdp = _batch_fields(config)
+  data = num_devices // fsdp
+  mesh = f"data={data} x fsdp={fsdp}" if fsdp > 1 else f"data={data}"
+  return (f"mesh {mesh} over {num_devices} device(s) on {num_hosts} host(s); global "
+          f"batch {batch} = {num_devices} device(s) x train.grad_accum_steps={accum} x "
+          f"{batch // max(num_devices * accum, 1)} protein(s) per sub-batch at most; "
+          f"compute dtype {_get(config, 'model.dtype', 'float32')}")
 
 
 # --- a run's saved config ------------------------------------------------------------------

@@ -2,6 +2,9 @@ r"""Evaluate a trained run: `python -m bihier_jax.eval --workdir DIR [--config C
 
 The config defaults to the one the run was trained with (DIR/config.json); --config
 and --config.x.y=... overrides change it (e.g. --config.data.dir on another machine).
+It runs on the devices it finds: train.fsdp and the batch split are fitted to them
+(`cli.fit_to_devices`, one warning line when they change; the metrics do not depend on
+them), so an FSDP run trained on many devices evaluates on fewer.
 Restores a checkpoint of DIR (`--checkpoint best|latest|STEP`; default the best by the
 task's validation metric, else the latest; if that one cannot be read, the next best or
 next newest readable one, with a warning naming both; train.on_corrupt_checkpoint=fail
@@ -39,12 +42,12 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   cli.start(argv)
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  if not FLAGS.config.train.multi_host:
-    # Multi-host: evaluate_checkpoint joins the job first, then the backend starts.
-    train_lib.start_backend(False)
-  inference.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                                FLAGS.splits)
+  config = FLAGS.config
+  if not config.train.multi_host:
+    # Starts the backend (multi-host: evaluate_checkpoint joins the job first) and fits
+    # the run to these devices, e.g. an FSDP run trained on more of them.
+    config = cli.fit_to_devices(config)
+  inference.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.splits)
 
 
 if __name__ == "__main__":

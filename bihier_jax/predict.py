@@ -100,6 +100,11 @@ def _read_inputs(config):
 
 
 def _report_inputs(loaded, config, out: str) -> None:
+  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
+  chains = structure_inputs.multi_chain_note(loaded, str(config.data.get("dir", "")),
+                                             FLAGS.per_chain)
+  for note in loaded.notes + ([chains] if chains else []):
+    print(f"warning: {note}", file=sys.stderr, flush=True)
   policy = str(config.data.get("incomplete_backbone", "warn"))
   incomplete = [m for m in loaded.manifest if m.get("incomplete_backbone")]
   if incomplete and policy == "warn":

@@ -36,6 +36,7 @@ import sys
 
 import ml_collections
 
+from bihier_jax import config_check
 from bihier_jax.training import metrics
 from configs import default
 from data_pipelines import custom
@@ -51,12 +52,21 @@ SELECT = {"class": ("accuracy", "max"), "binary": ("auprc", "max"),
 
 
 def parse_arg(arg: str | None) -> tuple[str, str]:
-  """'DIR' -> (DIR, ''); 'DIR,tiny' -> (DIR, 'tiny') (a last ',<variant>' is a variant)."""
+  """'DIR' -> (DIR, ''); 'DIR,tiny' -> (DIR, 'tiny') (a last ',<variant>' is a variant).
+
+  A last ',<word>' that names no variant, after a folder that exists, is a misspelt
+  variant (unless the whole argument is a folder)."""
   if not arg:
     return "", ""
   head, _, tail = arg.rpartition(",")
   if head and tail in VARIANTS:
     return head, tail
+  if head and os.path.isdir(os.path.expanduser(head)) and not os.path.isdir(
+      os.path.expanduser(arg)):
+    guess = config_check.closest(tail, VARIANTS)
+    hint = f"did you mean {guess!r}? " if guess else ""
+    _fail(f"unknown variant {tail!r} after {head} ({hint}variants: "
+          f"{', '.join(VARIANTS)})")
   return arg, ""
 
 

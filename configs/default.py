@@ -63,8 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
   c.model.esm = ml_collections.ConfigDict()
-  c.model.esm.preset = "t6_8M"  # t6_8M | t12_35M | t30_150M | t33_650M | t36_3B | t48_15B | tiny
-  c.model.esm.checkpoint = ""  # HF dir / fair-esm .pt / converted dir; "" = random init (loud)
+  # t6_8M | t12_35M | t30_150M | t33_650M | t36_3B | t48_15B | tiny | L<n>_D<d>_H<h>_F<f>;
+  # with model.esm.checkpoint, `train` reads it from the checkpoint (docs/pretrained.md).
+  c.model.esm.preset = "t6_8M"
+  # HF dir / fair-esm .pt / converted dir, local or gs://; "" = random init (loud)
+  c.model.esm.checkpoint = ""
   # finetune | frozen | last_n (last_n layers + final LayerNorm) | lora. Frozen parameters are
   # constants of the step: zero gradient, no weight-gradient matmuls, no optimizer state.
   c.model.esm.trainable = "finetune"

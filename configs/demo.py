@@ -4,8 +4,8 @@
 
 Data: the DSSP-annotated chains of MDAnalysisTests (data_pipelines/demo.py; 35 train /
 8 val / 7 test chains). `data.dir` defaults to ~/.cache/bihier_jax/demo, shared by
-every demo run; the training command builds the records there on first use (about a
-minute). Override with --config.data.dir=DIR.
+every demo run; the training command builds the records there on first use (a few
+seconds). Override with --config.data.dir=DIR.
 
 Model: the bidirectional hierarchical model (global fusion after GNN blocks 1 and 2)
 with the `tiny` ESM-2 preset from RANDOM weights (no pretrained checkpoint ships with

@@ -781,8 +781,9 @@ def split_summary(examples: list[Example], kind: LabelKind) -> dict:
 def constant_baselines(examples: list[Example], kind: LabelKind) -> dict:
   """What a constant predictor fitted on train scores on each split.
 
-  class: accuracy of train's most frequent class; binary: the positive fraction (the
-  AUPRC of a constant score; its AUROC is 0.5); regression: RMSE of train's mean.
+  class: accuracy of train's most frequent class (and of the split's own, which
+  evaluation reports as majority_accuracy); binary: the positive fraction (the AUPRC
+  of a constant score; its AUROC is 0.5); regression: RMSE of train's mean.
   """
   train = np.array([v for ex in examples if ex.split == "train" for v in ex.values])
   out = {}
@@ -792,13 +793,43 @@ def constant_baselines(examples: list[Example], kind: LabelKind) -> dict:
       continue
     if kind.kind == "class":
       majority = int(np.bincount(train.astype(np.int64)).argmax())
+      # What evaluation reports as majority_accuracy: the split's own majority class.
+      own = np.bincount(values.astype(np.int64)).max() / values.size
       out[split] = {"train_majority_class": kind.classes[majority],
-                    "accuracy": float(np.mean(values == majority))}
+                    "accuracy": float(np.mean(values == majority)),
+                    "split_majority_accuracy": float(own)}
     elif kind.kind == "binary":
       out[split] = {"positive_fraction": float(values.mean()), "auroc": 0.5}
     else:
       out[split] = {"train_mean": float(train.mean()),
                     "rmse": float(np.sqrt(np.mean((values - train.mean()) ** 2)))}
+  return out
+
+
+MIN_SPLIT_EXAMPLES = 20  # fewer examples in val or test: their metrics are mostly noise
+
+
+def split_warnings(summary: dict, kind: LabelKind) -> list[str]:
+  """One line per split too small or too uniform for its metrics to mean much."""
+  out = []
+  for split in SPLITS:
+    entry = summary.get(split, {})
+    n = entry.get("examples", 0)
+    if not n:
+      continue
+    if split != "train" and n < MIN_SPLIT_EXAMPLES:
+      out.append(f"split {split} has {n} example(s) (< {MIN_SPLIT_EXAMPLES}): its "
+                 "metrics will be noisy; label more structures, or give it a larger "
+                 "fraction (--split-fractions)")
+    counts = entry.get("class_counts")
+    if kind.kind == "class" and counts and sum(c > 0 for c in counts) == 1:
+      only = kind.classes[int(np.argmax(counts))]
+      out.append(f"split {split} holds one class only ({only}): accuracy there is "
+                 "all or nothing, and majority_accuracy is 1.0")
+    positives, labels = entry.get("positives"), entry.get("labels", 0)
+    if kind.kind == "binary" and labels and positives in (0, labels):
+      out.append(f"split {split} has {'no' if not positives else 'only'} positive "
+                 "labels: AUROC and AUPRC are undefined there (NaN)")
   return out
 
 
@@ -1090,9 +1121,18 @@ class CustomTask:
       _say(f"{meta['num_classes']} classes: {', '.join(meta['classes'][:20])}"
            + (" ..." if meta["num_classes"] > 20 else ""))
     for split, base in meta["baselines"].items():
+      if "split_majority_accuracy" in base:
+        _say(f"constant baseline on {split}: train's majority class "
+             f"{base['train_majority_class']} scores accuracy {base['accuracy']:.4g}; "
+             f"the split's own majority class {base['split_majority_accuracy']:.4g} "
+             "(evaluation's majority_accuracy)")
+        continue
       _say(f"constant baseline on {split}: "
            + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in base.items()))
+    for line in split_warnings(meta["splits"], LabelKind(meta["kind"], tuple(
+        meta["classes"] or ()))):
+      _say(f"warning: {line}")
 
   def process(self, item: WorkItem):
     if item.payload[0] == "report":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from bihier_jax.data import featurize
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyError as err:
       build_parser(None).error(str(err))
   args = build_parser(task).parse_args(argv)
+  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", args.out):
+    # Shards are written and renamed in place (resumable): a local folder only.
+    build_parser(task).error(f"--out {args.out}: write to a local folder, then copy it "
+                             "to the bucket (docs/cloud.md: gcloud storage cp --recursive)")
   items = task.list_items(args.raw, args)
   if args.limit:
     items = items[:args.limit]

@@ -147,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  evaluate=args.eval, fsdp=args.fsdp)
   try:
     script = sbatch_script(job)
+    from launch import preflight  # pylint: disable=g-import-not-at-top
+    # The train command's checks, here: the nodes share the file system with this one.
+    preflight.check_train_config(
+        job.config, job.overrides, fsdp=tpu_vm.fsdp_from_flags(job.fsdp, job.overrides)[0],
+        devices=job.num_tasks, devices_per_host=job.gpus_per_node, local_paths="check")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

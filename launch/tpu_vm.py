@@ -370,6 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def check_config(args: argparse.Namespace) -> None:
+  """The train command's own config checks, here, before anything is printed or run
+  (`launch.preflight`): with --accelerator-type, also the batch split over its devices.
+
+  Raises:
+    ValueError: the config would fail on every worker (one line).
+  """
+  from launch import preflight  # pylint: disable=g-import-not-at-top
+  known = tpu_devices(args.accelerator_type) if args.accelerator_type else None
+  fsdp, _ = fsdp_from_flags(args.fsdp, args.set)
+  preflight.check_train_config(
+      args.config, args.set, fsdp=fsdp, devices=known[0] if known else None,
+      devices_per_host=known[1] if known else None,
+      local_paths="skip" if args.allow_local_workdir else "refuse")
+
+
 def commands_from_args(args: argparse.Namespace) -> list[Command]:
   target = Target(args.name, args.zone, args.project)
   if args.verb == "create":
@@ -378,8 +394,10 @@ def commands_from_args(args: argparse.Namespace) -> list[Command]:
   if args.verb == "install":
     return install_commands(target, args.archive, args.ref)
   if args.verb == "train":
-    return train_command(target, args.config, args.workdir, args.set,
-                         args.allow_local_workdir, args.fsdp, args.accelerator_type)
+    commands = train_command(target, args.config, args.workdir, args.set,
+                             args.allow_local_workdir, args.fsdp, args.accelerator_type)
+    check_config(args)
+    return commands
   if args.verb == "logs":
     return logs_command(target, args.worker, follow=not args.no_follow)
   if args.verb == "status":

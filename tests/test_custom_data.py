@@ -595,3 +595,38 @@ def test_ablate_plans_runs_on_a_prepared_folder(example, tmp_path, capsys):
   assert len(lines) == len(ablate.BASELINE_KINDS)
   assert all(f"configs/custom.py:{folder},tiny" in line for line in lines)
   assert any("--config.model.kind=gnn_only" in line for line in lines)
+
+
+def test_misspelt_variant_is_named(tmp_path, capsys):
+  from configs import custom as custom_config  # pylint: disable=g-import-not-at-top
+  folder = _fake_prepared(tmp_path, "binary", splits=("train", "val"))
+  with pytest.raises(SystemExit) as exit_info:
+    custom_config.get_config(f"{folder},smal")
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: configs/custom.py: unknown variant 'smal' after {folder} (did you mean "
+      "'small'? variants: small, tiny)")
+
+
+def test_small_and_one_class_splits_are_named():
+  kind = custom.LabelKind("class", ("helix", "strand", "other"))
+  summary = {"train": {"examples": 40, "labels": 40, "class_counts": [20, 10, 10]},
+             "val": {"examples": 25, "labels": 25, "class_counts": [10, 10, 5]},
+             "test": {"examples": 3, "labels": 3, "class_counts": [3, 0, 0]}}
+  assert custom.split_warnings(summary, kind) == [
+      "split test has 3 example(s) (< 20): its metrics will be noisy; label more "
+      "structures, or give it a larger fraction (--split-fractions)",
+      "split test holds one class only (helix): accuracy there is all or nothing, and "
+      "majority_accuracy is 1.0"]
+  binary = {"train": {"examples": 30, "labels": 300, "positives": 40},
+            "val": {"examples": 30, "labels": 200, "positives": 0}}
+  assert custom.split_warnings(binary, custom.LabelKind("binary")) == [
+      "split val has no positive labels: AUROC and AUPRC are undefined there (NaN)"]
+  # What preprocessing prints for class labels: train's majority and the split's own
+  # (evaluation's majority_accuracy), which differ on a one-class test split.
+  examples = [custom.Example(id=f"e{i}", path="a.pdb", chains=("A",), label=float(v),
+                             lines=[i + 2], sequences=["MK"], split=split)
+              for i, (v, split) in enumerate([(1, "train"), (1, "train"), (0, "train"),
+                                              (0, "test")])]
+  assert custom.constant_baselines(examples, kind)["test"] == {
+      "train_majority_class": "strand", "accuracy": 0.0, "split_majority_accuracy": 1.0}

@@ -1,6 +1,8 @@
-"""ESM-2 checkpoint loading and conversion: HF dir, fair-esm .pt, our Orbax format.
+"""ESM-2 checkpoint loading and conversion: HF dir, fair-esm .pt, our Orbax format;
+the preset read from each (a size that is no preset, 2 layers x 32 wide), through a
+local path and a file:// URL (the stand-in for gs://, through the same tf.io.gfile).
 
-Budget: ~30 s on 2 busy cores (one tiny model shape, a few jits).
+Budget: ~35 s on 2 busy cores (one tiny model shape, a few jits).
 """
 
 import json
@@ -180,3 +182,74 @@ def test_orbax_save_restore_random_params(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _fair_esm_pt(path):
+  """A fair-esm release-layout .pt of the module's size (no cfg: shapes only)."""
+  alphabet = esm.Alphabet.from_architecture("ESM-1b")
+  model = esm.model.esm2.ESM2(num_layers=LAYERS, embed_dim=WIDTH, attention_heads=HEADS,
+                              alphabet=alphabet)
+  state = {f"encoder.sentence_encoder.{k}": v for k, v in model.state_dict().items()}
+  torch.save({"model": state}, path)
+  return str(path)
+
+
+def test_preset_read_from_every_format_and_url(hf_mlm_dir, tmp_path):
+  from bihier_jax import config_check  # pylint: disable=import-outside-toplevel
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  src, _ = hf_mlm_dir
+  name = f"L{LAYERS}_D{WIDTH}_H{HEADS}_F{4 * WIDTH}"  # no released size
+  converted = str(tmp_path / "converted")
+  assert convert_esm.main(["--src", src, "--out", converted]) == 0
+  # fair-esm without cfg: the heads come from the file... or are not guessed.
+  pt = _fair_esm_pt(tmp_path / "esm2.pt")
+  with pytest.raises(esm2_checkpoint.CheckpointMismatchError, match="not a released"):
+    esm2_checkpoint.preset_of(pt)
+  for path in (src, "file://" + src, converted, "file://" + converted):
+    assert esm2_checkpoint.preset_of(path) == name, path
+  # The architecture comes from config.json alone: no weights are read.
+  released = tmp_path / "t12"
+  released.mkdir()
+  hf = json.loads(open(os.path.join(src, "config.json")).read())
+  hf.update(num_hidden_layers=12, hidden_size=480, num_attention_heads=20,
+            intermediate_size=1920)
+  (released / "config.json").write_text(json.dumps(hf))
+  assert esm2_checkpoint.preset_of(str(released)) == "t12_35M"
+  assert esm2.config_from_preset(name).num_layers == LAYERS
+  with pytest.raises(ValueError, match="L<layers>_D<width>"):
+    esm2.config_from_preset("L2_D32")
+
+  # The train command: model.esm.preset from the checkpoint, not from the config file.
+  config = demo.get_config("tiny")
+  config.model.esm.checkpoint = "file://" + src
+  note = config_check.check_esm_checkpoint(config)
+  assert config.model.esm.preset == name
+  assert note == (f"model.esm.preset={name} read from model.esm.checkpoint=file://{src} "
+                  "(2 layers x 32 wide, 4 heads; the config file said tiny)")
+  config_check.check_values(config)
+  with pytest.raises(config_check.ConfigError) as info:  # named on the command line
+    config_check.check_esm_checkpoint(config, explicit_preset="tiny")
+  assert str(info.value) == (
+      f"--config.model.esm.preset=tiny conflicts with model.esm.checkpoint=file://{src}, "
+      f"a {name} checkpoint (2 layers x 32 wide, 4 heads): leave the preset out (it is "
+      "read from the checkpoint) or give a checkpoint of that size")
+  config.model.esm.checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(config_check.ConfigError, match="nowhere: no such file or dir"):
+    config_check.check_esm_checkpoint(config)
+
+
+def test_weights_through_a_file_url_equal_the_local_ones(hf_mlm_dir, tmp_path):
+  src, model = hf_mlm_dir
+  converted = str(tmp_path / "converted")
+  assert convert_esm.main(["--src", "file://" + src, "--out", converted]) == 0
+  # The larger Hub checkpoints come as shards (pytorch_model-0000i-of-0000n.bin).
+  sharded = tmp_path / "sharded"
+  model.save_pretrained(sharded, safe_serialization=False, max_shard_size="40KB")
+  assert (sharded / "pytorch_model.bin.index.json").exists()
+  _, local = esm2_checkpoint.load_pretrained(src)
+  for path in ("file://" + src, "file://" + converted, f"file://{sharded}"):
+    cfg, remote = esm2_checkpoint.load_pretrained(path)
+    assert cfg.num_layers == LAYERS and cfg.mlm_head
+    assert jax.tree.structure(remote) == jax.tree.structure(local)
+    for a, b in zip(jax.tree.leaves(remote), jax.tree.leaves(local)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,14 +1,36 @@
-"""Launch scripts: `--dry-run` prints exactly the gcloud / sbatch commands expected.
+"""Launch scripts: `--dry-run` prints exactly the gcloud / sbatch commands expected,
+after checking the config as the train command would (one line, exit status 2, nothing
+printed otherwise).
 
-Budget: < 2 s (no JAX, no network, nothing executed).
+Budget: < 5 s (JAX imported for the config checks, no backend, no network, nothing
+executed).
 """
 
+import os
 import shlex
 
 import pytest
 
 from launch import slurm_gpu
 from launch import tpu_vm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# c.py: a valid training config for 16 devices, its records in a bucket.
+_CONFIG = """from configs import react
+def get_config():
+  c = react.get_config()
+  c.data.dir = "gs://b/records"
+  return c
+"""
+
+
+@pytest.fixture(autouse=True)
+def _in_a_folder_with_c_py(tmp_path, monkeypatch):
+  """The launchers run from a folder holding `c.py` and the repository's configs/."""
+  (tmp_path / "c.py").write_text(_CONFIG)
+  os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(REPO)
 
 
 def _dry_run(capsys, module, argv):
@@ -164,7 +186,7 @@ def test_execute_stops_at_first_failure(capsys):
 
 def test_slurm_script_one_task_per_gpu(capsys):
   lines = _dry_run(capsys, slurm_gpu, [
-      "--config", "configs/react.py", "--workdir", "/shared/run", "--nodes", "2",
+      "--config", "c.py", "--workdir", "/shared/run", "--nodes", "2",
       "--gpus-per-node", "4", "--partition", "gpu", "--account", "lab",
       "--venv", "/shared/venv", "--set", "train.num_steps=10", "--eval"])
   text = "\n".join(lines)
@@ -176,10 +198,10 @@ def test_slurm_script_one_task_per_gpu(capsys):
   assert "--gpus-per-task" not in text and "--gpu-bind" not in text
   assert "source /shared/venv/bin/activate" in lines
   assert ("srun --ntasks=8 --ntasks-per-node=4 --kill-on-bad-exit=1 python -m "
-          "bihier_jax.train --config=configs/react.py --workdir=/shared/run "
+          "bihier_jax.train --config=c.py --workdir=/shared/run "
           "--config.train.multi_host=True --config.train.num_steps=10") in lines
   assert ("srun --nodes=1 --ntasks=1 python -m bihier_jax.eval "
-          "--config=configs/react.py --workdir=/shared/run "
+          "--config=c.py --workdir=/shared/run "
           "--config.train.num_steps=10") in lines
   assert lines[-1] == "sbatch bihier.sbatch"
   assert lines[1] == "#!/bin/bash"
@@ -229,3 +251,70 @@ def test_slurm_fsdp_refused(capsys):
   assert "--set train.fsdp=16 does not divide --gpus-per-node 8" in err
   assert slurm_gpu.main([*base, "--fsdp", "2", "--set", "train.fsdp=4"]) == 2
   assert "--fsdp 2 conflicts with --set train.fsdp=4" in capsys.readouterr().err
+
+
+def _refused(capsys, module, argv) -> str:
+  """The one error line of a refused launch; nothing was printed or run."""
+  rc = module.main([*argv, "--dry-run"])
+  out = capsys.readouterr()
+  assert rc == 2 and out.out == "", (rc, out)
+  assert out.err.count("\n") == 1 and out.err.startswith("error: "), out.err
+  return out.err.strip()
+
+
+_TPU = ["train", "--name", "bh", "--zone", "z", "--workdir", "gs://b/r"]
+
+
+def test_tpu_train_checks_the_config_first(capsys):
+  line = _refused(capsys, tpu_vm, [*_TPU, "--config", "c.py",
+                                   "--set", "train.batchsize=64"])
+  assert line == ("error: unknown config field --set train.batchsize "
+                  "(did you mean --set train.batch_size?)")
+  line = _refused(capsys, tpu_vm, [*_TPU, "--config", "configs/react.py"])
+  assert line == ("error: data.dir is not set: pass --set data.dir to the folder "
+                  "written by `python -m data_pipelines.preprocess react --out DIR`")
+  line = _refused(capsys, tpu_vm, [*_TPU, "--config", "c.py", "--set",
+                                   "model.esm.trainable=LoRA"])
+  assert line.endswith("(did you mean 'lora'?)")
+  # Workers share no disk: local records must go to a bucket first.
+  line = _refused(capsys, tpu_vm, [*_TPU, "--config", "c.py", "--set",
+                                   "data.dir=/data/react"])
+  assert line == ("error: data.dir=/data/react is on this machine; TPU workers share "
+                  "no disk: copy it to a bucket and --set data.dir=gs://... "
+                  "(docs/cloud.md)")
+  # A single TPU VM's own disk (--allow-local-workdir) is not this machine's: unchecked.
+  assert _dry_run(capsys, tpu_vm, [*_TPU, "--config", "c.py", "--set",
+                                   "data.dir=/data/react", "--allow-local-workdir"])
+
+
+def test_tpu_train_checks_the_batch_against_the_slice(capsys):
+  # v4-8: 4 chips on one worker; react's batch of 32 splits, 30 does not.
+  assert _dry_run(capsys, tpu_vm, [*_TPU, "--config", "c.py",
+                                   "--accelerator-type", "v4-8"])
+  line = _refused(capsys, tpu_vm, [*_TPU, "--config", "c.py", "--accelerator-type",
+                                   "v4-8", "--set", "train.batch_size=30"])
+  assert line == ("error: train.batch_size=30 is not a multiple of the 4 devices x "
+                  "train.grad_accum_steps=1 (one padded sub-batch per device and "
+                  "micro-batch): pass --set train.batch_size=32, or run on fewer devices "
+                  "(a divisor of 30)")
+  line = _refused(capsys, tpu_vm, [*_TPU, "--config", "c.py", "--set",
+                                   "train.grad_accum_steps=3"])
+  assert line.startswith("error: train.batch_size=32 is not a multiple of "
+                         "train.grad_accum_steps=3")
+
+
+def test_slurm_checks_the_config_and_local_records(capsys, tmp_path):
+  base = ["--config", "configs/react.py", "--workdir", "/w", "--nodes", "1",
+          "--gpus-per-node", "4"]
+  line = _refused(capsys, slurm_gpu, [*base, "--set", f"data.dir={tmp_path}/none"])
+  assert line.startswith(f"error: data.dir={tmp_path}/none does not exist: pass --set "
+                         "data.dir to the folder written by")
+  records = tmp_path / "records"
+  records.mkdir()
+  (records / "metadata.json").write_text("{}")
+  assert _dry_run(capsys, slurm_gpu, [*base, "--set", f"data.dir={records}"])
+  # 3 nodes x 4 GPUs: 12 devices do not split react's batch of 32.
+  line = _refused(capsys, slurm_gpu, [*base, "--set", f"data.dir={records}",
+                                      "--nodes", "3"])
+  assert line.startswith("error: train.batch_size=32 is not a multiple of the 12 "
+                         "devices x train.grad_accum_steps=1")

@@ -37,6 +37,7 @@ from absl import logging
 import jraph
 import numpy as np
 
+from bihier_jax.common import storage
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import packing
 from bihier_jax.data.batch import Batch, PaddingBudget
@@ -330,20 +331,16 @@ def _round_up(x, m):
 
 def load_sizes(data_dir: str, split: str) -> np.ndarray | None:
   """int[n, 4] (nodes, longest chain, chains, edges) per example of a split, or None."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(data_dir, split, "sizes.json")
-  if not os.path.exists(path):
+  path = storage.join(data_dir, split, "sizes.json")
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return np.asarray(json.load(f), np.int64).reshape(-1, 4)
+  return np.asarray(storage.read_json(path), np.int64).reshape(-1, 4)
 
 
 def dataset_sizes(data_dir: str) -> np.ndarray | None:
   """Sizes of the examples of every split of a prepared directory (None if unknown)."""
-  import os  # pylint: disable=g-import-not-at-top
-  found = [load_sizes(data_dir, d) for d in sorted(os.listdir(data_dir))
-           if os.path.exists(os.path.join(data_dir, d, "sizes.json"))]
+  found = [load_sizes(data_dir, d) for d in sorted(storage.listdir(data_dir))
+           if storage.exists(storage.join(data_dir, d, "sizes.json"))]
   found = [f for f in found if f is not None and len(f)]
   return np.concatenate(found) if found else None
 
@@ -1041,12 +1038,10 @@ def _to_batch(d) -> tuple[Batch, dict]:
 
 def shard_files(data_dir: str, split: str) -> list[str]:
   """The split's record files, sorted."""
-  import glob  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  files = sorted(glob.glob(os.path.join(data_dir, split, f"{split}-*-of-*.tfrecord")))
-  if not files:
+  found = sorted(storage.glob(storage.join(data_dir, split, f"{split}-*-of-*.tfrecord")))
+  if not found:
     raise FileNotFoundError(f"no records for split {split!r} under {data_dir}")
-  return files
+  return found
 
 
 # --- training order --------------------------------------------------------------------
@@ -1099,13 +1094,12 @@ def shuffle_buffer_size(config, data_dir: str, split: str, process_count: int = 
   size (shard bytes / records each) exceeds config.data.shuffle_buffer_mb MiB, which
   then caps it.
   """
-  import os  # pylint: disable=g-import-not-at-top
   explicit = int(config.data.get("shuffle_buffer", 0) or 0)
   if explicit > 0:
     return explicit
   n = count_records(data_dir, split)
   per_host = -(-n // max(int(process_count), 1))
-  record_bytes = sum(os.path.getsize(f) for f in shard_files(data_dir, split)) / max(n, 1)
+  record_bytes = sum(storage.getsize(f) for f in shard_files(data_dir, split)) / max(n, 1)
   cap_mb = float(config.data.get("shuffle_buffer_mb", DEFAULT_SHUFFLE_BUFFER_MB))
   cap = int(cap_mb * 2**20 / max(record_bytes, 1.0))
   return max(1, min(per_host, cap))
@@ -1169,10 +1163,9 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
   if budgets is None:
     budgets = bucket_budgets(config, dataset_sizes(data_dir))
   budgets = tuple(budgets)
-  files = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                for f in shard_files(data_dir, split))
-  key = (os.path.abspath(data_dir), split, config.to_json_best_effort(sort_keys=True),
-         training, seed, process_index, process_count, budgets, chunk_size, files)
+  shards = tuple((f, *storage.signature(f)) for f in shard_files(data_dir, split))
+  key = (storage.absolute(data_dir), split, config.to_json_best_effort(sort_keys=True),
+         training, seed, process_index, process_count, budgets, chunk_size, shards)
   if key in _BUILT_DATASETS:
     _BUILT_DATASETS.move_to_end(key)
     return _BUILT_DATASETS[key]

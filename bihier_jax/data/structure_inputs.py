@@ -83,10 +83,12 @@ class Loaded:
     example_file: [P] the file each came from.
     manifest: one dict per file: source, status (ok | skipped), reason, proteins,
       residues, incomplete_backbone (residues lacking N, C or O, in kept proteins).
+    notes: lines for the user (proteins renamed by `make_ids_unique`).
   """
   examples: list[ProteinExample]
   example_file: list[str]
   manifest: list[dict]
+  notes: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def skipped(self) -> list[dict]:
@@ -136,7 +138,9 @@ def load_file(path: str, *, per_chain: bool = False, chains: Sequence[str] | Non
 
 
 def load(paths: Sequence[str], **kw) -> Loaded:
-  """`load_file` of each path; a file that cannot be used is a `skipped` line."""
+  """`load_file` of each path; a file that cannot be used is a `skipped` line.
+  Proteins of files with the same stem get ids from their file names
+  (`make_ids_unique`)."""
   loaded = Loaded([], [], [])
   for path in paths:
     try:
@@ -148,4 +152,70 @@ def load(paths: Sequence[str], **kw) -> Loaded:
     loaded.examples.extend(examples)
     loaded.example_file.extend([path] * len(examples))
     loaded.manifest.append(line)
+  loaded.notes.extend(make_ids_unique(loaded))
   return loaded
+
+
+def _uncompressed_name(path: str) -> str:
+  """'d/1abc.cif.gz' -> '1abc.cif' (the stem with its structure suffix)."""
+  name = os.path.basename(path)
+  stem = featurize.structure_stem(name)
+  rest = name[len(stem):]
+  for suffix in (".gz", ".bz2", ".xz"):
+    if rest.lower().endswith(suffix):
+      rest = rest[:-len(suffix)]
+  return stem + rest
+
+
+def make_ids_unique(loaded: Loaded) -> list[str]:
+  """Renames the proteins of files that share a stem (1BD2.cif.gz and 1BD2.pdb.gz both
+  give "1BD2"): their ids start with the file name instead ("1BD2.cif", "1BD2.pdb"),
+  or with the path under the common folder when the names are equal too.
+
+  Returns:
+    One line per renamed group (for a note), empty when no id was shared.
+  """
+  stems: dict[str, set[str]] = {}
+  for path in loaded.example_file:
+    stems.setdefault(featurize.structure_stem(path), set()).add(path)
+  clashes = {stem: sorted(paths) for stem, paths in stems.items() if len(paths) > 1}
+  notes = []
+  for stem, paths in clashes.items():
+    names = [_uncompressed_name(p) for p in paths]
+    if len(set(names)) < len(names):  # same name in several folders
+      root = os.path.commonpath([os.path.abspath(p) for p in paths])
+      names = [os.path.join(os.path.relpath(os.path.dirname(os.path.abspath(p)), root),
+                            n).removeprefix("./") for p, n in zip(paths, names)]
+    new_stem = dict(zip(paths, names))
+    for example, path in zip(loaded.examples, loaded.example_file):
+      if path in new_stem and example.id.startswith(stem):
+        example.id = new_stem[path] + example.id[len(stem):]
+    notes.append(f"{len(paths)} files share the name {stem}: their proteins are "
+                 f"named {', '.join(names)}")
+  return notes
+
+
+def multi_chain_note(loaded: Loaded, data_dir: str, per_chain: bool) -> str | None:
+  """A warning when proteins of several chains go to a model trained on single chains
+  (the prepared records' metadata.json says max_chains 1 for every split), else None.
+  Nothing is said when the records cannot be read here."""
+  if per_chain:
+    return None
+  several = [ex for ex in loaded.examples if len(ex.chain_ids) > 1]
+  if not several:
+    return None
+  from bihier_jax.common import storage  # pylint: disable=g-import-not-at-top
+  if not data_dir:
+    return None
+  try:
+    meta = storage.read_json(storage.join(storage.absolute(data_dir), "metadata.json"))
+    most = max(int(s.get("max_chains", 0)) for s in meta["splits"].values())
+  except Exception:  # pylint: disable=broad-except
+    return None  # not readable from here (another machine, a bucket): nothing to say
+  if most != 1:
+    return None
+  first = several[0]
+  return (f"{len(several)} protein(s) have several chains (e.g. {first.id}: chains "
+          f"{', '.join(first.chain_ids)}), each predicted as ONE protein, but the model "
+          "was trained on single chains: pass --per_chain (one protein per chain) or "
+          "--chains ID")

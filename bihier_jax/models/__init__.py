@@ -31,8 +31,8 @@ def init_params(model, batch, rng) -> dict:
 def load_pretrained_esm(params: dict, path: str) -> dict:
   """`params` with the 'esm' subtree replaced by a converted ESM-2 checkpoint.
 
-  The checkpoint must match the configured preset's shapes; its MLM head (unused here)
-  is dropped.
+  The checkpoint must match the configured preset's shapes (the command-line tools
+  set model.esm.preset from the checkpoint); its MLM head (unused here) is dropped.
 
   Raises:
     ValueError: no 'esm' subtree, or shapes/names differ (names the first mismatch).
@@ -40,7 +40,10 @@ def load_pretrained_esm(params: dict, path: str) -> dict:
   from bihier_jax.models import esm2  # pylint: disable=import-outside-toplevel
   if "esm" not in params:
     raise ValueError("model has no 'esm' parameters (model.kind='gnn_only')")
-  _, loaded = esm2.from_pretrained(path)
+  pretrained, loaded = esm2.from_pretrained(path)
+  fix = (f"the checkpoint is {esm2.preset_name(pretrained.config)}: set "
+         f"model.esm.preset={esm2.preset_name(pretrained.config)} (python -m "
+         "bihier_jax.train reads it from the checkpoint)")
   loaded = {k: v for k, v in loaded.items() if k in params["esm"]}
   if esm2.LORA_PARAM in params["esm"]:  # fresh adapters on the pretrained weights
     loaded[esm2.LORA_PARAM] = params["esm"][esm2.LORA_PARAM]
@@ -48,12 +51,12 @@ def load_pretrained_esm(params: dict, path: str) -> dict:
   got = jax.tree_util.tree_structure(loaded)
   if want != got:
     raise ValueError(f"ESM checkpoint {path}: parameter names differ from the model's "
-                     f"({got} vs {want})")
+                     f"({got} vs {want}); {fix}")
   for (key, a), b in zip(jax.tree_util.tree_leaves_with_path(params["esm"]),
                          jax.tree_util.tree_leaves(loaded)):
     if a.shape != b.shape:
       raise ValueError(f"ESM checkpoint {path}: {jax.tree_util.keystr(key)} has shape "
-                       f"{b.shape}, the configured preset needs {a.shape}")
+                       f"{b.shape}, the configured preset needs {a.shape}; {fix}")
   return {**params, "esm": loaded}
 
 

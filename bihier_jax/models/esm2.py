@@ -202,13 +202,42 @@ PRESETS: dict[str, ESM2Config] = {
 }
 
 
+# An architecture that is no preset (a checkpoint of another size), written as
+# "L<layers>_D<width>_H<heads>_F<ffn width>", e.g. "L3_D48_H4_F96".
+_ARCHITECTURE = re.compile(r"L(\d+)_D(\d+)_H(\d+)_F(\d+)")
+
+
+def preset_architecture(name: str) -> ESM2Config:
+  """The ESM2Config of a preset name or an "L<n>_D<d>_H<h>_F<f>" architecture.
+
+  Raises:
+    ValueError: neither (the message lists the presets).
+  """
+  if name in PRESETS:
+    return PRESETS[name]
+  match = _ARCHITECTURE.fullmatch(str(name))
+  if not match:
+    raise ValueError(f"unknown ESM-2 preset {name!r}; known: {sorted(PRESETS)} or "
+                     "L<layers>_D<width>_H<heads>_F<ffn width> (e.g. L3_D48_H4_F96)")
+  layers, width, heads, ffn = (int(g) for g in match.groups())
+  return ESM2Config(num_layers=layers, embed_dim=width, num_heads=heads, ffn_dim=ffn)
+
+
+def preset_name(cfg: ESM2Config) -> str:
+  """The preset with `cfg`'s architecture, else its "L<n>_D<d>_H<h>_F<f>" name."""
+  shape = (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim)
+  for name, preset in PRESETS.items():
+    if (preset.num_layers, preset.embed_dim, preset.num_heads, preset.ffn_dim) == shape:
+      return name
+  return "L{}_D{}_H{}_F{}".format(*shape)
+
+
 def config_from_preset(name: str, **overrides) -> ESM2Config:
-  """A preset by name with fields replaced (ffn_dim follows embed_dim unless given)."""
-  if name not in PRESETS:
-    raise ValueError(f"unknown ESM-2 preset {name!r}; known: {sorted(PRESETS)}")
+  """A preset (or architecture name, `preset_architecture`) with fields replaced
+  (ffn_dim follows embed_dim unless given)."""
   if "embed_dim" in overrides and "ffn_dim" not in overrides:
     overrides["ffn_dim"] = 4 * overrides["embed_dim"]
-  return dataclasses.replace(PRESETS[name], **overrides)
+  return dataclasses.replace(preset_architecture(name), **overrides)
 
 
 # --- tokenizer -------------------------------------------------------------------------

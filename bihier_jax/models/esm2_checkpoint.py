@@ -1,9 +1,11 @@
 """Loading ESM-2 weights into the Flax port (`bihier_jax.models.esm2`).
 
-Three sources, detected from the path:
+Three sources, detected from the path (a local path or a URL such as gs://bucket/esm
+or file:///data/esm, read through `bihier_jax.common.files`):
 
-  Hugging Face directory  config.json + model.safetensors (or a sharded
-                          model.safetensors.index.json, or pytorch_model.bin)
+  Hugging Face directory  config.json + model.safetensors (or sharded safetensors
+                          with model.safetensors.index.json, or pytorch_model.bin,
+                          sharded or not)
   fair-esm file           `esm2_t33_650M_UR50D.pt` style: {'model': state dict, 'cfg': ...}
   our converted directory config.json with "format": "bihier_jax.esm2" + Orbax `params/`
 
@@ -12,20 +14,26 @@ No pickle is executed: safetensors are read with `safetensors.numpy`, torch file
 one extra class allowed). Missing, unexpected or mis-shaped tensors raise
 `CheckpointMismatchError` listing every offending name with its shape.
 
-Names: DESIGN.md "ESM-2 port". Torch Linear weights are (out, in) and are transposed;
-query/key/value are concatenated into our fused `qkv_proj` (columns q | k | v).
+`read_architecture(path)` reads a checkpoint's architecture alone (config.json, or the
+tensor shapes of a `.pt` memory-mapped), and `preset_of(path)` names it: the command-line
+tools take `model.esm.preset` from it.
+
+Names follow the Hugging Face `EsmModel` and fair-esm state dicts. Torch Linear weights
+are (out, in) and are transposed; query/key/value are concatenated into our fused
+`qkv_proj` (columns q | k | v).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import os
 import re
 from typing import Any, Callable
 
 import numpy as np
 
+from bihier_jax.common import storage
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.models import esm2
 
@@ -44,14 +52,24 @@ class CheckpointMismatchError(ValueError):
 # --- reading tensors -------------------------------------------------------------------
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, mmap: bool = False) -> Any:
+  """torch.load(weights_only=True) of a local file or URL; `mmap` maps a local file
+  instead of reading it (enough for shapes)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError(f"{path}: reading torch files needs torch (pip extra 'convert')") from e
+    raise ImportError(f"{path}: reading torch files needs torch: pip install -e "
+                      "'.[convert]' (or convert the file where torch is installed)") from e
+  local = storage.local_path(path)
+  source = local if local is not None else io.BytesIO(storage.read_bytes(path))
   with torch.serialization.safe_globals([argparse.Namespace]):
     try:
-      return torch.load(path, map_location="cpu", weights_only=True)
+      if mmap and local is not None:
+        try:
+          return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+          pass
+      return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler names the class it refused
       raise ValueError(f"{path}: not loadable with torch.load(weights_only=True): {e}") from e
 
@@ -64,28 +82,34 @@ def _to_numpy(tensor) -> np.ndarray:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(path)
+  from safetensors import numpy as st  # pylint: disable=import-outside-toplevel
+  local = storage.local_path(path)
+  return st.load_file(local) if local is not None else st.load(storage.read_bytes(path))
 
 
 def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of a Hugging Face checkpoint directory, float32 numpy."""
-  single = os.path.join(directory, "model.safetensors")
-  index = os.path.join(directory, "model.safetensors.index.json")
-  binary = os.path.join(directory, "pytorch_model.bin")
-  if os.path.exists(single):
+  single = storage.join(directory, "model.safetensors")
+  index = storage.join(directory, "model.safetensors.index.json")
+  binary = storage.join(directory, "pytorch_model.bin")
+  if storage.exists(single):
     tensors = _read_safetensors(single)
-  elif os.path.exists(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+  elif storage.exists(index):
+    shards = sorted(set(storage.read_json(index)["weight_map"].values()))
     tensors = {}
     for shard in shards:
-      tensors.update(_read_safetensors(os.path.join(directory, shard)))
-  elif os.path.exists(binary):
+      tensors.update(_read_safetensors(storage.join(directory, shard)))
+  elif storage.exists(binary):
     tensors = _torch_load(binary)
+  elif storage.exists(binary + ".index.json"):  # sharded pytorch_model-0000i-of-0000n.bin
+    shards = sorted(set(storage.read_json(binary + ".index.json")["weight_map"].values()))
+    tensors = {}
+    for shard in shards:
+      tensors.update(_torch_load(storage.join(directory, shard)))
   else:
     raise FileNotFoundError(
-        f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        f"{directory}: no model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json")
   return {k: _to_numpy(v) for k, v in tensors.items()}
 
 
@@ -250,8 +274,7 @@ def config_from_hf(hf: dict[str, Any], source: str, **overrides) -> esm2.ESM2Con
 
 def load_hf(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
   """(config, params) from a Hugging Face EsmModel / EsmForMaskedLM directory."""
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
-    hf = json.load(f)
+  hf = storage.read_json(storage.join(directory, CONFIG_FILE))
   tensors = read_hf_tensors(directory)
   if any(k.startswith("esm.") for k in tensors):  # EsmForMaskedLM prefixes the encoder
     tensors = {k[len("esm."):] if k.startswith("esm.") else k: v for k, v in tensors.items()}
@@ -325,21 +348,24 @@ def load_fair_esm(path: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
 
 def save(directory: str, cfg: esm2.ESM2Config, params: dict, source: str = "",
          overwrite: bool = False) -> None:
-  """Writes `config.json` and an Orbax checkpoint of float32 params under `params/`."""
+  """Writes `config.json` and an Orbax checkpoint of float32 params under `params/`
+  (`directory` may be a gs:// URL)."""
+  import json  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  directory = os.path.abspath(directory)
-  params_dir = os.path.join(directory, PARAMS_DIR)
-  if os.path.exists(params_dir) and not overwrite:
+  directory = storage.absolute(directory)
+  params_dir = storage.join(directory, PARAMS_DIR)
+  if storage.exists(params_dir) and not overwrite:
     raise FileExistsError(f"{params_dir} exists; pass overwrite=True (--overwrite) to replace it")
-  os.makedirs(directory, exist_ok=True)
+  if not storage.is_url(directory):
+    os.makedirs(directory, exist_ok=True)
   arrays = _as_float32_numpy(params)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(params_dir, arrays, force=overwrite)
+  checkpointer.save(storage.orbax_path(params_dir), arrays, force=overwrite)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump({"format": FORMAT, "version": 1, "source": source, "config": cfg.to_dict()},
-              f, indent=2)
+  with storage.open(storage.join(directory, CONFIG_FILE), "w") as f:
+    f.write(json.dumps({"format": FORMAT, "version": 1, "source": source,
+                        "config": cfg.to_dict()}, indent=2))
 
 
 def _as_float32_numpy(params: dict) -> dict:
@@ -351,9 +377,8 @@ def load_converted(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
   """(config, params) from a directory written by `save` / `convert_esm`."""
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
-    meta = json.load(f)
+  directory = storage.absolute(directory)
+  meta = storage.read_json(storage.join(directory, CONFIG_FILE))
   fields = dict(meta["config"])
   drop_head = overrides.get("mlm_head") is False and fields.get("mlm_head")
   fields.update({k: v for k, v in overrides.items() if k != "mlm_head" or not drop_head})
@@ -361,7 +386,8 @@ def load_converted(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
   target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), esm2.param_shapes(stored))
   checkpointer = ocp.StandardCheckpointer()
   try:
-    params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), target)
+    params = checkpointer.restore(storage.orbax_path(storage.join(directory, PARAMS_DIR)),
+                                  target)
   except Exception as e:
     raise CheckpointMismatchError(f"{directory}: restoring {PARAMS_DIR}/ failed: {e}") from e
   finally:
@@ -377,16 +403,44 @@ def load_converted(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
 
 def detect_format(path: str) -> str:
   """'converted', 'hf' or 'fair_esm'."""
-  if os.path.isdir(path):
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(config_path):
+  if storage.isdir(path):
+    config_path = storage.join(path, CONFIG_FILE)
+    if not storage.exists(config_path):
       raise FileNotFoundError(f"{path}: directory without {CONFIG_FILE}")
-    with open(config_path) as f:
-      meta = json.load(f)
+    meta = storage.read_json(config_path)
     return "converted" if meta.get("format") == FORMAT else "hf"
-  if os.path.isfile(path):
+  if storage.isfile(path):
     return "fair_esm"
   raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def read_architecture(path: str) -> esm2.ESM2Config:
+  """The architecture of a checkpoint without reading its weights: config.json of a
+  Hugging Face or converted directory, the tensor shapes (memory-mapped) and `cfg` of
+  a fair-esm `.pt`.
+
+  Raises:
+    FileNotFoundError: no such checkpoint; CheckpointMismatchError: not ESM-2.
+  """
+  fmt = detect_format(path)
+  if fmt == "converted":
+    fields = storage.read_json(storage.join(path, CONFIG_FILE))["config"]
+    return esm2.ESM2Config.from_dict(fields)
+  if fmt == "hf":
+    return config_from_hf(storage.read_json(storage.join(path, CONFIG_FILE)), path)
+  state, cfg_obj = _fair_esm_state_dict(_torch_load(path, mmap=True), path)
+  return config_from_fair_esm(state, cfg_obj, path)
+
+
+def preset_of(path: str) -> str:
+  """`model.esm.preset` of a checkpoint: a released preset's name (t33_650M, ...) or,
+  for another size, its "L<layers>_D<width>_H<heads>_F<ffn>" architecture."""
+  return esm2.preset_name(read_architecture(path))
+
+
+def describe(cfg: esm2.ESM2Config) -> str:
+  """'33 layers x 1280 wide, 20 heads' (for messages)."""
+  return f"{cfg.num_layers} layers x {cfg.embed_dim} wide, {cfg.num_heads} heads"
 
 
 _LOADERS: dict[str, Callable[..., tuple[esm2.ESM2Config, dict]]] = {

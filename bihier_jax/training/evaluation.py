@@ -23,7 +23,9 @@ from bihier_jax.training import parallel
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
-  return os.path.abspath(os.path.expanduser(config.data.dir))
+  """config.data.dir made absolute (a gs:// or other URL as it is)."""
+  from bihier_jax.common import storage  # pylint: disable=g-import-not-at-top
+  return storage.absolute(config.data.dir)
 
 
 # One rule for the input pipeline, the epoch estimate and the training loop.

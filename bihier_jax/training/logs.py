@@ -16,9 +16,18 @@ _EXPECTED_WARNINGS = re.compile(
     r"|Requested `tracked_metric`; did not provide metrics")
 
 
+# JAX tries every platform it knows and says so at INFO when one is absent ("Unable to
+# initialize backend 'tpu': ... libtpu.so" on every CPU command); the backend it did
+# start opens every run's log (train_lib.start_backend).
+_ABSENT_BACKEND = re.compile(r"^Unable to initialize backend '")
+
+
 class _DropLibraryInfo(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if (record.levelno < std_logging.WARNING and "xla_bridge" in record.pathname
+        and _ABSENT_BACKEND.match(record.getMessage())):
+      return False
     ours = not any(part in record.pathname for part in _CHATTY_LIBRARIES)
     if ours or record.levelno >= std_logging.ERROR:
       return True

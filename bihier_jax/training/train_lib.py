@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -70,7 +71,8 @@ class NonFiniteLossError(RuntimeError):
 # --- data ------------------------------------------------------------------------------
 
 def has_records(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, "metadata.json"))
+  from bihier_jax.common import storage  # pylint: disable=g-import-not-at-top
+  return storage.exists(storage.join(directory, "metadata.json"))
 
 
 def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
@@ -79,7 +81,7 @@ def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
   if config.task.name != "demo" or has_records(directory):
     return
   if jax.process_index() == 0:
-    logging.warning("demo dataset not found in %s: building it now (about a minute)",
+    logging.warning("demo dataset not found in %s: building it now (a few seconds)",
                     directory)
     from data_pipelines import preprocess  # pylint: disable=g-import-not-at-top
     preprocess.main(["demo", "--out", directory, "--workers", "1", "--no-progress"])
@@ -188,10 +190,16 @@ def write_parameter_overview(params, path: str) -> None:
   logging.info("%d parameters (table: %s)", count, path)
 
 
+_BACKEND_LOGGED = []  # the backend line is logged once per process
+
+
 def start_backend(multi_host: bool) -> None:
   """Joins the multi-host job if asked, starts JAX and logs its backend and devices."""
   if multi_host and not jax.distributed.is_initialized():
     jax.distributed.initialize()
+  if _BACKEND_LOGGED:
+    return
+  _BACKEND_LOGGED.append(True)
   kinds = sorted({d.device_kind for d in jax.devices()})
   logging.info("JAX backend %s: %d device(s) (%s), %d process(es), %d device(s) on "
                "this one", jax.default_backend().upper(), jax.device_count(),
@@ -205,27 +213,39 @@ def _checkpointer(config, workdir: str, **kwargs) -> checkpointing.Checkpointer:
 
 
 class _StopSignal:
-  """Sets a flag on SIGTERM (restores the previous handler on exit)."""
+  """Notes SIGTERM (preemption) or SIGINT (Ctrl-C) in `received` (the signal's name),
+  so the loop saves a checkpoint after the current step and returns; a second SIGINT
+  exits at once (status 130, nothing saved). Restores the previous handlers on exit."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received = False
-    self._previous = None
+    self.received: str | None = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, no flag
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: no handler, no flag
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping")
-    self.received = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.received and signum == signal.SIGINT:
+      print(f"second SIGINT: aborting at once, without saving (the last checkpoint "
+            f"stays; {self.received} was received first)", file=sys.stderr, flush=True)
+      os._exit(130)  # pylint: disable=protected-access
+    if not self.received:
+      logging.warning("%s received: saving a checkpoint after this step and stopping%s",
+                      name, " (Ctrl-C again aborts at once)" if name == "SIGINT" else "")
+      self.received = name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -458,7 +478,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt.close()
   writer.close()
   if stopped:
-    logging.warning("stopped at step %d by SIGTERM; checkpoint saved", step)
+    logging.warning("stopped by %s at step %d: checkpoint %d saved in %s; the same "
+                    "command resumes from it", stop.received or "preemption", step, step,
+                    ckpt.directory)
     return {}
   per_step = (f"{run_proteins / run_steps:.2f} real proteins per step on average "
               f"(train.batch_size {config.train.batch_size})" if run_steps else "")
