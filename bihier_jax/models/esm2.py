@@ -90,7 +90,8 @@ class ESM2Config:
     dtype: compute dtype of matmuls and hidden states (params stay float32).
     f32_residual: keep the residual stream h (embeddings, every layer's h + branch
       sums, the states fusion reads and writes) in float32 while the layer inputs to
-      the matmuls stay in `dtype`; only matters when dtype is not float32.
+      the matmuls stay in `dtype`, as torch autocast does; only matters when dtype is
+      not float32. Costs next to nothing on CPU (docs/model.md "Numerics").
     remat: rematerialise each layer in the backward pass (memory for compute).
     scan_layers: apply layers with lax.scan (False: unrolled python loop, same numbers).
     attention: 'auto' = fastest exact path for the backend (CPU:
@@ -128,7 +129,7 @@ class ESM2Config:
   mlm_head: bool = True
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
-  f32_residual: bool = False
+  f32_residual: bool = True
   remat: bool = False
   scan_layers: bool = True
   attention: str = "auto"

@@ -1,0 +1,158 @@
+"""What float32 sums cost under bfloat16 compute, on CPU.
+
+  python bench/bench_numerics.py residual [--preset t12_35M --batch 2 --length 256]
+  python bench/bench_numerics.py pronet [--rounds 5]
+  python bench/bench_numerics.py [...] --json PATH
+
+residual: an ESM-2 layer stack (random weights, `model.esm.f32_residual` off and on)
+in bfloat16: a training step's forward + backward (`jax.value_and_grad` of the mean
+squared final state over all parameters), median seconds per step over steps that
+alternate off / on, and each compiled program's memory (`compiled.memory_analysis()`: temporaries,
+and arguments + outputs + temporaries) with and without per-layer remat; the step time
+ratio (on / off) is the median of per-round ratios.
+pronet: the ProNet encoder (4 x 128 blocks, backbone level) in bfloat16 on synthetic
+helices (4 proteins of 250 residues, nearest 32 neighbours within 10 Å): forward +
+backward seconds per step (its message sums are float32), and one convolution's message
+sum alone ([E, 128] bfloat16 messages, forward + backward) accumulated in bfloat16 and
+in float32, alternating; the block runs 3 such sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+MIB = 2 ** 20
+
+
+def _median_seconds(fn, args, steps: int) -> float:
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  return {"temp_mib": m.temp_size_in_bytes / MIB, "total_mib": total / MIB}
+
+
+def residual(preset: str, batch: int, length: int, rounds: int) -> list[dict]:
+  """ESM-2 stack step time and compiled memory, f32_residual off / on (bfloat16)."""
+  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
+  tokens = jax.random.randint(jax.random.key(0), (batch, length), 4, 24)
+  params = esm2.init_params(esm2.config_from_preset(preset, mlm_head=False))
+
+  def step_fn(cfg):
+    def loss(p):
+      out = esm2.ESM2(cfg).apply({"params": p}, tokens, output_hidden_states=False)
+      return jnp.mean(jnp.square(out.last_hidden_state.astype(jnp.float32)))
+    return jax.jit(jax.value_and_grad(loss))
+
+  rows, fns = [], {}
+  for f32_residual in (False, True):
+    for remat in (False, True):
+      cfg = esm2.config_from_preset(preset, mlm_head=False, dtype=jnp.bfloat16,
+                                    f32_residual=f32_residual, remat=remat)
+      fn = step_fn(cfg)
+      rows.append({"preset": preset, "batch": batch, "length": length,
+                   "f32_residual": f32_residual, "remat": remat,
+                   **_memory(fn.lower(params).compile())})
+      if not remat:
+        jax.block_until_ready(fn(params))  # compile + warm up
+        fns[f32_residual] = fn
+  # Steps alternate off / on, so load on the shared machine hits both alike; the ratio
+  # is the median of the per-pair ratios.
+  seconds = {False: [], True: []}
+  for _ in range(rounds):
+    for f32_residual, fn in fns.items():
+      seconds[f32_residual].append(_median_seconds(fn, (params,), 1))
+  for row in rows:
+    if not row["remat"]:
+      row["median_seconds"] = statistics.median(seconds[row["f32_residual"]])
+      if row["f32_residual"]:
+        row["time_ratio_vs_off"] = statistics.median(
+            on / off for on, off in zip(seconds[True], seconds[False]))
+  return rows
+
+
+def pronet_step(rounds: int, steps: int) -> dict:
+  """ProNet 4 x 128 forward + backward seconds per step in bfloat16, and the message sum
+  alone (forward + backward, the shapes of one convolution of that batch) summed in
+  bfloat16 and in float32, alternating."""
+  from bihier_jax.data import input_pipeline, testing  # pylint: disable=g-import-not-at-top
+  from bihier_jax.models import pronet  # pylint: disable=g-import-not-at-top
+  examples = [testing.random_example(250, seed=s, n_chains=2) for s in range(4)]
+  batch = input_pipeline.collate(examples, input_pipeline.budget_for(examples))
+  config = pronet.ProNetConfig(dtype=jnp.bfloat16, dropout=0.0)
+  model = pronet.ProNet(config)
+  params = jax.jit(model.init)(jax.random.key(0), batch.graph)
+
+  def loss(p):
+    nodes = model.apply(p, batch.graph).nodes.astype(jnp.float32)
+    return jnp.mean(jnp.square(nodes))
+
+  step = jax.jit(jax.value_and_grad(loss))
+  jax.block_until_ready(step(params))
+  step_seconds = [_median_seconds(step, (params,), steps) for _ in range(rounds)]
+
+  receivers = jnp.asarray(batch.graph.receivers)
+  num_nodes = batch.node_mask.shape[0]
+  messages = jax.random.normal(jax.random.key(1), (receivers.shape[0], config.hidden),
+                               jnp.bfloat16)
+
+  def message_sum(accumulate):
+    def total(m):
+      summed = jax.ops.segment_sum(m.astype(accumulate), receivers, num_nodes)
+      return jnp.sum(jnp.square(summed.astype(jnp.bfloat16).astype(jnp.float32)))
+    return jax.jit(jax.grad(total))
+
+  sums = {"bfloat16": message_sum(jnp.bfloat16), "float32": message_sum(jnp.float32)}
+  seconds = {name: [] for name in sums}
+  for fn in sums.values():
+    jax.block_until_ready(fn(messages))
+  for _ in range(rounds):
+    for name, fn in sums.items():
+      seconds[name].append(_median_seconds(fn, (messages,), steps))
+  return {"nodes": int(batch.node_mask.sum()), "edges": int(batch.edge_mask.sum()),
+          "step_seconds": statistics.median(step_seconds),
+          **{f"message_sum_{name}_ms": 1e3 * statistics.median(s)
+             for name, s in seconds.items()}}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("what", choices=("residual", "pronet"))
+  parser.add_argument("--preset", default="t12_35M")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--length", type=int, default=256)
+  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args(argv)
+  if args.what == "residual":
+    result = residual(args.preset, args.batch, args.length, args.rounds)
+  else:
+    result = pronet_step(args.rounds, args.steps)
+  text = json.dumps(result, indent=1)
+  print(text)
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(text + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
