@@ -7,9 +7,12 @@
 residual: an ESM-2 layer stack (random weights, `model.esm.f32_residual` off and on)
 in bfloat16: a training step's forward + backward (`jax.value_and_grad` of the mean
 squared final state over all parameters), median seconds per step over steps that
-alternate off / on, and each compiled program's memory (`compiled.memory_analysis()`: temporaries,
-and arguments + outputs + temporaries) with and without per-layer remat; the step time
-ratio (on / off) is the median of per-round ratios.
+alternate off / on (the ratio on / off is the median of per-pair ratios); with and
+without per-layer remat, each compiled program's memory (`compiled.memory_analysis()`:
+temporaries, and arguments + outputs + temporaries) and the bytes `jax.vjp` saves for
+the backward pass. XLA's CPU backend computes bfloat16 elementwise work in float32, so
+its temporaries need not show a dtype change that an accelerator would see; the saved
+bytes come from shapes and dtypes alone.
 pronet: the ProNet encoder (4 x 128 blocks, backbone level) in bfloat16 on synthetic
 helices (4 proteins of 250 residues, nearest 32 neighbours within 10 Å): forward +
 backward seconds per step (its message sums are float32), and one convolution's message
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -49,27 +53,36 @@ def _memory(compiled) -> dict:
   return {"temp_mib": m.temp_size_in_bytes / MIB, "total_mib": total / MIB}
 
 
+def _saved_for_backward_mib(loss, params) -> float:
+  """Bytes of what `jax.vjp(loss)` keeps for the backward pass (its residuals, the
+  parameters it reads included), from shapes alone: what any backend must hold."""
+  leaves = jax.eval_shape(lambda p: jax.tree_util.tree_leaves(jax.vjp(loss, p)[1]),
+                          params)
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves) / MIB
+
+
 def residual(preset: str, batch: int, length: int, rounds: int) -> list[dict]:
   """ESM-2 stack step time and compiled memory, f32_residual off / on (bfloat16)."""
   from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 4, 24)
   params = esm2.init_params(esm2.config_from_preset(preset, mlm_head=False))
 
-  def step_fn(cfg):
+  def loss_fn(cfg):
     def loss(p):
       out = esm2.ESM2(cfg).apply({"params": p}, tokens, output_hidden_states=False)
       return jnp.mean(jnp.square(out.last_hidden_state.astype(jnp.float32)))
-    return jax.jit(jax.value_and_grad(loss))
+    return loss
 
   rows, fns = [], {}
   for f32_residual in (False, True):
     for remat in (False, True):
       cfg = esm2.config_from_preset(preset, mlm_head=False, dtype=jnp.bfloat16,
                                     f32_residual=f32_residual, remat=remat)
-      fn = step_fn(cfg)
+      fn = jax.jit(jax.value_and_grad(loss_fn(cfg)))
       rows.append({"preset": preset, "batch": batch, "length": length,
                    "f32_residual": f32_residual, "remat": remat,
-                   **_memory(fn.lower(params).compile())})
+                   **_memory(fn.lower(params).compile()),
+                   "saved_for_backward_mib": _saved_for_backward_mib(loss_fn(cfg), params)})
       if not remat:
         jax.block_until_ready(fn(params))  # compile + warm up
         fns[f32_residual] = fn
@@ -81,7 +94,8 @@ def residual(preset: str, batch: int, length: int, rounds: int) -> list[dict]:
       seconds[f32_residual].append(_median_seconds(fn, (params,), 1))
   for row in rows:
     if not row["remat"]:
-      row["median_seconds"] = statistics.median(seconds[row["f32_residual"]])
+      row["seconds"] = seconds[row["f32_residual"]]
+      row["median_seconds"] = statistics.median(row["seconds"])
       if row["f32_residual"]:
         row["time_ratio_vs_off"] = statistics.median(
             on / off for on, off in zip(seconds[True], seconds[False]))
