@@ -1,8 +1,7 @@
 """What float32 sums cost under bfloat16 compute, on CPU.
 
-  python bench/bench_numerics.py residual [--preset t12_35M --batch 2 --length 256]
-  python bench/bench_numerics.py pronet [--rounds 5]
-  python bench/bench_numerics.py [...] --json PATH
+  python bench/bench_numerics.py [residual | pronet] [--quick] [--json PATH]
+      [--preset t12_35M --batch 2 --length 256 --rounds 15]
 
 residual: an ESM-2 layer stack (random weights, `model.esm.f32_residual` off and on)
 in bfloat16: a training step's forward + backward (`jax.value_and_grad` of the mean
@@ -82,7 +81,8 @@ def residual(preset: str, batch: int, length: int, rounds: int) -> list[dict]:
       rows.append({"preset": preset, "batch": batch, "length": length,
                    "f32_residual": f32_residual, "remat": remat,
                    **_memory(fn.lower(params).compile()),
-                   "saved_for_backward_mib": _saved_for_backward_mib(loss_fn(cfg), params)})
+                   "saved_for_backward_mib": _saved_for_backward_mib(loss_fn(cfg),
+                                                                     params)})
       if not remat:
         jax.block_until_ready(fn(params))  # compile + warm up
         fns[f32_residual] = fn
@@ -106,7 +106,8 @@ def pronet_step(rounds: int, steps: int) -> dict:
   """ProNet 4 x 128 forward + backward seconds per step in bfloat16, and the message sum
   alone (forward + backward, the shapes of one convolution of that batch) summed in
   bfloat16 and in float32, alternating."""
-  from bihier_jax.data import input_pipeline, testing  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import testing  # pylint: disable=g-import-not-at-top
   from bihier_jax.models import pronet  # pylint: disable=g-import-not-at-top
   examples = [testing.random_example(250, seed=s, n_chains=2) for s in range(4)]
   batch = input_pipeline.collate(examples, input_pipeline.budget_for(examples))
@@ -148,18 +149,24 @@ def pronet_step(rounds: int, steps: int) -> dict:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("what", choices=("residual", "pronet"))
+  parser.add_argument("what", nargs="?", default="all",
+                      choices=("all", "residual", "pronet"))
   parser.add_argument("--preset", default="t12_35M")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--quick", action="store_true",
+                      help="t6_8M, 2 x 128 tokens, 3 rounds: a smoke run")
   parser.add_argument("--json", default="")
   args = parser.parse_args(argv)
-  if args.what == "residual":
-    result = residual(args.preset, args.batch, args.length, args.rounds)
-  else:
-    result = pronet_step(args.rounds, args.steps)
+  if args.quick:
+    args.preset, args.length, args.rounds = "t6_8M", 128, 3
+  result = {}
+  if args.what in ("all", "residual"):
+    result["residual"] = residual(args.preset, args.batch, args.length, args.rounds)
+  if args.what in ("all", "pronet"):
+    result["pronet"] = pronet_step(min(args.rounds, 5), args.steps)
   text = json.dumps(result, indent=1)
   print(text)
   if args.json:

@@ -59,7 +59,8 @@ def _proteins(n_ligand=0):
 
 def _check_nodes(batch, outputs, tolerance=0.03):
   real = np.asarray(batch.node_mask)
-  got, want = (np.asarray(outputs[d].node_embeddings, np.float32)[real] for d in (BF16, F32))
+  got, want = (np.asarray(outputs[d].node_embeddings, np.float32)[real]
+               for d in (BF16, F32))
   error = _relative(got, want)
   assert error <= tolerance, f"node embeddings: bf16 vs f32 relative error {error:.4f}"
   return error
