@@ -78,6 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.esm.lora_alpha = 16.0
   c.model.esm.lora_targets = ("q", "v")
   c.model.esm.remat = False  # rematerialise each layer (memory for compute)
+  # Keep the ESM-2 residual stream (every layer's h + branch sum) in float32 when
+  # model.dtype is bfloat16, as torch autocast does; matmul inputs stay bf16. False =
+  # the stream in model.dtype (docs/model.md, Numerics).
+  c.model.esm.f32_residual = True
   c.model.esm.scan_layers = True  # stacked + scanned layers: compile time flat in depth
   c.model.esm.attention = "auto"  # auto (per backend, docs/model.md) | exact | splash | flash_gpu
   c.model.esm.token_dropout = True

@@ -135,18 +135,21 @@ def gather_tokens(hidden, node_to_token):
 
 
 def scatter_to_tokens(values, node_to_token, grid_shape):
-  """Adds per-node values into a token grid (inverse of `gather_tokens`).
+  """Adds per-node values into a token grid (inverse of `gather_tokens`), in float32.
+
+  The sum is taken in float32 whatever the dtype of `values` (several nodes may map to
+  one token); callers cast the grid to their stream's dtype.
 
   Args:
-    values: [N, D] per-node values.
+    values: [N, D] per-node values, any float dtype.
     node_to_token: int32[N, 2]; nodes with negative rows contribute nothing.
     grid_shape: (R, L).
 
   Returns:
-    [R, L, D] grid, zero at tokens no node maps to.
+    float32[R, L, D] grid, zero at tokens no node maps to.
   """
   rows, cols = node_to_token[:, 0], node_to_token[:, 1]
   valid = (rows >= 0)[:, None]
-  values = jnp.where(valid, values, jnp.zeros_like(values))
-  grid = jnp.zeros(tuple(grid_shape) + values.shape[-1:], values.dtype)
+  values = jnp.where(valid, values.astype(jnp.float32), 0.0)
+  grid = jnp.zeros(tuple(grid_shape) + values.shape[-1:], jnp.float32)
   return grid.at[jnp.maximum(rows, 0), jnp.maximum(cols, 0)].add(values)

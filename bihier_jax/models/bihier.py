@@ -188,6 +188,7 @@ class BiHierConfig:
     esm_cfg = esm2.config_from_preset(
         m.esm.preset, token_dropout=bool(m.esm.token_dropout), dtype=dtype,
         remat=bool(m.esm.remat), scan_layers=bool(m.esm.scan_layers),
+        f32_residual=bool(m.esm.get("f32_residual", True)),
         attention=m.esm.attention, mlm_head=False, **trainable.esm_overrides())
     gnn_cfg = pronet.ProNetConfig(
         level=m.gnn.level, hidden=m.gnn.hidden, num_blocks=m.gnn.num_blocks,

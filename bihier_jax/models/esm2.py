@@ -30,7 +30,8 @@ Parameter tree (D = embed_dim, F = ffn_dim, V = 33, S = num_layers)::
 
 Kernels are (in, out), i.e. torch Linear weights transposed. Parameters are float32;
 matmuls run in `cfg.dtype` (bfloat16 option); LayerNorm, softmax and token dropout in
-float32.
+float32; the residual stream between layers in `cfg.residual_dtype` (float32 with
+`f32_residual`, as torch autocast keeps it).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class ESM2Config:
     mlm_head: create the masked-LM head parameters (tied to the embedding).
     layer_norm_eps: 1e-5 (torch.nn.LayerNorm default, used by both references).
     dtype: compute dtype of matmuls and hidden states (params stay float32).
+    f32_residual: keep the residual stream h (embeddings, every layer's h + branch
+      sums, the states fusion reads and writes) in float32 while the layer inputs to
+      the matmuls stay in `dtype`, as torch autocast does; only matters when dtype is
+      not float32. Costs next to nothing on CPU (docs/model.md "Numerics").
     remat: rematerialise each layer in the backward pass (memory for compute).
     scan_layers: apply layers with lax.scan (False: unrolled python loop, same numbers).
     attention: 'auto' = fastest exact path for the backend (CPU:
@@ -130,6 +135,7 @@ class ESM2Config:
   mlm_head: bool = True
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
+  f32_residual: bool = True
   remat: bool = False
   scan_layers: bool = True
   attention: str = "auto"
@@ -169,6 +175,11 @@ class ESM2Config:
     io = {"q": (d, d), "k": (d, d), "v": (d, d), "out": (d, d), "fc1": (d, f),
           "fc2": (f, d)}
     return {t: io[t] for t in self.lora_targets} if self.lora_rank else {}
+
+  @property
+  def residual_dtype(self):
+    """dtype of the residual stream between layers: float32 or the compute dtype."""
+    return jnp.dtype(jnp.float32) if self.f32_residual else self.dtype
 
   @property
   def head_dim(self) -> int:
@@ -629,8 +640,9 @@ def _attention(q, k, v, layout: AttentionLayout, kind):
 
 
 def _transformer_layer(p, h, layout, cos, sin, lora=None, *, cfg: ESM2Config):
-  """One pre-LN ESM-2 layer. p: one layer's params (no layer axis); h [B, L, D];
-  lora: that layer's adapters (params['lora'] sliced) or None."""
+  """One pre-LN ESM-2 layer. p: one layer's params (no layer axis); h [B, L, D] in
+  cfg.residual_dtype (kept); lora: that layer's adapters (params['lora'] sliced) or
+  None. Matmul inputs are cfg.dtype, LayerNorm statistics float32."""
   dtype = cfg.dtype
   b, length, d = h.shape
   x = _layer_norm(h, p["self_attn_layer_norm"], cfg.layer_norm_eps, dtype)
@@ -648,10 +660,11 @@ def _transformer_layer(p, h, layout, cos, sin, lora=None, *, cfg: ESM2Config):
   q = _apply_rotary(q, cos, sin)
   k = _apply_rotary(k, cos, sin)
   attn = _attention(q, k, v, layout, cfg.attention).reshape(b, length, d)
-  h = h + _adapted(attn, p["out_proj"], lora, "out", cfg)
+  # Branch outputs (compute dtype) join the stream in its own dtype (cfg.residual_dtype).
+  h = h + _adapted(attn, p["out_proj"], lora, "out", cfg).astype(h.dtype)
   x = _layer_norm(h, p["final_layer_norm"], cfg.layer_norm_eps, dtype)
   x = jax.nn.gelu(_adapted(x, p["fc1"], lora, "fc1", cfg), approximate=False)
-  return h + _adapted(x, p["fc2"], lora, "fc2", cfg)
+  return h + _adapted(x, p["fc2"], lora, "fc2", cfg).astype(h.dtype)
 
 
 def _constant_if(frozen: bool, params):
@@ -813,7 +826,7 @@ class ESM2(nn.Module):
         chain, as fair-esm takes it per sequence.
 
     Returns:
-      [B, L, D].
+      [B, L, D] in cfg.residual_dtype.
     """
     cfg = self.config
     table = _constant_if(cfg.frozen_embedding, self.embed_tokens["embedding"])
@@ -837,7 +850,7 @@ class ESM2(nn.Module):
                         / jnp.maximum(num_real, 1).astype(jnp.float32))
       x = x * ((1.0 - MASK_RATIO_TRAIN) / (1.0 - ratio_observed))[..., None]
     x = x * real[..., None].astype(x.dtype)
-    return x.astype(cfg.dtype)
+    return x.astype(cfg.residual_dtype)
 
   def run_layers(self, h, tokens, start: int, stop: int, collect: bool = False,
                  segments=None):
@@ -847,12 +860,12 @@ class ESM2(nn.Module):
     start, stop: static python ints, 0 <= start <= stop <= num_layers. segments:
     optional int [B, L] for packed rows (several chains per row): attention stays
     within a chain and rotary positions restart at each chain. Returns h, or
-    (h, per-layer outputs [stop - start, B, L, D]) if collect.
+    (h, per-layer outputs [stop - start, B, L, D]) if collect, in cfg.residual_dtype.
     """
     cfg = self.config
     if not (0 <= start <= stop <= cfg.num_layers):
       raise ValueError(f"layer range ({start}, {stop}] outside 0..{cfg.num_layers}")
-    h = h.astype(cfg.dtype)
+    h = h.astype(cfg.residual_dtype)
     if start == stop:
       return (h, jnp.zeros((0, *h.shape), h.dtype)) if collect else h
     layout = attention_layout(tokens, segments)
@@ -970,7 +983,7 @@ def from_pretrained(path: str, **overrides) -> tuple[ESM2, dict]:
   """Model and float32 params from a Hugging Face ESM directory (config.json +
   model.safetensors / pytorch_model.bin), a fair-esm `.pt` file, or a directory written
   by `python -m bihier_jax.convert_esm`. overrides: execution options of ESM2Config
-  (dtype, remat, scan_layers, attention, mlm_head=False drops the head)."""
+  (dtype, f32_residual, remat, scan_layers, attention, mlm_head=False drops the head)."""
   from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
   cfg, params = esm2_checkpoint.load_pretrained(path, **overrides)
   return ESM2(cfg), params

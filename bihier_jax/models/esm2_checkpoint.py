@@ -42,7 +42,8 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 # Execution options a caller may change when loading (the architecture comes from the file).
-EXECUTION_OPTIONS = ("dtype", "remat", "scan_layers", "attention", "mlm_head")
+EXECUTION_OPTIONS = ("dtype", "f32_residual", "remat", "scan_layers", "attention",
+                     "mlm_head")
 
 
 class CheckpointMismatchError(ValueError):

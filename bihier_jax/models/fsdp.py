@@ -14,7 +14,10 @@ gathers ONE layer's pieces at a time, inside the scanned (and rematerialised) la
 layer comes back already split: no device ever holds more than one whole layer's
 weights or gradients. Kernels are cast to the compute dtype before the gather, which
 halves the gathered bytes under bfloat16 and changes no number (the layer would cast
-them anyway).
+them anyway). The reduce-scatter of the gradients runs in float32 whatever the compute
+dtype (a custom VJP: a bfloat16 sum over the group would round every partial sum to
+8 bits, so FSDP and plain data-parallel bfloat16 runs would differ); it moves twice the
+bytes of a bfloat16 one.
 
 Outside `gathering` (one device, inference, `train.fsdp = 1`) `gather` is the identity.
 """
@@ -22,10 +25,12 @@ Outside `gathering` (one device, inference, `train.fsdp = 1`) `gather` is the id
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 AXIS = "fsdp"
@@ -95,5 +100,28 @@ def gather(leaf, stacked_shape: tuple[int, ...], dtype):
   dim = shard_dim(tuple(stacked_shape), size)
   if dim is None:
     return leaf
-  gathered = jax.lax.all_gather(leaf.astype(dtype), AXIS, axis=dim - 1, tiled=True)
+  gathered = _gather_then_reduce_scatter_f32(leaf, dim - 1, jnp.dtype(dtype),
+                                             jnp.dtype(leaf.dtype))
   return checkpoint_name(gathered, GATHERED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather_then_reduce_scatter_f32(piece, axis: int, dtype, piece_dtype):
+  """all_gather of `piece` cast to `dtype` over 'fsdp' along `axis`; its VJP
+  reduce-scatters the cotangent in float32 and returns it in `piece_dtype`."""
+  del piece_dtype  # used by the VJP only
+  return jax.lax.all_gather(piece.astype(dtype), AXIS, axis=axis, tiled=True)
+
+
+def _gather_fwd(piece, axis, dtype, piece_dtype):
+  return _gather_then_reduce_scatter_f32(piece, axis, dtype, piece_dtype), None
+
+
+def _reduce_scatter_f32(axis, dtype, piece_dtype, _, cotangent):
+  del dtype
+  summed = jax.lax.psum_scatter(cotangent.astype(jnp.float32), AXIS,
+                                scatter_dimension=axis, tiled=True)
+  return (summed.astype(piece_dtype),)
+
+
+_gather_then_reduce_scatter_f32.defvjp(_gather_fwd, _reduce_scatter_f32)

@@ -29,26 +29,30 @@ LEVELS = ("node", "graph")
 
 
 def pool(node_features, node_graph, node_mask, num_graphs: int, kind: str = "mean"):
-  """Sum or mean of each graph's real node features.
+  """Sum or mean of each graph's real node features, accumulated in float32.
+
+  In bfloat16 a running sum stops growing once its spacing exceeds the terms (256 + 1
+  rounds to 256), so features and counts are summed in float32 (counts as int32)
+  whatever the compute dtype.
 
   Args:
-    node_features: [N, D].
+    node_features: [N, D] any float dtype.
     node_graph: int32[N] graph index of each node.
     node_mask: bool[N] real node.
     num_graphs: G (static).
     kind: "sum" | "mean".
 
   Returns:
-    [G, D]; zero for graphs without real nodes (the padding graph).
+    float32[G, D]; zero for graphs without real nodes (the padding graph).
   """
-  masked = jnp.where(node_mask[:, None], node_features, 0)
+  masked = jnp.where(node_mask[:, None], node_features.astype(jnp.float32), 0.0)
   total = jax.ops.segment_sum(masked, node_graph, num_segments=num_graphs)
   if kind == "sum":
     return total
   if kind == "mean":
-    count = jax.ops.segment_sum(node_mask.astype(total.dtype), node_graph,
+    count = jax.ops.segment_sum(node_mask.astype(jnp.int32), node_graph,
                                 num_segments=num_graphs)
-    return total / jnp.maximum(count, 1)[:, None]
+    return total / jnp.maximum(count, 1).astype(jnp.float32)[:, None]
   raise ValueError(f"model.head.pooling must be 'sum' or 'mean', got {kind!r}")
 
 

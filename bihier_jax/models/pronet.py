@@ -371,10 +371,12 @@ class InteractionBlock(nn.Module):
       k1 = self.param(f"lin_feature{c}_1", _glorot, (feature.shape[-1], cfg.mid_emb))
       k2 = self.param(f"lin_feature{c}_2", _glorot, (cfg.mid_emb, h))
       weight = jnp.dot(feature.astype(dtype), (k1 @ k2).astype(dtype))  # [E, h]
-      aggregated = jax.ops.segment_sum(weight * x_j, edges.receivers,
-                                       num_segments=num_nodes,
+      # Messages in the compute dtype, their sum in float32 (summed in bfloat16, 32
+      # messages per receiver lose ~0.7 %); the matmul input is the compute dtype again.
+      aggregated = jax.ops.segment_sum((weight * x_j).astype(jnp.float32),
+                                       edges.receivers, num_segments=num_nodes,
                                        indices_are_sorted=cfg.receivers_sorted)
-      convs.append(swish(jnp.dot(aggregated, kernel_l[c])
+      convs.append(swish(jnp.dot(aggregated.astype(dtype), kernel_l[c])
                          + self_terms[:, c * h:(c + 1) * h] + bias[c]))
     hidden = jnp.concatenate(convs, axis=-1)  # [N, 3h]
     hidden = nn.Dropout(cfg.dropout)(hidden, deterministic=deterministic)

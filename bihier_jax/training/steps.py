@@ -229,7 +229,9 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
 
     def one(args):
       (loss_w, (weight, accuracy_w)), grads = grad_fn(view, params, *args)
-      return loss_w, weight, accuracy_w, grads
+      # Summed over sub-batches and devices in float32, whatever the parameter dtype.
+      return loss_w, weight, accuracy_w, jax.tree_util.tree_map(
+          lambda g: g.astype(jnp.float32), grads)
 
     # The first sub-batch starts the sums (so they carry this device's values), the
     # others are added one after another.
@@ -247,7 +249,7 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
           lambda g, spec: jax.lax.psum(g, _unsplit_axes(spec, axis_name))
           if _unsplit_axes(spec, axis_name) else g, grads, view_specs)
     scale = jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
-    grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
+    grads = jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads, view)
     return loss_sum * scale, accuracy_sum * scale, total, grads
 
   scalar = jax.sharding.PartitionSpec()
