@@ -108,3 +108,33 @@ _FSDP = textwrap.dedent("""
 
 def test_fsdp_layers_keep_no_gathered_weights():
   test_parallel.run_script(_FSDP, timeout=120)
+
+
+def _apply(config, flags):
+  """`--config.key=value` flags (as a launcher writes them) applied to `config`."""
+  for flag in flags:
+    path, value = flag[len("--config."):].split("=", 1)
+    *groups, key = path.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    old = node[key]
+    node[key] = (value == "True") if isinstance(old, bool) else type(old)(value)
+  return config
+
+
+def test_fsdp_needs_remat_and_both_launchers_set_it():
+  import importlib  # pylint: disable=g-import-not-at-top
+  from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
+  from data_pipelines import download  # pylint: disable=g-import-not-at-top
+  from launch import slurm_gpu, tpu_vm  # pylint: disable=g-import-not-at-top
+  slurm_flags = [a for a in slurm_gpu.train_argv(slurm_gpu.SlurmJob("c.py", "/w", fsdp=4))
+                 if a.startswith("--config.") and "multi_host" not in a]
+  for task in (*download.TASKS, "demo"):  # every task config as it ships
+    get_config = importlib.import_module(f"configs.{task}").get_config
+    config = _apply(get_config(), ["--config.train.fsdp=4"])
+    with pytest.raises(config_check.ConfigError, match=(
+        r"^train.fsdp=4 needs model.esm.remat=True .* add --config.model.esm.remat=True$")):
+      config_check.check(config, needs_data=False)
+    for flags in (tpu_vm.fsdp_flags(4), slurm_flags):
+      config_check.check(_apply(get_config(), flags), needs_data=False)
