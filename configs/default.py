@@ -123,6 +123,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-4
   c.optim.esm_lr_ratio = 0.1  # ESM learning rate = ratio x learning_rate
+  # LoRA adapters (model.esm.trainable=lora) have their own group: learning rate =
+  # ratio x learning_rate (they are new weights; esm_lr_ratio does not apply to them).
+  c.optim.lora_lr_ratio = 1.0
   c.optim.weight_decay = 0.01
   c.optim.schedule = "cosine"  # cosine | step | constant
   c.optim.warmup_steps = 100
