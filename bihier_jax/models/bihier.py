@@ -152,7 +152,6 @@ class BiHierConfig:
   fusion_write_back: str
   readout: str  # streams | fused (auto resolved)
   mask_esm_tokens: bool
-  packed_rows: bool  # several chains per ESM row (Batch.token_segments), data.pack_rows
   head_pooling: str
   head_hidden: int
   head_dropout: float
@@ -214,7 +213,6 @@ class BiHierConfig:
         fusion_dropout=m.fusion.dropout, fusion_ffn_mult=m.fusion.get("ffn_mult", 4),
         fusion_norm=bool(m.fusion.get("norm", True)), fusion_write_back=write_back,
         readout=readout, mask_esm_tokens=bool(m.esm.get("mask_augmented", True)),
-        packed_rows=bool(config.data.get("pack_rows", False)),
         head_pooling=m.head.pooling,
         head_hidden=m.head.hidden, head_dropout=m.head.dropout, task_level=t.level,
         num_classes=t.num_classes)
@@ -302,8 +300,9 @@ class BiHierModel(nn.Module):
       tokens = mask_tokens(tokens, batch.node_to_token, residue_mask)
 
     # Packed rows (several chains per row): attention, rotary positions and token
-    # dropout follow each token's chain.
-    segments = batch.token_segments if cfg.packed_rows else None
+    # dropout follow each token's chain. The batch says how its rows are laid out
+    # (`Batch.packed_rows`), not the config the model was built from.
+    segments = batch.token_segments if batch.packed_rows else None
     if cfg.kind == "bihier":
       hidden = self.esm.embed(tokens, segments)
       x, edges = self.gnn.embed(graph, deterministic, residue_mask=residue_mask)
