@@ -61,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.kind = "bihier"  # bihier | esm_only | gnn_only | serial | parallel | cross
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  # Precision of float32 matmuls: default | high | highest. 'default' is the backend's:
+  # exact on CPU, TF32 on GPU, one bfloat16 pass on TPU; 'highest' is float32 everywhere
+  # (slower on GPU/TPU). docs/model.md, "Matmul precision".
+  c.model.matmul_precision = "default"
 
   c.model.esm = ml_collections.ConfigDict()
   c.model.esm.preset = "t6_8M"  # t6_8M | t12_35M | t30_150M | t33_650M | t36_3B | t48_15B | tiny

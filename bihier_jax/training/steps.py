@@ -180,7 +180,7 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
     ((loss, aux), grads) with aux = {accuracy (weighted, softmax tasks), label_weight}
     and grads shaped like the trainable view.
   """
-  from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+  from bihier_jax.models import bihier, heads  # pylint: disable=g-import-not-at-top
   trainable = model.config.trainable
   num_sub = batch.node_mask.shape[0]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
@@ -215,7 +215,10 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
           if _unsplit_axes(spec, axis_name) else p, view, view_specs)
 
     def one(args):
-      (loss_w, (weight, accuracy_w)), grads = grad_fn(view, params, *args)
+      # The backward pass at the model's matmul precision too (custom VJP rules are
+      # traced here, outside the model's own scope).
+      with bihier.matmul_precision_scope(model.config.matmul_precision):
+        (loss_w, (weight, accuracy_w)), grads = grad_fn(view, params, *args)
       return loss_w, weight, accuracy_w, grads
 
     # The first sub-batch starts the sums (so they carry this device's values), the
