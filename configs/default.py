@@ -78,7 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.esm.lora_rank = 8
   c.model.esm.lora_alpha = 16.0
   c.model.esm.lora_targets = ("q", "v")
-  c.model.esm.remat = False  # rematerialise each layer (memory for compute)
+  # Rematerialise each layer in the backward pass (memory for compute); required with
+  # train.fsdp > 1 (the launchers' --fsdp sets it). Off, activations are kept, weights not.
+  c.model.esm.remat = False
   c.model.esm.scan_layers = True  # stacked + scanned layers: compile time flat in depth
   c.model.esm.attention = "auto"  # auto (per backend, docs/model.md) | exact | splash | flash_gpu
   c.model.esm.token_dropout = True
@@ -153,7 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Parameter sharding (ZeRO-3 style): devices per 'fsdp' group. The large ESM-2 layer
   # matrices and their Adam moments are split over a group and gathered one layer at a
   # time; the batch is still split over every device. 1 = plain data parallelism; must
-  # divide the devices of each host. See docs/parallelism.md.
+  # divide the devices of each host; > 1 needs model.esm.remat=True. See
+  # docs/parallelism.md.
   c.train.fsdp = 1
   c.train.eval_every = 1000  # periodic evaluation (and saved checkpoint) every N steps
   # Periodic evaluations score only data.select_split (the test splits stay unseen until
