@@ -5,15 +5,22 @@
   python bench/bench_sharding.py --preset t48_15B --devices 32 --fsdp 32 --lora
   python bench/bench_sharding.py --preset t36_3B --lora --fit-gib 16   # fewest devices
   python bench/bench_sharding.py --quick      # t6_8M, 4 devices (bench/run_all.py --quick)
+  python bench/bench_sharding.py --preset t33_650M --devices 1 --remat task   # one setting
 
 What is measured. The trainer's own step (`steps.jit_train_step`: forward, backward,
 gradient clipping, AdamW update, the in-graph non-finite guard) of the full bihier
 model (ESM-2 `--preset`, 4 x 128 ProNet blocks, local+global fusion) is lowered and
 compiled for `--devices` simulated CPU devices (`--xla_force_host_platform_device_count`)
 with ABSTRACT parameters and batch: nothing is allocated, so a 15B model is measured on
-a laptop. Settings: bfloat16 compute, per-layer ESM rematerialisation, one protein of
-`--seq-len` - 2 residues per device (`train.batch_size` = devices), ESM fine-tuned
-(`--lora`: model.esm.trainable=lora, rank 8, q and v).
+a laptop. Settings: bfloat16 compute, one protein of `--seq-len` - 2 residues per device
+(`train.batch_size` = devices), ESM fine-tuned (`--lora`: model.esm.trainable=lora, rank
+8, q and v).
+
+Remat. Every point is measured twice (`--remat both`, the default): with the task
+configs' own `model.esm.remat` (configs/*.py as they ship: False) and with per-layer
+rematerialisation (`model.esm.remat=True`, which config_check requires for
+`train.fsdp` > 1 and the launchers' `--fsdp` set); `--remat task` or `--remat true`
+measures one of them.
 
 Reported (one JSON object; `--json` also writes it):
 - per_device_gib: the compiled program's arguments + outputs + temporaries - aliased
@@ -30,8 +37,12 @@ Reported (one JSON object; `--json` also writes it):
   collectives in float32 (it converts around them), so the all-gather bytes here are
   twice what a GPU or TPU moves for the same bfloat16 gather.
 - matmul_tflop: the step's matmul FLOPs summed over devices (`flops.matmul_flops`).
-- With `--fit-gib G`: devices 1, 2, 4, ... (fsdp = devices) until per_device_gib <= G;
-  one row per try.
+- rows: one object per measured step (its "remat" field says which); a single point
+  gives one or two rows.
+- With `--fit-gib G`: devices 1, 2, 4, ... (fsdp = devices) until the remat=True row
+  fits (per_device_gib <= G); `fewest_devices` is that count, `fewest_devices_task_remat`
+  the fewest tried at which the task configs' setting fits (None if none did; with more
+  than one device it is refused, see above).
 """
 
 from __future__ import annotations
@@ -161,13 +172,25 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 
 # --- the measured step ------------------------------------------------------------------
 
-def bench_config(preset: str, devices: int, fsdp: int, lora: bool):
+def task_config_remat() -> bool:
+  """`model.esm.remat` of every task config as it ships (configs/<task>.py of each
+  task `data_pipelines.download` knows); they must agree."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from data_pipelines import download  # pylint: disable=import-outside-toplevel
+  values = {task: bool(importlib.import_module(f"configs.{task}").get_config()
+                       .model.esm.remat) for task in download.TASKS}
+  if len(set(values.values())) != 1:
+    raise SystemExit(f"the task configs disagree on model.esm.remat: {values}")
+  return next(iter(values.values()))
+
+
+def bench_config(preset: str, devices: int, fsdp: int, lora: bool, remat: bool):
   from configs import default  # pylint: disable=import-outside-toplevel
   config = default.get_config()
   config.model.kind = "bihier"
   config.model.esm.preset = preset
   config.model.esm.checkpoint = ""
-  config.model.esm.remat = True
+  config.model.esm.remat = remat
   config.model.dtype = "bfloat16"
   config.model.gnn.num_blocks = 4
   config.model.gnn.hidden = 128
@@ -177,12 +200,13 @@ def bench_config(preset: str, devices: int, fsdp: int, lora: bool):
   return config
 
 
-def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool) -> dict:
+def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool,
+            remat: bool) -> dict:
   """One compiled step; see the module docstring for the fields."""
   from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
   from bihier_jax.data import input_pipeline, testing  # pylint: disable=import-outside-toplevel
   from bihier_jax.training import optim, parallel, steps  # pylint: disable=import-outside-toplevel
-  config = bench_config(preset, devices, fsdp, lora)
+  config = bench_config(preset, devices, fsdp, lora, remat)
   mesh = parallel.make_mesh(jax.devices()[:devices], fsdp)
   example = testing.random_example(seq_len - 2, seed=0)
   budget = input_pipeline.budget_for([example])
@@ -210,7 +234,7 @@ def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool) -> d
   return {
       "preset": preset, "devices": devices, "fsdp": fsdp, "data": devices // fsdp,
       "seq_len": seq_len, "esm_budget_row_length": int(budget.row_length),
-      "trainable": config.model.esm.trainable, "dtype": "bfloat16", "remat": True,
+      "trainable": config.model.esm.trainable, "dtype": "bfloat16", "remat": remat,
       "parameters": int(total), "trainable_parameters": int(trained),
       "per_device_gib": per_device / GIB,
       "state_gib_per_device": state_bytes / GIB,
@@ -224,6 +248,13 @@ def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool) -> d
   }
 
 
+def _remat_settings(choice: str) -> list[bool]:
+  """The remat values to measure for --remat task | true | both (task first)."""
+  task = task_config_remat()
+  return {"task": [task], "true": [True],
+          "both": [task] if task else [task, True]}[choice]
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="t36_3B")
@@ -232,6 +263,8 @@ def main(argv=None) -> int:
   parser.add_argument("--seq-len", type=int, default=1024,
                       help="ESM row length L (one protein of L - 2 residues per device)")
   parser.add_argument("--lora", action="store_true")
+  parser.add_argument("--remat", choices=("both", "task", "true"), default="both",
+                      help="model.esm.remat of the task configs, True, or both")
   parser.add_argument("--fit-gib", type=float, default=0.0,
                       help="find the fewest devices (fsdp = devices) within this memory")
   parser.add_argument("--json", default="")
@@ -240,21 +273,29 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.quick:
     args.preset, args.devices, args.fsdp, args.seq_len = "t6_8M", 4, 4, 256
+  settings = _remat_settings(args.remat)
+
+  def point(devices: int, fsdp: int) -> list[dict]:
+    rows = [measure(args.preset, devices, fsdp, args.seq_len, args.lora, remat)
+            for remat in settings]
+    for row in rows:
+      print(json.dumps(row), flush=True)
+    return rows
+
+  result = {"task_config_remat": task_config_remat()}
   if args.fit_gib:
     rows, devices = [], 1
+    fits = lambda remat: [r["devices"] for r in rows
+                          if r["remat"] == remat and r["per_device_gib"] <= args.fit_gib]
     while devices <= jax.device_count():
-      row = measure(args.preset, devices, devices, args.seq_len, args.lora)
-      rows.append(row)
-      print(json.dumps(row), flush=True)
-      if row["per_device_gib"] <= args.fit_gib:
+      rows += point(devices, devices)
+      if fits(settings[-1]):
         break
       devices *= 2
-    fits = rows[-1]["per_device_gib"] <= args.fit_gib
-    result = {"fit_gib": args.fit_gib, "fewest_devices": rows[-1]["devices"] if fits
-              else None, "rows": rows}
+    result.update(fit_gib=args.fit_gib, fewest_devices=min(fits(settings[-1]), default=None),
+                  fewest_devices_task_remat=min(fits(settings[0]), default=None), rows=rows)
   else:
-    result = measure(args.preset, args.devices, args.fsdp or args.devices, args.seq_len,
-                     args.lora)
+    result["rows"] = point(args.devices, args.fsdp or args.devices)
   result["machine"] = {"jax": jax.__version__, "backend": "cpu (simulated devices)"}
   print(json.dumps(result, indent=1))
   if args.json:

@@ -235,9 +235,20 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   # Everything else the model would reject when it is built (fusion.levels within
   # 1..gnn.num_blocks, layer pairing, esm.last_n, ...), with the model's own message.
   try:
-    bihier.BiHierConfig.from_config(config)
+    model = bihier.BiHierConfig.from_config(config)
   except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise ConfigError(str(e).splitlines()[0] if str(e) else repr(e)) from e
+  _check_fsdp_remat(_get(config, "train.fsdp", 1), model)
+
+
+def _check_fsdp_remat(fsdp_size: int, model) -> None:
+  """train.fsdp > 1 only with per-layer ESM remat: without it every layer's activations
+  stay on the device for the backward pass, and the memory per device is far above
+  what parameter sharding is for (docs/parallelism.md, "Memory per device")."""
+  if fsdp_size > 1 and model.uses_esm and not model.esm.remat:
+    raise ConfigError(f"train.fsdp={fsdp_size} needs model.esm.remat=True (without it "
+                      "every ESM layer's activations stay in memory for the backward "
+                      "pass): add --config.model.esm.remat=True")
 
 
 def _pallas_row_length(config, multiple: int) -> None:

@@ -61,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.kind = "bihier"  # bihier | esm_only | gnn_only | serial | parallel | cross
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  # Precision of float32 matmuls: default | high | highest. 'default' is the backend's:
+  # exact on CPU, TF32 on GPU, one bfloat16 pass on TPU; 'highest' is float32 everywhere
+  # (slower on GPU/TPU). docs/model.md, "Matmul precision".
+  c.model.matmul_precision = "default"
 
   c.model.esm = ml_collections.ConfigDict()
   # t6_8M | t12_35M | t30_150M | t33_650M | t36_3B | t48_15B | tiny | L<n>_D<d>_H<h>_F<f>;
@@ -77,7 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.esm.lora_rank = 8
   c.model.esm.lora_alpha = 16.0
   c.model.esm.lora_targets = ("q", "v")
-  c.model.esm.remat = False  # rematerialise each layer (memory for compute)
+  # Rematerialise each layer in the backward pass (memory for compute); required with
+  # train.fsdp > 1 (the launchers' --fsdp sets it). Off, activations are kept, weights not.
+  c.model.esm.remat = False
   # Keep the ESM-2 residual stream (every layer's h + branch sum) in float32 when
   # model.dtype is bfloat16, as torch autocast does; matmul inputs stay bf16. False =
   # the stream in model.dtype (docs/model.md, Numerics).
@@ -130,6 +136,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-4
   c.optim.esm_lr_ratio = 0.1  # ESM learning rate = ratio x learning_rate
+  # LoRA adapters (model.esm.trainable=lora) have their own group: learning rate =
+  # ratio x learning_rate (they are new weights; esm_lr_ratio does not apply to them).
+  c.optim.lora_lr_ratio = 1.0
   c.optim.weight_decay = 0.01
   c.optim.schedule = "cosine"  # cosine | step | constant
   c.optim.warmup_steps = 100
@@ -153,7 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Parameter sharding (ZeRO-3 style): devices per 'fsdp' group. The large ESM-2 layer
   # matrices and their Adam moments are split over a group and gathered one layer at a
   # time; the batch is still split over every device. 1 = plain data parallelism; must
-  # divide the devices of each host. See docs/parallelism.md.
+  # divide the devices of each host; > 1 needs model.esm.remat=True. See
+  # docs/parallelism.md.
   c.train.fsdp = 1
   c.train.eval_every = 1000  # periodic evaluation (and saved checkpoint) every N steps
   # Periodic evaluations score only data.select_split (the test splits stay unseen until

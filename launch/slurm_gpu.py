@@ -15,8 +15,9 @@ Example:
   python -m launch.slurm_gpu --config configs/react.py --workdir /shared/runs/react1 \
       --nodes 2 --gpus-per-node 8 --partition gpu --venv /shared/venvs/bihier --dry-run
 
-`--fsdp N` sets train.fsdp (parameter-sharding group size); a group must lie within one
-node, so N must divide --gpus-per-node. The script notes the mesh in a `# mesh:` line.
+`--fsdp N` sets train.fsdp (parameter-sharding group size), and model.esm.remat=True
+when N > 1 (required with parameter sharding); a group must lie within one node, so N
+must divide --gpus-per-node. The script notes the mesh in a `# mesh:` line.
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ def train_argv(job: SlurmJob) -> list[str]:
   """The program every task runs (inside srun)."""
   return ["python", "-m", "bihier_jax.train", f"--config={job.config}",
           f"--workdir={job.workdir}", "--config.train.multi_host=True",
-          *tpu_vm.fsdp_flags(job.fsdp), *tpu_vm.config_override_flags(job.overrides)]
+          *tpu_vm.fsdp_flags(job.fsdp, job.overrides), *tpu_vm.config_override_flags(job.overrides)]
 
 
 def eval_argv(job: SlurmJob) -> list[str]:
   # Same train.fsdp as training: eval builds its mesh from it to restore the checkpoint.
   return ["python", "-m", "bihier_jax.eval", f"--config={job.config}",
-          f"--workdir={job.workdir}", *tpu_vm.fsdp_flags(job.fsdp),
+          f"--workdir={job.workdir}", *tpu_vm.fsdp_flags(job.fsdp, job.overrides),
           *tpu_vm.config_override_flags(job.overrides)]
 
 
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.add_argument("--fsdp", type=int, default=None, metavar="N",
                  help="train.fsdp: GPUs per parameter-sharding group, must divide "
-                 "--gpus-per-node (default: the config's value)")
+                 "--gpus-per-node (default: the config's value); above 1 also sets "
+                 "model.esm.remat=True")
   p.add_argument("--eval", action="store_true", help="evaluate after training")
   p.add_argument("--script", default="", help="where to write the script "
                  "(default: <job-name>.sbatch in the current directory)")

@@ -170,9 +170,18 @@ def fsdp_from_flags(fsdp: int | None, overrides: Sequence[str] = ()
   return value, given
 
 
-def fsdp_flags(fsdp: int | None) -> list[str]:
-  """`--fsdp N` -> `--config.train.fsdp=N` (nothing when not given)."""
-  return [] if fsdp is None else [f"--config.{FSDP_KEY}={fsdp}"]
+REMAT_KEY = "model.esm.remat"
+
+
+def fsdp_flags(fsdp: int | None, overrides: Sequence[str] = ()) -> list[str]:
+  """`--fsdp N` -> `--config.train.fsdp=N` (nothing when not given), and
+  `--config.model.esm.remat=True` whenever train.fsdp (from --fsdp or --set) is above 1
+  and no `--set model.esm.remat=...` is given: config_check refuses train.fsdp > 1
+  without per-layer remat (the memory figures of docs/parallelism.md assume it)."""
+  value, _ = fsdp_from_flags(fsdp, overrides)
+  remat_given = any(item.split("=", 1)[0].strip() == REMAT_KEY for item in overrides)
+  return ([] if fsdp is None else [f"--config.{FSDP_KEY}={fsdp}"]) + (
+      [f"--config.{REMAT_KEY}=True"] if value and value > 1 and not remat_given else [])
 
 
 def tpu_devices(accelerator_type: str) -> tuple[int, int] | None:
@@ -252,7 +261,8 @@ def train_command(target: Target, config: str, workdir: str,
   `train.multi_host=True`; on a single host it finds one process) waits for every
   process of the slice.
 
-  `fsdp` (--fsdp) becomes `--config.train.fsdp=N`. With `accelerator_type` known to
+  `fsdp` (--fsdp) becomes `--config.train.fsdp=N` (and model.esm.remat=True above 1,
+  see `fsdp_flags`). With `accelerator_type` known to
   `tpu_devices`, train.fsdp (from --fsdp or --set) must divide the devices per worker;
   without it nothing about the device count is assumed.
   """
@@ -268,7 +278,7 @@ def train_command(target: Target, config: str, workdir: str,
         f"workdir {workdir!r}: TPU workers share no disk; use a gs:// bucket "
         "(or --allow-local-workdir for a single-host test)")
   argv = ["-m", "bihier_jax.train", f"--config={config}", f"--workdir={workdir}",
-          "--config.train.multi_host=True", *fsdp_flags(fsdp),
+          "--config.train.multi_host=True", *fsdp_flags(fsdp, overrides),
           *config_override_flags(overrides)]
   # The interpreter path stays unquoted so the remote shell expands `~`.
   remote = (f"cd {REMOTE_DIR} && nohup {REMOTE_VENV}/bin/python {shlex.join(argv)} "
@@ -351,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--allow-local-workdir", action="store_true")
   p.add_argument("--fsdp", type=int, default=None, metavar="N",
                  help="train.fsdp: devices per parameter-sharding group, within one "
-                 "worker (default: the config's value)")
+                 "worker (default: the config's value); above 1 also sets "
+                 "model.esm.remat=True")
   p.add_argument("--accelerator-type", default=None,
                  help="e.g. v4-32, as given to create: checks --fsdp against the "
                  "devices per worker and shows the mesh (optional, not guessed)")

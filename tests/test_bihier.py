@@ -6,6 +6,7 @@ Budget: ≈ 50 s on 2 CPU cores (one compile of forward/backward per model varia
 variants are cached across tests).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -280,3 +281,66 @@ def test_masked_residues_get_the_mask_token():
   np.testing.assert_array_equal(got, want)
   assert (got == 32).sum() > 3
 
+
+
+def test_row_layout_comes_from_the_batch():
+  """A packed batch (several chains per ESM row) through a model built with
+  data.pack_rows=False gives, at every real node, what one chain per row gives: the
+  layout is read from the batch, so chains never attend to their row neighbours."""
+  config = _config(**DEFAULTS)
+  config.data.pack_rows = False
+  model = models.build_model(config)
+  _, params, _, _, _, _ = _variant()  # the same parameter tree (layout-free)
+  logits = jax.jit(lambda p, b: model.apply({"params": p}, b).logits)
+  examples = [testing.random_example(12, seed=0),
+              testing.random_example(9, seed=1, n_chains=2),
+              testing.random_example(7, seed=2, n_ligand=3)]
+  out = {}
+  for packed in (False, True):
+    budget = input_pipeline.budget_for(examples, n_graph=4, node_multiple=8,
+                                       packed_rows=packed)
+    if packed:  # two rows (protein 1 has two chains), shared by the proteins
+      budget = dataclasses.replace(budget, n_row=2, row_length=64)
+    batch = input_pipeline.collate(examples, budget)
+    assert batch.packed_rows == packed
+    assert (np.asarray(batch.token_segments).max() >= 2) == packed  # 3 chains in a row
+    out[packed] = (np.asarray(logits(params, _to_jnp(batch))), np.asarray(batch.node_mask))
+  (unpacked, mask), (packed_logits, packed_mask) = out[False], out[True]
+  np.testing.assert_array_equal(mask, packed_mask)
+  np.testing.assert_allclose(packed_logits[mask], unpacked[mask], rtol=1e-5, atol=1e-5)
+
+
+def _dot_precisions(jaxpr) -> list:
+  """The `precision` of every dot_general in a jaxpr and the jaxprs nested in it."""
+  from jax.extend import core as jax_core  # pylint: disable=g-import-not-at-top
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(eqn.params["precision"])
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(item, jax_core.ClosedJaxpr):
+          found += _dot_precisions(item.jaxpr)
+        elif isinstance(item, jax_core.Jaxpr):
+          found += _dot_precisions(item)
+  return found
+
+
+def test_matmul_precision_reaches_every_matmul_of_the_step():
+  """model.matmul_precision=highest sets the precision of every matmul of the training
+  step (`steps.loss_and_grads`), forward and backward, custom VJP rules included (CPU
+  computes float32 matmuls exactly either way, so the program is what can be checked
+  here); 'default' leaves JAX's setting (None)."""
+  from bihier_jax.training import parallel, steps  # pylint: disable=g-import-not-at-top
+  _, params, _, _, _, _ = _variant()
+  batch = parallel.stack([_batch()])
+  rng = jax.random.key_data(jax.random.key(0))
+  for setting, want in (("default", None), ("highest", jax.lax.Precision.HIGHEST)):
+    config = _config(**DEFAULTS)
+    config.model.matmul_precision = setting
+    step = functools.partial(steps.loss_and_grads, model=models.build_model(config),
+                             task=config.task)
+    precisions = _dot_precisions(jax.make_jaxpr(step)(params, batch, rng, 0).jaxpr)
+    assert len(precisions) > 50, len(precisions)  # ESM, GNN, fusion, head; backward
+    expected = None if want is None else (want, want)
+    assert all(p == expected for p in precisions), set(map(str, precisions))

@@ -118,8 +118,9 @@ def test_train_fsdp_and_mesh_line(capsys):
   assert lines[0] == "# mesh: data=4 x fsdp=4 (16 devices of v4-32, 4 per worker; " \
                      "train.fsdp=4)"
   assert len(lines) == 2
-  assert ("--config.train.multi_host=True --config.train.fsdp=4 > ~/bihier_train.log"
-          in lines[1])
+  # Parameter sharding needs per-layer remat (config_check): --fsdp sets both.
+  assert ("--config.train.multi_host=True --config.train.fsdp=4 "
+          "--config.model.esm.remat=True > ~/bihier_train.log" in lines[1])
   # Without the accelerator type the device count is not guessed.
   lines = _dry_run(capsys, tpu_vm, base)
   assert lines[0] == "# mesh: fsdp=4, data = devices / 4"
@@ -127,6 +128,11 @@ def test_train_fsdp_and_mesh_line(capsys):
   # The same value through --set as well is no conflict.
   lines = _dry_run(capsys, tpu_vm, [*base, "--set", "train.fsdp=4"])
   assert "--config.train.fsdp=4" in lines[1]
+  # An explicit --set model.esm.remat is left to config_check; --fsdp 1 needs no remat.
+  lines = _dry_run(capsys, tpu_vm, [*base, "--set", "model.esm.remat=False"])
+  assert "--config.model.esm.remat=True" not in lines[1]
+  lines = _dry_run(capsys, tpu_vm, [*base[:-1], "1"])
+  assert "--config.train.fsdp=1" in lines[1] and "remat" not in lines[1]
 
 
 def test_tpu_devices_per_worker():
@@ -227,10 +233,10 @@ def test_slurm_fsdp_in_train_and_eval(capsys):
   assert "# mesh: data=4 x fsdp=4 (16 devices; train.fsdp=4)" in lines
   assert ("srun --ntasks=16 --ntasks-per-node=8 --kill-on-bad-exit=1 python -m "
           "bihier_jax.train --config=c.py --workdir=/w --config.train.multi_host=True "
-          "--config.train.fsdp=4") in lines
+          "--config.train.fsdp=4 --config.model.esm.remat=True") in lines
   # Eval restores the checkpoint onto a mesh built the same way.
   assert ("srun --nodes=1 --ntasks=1 python -m bihier_jax.eval --config=c.py "
-          "--workdir=/w --config.train.fsdp=4") in lines
+          "--workdir=/w --config.train.fsdp=4 --config.model.esm.remat=True") in lines
   # Every line of the script that is no command is a comment.
   script = lines[lines.index("#!/bin/bash"):lines.index("# --- submit ---")]
   assert all(not line or line.startswith(("#", "set ", "export ", "srun "))

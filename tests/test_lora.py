@@ -180,3 +180,32 @@ def test_export_from_run_merges_adapters(tmp_path):
   got = merged_model.apply({"params": merged}, tokens)
   np.testing.assert_allclose(got.last_hidden_state, adapted.last_hidden_state,
                              atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_adapters_train_at_their_own_rate(ratio):
+  """Adam's first step moves every entry by its group's rate: adapters by
+  optim.lora_lr_ratio x the schedule's rate (not esm_lr_ratio x it), the rest by lr."""
+  from bihier_jax.training import optim  # pylint: disable=g-import-not-at-top
+  config = test_trainable._config(trainable="lora")  # pylint: disable=protected-access
+  config.optim.lora_lr_ratio = ratio
+  config.optim.esm_lr_ratio = 0.1
+  config.optim.weight_decay, config.optim.grad_clip = 0.0, 0.0
+  config.optim.warmup_steps, config.optim.schedule = 0, "constant"
+  params = {
+      "esm": {"lora": {"q": {"a": np.ones([4, 3, 2], np.float32),
+                             "b": np.ones([4, 2, 3], np.float32)}},
+              "layers": {"fc1": {"kernel": np.ones([4, 3, 3], np.float32)}}},
+      "head": {"kernel": np.ones([3, 2], np.float32)},
+  }
+  policy = trainable.Trainable("lora", num_esm_layers=4, lora_rank=2)
+  view = policy.select(params)
+  tx = optim.make_optimizer(config)
+  grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.5), view)
+  updates, _ = tx.update(grads, tx.init(view), view)
+  new = policy.apply_updates(params, updates)
+  lr = float(optim.learning_rate_schedule(config)(0))
+  for leaf in new["esm"]["lora"]["q"].values():
+    np.testing.assert_allclose(leaf, 1 - ratio * lr, rtol=1e-6)
+  np.testing.assert_allclose(new["head"]["kernel"], 1 - lr, rtol=1e-6)
+  np.testing.assert_array_equal(new["esm"]["layers"]["fc1"]["kernel"], 1.0)

@@ -51,6 +51,7 @@ deterministic=False.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -72,6 +73,16 @@ KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
 DIRECTIONS = ("bi", "seq2struct", "struct2seq")
 MODES = ("local", "global")
 READOUTS = ("auto", "streams", "fused")
+# model.matmul_precision: JAX's precision of float32 matmuls (docs/model.md, "Matmul
+# precision"); 'default' leaves it to the backend (GPU: TF32, TPU: one bfloat16 pass).
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def matmul_precision_scope(precision: str):
+  """Context in which traced matmuls take `precision` (one of MATMUL_PRECISIONS);
+  'default' leaves JAX's setting as it is."""
+  return (contextlib.nullcontext() if precision == "default"
+          else jax.default_matmul_precision(precision))
 
 
 @flax.struct.dataclass
@@ -152,12 +163,12 @@ class BiHierConfig:
   fusion_write_back: str
   readout: str  # streams | fused (auto resolved)
   mask_esm_tokens: bool
-  packed_rows: bool  # several chains per ESM row (Batch.token_segments), data.pack_rows
   head_pooling: str
   head_hidden: int
   head_dropout: float
   task_level: str
   num_classes: int
+  matmul_precision: str = "default"  # one of MATMUL_PRECISIONS
 
   @classmethod
   def from_config(cls, config) -> "BiHierConfig":
@@ -183,6 +194,10 @@ class BiHierConfig:
                        f"model.kind={m.kind!r} has no fusion (use streams or auto)")
     if t.level not in heads.LEVELS:
       raise ValueError(f"task.level must be one of {heads.LEVELS}, got {t.level!r}")
+    precision = m.get("matmul_precision", "default")  # saved configs without it
+    if precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"model.matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                       f"got {precision!r}")
     dtype = jnp.dtype(m.dtype)
     trainable = trainable_lib.Trainable.from_config(config)
     esm_cfg = esm2.config_from_preset(
@@ -215,10 +230,9 @@ class BiHierConfig:
         fusion_dropout=m.fusion.dropout, fusion_ffn_mult=m.fusion.get("ffn_mult", 4),
         fusion_norm=bool(m.fusion.get("norm", True)), fusion_write_back=write_back,
         readout=readout, mask_esm_tokens=bool(m.esm.get("mask_augmented", True)),
-        packed_rows=bool(config.data.get("pack_rows", False)),
         head_pooling=m.head.pooling,
         head_hidden=m.head.hidden, head_dropout=m.head.dropout, task_level=t.level,
-        num_classes=t.num_classes)
+        num_classes=t.num_classes, matmul_precision=precision)
 
   @property
   def uses_esm(self) -> bool:
@@ -295,6 +309,14 @@ class BiHierModel(nn.Module):
     return jnp.concatenate([h.astype(cfg.dtype) for h in halves], axis=-1)
 
   def __call__(self, batch: batch_lib.Batch, deterministic: bool = True) -> ModelOutput:
+    """The model on one padded batch; every matmul it traces at
+    `config.matmul_precision` (the backward pass of a primitive keeps its forward's
+    precision; custom VJP rules are traced when the gradient is taken, so a step also
+    takes its gradient inside `matmul_precision_scope`)."""
+    with matmul_precision_scope(self.config.matmul_precision):
+      return self._forward(batch, deterministic)
+
+  def _forward(self, batch: batch_lib.Batch, deterministic: bool) -> ModelOutput:
     cfg = self.config
     tokens, graph = batch.tokens, batch.graph
     hidden = x = fused = None
@@ -303,8 +325,9 @@ class BiHierModel(nn.Module):
       tokens = mask_tokens(tokens, batch.node_to_token, residue_mask)
 
     # Packed rows (several chains per row): attention, rotary positions and token
-    # dropout follow each token's chain.
-    segments = batch.token_segments if cfg.packed_rows else None
+    # dropout follow each token's chain. The batch says how its rows are laid out
+    # (`Batch.packed_rows`), not the config the model was built from.
+    segments = batch.token_segments if batch.packed_rows else None
     if cfg.kind == "bihier":
       hidden = self.esm.embed(tokens, segments)
       x, edges = self.gnn.embed(graph, deterministic, residue_mask=residue_mask)

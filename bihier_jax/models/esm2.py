@@ -1,7 +1,9 @@
 """ESM-2 (Lin et al., Science 2023) in Flax: the sequence branch of the fusion model.
 
 Numerically the same model as fair-esm's `esm.model.esm2.ESM2` (the original) and
-transformers' `EsmModel` / `EsmForMaskedLM` (see DESIGN.md "ESM-2 port"):
+transformers' `EsmModel` / `EsmForMaskedLM` (≤ 1e-5 per layer where float32 matmuls are
+exact: on CPU, or under `jax.default_matmul_precision("highest")` on GPU and TPU, see
+docs/model.md "Matmul precision"):
 
   embed   word embedding (no absolute positions), token dropout (zero `<mask>` rows,
           scale by (1 - 0.15*0.8) / (1 - observed mask ratio of the real tokens)),
@@ -738,15 +740,56 @@ def _stack_init(init, cfg: "ESM2Config", shapes: dict):
       lambda s: jnp.zeros(fsdp.local_shape(s.shape, size), s.dtype), shapes)
 
 
+# Primitives that only move or cast values: how a layer's weights reach its matmuls
+# (slice of the stack, squeeze, cast, FSDP's all-gather, also as a custom VJP, the
+# device-varying cast inside shard_map, broadcast of a vector, checkpoint names).
+_WEIGHT_READ_PRIMITIVES = frozenset({
+    "dynamic_slice", "slice", "squeeze", "reshape", "convert_element_type",
+    "all_gather", "custom_vjp_call", "pvary", "broadcast_in_dim", "name"})
+
+
+def _save_all_but_weight_reads(weight_shapes: frozenset[tuple[int, ...]]):
+  """Checkpoint policy: save every value a layer computes except its weight reads.
+
+  jax 0.10's `save_anything_except_these_names` saves everything (it is
+  `lambda *_, **__: True`), and a policy refusing only the named values would still
+  save their producers (the sliced, cast, gathered weights): a value recomputed in
+  the backward pass needs its inputs saved unless they too are recomputed. So this
+  policy refuses every step of the read: a primitive of `_WEIGHT_READ_PRIMITIVES`
+  whose array operands all have a shape in `weight_shapes` (the stacked leaves, one
+  layer's slice of them, whole or as this device's FSDP piece). Activations have
+  [B, L, ...] shapes; one that matched by coincidence would only be recomputed.
+  """
+  def saveable(prim, *avals, **params):
+    if prim.name == "name" and params["name"] in (LAYER_WEIGHTS, fsdp.GATHERED):
+      return False
+    arrays = [a.shape for a in avals if getattr(a, "ndim", 0)]
+    return not (prim.name in _WEIGHT_READ_PRIMITIVES and arrays
+                and all(shape in weight_shapes for shape in arrays))
+  return saveable
+
+
+def _weight_read_shapes(stacked_shapes, size: int) -> frozenset[tuple[int, ...]]:
+  """Shapes a weight takes on its way from the stack [S, ...] to a matmul: the stack
+  (this device's piece under FSDP `size` > 1), one layer's [1, ...] slice of it, the
+  squeezed slice, and the whole (gathered) layer."""
+  out = set()
+  for leaf in jax.tree.leaves(stacked_shapes):
+    piece = fsdp.local_shape(tuple(leaf.shape), size)
+    out |= {tuple(leaf.shape), piece, (1, *piece[1:]), piece[1:], tuple(leaf.shape[1:])}
+  return frozenset(out)
+
+
 def _layer_fn(cfg: "ESM2Config", layers, lora, layout, cos, sin):
   """fn(i, h): layer i (0-based, traced or static) of the stacked trees applied to h.
 
   The layer's weights are read from the whole stack INSIDE the function, and the
-  function is rematerialised with a policy that never saves them, so a scan over i
-  copies no weights: slicing the stack per layer range (xs of a scan) would
-  materialise a copy of every layer it covers, and saving each layer's slice for the
-  backward pass another. With cfg.remat nothing else is saved either (the whole layer
-  is recomputed); otherwise every activation is.
+  function is rematerialised with a policy that never saves them
+  (`_save_all_but_weight_reads`), so a scan over i copies no weights: slicing the
+  stack per layer range (xs of a scan) would materialise a copy of every layer it
+  covers, and saving each layer's slice for the backward pass another. The backward
+  pass reads each layer's weights from the stack again. With cfg.remat nothing else
+  is saved either (the whole layer is recomputed); otherwise every activation is.
 
   Inside a step body with the layers split over 'fsdp' (`fsdp.active_size()` > 1),
   the layer's pieces are all-gathered first (`fsdp.gather`); the gathered weights are
@@ -754,7 +797,8 @@ def _layer_fn(cfg: "ESM2Config", layers, lora, layout, cos, sin):
   """
   flat_shapes = lambda tree: (None if tree is None else flax.traverse_util.flatten_dict(
       flax.core.unfreeze(tree)))
-  layer_shapes, lora_shapes = map(flat_shapes, _stacked_shapes(cfg))
+  stacked = _stacked_shapes(cfg)
+  layer_shapes, lora_shapes = map(flat_shapes, stacked)
   gathering = fsdp.active_size() > 1
 
   def layer_slice(tree, shapes, i):
@@ -772,9 +816,8 @@ def _layer_fn(cfg: "ESM2Config", layers, lora, layout, cos, sin):
     adapters = None if lora is None else layer_slice(lora, lora_shapes, i)
     return _transformer_layer(p, h, layout, cos, sin, adapters, cfg=cfg)
 
-  policy = None if cfg.remat else (
-      jax.checkpoint_policies.save_anything_except_these_names(LAYER_WEIGHTS,
-                                                               fsdp.GATHERED))
+  policy = None if cfg.remat else _save_all_but_weight_reads(
+      _weight_read_shapes(stacked, fsdp.active_size()))
   return jax.checkpoint(one, prevent_cse=not cfg.scan_layers, policy=policy)
 
 

@@ -7,7 +7,8 @@ Everything outside params['esm'] always trains. The ESM-2 branch follows one pol
   last_n    the last `model.esm.last_n` layers and the final LayerNorm train; the token
             embedding and the earlier layers do not.
   lora      no base ESM parameter trains; low-rank adapters (`model.esm.lora_rank`,
-            `lora_alpha`, `lora_targets`; esm2.ESM2Config) on every layer do. Step 0
+            `lora_alpha`, `lora_targets`; esm2.ESM2Config) on every layer do, at
+            `optim.lora_lr_ratio` x the learning rate (`is_adapter`). Step 0
             computes the base model's numbers exactly (B = 0); `esm2.merge_lora` folds
             trained adapters back into plain weights.
 
@@ -40,6 +41,12 @@ from bihier_jax.models import esm2
 
 POLICIES = ("frozen", "finetune", "last_n", "lora")
 ESM_KEY = "esm"  # the ESM-2 subtree of the fusion model's parameters
+
+
+def is_adapter(path: tuple[str, ...]) -> bool:
+  """A LoRA adapter (params['esm']['lora'][...], path of dict keys): trains under every
+  policy that has adapters, in its own optimizer group (`training.optim`)."""
+  return tuple(path[:2]) == (ESM_KEY, esm2.LORA_PARAM)
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:
@@ -106,9 +113,9 @@ class Trainable:
     leaf, k > 0 = entries k.. along axis 0 (stacked ESM layers under last_n)."""
     if not path or path[0] != ESM_KEY or self.policy == "finetune":
       return 0
-    part = path[1] if len(path) > 1 else ""
-    if part == esm2.LORA_PARAM:
+    if is_adapter(path):
       return 0  # adapters exist only under lora, and always train
+    part = path[1] if len(path) > 1 else ""
     if self.policy in ("frozen", "lora"):
       return None
     if part == esm2.LAYERS_PARAM:

@@ -1,12 +1,16 @@
-"""Optimizer: AdamW with warmup + cosine/step schedule, clipping, ESM learning-rate ratio.
+"""Optimizer: AdamW with warmup + cosine/step schedule, clipping, ESM and LoRA
+learning-rate ratios.
 
 The optimizer works on the trainable parameters only: the trees it sees are
 `trainable.Trainable.select(...)` views (what trains is decided in
 `bihier_jax.models.trainable`), so gradient clipping by global norm, Adam's moments and
 weight decay cover exactly what trains, and frozen parameters cost no optimizer state.
-Within that view, `optax.multi_transform` gives two groups:
+Within that view, `optax.multi_transform` gives two groups, three with LoRA:
 - `default`: everything outside params['esm'], at `optim.learning_rate`;
-- `esm`: the trainable part of the ESM-2 branch at `optim.esm_lr_ratio` x that rate.
+- `esm`: the trainable part of the ESM-2 branch at `optim.esm_lr_ratio` x that rate;
+- `lora` (model.esm.trainable=lora only): the adapters (`trainable.is_adapter`) at
+  `optim.lora_lr_ratio` x that rate (default 1.0: new weights, not a pretrained model
+  to keep close to).
 Weight decay applies to weight matrices and embeddings (parameters with two or more
 axes per layer: Dense and convolution kernels, ProNet's edge-feature and convolution
 kernels, embedding tables), not to biases, LayerNorm scales or the 1-D modality
@@ -50,11 +54,17 @@ def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def param_group(path: tuple[str, ...]) -> str:
+  """The optimizer group of a parameter (path of dict keys): 'lora' | 'esm' | 'default'."""
+  if trainable_lib.is_adapter(path):
+    return "lora"
+  return "esm" if path[:1] == (trainable_lib.ESM_KEY,) else "default"
+
+
 def param_labels(tree: Any) -> Any:
-  """Pytree of group labels ('default' | 'esm') like `tree` (a trainable view)."""
+  """Pytree of group labels (`param_group`) like `tree` (a trainable view)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: ("esm" if _path_keys(path)[:1] == (trainable_lib.ESM_KEY,)
-                       else "default"), tree)
+      lambda path, _: param_group(_path_keys(path)), tree)
 
 
 def decayed(path: tuple[str, ...], leaf) -> bool:
@@ -77,7 +87,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """The optimizer over trainable views (`Trainable.select` trees) of the parameters."""
   o = config.optim
   schedule = learning_rate_schedule(config)
-  esm_schedule = lambda step: schedule(step) * o.esm_lr_ratio
+  ratio_schedule = lambda ratio: (lambda step: schedule(step) * ratio)
 
   def adamw(lr):
     return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay,
@@ -86,6 +96,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   chain = []
   if o.grad_clip and o.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(o.grad_clip))
-  chain.append(optax.multi_transform({"default": adamw(schedule),
-                                      "esm": adamw(esm_schedule)}, param_labels))
+  groups = {"default": adamw(schedule), "esm": adamw(ratio_schedule(o.esm_lr_ratio))}
+  if config.model.esm.trainable == "lora":  # other runs keep their two-group state
+    # Saved configs from before the field existed: the default.
+    groups["lora"] = adamw(ratio_schedule(o.get("lora_lr_ratio", 1.0)))
+  chain.append(optax.multi_transform(groups, param_labels))
   return optax.chain(*chain)

@@ -192,7 +192,7 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
     ((loss, aux), grads) with aux = {accuracy (weighted, softmax tasks), label_weight}
     and grads shaped like the trainable view.
   """
-  from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
+  from bihier_jax.models import bihier, heads  # pylint: disable=g-import-not-at-top
   _log_attention(model, batch)
   trainable = model.config.trainable
   num_sub = batch.node_mask.shape[0]
@@ -228,7 +228,10 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
           if _unsplit_axes(spec, axis_name) else p, view, view_specs)
 
     def one(args):
-      (loss_w, (weight, accuracy_w)), grads = grad_fn(view, params, *args)
+      # The backward pass at the model's matmul precision too (custom VJP rules are
+      # traced here, outside the model's own scope).
+      with bihier.matmul_precision_scope(model.config.matmul_precision):
+        (loss_w, (weight, accuracy_w)), grads = grad_fn(view, params, *args)
       # Summed over sub-batches and devices in float32, whatever the parameter dtype.
       return loss_w, weight, accuracy_w, jax.tree_util.tree_map(
           lambda g: g.astype(jnp.float32), grads)
