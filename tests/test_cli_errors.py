@@ -183,9 +183,12 @@ def test_device_rules_name_the_fix():
 
 
 def _with(config, **train):
+  """`config` with train fields set; remat on where fsdp > 1, as the launchers set it."""
   out = config.copy_and_resolve_references()
   for key, value in train.items():
     out.train[key] = value
+  if out.train.fsdp > 1:
+    out.model.esm.remat = True
   return out
 
 
