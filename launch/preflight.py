@@ -58,7 +58,7 @@ def _check_location(field: str, value: str) -> None:
 
 
 def check_train_config(spec: str, overrides: Sequence[str] = (), *,
-                       fsdp: int | None = None, devices: int | None = None,
+                       devices: int | None = None,
                        devices_per_host: int | None = None,
                        local_paths: str = "check") -> ml_collections.ConfigDict:
   """The resolved training config; raises ConfigError (one line, in the launcher's
@@ -66,25 +66,23 @@ def check_train_config(spec: str, overrides: Sequence[str] = (), *,
 
   Args:
     spec: --config value (`configs/react.py` or `configs/demo.py:tiny`).
-    overrides: `key=value` items (the launchers' --set).
-    fsdp: the launcher's --fsdp (None: the config's value).
+    overrides: `key=value` items the train command gets (the launchers' --set, then
+      what their --fsdp adds: `tpu_vm.launched_overrides`).
     devices, devices_per_host: JAX devices of the job and of each host, when known.
     local_paths: what a local data.dir / model.esm.checkpoint means: 'check' (the
       workers share this machine's file system: SLURM), 'refuse' (TPU VMs share no
       disk: use a bucket), 'skip' (a single TPU VM's own disk: not visible here).
   """
   try:
-    return _check(spec, overrides, fsdp=fsdp, devices=devices,
+    return _check(spec, overrides, devices=devices,
                   devices_per_host=devices_per_host, local_paths=local_paths)
   except ConfigError as e:
     message = str(e).replace("set --config.", "pass --set ")
     raise ConfigError(message.replace("--config.", "--set ")) from e
 
 
-def _check(spec, overrides, *, fsdp, devices, devices_per_host, local_paths):
+def _check(spec, overrides, *, devices, devices_per_host, local_paths):
   config = load_config(spec, overrides)
-  if fsdp is not None:
-    config.train.fsdp = int(fsdp)
   data_dir = str(config.data.get("dir", "") or "")
   checkpoint = str(config.model.esm.get("checkpoint", "") or "")
   if local_paths == "refuse":

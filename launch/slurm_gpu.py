@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from launch import preflight  # pylint: disable=g-import-not-at-top
     # The train command's checks, here: the nodes share the file system with this one.
     preflight.check_train_config(
-        job.config, job.overrides, fsdp=tpu_vm.fsdp_from_flags(job.fsdp, job.overrides)[0],
+        job.config, tpu_vm.launched_overrides(job.fsdp, job.overrides),
         devices=job.num_tasks, devices_per_host=job.gpus_per_node, local_paths="check")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -184,6 +184,12 @@ def fsdp_flags(fsdp: int | None, overrides: Sequence[str] = ()) -> list[str]:
       [f"--config.{REMAT_KEY}=True"] if value and value > 1 and not remat_given else [])
 
 
+def launched_overrides(fsdp: int | None, overrides: Sequence[str]) -> list[str]:
+  """The `key=value` overrides the train command gets: --set's, then --fsdp's
+  (`fsdp_flags`), so a preflight check sees the config the workers run."""
+  return [*overrides, *(flag.removeprefix("--config.") for flag in fsdp_flags(fsdp, overrides))]
+
+
 def tpu_devices(accelerator_type: str) -> tuple[int, int] | None:
   """(JAX devices of the slice, devices per worker host) of a TPU VM accelerator type;
   None for a type not covered here (then nothing is checked).
@@ -390,9 +396,9 @@ def check_config(args: argparse.Namespace) -> None:
   """
   from launch import preflight  # pylint: disable=g-import-not-at-top
   known = tpu_devices(args.accelerator_type) if args.accelerator_type else None
-  fsdp, _ = fsdp_from_flags(args.fsdp, args.set)
   preflight.check_train_config(
-      args.config, args.set, fsdp=fsdp, devices=known[0] if known else None,
+      args.config, launched_overrides(args.fsdp, args.set),
+      devices=known[0] if known else None,
       devices_per_host=known[1] if known else None,
       local_paths="skip" if args.allow_local_workdir else "refuse")
 

@@ -96,7 +96,8 @@ def test_pretrained_weights_from_a_bucket_fsdp_interrupt_resume_evaluate(
            "configs/demo.py:tiny", "--workdir", workdir,
            f"--config.data.dir=file://{bucket}/records",
            f"--config.model.esm.checkpoint=file://{bucket}/esm2",
-           "--config.train.fsdp=2", "--config.train.num_steps=6",
+           "--config.train.fsdp=2", "--config.model.esm.remat=True",
+           "--config.train.num_steps=6",
            "--config.train.eval_every=100", "--config.train.checkpoint_every=100",
            "--config.train.log_every=1"]
 

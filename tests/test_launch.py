@@ -128,9 +128,13 @@ def test_train_fsdp_and_mesh_line(capsys):
   # The same value through --set as well is no conflict.
   lines = _dry_run(capsys, tpu_vm, [*base, "--set", "train.fsdp=4"])
   assert "--config.train.fsdp=4" in lines[1]
-  # An explicit --set model.esm.remat is left to config_check; --fsdp 1 needs no remat.
-  lines = _dry_run(capsys, tpu_vm, [*base, "--set", "model.esm.remat=False"])
-  assert "--config.model.esm.remat=True" not in lines[1]
+  # An explicit --set model.esm.remat=False is kept, so the launcher's own config check
+  # refuses it before printing anything; --fsdp 1 needs no remat.
+  assert tpu_vm.main([*base, "--set", "model.esm.remat=False", "--dry-run"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.strip() == (
+      "error: train.fsdp=4 needs model.esm.remat=True (without it every ESM layer's "
+      "activations stay in memory for the backward pass): add --set model.esm.remat=True")
   lines = _dry_run(capsys, tpu_vm, [*base[:-1], "1"])
   assert "--config.train.fsdp=1" in lines[1] and "remat" not in lines[1]
 
