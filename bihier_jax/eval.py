@@ -22,6 +22,11 @@ split:
   0) are neither scored nor stored. Full description: bihier_jax/training/pooling.py.
 
 and DIR/eval/metrics.md (a Markdown table of all splits, also printed).
+
+With --config.train.multi_host=True under a multi-process launcher (`python -m
+launch.local`, SLURM, a TPU VM slice) every process evaluates its share of the batches,
+the items are gathered in one order, and process 0 writes the files: the numbers equal
+one process's.
 """
 
 from absl import flags
@@ -39,10 +44,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   cli.start(argv)
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  if not FLAGS.config.train.multi_host:
-    # Multi-host: evaluate_checkpoint joins the job first, then the backend starts.
-    train_lib.start_backend(False)
+  # Joins the multi-process job first with train.multi_host, then starts the backend.
   inference.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
                                 FLAGS.splits)
 

@@ -34,7 +34,7 @@ table). Nothing is written there before the train state exists (resumed or new).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
 import json
 import os
 import signal
@@ -57,11 +57,6 @@ from bihier_jax.training import optim
 from bihier_jax.training import parallel
 from bihier_jax.training import plots
 from bihier_jax.training import steps
-
-# (data_dir, split, config, *, training, seed, process_index, process_count,
-#  skip_batches) -> iterable of (Batch of numpy arrays, meta {'ids', 'groups'}).
-DatasetFn = Callable[..., Iterable[tuple[Batch, dict]]]
-
 
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
@@ -86,11 +81,6 @@ def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("demo data built")
-
-
-def default_dataset_fn() -> DatasetFn:
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.make_dataset
 
 
 # --- logging -------------------------------------------------------------------------------
@@ -190,8 +180,7 @@ def write_parameter_overview(params, path: str) -> None:
 
 def start_backend(multi_host: bool) -> None:
   """Joins the multi-host job if asked, starts JAX and logs its backend and devices."""
-  if multi_host and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  parallel.initialize_distributed(multi_host)
   kinds = sorted({d.device_kind for d in jax.devices()})
   logging.info("JAX backend %s: %d device(s) (%s), %d process(es), %d device(s) on "
                "this one", jax.default_backend().upper(), jax.device_count(),
@@ -205,13 +194,20 @@ def _checkpointer(config, workdir: str, **kwargs) -> checkpointing.Checkpointer:
 
 
 class _StopSignal:
-  """Sets a flag on SIGTERM (restores the previous handler on exit)."""
+  """Sets a flag on SIGTERM (restores the previous handler on exit).
+
+  Not with several processes: each would see its signal at another step. There JAX's
+  preemption service keeps SIGTERM, and `Checkpointer.reached_preemption` gives every
+  process the same step to stop at.
+  """
 
   def __init__(self):
     self.received = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no handler, no flag
@@ -236,8 +232,7 @@ def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.Co
   """
   from bihier_jax.data import epochs  # pylint: disable=g-import-not-at-top
   resolved = epochs.resolve_epochs(config, evaluation.data_dir(config),
-                                   num_devices=jax.device_count(),
-                                   process_count=jax.process_count())
+                                   num_devices=jax.device_count())
   for group, field, target in epochs.EPOCH_FIELDS:
     value = float(config[group].get(field, 0) or 0) if group in config else 0.0
     if value > 0:
@@ -249,35 +244,27 @@ def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 # --- the loop --------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       dataset_fn: DatasetFn | None = None) -> dict[str, dict[str, float]]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict[str, dict[str, float]]:
   """Trains (resuming from workdir's latest checkpoint), evaluates, writes results.
 
   Args:
     config: the full config (configs/default.py fields).
     workdir: run directory; created if needed.
-    dataset_fn: defaults to `bihier_jax.data.input_pipeline.make_dataset`.
 
   Returns:
     Final metrics per evaluation split, all of the selected checkpoint ({} when stopped
     early by SIGTERM).
   """
+  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
   start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
   config = resolve_epoch_fields(config)  # before the schedule and the loop read steps
-  dataset_fn = dataset_fn or default_dataset_fn()
   mesh = parallel.training_mesh(config)
   num_local = parallel.local_device_count(mesh)
   sub_config = evaluation.per_device_config(config, jax.device_count())
-
-  def train_stream(skip):
-    return dataset_fn(evaluation.data_dir(config), config.data.train_split, sub_config,
-                      training=True, seed=config.seed,
-                      process_index=jax.process_index(),
-                      process_count=jax.process_count(), skip_batches=skip)
-
-  sample_batch, _ = next(iter(train_stream(0)))
+  sample_batch = evaluation.sample_batch(config, config.data.train_split)
   model = steps.build_model(config)
   on_corrupt = config.train.get("on_corrupt_checkpoint", "fallback")
   # Start-up writes nothing into workdir until the state exists (resumed or new).
@@ -307,7 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
     if fresh:
-      write_parameter_overview(jax.device_get(state.params),
+      # This host's copy: a global array split over hosts' devices is not all here.
+      local = parallel.localize(state.params,
+                                parallel.local_mesh(parallel.fsdp_size(mesh)))
+      write_parameter_overview(jax.device_get(local),
                                os.path.join(workdir, "parameters.txt"))
   if fresh:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
@@ -315,10 +305,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_fn = steps.jit_train_step(model, tx, config.task, mesh, state)
   eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
   eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
-  # One update: train.grad_accum_steps sub-batches per local device.
-  batcher = parallel.DeviceBatcher(train_stream(position.resume_from),
-                                   num_local * evaluation.accumulation_steps(config),
-                                   position)
+  # One update: train.grad_accum_steps sub-batches per device, of one global plan.
+  group_size = jax.device_count() * evaluation.accumulation_steps(config)
+  planner = input_pipeline.make_planner(evaluation.data_dir(config),
+                                        config.data.train_split, sub_config,
+                                        training=True, seed=config.seed)
+  batcher = parallel.StepInput(planner, group_size,
+                               parallel.host_rows(mesh, group_size), position,
+                               functools.partial(input_pipeline.pack_planned, planner))
   num_steps = int(config.train.num_steps)
   initial_step = int(jax.device_get(state.step))
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -348,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     done = evaluated.setdefault(step, {})
     missing = [s for s in splits if s not in done]
     if missing:
-      done.update(evaluation.evaluate_splits(config, dataset_fn, eval_fn, params,
-                                             eval_mesh, missing))
+      done.update(evaluation.evaluate_splits(config, eval_fn, params, eval_mesh,
+                                             missing))
     return {s: done[s] for s in splits}
 
   def evaluate_and_save(step, *, replace=False):
