@@ -72,10 +72,17 @@ def gather_hosts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       values = [v for part in _gather_json(a.tolist()) for v in part]
       out[name] = np.array(values, str) if values else np.zeros([0], str)
       continue
-    padded = np.zeros((int(counts[:, k].max()), *trailing), dtype)
+    rows = int(counts[:, k].max())
+    if not rows:
+      out[name] = np.zeros((0, *trailing), dtype)
+      continue
+    padded = np.zeros((rows, *trailing), dtype)
     padded[:len(a)] = a.reshape(-1, *trailing) if len(a) else padded[:0]
-    full = _allgather(padded)
-    out[name] = np.concatenate([full[h, :int(counts[h, k])] for h in range(len(full))])
+    # As bytes: JAX would narrow 64-bit values to 32 bits on the way.
+    full = _allgather(padded.reshape(rows, -1).view(np.uint8))
+    out[name] = np.concatenate([
+        full[h, :int(counts[h, k])].view(dtype).reshape(-1, *trailing)
+        for h in range(len(full))])
   return out
 
 
@@ -190,34 +197,39 @@ def split_metrics(config, collected: dict[str, np.ndarray]) -> dict[str, float]:
   return values
 
 
-def eval_stream(config, split: str, sub_config):
-  """This host's share of the split's planned evaluation batches."""
+def eval_stream(config, split: str, sub_config, dataset_fn=None):
+  """This host's share of the split's planned evaluation batches (or the batches
+  `dataset_fn` gives, `train_lib.DatasetFn`)."""
+  if dataset_fn is None:
+    from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    dataset_fn = input_pipeline.make_dataset
+  return dataset_fn(data_dir(config), split, sub_config, training=False,
+                    seed=config.seed, process_index=jax.process_index(),
+                    process_count=jax.process_count())
+
+
+def sample_batch(config) -> Batch:
+  """A batch of padding only, of the run's first budget: what building and restoring a
+  model need (shapes; the parameters do not depend on the values), without reading
+  any record."""
   from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.make_dataset(data_dir(config), split, sub_config, training=False,
-                                     seed=config.seed, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+  budgets = input_pipeline.bucket_budgets(per_device_config(config, jax.device_count()),
+                                          input_pipeline.dataset_sizes(data_dir(config)))
+  return input_pipeline.collate([], budgets[0])
 
 
-def sample_batch(config, split: str) -> Batch:
-  """The first planned evaluation batch of `split` (the same on every host): shapes for
-  building and restoring a model."""
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  stream = input_pipeline.make_dataset(
-      data_dir(config), split, per_device_config(config, jax.device_count()),
-      training=False, seed=config.seed, process_index=0, process_count=1, prefetch=1)
-  return next(iter(stream))[0]
-
-
-def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str]
-                    ) -> dict[str, dict[str, float]]:
+def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,
+                    dataset_fn=None) -> dict[str, dict[str, float]]:
   """Metrics per split; `mesh` is this host's eval mesh (`parallel.local_mesh`), and
-  `eval_fn` was jitted for it; results of all hosts are gathered before metrics."""
+  `eval_fn` was jitted for it; results of all hosts are gathered before metrics
+  (dataset_fn: as `eval_stream`'s)."""
   sub_config = per_device_config(config, jax.device_count())
   params = parallel.localize(params, mesh)
   results = {}
   for split in splits:
     collected = collect_predictions(eval_fn, params,
-                                    eval_stream(config, split, sub_config),
+                                    eval_stream(config, split, sub_config,
+                                                dataset_fn),
                                     mesh, config.task)
     results[split] = split_metrics(config, collected)
   return results

@@ -27,8 +27,8 @@ from bihier_jax.training.train_lib import (checkpoint_name, ensure_demo_data,
                                            restore_params, start_backend)
 
 
-def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
-                        ) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None, *,
+                        dataset_fn=None) -> dict[str, dict[str, float]]:
   """Metrics per split of a run's checkpoint; also written under workdir/eval/.
 
   With train.multi_host every process evaluates its share of each split's planned
@@ -38,13 +38,15 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
     checkpoint: 'best' | 'latest' | a step number | '' (best if any checkpoint has
       validation metrics, else latest). The JSONs record the resolved name and step.
     splits: default config.data.eval_splits.
+    dataset_fn: as `train_lib.train_and_evaluate`'s (default: the records' plan).
   """
   start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
   splits = list(splits or config.data.eval_splits)
   mesh = parallel.training_mesh(config)
   sub_config = per_device_config(config, jax.device_count())
-  sample_batch = evaluation.sample_batch(config, splits[0])
+  sample_batch = (next(iter(eval_stream(config, splits[0], sub_config, dataset_fn)))[0]
+                  if dataset_fn else evaluation.sample_batch(config))
   checkpoint = checkpoint_name(config, workdir, checkpoint)
   model, params, step = restore_params(config, workdir, checkpoint, sample_batch, mesh)
   eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
@@ -55,7 +57,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None
   results = {}
   for split in splits:
     collected = evaluation.collect_predictions(
-        eval_fn, params, eval_stream(config, split, sub_config), eval_mesh,
+        eval_fn, params, eval_stream(config, split, sub_config, dataset_fn), eval_mesh,
         config.task, with_positions=node_task)
     results[split] = evaluation.split_metrics(config, collected)
     if jax.process_index() == 0:

@@ -28,6 +28,11 @@ Sub-batches are grouped by budget: `DeviceBatcher` collects batches from the inp
 stream per budget and emits D of the same budget at once; its `position` (raw batches
 consumed and those still waiting) is saved in checkpoints so a restarted run sees
 exactly the same stream.
+
+Several hosts (one JAX process each, `initialize_distributed`): `StepInput` groups the
+one global plan of batches (`data.batch_plan`, the same on every host) into steps by
+that rule, and each host packs only the rows its devices hold (`host_rows`), so a step,
+its position and the run's numbers do not depend on the host count.
 """
 
 from __future__ import annotations

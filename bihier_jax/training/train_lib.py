@@ -34,6 +34,7 @@ table). Nothing is written there before the train state exists (resumed or new).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import functools
 import json
 import os
@@ -60,6 +61,13 @@ from bihier_jax.training import steps
 
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+# (data_dir, split, config, *, training, seed, process_index, process_count,
+#  skip_batches) -> iterable of (Batch of numpy arrays, meta {'ids', 'groups'}): a
+# stand-in for the records pipeline (tests' synthetic data). Each host reads its own
+# stream, so with several hosts the batches are what the function gives each.
+DatasetFn = Callable[..., Iterable[tuple[Batch, dict]]]
 
 
 # --- data ------------------------------------------------------------------------------
@@ -244,13 +252,15 @@ def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 # --- the loop --------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict[str, dict[str, float]]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       dataset_fn: DatasetFn | None = None) -> dict[str, dict[str, float]]:
   """Trains (resuming from workdir's latest checkpoint), evaluates, writes results.
 
   Args:
     config: the full config (configs/default.py fields).
     workdir: run directory; created if needed.
+    dataset_fn: batches instead of the records of config.data.dir (default: the
+      records' global plan, `input_pipeline.make_planner`; see DatasetFn).
 
   Returns:
     Final metrics per evaluation split, all of the selected checkpoint ({} when stopped
@@ -264,7 +274,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   mesh = parallel.training_mesh(config)
   num_local = parallel.local_device_count(mesh)
   sub_config = evaluation.per_device_config(config, jax.device_count())
-  sample_batch = evaluation.sample_batch(config, config.data.train_split)
+
+  def given_stream(skip):
+    return dataset_fn(evaluation.data_dir(config), config.data.train_split, sub_config,
+                      training=True, seed=config.seed, process_index=jax.process_index(),
+                      process_count=jax.process_count(), skip_batches=skip)
+
+  sample_batch = (next(iter(given_stream(0)))[0] if dataset_fn else
+                  evaluation.sample_batch(config))
   model = steps.build_model(config)
   on_corrupt = config.train.get("on_corrupt_checkpoint", "fallback")
   # Start-up writes nothing into workdir until the state exists (resumed or new).
@@ -307,12 +324,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
   # One update: train.grad_accum_steps sub-batches per device, of one global plan.
   group_size = jax.device_count() * evaluation.accumulation_steps(config)
-  planner = input_pipeline.make_planner(evaluation.data_dir(config),
-                                        config.data.train_split, sub_config,
-                                        training=True, seed=config.seed)
-  batcher = parallel.StepInput(planner, group_size,
-                               parallel.host_rows(mesh, group_size), position,
-                               functools.partial(input_pipeline.pack_planned, planner))
+  if dataset_fn is None:
+    planner = input_pipeline.make_planner(evaluation.data_dir(config),
+                                          config.data.train_split, sub_config,
+                                          training=True, seed=config.seed)
+    batcher = parallel.StepInput(planner, group_size,
+                                 parallel.host_rows(mesh, group_size), position,
+                                 functools.partial(input_pipeline.pack_planned, planner))
+  else:
+    batcher = parallel.DeviceBatcher(given_stream(position.resume_from),
+                                     num_local * evaluation.accumulation_steps(config),
+                                     position)
   num_steps = int(config.train.num_steps)
   initial_step = int(jax.device_get(state.step))
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -343,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     missing = [s for s in splits if s not in done]
     if missing:
       done.update(evaluation.evaluate_splits(config, eval_fn, params, eval_mesh,
-                                             missing))
+                                             missing, dataset_fn=dataset_fn))
     return {s: done[s] for s in splits}
 
   def evaluate_and_save(step, *, replace=False):
