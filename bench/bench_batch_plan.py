@@ -1,6 +1,7 @@
 """What the global batch plan costs every host: reading the record index, planning epochs.
 
   python bench/bench_batch_plan.py [--records N] [--realistic-dir DIR] [--json PATH]
+                                   [--quick]
 
 - plan: one training epoch of `batch_plan.Planner` over N records (default 30,000, about
   react's training split) of PDB-like single chains (lognormal lengths, median 200
@@ -85,7 +86,10 @@ def main():
   p.add_argument("--records", type=int, default=30_000)
   p.add_argument("--realistic-dir", default="")
   p.add_argument("--json", default="")
+  p.add_argument("--quick", action="store_true", help="3,000 records")
   args = p.parse_args()
+  if args.quick:
+    args.records = min(args.records, 3000)
   out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                     f"{os.cpu_count()} cpus", "plan": plan_epoch(args.records)}
   r = out["plan"]
