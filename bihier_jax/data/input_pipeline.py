@@ -2,8 +2,10 @@
 
 Two paths build the same `Batch` (see bihier_jax/data/batch.py for every field):
 - `collate(examples, budget)`: numpy, for tests, tools and small evaluations.
-- `make_dataset(data_dir, split, config, ...)`: tf.data over the shard records,
-  with shuffling, per-host sharding, cropping, bucketing and packing inside tf.data.
+- `make_dataset(data_dir, split, config, ...)`: the split's batches as planned by
+  `batch_plan` (the same plan on every host: order, buckets, which records form each
+  batch), read by offset and cropped and packed inside tf.data; `pack_planned` packs
+  any planned batches (the training loop: its devices' part of each step).
 
 Node order inside a batch: for each example, its residues (in example order) then its
 ligand atoms; examples in batch order; then padding nodes. Ligand atoms are nodes with

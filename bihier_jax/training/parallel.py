@@ -303,6 +303,11 @@ class DeviceBatcher:
         self._consumed = max(self._consumed, self._next_index)
         return self._combine([x for _, x in group])
 
+  def close(self) -> None:
+    """Stops the stream now (a generator's tf.data iterator), not at interpreter exit."""
+    if hasattr(self._stream, "close"):
+      self._stream.close()
+
   def flush(self) -> Iterator[tuple[Batch, list[dict]]]:
     """Incomplete groups of (Batch, meta) left at the end of a finite stream, filled
     with blanks."""
@@ -380,6 +385,12 @@ class StepInput:
 
   def __iter__(self) -> Iterator[tuple[Batch, list[dict]]]:
     return self
+
+  def close(self) -> None:
+    """Stops the pipeline now: its tf.data iterator, which a reference cycle through
+    the plan's generator would otherwise keep until interpreter exit."""
+    if hasattr(self._batches, "close"):
+      self._batches.close()
 
   def __next__(self) -> tuple[Batch, list[dict]]:
     """This host's stacked part of the next step [rows, ...] and its metas."""

@@ -450,7 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # A restart after a stop at the last step: that checkpoint has no validation
         # metrics yet, and without them it could not compete for best.
         evaluate_and_save(step, replace=True)
-  del batcher  # releases the endless training input pipeline
+  batcher.close()  # releases the endless training input pipeline
+  del batcher
   results: dict[str, dict[str, float]] = {}
   if not stopped:
     ckpt.wait()  # the keep policy has run: the best checkpoint is on disk
