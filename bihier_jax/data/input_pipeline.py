@@ -758,6 +758,17 @@ def _mask(dest, size):
                                      tf.ones(tf.shape(dest)[:1], tf.bool))
 
 
+def _split(x, n):
+  """(The first n examples of a flat chunk, the others): slices, no gather."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  head = {k: x[k][:n] for k in _SCALARS}
+  tail = {k: x[k][n:] for k in _SCALARS}
+  for name, count in _COUNT.items():
+    rows = tf.reduce_sum(x[count][:n])
+    head[name], tail[name] = x[name][:rows], x[name][rows:]
+  return head, tail
+
+
 def _concat(a, b):
   """Two flat chunks as one (a's examples, then b's)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -1108,10 +1119,13 @@ def _unit_packer(budgets: tuple[PaddingBudget, ...], max_residues: int):
   @tf.function(input_signature=[_unit_signature()])
   def pack(unit):
     x = records.parse_records(unit["serialized"])
-    short = tf.range(tf.size(x["num_residues"])) < unit["short"]
-    x = tf.cond(tf.reduce_all(short), lambda: {k: x[k] for k in keys},
-                lambda: _concat(_select(x, short), _crop(_select(x, ~short),
-                                                         max_residues, unit["crop"])))
+
+    def crop_the_rest():  # records that are cropped come last in a unit
+      head, tail = _split(x, unit["short"])
+      return _concat(head, _crop(tail, max_residues, unit["crop"]))
+
+    x = tf.cond(unit["short"] < tf.size(x["num_residues"]), crop_the_rest,
+                lambda: {k: x[k] for k in keys})
     packed = []
     for k, budget in enumerate(budgets):
       on, chain_on = tf.equal(unit["member_budget"], k), tf.equal(unit["chain_budget"], k)
