@@ -113,21 +113,89 @@ def _frames(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
 
+def _varint(buf, i: int) -> tuple[int, int]:
+  """(value, next position) of the protobuf varint at buf[i]."""
+  value = shift = 0
+  while True:
+    byte = buf[i]
+    i += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return value, i
+    shift += 7
+
+
+def _fields(buf, start: int, end: int):
+  """(field number, value) of the fields of the message buf[start:end]: an int for a
+  varint, (start, end) of the payload for a length-delimited field."""
+  i = start
+  while i < end:
+    key, i = _varint(buf, i)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, i = _varint(buf, i)
+    elif wire == 2:
+      size, i = _varint(buf, i)
+      value, i = (i, i + size), i + size
+    elif wire in (1, 5):  # fixed 64 / 32 bits: no field read here has them
+      value, i = None, i + (8 if wire == 1 else 4)
+    else:
+      raise ValueError(f"protobuf wire type {wire} in a record")
+    yield field, value
+
+
+_SIZE_INTS = ("num_residues", "num_ligand_atoms", "num_edges", "num_chains")
+_SIZE_BYTES = ("sequence_lengths", "receivers")
+
+
+def _record_sizes(data: bytes) -> dict:
+  """The fields sizes come from, of one serialized tf.train.Example (read from its
+  wire format: Example.features > Features.feature map > Feature > int64 / bytes list;
+  `records.serialize_example` writes them, any protobuf writer reads the same)."""
+  out = {}
+  for field, features in _fields(data, 0, len(data)):
+    if field != 1:
+      continue
+    for f, entry in _fields(data, *features):
+      if f != 1:
+        continue
+      key = value = None
+      for g, part in _fields(data, *entry):
+        if g == 1:
+          key = bytes(data[part[0]:part[1]]).decode()
+        elif g == 2:
+          value = part
+      if key not in _SIZE_INTS and key not in _SIZE_BYTES:
+        continue
+      for kind, payload in _fields(data, *value):  # Feature: 1 bytes, 3 int64 list
+        for h, item in _fields(data, *payload):
+          if h != 1:
+            continue
+          if kind == 1:
+            out[key] = data[item[0]:item[1]]
+          elif isinstance(item, int):  # unpacked int64
+            out[key] = item
+          else:  # packed int64s: the first
+            out[key] = _varint(data, item[0])[0]
+          break
+  missing = [k for k in (*_SIZE_INTS, *_SIZE_BYTES) if k not in out]
+  if missing:
+    raise ValueError(f"record without {', '.join(missing)}: not a bihier_jax record")
+  return out
+
+
 def _scan_sizes(serialized: list[bytes]) -> dict[str, np.ndarray]:
-  """Sizes of a batch of serialized records (a parse of the few fields they need)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  spec = {k: tf.io.FixedLenFeature([], tf.int64)
-          for k in ("num_residues", "num_ligand_atoms", "num_edges", "num_chains")}
-  spec.update({k: tf.io.FixedLenFeature([], tf.string)
-               for k in ("sequence_lengths", "receivers")})
-  f = {k: v.numpy() for k, v in tf.io.parse_example(serialized, spec).items()}
-  lengths = [np.frombuffer(b, "<i4").astype(np.int64) for b in f["sequence_lengths"]]
-  degree = [int(np.bincount(np.frombuffer(b, "<i4")).max(initial=0))
-            for b in f["receivers"]]
-  return {"residues": f["num_residues"], "ligands": f["num_ligand_atoms"],
-          "edges": f["num_edges"], "chains": f["num_chains"],
-          "max_in_degree": np.asarray(degree, np.int64),
-          "chain_length": np.concatenate(lengths) if lengths else np.zeros([0], np.int64)}
+  """Sizes of serialized records (the few fields they need, without a full parse)."""
+  rows = [_record_sizes(memoryview(data)) for data in serialized]
+  lengths = [np.frombuffer(r["sequence_lengths"], "<i4").astype(np.int64) for r in rows]
+  out = {name: np.array([r[key] for r in rows], np.int64) for name, key in (
+      ("residues", "num_residues"), ("ligands", "num_ligand_atoms"),
+      ("edges", "num_edges"), ("chains", "num_chains"))}
+  out["max_in_degree"] = np.array(
+      [int(np.bincount(np.frombuffer(r["receivers"], "<i4")).max(initial=0))
+       for r in rows], np.int64)
+  out["chain_length"] = (np.concatenate(lengths) if lengths else np.zeros([0], np.int64))
+  return out
 
 
 @functools.lru_cache(maxsize=8)
