@@ -25,6 +25,11 @@ split:
   0) are neither scored nor stored. Full description: bihier_jax/training/pooling.py.
 
 and DIR/eval/metrics.md (a Markdown table of all splits, also printed).
+
+With --config.train.multi_host=True under a multi-process launcher (`python -m
+launch.local`, SLURM, a TPU VM slice) every process evaluates its share of the batches,
+the items are gathered in one order, and process 0 writes the files: the numbers equal
+one process's.
 """
 
 from absl import flags

@@ -15,7 +15,10 @@ protein is left out; allow: kept quietly).
 
 The proteins are batched as evaluation batches them (the task's padding budgets, one
 device), with a progress bar, after restoring the run's checkpoint (`--checkpoint`, as
-in bihier_jax.eval). One .npz holds every protein:
+in bihier_jax.eval). With --config.train.multi_host=True under a multi-process launcher
+(`python -m launch.local`, SLURM, a TPU VM slice) each process runs its share of the
+batches on one of its devices and process 0 writes the files. One .npz holds every
+protein:
 
   protein_ids [P]                  "<stem>_<chain>" with --per_chain (blank chain:
                                    "<stem>_blank"), else "<stem>"
@@ -131,17 +134,22 @@ def main(argv):
   config = FLAGS.config
   loaded = _read_inputs(config)
   out = _output_path()
-  _report_inputs(loaded, config, out)
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.start_backend(False)
+  # Several processes (train.multi_host) share the batches; process 0 writes the files.
+  train_lib.start_backend(bool(config.train.multi_host))
+  import jax  # pylint: disable=g-import-not-at-top
+  first = jax.process_index() == 0
+  if first:
+    _report_inputs(loaded, config, out)
   done = inference.predict_structures(config, FLAGS.workdir, loaded, out=out,
                                       checkpoint=FLAGS.checkpoint,
                                       progress=FLAGS.progress)
   logging.info("%d protein(s) from %d file(s): %.2f proteins/s (restore and compile "
                "included)", done["proteins"], len(loaded.manifest) - len(loaded.skipped),
                done["proteins"] / max(done["seconds"], 1e-9))
-  print(out, flush=True)
+  if first:
+    print(out, flush=True)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.select_split = "val"
   c.data.max_residues = 1022  # chains are cropped to this many residues (ESM limit 1024 - 2)
   c.data.crop = "random"  # random (train) / first (eval) window when a chain is longer
-  # Training shuffle buffer, records per host; 0 = the whole split on the host, up to
-  # shuffle_buffer_mb of serialized records (docs/data.md: shuffling).
+  # Training shuffle buffer, records; 0 = a permutation of the whole split (records are
+  # read by offset: no memory either way; docs/data.md: shuffling).
   c.data.shuffle_buffer = 0
-  c.data.shuffle_buffer_mb = 4096
   # Padding budgets: lengths of ESM rows are bucketed; each bucket is one program.
   c.data.length_buckets = (128, 256, 512, 1024)
   # Packed ESM rows: several chains per row, back to back, each <cls> seq <eos>

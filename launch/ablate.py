@@ -8,7 +8,10 @@ then `python -m bihier_jax.eval --checkpoint best` with the variant's config ove
 which writes DIR/<variant>/seed<k>/eval/<split>.json (metric name -> number, with the
 `step` and `checkpoint` they came from). `--local` runs them one after another here;
 `--emit-commands` prints them instead (plain shell lines, or `launch.slurm_gpu` jobs
-with `--launcher slurm`).
+with `--launcher slurm`). `--processes N` (with `--devices-per-process D`) runs each
+command as N processes of one job on this machine (`launch.local`, with
+`--config.train.multi_host=True`; per-process logs in DIR/<variant>/seed<k>/launch_logs),
+the numbers of one process with as many devices.
 
 A result counts only if it is the run's selected checkpoint's (`run_status`): training
 reached its num_steps, the JSON says checkpoint "best" at the step that is the run's
@@ -132,19 +135,33 @@ class Run:
   workdir: str
   config_spec: str  # configs/x.py or configs/x.py:arg
   common: tuple[tuple[str, str], ...]  # --set overrides shared by every run
+  processes: int = 1  # JAX processes of each command (launch.local when > 1)
+  devices_per_process: int | None = None  # simulated CPU devices of each
 
   def flags(self) -> list[str]:
     pairs = [*self.common, *self.variant.overrides, ("seed", str(self.seed))]
+    if self.processes > 1:
+      pairs.append(("train.multi_host", "True"))
     return [f"--config.{k}={v}" for k, v in pairs]
 
+  def _launched(self, argv: list[str], python: str) -> list[str]:
+    """`argv` as the processes of one job here (launch.local), or as it is."""
+    if self.processes <= 1:
+      return argv
+    devices = ([f"--devices-per-process={self.devices_per_process}"]
+               if self.devices_per_process else [])
+    return [python, "-m", "launch.local", f"--processes={self.processes}", *devices,
+            f"--log-dir={os.path.join(self.workdir, 'launch_logs')}", "--", *argv]
+
   def train_argv(self, python: str = "python") -> list[str]:
-    return [python, "-m", "bihier_jax.train", f"--config={self.config_spec}",
-            f"--workdir={self.workdir}", *self.flags()]
+    return self._launched([python, "-m", "bihier_jax.train",
+                           f"--config={self.config_spec}", f"--workdir={self.workdir}",
+                           *self.flags()], python)
 
   def eval_argv(self, python: str = "python") -> list[str]:
-    return [python, "-m", "bihier_jax.eval", f"--config={self.config_spec}",
-            f"--workdir={self.workdir}", f"--checkpoint={SELECTED_CHECKPOINT}",
-            *self.flags()]
+    return self._launched([python, "-m", "bihier_jax.eval",
+                           f"--config={self.config_spec}", f"--workdir={self.workdir}",
+                           f"--checkpoint={SELECTED_CHECKPOINT}", *self.flags()], python)
 
   def override(self, key: str) -> str | None:
     """The value this run's flags give `key` (the last one wins), else None."""
@@ -156,9 +173,11 @@ class Run:
 
 
 def plan_runs(variants: Sequence[Variant], seeds: Sequence[int], workdir: str,
-              config_spec: str, common: tuple[tuple[str, str], ...] = ()) -> list[Run]:
+              config_spec: str, common: tuple[tuple[str, str], ...] = (), *,
+              processes: int = 1, devices_per_process: int | None = None) -> list[Run]:
   """Every (variant, seed), variant-major so a partial sweep covers whole variants."""
-  return [Run(v, s, os.path.join(workdir, v.name, f"seed{s}"), config_spec, common)
+  return [Run(v, s, os.path.join(workdir, v.name, f"seed{s}"), config_spec, common,
+              processes, devices_per_process)
           for v in variants for s in seeds]
 
 
@@ -467,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--metric", default="", help="metric to plot (default: the config's "
                  "task.select_metric)")
   p.add_argument("--caption", default="", help="text appended under the table")
+  p.add_argument("--processes", type=int, default=1,
+                 help="JAX processes per command, started here by launch.local "
+                 "(train.multi_host=True)")
+  p.add_argument("--devices-per-process", type=int, default=None,
+                 help="with --processes: simulated CPU devices of each process")
   return p
 
 
@@ -495,7 +519,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({', '.join(v.name for v in variants)})", file=sys.stderr)
       return 2
     variants = [v for v in variants if v.name in keep]
-  runs = plan_runs(variants, seeds, args.workdir, spec, common)
+  if args.processes < 1 or (args.devices_per_process is not None
+                            and args.devices_per_process < 1):
+    print(f"error: --processes {args.processes} / --devices-per-process "
+          f"{args.devices_per_process}: need at least 1", file=sys.stderr)
+    return 2
+  runs = plan_runs(variants, seeds, args.workdir, spec, common,
+                   processes=args.processes, devices_per_process=args.devices_per_process)
 
   if args.emit_commands:
     print("\n".join(emit_commands(runs, args.launcher)))

@@ -189,19 +189,16 @@ def test_packed_budget_for_and_fits():
 
 
 def test_residue_chain_rows_are_recovered_from_packed_chain_ids():
-  """predict/eval record each residue's chain row within its protein from chain_id."""
-  from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import parallel  # pylint: disable=g-import-not-at-top
+  """eval records each residue's chain row within its protein from chain_id."""
+  from bihier_jax.training import evaluation  # pylint: disable=g-import-not-at-top
   exs = _examples()
   budget = input_pipeline.budget_for(exs, packed_rows=True, node_multiple=8)
   batch = input_pipeline.collate(exs, budget)
-  mesh = parallel.make_mesh(jax.local_devices()[:1])
-  record = inference._ResiduePositions  # pylint: disable=protected-access
-  positions = record(lambda params, b: None)
-  positions(None, parallel.put_global(parallel.stack([batch]), mesh))
-  np.testing.assert_array_equal(positions.chain_row[0],
-                                np.concatenate([ex.chain_row for ex in exs]))
-  np.testing.assert_array_equal(positions.residue_index[0],
+  mask = (batch.node_label_mask > 0) & batch.node_mask
+  chain_row, residue_index = evaluation._residue_positions(  # pylint: disable=protected-access
+      batch, mask)
+  np.testing.assert_array_equal(chain_row, np.concatenate([ex.chain_row for ex in exs]))
+  np.testing.assert_array_equal(residue_index,
                                 np.concatenate([ex.residue_index for ex in exs]))
 
 

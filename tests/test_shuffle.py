@@ -2,8 +2,8 @@
 
 The records: 32 groups ("targets") of 8 decoys each, written group after group over 16
 shard files; a group's decoys share a length (±2 residues), so they also share a length
-bucket, as PSR decoys of one target do. Streams are read as host 0 (and 1) of 2, so the
-host split is checked on the same streams. Figures are checked against what random
+bucket, as PSR decoys of one target do. The stream is the global plan's (all hosts');
+the shares of 2 hosts are checked against it. Figures are checked against what random
 batches would give and against the source order (the evaluation stream, which keeps it).
 """
 
@@ -58,12 +58,14 @@ def data_dir(tmp_path_factory):
 
 
 @functools.lru_cache(maxsize=None)
-def _stream(data_dir, *, process_index=0, skip=0, epochs=3, packed=False):
-  """The first `epochs` epochs of host process_index of 2, seed 0: [(Batch, meta)]."""
+def _stream(data_dir, *, process_index=0, process_count=1, skip=0, epochs=3,
+            packed=False):
+  """The first `epochs` epochs of host process_index of process_count, seed 0:
+  [(Batch, meta)]."""
   out = []
   it = input_pipeline.make_dataset(data_dir, "train", _config(packed), training=True,
-                                   seed=0, process_index=process_index, process_count=2,
-                                   skip_batches=skip)
+                                   seed=0, process_index=process_index,
+                                   process_count=process_count, skip_batches=skip)
   for batch, meta in it:
     if meta["epoch"] >= epochs:
       break
@@ -86,10 +88,8 @@ def _same_group_pairs(batches):
 
 
 def _bucket_random_pairs(batches):
-  """Same-group pairs expected if each batch held random records of its bucket.
-
-  Buckets are taken per epoch: a host holds a different half of the split each epoch.
-  """
+  """Same-group pairs expected if each batch held random records of its bucket (of
+  its epoch)."""
   members = {}
   for batch, meta in batches:
     members.setdefault((meta["epoch"], _budget(batch)), []).extend(meta["groups"])
@@ -137,19 +137,16 @@ def test_no_long_runs_of_one_bucket(data_dir):
 
 
 def test_epochs_differ(data_dir):
-  per_host = [_stream(data_dir), _stream(data_dir, process_index=1, epochs=2)]
-  # Where each record comes in epochs 0 and 1: its rank in its host's epoch, as a
-  # fraction (a host holds a different half of the split each epoch).
+  train = _stream(data_dir)
+  # Where each record comes in epochs 0 and 1: its rank in the epoch, as a fraction.
   where = [{}, {}]
   for e in range(2):
-    for s in per_host:
-      ids = [i for _, m in s if m["epoch"] == e for i in m["ids"]]
-      where[e].update({r: k / len(ids) for k, r in enumerate(ids)})
+    ids = [i for _, m in train if m["epoch"] == e for i in m["ids"]]
+    where[e].update({r: k / len(ids) for k, r in enumerate(ids)})
   records = sorted(where[0])
   rho = np.corrcoef([where[0][r] for r in records], [where[1][r] for r in records])[0, 1]
   assert abs(rho) < 0.3, rho  # unrelated orders (the old stream repeated its order)
   # Batches are new groupings too: few pairs of records share a batch in two epochs.
-  train = per_host[0]
   def pairs(e):
     return {frozenset((x, y)) for _, m in train if m["epoch"] == e
             for x in m["ids"] for y in m["ids"] if x < y}
@@ -170,28 +167,28 @@ def test_same_seed_same_sequence_and_skip_resumes_exactly(data_dir):
       np.testing.assert_array_equal(u, v, err_msg=str(path))
 
 
-def test_every_record_once_per_epoch_over_two_hosts(data_dir):
-  per_host = [_stream(data_dir), _stream(data_dir, process_index=1, epochs=2)]
-  for e in range(2):
-    got = [[i for _, m in s if m["epoch"] == e for i in m["ids"]] for s in per_host]
-    assert all(len(g) == len(set(g)) for g in got)  # at most once on each host
-    assert not set(got[0]) & set(got[1])  # disjoint
-    assert len(got[0]) + len(got[1]) == N_RECORDS  # complete
-    assert abs(len(got[0]) - len(got[1])) <= 1
+def test_every_record_once_per_epoch_and_two_hosts_share_the_batches(data_dir):
+  train = _stream(data_dir)
+  for e in range(3):
+    got = [i for _, m in train if m["epoch"] == e for i in m["ids"]]
+    assert sorted(got) == sorted(set(got)) and len(got) == N_RECORDS
+  # Host k of 2 packs the planned batches k, k + 2, ...: together, the global stream.
+  hosts = [_stream(data_dir, process_index=k, process_count=2, epochs=2)
+           for k in range(2)]
+  merged = sorted((m["index"], m["ids"]) for s in hosts for _, m in s)
+  assert merged == [(m["index"], m["ids"]) for _, m in train if m["epoch"] < 2]
+  assert {m["index"] % 2 for _, m in hosts[1]} == {1}
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 def test_epoch_estimate_matches_the_batches_the_pipeline_emits(data_dir, packed):
-  per_host = [_stream(data_dir, epochs=2 if packed else 3, packed=packed),
-              _stream(data_dir, process_index=1, epochs=2, packed=packed)]
+  train = _stream(data_dir, epochs=2, packed=packed)
   if packed:
-    assert all(b.packed_rows for s in per_host for b, _ in s)
-  emitted = np.mean([sum(sum(m["epoch"] == e for _, m in s) for s in per_host)
-                     for e in range(2)])  # batches per epoch, both hosts
+    assert all(b.packed_rows for b, _ in train)
+  emitted = np.mean([sum(m["epoch"] == e for _, m in train) for e in range(2)])
   config = _config(packed)
-  config.train.batch_size = 8  # 2 devices (one per host) of 4 proteins, as streamed
-  est = epochs.estimate_epoch(config, data_dir, num_devices=2, process_count=2,
-                              seeds=range(8))
+  config.train.batch_size = 8  # 2 devices of 4 proteins, as streamed
+  est = epochs.estimate_epoch(config, data_dir, num_devices=2, seeds=range(8))
   assert est.batches == pytest.approx(emitted, rel=0.05)
   assert est.steps == est.batches / 2
   assert est.proteins_per_batch == pytest.approx(N_RECORDS / emitted, rel=0.05)
@@ -200,8 +197,8 @@ def test_epoch_estimate_matches_the_batches_the_pipeline_emits(data_dir, packed)
   config.train.update(num_steps=7, num_epochs=20, eval_every_epochs=5, eval_every=3,
                       checkpoint_every=11)
   config.optim = ml_collections.ConfigDict(dict(step_every=13, step_every_epochs=0))
-  got = epochs.resolve_epochs(config, data_dir, num_devices=2, process_count=2)
-  steps = epochs.batches_per_epoch(config, data_dir, num_devices=2, process_count=2)
+  got = epochs.resolve_epochs(config, data_dir, num_devices=2)
+  steps = epochs.batches_per_epoch(config, data_dir, num_devices=2)
   assert got.train.num_steps == pytest.approx(20 * emitted / 2, rel=0.05)
   assert got.train.num_steps == round(20 * steps)
   assert got.train.eval_every == round(5 * steps)

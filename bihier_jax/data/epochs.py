@@ -6,12 +6,12 @@ so a batch holds at most train.batch_size proteins and on PDB-like lengths about
 0.9 of that. An epoch therefore takes more steps than ceil(records / batch_size).
 
 `estimate_epoch` simulates the packer on the split's sizes.json (the same bucket choice,
-budgets, chunks and packing rule as `make_dataset`, `packing.simulate`, crops counted as
-in `bucket_budgets`) over random record orders, and averages a few seeds. It is an
-estimate: the pipeline's real order comes from its shuffle buffer, cropped examples'
-edge counts are scaled, not recomputed, and with packed rows the chains of a
+budgets, chunks and packing rule as the plan of `batch_plan`, `packing.simulate`, crops
+counted as in `bucket_budgets`) over random record orders, and averages a few seeds. It
+is an estimate: the real order is another draw, cropped examples' node and edge counts
+are estimated (the plan takes upper bounds), and with packed rows the chains of a
 multi-chain example other than its longest are estimated (sizes.json has the longest
-only). On the test splits it lands within a few per cent of the batches `make_dataset`
+only). The number of hosts does not enter: all hosts share one plan. On the test splits it lands within a few per cent of the batches `make_dataset`
 emits per epoch.
 
 `resolve_epochs` turns the epoch-denominated fields of a config into the step fields the
@@ -89,22 +89,16 @@ def sub_batch_config(config, num_devices: int) -> ml_collections.ConfigDict:
 
 
 def simulate_batches(sizes: np.ndarray, budgets: Sequence[PaddingBudget], *,
-                     max_residues: int, chunk_size: int, process_count: int = 1,
-                     seed: int = 0) -> int:
-  """Padded batches one random-order pass over `sizes` gives, summed over the hosts.
-
-  Hosts take every process_count-th record of a random order, as the pipeline does;
-  each host packs chunks of `chunk_size` records bucket by bucket with the pipeline's
-  own packing rule (`packing.simulate`).
-  """
+                     max_residues: int, chunk_size: int, seed: int = 0) -> int:
+  """Padded batches one random-order pass over `sizes` gives (all hosts together: the
+  plan is one, `batch_plan`): chunks of `chunk_size` records packed bucket by bucket
+  with the pipeline's own packing rule (`packing.simulate`)."""
   return len(packing.simulate(sizes, budgets, max_residues=max_residues,
-                              chunk_size=chunk_size, process_count=process_count,
-                              seed=seed))
+                              chunk_size=chunk_size, seed=seed))
 
 
 def estimate_epoch(config, data_dir: str | None = None, split: str | None = None, *,
-                   num_devices: int = 1, process_count: int = 1,
-                   seeds: Sequence[int] = (0, 1, 2),
+                   num_devices: int = 1, seeds: Sequence[int] = (0, 1, 2),
                    budgets: Sequence[PaddingBudget] | None = None,
                    chunk_size: int | None = None) -> EpochEstimate:
   """Expected batches and proteins per batch of one training pass over a split.
@@ -115,8 +109,8 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
     split: default config.data.train_split.
     num_devices: devices over all hosts; each step takes train.grad_accum_steps
       batches of batch_size / (num_devices x grad_accum_steps) proteins per device (as
-      the training loop's per-device config).
-    process_count: hosts; records are dealt to them in turn.
+      the training loop's per-device config). How many hosts share them does not
+      matter: every host plans the same batches.
     seeds: random record orders simulated; the figures are their means.
     budgets, chunk_size: as given to `make_dataset` (default: its defaults for the
       per-device config, i.e. budgets from every split's sizes).
@@ -136,7 +130,7 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
   chunk = chunk_size or input_pipeline.default_chunk_size(sub.train.batch_size)
   batches = float(np.mean([
       simulate_batches(sizes, budgets, max_residues=int(config.data.max_residues),
-                       chunk_size=chunk, process_count=process_count, seed=s)
+                       chunk_size=chunk, seed=s)
       for s in seeds]))
   steps = batches / (num_devices * accumulation_steps(config))
   return EpochEstimate(records=int(len(sizes)), batches=batches, steps=steps,
@@ -146,19 +140,18 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
 
 
 def batches_per_epoch(config, data_dir: str | None = None, split: str = "train", *,
-                      num_devices: int = 1, process_count: int = 1) -> float:
+                      num_devices: int = 1) -> float:
   """Expected training steps (global batches) in one pass over `split` (an estimate).
 
   With one device this is the number of padded batches `make_dataset` emits per epoch;
   with D devices, a step is D such batches of batch_size / D proteins each. See
   `estimate_epoch` for the proteins per batch.
   """
-  return estimate_epoch(config, data_dir, split, num_devices=num_devices,
-                        process_count=process_count).steps
+  return estimate_epoch(config, data_dir, split, num_devices=num_devices).steps
 
 
-def resolve_epochs(config, data_dir: str | None = None, *, num_devices: int = 1,
-                   process_count: int = 1) -> ml_collections.ConfigDict:
+def resolve_epochs(config, data_dir: str | None = None, *, num_devices: int = 1
+                   ) -> ml_collections.ConfigDict:
   """A copy of `config` with its epoch fields (EPOCH_FIELDS) turned into step counts.
 
   Each used field (present and > 0) sets its step field to round(epochs x steps per
@@ -169,8 +162,7 @@ def resolve_epochs(config, data_dir: str | None = None, *, num_devices: int = 1,
   Args:
     config: the global experiment config.
     data_dir: prepared records (default config.data.dir).
-    num_devices, process_count: as the run will use (jax.device_count(),
-      jax.process_count()).
+    num_devices: as the run will use (jax.device_count(), every host's).
   """
   out = ml_collections.ConfigDict(config.to_dict())
   used = [(group, field, target) for group, field, target in EPOCH_FIELDS
@@ -178,7 +170,7 @@ def resolve_epochs(config, data_dir: str | None = None, *, num_devices: int = 1,
   if not used:
     return out
   steps = batches_per_epoch(config, data_dir, config.data.get("train_split", "train"),
-                            num_devices=num_devices, process_count=process_count)
+                            num_devices=num_devices)
   for group, field, target in used:
     out[group][target] = max(1, int(round(float(out[group][field]) * steps)))
   out.train.steps_per_epoch = float(steps)

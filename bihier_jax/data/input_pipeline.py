@@ -2,8 +2,10 @@
 
 Two paths build the same `Batch` (see bihier_jax/data/batch.py for every field):
 - `collate(examples, budget)`: numpy, for tests, tools and small evaluations.
-- `make_dataset(data_dir, split, config, ...)`: tf.data over the shard records,
-  with shuffling, per-host sharding, cropping, bucketing and packing inside tf.data.
+- `make_dataset(data_dir, split, config, ...)`: the split's batches as planned by
+  `batch_plan` (the same plan on every host: order, buckets, which records form each
+  batch), read by offset and cropped and packed inside tf.data; `pack_planned` packs
+  any planned batches (the training loop: its devices' part of each step).
 
 Node order inside a batch: for each example, its residues (in example order) then its
 ligand atoms; examples in batch order; then padding nodes. Ligand atoms are nodes with
@@ -679,15 +681,15 @@ def _padded(values, lengths, fill, width: int):
       shape=tf.concat([[tf.size(lengths), width], tf.shape(values)[1:]], 0))
 
 
-def _crop(x, max_residues: int, seed):
+def _crop(x, max_residues: int, crop):
   """Crops every chain of a chunk longer than `max_residues` to one window.
 
   When a chain's residue nodes span at most `max_residues` positions of its sequence
   (an LBA pocket inside a long chain), the window always covers all of them: it starts
-  uniformly at random among the starts that do (seed: int32[2] stateless seed), or at
-  the first such start (seed None). Otherwise it starts uniformly in the whole chain, or
-  at 0. Residues outside it, their tokens and the edges touching them are removed,
-  residue_index is shifted, ligand atoms are kept.
+  among the starts that do, at fraction crop[c] (float32[chains] in [0, 1),
+  `batch_plan.Planner.crop_starts`; 0 = the first such start). Otherwise it starts at
+  that fraction of the whole chain. Residues outside it, their tokens and the edges
+  touching them are removed, residue_index is shifted, ligand atoms are kept.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n_ex = tf.size(x["num_residues"])
@@ -705,12 +707,8 @@ def _crop(x, max_residues: int, seed):
   covered = lo <= hi
   lo = tf.where(covered, lo, 0)
   hi = tf.where(covered, hi, over)
-  if seed is None:
-    start = lo
-  else:
-    u = tf.random.stateless_uniform(tf.shape(over), seed=seed)
-    span = hi - lo
-    start = lo + tf.minimum(tf.cast(u * tf.cast(span + 1, tf.float32), tf.int32), span)
+  span = hi - lo
+  start = lo + tf.minimum(tf.cast(crop * tf.cast(span + 1, tf.float32), tf.int32), span)
   out = dict(x)
   # Residues.
   s = tf.gather(start, chain_of_res)
@@ -776,24 +774,15 @@ def _mask(dest, size):
                                      tf.ones(tf.shape(dest)[:1], tf.bool))
 
 
-def _plan_tf(nodes, edges, num_chains, chain_tokens, budget: PaddingBudget):
-  """`packing.plan_batches` inside tf.data: (batch [M], row [K], column [K]) int32.
-
-  A `tf.numpy_function`: the plan is a loop over examples with a data-dependent search
-  over the open batches, and one implementation of it serves every path. It holds the
-  GIL for its ~20-60 us per example, a few per cent of the pipeline's CPU time.
-  """
+def _split(x, n):
+  """(The first n examples of a flat chunk, the others): slices, no gather."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  def plan(n, e, c, t):
-    p = packing.plan_batches(n, e, c, t, budget)
-    return p.batch, p.row, p.column
-  batch, row, column = tf.numpy_function(plan, [nodes, edges, num_chains, chain_tokens],
-                                         [tf.int32] * 3, stateful=False)
-  batch.set_shape([None])
-  row.set_shape([None])
-  column.set_shape([None])
-  return batch, row, column
+  head = {k: x[k][:n] for k in _SCALARS}
+  tail = {k: x[k][n:] for k in _SCALARS}
+  for name, count in _COUNT.items():
+    rows = tf.reduce_sum(x[count][:n])
+    head[name], tail[name] = x[name][:rows], x[name][rows:]
+  return head, tail
 
 
 def _concat(a, b):
@@ -802,11 +791,13 @@ def _concat(a, b):
   return {k: tf.concat([a[k], b[k]], 0) for k in (*_SCALARS, *_COUNT)}
 
 
-def _pack(x, member, budget: PaddingBudget):
-  """Packs the member examples of a flat chunk into padded batches of one budget.
+def _pack(x, sel, plan, budget: PaddingBudget):
+  """Packs examples of a flat chunk into padded batches of one budget, as planned.
 
-  Examples (where member, bool[C]) go to batches and their chains to rows by
-  `packing.plan_batches` in chunk order; a batch's examples keep that order. Every
+  Examples `sel` (int32[M], into the chunk) go to batches and their chains to rows as
+  `plan` says: (batch int32[M] 0.. in leaving order, row int32[K], column int32[K] of
+  each chain of the sel examples in order; `batch_plan.Planner`, from
+  `packing.plan_batches` in sel order). A batch's examples keep sel order. Every
   slot kind is filled from the real rows only: the members' runs of node and edge rows
   in (batch, slot) order by one `RaggedGather` per field (`_gather_rows`), the token
   rows' source indices by ragged ranges (`_runs`), per-member values expanded onto
@@ -814,7 +805,7 @@ def _pack(x, member, budget: PaddingBudget):
   and no per-slot lookup of the member a padded slot belongs to.
 
   Returns:
-    dict of [nb, ...] tensors (nb = batches filled, 0 if none).
+    dict of [nb, ...] tensors (nb = batches planned, 0 if none).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n_max, e_max, g_max, r_max, l_max = (budget.n_node, budget.n_edge, budget.n_graph,
@@ -824,16 +815,11 @@ def _pack(x, member, budget: PaddingBudget):
   n_res, n_lig = x["num_residues"], x["num_ligand_atoms"]
   n_nodes = n_res + n_lig
   first_chain = tf.cumsum(x["num_chains"], exclusive=True)
-  sel = tf.cast(tf.where(member)[:, 0], tf.int32)
 
   def member_chains(sel):  # (example in sel, chain in it, chunk chain) per sel chain
     owner, pos = _rows(tf.gather(x["num_chains"], sel))
     return owner, pos, tf.gather(tf.gather(first_chain, sel), owner) + pos
-  _, _, chains_in = member_chains(sel)
-  batch_in, row_in, col_in = _plan_tf(
-      tf.gather(n_nodes, sel), tf.gather(x["num_edges"], sel),
-      tf.gather(x["num_chains"], sel), tf.gather(x["sequence_lengths"], chains_in) + 2,
-      budget)
+  batch_in, row_in, col_in = plan
   # Examples of one batch side by side (first fit may fill an earlier batch later).
   order = tf.argsort(batch_in, stable=True)
   sel, batch_of = tf.gather(sel, order), tf.gather(batch_in, order)
@@ -861,6 +847,12 @@ def _pack(x, member, budget: PaddingBudget):
   members = table(sel, n_ex)
   node_off = within_batch(sizes[:, 0])
   used = [tf.math.unsorted_segment_sum(sizes[:, i], batch_of, nb) for i in range(2)]
+  # The plan bounds a crop's nodes and edges from above; past its budget a batch would
+  # write into the padding slots.
+  tf.debugging.assert_less_equal(used[0], n_max - 1, message="planned batch over its "
+                                 "node budget")
+  tf.debugging.assert_less_equal(used[1], e_max, message="planned batch over its edge "
+                                 "budget")
 
   # Nodes: per batch, its members' nodes in slot order, each member's residues then its
   # ligand atoms, then padding. A field's real nodes are one `_gather_rows` over the
@@ -1032,7 +1024,7 @@ def _to_batch(d) -> tuple[Batch, dict]:
   real = d["graph_mask"]
   meta = {"ids": [s.decode() for s in d["ids"][real]],
           "groups": [s.decode() for s in d["groups"][real]],
-          "epoch": int(d.get("epoch", 0))}
+          "epoch": int(d["epoch"]), "index": int(d["index"]), "step": int(d["step"])}
   return batch, meta
 
 
@@ -1044,217 +1036,178 @@ def shard_files(data_dir: str, split: str) -> list[str]:
   return found
 
 
-# --- training order --------------------------------------------------------------------
+# --- tf.data: packing the planned batches ----------------------------------------------
 #
-# A training stream is endless and made of epochs; epoch e (0, 1, ...) is one pass over
-# the split in an order drawn from (seed, e) alone, so a stream can be replayed from any
-# batch and every epoch differs:
-#   1. the shard files in a random order;
-#   2. read record by record from all files in turn (up to _MAX_OPEN_SHARDS open), so
-#      records written next to each other (the decoys of one MQA target) end up a file
-#      count apart;
-#   3. each block of process_count consecutive records of that sequence gives one record
-#      to every host, in a rotation drawn per block (every host draws the same sequence
-#      and rotations, so the hosts' records are disjoint and complete in every epoch; a
-#      fixed k mod process_count would hand a host whole files when process_count
-#      divides the file count, and so whole groups);
-#   4. a shuffle buffer of `shuffle_buffer_size` records, by default the whole split on
-#      this host (memory permitting), emptied at the epoch's end: no record crosses into
-#      the next epoch;
-#   5. chunks of `chunk_size` records are bucketed and packed (per chunk, as in
-#      evaluation), and a chunk's batches leave in a random order instead of bucket by
-#      bucket (drawn from seed and chunk index).
-# Evaluation reads the files in sorted order, one pass, batches bucket by bucket.
-
-_MAX_OPEN_SHARDS = 256  # open record files while interleaving (a read buffer each)
-_HOST_BLOCKS = 256  # blocks of process_count records dealt to hosts in one step
-DEFAULT_SHUFFLE_BUFFER_MB = 4096  # data.shuffle_buffer_mb if the config has none
+# Which records form each batch, and where each chain sits, is planned in numpy
+# (`batch_plan`), the same on every host; tf.data reads and packs the batches one host
+# is given. A unit is the host's next planned batches, up to `chunk_size` records: read
+# by offset, parsed at once, cropped (only the records with a long chain are copied),
+# each budget's batches packed by one `_pack` with the plan's rows and columns, and let
+# out in plan order.
 
 
 def default_chunk_size(batch_size: int) -> int:
-  """Records parsed and packed together when `make_dataset` is not told otherwise."""
+  """Records planned and packed together when `make_dataset` is not told otherwise."""
   return max(256, 128 * int(batch_size))
 
 
-def count_records(data_dir: str, split: str) -> int:
-  """Records of a split: from sizes.json, else by reading the files once."""
-  sizes = load_sizes(data_dir, split)
-  if sizes is not None:
-    return int(len(sizes))
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  ds = tf.data.TFRecordDataset(shard_files(data_dir, split))
-  return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
-
-
-def shuffle_buffer_size(config, data_dir: str, split: str, process_count: int = 1) -> int:
-  """Records in each host's training shuffle buffer.
-
-  config.data.shuffle_buffer > 0 is used as is. 0 sizes it from the data: all the
-  split's records of one host (ceil(records / process_count)), unless their serialized
-  size (shard bytes / records each) exceeds config.data.shuffle_buffer_mb MiB, which
-  then caps it.
-  """
-  explicit = int(config.data.get("shuffle_buffer", 0) or 0)
-  if explicit > 0:
-    return explicit
-  n = count_records(data_dir, split)
-  per_host = -(-n // max(int(process_count), 1))
-  record_bytes = sum(storage.getsize(f) for f in shard_files(data_dir, split)) / max(n, 1)
-  cap_mb = float(config.data.get("shuffle_buffer_mb", DEFAULT_SHUFFLE_BUFFER_MB))
-  cap = int(cap_mb * 2**20 / max(record_bytes, 1.0))
-  return max(1, min(per_host, cap))
-
-
-def _epoch_chunks(files: Sequence[str], *, seed: int, buffer: int, chunk_size: int,
-                  process_index: int, process_count: int):
-  """Endless dataset of (epoch, serialized records [<= chunk_size]), steps 1-4 above."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  file_table = tf.constant(list(files))
-  n_files = len(files)
-
-  def one_epoch(epoch):
-    key = tf.stack([tf.constant(seed, tf.int64), epoch])
-    file_key, host_key, shuffle_key = tf.unstack(
-        tf.random.experimental.stateless_split(key, 3))
-    order = tf.argsort(tf.random.stateless_uniform([n_files], seed=file_key))
-    ds = tf.data.Dataset.from_tensor_slices(tf.gather(file_table, order))
-    ds = ds.interleave(tf.data.TFRecordDataset, block_length=1,
-                       cycle_length=min(n_files, _MAX_OPEN_SHARDS))
-    if process_count > 1:
-      # Rotations drawn for many blocks at once: per-record tf.data ops cost ~10x more.
-      group = process_count * _HOST_BLOCKS
-
-      def mine(j, serialized):
-        shift = tf.random.stateless_uniform(
-            [_HOST_BLOCKS], seed=tf.random.experimental.stateless_fold_in(host_key, j),
-            maxval=process_count, dtype=tf.int64)
-        k = tf.range(tf.shape(serialized, out_type=tf.int64)[0])
-        owner = (k + tf.gather(shift, k // process_count)) % process_count
-        return tf.boolean_mask(serialized, tf.equal(owner, process_index))
-      ds = ds.batch(group).enumerate().map(mine).unbatch()
-    shuffle_seed = tf.random.stateless_uniform([], seed=shuffle_key, minval=None,
-                                               maxval=None, dtype=tf.int64)
-    ds = ds.shuffle(buffer, seed=shuffle_seed)
-    return ds.batch(chunk_size).map(lambda serialized: (epoch, serialized))
-
-  return tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(one_epoch)
-
-
-_BUILT_DATASETS: collections.OrderedDict = collections.OrderedDict()
-_MAX_BUILT_DATASETS = 16
-
-
-def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: int,
-                    process_index: int | None = None, process_count: int | None = None,
-                    budgets: Sequence[PaddingBudget] | None = None,
-                    chunk_size: int | None = None):
-  """The tf.data.Dataset of padded batches (dicts of tensors; see `make_dataset`).
-
-  Every batch also carries "epoch": int64, its training epoch (0 in evaluation).
-
-  Building the packer's graph takes seconds (thousands of ops), so a process keeps the
-  last datasets it built and returns the same one for the same arguments, config and
-  record files (path, size, modification time); a Dataset is re-iterable and each
-  iteration starts from the beginning. Periodic evaluations reuse one dataset per split.
-  """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index, process_count = jax.process_index(), jax.process_count()
+def make_planner(data_dir: str, split: str, config, *, training: bool, seed: int,
+                 budgets: Sequence[PaddingBudget] | None = None,
+                 chunk_size: int | None = None):
+  """The `batch_plan.Planner` of a split: the record index (read once per process), the
+  budgets (default `bucket_budgets` of every split's sizes, so train and eval share
+  programs), data.max_residues, data.shuffle_buffer, data.crop and train.batch_size."""
+  from bihier_jax.data import batch_plan  # pylint: disable=g-import-not-at-top
   if budgets is None:
     budgets = bucket_budgets(config, dataset_sizes(data_dir))
-  budgets = tuple(budgets)
-  shards = tuple((f, *storage.signature(f)) for f in shard_files(data_dir, split))
-  key = (storage.absolute(data_dir), split, config.to_json_best_effort(sort_keys=True),
-         training, seed, process_index, process_count, budgets, chunk_size, shards)
-  if key in _BUILT_DATASETS:
-    _BUILT_DATASETS.move_to_end(key)
-    return _BUILT_DATASETS[key]
-  ds = _build_tf_dataset(data_dir, split, config, training=training, seed=seed,
-                         process_index=process_index, process_count=process_count,
-                         budgets=list(budgets), chunk_size=chunk_size)
-  _BUILT_DATASETS[key] = ds
-  if len(_BUILT_DATASETS) > _MAX_BUILT_DATASETS:
-    _BUILT_DATASETS.popitem(last=False)
-  return ds
+  index = batch_plan.record_index(shard_files(data_dir, split))
+  return batch_plan.Planner(
+      index, budgets, max_residues=int(config.data.max_residues),
+      chunk_size=chunk_size or default_chunk_size(int(config.train.batch_size)),
+      seed=seed, shuffle_buffer=int(config.data.get("shuffle_buffer", 0) or 0),
+      training=training, random_crop=config.data.get("crop", "random") == "random")
 
 
-def _build_tf_dataset(data_dir, split, config, *, training, seed, process_index,
-                      process_count, budgets, chunk_size):
-  """make_tf_dataset without the reuse."""
+def _unit(planner, batches) -> dict[str, np.ndarray]:
+  """The numpy inputs of one tf.data unit: planned batches -> their records and plan."""
+  records = np.concatenate([b.records for b in batches])
+  long = planner.long[records]
+  order = np.argsort(long, kind="stable")  # records that are cropped last
+  position = np.empty(len(records), np.int32)
+  position[order] = np.arange(len(records), dtype=np.int32)
+  chains = np.diff(planner.index.chain_first)[records]
+  crop = np.split(np.concatenate([b.crop for b in batches]), np.cumsum(chains)[:-1])
+  budget = np.array([b.budget for b in batches], np.int32)
+  within = np.zeros(len(batches), np.int32)  # a batch's rank among its budget's
+  for k in np.unique(budget):
+    within[budget == k] = np.arange(int((budget == k).sum()), dtype=np.int32)
+  sizes = [len(b.records) for b in batches]
+  return {
+      "serialized": np.array(planner.index.read(records[order]), dtype=object),
+      "short": np.int32(len(records) - int(long.sum())),
+      "crop": np.concatenate([crop[i] for i in order[long[order]]]
+                             + [np.zeros([0], np.float32)]).astype(np.float32),
+      "position": position,
+      "member_budget": np.repeat(budget, sizes),
+      "member_batch": np.repeat(within, sizes),
+      "chain_budget": np.repeat(budget, [len(b.row) for b in batches]),
+      "row": np.concatenate([b.row for b in batches]).astype(np.int32),
+      "column": np.concatenate([b.column for b in batches]).astype(np.int32),
+      "budget": budget,
+      "epoch": np.array([b.epoch for b in batches], np.int64),
+      "index": np.array([b.index for b in batches], np.int64),
+      "step": np.array([b.step for b in batches], np.int64),
+  }
+
+
+def _units(planner, planned):
+  """Units of the planned batches, in order, each up to chunk_size records."""
+  group, count = [], 0
+  for b in planned:
+    group.append(b)
+    count += len(b.records)
+    if count >= planner.chunk_size:
+      yield _unit(planner, group)
+      group, count = [], 0
+  if group:
+    yield _unit(planner, group)
+
+
+def _unit_signature():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  spec = {k: tf.TensorSpec([None], tf.int32) for k in (
+      "position", "member_budget", "member_batch", "chain_budget", "row", "column",
+      "budget")}
+  spec.update({k: tf.TensorSpec([None], tf.int64) for k in ("epoch", "index", "step")})
+  spec.update(serialized=tf.TensorSpec([None], tf.string),
+              short=tf.TensorSpec([], tf.int32), crop=tf.TensorSpec([None], tf.float32))
+  return spec
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_packer(budgets: tuple[PaddingBudget, ...], max_residues: int):
+  """The tf.function packing one unit (traced once per budgets: thousands of ops)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from bihier_jax.data import records  # pylint: disable=g-import-not-at-top
-  batch = int(config.train.batch_size)
-  chunk_size = chunk_size or default_chunk_size(batch)
-  max_res = int(config.data.max_residues)
-  no_limit = np.iinfo(np.int32).max
-  table = tf.constant([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length,
-                        b.graph_capacity or no_limit] for b in budgets], tf.int32)
-  random_crop = training and config.data.crop == "random"
+  keys = (*_SCALARS, *_COUNT)
 
-  files = shard_files(data_dir, split)
-  if training:
-    buffer = shuffle_buffer_size(config, data_dir, split, process_count)
-    logging.info("%s/%s: %d files, shuffle buffer %d records per host (%d hosts)",
-                 data_dir, split, len(files), buffer, process_count)
-    ds = _epoch_chunks(files, seed=seed, chunk_size=chunk_size, buffer=buffer,
-                       process_index=process_index, process_count=process_count)
-  else:
-    ds = tf.data.TFRecordDataset(files)
-    # Record-level host sharding: disjoint and complete whatever the number of files.
-    ds = ds.shard(process_count, process_index).batch(chunk_size)
-    ds = ds.map(lambda serialized: (tf.constant(0, tf.int64), serialized))
-  ds = ds.enumerate()
+  @tf.function(input_signature=[_unit_signature()])
+  def pack(unit):
+    x = records.parse_records(unit["serialized"])
 
-  def process_chunk(index, item):
-    epoch, serialized = item
-    x = records.parse_records(serialized)
-    # Chains longer than max_res are cropped to exactly max_res, so those examples
-    # belong to the last bucket (row length max_res + 2); only that bucket is cropped.
-    long = x["max_sequence_length"] > max_res
-    nodes = x["num_residues"] + x["num_ligand_atoms"]
-    need = tf.stack([nodes + 1, x["num_edges"], tf.fill(tf.shape(x["num_edges"]), 2),
-                     x["num_chains"], x["max_sequence_length"] + 2, nodes], 1)
-    fits = tf.reduce_all(need[:, None, :] <= table[None], axis=-1)  # [C, K]
-    fits = tf.where(long[:, None], tf.range(len(budgets))[None] == len(budgets) - 1,
-                    fits)
-    ok = tf.reduce_any(fits, axis=1)
-    tf.debugging.Assert(tf.reduce_all(ok), [
-        "examples fit no padding budget; raise the budgets. ids, needs (N E G R L P):",
-        tf.boolean_mask(x["id"], ~ok), tf.boolean_mask(need, ~ok)])
-    bucket = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-    packed = [_pack(x, tf.equal(bucket, k), b) for k, b in enumerate(budgets[:-1])]
-    crop_seed = tf.stack([tf.cast(seed, tf.int32), tf.cast(index, tf.int32)])
+    def crop_the_rest():  # records that are cropped come last in a unit
+      head, tail = _split(x, unit["short"])
+      return _concat(head, _crop(tail, max_residues, unit["crop"]))
 
-    def last_with_crops():  # the last bucket's short examples, then the cropped ones
-      short = _select(x, tf.equal(bucket, len(budgets) - 1) & ~long)
-      cropped = _crop(_select(x, long), max_res, crop_seed if random_crop else None)
-      both = _concat(short, cropped)
-      return _pack(both, tf.ones_like(both["num_residues"], tf.bool), budgets[-1])
+    x = tf.cond(unit["short"] < tf.size(x["num_residues"]), crop_the_rest,
+                lambda: {k: x[k] for k in keys})
+    packed = []
+    for k, budget in enumerate(budgets):
+      on, chain_on = tf.equal(unit["member_budget"], k), tf.equal(unit["chain_budget"], k)
+      plan = (tf.boolean_mask(unit["member_batch"], on),
+              tf.boolean_mask(unit["row"], chain_on),
+              tf.boolean_mask(unit["column"], chain_on))
+      p = _pack(x, tf.boolean_mask(unit["position"], on), plan, budget)
+      for name in ("epoch", "index", "step"):
+        p[name] = tf.boolean_mask(unit[name], tf.equal(unit["budget"], k))
+      packed.append(p)
+    return tf.cast(unit["budget"], tf.int64), tuple(packed)
 
-    # Without long examples this packs the bucket's members in chunk order, as packing
-    # them directly would; one packer in the graph, not one per branch of a tf.cond
-    # (each packer is ~1,000 graph ops: seconds of dataset construction).
-    packed.append(last_with_crops())
-    counts = tf.stack([tf.shape(p["n_node"])[0] for p in packed])
-    for p, nb in zip(packed, tf.unstack(counts)):
-      p["epoch"] = tf.fill([nb], epoch)
-    # Which bucket each of the chunk's batches comes from, in emission order.
-    order = tf.repeat(tf.range(len(budgets), dtype=tf.int64), counts)
-    if training:
-      order_key = tf.stack([tf.constant(seed, tf.int64), index])
-      order_key = tf.random.experimental.stateless_split(order_key, 2)[1]
-      order = tf.gather(order, tf.argsort(
-          tf.random.stateless_uniform(tf.shape(order), seed=order_key)))
-    return order, tuple(packed)
+  return pack
 
-  ds = ds.map(process_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+def packed_dataset(planner, planned_fn, *, prefetch: int = 4):
+  """tf.data.Dataset of the batches `planned_fn()` plans (dicts of numpy-ready tensors,
+  with "epoch", "index" and "step" of each batch), packed in that order.
+
+  Args:
+    planner: the `batch_plan.Planner` that planned them (records, budgets).
+    planned_fn: () -> iterator of `batch_plan.PlannedBatch`; called at each iteration.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  pack = _unit_packer(planner.budgets, planner.max_residues)
+  ds = tf.data.Dataset.from_generator(lambda: _units(planner, planned_fn()),
+                                      output_signature=_unit_signature())
+  ds = ds.map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def emit(order, per_bucket):
     return tf.data.Dataset.choose_from_datasets(
         [tf.data.Dataset.from_tensor_slices(b) for b in per_bucket],
         tf.data.Dataset.from_tensor_slices(order))
 
-  return ds.flat_map(emit)
+  return ds.flat_map(emit).prefetch(prefetch if prefetch else tf.data.AUTOTUNE)
+
+
+def pack_planned(planner, planned, *, prefetch: int = 4):
+  """(Batch, meta) of each planned batch of the iterator `planned`, in its order; meta
+  as `make_dataset`'s, plus "step" (`PlannedBatch.step`)."""
+  ds = packed_dataset(planner, lambda: planned, prefetch=prefetch)
+  for d in ds.as_numpy_iterator():
+    yield _to_batch(d)
+
+
+def host_share(planned, process_index: int, process_count: int, skip: int = 0):
+  """The planned batches of one host: every process_count-th from batch `skip` on."""
+  for b in planned:
+    if b.index >= skip and b.index % process_count == process_index:
+      yield b
+
+
+def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: int,
+                    process_index: int | None = None, process_count: int | None = None,
+                    budgets: Sequence[PaddingBudget] | None = None,
+                    chunk_size: int | None = None, skip_batches: int = 0,
+                    prefetch: int = 4):
+  """The tf.data.Dataset of `make_dataset` (dicts of tensors; each iteration starts at
+  the beginning)."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  planner = make_planner(data_dir, split, config, training=training, seed=seed,
+                         budgets=budgets, chunk_size=chunk_size)
+  return packed_dataset(
+      planner, lambda: host_share(planner.stream(), process_index, process_count,
+                                  skip_batches), prefetch=prefetch)
 
 
 def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int,
@@ -1263,17 +1216,14 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
                  prefetch: int = 4, chunk_size: int | None = None):
   """Padded batches of a split: an iterator of (Batch of numpy arrays, meta).
 
-  Training (endless, epoch after epoch): each epoch reads the shard files in an order
-  drawn from (seed, epoch), record by record across files, keeps this host's records
-  (every process_count-th), shuffles them in a buffer of `shuffle_buffer_size` records
-  (the whole split on this host by default) and lets each chunk's batches out in a
-  random bucket order; see "training order" above. Evaluation: one pass in file order,
-  the last partial batches padded, not dropped. Chains are cropped to
-  config.data.max_residues (random window in training if config.data.crop == "random",
-  else the first), bucketed by length and packed into the fixed `bucket_budgets` (up
-  to batch_size proteins per batch), then prefetched. Everything up to the final numpy
-  conversion runs in tf.data. The same arguments give the same batches, so a run
-  resumes by skipping the batches it has used.
+  The batches are those of the split's `batch_plan.Planner` (one global plan, the same
+  on every host): training, endless, epoch after epoch in an order drawn from (seed,
+  epoch); evaluation, one pass in file order, the last partial batches padded, not
+  dropped. Chains are cropped to config.data.max_residues (random window in training if
+  config.data.crop == "random", else the first), bucketed by length and packed into the
+  fixed `bucket_budgets` (up to batch_size proteins per batch). This host reads and packs
+  every process_count-th planned batch (the training loop instead takes its devices'
+  part of every step, `parallel.StepInput`). The same arguments give the same batches.
 
   Args:
     data_dir: directory written by `data_pipelines.preprocess`.
@@ -1281,26 +1231,22 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
     config: the experiment config (data.*, train.batch_size).
     training: shuffle + repeat + random crops.
     seed: shuffling and cropping seed; same seed, same batches.
-    process_index, process_count: host sharding; default jax.process_index()/count().
-    skip_batches: batches to skip first (resuming a run at an input position).
+    process_index, process_count: this host's share; default jax.process_index()/count().
+    skip_batches: planned batches (of all hosts) to skip first.
     budgets: override `bucket_budgets(config, dataset_sizes(data_dir))` (every split's
       sizes, so that train and eval share programs and every example fits).
     prefetch: batches prepared ahead.
-    chunk_size: records parsed and packed together (default `default_chunk_size`,
-      max(256, 128 x batch_size)); the last batch of each bucket in a chunk may be
-      partly empty.
+    chunk_size: records planned together (default `default_chunk_size`, max(256, 128 x
+      batch_size)); the last batch of each bucket in a chunk may be partly empty.
 
   Yields:
     (Batch, meta) with meta = {"ids": [...], "groups": [...]} of the real graphs, in
-    graph order, and "epoch": the training epoch the batch belongs to (0 in
-    evaluation).
+    graph order, "epoch" (the training epoch, 0 in evaluation), "index" (the batch's
+    place in the global plan) and "step" (-1).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   ds = make_tf_dataset(data_dir, split, config, training=training, seed=seed,
                        process_index=process_index, process_count=process_count,
-                       budgets=budgets, chunk_size=chunk_size)
-  if skip_batches:
-    ds = ds.skip(skip_batches)
-  ds = ds.prefetch(prefetch if prefetch else tf.data.AUTOTUNE)
+                       budgets=budgets, chunk_size=chunk_size, skip_batches=skip_batches,
+                       prefetch=prefetch)
   for d in ds.as_numpy_iterator():
     yield _to_batch(d)

@@ -1,13 +1,15 @@
 """Evaluation: run the eval step over a split, collect per-item arrays, score them.
 
 `collect_predictions` runs a jitted `steps.eval_step` over a finite stream and returns
-the scored items of the whole split (gathered over hosts); `split_metrics` scores them
+the scored items of the whole split (gathered over hosts, in the global plan's batch
+order, so the same for any host count); `split_metrics` scores them
 with `task.metrics`; `evaluate_splits` does both for several splits;
 `write_eval_results` writes DIR/eval/<split>.json and DIR/eval/metrics.md.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
 import json
 import os
@@ -46,60 +48,100 @@ def local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate(rows, axis=0)
 
 
-def _gather_hosts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Concatenates each host's variable-length arrays on every host (process order)."""
+def _allgather(x: np.ndarray) -> np.ndarray:
+  """[H, ...]: `x` of every process (same shape on each), in process order."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
+def gather_hosts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Each array (same names and rows on every host, any row count, str allowed)
+  concatenated over the hosts in process order, on every host. A host without rows
+  may hold arrays of any trailing shape: another host's give it."""
   if jax.process_count() == 1:
     return arrays
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  n = next(iter(arrays.values())).shape[0]
-  counts = multihost_utils.process_allgather(np.array([n]))
-  longest = int(counts.max())
+  names = sorted(arrays)
+  counts = _allgather(np.array([len(arrays[n]) for n in names], np.int64))  # [H, k]
+  shape = {n: (a.dtype.str, a.shape[1:]) for n, a in arrays.items()}
+  shapes = [dict(zip(names, (tuple(v) for v in s))) for s in _gather_json(
+      [[shape[n][0], list(shape[n][1])] for n in names])]
   out = {}
-  for name, a in arrays.items():
-    padded = np.zeros((longest,) + a.shape[1:], a.dtype)
-    padded[:n] = a
-    full = multihost_utils.process_allgather(padded)
-    out[name] = np.concatenate([full[i, :int(counts[i])] for i in range(len(counts))])
+  for k, name in enumerate(names):
+    dtype, trailing = next((s[name] for h, s in enumerate(shapes) if counts[h, k]),
+                           shapes[0][name])
+    a = arrays[name]
+    if np.dtype(dtype).kind in "US":  # strings go as JSON (widths differ by host)
+      values = [v for part in _gather_json(a.tolist()) for v in part]
+      out[name] = np.array(values, str) if values else np.zeros([0], str)
+      continue
+    rows = int(counts[:, k].max())
+    if not rows:
+      out[name] = np.zeros((0, *trailing), dtype)
+      continue
+    padded = np.zeros((rows, *trailing), dtype)
+    padded[:len(a)] = a.reshape(-1, *trailing) if len(a) else padded[:0]
+    # As bytes: JAX would narrow 64-bit values to 32 bits on the way.
+    full = _allgather(padded.reshape(rows, -1).view(np.uint8))
+    out[name] = np.concatenate([
+        full[h, :int(counts[h, k])].view(dtype).reshape(-1, *trailing)
+        for h in range(len(full))])
   return out
 
 
-def _gather_strings(values: np.ndarray) -> np.ndarray:
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  encoded = np.frombuffer(json.dumps(values.tolist()).encode(), np.uint8)
-  n = multihost_utils.process_allgather(np.array([encoded.size]))
+def _gather_json(value) -> list:
+  """A JSON-able value from every process, in process order."""
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  n = _allgather(np.array([encoded.size], np.int64)).reshape(-1)
   padded = np.zeros([int(n.max())], np.uint8)
   padded[:encoded.size] = encoded
-  full = multihost_utils.process_allgather(padded)
-  parts = [json.loads(bytes(full[i, :int(n[i])]).decode()) for i in range(len(n))]
-  return np.array([v for p in parts for v in p])
+  full = _allgather(padded)
+  return [json.loads(bytes(full[h, :int(n[h])]).decode()) for h in range(len(n))]
+
+
+def _residue_positions(sub: Batch, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(chain row in its protein, residue_index) int32 of the residues `mask` selects.
+
+  chain_id = (index in the batch of the example's first chain) + chain_row, in both row
+  layouts; chain row 0 always has residues, so an example's smallest residue chain_id
+  is its first chain's.
+  """
+  nodes = sub.graph.nodes
+  real = (nodes["node_kind"] == 0) & sub.node_mask.astype(bool)
+  first_chain = np.full(int(sub.node_graph.max(initial=0)) + 1, np.iinfo(np.int32).max)
+  np.minimum.at(first_chain, sub.node_graph[real], nodes["chain_id"][real])
+  chain_row = nodes["chain_id"][mask] - first_chain[sub.node_graph[mask]]
+  return chain_row.astype(np.int32), nodes["residue_index"][mask].astype(np.int32)
 
 
 def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], mesh,
-                        task, *, with_embeddings: bool = False) -> dict[str, np.ndarray]:
+                        task, *, with_embeddings: bool = False,
+                        with_positions: bool = False) -> dict[str, np.ndarray]:
   """Runs `eval_fn` over a finite stream; per-item arrays of the whole split.
 
-  Items are residues with a label (task.level 'node') or real proteins ('graph').
+  Items are residues with a label (task.level 'node') or real proteins ('graph'). Every
+  host runs its own batches; the items of all hosts are gathered and put in the order
+  of the batches' place in the global plan (meta "index"), so the arrays, and the
+  metrics computed from them, are those of one process whatever the host count.
 
   Returns:
     predictions [n, ...], labels [n], weights [n], groups [n] (str), ids [n] (str;
-    the protein of each item), loss_sum, weight_sum (floats), and embeddings [n, D]
-    if with_embeddings.
+    the protein of each item), loss (float), embeddings [n, D] if with_embeddings,
+    chain_row [n] and residue_index [n] (int32; node tasks) if with_positions.
   """
   num_local = parallel.local_device_count(mesh)
-  cols: dict[str, list] = {k: [] for k in ("predictions", "labels", "weights",
-                                           "groups", "ids", "embeddings")}
-  loss_sum = weight_sum = 0.0
+  cols: dict[str, list] = collections.defaultdict(list)
+  per_batch: dict[str, list] = collections.defaultdict(list)  # loss terms by batch
   for stacked, metas in parallel.iterate_finite(stream, num_local):
     out = eval_fn(params, parallel.put_global(stacked, mesh))
     out = {k: local_rows(v) for k, v in out.items()}
     for d, meta in enumerate(metas):
       if meta is None:
         continue
+      index = int(meta.get("index", len(per_batch["index"])))
       sub = parallel.tree_unstack(stacked, d)
-      loss_sum += float(out["loss"][d]) * float(out["weight_sum"][d])
-      weight_sum += float(out["weight_sum"][d])
+      per_batch["index"].append(index)
+      per_batch["loss_w"].append(float(out["loss"][d]) * float(out["weight_sum"][d]))
+      per_batch["weight"].append(float(out["weight_sum"][d]))
       num_real = int(np.sum(sub.graph_mask))
       ids = np.asarray(list(meta.get("ids", [""] * num_real))[:num_real] or [""], str)
       groups = np.asarray(list(meta.get("groups", [""] * num_real))[:num_real]
@@ -110,6 +152,10 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
         cols["labels"].append(sub.node_labels[mask])
         cols["weights"].append(sub.node_weights[mask])
         embed_key = "node_embeddings"
+        if with_positions:
+          chain_row, residue_index = _residue_positions(sub, mask)
+          cols["chain_row"].append(chain_row)
+          cols["residue_index"].append(residue_index)
       else:
         mask = sub.graph_mask.astype(bool)
         graph_of = np.arange(int(mask.sum()))
@@ -119,21 +165,27 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
       cols["predictions"].append(out["predictions"][d][mask])
       cols["groups"].append(groups[graph_of])
       cols["ids"].append(ids[graph_of])
+      cols["batch"].append(np.full(int(mask.sum()), index, np.int64))
       if with_embeddings:
         cols["embeddings"].append(out[embed_key][d][mask])
-  result = {k: np.concatenate(v) for k, v in cols.items() if v}
-  if "predictions" not in result:
+  local = {k: np.concatenate(v) for k, v in cols.items()}
+  for name in ("predictions", "labels", "weights", "groups", "ids", "batch"):
+    local.setdefault(name, np.zeros([0], str if name in ("groups", "ids") else
+                                    np.float32))
+  result = gather_hosts(local)
+  if not len(result["predictions"]):
     raise ValueError("the evaluation split has no labelled items")
-  numeric = _gather_hosts({k: v for k, v in result.items()
-                           if k not in ("groups", "ids")})
-  numeric["groups"] = _gather_strings(result["groups"])
-  numeric["ids"] = _gather_strings(result["ids"])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    loss_sum, weight_sum = multihost_utils.process_allgather(
-        np.array([loss_sum, weight_sum])).sum(0)
-  numeric["loss"] = np.float64(loss_sum / max(weight_sum, 1e-12))
-  return numeric
+  order = np.argsort(result.pop("batch"), kind="stable")  # a batch's items stay in order
+  result = {k: v[order] for k, v in result.items()}
+  terms = gather_hosts({k: np.asarray(v, np.float64 if k != "index" else np.int64)
+                        for k, v in per_batch.items()} if per_batch else
+                       {"index": np.zeros([0], np.int64), "loss_w": np.zeros([0]),
+                        "weight": np.zeros([0])})
+  by_index = np.argsort(terms["index"], kind="stable")
+  loss_sum = float(np.sum(terms["loss_w"][by_index]))
+  weight_sum = float(np.sum(terms["weight"][by_index]))
+  result["loss"] = np.float64(loss_sum / max(weight_sum, 1e-12))
+  return result
 
 
 def split_metrics(config, collected: dict[str, np.ndarray]) -> dict[str, float]:
@@ -147,22 +199,39 @@ def split_metrics(config, collected: dict[str, np.ndarray]) -> dict[str, float]:
   return values
 
 
-def eval_stream(config, dataset_fn, split: str, sub_config):
+def eval_stream(config, split: str, sub_config, dataset_fn=None):
+  """This host's share of the split's planned evaluation batches (or the batches
+  `dataset_fn` gives, `train_lib.DatasetFn`)."""
+  if dataset_fn is None:
+    from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    dataset_fn = input_pipeline.make_dataset
   return dataset_fn(data_dir(config), split, sub_config, training=False,
                     seed=config.seed, process_index=jax.process_index(),
                     process_count=jax.process_count())
 
 
-def evaluate_splits(config, dataset_fn, eval_fn, params, mesh, splits: Sequence[str]
-                    ) -> dict[str, dict[str, float]]:
+def sample_batch(config) -> Batch:
+  """A batch of padding only, of the run's first budget: what building and restoring a
+  model need (shapes; the parameters do not depend on the values), without reading
+  any record."""
+  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  budgets = input_pipeline.bucket_budgets(per_device_config(config, jax.device_count()),
+                                          input_pipeline.dataset_sizes(data_dir(config)))
+  return input_pipeline.collate([], budgets[0])
+
+
+def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,
+                    dataset_fn=None) -> dict[str, dict[str, float]]:
   """Metrics per split; `mesh` is this host's eval mesh (`parallel.local_mesh`), and
-  `eval_fn` was jitted for it; results of all hosts are gathered before metrics."""
+  `eval_fn` was jitted for it; results of all hosts are gathered before metrics
+  (dataset_fn: as `eval_stream`'s)."""
   sub_config = per_device_config(config, jax.device_count())
   params = parallel.localize(params, mesh)
   results = {}
   for split in splits:
     collected = collect_predictions(eval_fn, params,
-                                    eval_stream(config, dataset_fn, split, sub_config),
+                                    eval_stream(config, split, sub_config,
+                                                dataset_fn),
                                     mesh, config.task)
     results[split] = split_metrics(config, collected)
   return results

@@ -23,93 +23,49 @@ from bihier_jax.training import pooling
 from bihier_jax.training.evaluation import (eval_stream, per_device_config,
                                             write_eval_results)
 from bihier_jax.training.steps import jit_eval_step
-from bihier_jax.training.train_lib import (checkpoint_name, default_dataset_fn,
-                                           ensure_demo_data, restore_params)
-
-
-class _ResiduePositions:
-  """Wraps an eval step to record, per scored residue, its chain row and position.
-
-  `evaluation.collect_predictions` keeps the labelled real residues of every real
-  sub-batch in order; this wrapper sees the same stacked batches in the same order and
-  keeps the same residues (blank sub-batches have no real nodes), so its rows line up
-  with the collected items.
-  """
-
-  def __init__(self, eval_fn):
-    self._eval_fn = eval_fn
-    self.chain_row: list[np.ndarray] = []
-    self.residue_index: list[np.ndarray] = []
-
-  def __call__(self, params, batch):
-    nodes = batch.graph.nodes
-    node_mask = evaluation.local_rows(batch.node_mask).astype(bool)
-    mask = (evaluation.local_rows(batch.node_label_mask) > 0) & node_mask
-    node_graph = evaluation.local_rows(batch.node_graph)
-    chain_id = evaluation.local_rows(nodes["chain_id"])
-    residue_index = evaluation.local_rows(nodes["residue_index"])
-    is_residue = evaluation.local_rows(nodes["node_kind"]) == 0
-    for d in range(mask.shape[0]):
-      # chain_id = (index in the batch of the example's first chain) + chain_row, in
-      # both row layouts; chain row 0 always has residues, so the example's smallest
-      # residue chain_id is its first chain's.
-      real = is_residue[d] & node_mask[d]
-      first_chain = np.full(int(node_graph[d].max(initial=0)) + 1, np.iinfo(np.int32).max)
-      np.minimum.at(first_chain, node_graph[d][real], chain_id[d][real])
-      m = mask[d]
-      self.chain_row.append((chain_id[d][m] - first_chain[node_graph[d][m]])
-                            .astype(np.int32))
-      self.residue_index.append(residue_index[d][m].astype(np.int32))
-    return self._eval_fn(params, batch)
-
-  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-    """(chain_row, residue_index) int32[n] of every host's scored residues."""
-    local = {"chain_row": np.concatenate(self.chain_row or [np.zeros([0], np.int32)]),
-             "residue_index": np.concatenate(self.residue_index
-                                             or [np.zeros([0], np.int32)])}
-    full = evaluation._gather_hosts(local)  # pylint: disable=protected-access
-    return full["chain_row"], full["residue_index"]
+from bihier_jax.training.train_lib import (checkpoint_name, ensure_demo_data,
+                                           restore_params, start_backend)
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None, *,
                         dataset_fn=None) -> dict[str, dict[str, float]]:
   """Metrics per split of a run's checkpoint; also written under workdir/eval/.
 
+  With train.multi_host every process evaluates its share of each split's planned
+  batches (`evaluation.eval_stream`); process 0 writes the files.
+
   Args:
     checkpoint: 'best' | 'latest' | a step number | '' (best if any checkpoint has
       validation metrics, else latest). The JSONs record the resolved name and step.
     splits: default config.data.eval_splits.
-    dataset_fn: as `train_lib.train_and_evaluate`'s (default: the records pipeline).
+    dataset_fn: as `train_lib.train_and_evaluate`'s (default: the records' plan).
   """
-  parallel.initialize_distributed(bool(config.train.multi_host))
+  start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
   splits = list(splits or config.data.eval_splits)
-  dataset_fn = dataset_fn or default_dataset_fn()
   mesh = parallel.training_mesh(config)
   sub_config = per_device_config(config, jax.device_count())
-  sample_batch, _ = next(iter(eval_stream(config, dataset_fn, splits[0], sub_config)))
+  sample_batch = (next(iter(eval_stream(config, splits[0], sub_config, dataset_fn)))[0]
+                  if dataset_fn else evaluation.sample_batch(config))
   checkpoint = checkpoint_name(config, workdir, checkpoint)
   model, params, step = restore_params(config, workdir, checkpoint, sample_batch, mesh)
   eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
   eval_fn = jit_eval_step(model, config.task, eval_mesh)
   # As evaluation.evaluate_splits, keeping each split's items for the predictions file.
   params = parallel.localize(params, eval_mesh)
+  node_task = config.task.level == "node"
   results = {}
   for split in splits:
-    positions = _ResiduePositions(eval_fn)
     collected = evaluation.collect_predictions(
-        positions, params, eval_stream(config, dataset_fn, split, sub_config),
-        eval_mesh, config.task)
+        eval_fn, params, eval_stream(config, split, sub_config, dataset_fn), eval_mesh,
+        config.task, with_positions=node_task)
     results[split] = evaluation.split_metrics(config, collected)
-    if config.task.level == "node":
-      chain_row, residue_index = positions.arrays()
-    else:
-      chain_row = residue_index = None
     if jax.process_index() == 0:
       path = pooling.save_predictions(
           os.path.join(workdir, "eval", f"{split}_predictions.npz"), collected,
-          task=config.task, split=split, step=step, chain_row=chain_row,
-          residue_index=residue_index)
+          task=config.task, split=split, step=step,
+          chain_row=collected.get("chain_row"),
+          residue_index=collected.get("residue_index"))
       logging.info("%s predictions (%d items) -> %s", split,
                    collected["labels"].shape[0], path)
   if jax.process_index() == 0:
@@ -122,8 +78,10 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
                        checkpoint: str = "", progress: bool = True) -> dict:
   """Predictions for the proteins `structure_inputs.load` read, in one .npz at `out`.
 
-  Batches them as evaluation does (`input_pipeline.inference_batches`), one device.
-  Fields: see bihier_jax/predict.py. Returns {"out", "proteins", "residues", "seconds",
+  Batches them as evaluation does (`input_pipeline.inference_batches`), one device per
+  process; with several processes (train.multi_host) each runs every process_count-th
+  batch, the results are gathered and process 0 writes the file. Fields: see
+  bihier_jax/predict.py. Returns {"out", "proteins", "residues", "seconds",
   "compiled_shapes"}; `seconds` counts restore, compile and run, not parsing.
   """
   import time  # pylint: disable=g-import-not-at-top
@@ -138,23 +96,26 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   model, params, step = restore_params(config, workdir, checkpoint, sample, mesh)
   eval_fn = jit_eval_step(model, config.task, mesh)
   node_task = config.task.level == "node"
-  per_example = [None] * len(examples)
-  bar = tqdm.tqdm(total=len(examples), unit="protein", desc="predict",
-                  disable=not progress, smoothing=0.1)
+  mine = batches[jax.process_index()::jax.process_count()]
+  local = {k: [] for k in ("example", "node_embeddings", "graph_embeddings",
+                           "predictions")}
+  bar = tqdm.tqdm(total=sum(len(m) for _, m in mine), unit="protein", desc="predict",
+                  disable=not progress or jax.process_index() != 0, smoothing=0.1)
   with bar:
-    for budget, members in batches:
+    for budget, members in mine:
       batch = input_pipeline.collate([examples[i] for i in members], budget)
       outputs = eval_fn(params, parallel.put_global(parallel.stack([batch]), mesh))
       outputs = {k: np.asarray(jax.device_get(v))[0] for k, v in outputs.items()}
       residue = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)
       for g, i in enumerate(members):
         nodes = residue & (batch.node_graph == g)
-        per_example[i] = {
-            "node_embeddings": outputs["node_embeddings"][nodes],
-            "graph_embeddings": outputs["graph_embeddings"][g],
-            "predictions": outputs["predictions"][nodes] if node_task
-                           else outputs["predictions"][g]}
+        local["example"].append(np.array([i]))
+        local["node_embeddings"].append(outputs["node_embeddings"][nodes])
+        local["graph_embeddings"].append(outputs["graph_embeddings"][g][None])
+        local["predictions"].append(outputs["predictions"][nodes] if node_task
+                                    else outputs["predictions"][g][None])
       bar.update(len(members))
+  per_example = _per_example(local, len(examples), node_task)
   shapes = len({budget for budget, _ in batches})
 
   result = {
@@ -185,8 +146,9 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   key = "residue_predictions" if node_task else "protein_predictions"
   result[key] = (np.concatenate if node_task else np.stack)(
       [r["predictions"] for r in per_example])
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  np.savez(out, **result)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, **result)
   seconds = time.perf_counter() - start
   n_residues = int(result["residue_protein"].shape[0])
   logging.info("predictions for %d protein(s), %d residues in %d batch(es) of %d "
@@ -194,6 +156,25 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
                shapes, seconds, out)
   return {"out": out, "proteins": len(examples), "residues": n_residues,
           "seconds": seconds, "compiled_shapes": shapes}
+
+
+def _per_example(local: dict[str, list[np.ndarray]], count: int, node_task: bool
+                 ) -> list[dict]:
+  """Every host's per-protein outputs (gathered), in protein order: [{node_embeddings,
+  graph_embeddings, predictions}] for proteins 0..count-1 (`local`: this host's, one
+  array per protein, per-protein values as [1, ...])."""
+  names = ("node_embeddings", "graph_embeddings", "predictions")
+  rows = {k: [len(a) for a in local[k]] for k in names}
+  flat = {k: np.concatenate(v) if v else np.zeros([0]) for k, v in local.items()}
+  flat.update({f"{k}_rows": np.asarray(rows[k], np.int64) for k in names})
+  full = evaluation.gather_hosts(flat)
+  out: list[dict] = [{} for _ in range(count)]
+  for k in names:
+    pieces = np.split(full[k], np.cumsum(full[f"{k}_rows"])[:-1])
+    for i, piece in zip(full["example"].tolist(), pieces):
+      out[i][k] = piece
+  per_protein = ("graph_embeddings",) + (() if node_task else ("predictions",))
+  return [{k: (v[0] if k in per_protein else v) for k, v in r.items()} for r in out]
 
 
 def predict_structure(config, workdir: str, structure_path: str, *, out: str = "",

@@ -28,11 +28,16 @@ Sub-batches are grouped by budget: `DeviceBatcher` collects batches from the inp
 stream per budget and emits D of the same budget at once; its `position` (raw batches
 consumed and those still waiting) is saved in checkpoints so a restarted run sees
 exactly the same stream.
+
+Several hosts (one JAX process each, `initialize_distributed`): `StepInput` groups the
+one global plan of batches (`data.batch_plan`, the same on every host) into steps by
+that rule, and each host packs only the rows its devices hold (`host_rows`), so a step,
+its position and the run's numbers do not depend on the host count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
 from typing import Any
 
@@ -51,9 +56,27 @@ FSDP_AXIS = fsdp.AXIS
 
 
 def initialize_distributed(multi_host: bool) -> None:
-  """Joins the multi-host job (coordinator and ranks come from the TPU/SLURM env)."""
-  if multi_host:
+  """Joins the multi-process job when `multi_host` (train.multi_host), once.
+
+  The coordinator, the process count and this process's rank come from the launcher's
+  environment, which `jax.distributed.initialize()` reads: a Cloud TPU VM, SLURM
+  (`launch.slurm_gpu`, and `launch.local` on one machine), Open MPI, or
+  JAX_COORDINATOR_ADDRESS with one of those.
+
+  Raises:
+    config_check.ConfigError: no launcher environment (a run alone, e.g. evaluating a
+      pod run's workdir on one machine, needs --config.train.multi_host=False).
+  """
+  if not multi_host or jax.distributed.is_initialized():
+    return
+  try:
     jax.distributed.initialize()
+  except ValueError as e:
+    from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
+    raise config_check.ConfigError(
+        f"train.multi_host=True but this process was not started as part of a "
+        f"multi-process job ({e}): start it with python -m launch.local, SLURM or on a "
+        f"TPU VM slice, or pass --config.train.multi_host=False to run it alone") from e
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -200,16 +223,23 @@ def put_global(local_stacked: Any, mesh: Mesh) -> Any:
 
 @dataclasses.dataclass
 class InputPosition:
-  """Where a training stream stands: batches read, and those read but not yet used."""
+  """Where a training stream stands: planned batches read, those read but not yet
+  used, and the epoch of the first batch a restart reads again (`resume_from`) with
+  the index of that epoch's first batch, where a restarted plan starts (0, 0: from the
+  beginning). Indices count the global plan's batches, the same for any host count."""
   consumed: int = 0
   pending: tuple[int, ...] = ()
+  epoch: int = 0
+  epoch_start: int = 0
 
   def to_json(self) -> dict[str, Any]:
-    return {"consumed": int(self.consumed), "pending": [int(i) for i in self.pending]}
+    return {"consumed": int(self.consumed), "pending": [int(i) for i in self.pending],
+            "epoch": int(self.epoch), "epoch_start": int(self.epoch_start)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> "InputPosition":
-    return cls(int(d.get("consumed", 0)), tuple(int(i) for i in d.get("pending", ())))
+    return cls(int(d.get("consumed", 0)), tuple(int(i) for i in d.get("pending", ())),
+               int(d.get("epoch", 0)), int(d.get("epoch_start", 0)))
 
   @property
   def resume_from(self) -> int:
@@ -217,61 +247,159 @@ class InputPosition:
     return min(self.pending) if self.pending else self.consumed
 
 
+def _stack_group(items):
+  return stack([b for b, _ in items]), [m for _, m in items]
+
+
 class DeviceBatcher:
-  """Groups a stream of (Batch, meta) into D-stacks of one budget.
+  """Groups a stream into stacks of D items of one budget, in stream order per budget.
 
   Args:
-    stream: raw batches; when resuming, it must start at `position.resume_from`.
-    num_devices: D, sub-batches per stack.
+    stream: raw items, by default (Batch, meta); when resuming, it must start at
+      `position.resume_from`.
+    num_devices: D, items per group.
     position: where a previous run stopped (None = the start).
+    key: the budget of an item (default: a (Batch, meta)'s batch budget).
+    combine: a group's D items -> what `next` returns (default: the stacked Batch
+      [D, ...] and the D metas).
   """
 
-  def __init__(self, stream: Iterable[tuple[Batch, dict]], num_devices: int,
-               position: InputPosition | None = None):
+  def __init__(self, stream: Iterable[Any], num_devices: int,
+               position: InputPosition | None = None, *,
+               key: Callable[[Any], Any] = lambda item: item[0].budget,
+               combine: Callable[[list[Any]], Any] = _stack_group):
     position = position or InputPosition()
     self._stream = iter(stream)
     self._num_devices = num_devices
+    self._key, self._combine = key, combine
     self._next_index = position.resume_from
     self._consumed = position.consumed
     # Raw batches in [resume_from, consumed) that were used before the restart.
     self._skip = (set(range(position.resume_from, position.consumed))
                   - set(position.pending))
-    self._waiting: dict[Any, list[tuple[int, Batch, dict]]] = {}
+    self._waiting: dict[Any, list[tuple[int, Any]]] = {}
 
   @property
   def position(self) -> InputPosition:
-    pending = sorted(i for group in self._waiting.values() for i, _, _ in group)
+    pending = sorted(i for group in self._waiting.values() for i, _ in group)
     return InputPosition(max(self._consumed, self._next_index), tuple(pending))
 
-  def __iter__(self) -> Iterator[tuple[Batch, list[dict]]]:
+  def __iter__(self) -> Iterator[Any]:
     return self
 
-  def __next__(self) -> tuple[Batch, list[dict]]:
-    """The next stacked Batch [D, ...] and the D metas, in stream order per budget."""
+  def __next__(self) -> Any:
+    """The next group of D items of one budget, combined."""
     while True:
-      batch, meta = next(self._stream)
+      item = next(self._stream)
       index = self._next_index
       self._next_index += 1
       if index in self._skip:
         self._skip.discard(index)
         continue
-      group = self._waiting.setdefault(batch.budget, [])
-      group.append((index, batch, meta))
+      group = self._waiting.setdefault(self._key(item), [])
+      group.append((index, item))
       if len(group) == self._num_devices:
-        del self._waiting[batch.budget]
+        del self._waiting[self._key(item)]
         self._consumed = max(self._consumed, self._next_index)
-        return stack([b for _, b, _ in group]), [m for _, _, m in group]
+        return self._combine([x for _, x in group])
+
+  def close(self) -> None:
+    """Stops the stream now (a generator's tf.data iterator), not at interpreter exit."""
+    if hasattr(self._stream, "close"):
+      self._stream.close()
 
   def flush(self) -> Iterator[tuple[Batch, list[dict]]]:
-    """Incomplete groups left at the end of a finite stream, filled with blanks."""
+    """Incomplete groups of (Batch, meta) left at the end of a finite stream, filled
+    with blanks."""
     for budget in list(self._waiting):
       group = self._waiting.pop(budget)
-      batches = [b for _, b, _ in group]
-      metas = [m for _, _, m in group]
+      batches = [b for _, (b, _) in group]
+      metas = [m for _, (_, m) in group]
       while len(batches) < self._num_devices:
         batches.append(blank_like(batches[0]))
         metas.append(None)
       yield stack(batches), metas
+
+
+def host_rows(mesh: Mesh, group_size: int) -> slice:
+  """The rows of a device-stacked [group_size, ...] batch that this host's devices
+  hold (`batch_sharding`): one contiguous block.
+
+  Raises:
+    ValueError: this host's rows are not one block (a mesh of interleaved hosts).
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((group_size,))
+  spans = sorted({(i[0].start or 0, group_size if i[0].stop is None else i[0].stop)
+                  for i in index_map.values()})
+  lo, hi = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"this host's batch rows {spans} are not one block")
+  return slice(lo, hi)
+
+
+class StepInput:
+  """This host's part of every training step, from the one global plan.
+
+  The planned batches (`batch_plan.Planner.stream`, the same on every host) are grouped
+  into steps of `group_size` batches of one budget by `DeviceBatcher`'s rule, so the
+  steps do not depend on the host count; this host packs only the batches of its rows
+  (`host_rows`) and stacks them. `position` is the step's input position, for the
+  checkpoint written after it.
+
+  Args:
+    planner: the training split's `batch_plan.Planner`.
+    group_size: planned batches per step (devices x train.grad_accum_steps).
+    rows: this host's rows of a step.
+    position: where a previous run stopped.
+    pack: iterator of `PlannedBatch` -> iterator of (Batch, meta) in that order
+      (`input_pipeline.pack_planned`).
+  """
+
+  def __init__(self, planner, group_size: int, rows: slice,
+               position: InputPosition | None, pack):
+    self.position = position or InputPosition()
+    self._rows = rows
+    self._positions: dict[int, InputPosition] = {}  # step -> its position, planned ahead
+    resume = self.position.resume_from
+    planned = (b for b in planner.stream(self.position.epoch, self.position.epoch_start)
+               if b.index >= resume)
+    self._epoch_starts: dict[int, int] = {self.position.epoch: self.position.epoch_start}
+    self._grouper = DeviceBatcher(self._noting_epochs(planned), group_size,
+                                  self.position, key=lambda b: b.budget, combine=list)
+    self._batches = pack(self._host_plan())
+
+  def _noting_epochs(self, planned):
+    for b in planned:
+      self._epoch_starts.setdefault(b.epoch, b.index)
+      yield b
+
+  def _host_plan(self):
+    for step, group in enumerate(self._grouper):
+      where = self._grouper.position
+      epoch = max(e for e, start in self._epoch_starts.items()
+                  if start <= where.resume_from)
+      self._positions[step] = dataclasses.replace(
+          where, epoch=epoch, epoch_start=self._epoch_starts[epoch])
+      for b in group[self._rows]:
+        yield dataclasses.replace(b, step=step)
+
+  def __iter__(self) -> Iterator[tuple[Batch, list[dict]]]:
+    return self
+
+  def close(self) -> None:
+    """Stops the pipeline now: its tf.data iterator, which a reference cycle through
+    the plan's generator would otherwise keep until interpreter exit."""
+    if hasattr(self._batches, "close"):
+      self._batches.close()
+
+  def __next__(self) -> tuple[Batch, list[dict]]:
+    """This host's stacked part of the next step [rows, ...] and its metas."""
+    items = [next(self._batches) for _ in range(self._rows.stop - self._rows.start)]
+    steps = {m["step"] for _, m in items}
+    if len(steps) != 1:
+      raise RuntimeError(f"one step's batches came from steps {sorted(steps)}")
+    self.position = self._positions.pop(steps.pop())
+    return _stack_group(items)
 
 
 def iterate_finite(stream: Iterable[tuple[Batch, dict]], num_devices: int

@@ -35,6 +35,7 @@ table). Nothing is written there before the train state exists (resumed or new).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import functools
 import json
 import os
 import signal
@@ -59,13 +60,15 @@ from bihier_jax.training import parallel
 from bihier_jax.training import plots
 from bihier_jax.training import steps
 
-# (data_dir, split, config, *, training, seed, process_index, process_count,
-#  skip_batches) -> iterable of (Batch of numpy arrays, meta {'ids', 'groups'}).
-DatasetFn = Callable[..., Iterable[tuple[Batch, dict]]]
-
-
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+# (data_dir, split, config, *, training, seed, process_index, process_count,
+#  skip_batches) -> iterable of (Batch of numpy arrays, meta {'ids', 'groups'}): a
+# stand-in for the records pipeline (tests' synthetic data). Each host reads its own
+# stream, so with several hosts the batches are what the function gives each.
+DatasetFn = Callable[..., Iterable[tuple[Batch, dict]]]
 
 
 # --- data ------------------------------------------------------------------------------
@@ -88,11 +91,6 @@ def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("demo data built")
-
-
-def default_dataset_fn() -> DatasetFn:
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.make_dataset
 
 
 # --- logging -------------------------------------------------------------------------------
@@ -195,8 +193,7 @@ _BACKEND_LOGGED = []  # the backend line is logged once per process
 
 def start_backend(multi_host: bool) -> None:
   """Joins the multi-host job if asked, starts JAX and logs its backend and devices."""
-  if multi_host and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  parallel.initialize_distributed(multi_host)
   if _BACKEND_LOGGED:
     return
   _BACKEND_LOGGED.append(True)
@@ -215,7 +212,12 @@ def _checkpointer(config, workdir: str, **kwargs) -> checkpointing.Checkpointer:
 class _StopSignal:
   """Notes SIGTERM (preemption) or SIGINT (Ctrl-C) in `received` (the signal's name),
   so the loop saves a checkpoint after the current step and returns; a second SIGINT
-  exits at once (status 130, nothing saved). Restores the previous handlers on exit."""
+  exits at once (status 130, nothing saved). Restores the previous handlers on exit.
+
+  Not with several processes: each would see its signal at another step. There JAX's
+  preemption service keeps SIGTERM, and `Checkpointer.reached_preemption` gives every
+  process the same step to stop at.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -224,6 +226,8 @@ class _StopSignal:
     self._previous = {}
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     for signum in self.SIGNALS:
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
@@ -256,8 +260,7 @@ def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.Co
   """
   from bihier_jax.data import epochs  # pylint: disable=g-import-not-at-top
   resolved = epochs.resolve_epochs(config, evaluation.data_dir(config),
-                                   num_devices=jax.device_count(),
-                                   process_count=jax.process_count())
+                                   num_devices=jax.device_count())
   for group, field, target in epochs.EPOCH_FIELDS:
     value = float(config[group].get(field, 0) or 0) if group in config else 0.0
     if value > 0:
@@ -276,28 +279,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: the full config (configs/default.py fields).
     workdir: run directory; created if needed.
-    dataset_fn: defaults to `bihier_jax.data.input_pipeline.make_dataset`.
+    dataset_fn: batches instead of the records of config.data.dir (default: the
+      records' global plan, `input_pipeline.make_planner`; see DatasetFn).
 
   Returns:
     Final metrics per evaluation split, all of the selected checkpoint ({} when stopped
     early by SIGTERM).
   """
+  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
   start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
   config = resolve_epoch_fields(config)  # before the schedule and the loop read steps
-  dataset_fn = dataset_fn or default_dataset_fn()
   mesh = parallel.training_mesh(config)
   num_local = parallel.local_device_count(mesh)
   sub_config = evaluation.per_device_config(config, jax.device_count())
 
-  def train_stream(skip):
+  def given_stream(skip):
     return dataset_fn(evaluation.data_dir(config), config.data.train_split, sub_config,
-                      training=True, seed=config.seed,
-                      process_index=jax.process_index(),
+                      training=True, seed=config.seed, process_index=jax.process_index(),
                       process_count=jax.process_count(), skip_batches=skip)
 
-  sample_batch, _ = next(iter(train_stream(0)))
+  sample_batch = (next(iter(given_stream(0)))[0] if dataset_fn else
+                  evaluation.sample_batch(config))
   model = steps.build_model(config)
   on_corrupt = config.train.get("on_corrupt_checkpoint", "fallback")
   # Start-up writes nothing into workdir until the state exists (resumed or new).
@@ -327,7 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
     if fresh:
-      write_parameter_overview(jax.device_get(state.params),
+      # This host's copy: a global array split over hosts' devices is not all here.
+      local = parallel.localize(state.params,
+                                parallel.local_mesh(parallel.fsdp_size(mesh)))
+      write_parameter_overview(jax.device_get(local),
                                os.path.join(workdir, "parameters.txt"))
   if fresh:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
@@ -335,10 +342,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_fn = steps.jit_train_step(model, tx, config.task, mesh, state)
   eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
   eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
-  # One update: train.grad_accum_steps sub-batches per local device.
-  batcher = parallel.DeviceBatcher(train_stream(position.resume_from),
-                                   num_local * evaluation.accumulation_steps(config),
-                                   position)
+  # One update: train.grad_accum_steps sub-batches per device, of one global plan.
+  group_size = jax.device_count() * evaluation.accumulation_steps(config)
+  if dataset_fn is None:
+    planner = input_pipeline.make_planner(evaluation.data_dir(config),
+                                          config.data.train_split, sub_config,
+                                          training=True, seed=config.seed)
+    batcher = parallel.StepInput(planner, group_size,
+                                 parallel.host_rows(mesh, group_size), position,
+                                 functools.partial(input_pipeline.pack_planned, planner))
+  else:
+    batcher = parallel.DeviceBatcher(given_stream(position.resume_from),
+                                     num_local * evaluation.accumulation_steps(config),
+                                     position)
   num_steps = int(config.train.num_steps)
   initial_step = int(jax.device_get(state.step))
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -368,8 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     done = evaluated.setdefault(step, {})
     missing = [s for s in splits if s not in done]
     if missing:
-      done.update(evaluation.evaluate_splits(config, dataset_fn, eval_fn, params,
-                                             eval_mesh, missing))
+      done.update(evaluation.evaluate_splits(config, eval_fn, params, eval_mesh,
+                                             missing, dataset_fn=dataset_fn))
     return {s: done[s] for s in splits}
 
   def evaluate_and_save(step, *, replace=False):
@@ -454,7 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # A restart after a stop at the last step: that checkpoint has no validation
         # metrics yet, and without them it could not compete for best.
         evaluate_and_save(step, replace=True)
-  del batcher  # releases the endless training input pipeline
+  batcher.close()  # releases the endless training input pipeline
+  del batcher
   results: dict[str, dict[str, float]] = {}
   if not stopped:
     ckpt.wait()  # the keep policy has run: the best checkpoint is on disk
