@@ -246,7 +246,7 @@ def _cached_index(files: tuple[tuple[str, int, int], ...]) -> RecordIndex:
 def record_index(files: Sequence[str]) -> RecordIndex:
   """The `RecordIndex` of a split's shard files (sorted), read once per process and
   kept while the files keep their size and modification time."""
-  stats = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(files))
+  stats = tuple((f, *storage.signature(f)) for f in sorted(files))
   return _cached_index(stats)
 
 
