@@ -143,7 +143,7 @@ class Stepper:
 
 
 def make_examples(lengths, seed: int = 0, num_classes: int = 3):
-  from bihier_jax.data import testing  # pylint: disable=import-outside-toplevel
+  from bihier_jax import testing  # pylint: disable=import-outside-toplevel
   return [testing.random_example(int(n), seed=seed + i, num_classes=num_classes)
           for i, n in enumerate(lengths)]
 

@@ -44,7 +44,7 @@ host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.com
 import numpy as np  # noqa: E402
 
 from bihier_jax.data import input_pipeline  # noqa: E402
-from bihier_jax.data import testing  # noqa: E402
+from bihier_jax import testing  # noqa: E402
 from configs import default  # noqa: E402
 from data_pipelines import shards  # noqa: E402
 from data_pipelines.tasks import WorkItem  # noqa: E402

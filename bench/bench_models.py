@@ -3,7 +3,7 @@
   python bench/bench_models.py [--quick] [--json PATH] [--sizes tiny,t6] [--repeats 3]
                                [--flop-sizes t12,t33]
 
-Two sizes, random weights, synthetic helical proteins (`bihier_jax.data.testing`):
+Two sizes, random weights, synthetic helical proteins (`bihier_jax.testing`):
   tiny  ESM-2 preset 'tiny' (4 x 64) + GNN 2 x 32, fusion width 32; 8 proteins x 64 res.
   t6    ESM-2 t6_8M-shaped (6 x 320, 20 heads) + GNN 4 x 128 (backbone level), fusion
         width 128, 4 heads, levels (2, 4), even pairing; 8 proteins x 256 residues.
@@ -44,7 +44,7 @@ import numpy as np
 from bihier_jax import models
 from bihier_jax.common import flops
 from bihier_jax.data import input_pipeline
-from bihier_jax.data import testing
+from bihier_jax import testing
 from bihier_jax.models import heads
 from configs import default
 

@@ -87,7 +87,7 @@ def whole_step_flops(config, budgets, sizes, *, chunk_size: int) -> dict:
   simulated pass uses each budget."""
   import jax  # pylint: disable=import-outside-toplevel
   from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
-  from bihier_jax.data import testing  # pylint: disable=import-outside-toplevel
+  from bihier_jax import testing  # pylint: disable=import-outside-toplevel
   from bihier_jax.training import steps  # pylint: disable=import-outside-toplevel
   sim = packing.simulate(sizes, budgets, max_residues=int(config.data.max_residues),
                          chunk_size=chunk_size)

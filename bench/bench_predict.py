@@ -56,7 +56,7 @@ def main():
   parser.add_argument("--json", default="")
   args = parser.parse_args()
   from data_pipelines import demo  # pylint: disable=g-import-not-at-top
-  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import from_files  # pylint: disable=g-import-not-at-top
   tmp = tempfile.mkdtemp(prefix="bench_predict_")
   try:
     workdir = args.workdir
@@ -64,14 +64,14 @@ def main():
       workdir = os.path.join(tmp, "run")
       _train_tiny(workdir)
     raw = demo.default_raw_dir()
-    files = [p for p in structure_inputs.expand(raw) if p.endswith(".pdb.gz")]
+    files = [p for p in from_files.expand(raw) if p.endswith(".pdb.gz")]
     if args.quick:
       files = files[:8]
     folder = os.path.join(tmp, "structures")
     os.makedirs(folder)
     for p in files:
       shutil.copy(p, folder)
-    loaded = structure_inputs.load(sorted(os.path.join(folder, f)
+    loaded = from_files.load(sorted(os.path.join(folder, f)
                                           for f in os.listdir(folder)))
     proteins = len(loaded.examples)
     single = loaded.example_file[:max(1, 2 if args.quick else args.single)]

@@ -204,7 +204,8 @@ def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool,
             remat: bool) -> dict:
   """One compiled step; see the module docstring for the fields."""
   from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
-  from bihier_jax.data import input_pipeline, testing  # pylint: disable=import-outside-toplevel
+  from bihier_jax import testing
+  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   from bihier_jax.training import optim, parallel, steps  # pylint: disable=import-outside-toplevel
   config = bench_config(preset, devices, fsdp, lora, remat)
   mesh = parallel.make_mesh(jax.devices()[:devices], fsdp)

@@ -279,7 +279,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
   """Exceptions whose message tells the user what to do (classes of loaded modules)."""
   types = [config_check.ConfigError, CommandLineError, FileNotFoundError]
   for module, name in (("bihier_jax.common.structure", "StructureError"),
-                       ("bihier_jax.data.structure_inputs", "InputError"),
+                       ("bihier_jax.data.from_files", "InputError"),
                        ("bihier_jax.training.checkpointing", "CheckpointError"),
                        ("bihier_jax.training.train_lib", "NonFiniteLossError")):
     if module in sys.modules:

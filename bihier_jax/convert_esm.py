@@ -40,7 +40,8 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   """Writes the ESM-2 branch of a run's checkpoint (adapters merged) to `out`."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
-  from bihier_jax.data import input_pipeline, testing  # pylint: disable=g-import-not-at-top
+  from bihier_jax import testing
+  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import parallel, train_lib  # pylint: disable=g-import-not-at-top
   config = config_check.load_saved_config(workdir)

@@ -67,21 +67,21 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _output_path() -> str:
-  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import from_files  # pylint: disable=g-import-not-at-top
   if FLAGS.out:
     return FLAGS.out
-  return structure_inputs.default_output(FLAGS.workdir,
+  return from_files.default_output(FLAGS.workdir,
                                          FLAGS.structure or FLAGS.structures)
 
 
 def _read_inputs(config):
   """Parses every input (no JAX yet); exits 2 with one line when nothing can be used."""
   from bihier_jax.common import structure  # pylint: disable=g-import-not-at-top
-  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import from_files  # pylint: disable=g-import-not-at-top
   if bool(FLAGS.structure) == bool(FLAGS.structures):
     raise cli.CommandLineError("give one of --structure FILE or --structures "
                                "DIR_OR_GLOB")
-  kw = structure_inputs.load_options(config, per_chain=FLAGS.per_chain,
+  kw = from_files.load_options(config, per_chain=FLAGS.per_chain,
                                      chains=FLAGS.chains)
   try:
     if FLAGS.structure:
@@ -89,12 +89,12 @@ def _read_inputs(config):
         raise structure.StructureError(
             f"{FLAGS.structure}: " + ("a folder: use --structures" if
                                       os.path.isdir(FLAGS.structure) else "file not found"))
-      examples, line = structure_inputs.load_file(FLAGS.structure, **kw)
-      return structure_inputs.Loaded(examples, [FLAGS.structure] * len(examples), [line])
-    paths = structure_inputs.expand(FLAGS.structures)
-  except (structure.StructureError, structure_inputs.InputError) as e:
+      examples, line = from_files.load_file(FLAGS.structure, **kw)
+      return from_files.Loaded(examples, [FLAGS.structure] * len(examples), [line])
+    paths = from_files.expand(FLAGS.structures)
+  except (structure.StructureError, from_files.InputError) as e:
     raise cli.CommandLineError(str(e)) from e
-  loaded = structure_inputs.load(paths, **kw)
+  loaded = from_files.load(paths, **kw)
   if not loaded.examples:
     reasons = "; ".join(m["reason"] for m in loaded.skipped[:3])
     raise cli.CommandLineError(f"{FLAGS.structures}: none of {len(paths)} file(s) can be "
@@ -103,8 +103,8 @@ def _read_inputs(config):
 
 
 def _report_inputs(loaded, config, out: str) -> None:
-  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
-  chains = structure_inputs.multi_chain_note(loaded, str(config.data.get("dir", "")),
+  from bihier_jax.data import from_files  # pylint: disable=g-import-not-at-top
+  chains = from_files.multi_chain_note(loaded, str(config.data.get("dir", "")),
                                              FLAGS.per_chain)
   for note in loaded.notes + ([chains] if chains else []):
     print(f"warning: {note}", file=sys.stderr, flush=True)

@@ -18,11 +18,11 @@ ScanNet started from its PPBS model (transfer learning) and did not crop (Lmax 2
 we crop each chain to 1022 residues (ESM-2 limit; first window at evaluation).
 """
 
-from configs import benchmark_tiny, default
+from configs import variants, default
 
 
 def get_config(arg: str | None = None):
-  benchmark_tiny.check_variant("bce", arg)
+  variants.check_variant("bce", arg)
   c = default.get_config()
   c.task.name = "bce"
   c.task.level = "node"
@@ -40,5 +40,5 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 1_000
   c.train.checkpoint_every = 1_000
   if arg == "tiny":
-    benchmark_tiny.apply_tiny(c)
+    variants.apply_tiny(c)
   return c

@@ -10,11 +10,11 @@ Pearson, Spearman (DATASETS.md §1); the checkpoint with the lowest validation R
 reported, usually as mean ± std over 3 seeds (`--config.seed`).
 """
 
-from configs import benchmark_tiny, default
+from configs import variants, default
 
 
 def get_config(arg: str | None = None, identity: int = 30):
-  benchmark_tiny.check_variant(f"lba{identity}", arg)
+  variants.check_variant(f"lba{identity}", arg)
   c = default.get_config()
   c.task.name = f"lba{identity}"
   c.task.level = "graph"
@@ -38,5 +38,5 @@ def get_config(arg: str | None = None, identity: int = 30):
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
   if arg == "tiny":
-    benchmark_tiny.apply_tiny(c)
+    variants.apply_tiny(c)
   return c

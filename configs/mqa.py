@@ -10,11 +10,11 @@ targets with fewer than 3 decoys, as ATOM3D's evaluator does. Models are selecte
 global Spearman (ESM-GearNet's choice). GDT_TS is on a 0–1 scale, trained with MSE.
 """
 
-from configs import benchmark_tiny, default
+from configs import variants, default
 
 
 def get_config(arg: str | None = None):
-  benchmark_tiny.check_variant("mqa", arg)
+  variants.check_variant("mqa", arg)
   c = default.get_config()
   c.task.name = "mqa"
   c.task.level = "graph"
@@ -38,6 +38,6 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 2_000
   c.train.checkpoint_every = 2_000
   if arg == "tiny":
-    benchmark_tiny.apply_tiny(c)
+    variants.apply_tiny(c)
     c.task.min_group_size = 1
   return c

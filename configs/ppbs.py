@@ -15,11 +15,11 @@ Truncation: ScanNet scores only the first 1024 residues of a chain; we crop chai
 val/test chains longer than 1022 residues are scored on 1022 rather than 1024 residues.
 """
 
-from configs import benchmark_tiny, default
+from configs import variants, default
 
 
 def get_config(arg: str | None = None):
-  benchmark_tiny.check_variant("ppbs", arg)
+  variants.check_variant("ppbs", arg)
   c = default.get_config()
   c.task.name = "ppbs"
   c.task.level = "node"
@@ -38,5 +38,5 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 2_000
   c.train.checkpoint_every = 2_000
   if arg == "tiny":
-    benchmark_tiny.apply_tiny(c)
+    variants.apply_tiny(c)
   return c

@@ -18,7 +18,7 @@ below use that figure; they apply only where resolve_epochs is not called, or wi
 epoch fields set to 0.
 """
 
-from configs import benchmark_tiny, default
+from configs import variants, default
 
 # The ProNet recipe in epochs: field -> epochs (resolve_epochs sets the step field).
 EPOCHS = {
@@ -32,7 +32,7 @@ FALLBACK_STEPS_PER_EPOCH = 1038
 
 
 def get_config(arg: str | None = None):
-  benchmark_tiny.check_variant("react", arg)
+  variants.check_variant("react", arg)
   c = default.get_config()
   c.task.name = "react"
   c.task.level = "graph"
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None):
     step_field = field.replace("num_epochs", "num_steps").replace("_epochs", "")
     c[group][step_field] = epochs * FALLBACK_STEPS_PER_EPOCH
   if arg == "tiny":
-    benchmark_tiny.apply_tiny(c)
+    variants.apply_tiny(c)
     for name in EPOCHS:  # the tiny run counts in steps
       group, field = name.split(".")
       c[group][field] = 0

@@ -14,7 +14,7 @@ import argparse
 import os
 import re
 
-from bihier_jax.data import structure_inputs
+from bihier_jax.data import from_files
 from data_pipelines.tasks import SkipItem, WorkItem
 
 # Names that look like structure files (label matching in data_pipelines.custom).
@@ -24,7 +24,7 @@ _STRUCTURE_FILE = re.compile(r"\.(pdb\d*|ent|cif|mmcif|pdbx)(\.(gz|bz2|xz))?$",
 
 def structure_files(raw_dir: str) -> list[str]:
   """The files under `raw_dir` whose names look like structure files, sorted."""
-  return [p for p in structure_inputs.all_files(raw_dir)
+  return [p for p in from_files.all_files(raw_dir)
           if _STRUCTURE_FILE.search(os.path.basename(p))]
 
 
@@ -43,7 +43,7 @@ class PdbDirTask:
     split = getattr(args, "split", "train")
     per_chain = not getattr(args, "whole", False)
     return [WorkItem(source=path, split=split, payload=(per_chain,))
-            for path in structure_inputs.all_files(raw_dir)]
+            for path in from_files.all_files(raw_dir)]
 
   def process(self, item: WorkItem):
     from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top

@@ -8,7 +8,7 @@ such as Bio.PDB). Its C++ side also does the bulk filtering (hydrogen removal, e
 subchain assignment), so the Python loop below only visits residues and the few atoms per
 residue that we keep.
 
-Rules (what a structural biologist expects; each is tested in tests/test_structure.py):
+Rules (what a structural biologist expects; each is tested in tests/common/test_structure.py):
 
 - Model: the first model of a multi-model file (NMR ensembles, biological-assembly files
   whose symmetry copies are MODELs), or `model_index`.

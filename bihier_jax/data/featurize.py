@@ -17,7 +17,7 @@ import numpy as np
 from bihier_jax.common import geometry
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
-from bihier_jax.data import residue_graph
+from bihier_jax.data import graph
 from bihier_jax.data.example import ProteinExample
 
 StructureError = structure.StructureError
@@ -111,7 +111,7 @@ def example_from_chains(
     ligand_positions = np.zeros([0, 3], np.float32)
     ligand_elements = np.zeros([0], np.int32)
   node_positions = np.concatenate([positions[:, _CA], ligand_positions])
-  senders, receivers = residue_graph.radius_graph(
+  senders, receivers = graph.radius_graph(
       node_positions, cutoff=cutoff, max_neighbors=max_neighbors)
 
   if node_labels is None:

@@ -76,7 +76,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None,
 
 def predict_structures(config, workdir: str, loaded, *, out: str,
                        checkpoint: str = "", progress: bool = True) -> dict:
-  """Predictions for the proteins `structure_inputs.load` read, in one .npz at `out`.
+  """Predictions for the proteins `from_files.load` read, in one .npz at `out`.
 
   Batches them as evaluation does (`input_pipeline.inference_batches`), one device per
   process; with several processes (train.multi_host) each runs every process_count-th
@@ -185,11 +185,11 @@ def predict_structure(config, workdir: str, structure_path: str, *, out: str = "
   Raises:
     structure.StructureError: the file cannot be used (names it and the reason).
   """
-  from bihier_jax.data import structure_inputs  # pylint: disable=g-import-not-at-top
-  examples, line = structure_inputs.load_file(
-      structure_path, **structure_inputs.load_options(config, per_chain=per_chain,
+  from bihier_jax.data import from_files  # pylint: disable=g-import-not-at-top
+  examples, line = from_files.load_file(
+      structure_path, **from_files.load_options(config, per_chain=per_chain,
                                                       chains=chains))
-  loaded = structure_inputs.Loaded(examples, [structure_path] * len(examples), [line])
-  out = out or structure_inputs.default_output(workdir, structure_path)
+  loaded = from_files.Loaded(examples, [structure_path] * len(examples), [line])
+  out = out or from_files.default_output(workdir, structure_path)
   return predict_structures(config, workdir, loaded, out=out, checkpoint=checkpoint,
                             progress=False)["out"]

