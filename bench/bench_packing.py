@@ -13,7 +13,7 @@ packs them) gives, per layout:
   Σ over rows of Σ over its chains of n² / L² (dense attention over the row, which is
   what the backends compute);
 - proteins per batch, distinct budgets (compiled shapes);
-- ESM matmul FLOPs per real token of one layer (`packing.esm_layer_flops` per slot),
+- ESM matmul FLOPs per real token of one layer (`flops.esm_matmul_flops` per slot),
   per ESM-2 preset, and packed / unpacked: the expected ratio of ESM step time.
 
 --whole-step PRESET (batch 8): also the matmul FLOPs per real residue of a whole fused
@@ -41,6 +41,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
+from bihier_jax.common import flops  # noqa: E402
 from bihier_jax.data import input_pipeline  # noqa: E402
 from bihier_jax.data import packing  # noqa: E402
 from bihier_jax.models import esm2  # noqa: E402
@@ -73,7 +74,7 @@ def layout_figures(sizes, budgets, *, max_residues: int, chunk_size: int) -> dic
   }
   for preset in PRESETS:
     cfg = esm2.config_from_preset(preset)
-    layer = np.array([packing.esm_layer_flops(b.row_length, cfg.embed_dim, cfg.ffn_dim)
+    layer = np.array([flops.esm_matmul_flops(b.row_length, cfg.embed_dim, cfg.ffn_dim)
                       for b in budgets], np.float64)[sim.budget]
     out["gflop_per_real_token_per_layer"][preset] = float(
         (slots * layer).sum() / sim.tokens.sum() / 1e9)

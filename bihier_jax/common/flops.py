@@ -57,6 +57,20 @@ PEAK_BF16_FLOPS = {
 }
 
 
+def esm_matmul_flops(row_length: int, embed_dim: int, ffn_dim: int) -> int:
+  """Matmul FLOPs of one ESM-2 layer forward per token slot of a row of `row_length`.
+
+  2·(4D² + 2DF) for the q, k, v, output and FFN weights, plus 4·L·D for the attention
+  scores q·kᵀ and the weighted sum of values over the whole row: dense attention over
+  the row, which every dense attention backend computes (a segment mask hides entries,
+  it does not skip them; splash skips whole blocks of other chains, which this count
+  does not credit). A training step is 3x the forward (the backward's two matmuls per
+  forward matmul), without remat.
+  """
+  d, f = int(embed_dim), int(ffn_dim)
+  return 2 * (4 * d * d + 2 * d * f) + 4 * int(row_length) * d
+
+
 def peak_bf16_flops(device) -> float | None:
   """The chip's dense bf16 peak FLOP/s from `PEAK_BF16_FLOPS`, None if not listed."""
   kind = getattr(device, "device_kind", "")

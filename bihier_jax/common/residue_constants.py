@@ -11,6 +11,8 @@ side-chain atoms that define χ1..χ4 for that residue type (``CHI_ATOMS``), so 
 
 from __future__ import annotations
 
+import numpy as np
+
 # --- residue types ---------------------------------------------------------------------
 
 # IEConv / ProNet order (IEConv's PyPeriodicTable amino list). Index 25 = unknown / masked.
@@ -99,6 +101,20 @@ ESM_CLS, ESM_PAD, ESM_EOS, ESM_UNK = 0, 1, 2, 3
 ESM_MASK = ESM_VOCAB.index("<mask>")  # 32
 ESM_TOKEN = {tok: i for i, tok in enumerate(ESM_VOCAB)}
 ESM_MAX_TOKENS = 1024  # positions the released ESM-2 models were trained on, incl. BOS/EOS
+ESM_MAX_RESIDUES = ESM_MAX_TOKENS - 2  # residues of one chain: <cls> and <eos> take two
+
+_ESM_ID_OF_BYTE = np.full(256, ESM_TOKEN["X"], np.uint8)  # a letter outside the vocab: X
+for _token, _id in ESM_TOKEN.items():
+  if len(_token) == 1:
+    _ESM_ID_OF_BYTE[ord(_token)] = _id
+
+
+def esm_token_ids(sequence: str) -> np.ndarray:
+  """uint8[len] ESM-2 token ids of a one-letter sequence (case-insensitive), without
+  <cls>/<eos>. Every letter outside the ESM vocabulary reads as X: the one policy of the
+  data pipeline (the tokenizer's inline `<mask>` and `<unk>` are for text input)."""
+  return _ESM_ID_OF_BYTE[np.frombuffer(sequence.upper().encode("ascii", "replace"),
+                                       np.uint8)]
 
 # --- chemical elements (ligand atoms as graph nodes, LBA) ------------------------------
 

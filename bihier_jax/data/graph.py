@@ -10,11 +10,25 @@ order is deterministic: by receiver, then distance, then sender index.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from scipy import spatial
 
 
-def radius_graph(positions: np.ndarray, cutoff: float = 10.0, max_neighbors: int = 32,
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+  """Which residues are joined: Cα within `cutoff` Å, the nearest `max_neighbors`."""
+  cutoff: float
+  max_neighbors: int
+
+
+# ProNet's graph (cutoff 10 Å, 32 neighbours): the records' default and config.data's.
+DEFAULT_GRAPH = GraphSpec(cutoff=10.0, max_neighbors=32)
+
+
+def radius_graph(positions: np.ndarray, cutoff: float = DEFAULT_GRAPH.cutoff,
+                 max_neighbors: int = DEFAULT_GRAPH.max_neighbors,
                  valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Nearest ≤ max_neighbors senders within `cutoff` of each receiver.
 

@@ -39,6 +39,7 @@ from absl import logging
 import jraph
 import numpy as np
 
+from bihier_jax.common import flops
 from bihier_jax.common import storage
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import packing
@@ -434,7 +435,7 @@ def row_length_costs(sizes: np.ndarray, embed_dim: int, ffn_dim: int,
 
   For each candidate L (capped at max_residues + 2): the packed budgets (L, then the
   length buckets above it), one simulated pass of `packing.simulate`, and its matmul
-  FLOPs of one ESM-2 layer forward, `packing.esm_layer_flops` per token slot of every
+  FLOPs of one ESM-2 layer forward, `flops.esm_matmul_flops` per token slot of every
   row of every batch, over its real tokens.
 
   Args:
@@ -463,7 +464,7 @@ def row_length_costs(sizes: np.ndarray, embed_dim: int, ffn_dim: int,
                            seed=seed)
     shape = np.array([[b.n_row, b.row_length] for b in budgets], np.int64)[sim.budget]
     slots = shape[:, 0] * shape[:, 1]
-    layer = np.array([packing.esm_layer_flops(b.row_length, embed_dim, ffn_dim)
+    layer = np.array([flops.esm_matmul_flops(b.row_length, embed_dim, ffn_dim)
                       for b in budgets], np.float64)[sim.budget]
     out[length] = {
         "flops_per_real_token": float((slots * layer).sum() / sim.tokens.sum()),

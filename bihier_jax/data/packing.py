@@ -311,15 +311,3 @@ def simulate(sizes: np.ndarray, budgets: Sequence[PaddingBudget], *, max_residue
                                         minlength=nb))
   return SimulatedBatches(**{k: (np.concatenate(v) if v else np.zeros([0])).astype(np.int64)
                              for k, v in out.items()})
-
-
-def esm_layer_flops(row_length: int, embed_dim: int, ffn_dim: int) -> int:
-  """Matmul FLOPs of one ESM-2 layer forward per token slot of a row of `row_length`.
-
-  2·(4D² + 2DF) for the q, k, v, output and FFN weights, plus 4·L·D for the attention
-  scores q·kᵀ and the weighted sum of values over the whole row: dense attention over
-  the row, which is what every attention backend computes (a segment mask hides entries,
-  it does not skip them).
-  """
-  d, f = int(embed_dim), int(ffn_dim)
-  return 2 * (4 * d * d + 2 * d * f) + 4 * int(row_length) * d

@@ -79,16 +79,6 @@ INT_FIELDS = ("schema_version", "num_residues", "num_edges", "num_chains",
               "num_ligand_atoms", "max_sequence_length")
 FLOAT_FIELDS = ("graph_label", "weight")
 
-_ESM_TABLE = np.full(256, rc.ESM_TOKEN["X"], np.uint8)
-for _tok, _i in rc.ESM_TOKEN.items():
-  if len(_tok) == 1:
-    _ESM_TABLE[ord(_tok)] = _i
-
-
-def sequence_tokens(sequence: str) -> np.ndarray:
-  """uint8[len] ESM-2 token ids (letters outside the ESM vocabulary -> X)."""
-  return _ESM_TABLE[np.frombuffer(sequence.upper().encode("ascii", "replace"),
-                                  np.uint8)]
 
 
 # --- protobuf wire format (tf.train.Example), written by hand -------------------------
@@ -166,7 +156,7 @@ def serialize_example(ex: ProteinExample) -> bytes:
   arrays = {name: getattr(ex, name) for name in ARRAY_FIELDS
             if name not in ("sequence_lengths", "sequence_tokens")}
   arrays["sequence_lengths"] = [len(s) for s in ex.sequences]
-  arrays["sequence_tokens"] = (np.concatenate([sequence_tokens(s) for s in ex.sequences])
+  arrays["sequence_tokens"] = (np.concatenate([rc.esm_token_ids(s) for s in ex.sequences])
                                if ex.sequences else np.zeros([0], np.uint8))
   features = {
       "schema_version": _int_feature(SCHEMA_VERSION),

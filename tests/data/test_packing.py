@@ -250,7 +250,7 @@ def test_packed_budgets_admit_every_example_within_its_graph_capacity():
 
 
 def test_layer_flops_match_the_counted_esm_layer():
-  """`esm_layer_flops` x token slots == jaxpr-counted matmul FLOPs of one ESM-2 layer."""
+  """`flops.esm_matmul_flops` x token slots == jaxpr-counted matmul FLOPs of one ESM-2 layer."""
   cfg = esm2.config_from_preset("tiny", mlm_head=False, num_layers=1, attention="exact")
   rows, length = 3, 20
   tokens = np.full((rows, length), 5, np.int32)
@@ -259,7 +259,7 @@ def test_layer_flops_match_the_counted_esm_layer():
   params = model.init(jax.random.PRNGKey(0), tokens, output_hidden_states=False)
   counted = flops.matmul_flops(
       lambda p: model.apply(p, tokens, output_hidden_states=False), params)
-  assert counted == rows * length * packing.esm_layer_flops(length, cfg.embed_dim,
+  assert counted == rows * length * flops.esm_matmul_flops(length, cfg.embed_dim,
                                                              cfg.ffn_dim)
 
 
