@@ -39,7 +39,7 @@ import ml_collections
 from bihier_jax import config_check
 from bihier_jax.training import metrics
 from configs import default
-from data_pipelines import custom
+from data_pipelines.custom import task as custom
 
 VARIANTS = ("small", "tiny")
 METRICS = {

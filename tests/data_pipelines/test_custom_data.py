@@ -36,7 +36,7 @@ import conftest
 from fixtures import builders
 
 from bihier_jax.data import input_pipeline
-from data_pipelines import custom
+from data_pipelines.custom import task as custom
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "custom")

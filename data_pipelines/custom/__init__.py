@@ -1,0 +1,1 @@
+"""Task `custom`: your own labelled structures (docs/custom_data.md)."""
