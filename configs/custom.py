@@ -14,7 +14,7 @@ config is built. `configs/custom.py:DIR,VARIANT` selects a variant:
   small  a CPU-sized model as configs/demo.py (tiny random ESM-2, 2-block 64-wide GNN)
   tiny   a few steps of a 16-wide model, for tests
 
-From DIR/custom.json (written by data_pipelines/custom.py):
+From DIR/custom.json (written by data_pipelines/custom/task.py):
   task.level        graph (a label per protein) | node (per residue)
   task.loss         class -> softmax_ce, binary -> sigmoid_bce, regression -> mse
   task.num_classes  K classes (1 for binary and regression); task.class_names
@@ -39,7 +39,7 @@ import ml_collections
 from bihier_jax import config_check
 from bihier_jax.training import metrics
 from configs import default
-from data_pipelines.custom import task as custom
+from data_pipelines import custom
 
 VARIANTS = ("small", "tiny")
 METRICS = {

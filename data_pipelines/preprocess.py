@@ -22,7 +22,7 @@ import re
 import sys
 
 from bihier_jax.data import featurize
-from data_pipelines.custom import task as custom
+from data_pipelines import custom
 from data_pipelines import reference
 from data_pipelines import shards
 from data_pipelines import tasks

@@ -2,7 +2,7 @@
 
 import sys
 
-from data_pipelines.custom import task
+from data_pipelines.custom import example
 
 if __name__ == "__main__":
-  sys.exit(task.main())
+  sys.exit(example.main())
