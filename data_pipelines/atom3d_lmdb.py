@@ -207,11 +207,3 @@ class LMDBDataset:
     _OPEN_ENVS.pop((os.path.realpath(self.path), os.getpid()), None)
     self._env.close()
 
-
-def find_lmdb_dirs(root: str | os.PathLike) -> list[str]:
-  """Every directory under `root` that holds a `data.mdb` (sorted)."""
-  found = []
-  for dirpath, _, filenames in os.walk(root):
-    if "data.mdb" in filenames:
-      found.append(dirpath)
-  return sorted(found)

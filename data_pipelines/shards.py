@@ -344,8 +344,3 @@ def split_statistics(sizes: list[list[int]]) -> dict:
       "mean_nodes": float(nodes.mean()) if len(nodes) else 0.0,
       "length_histogram": {"bin_width": HISTOGRAM_BIN, "counts": counts.tolist()},
   }
-
-
-def load_metadata(out_dir: str) -> dict:
-  with open(os.path.join(out_dir, METADATA)) as f:
-    return json.load(f)
