@@ -32,33 +32,13 @@ import os
 
 import numpy as np
 
-from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
-from data_pipelines import atom3d_lmdb, atom_rows
+from data_pipelines import atom3d_lmdb, atom_rows, tasks
 from data_pipelines.reference import ReferenceCounts
 from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
 SPLITS = ("train", "val", "test")
-DEFAULT_CUTOFF = 10.0  # Å, configs/default.py data.cutoff
-DEFAULT_MAX_NEIGHBORS = 32
 POCKET_HETERO = ("keep", "drop")  # keep: ATOM3D's baselines featurise every pocket atom
-
-
-def _add_once(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
-  if not any(flag in a.option_strings for a in parser._actions):
-    parser.add_argument(flag, **kw)
-
-
-def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
-  """Radius-graph flags shared by the benchmark tasks."""
-  _add_once(parser, "--cutoff", type=float, default=DEFAULT_CUTOFF,
-            help="residue graph radius in Å")
-  _add_once(parser, "--max-neighbors", type=int, default=DEFAULT_MAX_NEIGHBORS,
-            help="most incoming edges per node")
-
-
-def add_lmdb_arguments(parser: argparse.ArgumentParser) -> None:
-  add_graph_arguments(parser)
 
 
 def find_split_dirs(raw_dir: str, marker: str) -> dict[str, str]:
@@ -189,7 +169,7 @@ REFERENCE_COUNTS = {
 
 
 def add_pocket_arguments(parser: argparse.ArgumentParser) -> None:
-  _add_once(parser, "--pocket-hetero", choices=POCKET_HETERO, default="keep",
+  tasks.add_once(parser, "--pocket-hetero", choices=POCKET_HETERO, default="keep",
             help="the pocket's hetero groups (metal ions, cofactors): keep = heavy atoms "
                  "as element-typed nodes like the ligand's (ATOM3D's baselines featurise "
                  "every pocket atom), drop = leave them out (counted in the manifest)")
@@ -205,14 +185,12 @@ class LBATask:
     self.reference_counts = REFERENCE_COUNTS.get(identity)
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    add_lmdb_arguments(parser)
+    tasks.add_graph_arguments(parser)
     add_pocket_arguments(parser)
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
-    extra = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
-             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS),
-             getattr(args, "pocket_hetero", None) or "keep")
+    extra = (*tasks.graph_arguments(args), getattr(args, "pocket_hetero", None) or "keep")
     dirs = find_split_dirs(raw_dir, self.marker)
     return list_lmdb_items(dirs, extra, group_of=lambda i: str(i).lower())
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
-from data_pipelines import download
+from data_pipelines import download, tasks
 from data_pipelines.reference import ReferenceCounts
 from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
@@ -49,8 +49,6 @@ RESIDUE_NUMBER_NOTE = (
     "IEConv's atom_residue_id: the 0-based rank of the residue among all residues of "
     "the chain file (hetero groups included), not the author residue number")
 SPLIT_FILES = {"train": "training.txt", "val": "validation.txt", "test": "testing.txt"}
-DEFAULT_CUTOFF = 10.0
-DEFAULT_MAX_NEIGHBORS = 32
 
 
 def find_root(raw_dir: str) -> str:
@@ -168,8 +166,7 @@ class ReactTask:
   metadata_notes = {"residue_number": RESIDUE_NUMBER_NOTE}
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    from data_pipelines import lba
-    lba.add_graph_arguments(parser)
+    tasks.add_graph_arguments(parser)
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
@@ -178,8 +175,7 @@ class ReactTask:
     if len(classes) != NUM_CLASSES:
       raise ValueError(f"{root}/unique_functions.txt: {len(classes)} classes, "
                        f"expected {NUM_CLASSES}")
-    cutoff = float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF)
-    max_neighbors = int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS)
+    cutoff, max_neighbors = tasks.graph_arguments(args)
     items, owner = [], {}
     for split in SPLIT_FILES:
       for name in read_split(root, split):

@@ -73,11 +73,10 @@ import re
 import numpy as np
 
 from bihier_jax.common import structure
+from data_pipelines import tasks
 from data_pipelines.reference import ReferenceCounts
 from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
-DEFAULT_CUTOFF = 10.0
-DEFAULT_MAX_NEIGHBORS = 32
 
 PPBS_FILES = (
     ("labels_train.txt", "train", "train", "Train"),
@@ -339,8 +338,7 @@ class ScanNetTask:
     self.reference_counts = reference_counts
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    from data_pipelines import lba
-    lba.add_graph_arguments(parser)
+    tasks.add_graph_arguments(parser)
     if not any("--structures" in a.option_strings for a in parser._actions):
       parser.add_argument("--structures", default="",
                           help="structure folder (default: <raw>/structures)")
@@ -381,8 +379,7 @@ class ScanNetTask:
     files = self._read_files(raw_dir)
     structure_dir = getattr(args, "structures", "") or os.path.join(raw_dir, "structures")
     tolerance = float(getattr(args, "max_unmatched_fraction", 0.0) or 0.0)
-    graph = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
-             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS))
+    graph = tasks.graph_arguments(args)
     ids = iter(unique_ids([e.header for f in files for e in f[3]]))
     listed = [(fname, split, group, entry, row, next(ids))
               for fname, split, group, entries, rows in files

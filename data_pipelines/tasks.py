@@ -16,6 +16,7 @@ import importlib
 from typing import Protocol, runtime_checkable
 
 from bihier_jax.data.example import ProteinExample
+from bihier_jax.data.graph import DEFAULT_GRAPH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,27 @@ class Task(Protocol):
   #   and subset sizes of the literature, printed next to ours after preprocessing)
   # Optional: metadata_notes: dict of facts about the task's fields, written to
   #   metadata.json "notes" (e.g. what react's residue numbers are)
+
+
+
+def add_once(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
+  """Adds `flag` unless the parser has it (tasks share flags in one parser)."""
+  if not any(flag in a.option_strings for a in parser._actions):
+    parser.add_argument(flag, **kw)
+
+
+def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+  """Radius-graph flags shared by the tasks; defaults `data.graph.DEFAULT_GRAPH`."""
+  add_once(parser, "--cutoff", type=float, default=DEFAULT_GRAPH.cutoff,
+           help="residue graph radius in Å")
+  add_once(parser, "--max-neighbors", type=int, default=DEFAULT_GRAPH.max_neighbors,
+           help="most incoming edges per node")
+
+
+def graph_arguments(args: argparse.Namespace | None) -> tuple[float, int]:
+  """(cutoff, max_neighbors) of parsed flags; DEFAULT_GRAPH's where absent or 0."""
+  return (float(getattr(args, "cutoff", None) or DEFAULT_GRAPH.cutoff),
+          int(getattr(args, "max_neighbors", None) or DEFAULT_GRAPH.max_neighbors))
 
 
 _REGISTRY: dict[str, Task] = {}

@@ -31,6 +31,7 @@ from data_pipelines.custom.splits import (DEFAULT_COVERAGE, DEFAULT_FRACTIONS,
                                           DEFAULT_IDENTITY, assign_splits, cluster_sequences,
                                           example_groups, find_mmseqs, mmseqs_version,
                                           parse_fractions)
+from data_pipelines import tasks
 from data_pipelines.tasks import SkipItem, WorkItem
 
 METADATA = "custom.json"
@@ -163,8 +164,7 @@ class CustomTask:
   name = "custom"
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    from data_pipelines import lba  # pylint: disable=g-import-not-at-top
-    lba.add_graph_arguments(parser)
+    tasks.add_graph_arguments(parser)
     parser.add_argument("--labels", required=True,
                         help="CSV: structure,chain,label or structure,chain,residue,label "
                              "(+ split); see docs/custom_data.md")
