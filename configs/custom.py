@@ -38,7 +38,7 @@ import ml_collections
 
 from bihier_jax import config_check
 from bihier_jax.training import metrics
-from configs import default
+from configs import default, variants
 from data_pipelines import custom
 
 VARIANTS = ("small", "tiny")
@@ -118,37 +118,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 50
 
   if variant == "small":
-    c.data.max_residues = 512
-    c.data.length_buckets = (256, 512)
-    c.model.esm.preset = "tiny"
-    c.model.gnn.hidden = 64
-    c.model.gnn.num_blocks = 2
-    c.model.gnn.dropout = 0.1
-    c.model.fusion.levels = (1, 2)
-    c.model.fusion.dim = 64
-    c.model.fusion.num_heads = 4
-    c.model.head.hidden = 64
-    c.optim.learning_rate = 2e-3
-    c.optim.esm_lr_ratio = 1.0  # the tiny ESM-2 branch is random: train it at full rate
-    c.optim.warmup_steps = 20
-    c.train.batch_size = 4
+    variants.small(c)
   elif variant == "tiny":
-    c.data.max_residues = 64
-    c.data.length_buckets = (66,)
-    c.data.shuffle_buffer = 8
-    c.model.esm.preset = "tiny"
-    c.model.gnn.hidden = 16
-    c.model.gnn.num_blocks = 1
-    c.model.fusion.levels = (1,)
-    c.model.fusion.dim = 16
-    c.model.fusion.num_heads = 2
-    c.model.head.hidden = 16
-    c.optim.warmup_steps = 1
+    variants.tiny(c, max_residues=64, blocks=1)
     c.train.num_epochs = c.train.eval_every_epochs = c.train.checkpoint_every_epochs = 0
     c.train.num_steps = 4
-    c.train.batch_size = 2
     c.train.eval_every = 2
     c.train.checkpoint_every = 2
-    c.train.log_every = 1
-    c.train.keep_checkpoints = 1
   return c

@@ -38,5 +38,5 @@ def get_config(arg: str | None = None, identity: int = 30):
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
   return c

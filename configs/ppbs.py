@@ -38,5 +38,5 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 2_000
   c.train.checkpoint_every = 2_000
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
   return c

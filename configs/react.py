@@ -64,7 +64,7 @@ def get_config(arg: str | None = None):
     step_field = field.replace("num_epochs", "num_steps").replace("_epochs", "")
     c[group][step_field] = epochs * FALLBACK_STEPS_PER_EPOCH
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
     for name in EPOCHS:  # the tiny run counts in steps
       group, field = name.split(".")
       c[group][field] = 0
