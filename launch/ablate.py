@@ -41,7 +41,6 @@ import time
 from typing import Mapping, Sequence
 
 SWEEPS = ("fusion_depth", "fusion_mode", "direction", "baselines", "comparison")
-BASELINE_KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
 # The headline question: does bi-hierarchical fusion (either mechanism) beat the
 # structure encoder alone and the late-fusion baselines on the same code path?
 COMPARISON = (("gnn_only", "gnn_only", None), ("parallel", "parallel", None),
@@ -99,7 +98,9 @@ def sweep_variants(sweep: str, num_blocks: int = 4) -> list[Variant]:
     return [Variant(f"direction_{d}", (("model.fusion.direction", d),))
             for d in ("bi", "seq2struct", "struct2seq")]
   if sweep == "baselines":
-    return [Variant(f"kind_{k}", (("model.kind", k),)) for k in BASELINE_KINDS]
+    # Imported here: the model (and JAX) loads only for the sweep that needs its kinds.
+    from bihier_jax.models import bihier  # pylint: disable=g-import-not-at-top
+    return [Variant(f"kind_{k}", (("model.kind", k),)) for k in bihier.KINDS]
   if sweep == "comparison":
     return [Variant(name, (("model.kind", kind),)
                     + ((("model.fusion.mode", mode),) if mode else ()))

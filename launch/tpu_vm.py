@@ -27,7 +27,9 @@ Example (pod slice, spot capacity through the queue):
 from __future__ import annotations
 
 import argparse
+import configparser
 import dataclasses
+import os
 import shlex
 import subprocess
 import sys
@@ -36,8 +38,8 @@ from typing import Sequence
 # TPU VM base image: plain Ubuntu; jax[tpu] (with libtpu) comes from pip.
 DEFAULT_VERSION = "tpu-ubuntu2204-base"
 DEFAULT_ACCELERATOR = "v4-8"
-# Pinned like setup.cfg: the TPU wheel of the same jax release.
-JAX_TPU_REQUIREMENT = "jax[tpu]==0.10.2"
+SETUP_CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "setup.cfg")
 REMOTE_DIR = "~/bihier_jax"
 REMOTE_VENV = "~/bihier_venv"
 REMOTE_LOG = "~/bihier_train.log"
@@ -46,6 +48,16 @@ LOCAL_ARCHIVE = "/tmp/bihier_jax_src.tar.gz"
 
 Command = list[str]
 
+
+
+def jax_tpu_requirement(setup_cfg: str = SETUP_CFG) -> str:
+  """`jax[tpu]==V`, V the jax pin of setup.cfg: the TPU wheel of the release installed."""
+  parser = configparser.ConfigParser()
+  parser.read(setup_cfg)
+  for line in parser.get("options", "install_requires", fallback="").splitlines():
+    if line.strip().startswith("jax=="):
+      return "jax[tpu]" + line.strip()[len("jax"):]
+  raise ValueError(f"{setup_cfg}: no jax==VERSION in [options] install_requires")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -113,7 +125,7 @@ def install_commands(target: Target, archive: str = LOCAL_ARCHIVE,
       f"tar -xzf {remote_archive} -C {REMOTE_DIR}",
       f"{REMOTE_PYTHON} -m venv {REMOTE_VENV}",
       f"{REMOTE_VENV}/bin/pip install -q --upgrade pip",
-      f"{REMOTE_VENV}/bin/pip install -q '{JAX_TPU_REQUIREMENT}' -e {REMOTE_DIR}",
+      f"{REMOTE_VENV}/bin/pip install -q '{jax_tpu_requirement()}' -e {REMOTE_DIR}",
       f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), "
       f"jax.device_count())'",
   ])

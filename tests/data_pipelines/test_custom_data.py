@@ -588,6 +588,7 @@ def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compil
 
 
 def test_ablate_plans_runs_on_a_prepared_folder(example, tmp_path, capsys):
+  from bihier_jax.models import bihier
   from launch import ablate
   _, prepared = example
   folder = prepared["residue"]
@@ -597,7 +598,7 @@ def test_ablate_plans_runs_on_a_prepared_folder(example, tmp_path, capsys):
                       "--emit-commands"])
   assert code == 0
   lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == len(ablate.BASELINE_KINDS)
+  assert len(lines) == len(bihier.KINDS)
   assert all(f"configs/custom.py:{folder},tiny" in line for line in lines)
   assert any("--config.model.kind=gnn_only" in line for line in lines)
 
