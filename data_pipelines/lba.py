@@ -181,6 +181,8 @@ class LBATask:
   def __init__(self, identity: int):
     self.identity = identity
     self.name = f"lba{identity}"
+    self.description = (f"ATOM3D LBA, {identity}% identity split; pocket residues + "
+                        "ligand atoms; graph_label = pK.")
     self.marker = f"split-by-sequence-identity-{identity}"
     self.reference_counts = REFERENCE_COUNTS.get(identity)
 

@@ -59,6 +59,7 @@ def casp_round(target: str) -> str:
 class MQATask:
   """Preprocessing task (data_pipelines.tasks protocol) for PSR split-by-year."""
   name = "mqa"
+  description = "ATOM3D PSR split by year; graph_label = GDT_TS (0-1), group = CASP target."
   # Not from the ATOM3D paper: the sizes of a public copy of the released LMDBs.
   reference_counts = ReferenceCounts(
       source="the released PSR split-by-year LMDBs (Hugging Face copy, secondary)",

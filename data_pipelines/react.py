@@ -158,6 +158,8 @@ def _kind(resname: str):
 class ReactTask:
   """Preprocessing task (data_pipelines.tasks protocol) for ProtFunct."""
   name = "react"
+  description = ("EC reaction classification (IEConv ProtFunct, 384 classes); "
+                 "graph_label = class index.")
   # The split files' line counts (IEConv's repository; ProNet and DIG use them as is).
   reference_counts = ReferenceCounts(
       source="IEConv's ProtFunct split files", unit="chains", by="split",

@@ -331,8 +331,10 @@ def assembly_copy(parsed: structure.Structure, model: int, chain_id: str) -> str
 class ScanNetTask:
   """Preprocessing task (data_pipelines.tasks protocol) for PPBS or BCE."""
 
-  def __init__(self, name: str, files, biounit: bool, reference_counts: ReferenceCounts):
+  def __init__(self, name: str, files, biounit: bool, reference_counts: ReferenceCounts,
+               description: str):
     self.name = name
+    self.description = description
     self.files = files
     self.biounit = biounit
     self.reference_counts = reference_counts
@@ -496,5 +498,9 @@ def _lines_on_residues_without_ca(st: structure.Structure, chain_id: str, lines,
   return found
 
 
-PPBS = ScanNetTask("ppbs", PPBS_FILES, biounit=True, reference_counts=PPBS_REFERENCE)
-BCE = ScanNetTask("bce", BCE_FILES, biounit=False, reference_counts=BCE_REFERENCE)
+PPBS = ScanNetTask("ppbs", PPBS_FILES, biounit=True, reference_counts=PPBS_REFERENCE,
+                   description="ScanNet PPBS; node_labels = binding-site residue, "
+                   "node_weights = chain sample weight, group = test subset.")
+BCE = ScanNetTask("bce", BCE_FILES, biounit=False, reference_counts=BCE_REFERENCE,
+                  description="ScanNet BCE; node_labels = epitope residue, node_weights = "
+                  "example sample weight, group = fold.")

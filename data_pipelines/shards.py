@@ -180,7 +180,7 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
                   num_workers: int = 1, shard_size: int = 256, task: str = "",
                   progress: bool = True, chunksize: int = 4,
                   incomplete_backbone: str = "warn", reference_counts=None,
-                  notes: dict | None = None) -> dict:
+                  notes: dict | None = None, description: str = "") -> dict:
   """Processes `work_items` into sharded records under `out_dir`.
 
   Args:
@@ -197,6 +197,7 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
       compare ours with in metadata["reference_counts"].
     notes: facts about the task's fields (metadata["notes"]), e.g. what react's
       residue numbers are.
+    description: one line on what the records hold (metadata["description"]).
 
   Returns:
     The metadata dict also written to `out_dir/metadata.json`.
@@ -245,7 +246,8 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
   elapsed = time.perf_counter() - start
   metadata = finalize(out_dir, plan, task=task, elapsed_s=elapsed, processed=n_todo,
                       incomplete_backbone=incomplete_backbone,
-                      reference_counts=reference_counts, notes=notes)
+                      reference_counts=reference_counts, notes=notes,
+                      description=description)
   found = metadata["incomplete_backbone"]
   if incomplete_backbone == "warn" and found["residues"]:
     print(f"warning: {found['sources']} input(s) hold {found['residues']} residue(s) "
@@ -265,7 +267,7 @@ def _summed_drops(lines: list[dict]) -> dict[str, int]:
 
 def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
              incomplete_backbone: str = "warn", reference_counts=None,
-             notes: dict | None = None) -> dict:
+             notes: dict | None = None, description: str = "") -> dict:
   """Merges shard sidecars into manifest.jsonl, <split>/sizes.json and metadata.json."""
   manifest, sizes_by_split, files = [], collections.OrderedDict(), {}
   _remove_stale_shards(out_dir, plan)
@@ -308,6 +310,8 @@ def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
   }
   if notes:
     metadata["notes"] = dict(notes)
+  if description:
+    metadata["description"] = description
   if reference_counts is not None:
     metadata["reference_counts"] = {
         "source": reference_counts.source, "unit": reference_counts.unit,

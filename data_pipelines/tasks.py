@@ -73,6 +73,8 @@ class Task(Protocol):
   #   and subset sizes of the literature, printed next to ours after preprocessing)
   # Optional: metadata_notes: dict of facts about the task's fields, written to
   #   metadata.json "notes" (e.g. what react's residue numbers are)
+  # Optional: description: one line on what the records hold, written to metadata.json
+  #   "description" (the TFDS builder's dataset description)
 
 
 
