@@ -6,29 +6,10 @@
   python -m bihier_jax.predict --config configs/custom.py:DIR --workdir W --structure F.pdb
   python -m launch.ablate --config configs/custom.py --config-arg DIR --sweep baselines ...
 
-The folder goes after the colon, not in --config.data.dir: ml_collections builds the
-config (calling get_config) before it applies --config.* overrides, and the task block
-(level, loss, classes, label scaling, metrics) has to come from DIR/custom.json when the
-config is built. `configs/custom.py:DIR,VARIANT` selects a variant:
-
-  small  a CPU-sized model as configs/demo.py (tiny random ESM-2, 2-block 64-wide GNN)
-  tiny   a few steps of a 16-wide model, for tests
-
-From DIR/custom.json (written by data_pipelines/custom/task.py):
-  task.level        graph (a label per protein) | node (per residue)
-  task.loss         class -> softmax_ce, binary -> sigmoid_bce, regression -> mse
-  task.num_classes  K classes (1 for binary and regression); task.class_names
-  task.label_mean / label_std   the train split's, for regression
-  task.metrics      class: accuracy, majority_accuracy (+ macro_f1 when
-                    bihier_jax/training/metrics.py has it); binary: auroc, auprc;
-                    regression: rmse, pearson, spearman
-  task.select_metric  accuracy (max) | auprc (max) | rmse (min), on val
-  data.cutoff / max_neighbors   the radius graph the records were built with (predict
-                    builds new structures' graphs the same way)
-  data.eval_splits  val, and test when the folder has one
-Training runs in epochs of the prepared train split (train.num_epochs, evaluation and
-checkpoints every train.eval_every_epochs), resolved into steps when training starts.
-Without model.esm.checkpoint the ESM-2 branch is random (the run says so loudly).
+The folder goes after the colon (the task block comes from DIR/custom.json when the
+config is built, before --config.* overrides); `DIR,small` and `DIR,tiny` select the
+variants of configs/variants.py. What custom.json sets, and why: docs/custom_data.md,
+"The config".
 """
 
 import os

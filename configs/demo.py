@@ -2,17 +2,11 @@
 
   python -m bihier_jax.train --config configs/demo.py --workdir /tmp/demo
 
-Data: the DSSP-annotated chains of MDAnalysisTests (data_pipelines/demo.py; 35 train /
-8 val / 7 test chains). `data.dir` defaults to ~/.cache/bihier_jax/demo, shared by
-every demo run; the training command builds the records there on first use (a few
-seconds). Override with --config.data.dir=DIR.
-
-Model: the bidirectional hierarchical model (global fusion after GNN blocks 1 and 2)
-with the `tiny` ESM-2 preset from RANDOM weights (no pretrained checkpoint ships with
-the package; the run says so loudly) and a 2-block, 64-wide GNN. Tuned to finish in
-about 5 minutes on 2 CPU cores.
-
-Variants: `configs/demo.py:tiny` shrinks everything for tests (a few steps).
+Data: the DSSP-annotated chains of MDAnalysisTests (data_pipelines/demo.py), built into
+`data.dir` (~/.cache/bihier_jax/demo) on first use. Model: `small` of configs/variants.py
+(random tiny ESM-2, no pretrained checkpoint ships; a 2-block 64-wide GNN, global fusion
+after both), about 5 minutes on 2 CPU cores. `configs/demo.py:tiny`: a few steps, for
+tests. docs/training.md has the demo's numbers.
 """
 
 from configs import default, variants

@@ -6,7 +6,7 @@
 
 Nodes: pocket residues (ESM on the full chains) + ligand heavy atoms typed by element.
 Label: pK = −log10(Kd/Ki), regression with MSE. Metrics on the whole test set: RMSE,
-Pearson, Spearman (DATASETS.md §1); the checkpoint with the lowest validation RMSE is
+Pearson, Spearman (docs/tasks.md); the checkpoint with the lowest validation RMSE is
 reported, usually as mean ± std over 3 seeds (`--config.seed`).
 """
 
