@@ -1,28 +1,14 @@
 """ATOM3D LBA (ligand binding affinity), 30% and 60% sequence-identity splits.
 
 Raw layout (Zenodo record 4914718): `split-by-sequence-identity-<30|60>/data/{train,
-val,test}/` ATOM3D LMDB directories; items hold `atoms_protein` (PDBbind's protein
-file, written to mmCIF and read back by Biopython), `atoms_pocket` (its whole residues
-within 6 Å of the ligand, waters excluded), `atoms_ligand` (DataFrames), `id` (PDB
-code) and `scores["neglog_aff"]` (pK, the regression label).
+val,test}/` ATOM3D LMDB directories (items: docs/tasks.md, "Raw inputs"). One example
+per complex: the pocket's residues, the ligand's heavy atoms and (by default) the
+pocket's other hetero groups as element-typed nodes; ESM reads the full chains the
+pocket comes from. What is kept, dropped and counted: docs/tasks.md, "lba30 / lba60".
 
-Atom tables are read like structure files (`atom_rows.structure_from_atoms`: one
-residue-typing rule, gemmi's table behind the project's, so a CAS or YCM pocket residue
-is a cysteine; an unknown polymer residue with a CA is X). One example per complex:
-- Nodes: the pocket's amino-acid residues, then the ligand's heavy atoms, then (by
-  default) the pocket's other hetero groups' heavy atoms (metal ions, cofactors:
-  ATOM3D's baselines featurise every pocket atom), each typed by element
-  (`residue_constants.LIGAND_ELEMENTS`). `--pocket-hetero drop` leaves the hetero
-  groups out (counted and named in the manifest).
-- ESM sequences: the full chains the pocket comes from, rebuilt from `atoms_protein`
-  (the released `seq` field is empty). Each pocket residue's `residue_index` is its
-  position in that full chain, found by (chain, residue number, insertion code); a
-  pocket residue absent from the protein table skips the item (reported, not guessed).
-- Pocket chains without any pocket residue are not embedded.
-What the tables hold but the example does not (hydrogens, waters, residues without a
-CA, dropped hetero groups) is counted per item in the manifest's `dropped`.
-PDB ids must be disjoint across splits (atom3d #45 leaked val into test); checked in
-`list_items`.
+Public: LBA30, LBA60, POCKET_HETERO, add_pocket_arguments, and the LMDB helpers mqa
+shares (find_split_dirs, list_lmdb_items, read_lmdb_item, structure_from_table,
+dropped_counts, ligand_from_table, pocket_in_full_chains).
 """
 
 from __future__ import annotations

@@ -1,41 +1,12 @@
 """Multi-process, resumable writer of sharded TFRecord datasets with a manifest.
 
-`write_dataset` runs a task's `process` on every work item in worker processes (spawned,
-so TensorFlow, imported by the parent to write files, never reaches them), serialises
-the examples in the workers (pure-Python protobuf, `records.serialize_example`) and
-writes them in the parent, shard by shard, in work-item order.
-
-Layout of `out_dir`:
-  <split>/<split>-00000-of-000NN.tfrecord   records (schema: bihier_jax.data.records)
-  <split>/<split>-00000-of-000NN.json       sidecar: the shard's manifest lines and the
-                                            sizes of its examples
-  <split>/sizes.json                        [nodes, longest chain, chains, edges] per
-                                            example, in record order (budgets use it)
-  manifest.jsonl                            one line per work item (all shards)
-  metadata.json                             schema version, counts, length histogram
-
-Resumable: a shard is written to a temporary name and renamed when complete, then its
-sidecar likewise; a shard whose file and sidecar both exist is skipped on a re-run and
-its manifest lines are kept. Shards are fixed groups of `shard_size` consecutive work
-items of a split, so re-running with the same items and shard size finds them again.
-
-Residues without a complete backbone (N, CA, C, O; e.g. CA-only models) are counted per
-item (manifest field `incomplete_backbone`, metadata `incomplete_backbone`) and follow
-`incomplete_backbone`: `warn` keeps them and prints one summary line, `skip` leaves out
-the examples that have any (an item left with none is `skipped` with the reason),
-`allow` keeps them quietly.
-
-What an item's examples leave out (waters, hydrogens, residues without a CA, hetero
-groups, label lines that match no residue, ...) is counted by name: the task's
-`Processed.dropped`, in the manifest line's `dropped`, summed per split
-(`splits.<split>.dropped`) and over all items (`dropped`) in metadata.json. A task with
-`reference_counts` also gets `reference_counts` in metadata.json: its split and subset
-sizes next to the literature's, every difference with its reasons counted
-(data_pipelines.reference).
-
-One bad item never stops the run: any exception from `process` (SkipItem, a parser's
-StructureError, or an unexpected crash, logged with its type and message) makes the item
-`skipped` with that reason.
+`write_dataset` runs a task's `process` on every work item in spawned worker processes
+(TensorFlow, imported by the parent to write files, never reaches them), serialises the
+examples there and writes them in the parent, shard by shard, in work-item order;
+`finalize` merges the shards' sidecars into manifest.jsonl, sizes.json and
+metadata.json. Public: write_dataset, finalize, run_item, shard_name, example_size,
+split_statistics, METADATA, MANIFEST. The folder's layout, resuming, the
+incomplete-backbone policy and the accounting: docs/tasks.md, "The prepared folder".
 """
 
 from __future__ import annotations
