@@ -3,26 +3,12 @@
   python -m launch.ablate --config configs/demo.py --config-arg tiny \
       --sweep fusion_depth --seeds 0,1,2 --local --workdir /tmp/abl
 
-Each (variant, seed) is one run in DIR/<variant>/seed<k>: `python -m bihier_jax.train`
-then `python -m bihier_jax.eval --checkpoint best` with the variant's config overrides,
-which writes DIR/<variant>/seed<k>/eval/<split>.json (metric name -> number, with the
-`step` and `checkpoint` they came from). `--local` runs them one after another here;
-`--emit-commands` prints them instead (plain shell lines, or `launch.slurm_gpu` jobs
-with `--launcher slurm`). `--processes N` (with `--devices-per-process D`) runs each
-command as N processes of one job on this machine (`launch.local`, with
-`--config.train.multi_host=True`; per-process logs in DIR/<variant>/seed<k>/launch_logs),
-the numbers of one process with as many devices.
-
-A result counts only if it is the run's selected checkpoint's (`run_status`): training
-reached its num_steps, the JSON says checkpoint "best" at the step that is the run's
-best now, and it is newer than that checkpoint. `--local` skips such runs (a sweep
-resumes), re-runs only the evaluation of a finished run whose result is missing or
-stale (an evaluation that crashed, a JSON of another checkpoint), and trains the rest.
-Afterwards, and with `--aggregate-only`, the accepted results are gathered into
-
-  DIR/ablation_<sweep>_<split>.csv   one row per run, with the step of its result
-  DIR/ablation_<sweep>_<split>.md    mean ± sample std (ddof=1) over seeds per variant
-  DIR/ablation_<sweep>_<split>.png   bar plot of one metric with ±1 std error bars
+Each (variant, seed) is one run in DIR/<variant>/seed<k>: train, then eval of the
+checkpoint selected on validation; `--local` runs them here (`--processes N` through
+launch.local), `--emit-commands` prints them (shell lines or launch.slurm_gpu jobs).
+Accepted results (`run_status`) go to DIR/ablation_<sweep>_<split>.{csv,md,png}.
+Public: sweep_variants, plan_runs, run_status, main. Sweeps, resuming and the tables:
+launch/README.md, "Ablations"; which results count: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,14 @@
 """Cloud TPU VM launcher: create, install, train, logs, status, delete.
 
-Every subcommand builds `gcloud` command lines as argv lists and either prints them
-(`--dry-run`, one shell-quoted line each) or runs them in order, stopping at the first
-failure. A pod slice (e.g. v4-32: 4 hosts) differs from a single host (v4-8) only in the
-accelerator type: every remote step uses `--worker=all`, so each host installs the same
-code and starts the same SPMD program; `jax.distributed.initialize()` with no arguments
-finds the other hosts from the TPU metadata, and the input pipeline shards by
-`jax.process_index()`.
-
-Workers share no disk, so the workdir (checkpoints, metrics, eval JSON) and the data
-records must be on `gs://` (orbax and `tf.io.gfile` read and write it directly).
-
-Example (pod slice, spot capacity through the queue):
-
   python -m launch.tpu_vm create --name bh --zone us-central2-b \
       --accelerator-type v4-32 --queued --spot --dry-run
   python -m launch.tpu_vm install --name bh --zone us-central2-b --dry-run
-  python -m launch.tpu_vm train --name bh --zone us-central2-b \
-      --config configs/react.py --workdir gs://my-bucket/react/run1 \
-      --set data.dir=gs://my-bucket/records/react --fsdp 4 --accelerator-type v4-32 \
-      --dry-run
-  python -m launch.tpu_vm logs --name bh --zone us-central2-b --dry-run
-  python -m launch.tpu_vm delete --name bh --zone us-central2-b --queued --dry-run
+
+Every subcommand builds `gcloud` argv lists and prints them (`--dry-run`) or runs them
+in order, stopping at the first failure; every remote step uses `--worker=all`, so a
+pod slice differs from a single host only in its accelerator type. Workers share no
+disk: records and workdir on gs:// (docs/cloud.md). The install pins jax[tpu] to
+setup.cfg's jax. The walk-through: launch/README.md, "Cloud TPU VM".
 """
 
 from __future__ import annotations
