@@ -3,9 +3,11 @@
 A task turns a raw directory into work items (one per input source, e.g. a structure
 file or an LMDB entry) and a work item into `ProteinExample`s. Work items are plain
 picklable data: `process` runs in worker processes that never import TensorFlow or JAX.
+Tasks are found lazily (`_LAZY`: name -> "module:attribute", imported on first `get`),
+so running one task does not import every other task's dependencies.
 
-Tasks are found lazily: `_LAZY` maps a name to "module:attribute", imported on first
-`get(name)`, so running one task does not import every other task's dependencies.
+Public: Task, WorkItem, Processed, SkipItem, register, names, get; the flags tasks share:
+add_graph_arguments / graph_arguments (defaults `data.graph.DEFAULT_GRAPH`), add_once.
 """
 
 from __future__ import annotations

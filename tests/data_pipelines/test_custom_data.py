@@ -547,6 +547,7 @@ def fast_compiles():
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["protein", "residue"])
 def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compiles):
+  from bihier_jax.common import residue_constants as rc
   from bihier_jax.training import inference
   from bihier_jax.training import train_lib
   from configs import custom as custom_config
@@ -581,7 +582,7 @@ def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compil
         process_count=1))
     assert len(items["label"]) == scored
     cropped = meta["splits"]["test"]["labels"] - scored
-    assert 0 <= cropped and (cropped == 0) == (config.data.max_residues >= 1022)
+    assert 0 <= cropped and (cropped == 0) == (config.data.max_residues >= rc.ESM_MAX_RESIDUES)
     probabilities = out["residue_predictions"]
     assert probabilities.shape == (out["residue_type"].shape[0], 3)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
