@@ -6,16 +6,11 @@
     python -m bihier_jax.train --config configs/bce.py --workdir W_k --config.data.dir=PREPARED_k
   done
 
-With `--holdout-fold k` the preprocessing writes `test` = fold k, and splits the other
-four folds into `train` and a deterministic 10% `val` (by example id) used for model
-selection. ScanNet instead selected on fold k itself (DATASETS.md §5); ours avoids
-selecting on the test fold. Metric: weighted AUPRC (trapezoidal, ScanNet's) with each
-residue weighted by its example's sample weight. `bihier_jax.eval` reports it per fold
-and saves each run's per-residue test predictions (`eval/test_predictions.npz`);
-`python -m bihier_jax.pool_cv` pools the five out-of-fold files into the one AUPRC of
-the published protocol (plus per-fold mean ± std); see docs/tasks.md.
-ScanNet started from its PPBS model (transfer learning) and did not crop (Lmax 2120);
-we crop each chain to 1022 residues (ESM-2 limit; first window at evaluation).
+`test` = fold k; a deterministic 10% `val` of the other folds selects the model (ScanNet
+selected on fold k itself). Metric: ScanNet's weighted AUPRC; `python -m
+bihier_jax.pool_cv` pools the five folds' test predictions into the published
+protocol's one number (docs/tasks.md, with the differences: no transfer from PPBS, the
+1022-residue crop).
 """
 
 from configs import variants, default
@@ -40,5 +35,5 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 1_000
   c.train.checkpoint_every = 1_000
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
   return c

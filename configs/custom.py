@@ -6,29 +6,10 @@
   python -m bihier_jax.predict --config configs/custom.py:DIR --workdir W --structure F.pdb
   python -m launch.ablate --config configs/custom.py --config-arg DIR --sweep baselines ...
 
-The folder goes after the colon, not in --config.data.dir: ml_collections builds the
-config (calling get_config) before it applies --config.* overrides, and the task block
-(level, loss, classes, label scaling, metrics) has to come from DIR/custom.json when the
-config is built. `configs/custom.py:DIR,VARIANT` selects a variant:
-
-  small  a CPU-sized model as configs/demo.py (tiny random ESM-2, 2-block 64-wide GNN)
-  tiny   a few steps of a 16-wide model, for tests
-
-From DIR/custom.json (written by data_pipelines/custom.py):
-  task.level        graph (a label per protein) | node (per residue)
-  task.loss         class -> softmax_ce, binary -> sigmoid_bce, regression -> mse
-  task.num_classes  K classes (1 for binary and regression); task.class_names
-  task.label_mean / label_std   the train split's, for regression
-  task.metrics      class: accuracy, majority_accuracy (+ macro_f1 when
-                    bihier_jax/training/metrics.py has it); binary: auroc, auprc;
-                    regression: rmse, pearson, spearman
-  task.select_metric  accuracy (max) | auprc (max) | rmse (min), on val
-  data.cutoff / max_neighbors   the radius graph the records were built with (predict
-                    builds new structures' graphs the same way)
-  data.eval_splits  val, and test when the folder has one
-Training runs in epochs of the prepared train split (train.num_epochs, evaluation and
-checkpoints every train.eval_every_epochs), resolved into steps when training starts.
-Without model.esm.checkpoint the ESM-2 branch is random (the run says so loudly).
+The folder goes after the colon (the task block comes from DIR/custom.json when the
+config is built, before --config.* overrides); `DIR,small` and `DIR,tiny` select the
+variants of configs/variants.py. What custom.json sets, and why: docs/custom_data.md,
+"The config".
 """
 
 import os
@@ -38,7 +19,7 @@ import ml_collections
 
 from bihier_jax import config_check
 from bihier_jax.training import metrics
-from configs import default
+from configs import default, variants
 from data_pipelines import custom
 
 VARIANTS = ("small", "tiny")
@@ -118,37 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 50
 
   if variant == "small":
-    c.data.max_residues = 512
-    c.data.length_buckets = (256, 512)
-    c.model.esm.preset = "tiny"
-    c.model.gnn.hidden = 64
-    c.model.gnn.num_blocks = 2
-    c.model.gnn.dropout = 0.1
-    c.model.fusion.levels = (1, 2)
-    c.model.fusion.dim = 64
-    c.model.fusion.num_heads = 4
-    c.model.head.hidden = 64
-    c.optim.learning_rate = 2e-3
-    c.optim.esm_lr_ratio = 1.0  # the tiny ESM-2 branch is random: train it at full rate
-    c.optim.warmup_steps = 20
-    c.train.batch_size = 4
+    variants.small(c)
   elif variant == "tiny":
-    c.data.max_residues = 64
-    c.data.length_buckets = (66,)
-    c.data.shuffle_buffer = 8
-    c.model.esm.preset = "tiny"
-    c.model.gnn.hidden = 16
-    c.model.gnn.num_blocks = 1
-    c.model.fusion.levels = (1,)
-    c.model.fusion.dim = 16
-    c.model.fusion.num_heads = 2
-    c.model.head.hidden = 16
-    c.optim.warmup_steps = 1
+    variants.tiny(c, max_residues=64, blocks=1)
     c.train.num_epochs = c.train.eval_every_epochs = c.train.checkpoint_every_epochs = 0
     c.train.num_steps = 4
-    c.train.batch_size = 2
     c.train.eval_every = 2
     c.train.checkpoint_every = 2
-    c.train.log_every = 1
-    c.train.keep_checkpoints = 1
   return c

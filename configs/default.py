@@ -7,6 +7,9 @@ that define them (`configs/lba30.py:tiny`).
 
 import ml_collections
 
+from bihier_jax.common import residue_constants as rc
+from bihier_jax.data.graph import DEFAULT_GRAPH
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
@@ -34,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_splits = ("val", "test")
   c.data.select_split = "val"
-  c.data.max_residues = 1022  # chains are cropped to this many residues (ESM limit 1024 - 2)
+  c.data.max_residues = rc.ESM_MAX_RESIDUES  # chains are cropped to this many residues
   c.data.crop = "random"  # random (train) / first (eval) window when a chain is longer
   # Training shuffle buffer, records; 0 = a permutation of the whole split (records are
   # read by offset: no memory either way; docs/data.md: shuffling).
@@ -47,8 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Packing row length; 0 = chosen from the data's sizes for model.esm.preset (fewest
   # ESM matmul FLOPs per real token); longer chains use the length buckets above it.
   c.data.row_length = 0
-  c.data.max_neighbors = 32
-  c.data.cutoff = 10.0  # Å
+  c.data.max_neighbors = DEFAULT_GRAPH.max_neighbors
+  c.data.cutoff = DEFAULT_GRAPH.cutoff  # Å
   # Residues lacking N, C or O (CA-only models, truncated residues) in predict's inputs:
   # warn = kept, counted and reported | skip = their protein left out | allow = kept
   # quietly. The model sees them with degenerate frames (docs/data.md). Preprocessing
@@ -100,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.gnn.num_blocks = 4
   c.model.gnn.num_radial = 6
   c.model.gnn.num_spherical = 2
-  c.model.gnn.cutoff = 10.0  # Å
+  c.model.gnn.cutoff = DEFAULT_GRAPH.cutoff  # Å
   c.model.gnn.dropout = 0.3
   c.model.gnn.mask_aatype_prob = 0.0  # training augmentation: residue-type masking
   c.model.gnn.coord_noise_std = 0.0  # training augmentation: Å, clipped at 3 std

@@ -6,7 +6,7 @@
 
 Nodes: pocket residues (ESM on the full chains) + ligand heavy atoms typed by element.
 Label: pK = −log10(Kd/Ki), regression with MSE. Metrics on the whole test set: RMSE,
-Pearson, Spearman (DATASETS.md §1); the checkpoint with the lowest validation RMSE is
+Pearson, Spearman (docs/tasks.md); the checkpoint with the lowest validation RMSE is
 reported, usually as mean ± std over 3 seeds (`--config.seed`).
 """
 
@@ -38,5 +38,5 @@ def get_config(arg: str | None = None, identity: int = 30):
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
   return c

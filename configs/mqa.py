@@ -4,7 +4,7 @@
   python -m data_pipelines.preprocess mqa --raw RAW --out PREPARED
   python -m bihier_jax.train --config configs/mqa.py --workdir W --config.data.dir=PREPARED
 
-Metrics (DATASETS.md §2): global and per-target (mean over CASP targets) Pearson,
+Metrics (docs/tasks.md): global and per-target (mean over CASP targets) Pearson,
 Spearman and Kendall τ-b between predicted and true GDT_TS; per-target means skip
 targets with fewer than 3 decoys, as ATOM3D's evaluator does. Models are selected by
 global Spearman (ESM-GearNet's choice). GDT_TS is on a 0–1 scale, trained with MSE.
@@ -38,6 +38,6 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 2_000
   c.train.checkpoint_every = 2_000
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
     c.task.min_group_size = 1
   return c

@@ -5,14 +5,10 @@
   python -m bihier_jax.train --config configs/ppbs.py --workdir W --config.data.dir=PREPARED
 
 Loss: sigmoid cross-entropy weighted per residue by its chain's ScanNet sample weight.
-Metric (DATASETS.md §4): weighted AUPRC as ScanNet computes it (precision–recall curve
-with sample weights, trapezoidal area), over all residues of a split and per test
-subset (`auprc/70`, `auprc/homology`, `auprc/topology`, `auprc/none`; the `group` of
-each example); AUROC as an extra. Selection: validation AUPRC.
-
-Truncation: ScanNet scores only the first 1024 residues of a chain; we crop chains to
-`data.max_residues` = 1022 (the ESM-2 limit), evaluating the first window, so the few
-val/test chains longer than 1022 residues are scored on 1022 rather than 1024 residues.
+Metric: weighted AUPRC as ScanNet computes it, over all residues of a split and per test
+subset (`auprc/70`, `auprc/homology`, `auprc/topology`, `auprc/none`); AUROC as an
+extra. Selection: validation AUPRC. Chains are cropped to ESM-2's 1022 residues, where
+ScanNet scores 1024 (docs/tasks.md, "Known differences").
 """
 
 from configs import variants, default
@@ -38,5 +34,5 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 2_000
   c.train.checkpoint_every = 2_000
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
   return c

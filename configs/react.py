@@ -4,18 +4,12 @@
   python -m data_pipelines.preprocess react --raw RAW --out PREPARED
   python -m bihier_jax.train --config configs/react.py --workdir W --config.data.dir=PREPARED
 
-Recipe of the ProNet reference for react: batch 32, Adam 5e-4, step decay ×0.5 every 60
-epochs, dropout 0.3, residue-type masking 0.2, Cα noise std 0.1 Å clipped to ±0.3 Å, sum
-readout. The epoch count (200) and evaluation every 5 epochs are ours. Metric: top-1
-accuracy; the checkpoint with the best validation accuracy is reported on test.
-
-The recipe is stated in epochs (`EPOCHS`, written into train.* / optim.* fields).
-`bihier_jax.data.epochs.resolve_epochs` turns them into step counts from the prepared
-train split's sizes. An epoch is not ceil(29,215 / 32) = 913 steps: batches are packed
-to node budgets and hold fewer than 32 chains (28.1 on average, simulated for lognormal
-PDB-like lengths at batch 32 on one device: 1,038 steps per epoch). The step fields
-below use that figure; they apply only where resolve_epochs is not called, or with the
-epoch fields set to 0.
+Recipe of the ProNet reference: batch 32, Adam 5e-4, step decay ×0.5 every 60 epochs,
+dropout 0.3, residue-type masking 0.2, Cα noise std 0.1 Å clipped to ±0.3 Å, sum
+readout; 200 epochs and evaluation every 5 are ours. Metric: top-1 accuracy (best val
+checkpoint on test). The recipe is in epochs (`EPOCHS`), turned into steps by
+`data.epochs.resolve_epochs`; the step fields below assume 1,038 packed steps per epoch
+(docs/data.md: an epoch is not ceil(29,215 / 32) = 913 steps).
 """
 
 from configs import variants, default
@@ -64,7 +58,7 @@ def get_config(arg: str | None = None):
     step_field = field.replace("num_epochs", "num_steps").replace("_epochs", "")
     c[group][step_field] = epochs * FALLBACK_STEPS_PER_EPOCH
   if arg == "tiny":
-    variants.apply_tiny(c)
+    variants.fixture_tiny(c)
     for name in EPOCHS:  # the tiny run counts in steps
       group, field = name.split(".")
       c[group][field] = 0

@@ -1,19 +1,10 @@
 """Reader of ATOM3D LMDB datasets (LBA, PSR), without atom3d, torch or pandas.
 
-Format (atom3d `datasets/datasets.py`): a directory with
-`data.mdb`; metadata keys `num_examples` (ASCII int), `serialization_format` (`json`,
-`msgpack` or `pkl`), `id_to_idx` (serialised, not gzipped); item i under `str(i)`, the
-gzip of the serialised dict. DataFrames are stored in pandas "split" orientation
-(`{"index", "columns", "data"}`) and flagged in the item's `types` dict by a type string
-containing `DataFrame`; we return them as `AtomTable`s (numpy columns). Items written
-before atom3d added `types` (February 2021; atom3d ships `update_types_df.py` to
-convert such datasets) have no flags: there, and wherever a value is a dict of exactly
-those three keys, the split-orientation dict is read as a frame all the same.
-
-Pickle-serialised datasets (`pkl`) are refused: loading one runs code stored in the
-file. json is atom3d's default format (and presumably that of the released archives);
-re-serialise a pickle one as json or msgpack (e.g. atom3d's
-`make_lmdb_dataset(..., serialization_format='json')`, run where you trust the file).
+DataFrames come back as `AtomTable`s (numpy columns), also from items written before
+atom3d stored `types`. Pickle-serialised datasets (`pkl`) are refused: loading one runs
+code stored in the file (re-serialise as json or msgpack where you trust it). The
+format: docs/tasks.md, "Raw inputs". Public: LMDBDataset, AtomTable, table_from_split,
+LMDBFormatError, SERIALIZATION_FORMATS.
 """
 
 from __future__ import annotations
@@ -207,11 +198,3 @@ class LMDBDataset:
     _OPEN_ENVS.pop((os.path.realpath(self.path), os.getpid()), None)
     self._env.close()
 
-
-def find_lmdb_dirs(root: str | os.PathLike) -> list[str]:
-  """Every directory under `root` that holds a `data.mdb` (sorted)."""
-  found = []
-  for dirpath, _, filenames in os.walk(root):
-    if "data.mdb" in filenames:
-      found.append(dirpath)
-  return sorted(found)

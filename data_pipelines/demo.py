@@ -1,22 +1,11 @@
 """Task `demo`: the DSSP-annotated chains shipped in MDAnalysisTests (`data/dssp/`).
 
 Files: `<pdb id><chain>.pdb.gz`, one protein chain each, and beside 50 of them
-`<pdb id><chain>.pdb.dssp`, whose first line is the chain's secondary structure, one
-character per residue in file order, then a space and the PDB file name, e.g.
-`----EE--HHHH--- 1ahsA.pdb`. The string length equals the number of residues with a CA
-in the chain (checked for every file; a chain where it does not is skipped with the
-reason). Two structure files have no DSSP string (`1mr1D_failing`, `wrong_hydrogens`):
-they are listed, and end as `skipped` in the manifest. So the demo has 50 labelled
-chains (the issue's "51" counts one of the unlabelled files).
-
-Per-residue 3-state labels (`node_labels`), the usual reduction of DSSP's 8 states:
-  H, G, I (α, 3₁₀, π helix)  -> 0 helix
-  E, B    (strand, bridge)   -> 1 strand
-  anything else (-, T, S, P, space) -> 2 other
-(the shipped strings use only `H`, `E`, `-`).
-
-Split: fixed, from the SHA-256 of the file id modulo 100 (<70 train, <85 val, else
-test), written out below so that it never changes: 35 / 8 / 7 labelled chains.
+`<pdb id><chain>.pdb.dssp` (the chain's DSSP string, one character per residue with a
+CA). Labels: the 3-state reduction of DSSP (H, G, I -> 0 helix; E, B -> 1 strand; else
+2 other). Split: fixed by the SHA-256 of the file id (35 / 8 / 7 labelled chains).
+Details: docs/tasks.md, "Raw inputs". Public: DEMO, default_raw_dir, read_dssp,
+ss_labels, SS_CLASS, TRAIN, VAL, TEST.
 """
 
 from __future__ import annotations

@@ -2,26 +2,13 @@
 
   python -m data_pipelines.download <lba30|lba60|mqa|react|ppbs|bce> --out DIR
 
-- Archives (LBA, PSR: Zenodo; react: Google Drive) are fetched to `DIR/<name>.part`
-  and resumed with an HTTP Range request if interrupted; renamed when complete; checked
-  against an md5 where one is published; unpacked into DIR (members that would land
-  outside DIR are refused).
-- Google Drive answers large files with a "can't scan for viruses" page; the download
-  then needs the confirm token (and uuid) from that page or from a `download_warning`
-  cookie, which `drive_url_with_confirm` extracts (what gdown does).
-- react: the five ProtFunct text files (chain_functions, unique_functions, training,
-  validation, testing) come from IEConv's repository when the Drive archive lacks
-  them, next to its `data/` folder of HDF5 files; each is checked against its md5 and
-  line count (`REACT_LABEL_FILES`). Copies found in the archive are checked by line
-  count (a differing md5 is reported).
-- PPBS / BCE: ScanNet's label files and table.csv from GitHub, then one structure file
-  per PDB id in the label files from the wwPDB file server (PPBS: first biological
-  assembly, `.pdb1.gz`, else `-assembly1.cif.gz`; BCE: asymmetric unit `.cif.gz`, else
-  `pdb<id>.ent.gz`), into `DIR/structures/`. Existing files are kept, so re-running
-  resumes; ids that fail are listed in `DIR/structures/failed.txt`.
-
-Without network access every function raises `DownloadError` with a message saying
-which host could not be reached and where to place the file by hand.
+Archives (Zenodo, Google Drive) resume with HTTP Range requests and are md5-checked;
+react's five label files come from IEConv's repository when the archive lacks them;
+PPBS / BCE fetch ScanNet's label files, then one wwPDB structure per PDB id into
+`DIR/structures/` (re-runs resume; failures in `failed.txt`). Without network access
+every function raises `DownloadError` naming the host and where to place the file by
+hand. Details: docs/tasks.md, "Raw inputs". Public: download, fetch, fetch_drive,
+drive_url_with_confirm, unpack, fetch_structures, react_label_files, DownloadError.
 """
 
 from __future__ import annotations

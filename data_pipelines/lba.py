@@ -1,28 +1,14 @@
 """ATOM3D LBA (ligand binding affinity), 30% and 60% sequence-identity splits.
 
 Raw layout (Zenodo record 4914718): `split-by-sequence-identity-<30|60>/data/{train,
-val,test}/` ATOM3D LMDB directories; items hold `atoms_protein` (PDBbind's protein
-file, written to mmCIF and read back by Biopython), `atoms_pocket` (its whole residues
-within 6 Å of the ligand, waters excluded), `atoms_ligand` (DataFrames), `id` (PDB
-code) and `scores["neglog_aff"]` (pK, the regression label).
+val,test}/` ATOM3D LMDB directories (items: docs/tasks.md, "Raw inputs"). One example
+per complex: the pocket's residues, the ligand's heavy atoms and (by default) the
+pocket's other hetero groups as element-typed nodes; ESM reads the full chains the
+pocket comes from. What is kept, dropped and counted: docs/tasks.md, "lba30 / lba60".
 
-Atom tables are read like structure files (`atom_rows.structure_from_atoms`: one
-residue-typing rule, gemmi's table behind the project's, so a CAS or YCM pocket residue
-is a cysteine; an unknown polymer residue with a CA is X). One example per complex:
-- Nodes: the pocket's amino-acid residues, then the ligand's heavy atoms, then (by
-  default) the pocket's other hetero groups' heavy atoms (metal ions, cofactors:
-  ATOM3D's baselines featurise every pocket atom), each typed by element
-  (`residue_constants.LIGAND_ELEMENTS`). `--pocket-hetero drop` leaves the hetero
-  groups out (counted and named in the manifest).
-- ESM sequences: the full chains the pocket comes from, rebuilt from `atoms_protein`
-  (the released `seq` field is empty). Each pocket residue's `residue_index` is its
-  position in that full chain, found by (chain, residue number, insertion code); a
-  pocket residue absent from the protein table skips the item (reported, not guessed).
-- Pocket chains without any pocket residue are not embedded.
-What the tables hold but the example does not (hydrogens, waters, residues without a
-CA, dropped hetero groups) is counted per item in the manifest's `dropped`.
-PDB ids must be disjoint across splits (atom3d #45 leaked val into test); checked in
-`list_items`.
+Public: LBA30, LBA60, POCKET_HETERO, add_pocket_arguments, and the LMDB helpers mqa
+shares (find_split_dirs, list_lmdb_items, read_lmdb_item, structure_from_table,
+dropped_counts, ligand_from_table, pocket_in_full_chains).
 """
 
 from __future__ import annotations
@@ -32,33 +18,13 @@ import os
 
 import numpy as np
 
-from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
-from data_pipelines import atom3d_lmdb, atom_rows
+from data_pipelines import atom3d_lmdb, atom_rows, tasks
 from data_pipelines.reference import ReferenceCounts
 from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
 SPLITS = ("train", "val", "test")
-DEFAULT_CUTOFF = 10.0  # Å, configs/default.py data.cutoff
-DEFAULT_MAX_NEIGHBORS = 32
 POCKET_HETERO = ("keep", "drop")  # keep: ATOM3D's baselines featurise every pocket atom
-
-
-def _add_once(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
-  if not any(flag in a.option_strings for a in parser._actions):
-    parser.add_argument(flag, **kw)
-
-
-def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
-  """Radius-graph flags shared by the benchmark tasks."""
-  _add_once(parser, "--cutoff", type=float, default=DEFAULT_CUTOFF,
-            help="residue graph radius in Å")
-  _add_once(parser, "--max-neighbors", type=int, default=DEFAULT_MAX_NEIGHBORS,
-            help="most incoming edges per node")
-
-
-def add_lmdb_arguments(parser: argparse.ArgumentParser) -> None:
-  add_graph_arguments(parser)
 
 
 def find_split_dirs(raw_dir: str, marker: str) -> dict[str, str]:
@@ -189,7 +155,7 @@ REFERENCE_COUNTS = {
 
 
 def add_pocket_arguments(parser: argparse.ArgumentParser) -> None:
-  _add_once(parser, "--pocket-hetero", choices=POCKET_HETERO, default="keep",
+  tasks.add_once(parser, "--pocket-hetero", choices=POCKET_HETERO, default="keep",
             help="the pocket's hetero groups (metal ions, cofactors): keep = heavy atoms "
                  "as element-typed nodes like the ligand's (ATOM3D's baselines featurise "
                  "every pocket atom), drop = leave them out (counted in the manifest)")
@@ -201,18 +167,18 @@ class LBATask:
   def __init__(self, identity: int):
     self.identity = identity
     self.name = f"lba{identity}"
+    self.description = (f"ATOM3D LBA, {identity}% identity split; pocket residues + "
+                        "ligand atoms; graph_label = pK.")
     self.marker = f"split-by-sequence-identity-{identity}"
     self.reference_counts = REFERENCE_COUNTS.get(identity)
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    add_lmdb_arguments(parser)
+    tasks.add_graph_arguments(parser)
     add_pocket_arguments(parser)
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
-    extra = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
-             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS),
-             getattr(args, "pocket_hetero", None) or "keep")
+    extra = (*tasks.graph_arguments(args), getattr(args, "pocket_hetero", None) or "keep")
     dirs = find_split_dirs(raw_dir, self.marker)
     return list_lmdb_items(dirs, extra, group_of=lambda i: str(i).lower())
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 
-from data_pipelines import lba
+from data_pipelines import lba, tasks
 from data_pipelines.reference import ReferenceCounts
 from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
@@ -59,18 +59,18 @@ def casp_round(target: str) -> str:
 class MQATask:
   """Preprocessing task (data_pipelines.tasks protocol) for PSR split-by-year."""
   name = "mqa"
+  description = "ATOM3D PSR split by year; graph_label = GDT_TS (0-1), group = CASP target."
   # Not from the ATOM3D paper: the sizes of a public copy of the released LMDBs.
   reference_counts = ReferenceCounts(
       source="the released PSR split-by-year LMDBs (Hugging Face copy, secondary)",
       unit="decoys", by="split", counts={"train": 25400, "val": 2800, "test": 16014})
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    lba.add_lmdb_arguments(parser)
+    tasks.add_graph_arguments(parser)
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
-    extra = (float(getattr(args, "cutoff", None) or lba.DEFAULT_CUTOFF),
-             int(getattr(args, "max_neighbors", None) or lba.DEFAULT_MAX_NEIGHBORS))
+    extra = tasks.graph_arguments(args)
     dirs = lba.find_split_dirs(raw_dir, MARKER)
     return lba.list_lmdb_items(dirs, extra,
                                group_of=lambda i: parse_decoy_id(i)[0])

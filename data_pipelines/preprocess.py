@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   task=task.name, progress=not args.no_progress,
                                   incomplete_backbone=args.incomplete_backbone,
                                   reference_counts=reference_counts,
-                                  notes=getattr(task, "metadata_notes", None))
+                                  notes=getattr(task, "metadata_notes", None),
+                                  description=getattr(task, "description", ""))
   summary = {split: {k: v[k] for k in ("examples", "residues", "sources", "skipped",
                                        "dropped")}
              for split, v in metadata["splits"].items()}

@@ -1,34 +1,19 @@
 """EC reaction classification ("react"): IEConv's ProtFunct dataset, 384 classes.
 
-Raw layout (what DIG's ECdataset reads; `python -m data_pipelines.download react` adds
-the five text files from IEConv's repository when the Drive archive lacks them):
-```
-ProtFunct/
-  data/<pdb>.<chain>.hdf5     one chain per file (IEConv PyProtein.save_hdf5)
-  chain_functions.txt         "4fae.B,247": chain name, class index
-  unique_functions.txt        384 EC numbers; line i = class i
-  training.txt validation.txt testing.txt   one chain name per line
-```
-HDF5 datasets read here: `atom_pos` [n_models, n_atoms, 3] (model 0; plus `pos_center`
-to restore the original frame), `atom_names`, `atom_amino_id` (residue index or −1),
-`atom_residue_names`, `atom_residue_id`, `amino_types` [n_res] (IEConv alphabet =
-`residue_constants.RESTYPES`, −1 unrecognised).
+Raw layout (what DIG's ECdataset reads): `ProtFunct/data/<pdb>.<chain>.hdf5` (one chain
+per file) beside chain_functions.txt, unique_functions.txt (line i = class i) and the
+training / validation / testing lists; the HDF5 datasets read and the residue numbers
+(IEConv's 0-based rank, not author numbers): docs/tasks.md, "Raw inputs" and "react".
+Public: REACT, NUM_CLASSES, find_root, read_labels, read_split, chain_from_hdf5.
 
-Residue numbers: IEConv's `atom_residue_id` is `np.unique(resnum − min + 1 +
-chain·max, return_inverse=True)[1]`, a 0-based rank over all residues of the file,
-hetero groups included (1hvr.B's author numbers 1, 2, … are stored as 0, 1, …). The
-author numbers are not in the file, so examples carry that rank as `residue_number`
-(metadata.json `notes.residue_number` says so).
-
-Differences from DIG's conversion (stated so comparisons can account for them):
-- Atoms with `atom_amino_id == -1` (ligands, ions) are masked. DIG indexes with −1,
-  so a hetero atom named N/CA/C/CB overwrites the *last* residue's coordinate.
+Deviations from DIG's conversion (stated so comparisons can account for them):
+- Atoms with `atom_amino_id == -1` (ligands, ions) are masked and counted
+  (`dropped.hetero_atoms`). DIG indexes with −1, so a hetero atom named N/CA/C/CB
+  overwrites the *last* residue's coordinate.
 - Missing backbone atoms stay absent (mask) instead of copying the CA position.
 - `amino_types == -1` (e.g. MSE) is typed by the project's one rule for residue names
   (`structure.residue_kind`: the parent letter of a modified residue, else X = 25);
   DIG always uses 25.
-Atoms outside any residue are counted per item (manifest `dropped.hetero_atoms`).
-One example per chain; graph label = class index; node labels unused.
 """
 
 from __future__ import annotations
@@ -40,7 +25,7 @@ import numpy as np
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
-from data_pipelines import download
+from data_pipelines import download, tasks
 from data_pipelines.reference import ReferenceCounts
 from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
@@ -49,8 +34,6 @@ RESIDUE_NUMBER_NOTE = (
     "IEConv's atom_residue_id: the 0-based rank of the residue among all residues of "
     "the chain file (hetero groups included), not the author residue number")
 SPLIT_FILES = {"train": "training.txt", "val": "validation.txt", "test": "testing.txt"}
-DEFAULT_CUTOFF = 10.0
-DEFAULT_MAX_NEIGHBORS = 32
 
 
 def find_root(raw_dir: str) -> str:
@@ -160,6 +143,8 @@ def _kind(resname: str):
 class ReactTask:
   """Preprocessing task (data_pipelines.tasks protocol) for ProtFunct."""
   name = "react"
+  description = ("EC reaction classification (IEConv ProtFunct, 384 classes); "
+                 "graph_label = class index.")
   # The split files' line counts (IEConv's repository; ProNet and DIG use them as is).
   reference_counts = ReferenceCounts(
       source="IEConv's ProtFunct split files", unit="chains", by="split",
@@ -168,8 +153,7 @@ class ReactTask:
   metadata_notes = {"residue_number": RESIDUE_NUMBER_NOTE}
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    from data_pipelines import lba
-    lba.add_graph_arguments(parser)
+    tasks.add_graph_arguments(parser)
 
   def list_items(self, raw_dir: str, args: argparse.Namespace | None = None
                  ) -> list[WorkItem]:
@@ -178,8 +162,7 @@ class ReactTask:
     if len(classes) != NUM_CLASSES:
       raise ValueError(f"{root}/unique_functions.txt: {len(classes)} classes, "
                        f"expected {NUM_CLASSES}")
-    cutoff = float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF)
-    max_neighbors = int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS)
+    cutoff, max_neighbors = tasks.graph_arguments(args)
     items, owner = [], {}
     for split in SPLIT_FILES:
       for name in read_split(root, split):

@@ -1,62 +1,15 @@
 """ScanNet's per-residue benchmarks: PPBS (protein–protein binding sites) and BCE
-(B-cell epitopes). Label files + table.csv + structure files (ScanNet's `datasets/PPBS`
-and `datasets/BCE`, structures from files.wwpdb.org).
+(B-cell epitopes), from ScanNet's label files, table.csv and wwPDB structure files.
 
-Raw layout (what `python -m data_pipelines.download ppbs|bce` writes):
-```
-<raw>/labels_*.txt, table.csv     ScanNet's datasets/PPBS or datasets/BCE files
-<raw>/structures/                 PPBS: <pdb>.pdb1(.gz) or <pdb>-assembly1.cif(.gz)
-                                  BCE:  <pdb>.cif(.gz) or pdb<pdb>.ent(.gz) (or <pdb>.pdb)
-                                  (flat, or wwPDB-divided <xy>/ subfolders)
-```
-Label files: headers `>1a2n_0-A` (PPBS: PDB, 0-based model, chain; `+` joins several)
-or `>7e33_AB` (BCE: each character a chain of the asymmetric unit, model 0), then lines
-`<chain> <resnum> <aa> <label>` in structure order. Residue numbers carry no insertion
-code, so labels are aligned to the parsed chain by **position**: in order, a label line
-matches the next structure residue with the same number and one-letter type (identical
-sequences align one-to-one). Structure residues without a label line are unlabelled
-(`node_label_mask` False).
+Raw layout (what `python -m data_pipelines.download ppbs|bce` writes): `<raw>/labels_*.txt`
+and `<raw>/table.csv`; `<raw>/structures/` with PPBS first assemblies (`<pdb>.pdb1` or
+`<pdb>-assembly1.cif`) or BCE asymmetric units (`<pdb>.cif`, `pdb<pdb>.ent`, `<pdb>.pdb`),
+any of them gzipped, flat or in wwPDB-divided `<xy>/` folders.
 
-Residue sets follow ScanNet's parser (`preprocessing/PDB_processing.py`: a residue is
-any residue whose name is in its amino-acid dictionary, ATOM or HETATM, CA or not):
-- standard amino acids written as HETATM after TER are residues of their chain here
-  too (`parse_structure(..., hetatm_amino_acids=True)`);
-- residues without a CA are in the label files but cannot be graph nodes (a node sits
-  at its CA): their label lines are dropped and counted (`label_lines_without_ca`);
-- modified residues outside ScanNet's dictionary (e.g. CSO) have no label line: the
-  residue is kept, unlabelled.
-Label lines that match nothing else are reported: by default the item is skipped with
-the list (`--max-unmatched-fraction` tolerates a fraction, which are then dropped and
-counted, never guessed).
-
-Assemblies (PPBS): a header's model k is MODEL k of the `.pdb1` file. The mmCIF
-fallback written by wwPDB since May 2022 holds every symmetry copy in one model, chain
-X's copies named X, X-2, X-3, … (the operator id after the dash); there model k of
-chain X is the k-th copy of X in file order.
-
-Sample weights come from table.csv by row order within each `Set` (ScanNet's rule; the
-`Set` strings match with or without the backslash of `70\\%`); the counts must match
-the label file. Per residue: node label 0/1, node weight = the chain's sample weight;
-example weight = sample weight; group = PPBS subset (`70`, `homology`, `topology`,
-`none`; `train`) or BCE fold (`fold1`..`fold5`).
-
-Example ids are the headers. A header that occurs more than once in a task's label
-files (BCE: 2kh2_A ×77, 2ltq_A ×10, 2ltq_D ×10, each copy with other labels on the
-same structure; all are kept, as ScanNet keeps them) gets its occurrence number:
-`2ltq_A#1`, `2ltq_A#2`, ….
-
-Splits: PPBS `train`, `val` (four validation subsets), `test` (four test subsets).
-BCE: `fold1`..`fold5` by default; with `--holdout-fold k` (one run per fold of the 5-fold
-cross-validation, see configs/bce.py) `test` = fold k, and the other folds are split
-into `train` and `val`: about 10% of their examples, whole groups at a time, where a
-group joins every example that shares a PDB entry or an antigen name (table.csv
-`Antigen Name`) with another, so that no entry or antigen is on both sides; groups are
-taken in md5 order of their first PDB id (deterministic).
-
-Truncation: ScanNet scores only the first 1024 residues of a PPBS chain (`Lmax_aa`; 2120
-for BCE). We keep every residue here; training/evaluation crop chains to
-`config.data.max_residues` (ESM's 1022), so for chains longer than that our evaluation
-window differs from ScanNet's — see docs/tasks.md.
+Public: PPBS, BCE (the tasks), read_label_file, read_table, unique_ids,
+validation_holdout, align_labels, assembly_copy, find_structure. The rules they follow
+(ScanNet's residue set, label lines aligned by position, assemblies, sample weights,
+repeated headers, BCE's holdout folds, truncation): docs/tasks.md, "ppbs" and "bce".
 """
 
 from __future__ import annotations
@@ -73,11 +26,10 @@ import re
 import numpy as np
 
 from bihier_jax.common import structure
+from data_pipelines import tasks
 from data_pipelines.reference import ReferenceCounts
 from data_pipelines.tasks import Processed, SkipItem, WorkItem
 
-DEFAULT_CUTOFF = 10.0
-DEFAULT_MAX_NEIGHBORS = 32
 
 PPBS_FILES = (
     ("labels_train.txt", "train", "train", "Train"),
@@ -332,15 +284,16 @@ def assembly_copy(parsed: structure.Structure, model: int, chain_id: str) -> str
 class ScanNetTask:
   """Preprocessing task (data_pipelines.tasks protocol) for PPBS or BCE."""
 
-  def __init__(self, name: str, files, biounit: bool, reference_counts: ReferenceCounts):
+  def __init__(self, name: str, files, biounit: bool, reference_counts: ReferenceCounts,
+               description: str):
     self.name = name
+    self.description = description
     self.files = files
     self.biounit = biounit
     self.reference_counts = reference_counts
 
   def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-    from data_pipelines import lba
-    lba.add_graph_arguments(parser)
+    tasks.add_graph_arguments(parser)
     if not any("--structures" in a.option_strings for a in parser._actions):
       parser.add_argument("--structures", default="",
                           help="structure folder (default: <raw>/structures)")
@@ -381,8 +334,7 @@ class ScanNetTask:
     files = self._read_files(raw_dir)
     structure_dir = getattr(args, "structures", "") or os.path.join(raw_dir, "structures")
     tolerance = float(getattr(args, "max_unmatched_fraction", 0.0) or 0.0)
-    graph = (float(getattr(args, "cutoff", None) or DEFAULT_CUTOFF),
-             int(getattr(args, "max_neighbors", None) or DEFAULT_MAX_NEIGHBORS))
+    graph = tasks.graph_arguments(args)
     ids = iter(unique_ids([e.header for f in files for e in f[3]]))
     listed = [(fname, split, group, entry, row, next(ids))
               for fname, split, group, entries, rows in files
@@ -499,5 +451,9 @@ def _lines_on_residues_without_ca(st: structure.Structure, chain_id: str, lines,
   return found
 
 
-PPBS = ScanNetTask("ppbs", PPBS_FILES, biounit=True, reference_counts=PPBS_REFERENCE)
-BCE = ScanNetTask("bce", BCE_FILES, biounit=False, reference_counts=BCE_REFERENCE)
+PPBS = ScanNetTask("ppbs", PPBS_FILES, biounit=True, reference_counts=PPBS_REFERENCE,
+                   description="ScanNet PPBS; node_labels = binding-site residue, "
+                   "node_weights = chain sample weight, group = test subset.")
+BCE = ScanNetTask("bce", BCE_FILES, biounit=False, reference_counts=BCE_REFERENCE,
+                  description="ScanNet BCE; node_labels = epitope residue, node_weights = "
+                  "example sample weight, group = fold.")

@@ -1,41 +1,12 @@
 """Multi-process, resumable writer of sharded TFRecord datasets with a manifest.
 
-`write_dataset` runs a task's `process` on every work item in worker processes (spawned,
-so TensorFlow, imported by the parent to write files, never reaches them), serialises
-the examples in the workers (pure-Python protobuf, `records.serialize_example`) and
-writes them in the parent, shard by shard, in work-item order.
-
-Layout of `out_dir`:
-  <split>/<split>-00000-of-000NN.tfrecord   records (schema: bihier_jax.data.records)
-  <split>/<split>-00000-of-000NN.json       sidecar: the shard's manifest lines and the
-                                            sizes of its examples
-  <split>/sizes.json                        [nodes, longest chain, chains, edges] per
-                                            example, in record order (budgets use it)
-  manifest.jsonl                            one line per work item (all shards)
-  metadata.json                             schema version, counts, length histogram
-
-Resumable: a shard is written to a temporary name and renamed when complete, then its
-sidecar likewise; a shard whose file and sidecar both exist is skipped on a re-run and
-its manifest lines are kept. Shards are fixed groups of `shard_size` consecutive work
-items of a split, so re-running with the same items and shard size finds them again.
-
-Residues without a complete backbone (N, CA, C, O; e.g. CA-only models) are counted per
-item (manifest field `incomplete_backbone`, metadata `incomplete_backbone`) and follow
-`incomplete_backbone`: `warn` keeps them and prints one summary line, `skip` leaves out
-the examples that have any (an item left with none is `skipped` with the reason),
-`allow` keeps them quietly.
-
-What an item's examples leave out (waters, hydrogens, residues without a CA, hetero
-groups, label lines that match no residue, ...) is counted by name: the task's
-`Processed.dropped`, in the manifest line's `dropped`, summed per split
-(`splits.<split>.dropped`) and over all items (`dropped`) in metadata.json. A task with
-`reference_counts` also gets `reference_counts` in metadata.json: its split and subset
-sizes next to the literature's, every difference with its reasons counted
-(data_pipelines.reference).
-
-One bad item never stops the run: any exception from `process` (SkipItem, a parser's
-StructureError, or an unexpected crash, logged with its type and message) makes the item
-`skipped` with that reason.
+`write_dataset` runs a task's `process` on every work item in spawned worker processes
+(TensorFlow, imported by the parent to write files, never reaches them), serialises the
+examples there and writes them in the parent, shard by shard, in work-item order;
+`finalize` merges the shards' sidecars into manifest.jsonl, sizes.json and
+metadata.json. Public: write_dataset, finalize, run_item, shard_name, example_size,
+split_statistics, METADATA, MANIFEST. The folder's layout, resuming, the
+incomplete-backbone policy and the accounting: docs/tasks.md, "The prepared folder".
 """
 
 from __future__ import annotations
@@ -180,7 +151,7 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
                   num_workers: int = 1, shard_size: int = 256, task: str = "",
                   progress: bool = True, chunksize: int = 4,
                   incomplete_backbone: str = "warn", reference_counts=None,
-                  notes: dict | None = None) -> dict:
+                  notes: dict | None = None, description: str = "") -> dict:
   """Processes `work_items` into sharded records under `out_dir`.
 
   Args:
@@ -197,6 +168,7 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
       compare ours with in metadata["reference_counts"].
     notes: facts about the task's fields (metadata["notes"]), e.g. what react's
       residue numbers are.
+    description: one line on what the records hold (metadata["description"]).
 
   Returns:
     The metadata dict also written to `out_dir/metadata.json`.
@@ -245,7 +217,8 @@ def write_dataset(work_items: Sequence[WorkItem], process_fn: Callable, out_dir:
   elapsed = time.perf_counter() - start
   metadata = finalize(out_dir, plan, task=task, elapsed_s=elapsed, processed=n_todo,
                       incomplete_backbone=incomplete_backbone,
-                      reference_counts=reference_counts, notes=notes)
+                      reference_counts=reference_counts, notes=notes,
+                      description=description)
   found = metadata["incomplete_backbone"]
   if incomplete_backbone == "warn" and found["residues"]:
     print(f"warning: {found['sources']} input(s) hold {found['residues']} residue(s) "
@@ -265,7 +238,7 @@ def _summed_drops(lines: list[dict]) -> dict[str, int]:
 
 def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
              incomplete_backbone: str = "warn", reference_counts=None,
-             notes: dict | None = None) -> dict:
+             notes: dict | None = None, description: str = "") -> dict:
   """Merges shard sidecars into manifest.jsonl, <split>/sizes.json and metadata.json."""
   manifest, sizes_by_split, files = [], collections.OrderedDict(), {}
   _remove_stale_shards(out_dir, plan)
@@ -308,6 +281,8 @@ def finalize(out_dir: str, plan, *, task: str, elapsed_s: float, processed: int,
   }
   if notes:
     metadata["notes"] = dict(notes)
+  if description:
+    metadata["description"] = description
   if reference_counts is not None:
     metadata["reference_counts"] = {
         "source": reference_counts.source, "unit": reference_counts.unit,
@@ -344,8 +319,3 @@ def split_statistics(sizes: list[list[int]]) -> dict:
       "mean_nodes": float(nodes.mean()) if len(nodes) else 0.0,
       "length_histogram": {"bin_width": HISTOGRAM_BIN, "counts": counts.tolist()},
   }
-
-
-def load_metadata(out_dir: str) -> dict:
-  with open(os.path.join(out_dir, METADATA)) as f:
-    return json.load(f)

@@ -3,9 +3,11 @@
 A task turns a raw directory into work items (one per input source, e.g. a structure
 file or an LMDB entry) and a work item into `ProteinExample`s. Work items are plain
 picklable data: `process` runs in worker processes that never import TensorFlow or JAX.
+Tasks are found lazily (`_LAZY`: name -> "module:attribute", imported on first `get`),
+so running one task does not import every other task's dependencies.
 
-Tasks are found lazily: `_LAZY` maps a name to "module:attribute", imported on first
-`get(name)`, so running one task does not import every other task's dependencies.
+Public: Task, WorkItem, Processed, SkipItem, register, names, get; the flags tasks share:
+add_graph_arguments / graph_arguments (defaults `data.graph.DEFAULT_GRAPH`), add_once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 from typing import Protocol, runtime_checkable
 
 from bihier_jax.data.example import ProteinExample
+from bihier_jax.data.graph import DEFAULT_GRAPH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,29 @@ class Task(Protocol):
   #   and subset sizes of the literature, printed next to ours after preprocessing)
   # Optional: metadata_notes: dict of facts about the task's fields, written to
   #   metadata.json "notes" (e.g. what react's residue numbers are)
+  # Optional: description: one line on what the records hold, written to metadata.json
+  #   "description" (the TFDS builder's dataset description)
+
+
+
+def add_once(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
+  """Adds `flag` unless the parser has it (tasks share flags in one parser)."""
+  if not any(flag in a.option_strings for a in parser._actions):
+    parser.add_argument(flag, **kw)
+
+
+def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+  """Radius-graph flags shared by the tasks; defaults `data.graph.DEFAULT_GRAPH`."""
+  add_once(parser, "--cutoff", type=float, default=DEFAULT_GRAPH.cutoff,
+           help="residue graph radius in Å")
+  add_once(parser, "--max-neighbors", type=int, default=DEFAULT_GRAPH.max_neighbors,
+           help="most incoming edges per node")
+
+
+def graph_arguments(args: argparse.Namespace | None) -> tuple[float, int]:
+  """(cutoff, max_neighbors) of parsed flags; DEFAULT_GRAPH's where absent or 0."""
+  return (float(getattr(args, "cutoff", None) or DEFAULT_GRAPH.cutoff),
+          int(getattr(args, "max_neighbors", None) or DEFAULT_GRAPH.max_neighbors))
 
 
 _REGISTRY: dict[str, Task] = {}

@@ -3,26 +3,12 @@
   python -m launch.ablate --config configs/demo.py --config-arg tiny \
       --sweep fusion_depth --seeds 0,1,2 --local --workdir /tmp/abl
 
-Each (variant, seed) is one run in DIR/<variant>/seed<k>: `python -m bihier_jax.train`
-then `python -m bihier_jax.eval --checkpoint best` with the variant's config overrides,
-which writes DIR/<variant>/seed<k>/eval/<split>.json (metric name -> number, with the
-`step` and `checkpoint` they came from). `--local` runs them one after another here;
-`--emit-commands` prints them instead (plain shell lines, or `launch.slurm_gpu` jobs
-with `--launcher slurm`). `--processes N` (with `--devices-per-process D`) runs each
-command as N processes of one job on this machine (`launch.local`, with
-`--config.train.multi_host=True`; per-process logs in DIR/<variant>/seed<k>/launch_logs),
-the numbers of one process with as many devices.
-
-A result counts only if it is the run's selected checkpoint's (`run_status`): training
-reached its num_steps, the JSON says checkpoint "best" at the step that is the run's
-best now, and it is newer than that checkpoint. `--local` skips such runs (a sweep
-resumes), re-runs only the evaluation of a finished run whose result is missing or
-stale (an evaluation that crashed, a JSON of another checkpoint), and trains the rest.
-Afterwards, and with `--aggregate-only`, the accepted results are gathered into
-
-  DIR/ablation_<sweep>_<split>.csv   one row per run, with the step of its result
-  DIR/ablation_<sweep>_<split>.md    mean ± sample std (ddof=1) over seeds per variant
-  DIR/ablation_<sweep>_<split>.png   bar plot of one metric with ±1 std error bars
+Each (variant, seed) is one run in DIR/<variant>/seed<k>: train, then eval of the
+checkpoint selected on validation; `--local` runs them here (`--processes N` through
+launch.local), `--emit-commands` prints them (shell lines or launch.slurm_gpu jobs).
+Accepted results (`run_status`) go to DIR/ablation_<sweep>_<split>.{csv,md,png}.
+Public: sweep_variants, plan_runs, run_status, main. Sweeps, resuming and the tables:
+launch/README.md, "Ablations"; which results count: docs/training.md.
 """
 
 from __future__ import annotations
@@ -41,7 +27,6 @@ import time
 from typing import Mapping, Sequence
 
 SWEEPS = ("fusion_depth", "fusion_mode", "direction", "baselines", "comparison")
-BASELINE_KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
 # The headline question: does bi-hierarchical fusion (either mechanism) beat the
 # structure encoder alone and the late-fusion baselines on the same code path?
 COMPARISON = (("gnn_only", "gnn_only", None), ("parallel", "parallel", None),
@@ -99,7 +84,9 @@ def sweep_variants(sweep: str, num_blocks: int = 4) -> list[Variant]:
     return [Variant(f"direction_{d}", (("model.fusion.direction", d),))
             for d in ("bi", "seq2struct", "struct2seq")]
   if sweep == "baselines":
-    return [Variant(f"kind_{k}", (("model.kind", k),)) for k in BASELINE_KINDS]
+    # Imported here: the model (and JAX) loads only for the sweep that needs its kinds.
+    from bihier_jax.models import bihier  # pylint: disable=g-import-not-at-top
+    return [Variant(f"kind_{k}", (("model.kind", k),)) for k in bihier.KINDS]
   if sweep == "comparison":
     return [Variant(name, (("model.kind", kind),)
                     + ((("model.fusion.mode", mode),) if mode else ()))

@@ -4,22 +4,11 @@
       python -m bihier_jax.train --config configs/demo.py:tiny --workdir /tmp/mh \
       --config.train.batch_size=8 --config.train.multi_host=True
 
-Starts `--processes` copies of the command after `--`, each with the environment a
-SLURM step gives its tasks (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS,
-SLURM_PROCID, SLURM_LOCALID), which `jax.distributed.initialize()` reads, and
-JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT (a free port unless `--port`): process 0 hosts
-the coordinator there, the others connect to it. No protocol of its own: the command
-joins as it would under `srun`. With `--devices-per-process D` every process gets D
-simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=D,
-JAX_PLATFORMS=cpu) and CPU collectives over gloo; without it each process sees the
-machine's accelerators (under SLURM's rule, process k takes local GPU k).
-
-Each process's output goes to LOG_DIR/process<k>.log (`--log-dir`, default a new
-temporary folder, printed first) and to this console with a "[k] " prefix. When a
-process fails (non-zero exit or a signal), the others get SIGTERM (SIGKILL
-`--grace` seconds later), one line names the process, its status and its log, and
-this command exits with that status (128 + N for signal N). SIGTERM or Ctrl-C to this
-command is passed on to every process (how a preemption reaches every host).
+Each process gets the SLURM step variables that `jax.distributed.initialize()` reads
+and a coordinator on 127.0.0.1 (no protocol of its own); `--devices-per-process D`
+simulates D CPU devices per process with gloo collectives. A failing process stops the
+others and its status is the command's; SIGTERM or Ctrl-C reaches every process. Logs,
+signals and statuses: docs/parallelism.md, "Multi-host"; launch/README.md.
 """
 
 from __future__ import annotations

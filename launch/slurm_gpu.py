@@ -1,23 +1,13 @@
 """Multi-node GPU training under SLURM, on the same entry points as the TPU launcher.
 
-Writes an sbatch script that starts one task per GPU with `srun`, then submits it with
-`sbatch`. `--dry-run` prints the script and the submit command instead.
-
-Why one task per GPU: `jax.distributed.initialize()` with no arguments detects SLURM
-(SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID), takes the
-first node of the step as coordinator and gives each process the one local GPU whose index
-is its SLURM_LOCALID. So every task must see all GPUs of its node: request GPUs per node,
-not per task, and bind none (a per-task binding would renumber each task's GPU to 0).
-SLURM_STEP_NODELIST exists only inside an `srun` step, hence `srun` around python.
-
-Example:
-
   python -m launch.slurm_gpu --config configs/react.py --workdir /shared/runs/react1 \
       --nodes 2 --gpus-per-node 8 --partition gpu --venv /shared/venvs/bihier --dry-run
 
-`--fsdp N` sets train.fsdp (parameter-sharding group size), and model.esm.remat=True
-when N > 1 (required with parameter sharding); a group must lie within one node, so N
-must divide --gpus-per-node. The script notes the mesh in a `# mesh:` line.
+Writes an sbatch script that starts one task per GPU with `srun` (GPUs requested per
+node, bound per none: `jax.distributed.initialize()` gives task k of a node its GPU k)
+and submits it; `--dry-run` prints both. `--fsdp N` (N divides --gpus-per-node) sets
+train.fsdp and model.esm.remat. Why, and the mesh line: launch/README.md, "SLURM GPU
+cluster" and "Parameter sharding".
 """
 
 from __future__ import annotations

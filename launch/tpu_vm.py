@@ -1,33 +1,22 @@
 """Cloud TPU VM launcher: create, install, train, logs, status, delete.
 
-Every subcommand builds `gcloud` command lines as argv lists and either prints them
-(`--dry-run`, one shell-quoted line each) or runs them in order, stopping at the first
-failure. A pod slice (e.g. v4-32: 4 hosts) differs from a single host (v4-8) only in the
-accelerator type: every remote step uses `--worker=all`, so each host installs the same
-code and starts the same SPMD program; `jax.distributed.initialize()` with no arguments
-finds the other hosts from the TPU metadata, and the input pipeline shards by
-`jax.process_index()`.
-
-Workers share no disk, so the workdir (checkpoints, metrics, eval JSON) and the data
-records must be on `gs://` (orbax and `tf.io.gfile` read and write it directly).
-
-Example (pod slice, spot capacity through the queue):
-
   python -m launch.tpu_vm create --name bh --zone us-central2-b \
       --accelerator-type v4-32 --queued --spot --dry-run
   python -m launch.tpu_vm install --name bh --zone us-central2-b --dry-run
-  python -m launch.tpu_vm train --name bh --zone us-central2-b \
-      --config configs/react.py --workdir gs://my-bucket/react/run1 \
-      --set data.dir=gs://my-bucket/records/react --fsdp 4 --accelerator-type v4-32 \
-      --dry-run
-  python -m launch.tpu_vm logs --name bh --zone us-central2-b --dry-run
-  python -m launch.tpu_vm delete --name bh --zone us-central2-b --queued --dry-run
+
+Every subcommand builds `gcloud` argv lists and prints them (`--dry-run`) or runs them
+in order, stopping at the first failure; every remote step uses `--worker=all`, so a
+pod slice differs from a single host only in its accelerator type. Workers share no
+disk: records and workdir on gs:// (docs/cloud.md). The install pins jax[tpu] to
+setup.cfg's jax. The walk-through: launch/README.md, "Cloud TPU VM".
 """
 
 from __future__ import annotations
 
 import argparse
+import configparser
 import dataclasses
+import os
 import shlex
 import subprocess
 import sys
@@ -36,8 +25,8 @@ from typing import Sequence
 # TPU VM base image: plain Ubuntu; jax[tpu] (with libtpu) comes from pip.
 DEFAULT_VERSION = "tpu-ubuntu2204-base"
 DEFAULT_ACCELERATOR = "v4-8"
-# Pinned like setup.cfg: the TPU wheel of the same jax release.
-JAX_TPU_REQUIREMENT = "jax[tpu]==0.10.2"
+SETUP_CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "setup.cfg")
 REMOTE_DIR = "~/bihier_jax"
 REMOTE_VENV = "~/bihier_venv"
 REMOTE_LOG = "~/bihier_train.log"
@@ -46,6 +35,16 @@ LOCAL_ARCHIVE = "/tmp/bihier_jax_src.tar.gz"
 
 Command = list[str]
 
+
+
+def jax_tpu_requirement(setup_cfg: str = SETUP_CFG) -> str:
+  """`jax[tpu]==V`, V the jax pin of setup.cfg: the TPU wheel of the release installed."""
+  parser = configparser.ConfigParser()
+  parser.read(setup_cfg)
+  for line in parser.get("options", "install_requires", fallback="").splitlines():
+    if line.strip().startswith("jax=="):
+      return "jax[tpu]" + line.strip()[len("jax"):]
+  raise ValueError(f"{setup_cfg}: no jax==VERSION in [options] install_requires")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -113,7 +112,7 @@ def install_commands(target: Target, archive: str = LOCAL_ARCHIVE,
       f"tar -xzf {remote_archive} -C {REMOTE_DIR}",
       f"{REMOTE_PYTHON} -m venv {REMOTE_VENV}",
       f"{REMOTE_VENV}/bin/pip install -q --upgrade pip",
-      f"{REMOTE_VENV}/bin/pip install -q '{JAX_TPU_REQUIREMENT}' -e {REMOTE_DIR}",
+      f"{REMOTE_VENV}/bin/pip install -q '{jax_tpu_requirement()}' -e {REMOTE_DIR}",
       f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), "
       f"jax.device_count())'",
   ])

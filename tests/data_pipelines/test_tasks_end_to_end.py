@@ -137,13 +137,16 @@ def test_tiny_training_and_evaluation(prepared, task, tmp_path, fast_compiles):
 
 def test_tfds_builder_per_task(prepared, tmp_path):
   import tensorflow_datasets as tfds
-  from data_pipelines import tfds_tasks  # noqa: F401  (registers the builders)
+  from bihier_jax.data import tfds_builder  # noqa: F401  (registers the builder)
+  from data_pipelines import mqa
   records_dir, metadata = prepared["mqa"]
-  ds = tfds.load("bihier_mqa", split="test", data_dir=str(tmp_path / "tfds"),
-                 builder_kwargs={"records_dir": records_dir})
+  ds, info = tfds.load("bihier_records", split="test", data_dir=str(tmp_path / "tfds"),
+                       builder_kwargs={"records_dir": records_dir, "task": "mqa"},
+                       with_info=True)
+  assert info.description == mqa.MQA.description
   got = sorted((x["id"].decode(), float(x["graph_label"])) for x in tfds.as_numpy(ds))
   assert len(got) == metadata["splits"]["test"]["examples"] == 3
   assert sorted(g for _, g in got) == pytest.approx([0.2, 0.55, 0.95])
   with pytest.raises(ValueError, match="records of task 'mqa', not 'react'"):
-    tfds.load("bihier_react", split="test", data_dir=str(tmp_path / "tfds2"),
-              builder_kwargs={"records_dir": records_dir})
+    tfds.load("bihier_records", split="test", data_dir=str(tmp_path / "tfds2"),
+              builder_kwargs={"records_dir": records_dir, "task": "react"})
