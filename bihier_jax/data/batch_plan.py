@@ -3,7 +3,7 @@
 Every host computes the same plan from the same inputs: the split's `RecordIndex`
 (where each record lies in the shard files, and its sizes), the seed and the padding
 budgets. Each host then reads and packs only the batches it is given
-(`input_pipeline.pack_planned`). So the global batches, and a run's numbers, do not
+(`pipeline.pack_planned`). So the global batches, and a run's numbers, do not
 depend on how many hosts or devices run it, and an input position saved by one host
 count continues on another.
 
@@ -262,7 +262,7 @@ class PlannedBatch:
     row, column: int32[K] ESM row and `<cls>` column of each of their chains (the
       records' chains in order), as `packing.plan_batches` placed them.
     crop: float32[K] where each chain's window starts, as a fraction of the starts
-      that keep its residue nodes (`input_pipeline._crop`); 0 = the first window.
+      that keep its residue nodes (`pipeline._crop`); 0 = the first window.
     step: the training step it was grouped into (`parallel.StepInput`), -1 if none.
   """
   index: int

@@ -1,8 +1,8 @@
 """Which examples share a padded batch, and where each chain sits in the ESM rows.
 
-One numpy implementation of the packing rule, used by `input_pipeline.collate`, by the
+One numpy implementation of the packing rule, used by `pipeline.collate`, by the
 tf.data packer (through `tf.numpy_function`), by the epoch estimate (`epochs`) and by the
-row-length choice (`input_pipeline.choose_row_length`), so the layout exists once.
+row-length choice (`pipeline.choose_row_length`), so the layout exists once.
 
 Two row layouts, set by `PaddingBudget.packed_rows`:
 - unpacked: one chain per ESM row, rows in chain order. Examples join a batch in order
@@ -185,7 +185,7 @@ def cropped_sizes(sizes: np.ndarray, max_residues: int) -> tuple[np.ndarray, np.
 
   Cropping drops `excess` nodes when every residue of the chain is a node (exact for one
   chain); when the nodes are a few residues of a long chain (an LBA pocket), the window
-  keeps them all (`input_pipeline._crop`), so the example keeps all its nodes. Edges are
+  keeps them all (`pipeline._crop`), so the example keeps all its nodes. Edges are
   scaled with the nodes.
 
   Args:

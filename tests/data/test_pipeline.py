@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bihier_jax.common import residue_constants as rc
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import pipeline
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 
@@ -33,7 +33,7 @@ def test_random_example_geometry_and_graph():
 def test_collate_layout_matches_examples():
   exs = _examples()
   budget = PaddingBudget(n_node=128, n_edge=4096, n_graph=5, n_row=6, row_length=40)
-  b = input_pipeline.collate(exs, budget)
+  b = pipeline.collate(exs, budget)
   assert b.budget == budget
   nodes = b.graph.nodes
   # jraph bookkeeping: node_graph is n_node repeated; padding graph last.
@@ -81,13 +81,13 @@ def test_collate_layout_matches_examples():
 
 def test_collate_rejects_over_budget():
   exs = _examples()
-  tight = input_pipeline.budget_for(exs)
-  input_pipeline.collate(exs, tight)
+  tight = pipeline.budget_for(exs)
+  pipeline.collate(exs, tight)
   for field in ("n_node", "n_edge", "n_graph", "n_row", "row_length"):
     small = dict(tight.__dict__)
     small[field] -= 1
     with pytest.raises(ValueError, match="do not fit"):
-      input_pipeline.collate(exs, PaddingBudget(**small))
+      pipeline.collate(exs, PaddingBudget(**small))
 
 
 # --- tf.data pipeline over shards -------------------------------------------------------
@@ -112,12 +112,12 @@ def test_ragged_helpers_equal_numpy():
   counts[:3] = 0
   values = rng.integers(0, 10**6, 40).astype(np.int32)
   starts = rng.integers(0, 1000, 40).astype(np.int32)
-  np.testing.assert_array_equal(input_pipeline._repeat(values, counts).numpy(),
+  np.testing.assert_array_equal(pipeline._repeat(values, counts).numpy(),
                                 np.repeat(values, counts))
   np.testing.assert_array_equal(
-      input_pipeline._runs(starts, counts).numpy(),
+      pipeline._runs(starts, counts).numpy(),
       np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]))
-  owner, position = input_pipeline._rows(counts)
+  owner, position = pipeline._rows(counts)
   np.testing.assert_array_equal(owner.numpy(), np.repeat(np.arange(40), counts))
   np.testing.assert_array_equal(position.numpy(),
                                 np.concatenate([np.arange(n) for n in counts]))
@@ -125,15 +125,15 @@ def test_ragged_helpers_equal_numpy():
   which = rng.permutation(40)[:25].astype(np.int32)
   first = np.cumsum(counts) - counts
   np.testing.assert_array_equal(
-      input_pipeline._gather_rows(rows, counts, which).numpy(),
+      pipeline._gather_rows(rows, counts, which).numpy(),
       np.concatenate([rows[first[i]:first[i] + counts[i]] for i in which]))
   flat = rng.integers(0, 100, int(counts.sum())).astype(np.int32)
-  padded = input_pipeline._padded(flat, counts, -7, 6).numpy()
+  padded = pipeline._padded(flat, counts, -7, 6).numpy()
   expected = np.full((40, 6), -7, np.int32)
   for i, piece in enumerate(np.split(flat, np.cumsum(counts)[:-1])):
     expected[i, :len(piece)] = piece
   np.testing.assert_array_equal(padded, expected)
-  assert input_pipeline._padded(tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), 0,
+  assert pipeline._padded(tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), 0,
                                 4).shape == (0, 4)
 
 
@@ -170,14 +170,14 @@ def data_dir(tmp_path_factory):
 
 def _all_examples(data_dir):
   out = {}
-  for path in input_pipeline.shard_files(data_dir, "train"):
+  for path in pipeline.shard_files(data_dir, "train"):
     for ex in records.read_records(path):
       out[ex.id] = ex
   return out
 
 
 def _eval_batches(data_dir, config, **kw):
-  return list(input_pipeline.make_dataset(data_dir, "train", config, training=False,
+  return list(pipeline.make_dataset(data_dir, "train", config, training=False,
                                           seed=0, process_index=0, process_count=1, **kw))
 
 
@@ -188,7 +188,7 @@ def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, pack
   config = _config(max_residues=90, row_length=48) if packed else _config()
   examples = {k: _numpy_first_window(ex, 90) if packed else ex
               for k, ex in _all_examples(data_dir).items()}
-  budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
+  budgets = pipeline.bucket_budgets(config, pipeline.dataset_sizes(data_dir))
   assert [b.packed_rows for b in budgets] == [packed] * len(budgets)
   batches = _eval_batches(data_dir, config)
   seen = []
@@ -198,7 +198,7 @@ def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, pack
     assert batch.graph.n_edge.sum() == batch.budget.n_edge
     seen.extend(meta["ids"])
     # The tf.data batch equals numpy collate of the same examples, field by field.
-    want = input_pipeline.collate([examples[i] for i in meta["ids"]], batch.budget)
+    want = pipeline.collate([examples[i] for i in meta["ids"]], batch.budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
     assert batch.packed_rows == want.packed_rows == packed
@@ -221,7 +221,7 @@ def _leaves(batch):
 def test_same_seed_same_batches_and_other_seed_differs(data_dir):
   config = _config()
   def dataset(seed):
-    return input_pipeline.make_tf_dataset(data_dir, "train", config, training=True,
+    return pipeline.make_tf_dataset(data_dir, "train", config, training=True,
                                           seed=seed, process_index=0, process_count=1,
                                           chunk_size=16)
   def first(ds, n=6):
@@ -240,7 +240,7 @@ def test_host_shards_are_disjoint_and_complete(data_dir):
   config = _config()
   ids = []
   for host in range(2):
-    got = [i for _, m in input_pipeline.make_dataset(
+    got = [i for _, m in pipeline.make_dataset(
         data_dir, "train", config, training=False, seed=0, process_index=host,
         process_count=2) for i in m["ids"]]
     ids.append(set(got))
@@ -271,7 +271,7 @@ def test_crop_first_window_in_eval(data_dir):
   examples = _all_examples(data_dir)
   for batch, meta in _eval_batches(data_dir, config):
     assert batch.budget.row_length <= 32
-    want = input_pipeline.collate([_numpy_first_window(examples[i], 30)
+    want = pipeline.collate([_numpy_first_window(examples[i], 30)
                                    for i in meta["ids"]], batch.budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
@@ -280,7 +280,7 @@ def test_crop_first_window_in_eval(data_dir):
 def test_random_crop_in_training_stays_consistent(data_dir):
   config = _config(max_residues=30)
   examples = _all_examples(data_dir)
-  it = input_pipeline.make_dataset(data_dir, "train", config, training=True, seed=3,
+  it = pipeline.make_dataset(data_dir, "train", config, training=True, seed=3,
                                    process_index=0, process_count=1, chunk_size=16)
   starts = set()
   for _ in range(8):
@@ -322,7 +322,7 @@ def test_crop_keeps_every_node_of_a_pocket_in_a_long_chain(tmp_path):
                        shard_size=8, progress=False)
   config = _config(batch_size=2, max_residues=30)
   batches = _eval_batches(str(tmp_path), config)
-  it = input_pipeline.make_dataset(str(tmp_path), "train", config, training=True,
+  it = pipeline.make_dataset(str(tmp_path), "train", config, training=True,
                                    seed=1, process_index=0, process_count=1)
   batches += [next(it) for _ in range(6)]
   vocab = np.array(rc.ESM_VOCAB)
@@ -425,7 +425,7 @@ def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path, packed):
   ends = {}
   for batch, meta in _eval_batches(str(tmp_path), config):
     # tf.data packer == numpy collate of the same (first-window cropped) examples ...
-    want = input_pipeline.collate([_numpy_first_window(examples[i], 300)
+    want = pipeline.collate([_numpy_first_window(examples[i], 300)
                                    for i in meta["ids"]], batch.budget)
     for (p, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=p)
