@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
+from bihier_jax.data import budgets as budgets_lib  # noqa: E402
 from bihier_jax.data import pipeline  # noqa: E402
 from configs import default  # noqa: E402
 
@@ -54,7 +55,7 @@ def stream_digest(data_dir: str, *, packed: bool, training: bool, batches: int
   """(SHA-256 of the first `batches` batches, or the whole epoch in evaluation, count)."""
   config = default.get_config()
   config.data.pack_rows = packed
-  budgets = pipeline.bucket_budgets(config, pipeline.dataset_sizes(data_dir))
+  budgets = budgets_lib.bucket_budgets(config, budgets_lib.dataset_sizes(data_dir))
   digest = hashlib.sha256()
   count = 0
   for batch, meta in pipeline.make_dataset(

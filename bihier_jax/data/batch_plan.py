@@ -52,6 +52,11 @@ _ORDER, _EMIT, _CROP = 0x0D, 0xE1, 0xC0
 _SCAN_BATCH = 1024  # records parsed at once while building an index
 
 
+def default_chunk_size(batch_size: int) -> int:
+  """Records planned and packed together when `make_dataset` is not told otherwise."""
+  return max(256, 128 * int(batch_size))
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordIndex:
   """Where every record of a split lies, and its sizes; records numbered in file order
@@ -262,7 +267,7 @@ class PlannedBatch:
     row, column: int32[K] ESM row and `<cls>` column of each of their chains (the
       records' chains in order), as `packing.plan_batches` placed them.
     crop: float32[K] where each chain's window starts, as a fraction of the starts
-      that keep its residue nodes (`pipeline._crop`); 0 = the first window.
+      that keep its residue nodes (`tf_packer.crop_chunk`); 0 = the first window.
     step: the training step it was grouped into (`parallel.StepInput`), -1 if none.
   """
   index: int
@@ -375,7 +380,7 @@ class Planner:
 
 def _planned_sizes(index: RecordIndex, max_residues: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(int64[n, 4] (nodes, longest chain, chains, edges) as planned, bool[n] cropped,
+  """(int64[n, 4] `ExampleSizes` rows as planned, bool[n] cropped,
   int64[K] tokens of each chain once cropped, incl. <cls>/<eos>)."""
   max_res = int(max_residues)
   owner = np.repeat(np.arange(len(index)), index.chains)

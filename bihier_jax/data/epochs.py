@@ -1,6 +1,6 @@
 """Epochs in steps: how many batches one pass over a split gives with the current packing.
 
-A training batch is packed up to a padding budget (`pipeline.bucket_budgets`), not
+A training batch is packed up to a padding budget (`budgets.bucket_budgets`), not
 to a protein count: proteins join a batch while its nodes, edges, rows and graphs fit,
 so a batch holds at most train.batch_size proteins and on PDB-like lengths about 0.8 to
 0.9 of that. An epoch therefore takes more steps than ceil(records / batch_size).
@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from bihier_jax.data import pipeline
+from bihier_jax.data import batch_plan
+from bihier_jax.data import budgets as budgets_lib
 from bihier_jax.data import packing
 from bihier_jax.data.batch import PaddingBudget
 
@@ -120,14 +121,14 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
   """
   data_dir = data_dir or config.data.dir
   split = split or config.data.get("train_split", "train")
-  sizes = pipeline.load_sizes(data_dir, split)
+  sizes = budgets_lib.load_sizes(data_dir, split)
   if sizes is None or not len(sizes):
     raise ValueError(f"no {split}/sizes.json under {data_dir}: cannot count an epoch "
                      "(written by data_pipelines.preprocess)")
   sub = sub_batch_config(config, num_devices)
   if budgets is None:
-    budgets = pipeline.bucket_budgets(sub, pipeline.dataset_sizes(data_dir))
-  chunk = chunk_size or pipeline.default_chunk_size(sub.train.batch_size)
+    budgets = budgets_lib.bucket_budgets(sub, budgets_lib.dataset_sizes(data_dir))
+  chunk = chunk_size or batch_plan.default_chunk_size(sub.train.batch_size)
   batches = float(np.mean([
       simulate_batches(sizes, budgets, max_residues=int(config.data.max_residues),
                        chunk_size=chunk, seed=s)

@@ -1,8 +1,9 @@
 """Which examples share a padded batch, and where each chain sits in the ESM rows.
 
-One numpy implementation of the packing rule, used by `pipeline.collate`, by the
-tf.data packer (through `tf.numpy_function`), by the epoch estimate (`epochs`) and by the
-row-length choice (`pipeline.choose_row_length`), so the layout exists once.
+One numpy implementation of the packing rule, used by `layout.collate`, by the batch
+plan of the tf.data packer (`batch_plan`), by the epoch estimate (`epochs`) and by the
+row-length choice (`budgets.choose_row_length`), so the layout exists once; and the one
+fit rule (`oversize` for one example alone, `fits` for a batch).
 
 Two row layouts, set by `PaddingBudget.packed_rows`:
 - unpacked: one chain per ESM row, rows in chain order. Examples join a batch in order
@@ -67,6 +68,33 @@ def oversize(nodes: int, edges: int, chain_tokens: Sequence[int],
   for need, have, what in checks:
     if need > have:
       return f"{what}: need {need}, budget has {have}"
+  return None
+
+
+def fits(nodes: np.ndarray, edges: np.ndarray, num_chains: np.ndarray,
+         chain_tokens: np.ndarray, budget: PaddingBudget) -> str | None:
+  """Why examples of these sizes (as `plan_batches` takes them) do not fit one batch of
+  `budget` together, in order (None if they do)."""
+  nodes, edges, num_chains, chain_tokens = (np.asarray(v, np.int64).reshape(-1) for v in (
+      nodes, edges, num_chains, chain_tokens))
+  checks = [
+      (len(nodes), budget.n_graph - 1, "graphs (one kept for padding)"),
+      (nodes.sum(), budget.n_node - 1, "nodes (one kept for padding)"),
+      (edges.sum(), budget.n_edge, "edges"),
+      (num_chains.max(initial=0) if budget.packed_rows else num_chains.sum(),
+       budget.n_row, "ESM rows"),
+      (chain_tokens.max(initial=2), budget.row_length, "ESM row length"),
+  ]
+  if budget.graph_capacity:
+    checks.append((nodes.max(initial=0), budget.graph_capacity,
+                   "nodes of one graph (graph_capacity)"))
+  for need, have, what in checks:
+    if need > have:
+      return f"{what}: need {need}, budget has {have}"
+  if (budget.packed_rows
+      and plan_batches(nodes, edges, num_chains, chain_tokens, budget).num_batches > 1):
+    return (f"ESM rows: the chains do not fit {budget.n_row} rows of {budget.row_length} "
+            "tokens, placed first-fit in order")
   return None
 
 
@@ -173,7 +201,7 @@ def plan_batches(nodes: np.ndarray, edges: np.ndarray, num_chains: np.ndarray,
 
 # --- simulation on sizes.json -----------------------------------------------------------
 #
-# sizes.json has, per example, (nodes, longest chain, chains, edges): the length of every
+# sizes.json has, per example, its `ExampleSizes`: the length of every
 # chain is known for single-chain examples only. For several chains the others are taken
 # as equal, (nodes - longest) / (chains - 1) residues each, between 1 and the longest:
 # exact in total for complexes whose residues are all nodes, short for pockets (LBA),
@@ -185,11 +213,11 @@ def cropped_sizes(sizes: np.ndarray, max_residues: int) -> tuple[np.ndarray, np.
 
   Cropping drops `excess` nodes when every residue of the chain is a node (exact for one
   chain); when the nodes are a few residues of a long chain (an LBA pocket), the window
-  keeps them all (`pipeline._crop`), so the example keeps all its nodes. Edges are
+  keeps them all (`tf_packer.crop_chunk`), so the example keeps all its nodes. Edges are
   scaled with the nodes.
 
   Args:
-    sizes: int[n, 4] (nodes, longest chain, chains, edges) per example.
+    sizes: int[n, 4] `ExampleSizes` rows per example.
 
   Returns:
     (sizes int[n, 4] after cropping, long bool[n]: the example is cropped).
@@ -210,7 +238,7 @@ def chain_lengths(sizes: np.ndarray) -> np.ndarray:
   """int[sum chains] residues of each chain, estimated as above (longest chain first).
 
   Args:
-    sizes: int[n, 4] (nodes, longest chain, chains, edges), e.g. after `cropped_sizes`.
+    sizes: int[n, 4] `ExampleSizes` rows, e.g. after `cropped_sizes`.
   """
   sizes = np.asarray(sizes, np.int64).reshape(-1, 4)
   nodes, longest, chains = sizes[:, 0], sizes[:, 1], np.maximum(sizes[:, 2], 1)
@@ -277,7 +305,7 @@ def simulate(sizes: np.ndarray, budgets: Sequence[PaddingBudget], *, max_residue
   does.
 
   Args:
-    sizes: int[n, 4] (nodes, longest chain, chains, edges) as in sizes.json (uncropped).
+    sizes: int[n, 4] `ExampleSizes` rows as in sizes.json (uncropped).
   """
   sizes, long = cropped_sizes(sizes, max_residues)
   bucket = assign_buckets(sizes, long, budgets)

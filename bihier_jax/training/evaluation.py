@@ -214,10 +214,11 @@ def sample_batch(config) -> Batch:
   """A batch of padding only, of the run's first budget: what building and restoring a
   model need (shapes; the parameters do not depend on the values), without reading
   any record."""
-  from bihier_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  budgets = pipeline.bucket_budgets(per_device_config(config, jax.device_count()),
-                                          pipeline.dataset_sizes(data_dir(config)))
-  return pipeline.collate([], budgets[0])
+  from bihier_jax.data import budgets as budgets_lib  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
+  budgets = budgets_lib.bucket_budgets(per_device_config(config, jax.device_count()),
+                                       budgets_lib.dataset_sizes(data_dir(config)))
+  return layout.collate([], budgets[0])
 
 
 def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bihier_jax.data import batch_plan
+from bihier_jax.data import budgets as budgets_lib
 from bihier_jax.data import pipeline
 from bihier_jax.data import records
 from bihier_jax import testing
@@ -45,7 +46,7 @@ def test_record_index_matches_the_records(data_dir):
                                 [np.bincount(ex.receivers).max() for ex in examples])
   assert index.chains.max() == 2 and index.ligands.max() > 0  # not vacuous
   # Against sizes.json, record by record: (nodes, longest chain, chains, edges).
-  sizes = pipeline.load_sizes(data_dir, "train")
+  sizes = budgets_lib.load_sizes(data_dir, "train")
   longest = [max(len(s) for s in ex.sequences) for ex in examples]
   np.testing.assert_array_equal(
       sizes, np.stack([index.residues + index.ligands, longest, index.chains,

@@ -9,7 +9,8 @@ import pytest
 
 from bihier_jax.common import flops
 from bihier_jax.common import residue_constants as rc
-from bihier_jax.data import pipeline
+from bihier_jax.data import budgets as budgets_lib
+from bihier_jax.data import layout
 from bihier_jax.data import packing
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
@@ -107,7 +108,7 @@ def test_collate_packed_layout_matches_examples():
   exs = _examples()
   budget = PaddingBudget(n_node=160, n_edge=4096, n_graph=6, n_row=4, row_length=48,
                          graph_capacity=48, packed_rows=True)
-  b = pipeline.collate(exs, budget)
+  b = layout.collate(exs, budget)
   assert b.budget == budget and b.packed_rows
   nodes = b.graph.nodes
   vocab = np.array(rc.ESM_VOCAB)
@@ -168,8 +169,8 @@ def test_collate_packed_layout_matches_examples():
 
 def test_collate_unpacked_has_one_segment_per_row():
   exs = _examples()
-  budget = pipeline.budget_for(exs, graph_multiple=16)
-  b = pipeline.collate(exs, budget)
+  budget = layout.budget_for(exs, graph_multiple=16)
+  b = layout.collate(exs, budget)
   assert not b.packed_rows and budget.graph_capacity == 48
   np.testing.assert_array_equal(b.token_segments, np.where(b.tokens == rc.ESM_PAD, -1, 0))
   assert (b.tokens[:, 0] == rc.ESM_CLS).all()
@@ -178,22 +179,22 @@ def test_collate_unpacked_has_one_segment_per_row():
 
 def test_packed_budget_for_and_fits():
   exs = _examples()
-  budget = pipeline.budget_for(exs, packed_rows=True)
+  budget = layout.budget_for(exs, packed_rows=True)
   assert budget.row_length == 32 and budget.packed_rows
   assert budget.n_row < sum(len(ex.sequences) for ex in exs)
-  assert pipeline.fits(exs, budget) is None
+  assert packing.fits(*layout.plan_inputs(exs), budget) is None
   fewer = dataclasses.replace(budget, n_row=budget.n_row - 1)
-  assert "first-fit" in pipeline.fits(exs, fewer)
+  assert "first-fit" in packing.fits(*layout.plan_inputs(exs), fewer)
   with pytest.raises(ValueError, match="do not fit"):
-    pipeline.collate(exs, fewer)
+    layout.collate(exs, fewer)
 
 
 def test_residue_chain_rows_are_recovered_from_packed_chain_ids():
   """eval records each residue's chain row within its protein from chain_id."""
   from bihier_jax.training import evaluation  # pylint: disable=g-import-not-at-top
   exs = _examples()
-  budget = pipeline.budget_for(exs, packed_rows=True, node_multiple=8)
-  batch = pipeline.collate(exs, budget)
+  budget = layout.budget_for(exs, packed_rows=True, node_multiple=8)
+  batch = layout.collate(exs, budget)
   mask = (batch.node_label_mask > 0) & batch.node_mask
   chain_row, residue_index = evaluation._residue_positions(  # pylint: disable=protected-access
       batch, mask)
@@ -223,7 +224,7 @@ def _lognormal_sizes(n, seed=0):
 
 def test_unpacked_budgets_are_the_length_buckets_of_before():
   """pack_rows=False: the budgets of commit cf27909 (before packing), plus P."""
-  budgets = pipeline.bucket_budgets(_config(pack_rows=False), _lognormal_sizes(3000))
+  budgets = budgets_lib.bucket_budgets(_config(pack_rows=False), _lognormal_sizes(3000))
   got = [(b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length, b.packed_rows)
          for b in budgets]
   assert got == [(640, 7680, 9, 8, 128, False), (1408, 16896, 9, 8, 256, False),
@@ -234,7 +235,7 @@ def test_unpacked_budgets_are_the_length_buckets_of_before():
 def test_packed_budgets_admit_every_example_within_its_graph_capacity():
   sizes = _lognormal_sizes(3000)
   config = _config(row_length=384)
-  budgets = pipeline.bucket_budgets(config, sizes)
+  budgets = budgets_lib.bucket_budgets(config, sizes)
   assert [b.row_length for b in budgets] == [384, 512, 1024]
   assert all(b.packed_rows for b in budgets) and len(set(budgets)) <= 8
   cropped, long = packing.cropped_sizes(sizes, 1022)
@@ -278,15 +279,15 @@ def _one_length(residues, n=870):
 ])
 def test_row_length_choice_on_sizes_with_a_known_answer(residues, embed_dim, ffn_dim,
                                                         want):
-  got = pipeline.choose_row_length(_one_length(residues), embed_dim, ffn_dim,
+  got = budgets_lib.choose_row_length(_one_length(residues), embed_dim, ffn_dim,
                                          batch_size=32)
   assert got == want
 
 
 def test_config_row_length_zero_chooses_for_the_preset_and_a_value_forces_it():
   sizes = _lognormal_sizes(2000)
-  big = pipeline.bucket_budgets(_config(preset="t36_3B", batch_size=32), sizes)
-  assert big[0].row_length == pipeline.choose_row_length(
+  big = budgets_lib.bucket_budgets(_config(preset="t36_3B", batch_size=32), sizes)
+  assert big[0].row_length == budgets_lib.choose_row_length(
       sizes, 2560, 10240, batch_size=32)
-  forced = pipeline.bucket_budgets(_config(row_length=256), sizes)
+  forced = budgets_lib.bucket_budgets(_config(row_length=256), sizes)
   assert [b.row_length for b in forced] == [256, 512, 1024]

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.data import budgets as budgets_lib
+from bihier_jax.data import layout
 from bihier_jax.data import pipeline
+from bihier_jax.data import tf_ragged
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 
@@ -33,7 +36,7 @@ def test_random_example_geometry_and_graph():
 def test_collate_layout_matches_examples():
   exs = _examples()
   budget = PaddingBudget(n_node=128, n_edge=4096, n_graph=5, n_row=6, row_length=40)
-  b = pipeline.collate(exs, budget)
+  b = layout.collate(exs, budget)
   assert b.budget == budget
   nodes = b.graph.nodes
   # jraph bookkeeping: node_graph is n_node repeated; padding graph last.
@@ -81,13 +84,13 @@ def test_collate_layout_matches_examples():
 
 def test_collate_rejects_over_budget():
   exs = _examples()
-  tight = pipeline.budget_for(exs)
-  pipeline.collate(exs, tight)
+  tight = layout.budget_for(exs)
+  layout.collate(exs, tight)
   for field in ("n_node", "n_edge", "n_graph", "n_row", "row_length"):
     small = dict(tight.__dict__)
     small[field] -= 1
     with pytest.raises(ValueError, match="do not fit"):
-      pipeline.collate(exs, PaddingBudget(**small))
+      layout.collate(exs, PaddingBudget(**small))
 
 
 # --- tf.data pipeline over shards -------------------------------------------------------
@@ -112,12 +115,12 @@ def test_ragged_helpers_equal_numpy():
   counts[:3] = 0
   values = rng.integers(0, 10**6, 40).astype(np.int32)
   starts = rng.integers(0, 1000, 40).astype(np.int32)
-  np.testing.assert_array_equal(pipeline._repeat(values, counts).numpy(),
+  np.testing.assert_array_equal(tf_ragged.repeat(values, counts).numpy(),
                                 np.repeat(values, counts))
   np.testing.assert_array_equal(
-      pipeline._runs(starts, counts).numpy(),
+      tf_ragged.runs(starts, counts).numpy(),
       np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]))
-  owner, position = pipeline._rows(counts)
+  owner, position = tf_ragged.rows(counts)
   np.testing.assert_array_equal(owner.numpy(), np.repeat(np.arange(40), counts))
   np.testing.assert_array_equal(position.numpy(),
                                 np.concatenate([np.arange(n) for n in counts]))
@@ -125,15 +128,15 @@ def test_ragged_helpers_equal_numpy():
   which = rng.permutation(40)[:25].astype(np.int32)
   first = np.cumsum(counts) - counts
   np.testing.assert_array_equal(
-      pipeline._gather_rows(rows, counts, which).numpy(),
+      tf_ragged.gather_rows(rows, counts, which).numpy(),
       np.concatenate([rows[first[i]:first[i] + counts[i]] for i in which]))
   flat = rng.integers(0, 100, int(counts.sum())).astype(np.int32)
-  padded = pipeline._padded(flat, counts, -7, 6).numpy()
+  padded = tf_ragged.padded(flat, counts, -7, 6).numpy()
   expected = np.full((40, 6), -7, np.int32)
   for i, piece in enumerate(np.split(flat, np.cumsum(counts)[:-1])):
     expected[i, :len(piece)] = piece
   np.testing.assert_array_equal(padded, expected)
-  assert pipeline._padded(tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), 0,
+  assert tf_ragged.padded(tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), 0,
                                 4).shape == (0, 4)
 
 
@@ -188,7 +191,7 @@ def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, pack
   config = _config(max_residues=90, row_length=48) if packed else _config()
   examples = {k: _numpy_first_window(ex, 90) if packed else ex
               for k, ex in _all_examples(data_dir).items()}
-  budgets = pipeline.bucket_budgets(config, pipeline.dataset_sizes(data_dir))
+  budgets = budgets_lib.bucket_budgets(config, budgets_lib.dataset_sizes(data_dir))
   assert [b.packed_rows for b in budgets] == [packed] * len(budgets)
   batches = _eval_batches(data_dir, config)
   seen = []
@@ -198,7 +201,7 @@ def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, pack
     assert batch.graph.n_edge.sum() == batch.budget.n_edge
     seen.extend(meta["ids"])
     # The tf.data batch equals numpy collate of the same examples, field by field.
-    want = pipeline.collate([examples[i] for i in meta["ids"]], batch.budget)
+    want = layout.collate([examples[i] for i in meta["ids"]], batch.budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
     assert batch.packed_rows == want.packed_rows == packed
@@ -271,7 +274,7 @@ def test_crop_first_window_in_eval(data_dir):
   examples = _all_examples(data_dir)
   for batch, meta in _eval_batches(data_dir, config):
     assert batch.budget.row_length <= 32
-    want = pipeline.collate([_numpy_first_window(examples[i], 30)
+    want = layout.collate([_numpy_first_window(examples[i], 30)
                                    for i in meta["ids"]], batch.budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
@@ -425,7 +428,7 @@ def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path, packed):
   ends = {}
   for batch, meta in _eval_batches(str(tmp_path), config):
     # tf.data packer == numpy collate of the same (first-window cropped) examples ...
-    want = pipeline.collate([_numpy_first_window(examples[i], 300)
+    want = layout.collate([_numpy_first_window(examples[i], 300)
                                    for i in meta["ids"]], batch.budget)
     for (p, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=p)

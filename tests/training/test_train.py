@@ -34,6 +34,7 @@ import pytest
 
 import conftest
 
+from bihier_jax.data import layout
 from bihier_jax.data import pipeline
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
@@ -309,7 +310,7 @@ def _synthetic_dataset(bad_from=None):
           return
         exs = [testing.random_example(12 + (5 * i + j) % 7, seed=seed + 31 * i + j
                                       + (0 if training else 10_000)) for j in range(per)]
-        batch = pipeline.collate(exs, _BUDGET)
+        batch = layout.collate(exs, _BUDGET)
         if training and bad_from is not None and i >= bad_from:
           batch = batch.replace(node_weights=np.full_like(batch.node_weights, np.nan))
         yield batch, {"ids": [e.id for e in exs], "groups": [split] * per}
@@ -442,7 +443,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
   config = demo.get_config("tiny")
   config.task.name = "synthetic"
   mesh = train_lib.parallel.make_mesh(jax.devices()[:1])
-  batch = pipeline.collate([testing.random_example(12, seed=0)], _BUDGET)
+  batch = layout.collate([testing.random_example(12, seed=0)], _BUDGET)
   with pytest.raises(checkpointing.CheckpointError, match="train first"):
     train_lib.restore_params(config, str(tmp_path / "nothing"), "", batch, mesh)
   # A checkpoint of a different model (wider GNN) does not fit this config.
