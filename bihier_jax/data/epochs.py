@@ -1,28 +1,13 @@
 """Epochs in steps: how many batches one pass over a split gives with the current packing.
 
-A training batch is packed up to a padding budget (`budgets.bucket_budgets`), not
-to a protein count: proteins join a batch while its nodes, edges, rows and graphs fit,
-so a batch holds at most train.batch_size proteins and on PDB-like lengths about 0.8 to
-0.9 of that. An epoch therefore takes more steps than ceil(records / batch_size).
-
-`estimate_epoch` simulates the packer on the split's sizes.json (the same bucket choice,
-budgets, chunks and packing rule as the plan of `batch_plan`, `packing.simulate`, crops
-counted as in `bucket_budgets`) over random record orders, and averages a few seeds. It
-is an estimate: the real order is another draw, cropped examples' node and edge counts
-are estimated (the plan takes upper bounds), and with packed rows the chains of a
-multi-chain example other than its longest are estimated (sizes.json has the longest
-only). The number of hosts does not enter: all hosts share one plan. On the test splits it lands within a few per cent of the batches `make_dataset`
-emits per epoch.
-
-`resolve_epochs` turns the epoch-denominated fields of a config into the step fields the
-training loop reads (call it before the optimizer and its schedule are built):
-
-  train.num_epochs            -> train.num_steps
-  train.eval_every_epochs     -> train.eval_every
-  train.checkpoint_every_epochs -> train.checkpoint_every
-  optim.step_every_epochs     -> optim.step_every
-
-A field that is missing or 0 leaves its step field as it is.
+Public: `estimate_epoch` -> `EpochEstimate` (simulates the packer, `packing.simulate`,
+on the split's sizes.json over a few random orders), `batches_per_epoch`,
+`resolve_epochs` (a copy of the config with its `EPOCH_FIELDS` turned into the step
+fields the training loop reads: train.num_epochs -> train.num_steps, and so on; call it
+before the optimizer and its schedule are built), `sub_batch_config`,
+`accumulation_steps`, `simulate_batches`. Why an epoch is more steps than
+records / batch_size, and how close the estimate comes: docs/data.md, "Epochs and
+steps".
 """
 
 from __future__ import annotations
