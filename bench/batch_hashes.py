@@ -24,7 +24,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
-from bihier_jax.data import input_pipeline  # noqa: E402
+from bihier_jax.data import budgets as budgets_lib  # noqa: E402
+from bihier_jax.data import pipeline  # noqa: E402
 from configs import default  # noqa: E402
 
 
@@ -54,10 +55,10 @@ def stream_digest(data_dir: str, *, packed: bool, training: bool, batches: int
   """(SHA-256 of the first `batches` batches, or the whole epoch in evaluation, count)."""
   config = default.get_config()
   config.data.pack_rows = packed
-  budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
+  budgets = budgets_lib.bucket_budgets(config, budgets_lib.dataset_sizes(data_dir))
   digest = hashlib.sha256()
   count = 0
-  for batch, meta in input_pipeline.make_dataset(
+  for batch, meta in pipeline.make_dataset(
       data_dir, "train", config, training=training, seed=0, process_index=0,
       process_count=1, budgets=budgets):
     _update(digest, (batch, meta))

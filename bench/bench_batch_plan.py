@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 
 from bihier_jax.data import batch_plan  # noqa: E402
 from bihier_jax.data import epochs  # noqa: E402
-from bihier_jax.data import input_pipeline  # noqa: E402
+from bihier_jax.data import budgets as budgets_lib  # noqa: E402
+from bihier_jax.data import pipeline  # noqa: E402
 from configs import default  # noqa: E402
 
 
@@ -52,11 +53,11 @@ def plan_epoch(n: int) -> dict:
   config = epochs.sub_batch_config(config, 8)
   index = synthetic_index(n)
   sizes = np.stack([index.residues, index.chain_length, index.chains, index.edges], 1)
-  budgets = input_pipeline.bucket_budgets(config, sizes)
+  budgets = budgets_lib.bucket_budgets(config, sizes)
   start = time.perf_counter()
   planner = batch_plan.Planner(
       index, budgets, max_residues=int(config.data.max_residues),
-      chunk_size=input_pipeline.default_chunk_size(config.train.batch_size), seed=0,
+      chunk_size=batch_plan.default_chunk_size(config.train.batch_size), seed=0,
       training=True, random_crop=True)
   setup = time.perf_counter() - start
   start = time.perf_counter()
@@ -72,7 +73,7 @@ def plan_epoch(n: int) -> dict:
 
 
 def read_index(data_dir: str) -> dict:
-  files = input_pipeline.shard_files(data_dir, "train")
+  files = pipeline.shard_files(data_dir, "train")
   start = time.perf_counter()
   index = batch_plan.record_index(files)
   seconds = time.perf_counter() - start

@@ -230,7 +230,7 @@ def varlen_speed(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
   packed rows (one jitted call per row-length bucket) vs transformers sorted by length,
   batches of 8 padded to the batch's longest."""
   import torch  # pylint: disable=import-outside-toplevel
-  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import budgets as budgets_lib  # pylint: disable=import-outside-toplevel
 
   cfg = esm2.config_from_preset(preset, mlm_head=False)
   reference, params = reference_and_params(preset)
@@ -265,7 +265,7 @@ def varlen_speed(preset: str, n: int, repeats: int, seed: int = 0) -> dict:
   # dataset's sizes.json, for batches of 8 proteins)
   pool = realistic_lengths(4000, seed + 2)
   sizes = np.stack([pool, pool, np.ones_like(pool), 16 * pool], 1)
-  row_length = input_pipeline.choose_row_length(sizes, cfg.embed_dim, cfg.ffn_dim,
+  row_length = budgets_lib.choose_row_length(sizes, cfg.embed_dim, cfg.ffn_dim,
                                                 batch_size=8)
   groups = _pack_rows(lengths, row_length, (512, 768, 1024))
   model = esm2.ESM2(cfg)
@@ -515,17 +515,18 @@ def _pipeline_rows(lengths: np.ndarray, row_length: int, batch_size: int,
                    seed: int = 0) -> dict[int, np.ndarray]:
   """Segment ids int32[R, L] (-1 at padding) of every row of every batch the input
   pipeline makes of single chains of `lengths` residues in a random stream order:
-  `input_pipeline.bucket_budgets` (packed rows of `row_length`, longer chains in the
+  `budgets.bucket_budgets` (packed rows of `row_length`, longer chains in the
   1,024-token bucket; batch padding rows included) and `packing.plan_batches`, per
   row length."""
-  from bihier_jax.data import input_pipeline, packing  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import budgets as budgets_lib  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import packing  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
   config = default.get_config()
   config.data.pack_rows, config.data.row_length = True, row_length
   config.train.batch_size = batch_size
   edges = lengths * 16  # a residue graph's edges per node; only budgets' n_edge sees it
   sizes = np.stack([lengths, lengths, np.ones_like(lengths), edges], 1)
-  budgets = input_pipeline.bucket_budgets(config, sizes)
+  budgets = budgets_lib.bucket_budgets(config, sizes)
   order = np.random.default_rng(seed).permutation(len(lengths))
   home = {int(i): next(b for b, budget in enumerate(budgets) if packing.oversize(
       int(lengths[i]), int(edges[i]), [int(lengths[i]) + 2], budget) is None)

@@ -7,13 +7,13 @@ What is measured (one device, one training step = forward + backward + AdamW upd
 the whole model, the same loss the trainer uses):
 
 - compilations: two "epochs" of synthetic helical proteins of mixed lengths, packed into
-  the task's padding budgets (`input_pipeline.bucket_budgets`: one per length bucket
+  the task's padding budgets (`budgets.bucket_budgets`: one per length bucket
   128 ... 1024), counting XLA backend compilations with a `jax.monitoring` listener on
   '/jax/core/compile/backend_compile_duration'. The step must compile at most once per
   budget in epoch 1 and never in epoch 2.
 - step_time_vs_length: per budget (ESM rows of L tokens), proteins of L - 2 residues
   packed into it; median wall time of a step (the program is compiled already).
-- input_vs_step: host time to pad a batch (`input_pipeline.collate`) and copy it to the
+- input_vs_step: host time to pad a batch (`layout.collate`) and copy it to the
   device, against the device step time of the same batch.
 - --gpu: ESM-2 t33_650M + 4 x 128 GNN, bfloat16 compute, L = 512: step time, model-FLOPs
   utilisation (analytic ESM-trunk training FLOPs over the chip's dense bf16 peak; the
@@ -148,24 +148,15 @@ def make_examples(lengths, seed: int = 0, num_classes: int = 3):
           for i, n in enumerate(lengths)]
 
 
-def example_sizes(examples) -> np.ndarray:
-  """int[n, 4] (nodes, longest chain, chains, edges), as the pipeline's sizes.json."""
-  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  rows = []
-  for ex in examples:
-    nodes, edges, chains, row = input_pipeline.example_sizes(ex)
-    rows.append([nodes, row - 2, chains, edges])
-  return np.asarray(rows, np.int64)
-
-
 def pack(examples, budgets):
   """Examples -> [(budget index, [examples])]: each goes to the smallest budget it fits,
   then batches are packed greedily in order, as the pipeline's budget rule does."""
-  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import layout  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import packing  # pylint: disable=import-outside-toplevel
   by_budget: dict[int, list] = {}
   for ex in examples:
-    i = next((i for i, b in enumerate(budgets) if input_pipeline.fits([ex], b) is None),
-             None)
+    i = next((i for i, b in enumerate(budgets)
+              if packing.fits(*layout.plan_inputs([ex]), b) is None), None)
     if i is None:
       raise ValueError(f"{ex.id} ({ex.num_residues} residues) fits no budget")
     by_budget.setdefault(i, []).append(ex)
@@ -173,7 +164,8 @@ def pack(examples, budgets):
   for i, members in sorted(by_budget.items()):
     current = []
     for ex in members:
-      if current and input_pipeline.fits(current + [ex], budgets[i]) is not None:
+      if (current and packing.fits(*layout.plan_inputs(current + [ex]), budgets[i])
+          is not None):
         batches.append((i, current))
         current = []
       current.append(ex)
@@ -191,22 +183,24 @@ def full_model_suite(preset: str, max_length: int, batch_size: int, num_examples
   """All CPU/GPU figures on one model, sharing its compiled programs (one per budget).
 
   1. compilations: two epochs over mixed-length proteins packed into the task's padding
-     budgets (`input_pipeline.bucket_budgets`, one per length bucket).
+     budgets (`budgets.bucket_budgets`, one per length bucket).
   2. step_time_vs_length: per budget, a batch of proteins of L - 2 residues packed into
      it, median step time (already compiled).
   3. input_vs_step: host padding + copy vs device step at the middle budget.
   """
-  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import budgets as budgets_lib  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import layout  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import packing  # pylint: disable=import-outside-toplevel
   config = bench_config(preset, batch_size=batch_size)
   config.data.length_buckets = tuple(
       b for b in (128, 256, 512, 1024) if b <= max_length)
   config.data.max_residues = max_length - 2
   rng = np.random.default_rng(seed)
   examples = make_examples(rng.integers(20, max_length - 1, size=num_examples), seed)
-  budgets = input_pipeline.bucket_budgets(config, example_sizes(examples))
+  budgets = budgets_lib.bucket_budgets(config, layout.size_rows(examples))
   batches = pack(examples, budgets)
   batches = [batches[i] for i in rng.permutation(len(batches))]
-  host = [(i, input_pipeline.collate(members, budgets[i])) for i, members in batches]
+  host = [(i, layout.collate(members, budgets[i])) for i, members in batches]
 
   with CompileCounter() as setup:
     stepper = Stepper(config, to_device(host[0][1]))
@@ -241,9 +235,9 @@ def full_model_suite(preset: str, max_length: int, batch_size: int, num_examples
       length = budget.row_length
       full = []
       for j, ex in enumerate(make_examples([length - 2] * batch_size, seed=1000 + length)):
-        if input_pipeline.fits(full + [ex], budget) is None:
+        if packing.fits(*layout.plan_inputs(full + [ex]), budget) is None:
           full.append(ex)
-      batch = to_device(input_pipeline.collate(full, budget))
+      batch = to_device(layout.collate(full, budget))
       stepper.step(batch)  # compiled already if the epoch used this budget
       times = [stepper.step(batch) for _ in range(steps)]
       med = statistics.median(times)
@@ -263,7 +257,7 @@ def full_model_suite(preset: str, max_length: int, batch_size: int, num_examples
   collate_s, put_s, step_s = [], [], []
   for _ in range(steps):
     t0 = time.perf_counter()
-    batch = input_pipeline.collate(members, middle)
+    batch = layout.collate(members, middle)
     t1 = time.perf_counter()
     dev = to_device(batch)
     t2 = time.perf_counter()
@@ -297,12 +291,12 @@ def esm_train_flops(preset: str, num_rows: int, length: int) -> float:
 
 def gpu_child(remat: bool, preset: str, length: int, batch_size: int, steps: int):
   """One remat setting in this process: step time, FLOPs, memory."""
-  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import layout  # pylint: disable=import-outside-toplevel
   device = jax.devices()[0]
   config = bench_config(preset, "bfloat16", remat, batch_size)
   examples = make_examples([length - 2] * batch_size, seed=3)
-  budget = input_pipeline.budget_for(examples, node_multiple=128, edge_multiple=128)
-  batch = to_device(input_pipeline.collate(examples, budget))
+  budget = layout.budget_for(examples, node_multiple=128, edge_multiple=128)
+  batch = to_device(layout.collate(examples, budget))
   stepper = Stepper(config, batch)
   start = time.perf_counter()
   compiled = stepper.compiled(batch)
@@ -393,7 +387,7 @@ def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int,
   alternating passes over each layout's batches. Real residues per second of a pass =
   the proteins' residues / the pass's summed step wall time.
   """
-  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import layout  # pylint: disable=import-outside-toplevel
   examples = make_examples(realistic_lengths(n))
   residues = int(sum(ex.aatype.shape[0] for ex in examples))
   layouts = {}
@@ -403,8 +397,8 @@ def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int,
     config.data.row_length = row_length
     name = ("packed" if row_length == row_lengths[0] else f"packed_{row_length}"
             ) if pack else "unpacked"
-    plan = input_pipeline.inference_batches(examples, config)
-    batches = [input_pipeline.collate([examples[i] for i in members], budget)
+    plan = layout.inference_batches(examples, config)
+    batches = [layout.collate([examples[i] for i in members], budget)
                for budget, members in plan]
     stepper = Stepper(config, batches[0])
     for budget in dict.fromkeys(b.budget for b in batches):  # compile each shape

@@ -43,7 +43,8 @@ host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.com
 
 import numpy as np  # noqa: E402
 
-from bihier_jax.data import input_pipeline  # noqa: E402
+from bihier_jax.data import budgets as budgets_lib  # noqa: E402
+from bihier_jax.data import pipeline  # noqa: E402
 from bihier_jax import testing  # noqa: E402
 from configs import default  # noqa: E402
 from data_pipelines import shards  # noqa: E402
@@ -64,8 +65,8 @@ def measure(data_dir: str, config, *, batches: int, warmup: int, threads: int,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.threading.set_inter_op_parallelism_threads(threads)
   tf.config.threading.set_intra_op_parallelism_threads(threads)
-  budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
-  it = input_pipeline.make_dataset(data_dir, "train", config, training=training, seed=0,
+  budgets = budgets_lib.bucket_budgets(config, budgets_lib.dataset_sizes(data_dir))
+  it = pipeline.make_dataset(data_dir, "train", config, training=training, seed=0,
                                    process_index=0, process_count=1, budgets=budgets)
   real = slots = proteins = tokens = token_slots = 0
   shapes = set()

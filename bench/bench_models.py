@@ -43,7 +43,7 @@ import numpy as np
 
 from bihier_jax import models
 from bihier_jax.common import flops
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import heads
 from configs import default
@@ -86,8 +86,8 @@ def make_config(size: dict, kind: str, mode: str | None, dtype: str = "float32")
 def make_batch(size: dict):
   examples = [testing.random_example(size["residues"], seed=i)
               for i in range(size["proteins"])]
-  budget = input_pipeline.budget_for(examples, node_multiple=64, edge_multiple=256)
-  return jax.tree_util.tree_map(jnp.asarray, input_pipeline.collate(examples, budget))
+  budget = layout.budget_for(examples, node_multiple=64, edge_multiple=256)
+  return jax.tree_util.tree_map(jnp.asarray, layout.collate(examples, budget))
 
 
 def train_step_fn(config, batch):

@@ -106,11 +106,11 @@ def pronet_step(rounds: int, steps: int) -> dict:
   """ProNet 4 x 128 forward + backward seconds per step in bfloat16, and the message sum
   alone (forward + backward, the shapes of one convolution of that batch) summed in
   bfloat16 and in float32, alternating."""
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
   from bihier_jax import testing  # pylint: disable=g-import-not-at-top
   from bihier_jax.models import pronet  # pylint: disable=g-import-not-at-top
   examples = [testing.random_example(250, seed=s, n_chains=2) for s in range(4)]
-  batch = input_pipeline.collate(examples, input_pipeline.budget_for(examples))
+  batch = layout.collate(examples, layout.budget_for(examples))
   config = pronet.ProNetConfig(dtype=jnp.bfloat16, dropout=0.0)
   model = pronet.ProNet(config)
   params = jax.jit(model.init)(jax.random.key(0), batch.graph)

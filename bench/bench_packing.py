@@ -42,7 +42,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 from bihier_jax.common import flops  # noqa: E402
-from bihier_jax.data import input_pipeline  # noqa: E402
+from bihier_jax.data import batch_plan  # noqa: E402
+from bihier_jax.data import budgets as budgets_lib  # noqa: E402
+from bihier_jax.data import layout  # noqa: E402
 from bihier_jax.data import packing  # noqa: E402
 from bihier_jax.models import esm2  # noqa: E402
 from configs import default  # noqa: E402
@@ -95,7 +97,7 @@ def whole_step_flops(config, budgets, sizes, *, chunk_size: int) -> dict:
   model = steps.build_model(config)
   per_budget = []
   for budget in budgets:
-    batch = input_pipeline.collate([testing.random_example(20, seed=0)], budget)
+    batch = layout.collate([testing.random_example(20, seed=0)], budget)
     params = jax.eval_shape(lambda k, b: model.init(k, b)["params"], jax.random.key(0),
                             batch)
     stacked = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
@@ -126,24 +128,24 @@ def main():
   for batch_size in (8, 32):
     config = default.get_config()
     config.train.batch_size = batch_size
-    chunk = input_pipeline.default_chunk_size(batch_size)
+    chunk = batch_plan.default_chunk_size(batch_size)
     max_res = int(config.data.max_residues)
     config.data.pack_rows = False
-    unpacked = layout_figures(sizes, input_pipeline.bucket_budgets(config, sizes),
+    unpacked = layout_figures(sizes, budgets_lib.bucket_budgets(config, sizes),
                               max_residues=max_res, chunk_size=chunk)
     row = {"unpacked": unpacked, "packed": {}}
     config.data.pack_rows = True
     for preset in PRESETS:
       esm = esm2.config_from_preset(preset)
       t = time.perf_counter()
-      costs = input_pipeline.row_length_costs(
+      costs = budgets_lib.row_length_costs(
           sizes, esm.embed_dim, esm.ffn_dim, batch_size=batch_size, max_residues=max_res,
           length_buckets=config.data.length_buckets,
           max_neighbors=int(config.data.max_neighbors))
       chosen = min(costs, key=lambda k: (costs[k]["flops_per_real_token"], k))
       choose_s = time.perf_counter() - t
       config.model.esm.preset = preset
-      budgets = input_pipeline.bucket_budgets(config, sizes)
+      budgets = budgets_lib.bucket_budgets(config, sizes)
       assert budgets[0].row_length == chosen
       figures = layout_figures(sizes, budgets, max_residues=max_res, chunk_size=chunk)
       figures.update(
@@ -164,7 +166,7 @@ def main():
       for pack in (False, True):
         config.data.pack_rows = pack
         whole["packed" if pack else "unpacked"] = whole_step_flops(
-            config, input_pipeline.bucket_budgets(config, sizes), sizes,
+            config, budgets_lib.bucket_budgets(config, sizes), sizes,
             chunk_size=chunk)
       whole["unpacked_over_packed"] = (whole["unpacked"]["mflop_per_real_residue"]
                                        / whole["packed"]["mflop_per_real_residue"])

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from bihier_jax.data import example as example_lib
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax.models import pronet
 
 _SS_CLASSES = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}
@@ -169,7 +169,7 @@ def main():
   parser.add_argument("--quick", action="store_true", help="fewer steps and sizes")
   parser.add_argument("--json", default="", help="write results here")
   parser.add_argument("--receivers_sorted", type=int, default=1,
-                      help="collated batches have receivers sorted (input_pipeline.collate)")
+                      help="collated batches have receivers sorted (layout.collate)")
   parser.add_argument("--level", default="backbone")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--steps", type=int, default=0, help="timed steps per repeat")
@@ -197,8 +197,8 @@ def main():
 
   for proteins in ([8] if args.quick else [8, 32]):
     examples = [chains[i % len(chains)] for i in range(proteins)]
-    budget = input_pipeline.budget_for(examples, node_multiple=128, edge_multiple=1024)
-    row = time_batch(cfg, input_pipeline.collate(examples, budget), steps, repeats)
+    budget = layout.budget_for(examples, node_multiple=128, edge_multiple=1024)
+    row = time_batch(cfg, layout.collate(examples, budget), steps, repeats)
     row["proteins"] = proteins
     row["vs_reference"] = row["residues_per_s"] / REFERENCE_RESIDUES_PER_S[proteins]
     results["batches"].append(row)
@@ -210,11 +210,11 @@ def main():
   for n_node in ([512, 1024] if args.quick else [512, 1024, 2048, 4096, 8192]):
     examples = fill(chains, n_node)
     edges = sum(ex.num_edges for ex in examples)
-    budget = input_pipeline.budget_for(examples, n_graph=len(examples) + 1)
+    budget = layout.budget_for(examples, n_graph=len(examples) + 1)
     budget = type(budget)(n_node=n_node, n_edge=32 * n_node, n_graph=budget.n_graph,
                           n_row=budget.n_row, row_length=budget.row_length)
     assert edges <= budget.n_edge
-    row = time_batch(cfg, input_pipeline.collate(examples, budget), steps, repeats)
+    row = time_batch(cfg, layout.collate(examples, budget), steps, repeats)
     results["budgets"].append(row)
     print(f"budget {n_node:5d} nodes / {32 * n_node:6d} edges  {row['residues']:5d} "
           f"residues  {row['step_ms']:8.1f} ms/step ({row['cpu_ms']:7.1f} CPU-ms)  "

@@ -205,13 +205,13 @@ def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool,
   """One compiled step; see the module docstring for the fields."""
   from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
   from bihier_jax import testing
-  from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bihier_jax.data import layout  # pylint: disable=import-outside-toplevel
   from bihier_jax.training import optim, parallel, steps  # pylint: disable=import-outside-toplevel
   config = bench_config(preset, devices, fsdp, lora, remat)
   mesh = parallel.make_mesh(jax.devices()[:devices], fsdp)
   example = testing.random_example(seq_len - 2, seed=0)
-  budget = input_pipeline.budget_for([example])
-  sub = input_pipeline.collate([example], budget)
+  budget = layout.budget_for([example])
+  sub = layout.collate([example], budget)
   stacked = parallel.stack([sub] * devices)
   batch = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -51,7 +51,7 @@ host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.com
 
 import numpy as np  # noqa: E402
 
-from bihier_jax.data import input_pipeline  # noqa: E402
+from bihier_jax.data import pipeline  # noqa: E402
 from bihier_jax import testing  # noqa: E402
 from configs import mqa  # noqa: E402
 from data_pipelines import shards  # noqa: E402
@@ -115,7 +115,7 @@ def measure(data_dir: str, config, group_of: dict, *, threads: int) -> dict:
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   n = len(group_of)
   start = time.perf_counter()
-  it = input_pipeline.make_dataset(data_dir, "train", config, training=True, seed=0,
+  it = pipeline.make_dataset(data_dir, "train", config, training=True, seed=0,
                                    process_index=0, process_count=1)
   seen = {}  # id -> positions (in delivered records)
   passes = [[], []]  # per pass: (budget, groups) of each batch
@@ -176,8 +176,8 @@ def measure(data_dir: str, config, group_of: dict, *, threads: int) -> dict:
   out["median_batch_gap_s"] = float(np.median(gaps))
   if pass_end_batch is not None:
     out["pass_boundary_gap_s"] = float(gaps[pass_end_batch - 1])
-  out["shuffle_buffer"] = (input_pipeline.shuffle_buffer_size(config, data_dir, "train")
-                           if hasattr(input_pipeline, "shuffle_buffer_size")
+  out["shuffle_buffer"] = (pipeline.shuffle_buffer_size(config, data_dir, "train")
+                           if hasattr(pipeline, "shuffle_buffer_size")
                            else int(config.data.shuffle_buffer))
   return out
 
@@ -189,7 +189,7 @@ def epoch_length(data_dir: str, config, *, threads: int) -> dict:
   tf.config.threading.set_inter_op_parallelism_threads(threads)
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   emitted = 0
-  for _, meta in input_pipeline.make_dataset(data_dir, "train", config, training=True,
+  for _, meta in pipeline.make_dataset(data_dir, "train", config, training=True,
                                              seed=0, process_index=0, process_count=1):
     if meta["epoch"] > 0:
       break

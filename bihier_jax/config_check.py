@@ -22,7 +22,7 @@ ON_CORRUPT_CHECKPOINT = ("fallback", "fail")  # train.on_corrupt_checkpoint (tra
 
 # Not exported as constants by the modules that read them yet.
 _SCHEDULES = ("cosine", "step", "constant")  # training.optim.learning_rate_schedule
-_CROPS = ("random", "first")  # data.input_pipeline: anything but 'random' crops 'first'
+_CROPS = ("random", "first")  # data.pipeline: anything but 'random' crops 'first'
 _POOLINGS = ("sum", "mean")  # models.heads
 _DTYPES = ("float32", "bfloat16")  # model.dtype as documented in configs/default.py
 

@@ -41,7 +41,7 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   import dataclasses  # pylint: disable=g-import-not-at-top
   from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
   from bihier_jax import testing
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
   from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import parallel, train_lib  # pylint: disable=g-import-not-at-top
   config = config_check.load_saved_config(workdir)
@@ -49,7 +49,7 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
     raise ValueError(f"{workdir}: model.kind=gnn_only has no ESM-2 branch")
   # Parameter shapes do not depend on the batch: any small one will do.
   example = testing.random_example(16, seed=0, num_classes=int(config.task.num_classes))
-  batch = input_pipeline.collate([example], input_pipeline.budget_for(
+  batch = layout.collate([example], layout.budget_for(
       [example], packed_rows=bool(config.data.get("pack_rows", False))))
   mesh = parallel.make_mesh(jax.local_devices()[:1])
   model, params, step = train_lib.restore_params(config, workdir, checkpoint, batch, mesh)

@@ -43,10 +43,8 @@ class ItemResult:
 
 
 def example_size(ex) -> list[int]:
-  """[nodes (residues + ligand atoms), longest chain sequence, chains, edges]."""
-  return [ex.num_residues + int(len(ex.ligand_elements)),
-          max((len(s) for s in ex.sequences), default=0), len(ex.sequences),
-          ex.num_edges]
+  """The example's sizes.json row (`ExampleSizes`)."""
+  return list(ex.sizes())
 
 
 def filter_incomplete_backbone(examples, policy: str, source: str):

@@ -70,7 +70,7 @@ class Batch:
         sidechain_torsions float32[N, 8], chi_mask float32[N, 4],
         prev_node int32[N], next_node int32[N] (index of residue i-1 / i+1 of the same
         chain; the node itself at chain ends, at gaps (residue_index not consecutive
-        or Cα–Cα > 4.2 Å: `input_pipeline.linked_to_next`) and for padding/ligand nodes),
+        or Cα–Cα > 4.2 Å: `layout.chain_links`) and for padding/ligand nodes),
         residue_index int32[N] (position in its chain), chain_id int32[N] (unique per
         chain within the batch: a residue's is its chain's index in the batch, examples'
         chains in order, i.e. its ESM row when unpacked; the ligand atoms of graph g

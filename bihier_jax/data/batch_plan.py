@@ -1,34 +1,14 @@
 """One plan of padded batches for every host: which records each batch holds.
 
-Every host computes the same plan from the same inputs: the split's `RecordIndex`
-(where each record lies in the shard files, and its sizes), the seed and the padding
-budgets. Each host then reads and packs only the batches it is given
-(`input_pipeline.pack_planned`). So the global batches, and a run's numbers, do not
-depend on how many hosts or devices run it, and an input position saved by one host
-count continues on another.
-
-Training order (endless; epoch e = 0, 1, ...; everything drawn from (seed, e) alone):
-  1. the shard files in a random order, read record by record from all files in turn,
-     so records written next to each other (the decoys of one MQA target) end up a file
-     count apart;
-  2. that sequence shuffled by a buffer of data.shuffle_buffer records, emptied at the
-     epoch's end (0, the default: the whole split, a uniform permutation). Records are
-     read by offset, so the buffer costs no memory;
-  3. chunks of `chunk_size` records: each record goes to the first budget it fits
-     (one with a chain longer than data.max_residues to the last, it is cropped), each
-     budget's records are packed in chunk order by `packing.plan_batches`, and the
-     chunk's batches leave in a random order (drawn from seed, epoch and chunk) rather
-     than budget by budget.
-Evaluation: the records in file order, one pass, chunked the same way, batches budget by
-budget.
-
-Sizes are exact (the record index reads them from the records), except for a record
-that is cropped: its window is only applied when it is read, so the plan counts an
-upper bound of its nodes (per chain min(residue nodes, max_residues), plus its ligand
-atoms) and of its edges (at most its largest in-degree per node). Its chain tokens are
-exact (min(length, max_residues) + 2). A planned batch therefore always holds its
-records once cropped, each chain at the row and column the plan gave it. The window
-itself is drawn per record from (seed, epoch, record) (evaluation: the first window).
+Public: `record_index` -> `RecordIndex` (where each record lies in the shard files, and
+its sizes; read once per process), `Planner` (the training order, epoch after epoch, and
+the evaluation order, chunk by chunk; each record's crop window), `PlannedBatch`,
+`default_chunk_size`. Every host computes the same plan from the same inputs (index,
+seed, budgets) and packs only the batches it is given (`pipeline.pack_planned`), so the
+batches, and a run's numbers, do not depend on the host or device count. Sizes are
+exact but for a cropped record, planned with upper bounds of its nodes and edges (its
+chain tokens are exact), so a planned batch always holds its records once cropped. The
+order and why: docs/data.md, "Training order".
 """
 
 from __future__ import annotations
@@ -50,6 +30,11 @@ from bihier_jax.data.batch import PaddingBudget
 # Tags that keep the random streams of one seed apart.
 _ORDER, _EMIT, _CROP = 0x0D, 0xE1, 0xC0
 _SCAN_BATCH = 1024  # records parsed at once while building an index
+
+
+def default_chunk_size(batch_size: int) -> int:
+  """Records planned and packed together when `make_dataset` is not told otherwise."""
+  return max(256, 128 * int(batch_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +247,7 @@ class PlannedBatch:
     row, column: int32[K] ESM row and `<cls>` column of each of their chains (the
       records' chains in order), as `packing.plan_batches` placed them.
     crop: float32[K] where each chain's window starts, as a fraction of the starts
-      that keep its residue nodes (`input_pipeline._crop`); 0 = the first window.
+      that keep its residue nodes (`tf_packer.crop_chunk`); 0 = the first window.
     step: the training step it was grouped into (`parallel.StepInput`), -1 if none.
   """
   index: int
@@ -375,7 +360,7 @@ class Planner:
 
 def _planned_sizes(index: RecordIndex, max_residues: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(int64[n, 4] (nodes, longest chain, chains, edges) as planned, bool[n] cropped,
+  """(int64[n, 4] `ExampleSizes` rows as planned, bool[n] cropped,
   int64[K] tokens of each chain once cropped, incl. <cls>/<eos>)."""
   max_res = int(max_residues)
   owner = np.repeat(np.arange(len(index)), index.chains)

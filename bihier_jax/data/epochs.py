@@ -1,28 +1,13 @@
 """Epochs in steps: how many batches one pass over a split gives with the current packing.
 
-A training batch is packed up to a padding budget (`input_pipeline.bucket_budgets`), not
-to a protein count: proteins join a batch while its nodes, edges, rows and graphs fit,
-so a batch holds at most train.batch_size proteins and on PDB-like lengths about 0.8 to
-0.9 of that. An epoch therefore takes more steps than ceil(records / batch_size).
-
-`estimate_epoch` simulates the packer on the split's sizes.json (the same bucket choice,
-budgets, chunks and packing rule as the plan of `batch_plan`, `packing.simulate`, crops
-counted as in `bucket_budgets`) over random record orders, and averages a few seeds. It
-is an estimate: the real order is another draw, cropped examples' node and edge counts
-are estimated (the plan takes upper bounds), and with packed rows the chains of a
-multi-chain example other than its longest are estimated (sizes.json has the longest
-only). The number of hosts does not enter: all hosts share one plan. On the test splits it lands within a few per cent of the batches `make_dataset`
-emits per epoch.
-
-`resolve_epochs` turns the epoch-denominated fields of a config into the step fields the
-training loop reads (call it before the optimizer and its schedule are built):
-
-  train.num_epochs            -> train.num_steps
-  train.eval_every_epochs     -> train.eval_every
-  train.checkpoint_every_epochs -> train.checkpoint_every
-  optim.step_every_epochs     -> optim.step_every
-
-A field that is missing or 0 leaves its step field as it is.
+Public: `estimate_epoch` -> `EpochEstimate` (simulates the packer, `packing.simulate`,
+on the split's sizes.json over a few random orders), `batches_per_epoch`,
+`resolve_epochs` (a copy of the config with its `EPOCH_FIELDS` turned into the step
+fields the training loop reads: train.num_epochs -> train.num_steps, and so on; call it
+before the optimizer and its schedule are built), `sub_batch_config`,
+`accumulation_steps`, `simulate_batches`. Why an epoch is more steps than
+records / batch_size, and how close the estimate comes: docs/data.md, "Epochs and
+steps".
 """
 
 from __future__ import annotations
@@ -33,7 +18,8 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import batch_plan
+from bihier_jax.data import budgets as budgets_lib
 from bihier_jax.data import packing
 from bihier_jax.data.batch import PaddingBudget
 
@@ -120,14 +106,14 @@ def estimate_epoch(config, data_dir: str | None = None, split: str | None = None
   """
   data_dir = data_dir or config.data.dir
   split = split or config.data.get("train_split", "train")
-  sizes = input_pipeline.load_sizes(data_dir, split)
+  sizes = budgets_lib.load_sizes(data_dir, split)
   if sizes is None or not len(sizes):
     raise ValueError(f"no {split}/sizes.json under {data_dir}: cannot count an epoch "
                      "(written by data_pipelines.preprocess)")
   sub = sub_batch_config(config, num_devices)
   if budgets is None:
-    budgets = input_pipeline.bucket_budgets(sub, input_pipeline.dataset_sizes(data_dir))
-  chunk = chunk_size or input_pipeline.default_chunk_size(sub.train.batch_size)
+    budgets = budgets_lib.bucket_budgets(sub, budgets_lib.dataset_sizes(data_dir))
+  chunk = chunk_size or batch_plan.default_chunk_size(sub.train.batch_size)
   batches = float(np.mean([
       simulate_batches(sizes, budgets, max_residues=int(config.data.max_residues),
                        chunk_size=chunk, seed=s)

@@ -1,4 +1,5 @@
-"""`ProteinExample`: one training example on the host, as stored in a shard record.
+"""`ProteinExample`: one training example on the host, as stored in a shard record;
+`ExampleSizes`: its sizes, a row of sizes.json.
 
 One example is one protein (one or more chains), a protein–ligand complex (LBA), or one
 decoy (MQA). It is what every task's preprocessing produces and what the input pipeline
@@ -12,8 +13,17 @@ A = `residue_constants.NUM_ATOM_SLOTS` (9), c = chains.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
+
+
+class ExampleSizes(NamedTuple):
+  """Sizes of one example: a row of <split>/sizes.json, in this column order."""
+  nodes: int  # residues + ligand atoms
+  longest_chain: int  # residues of its longest chain's sequence (no <cls>/<eos>)
+  chains: int
+  edges: int
 
 
 @dataclasses.dataclass
@@ -86,3 +96,9 @@ class ProteinExample:
   @property
   def num_edges(self) -> int:
     return int(self.senders.shape[0])
+
+  def sizes(self) -> ExampleSizes:
+    return ExampleSizes(
+        nodes=self.num_residues + int(self.ligand_elements.shape[0]),
+        longest_chain=max((len(s) for s in self.sequences), default=0),
+        chains=len(self.sequences), edges=self.num_edges)

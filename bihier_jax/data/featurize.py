@@ -66,7 +66,8 @@ def example_from_chains(
     id: str,  # pylint: disable=redefined-builtin
     chains: Sequence[structure.Chain], *,
     ligands: Sequence[structure.Ligand] = (),
-    cutoff: float = 10.0, max_neighbors: int = 32,
+    cutoff: float = graph.DEFAULT_GRAPH.cutoff,
+    max_neighbors: int = graph.DEFAULT_GRAPH.max_neighbors,
     node_labels: np.ndarray | None = None, node_label_mask: np.ndarray | None = None,
     node_weights: np.ndarray | None = None, graph_label: float = 0.0,
     weight: float = 1.0, group: str = "") -> ProteinExample:

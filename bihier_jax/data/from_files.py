@@ -5,7 +5,7 @@ TensorFlow start: parsing and featurising need gemmi and numpy only, so a bad in
 reported at once.
 
   paths = from_files.expand("structures/")            # a file, folder or glob
-  loaded = from_files.load(paths, cutoff=10.0, max_neighbors=32)
+  loaded = from_files.load(paths)  # the graph of data.graph.DEFAULT_GRAPH
   loaded.examples, loaded.example_file, loaded.manifest
 
 Every file ends up in `manifest` as `ok` or `skipped` with the reason (the reader's
@@ -20,12 +20,11 @@ import glob
 import os
 from collections.abc import Sequence
 
+from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
 from bihier_jax.data import featurize
 from bihier_jax.data.example import ProteinExample
-
-# ESM-2 was trained on at most 1,024 tokens: 1,022 residues and <cls>, <eos>.
-MAX_CHAIN_LENGTH = 1022
+from bihier_jax.data.graph import DEFAULT_GRAPH
 
 
 class InputError(ValueError):
@@ -107,8 +106,9 @@ def load_options(config, *, per_chain: bool = False,
 
 
 def load_file(path: str, *, per_chain: bool = False, chains: Sequence[str] | None = None,
-              incomplete_backbone: str = "warn", cutoff: float = 10.0,
-              max_neighbors: int = 32) -> tuple[list[ProteinExample], dict]:
+              incomplete_backbone: str = "warn", cutoff: float = DEFAULT_GRAPH.cutoff,
+              max_neighbors: int = DEFAULT_GRAPH.max_neighbors
+              ) -> tuple[list[ProteinExample], dict]:
   """One file's examples and its manifest line (status `ok`).
 
   Raises:
@@ -118,10 +118,10 @@ def load_file(path: str, *, per_chain: bool = False, chains: Sequence[str] | Non
       path, per_chain=per_chain, chain_ids=list(chains) if chains else None,
       cutoff=cutoff, max_neighbors=max_neighbors)
   too_long = [f"{ex.id} ({max(len(s) for s in ex.sequences)})" for ex in examples
-              if max(len(s) for s in ex.sequences) > MAX_CHAIN_LENGTH]
+              if max(len(s) for s in ex.sequences) > rc.ESM_MAX_RESIDUES]
   if too_long:
     raise structure.StructureError(
-        f"{path}: chain(s) longer than ESM-2's {MAX_CHAIN_LENGTH} residues: "
+        f"{path}: chain(s) longer than ESM-2's {rc.ESM_MAX_RESIDUES} residues: "
         f"{', '.join(too_long)}")
   kept, incomplete, dropped = featurize.apply_incomplete_backbone(
       examples, incomplete_backbone)

@@ -1,24 +1,14 @@
-"""Which examples share a padded batch, and where each chain sits in the ESM rows.
+"""Which examples share a padded batch, where each chain sits in its ESM rows; the fit rule.
 
-One numpy implementation of the packing rule, used by `input_pipeline.collate`, by the
-tf.data packer (through `tf.numpy_function`), by the epoch estimate (`epochs`) and by the
-row-length choice (`input_pipeline.choose_row_length`), so the layout exists once.
-
-Two row layouts, set by `PaddingBudget.packed_rows`:
-- unpacked: one chain per ESM row, rows in chain order. Examples join a batch in order
-  while nodes, edges, rows and graphs fit; a new batch starts when the next example does
-  not (next fit).
-- packed: several chains per row, back to back, each `<cls> seq <eos>`; a chain never
-  spans two rows. Each chain goes to the first row of its batch with room for it (first
-  fit), chains in example order. Each example goes to the first batch of its chunk and
-  bucket where its nodes, edges, graph slot and all its chains fit, else to a new batch
-  (first fit over the batches: a batch that a long chain did not fit still takes the
-  shorter chains that come after it; next fit wastes 4-10% more token slots on PDB-like
-  lengths, first-fit-decreasing fills batches with the graph count of small proteins).
-  A batch's examples are in the order they joined it, so `collate` of those examples in
-  that order places every chain where the tf.data packer did.
-
-Sizes are token counts: a chain of n residues takes n + 2 tokens (`<cls>`, `<eos>`).
+Public: `plan_batches` -> `Plan` (unpacked: next fit, one chain per row; packed: first
+fit of each chain over its batch's rows and of each example over the chunk's batches),
+`oversize` / `fits` / `limits` (does an example alone, or a batch, fit a budget), and
+the simulation on sizes.json (`cropped_sizes`, `chain_lengths`, `assign_buckets`,
+`simulate`). One implementation for `layout.collate`, the batch plan, the epoch estimate
+and the row-length choice. A batch's examples keep the order they joined it in, so
+`collate` of them places every chain where the tf.data packer does. Sizes are token
+counts: a chain of n residues takes n + 2 (`<cls>`, `<eos>`). The rule and why first
+fit: docs/data.md, "Packed rows".
 """
 
 from __future__ import annotations
@@ -50,23 +40,63 @@ class Plan:
     return int(self.batch.max(initial=-1)) + 1
 
 
+# What one example alone needs of a budget, in the order of `limits` and `_needs`.
+_LIMITS = ("nodes (one kept for padding)", "edges", "ESM rows", "ESM row length",
+           "nodes of one graph (graph_capacity)")
+
+
+def limits(budget: PaddingBudget) -> np.ndarray:
+  """int64[5]: the most (nodes, edges, chains, tokens of the longest chain, nodes) one
+  example may have to fit `budget` alone (the last: graph_capacity, if any)."""
+  return np.array([budget.n_node - 1, budget.n_edge, budget.n_row, budget.row_length,
+                   budget.graph_capacity or np.iinfo(np.int64).max], np.int64)
+
+
+def _needs(nodes, edges, chains, longest_tokens, graph_nodes=None) -> np.ndarray:
+  """int64[..., 5]: what examples need of `limits` (arguments scalars or int[n]);
+  graph_nodes: the nodes of the largest graph (default `nodes`)."""
+  graph_nodes = nodes if graph_nodes is None else graph_nodes
+  return np.stack(np.broadcast_arrays(nodes, edges, chains, longest_tokens, graph_nodes),
+                  -1).astype(np.int64)
+
+
+def _first_over(need: np.ndarray, budget: PaddingBudget) -> str | None:
+  """The first limit of `budget` that `need` (int64[5]) exceeds, as a message."""
+  for need_k, have, what in zip(need.tolist(), limits(budget).tolist(), _LIMITS):
+    if need_k > have:
+      return f"{what}: need {need_k}, budget has {have}"
+  return None
+
+
 def oversize(nodes: int, edges: int, chain_tokens: Sequence[int],
              budget: PaddingBudget) -> str | None:
   """Why one example alone does not fit `budget` (None if it does).
 
   Alone, an example fits if its chains fit one per row; packing can only do better.
   """
-  checks = [
-      (nodes, budget.n_node - 1, "nodes (one kept for padding)"),
-      (edges, budget.n_edge, "edges"),
-      (len(chain_tokens), budget.n_row, "ESM rows"),
-      (max(chain_tokens, default=2), budget.row_length, "ESM row length"),
-  ]
-  if budget.graph_capacity:
-    checks.append((nodes, budget.graph_capacity, "nodes of one graph (graph_capacity)"))
-  for need, have, what in checks:
-    if need > have:
-      return f"{what}: need {need}, budget has {have}"
+  return _first_over(_needs(nodes, edges, len(chain_tokens), max(chain_tokens, default=2)),
+                     budget)
+
+
+def fits(nodes: np.ndarray, edges: np.ndarray, num_chains: np.ndarray,
+         chain_tokens: np.ndarray, budget: PaddingBudget) -> str | None:
+  """Why examples of these sizes (as `plan_batches` takes them) do not fit one batch of
+  `budget` together, in order (None if they do)."""
+  nodes, edges, num_chains, chain_tokens = (np.asarray(v, np.int64).reshape(-1) for v in (
+      nodes, edges, num_chains, chain_tokens))
+  if len(nodes) > budget.n_graph - 1:
+    return (f"graphs (one kept for padding): need {len(nodes)}, budget has "
+            f"{budget.n_graph - 1}")
+  # Packed, the rows are checked by the plan below; one example's chains need their count.
+  rows = num_chains.max(initial=0) if budget.packed_rows else num_chains.sum()
+  why = _first_over(_needs(nodes.sum(), edges.sum(), rows, chain_tokens.max(initial=2),
+                           nodes.max(initial=0)), budget)
+  if why is not None:
+    return why
+  if (budget.packed_rows
+      and plan_batches(nodes, edges, num_chains, chain_tokens, budget).num_batches > 1):
+    return (f"ESM rows: the chains do not fit {budget.n_row} rows of {budget.row_length} "
+            "tokens, placed first-fit in order")
   return None
 
 
@@ -115,8 +145,7 @@ def plan_batches(nodes: np.ndarray, edges: np.ndarray, num_chains: np.ndarray,
   if len(chain_tokens):
     owner = np.repeat(np.arange(m), num_chains)
     np.maximum.at(longest, owner, chain_tokens)
-  over = ((nodes > n_lim) | (edges > e_lim) | (num_chains > r_lim) | (longest > length)
-          | ((nodes > budget.graph_capacity) if budget.graph_capacity else False))
+  over = (_needs(nodes, edges, num_chains, longest) > limits(budget)).any(-1)
   if over.any():
     i = int(np.argmax(over))
     why = oversize(int(nodes[i]), int(edges[i]), chain_tokens[first[i]:first[i + 1]],
@@ -173,7 +202,7 @@ def plan_batches(nodes: np.ndarray, edges: np.ndarray, num_chains: np.ndarray,
 
 # --- simulation on sizes.json -----------------------------------------------------------
 #
-# sizes.json has, per example, (nodes, longest chain, chains, edges): the length of every
+# sizes.json has, per example, its `ExampleSizes`: the length of every
 # chain is known for single-chain examples only. For several chains the others are taken
 # as equal, (nodes - longest) / (chains - 1) residues each, between 1 and the longest:
 # exact in total for complexes whose residues are all nodes, short for pockets (LBA),
@@ -185,11 +214,11 @@ def cropped_sizes(sizes: np.ndarray, max_residues: int) -> tuple[np.ndarray, np.
 
   Cropping drops `excess` nodes when every residue of the chain is a node (exact for one
   chain); when the nodes are a few residues of a long chain (an LBA pocket), the window
-  keeps them all (`input_pipeline._crop`), so the example keeps all its nodes. Edges are
+  keeps them all (`tf_packer.crop_chunk`), so the example keeps all its nodes. Edges are
   scaled with the nodes.
 
   Args:
-    sizes: int[n, 4] (nodes, longest chain, chains, edges) per example.
+    sizes: int[n, 4] `ExampleSizes` rows per example.
 
   Returns:
     (sizes int[n, 4] after cropping, long bool[n]: the example is cropped).
@@ -210,7 +239,7 @@ def chain_lengths(sizes: np.ndarray) -> np.ndarray:
   """int[sum chains] residues of each chain, estimated as above (longest chain first).
 
   Args:
-    sizes: int[n, 4] (nodes, longest chain, chains, edges), e.g. after `cropped_sizes`.
+    sizes: int[n, 4] `ExampleSizes` rows, e.g. after `cropped_sizes`.
   """
   sizes = np.asarray(sizes, np.int64).reshape(-1, 4)
   nodes, longest, chains = sizes[:, 0], sizes[:, 1], np.maximum(sizes[:, 2], 1)
@@ -233,11 +262,10 @@ def assign_buckets(sizes: np.ndarray, long: np.ndarray,
     ValueError: an example fits no budget.
   """
   nodes, longest, chains, edges = (sizes[:, i] for i in range(4))
-  table = np.array([[b.n_node, b.n_edge, b.n_graph, b.n_row, b.row_length,
-                     b.graph_capacity or np.iinfo(np.int32).max] for b in budgets],
-                   np.int64)
-  need = np.stack([nodes + 1, edges, np.full_like(nodes, 2), chains, longest + 2, nodes], 1)
-  fits = (need[:, None, :] <= table[None]).all(-1)
+  table = np.stack([limits(b) for b in budgets])
+  need = _needs(nodes, edges, chains, longest + 2)
+  has_slot = np.array([b.n_graph >= 2 for b in budgets])  # a graph besides the padding one
+  fits = (need[:, None, :] <= table[None]).all(-1) & has_slot[None]
   fits[long] = np.arange(len(budgets))[None] == len(budgets) - 1
   if not fits.any(1).all():
     bad = np.flatnonzero(~fits.any(1))[:4]
@@ -277,7 +305,7 @@ def simulate(sizes: np.ndarray, budgets: Sequence[PaddingBudget], *, max_residue
   does.
 
   Args:
-    sizes: int[n, 4] (nodes, longest chain, chains, edges) as in sizes.json (uncropped).
+    sizes: int[n, 4] `ExampleSizes` rows as in sizes.json (uncropped).
   """
   sizes, long = cropped_sizes(sizes, max_residues)
   bucket = assign_buckets(sizes, long, budgets)

@@ -1,44 +1,12 @@
 """Shard records: `ProteinExample` <-> serialized `tf.train.Example`, and the tf.data parse.
 
-Serialization is pure Python + numpy (it writes the protobuf wire format directly), so
-preprocessing workers never import TensorFlow; reading uses TensorFlow.
-
-Files: `OUT/<split>/<split>-00000-of-000NN.tfrecord` (TFRecord, uncompressed), one
-`tf.train.Example` per `ProteinExample`. Arrays are stored as one `bytes_list` value of
-raw little-endian bytes (decoded with `tf.io.decode_raw`, far cheaper to parse than
-varint lists), strings as `bytes_list`, scalars as `int64_list` / `float_list`.
-
-Schema version 1, field by field (n residues, e edges, m ligand atoms, c chains,
-t = total sequence letters over chains, A = 9 atom slots):
-
-| key | stored as | meaning |
-|---|---|---|
-| schema_version | int64 | `SCHEMA_VERSION` |
-| id | bytes | example id |
-| group | bytes | metric grouping key ("" if none) |
-| chain_ids | bytes_list[c] | author chain ids, one per ESM row |
-| sequences | bytes_list[c] | one-letter sequences, one per chain row |
-| num_residues, num_edges, num_chains, num_ligand_atoms | int64 | n, e, c, m |
-| max_sequence_length | int64 | longest chain sequence (bucketing key, no decode) |
-| sequence_lengths | raw int32[c] | letters per chain sequence |
-| sequence_tokens | raw uint8[t] | ESM-2 token ids of the sequences, concatenated, no <cls>/<eos>; letters outside the ESM vocabulary are X |
-| aatype | raw int32[n] | residue type (RESTYPES index) |
-| atom_positions | raw float32[n, A, 3] | Å, layout ATOM_NAMES |
-| atom_mask | raw uint8[n, A] | atom present |
-| chain_row | raw int32[n] | chain (sequence) of each residue |
-| residue_index | raw int32[n] | 0-based position in the chain sequence |
-| residue_number | raw int32[n] | author residue number |
-| insertion_code | bytes, n chars | author insertion code per residue, space if none |
-| backbone_dihedrals | raw float32[n, 6] | cos φ ψ ω, sin φ ψ ω |
-| sidechain_torsions | raw float32[n, 8] | sin χ1..4, cos χ1..4 |
-| chi_mask | raw uint8[n, 4] | χk defined |
-| senders, receivers | raw int32[e] | residue graph, indices into residues then ligand atoms |
-| node_labels | raw float32[n] | per-residue label |
-| node_label_mask | raw uint8[n] | residue labelled |
-| node_weights | raw float32[n] | per-residue weight |
-| graph_label, weight | float | per-example label and weight |
-| ligand_elements | raw int32[m] | LIGAND_ELEMENTS index |
-| ligand_positions | raw float32[m, 3] | Å |
+Public: `serialize_example`, `deserialize_example`, `read_records`, `parse_record`,
+`parse_records` (a batch of records as one flat chunk), `SCHEMA_VERSION` and the field
+tables. Serialization is pure Python + numpy (it writes the protobuf wire format
+directly), so preprocessing workers never import TensorFlow; reading uses TensorFlow.
+Files: `OUT/<split>/<split>-00000-of-000NN.tfrecord`, one `tf.train.Example` per
+example; arrays as one `bytes_list` value of raw little-endian bytes (far cheaper to
+parse than varint lists). Every field: docs/data.md, "Shard records".
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 metadata.json). `download_and_prepare` (run by `tfds.load`) converts the records into
 TFDS's own files under `data_dir`, one example per record with the fields of
 `ProteinExample` as tensors; nothing is downloaded. The training pipeline reads the
-records directly (`input_pipeline.make_dataset`); this builder is for TFDS users and
+records directly (`pipeline.make_dataset`); this builder is for TFDS users and
 tools.
 """
 
@@ -35,7 +35,7 @@ if "importlib_resources" not in sys.modules:
 import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bihier_jax.common import residue_constants as rc
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import pipeline
 from bihier_jax.data import records
 
 _A = rc.NUM_ATOM_SLOTS
@@ -105,7 +105,7 @@ class BihierRecords(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in metadata["splits"]}
 
   def _generate_examples(self, split: str):
-    for path in input_pipeline.shard_files(self._records_dir, split):
+    for path in pipeline.shard_files(self._records_dir, split):
       for ex in records.read_records(path):
         yield ex.id, {
             "id": ex.id, "group": ex.group,

@@ -203,8 +203,8 @@ def eval_stream(config, split: str, sub_config, dataset_fn=None):
   """This host's share of the split's planned evaluation batches (or the batches
   `dataset_fn` gives, `train_lib.DatasetFn`)."""
   if dataset_fn is None:
-    from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-    dataset_fn = input_pipeline.make_dataset
+    from bihier_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    dataset_fn = pipeline.make_dataset
   return dataset_fn(data_dir(config), split, sub_config, training=False,
                     seed=config.seed, process_index=jax.process_index(),
                     process_count=jax.process_count())
@@ -214,10 +214,11 @@ def sample_batch(config) -> Batch:
   """A batch of padding only, of the run's first budget: what building and restoring a
   model need (shapes; the parameters do not depend on the values), without reading
   any record."""
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  budgets = input_pipeline.bucket_budgets(per_device_config(config, jax.device_count()),
-                                          input_pipeline.dataset_sizes(data_dir(config)))
-  return input_pipeline.collate([], budgets[0])
+  from bihier_jax.data import budgets as budgets_lib  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
+  budgets = budgets_lib.bucket_budgets(per_device_config(config, jax.device_count()),
+                                       budgets_lib.dataset_sizes(data_dir(config)))
+  return layout.collate([], budgets[0])
 
 
 def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,

@@ -16,7 +16,7 @@ import numpy as np
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
 from bihier_jax.data import featurize
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax.training import evaluation
 from bihier_jax.training import parallel
 from bihier_jax.training import pooling
@@ -78,7 +78,7 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
                        checkpoint: str = "", progress: bool = True) -> dict:
   """Predictions for the proteins `from_files.load` read, in one .npz at `out`.
 
-  Batches them as evaluation does (`input_pipeline.inference_batches`), one device per
+  Batches them as evaluation does (`layout.inference_batches`), one device per
   process; with several processes (train.multi_host) each runs every process_count-th
   batch, the results are gathered and process 0 writes the file. Fields: see
   bihier_jax/predict.py. Returns {"out", "proteins", "residues", "seconds",
@@ -89,9 +89,9 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   from bihier_jax.models import heads  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   examples = loaded.examples
-  batches = input_pipeline.inference_batches(examples, config)
+  batches = layout.inference_batches(examples, config)
   first_budget, first_members = batches[0]
-  sample = input_pipeline.collate([examples[i] for i in first_members], first_budget)
+  sample = layout.collate([examples[i] for i in first_members], first_budget)
   mesh = parallel.make_mesh(jax.local_devices()[:1])
   model, params, step = restore_params(config, workdir, checkpoint, sample, mesh)
   eval_fn = jit_eval_step(model, config.task, mesh)
@@ -103,7 +103,7 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
                   disable=not progress or jax.process_index() != 0, smoothing=0.1)
   with bar:
     for budget, members in mine:
-      batch = input_pipeline.collate([examples[i] for i in members], budget)
+      batch = layout.collate([examples[i] for i in members], budget)
       outputs = eval_fn(params, parallel.put_global(parallel.stack([batch]), mesh))
       outputs = {k: np.asarray(jax.device_get(v))[0] for k, v in outputs.items()}
       residue = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)

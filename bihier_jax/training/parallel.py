@@ -352,7 +352,7 @@ class StepInput:
     rows: this host's rows of a step.
     position: where a previous run stopped.
     pack: iterator of `PlannedBatch` -> iterator of (Batch, meta) in that order
-      (`input_pipeline.pack_planned`).
+      (`pipeline.pack_planned`).
   """
 
   def __init__(self, planner, group_size: int, rows: slice,

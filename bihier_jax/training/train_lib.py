@@ -280,13 +280,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config: the full config (configs/default.py fields).
     workdir: run directory; created if needed.
     dataset_fn: batches instead of the records of config.data.dir (default: the
-      records' global plan, `input_pipeline.make_planner`; see DatasetFn).
+      records' global plan, `pipeline.make_planner`; see DatasetFn).
 
   Returns:
     Final metrics per evaluation split, all of the selected checkpoint ({} when stopped
     early by SIGTERM).
   """
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
   start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
@@ -345,12 +345,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # One update: train.grad_accum_steps sub-batches per device, of one global plan.
   group_size = jax.device_count() * evaluation.accumulation_steps(config)
   if dataset_fn is None:
-    planner = input_pipeline.make_planner(evaluation.data_dir(config),
+    planner = pipeline.make_planner(evaluation.data_dir(config),
                                           config.data.train_split, sub_config,
                                           training=True, seed=config.seed)
     batcher = parallel.StepInput(planner, group_size,
                                  parallel.host_rows(mesh, group_size), position,
-                                 functools.partial(input_pipeline.pack_planned, planner))
+                                 functools.partial(pipeline.pack_planned, planner))
   else:
     batcher = parallel.DeviceBatcher(given_stream(position.resume_from),
                                      num_local * evaluation.accumulation_steps(config),

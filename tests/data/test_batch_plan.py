@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bihier_jax.data import batch_plan
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import budgets as budgets_lib
+from bihier_jax.data import pipeline
 from bihier_jax.data import records
 from bihier_jax import testing
 from configs import demo
@@ -31,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_record_index_matches_the_records(data_dir):
-  files = input_pipeline.shard_files(data_dir, "train")
+  files = pipeline.shard_files(data_dir, "train")
   index = batch_plan.record_index(files)
   examples = [ex for path in files for ex in records.read_records(path)]
   assert len(index) == len(examples) == 30 and len(index.files) == 4
@@ -45,7 +46,7 @@ def test_record_index_matches_the_records(data_dir):
                                 [np.bincount(ex.receivers).max() for ex in examples])
   assert index.chains.max() == 2 and index.ligands.max() > 0  # not vacuous
   # Against sizes.json, record by record: (nodes, longest chain, chains, edges).
-  sizes = input_pipeline.load_sizes(data_dir, "train")
+  sizes = budgets_lib.load_sizes(data_dir, "train")
   longest = [max(len(s) for s in ex.sequences) for ex in examples]
   np.testing.assert_array_equal(
       sizes, np.stack([index.residues + index.ligands, longest, index.chains,
@@ -58,7 +59,7 @@ def test_record_index_matches_the_records(data_dir):
 def test_every_record_once_per_epoch_and_crops_planned_whole(data_dir):
   config = demo.get_config("tiny")  # max_residues 64: the longer chains are cropped
   config.train.batch_size = 3
-  planner = input_pipeline.make_planner(data_dir, "train", config, training=True,
+  planner = pipeline.make_planner(data_dir, "train", config, training=True,
                                         seed=5, chunk_size=8)
   epochs = {}
   for b in planner.stream():

@@ -158,8 +158,8 @@ def test_blank_chain_id_gives_a_readable_example_id(tmp_path):
 
 def _chain_ends(ex):
   """(first, last) residues of each run of frame neighbours (`collate`'s prev/next)."""
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  batch = input_pipeline.collate([ex], input_pipeline.budget_for([ex]))
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
+  batch = layout.collate([ex], layout.budget_for([ex]))
   n = ex.num_residues
   idx = np.arange(n)
   nodes = batch.graph.nodes

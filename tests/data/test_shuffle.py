@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bihier_jax.data import epochs
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import pipeline
 from bihier_jax import testing
 from data_pipelines import shards
 from data_pipelines.tasks import WorkItem
@@ -63,7 +63,7 @@ def _stream(data_dir, *, process_index=0, process_count=1, skip=0, epochs=3,
   """The first `epochs` epochs of host process_index of process_count, seed 0:
   [(Batch, meta)]."""
   out = []
-  it = input_pipeline.make_dataset(data_dir, "train", _config(packed), training=True,
+  it = pipeline.make_dataset(data_dir, "train", _config(packed), training=True,
                                    seed=0, process_index=process_index,
                                    process_count=process_count, skip_batches=skip)
   for batch, meta in it:
@@ -114,7 +114,7 @@ def test_same_group_pairs_near_random_and_far_below_source_order(data_dir):
   train = _stream(data_dir)
   same, total = _same_group_pairs(train)
   ratio = same / _bucket_random_pairs(train)
-  source = list(input_pipeline.make_dataset(data_dir, "train", _config(), training=False,
+  source = list(pipeline.make_dataset(data_dir, "train", _config(), training=False,
                                             seed=0, process_index=0, process_count=1))
   same_src, total_src = _same_group_pairs(source)
   assert same_src / total_src > 0.5  # source order: batches of one group's decoys

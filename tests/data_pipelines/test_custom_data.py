@@ -35,7 +35,7 @@ import pytest
 import conftest
 from fixtures import builders
 
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import pipeline
 from data_pipelines import custom
 from data_pipelines.custom import example as custom_example
 from data_pipelines.custom import labels as custom_labels
@@ -577,7 +577,7 @@ def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compil
     assert config.task.class_names == ("helix", "other", "strand")
     # Every labelled residue the evaluation pipeline gives is scored: all of the split's
     # labels, less those outside the first window of chains cropped to max_residues.
-    scored = sum(int(np.sum(b.node_label_mask)) for b, _ in input_pipeline.make_dataset(
+    scored = sum(int(np.sum(b.node_label_mask)) for b, _ in pipeline.make_dataset(
         prepared[level], "test", config, training=False, seed=0, process_index=0,
         process_count=1))
     assert len(items["label"]) == scored

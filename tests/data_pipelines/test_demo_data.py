@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bihier_jax.common import residue_constants as rc
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import pipeline
 from bihier_jax.data import records
 from data_pipelines import demo
 from data_pipelines import preprocess
@@ -24,7 +24,7 @@ def demo_dir(tmp_path_factory):
 def _examples(out):
   exs = {}
   for split in ("train", "val", "test"):
-    for path in input_pipeline.shard_files(out, split):
+    for path in pipeline.shard_files(out, split):
       for ex in records.read_records(path):
         exs[ex.id] = (split, ex)
   return exs

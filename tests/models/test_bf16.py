@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bihier_jax import models
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import esm2
 from bihier_jax.models import heads
@@ -38,8 +38,8 @@ def _both_dtypes(task: str, examples):
   with the same (float32) parameters, dropout off."""
   config = importlib.import_module(f"configs.{task}").get_config("tiny")
   config.model.gnn.dropout = config.model.fusion.dropout = config.model.head.dropout = 0.0
-  budget = input_pipeline.budget_for(examples, packed_rows=config.data.pack_rows)
-  batch = input_pipeline.collate(examples, budget)
+  budget = layout.budget_for(examples, packed_rows=config.data.pack_rows)
+  batch = layout.collate(examples, budget)
   outputs, params = {}, None
   for dtype in (F32, BF16):
     config.model.dtype = dtype
@@ -138,7 +138,7 @@ def test_pronet_sums_many_messages_in_float32():
   example = dataclasses.replace(
       example, senders=np.concatenate(senders).astype(np.int32),
       receivers=np.concatenate(receivers).astype(np.int32))
-  batch = input_pipeline.collate([example], input_pipeline.budget_for([example]))
+  batch = layout.collate([example], layout.budget_for([example]))
   configs = {d: pronet.ProNetConfig(hidden=16, num_blocks=1, cutoff=1000.0, dropout=0.0,
                                     dtype=d) for d in (jnp.float32, jnp.bfloat16)}
   params = jax.jit(pronet.ProNet(configs[jnp.float32]).init)(jax.random.key(0),

@@ -16,7 +16,7 @@ import pytest
 from scipy.spatial import transform
 
 from bihier_jax import models
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import bihier
 from bihier_jax.models import esm2
@@ -70,8 +70,8 @@ def _batch():
               testing.random_example(7, seed=2, n_ligand=3)]
   for ex in examples:
     ex.graph_label = 1.5
-  budget = input_pipeline.budget_for(examples, n_graph=4, node_multiple=8)
-  return input_pipeline.collate(examples, budget)
+  budget = layout.budget_for(examples, n_graph=4, node_multiple=8)
+  return layout.collate(examples, budget)
 
 
 def _to_jnp(batch):
@@ -297,11 +297,11 @@ def test_row_layout_comes_from_the_batch():
               testing.random_example(7, seed=2, n_ligand=3)]
   out = {}
   for packed in (False, True):
-    budget = input_pipeline.budget_for(examples, n_graph=4, node_multiple=8,
+    budget = layout.budget_for(examples, n_graph=4, node_multiple=8,
                                        packed_rows=packed)
     if packed:  # two rows (protein 1 has two chains), shared by the proteins
       budget = dataclasses.replace(budget, n_row=2, row_length=64)
-    batch = input_pipeline.collate(examples, budget)
+    batch = layout.collate(examples, budget)
     assert batch.packed_rows == packed
     assert (np.asarray(batch.token_segments).max() >= 2) == packed  # 3 chains in a row
     out[packed] = (np.asarray(logits(params, _to_jnp(batch))), np.asarray(batch.node_mask))

@@ -71,14 +71,14 @@ def test_merged_weights_compute_the_adapted_model(targets):
 def test_policy_trains_adapters_and_everything_outside_esm():
   from bihier_jax import models  # pylint: disable=g-import-not-at-top
   from bihier_jax import testing
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")
   config.model.esm.trainable = "lora"
   config.model.esm.lora_targets = ("q", "k", "v", "out")
   model = models.build_model(config)
   examples = [testing.random_example(20, seed=s) for s in range(2)]
-  batch = input_pipeline.collate(examples, input_pipeline.budget_for(examples))
+  batch = layout.collate(examples, layout.budget_for(examples))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch,
                                              deterministic=True)["params"])
   policy = trainable.Trainable.from_config(config)
@@ -150,7 +150,7 @@ def test_export_from_run_merges_adapters(tmp_path):
   outputs equal the adapted branch's (to 1e-5), loadable by from_pretrained."""
   from bihier_jax import convert_esm, models  # pylint: disable=g-import-not-at-top
   from bihier_jax import testing
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import checkpointing, parallel, steps  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")
@@ -158,7 +158,7 @@ def test_export_from_run_merges_adapters(tmp_path):
   config.model.esm.lora_targets = ("q", "v", "fc1")
   model = models.build_model(config)
   example = testing.random_example(16, seed=0)
-  batch = input_pipeline.collate([example], input_pipeline.budget_for([example]))
+  batch = layout.collate([example], layout.budget_for([example]))
   mesh = parallel.make_mesh(jax.devices()[:1])
   state, _ = steps.create_train_state(config, model, batch, mesh, load_esm=False)
   params = jax.device_get(state.params)

@@ -17,7 +17,7 @@ import pytest
 from scipy.spatial import transform
 
 from bihier_jax.data import featurize
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import pronet
 
@@ -32,9 +32,9 @@ _SS_CLASSES = {"H": 0, "G": 0, "I": 0, "E": 1, "B": 1}  # helix, strand; else co
 
 
 def _collate(examples, node_multiple=32, edge_multiple=256, n_graph=None):
-  budget = input_pipeline.budget_for(examples, node_multiple=node_multiple,
+  budget = layout.budget_for(examples, node_multiple=node_multiple,
                                      edge_multiple=edge_multiple, n_graph=n_graph)
-  return input_pipeline.collate(examples, budget)
+  return layout.collate(examples, budget)
 
 
 def _dssp_examples(names):

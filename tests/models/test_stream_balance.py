@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bihier_jax import models
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from configs import default
 
@@ -49,8 +49,8 @@ def _batch():
   examples = [testing.random_example(40, seed=0),
               testing.random_example(30, seed=1, n_chains=2),
               testing.random_example(25, seed=2)]
-  budget = input_pipeline.budget_for(examples, n_graph=4, node_multiple=8)
-  return jax.tree_util.tree_map(jnp.asarray, input_pipeline.collate(examples, budget))
+  budget = layout.budget_for(examples, n_graph=4, node_multiple=8)
+  return jax.tree_util.tree_map(jnp.asarray, layout.collate(examples, budget))
 
 
 @functools.lru_cache(maxsize=None)

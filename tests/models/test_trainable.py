@@ -21,7 +21,7 @@ import pytest
 
 from bihier_jax import models
 from bihier_jax.common import flops
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import esm2
 from bihier_jax.models import heads
@@ -70,8 +70,8 @@ def _batch():
   examples = [testing.random_example(12, seed=0),
               testing.random_example(9, seed=1, n_chains=2),
               testing.random_example(7, seed=2, n_ligand=3)]
-  budget = input_pipeline.budget_for(examples, n_graph=4, node_multiple=8)
-  return jax.tree_util.tree_map(jnp.asarray, input_pipeline.collate(examples, budget))
+  budget = layout.budget_for(examples, n_graph=4, node_multiple=8)
+  return jax.tree_util.tree_map(jnp.asarray, layout.collate(examples, budget))
 
 
 def _loss_fn(model, task):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import fsdp
 from bihier_jax.training import parallel
@@ -49,8 +49,8 @@ def _tiny_model(trainable="finetune"):
   config.model.esm.trainable = trainable
   config.model.esm.last_n = 1
   model = steps.build_model(config)
-  batch = input_pipeline.collate([testing.random_example(10, seed=0)],
-                                 input_pipeline.budget_for(
+  batch = layout.collate([testing.random_example(10, seed=0)],
+                                 layout.budget_for(
                                      [testing.random_example(10, seed=0)]))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch)["params"])
   return config, model, params
@@ -99,7 +99,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
                              + " --xla_force_host_platform_device_count=8")
   import jax, numpy as np
   from bihier_jax import testing
-  from bihier_jax.data import input_pipeline
+  from bihier_jax.data import layout
   from bihier_jax.data.batch import PaddingBudget
   from bihier_jax.training import checkpointing, parallel, steps
   from configs import demo
@@ -111,13 +111,13 @@ _EIGHT_DEVICES = textwrap.dedent("""
   budget = PaddingBudget(n_node=48, n_edge=700, n_graph=3, n_row=2, row_length=26)
 
   def batch(step):  # 8 sub-batches of 2 proteins, different at every step
-    return parallel.stack([input_pipeline.collate(
+    return parallel.stack([layout.collate(
         [testing.random_example(10 + (3 * d + step) % 11, seed=d + 10 * step),
          testing.random_example(8 + d, seed=100 + d + 10 * step)], budget)
         for d in range(8)])
 
   batches = [batch(s) for s in range(3)]
-  sample = input_pipeline.collate([testing.random_example(10, seed=0)], budget)
+  sample = layout.collate([testing.random_example(10, seed=0)], budget)
   model = steps.build_model(config)
   KERNEL = ("esm", "layers", "fc1", "kernel")  # [4, 64, 256], split on its last axis
 
@@ -229,7 +229,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
           return
         exs = [testing.random_example(12 + (5 * i + j) % 7, seed=seed + 31 * i + j
                                       + (0 if training else 10_000)) for j in range(per)]
-        yield input_pipeline.collate(exs, budget), {"ids": [e.id for e in exs],
+        yield layout.collate(exs, budget), {"ids": [e.id for e in exs],
                                                     "groups": [split] * per}
     return gen()
 

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from bihier_jax.data import batch_plan
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import pipeline
 from bihier_jax.data import records
 from bihier_jax.training import parallel
 from tests.training import multihost_job
@@ -146,7 +146,7 @@ def _labelled_residues(data_dir, split):
   evaluation must score, read from the records."""
   window = multihost_job.config(data_dir, False, 1).data.max_residues
   return {ex.id: int(np.sum(ex.node_label_mask & (ex.residue_index < window)))
-          for path in input_pipeline.shard_files(data_dir, split)
+          for path in pipeline.shard_files(data_dir, split)
           for ex in records.read_records(path)}
 
 

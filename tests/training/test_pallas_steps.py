@@ -21,7 +21,8 @@ import optax
 import pytest
 
 from bihier_jax import config_check
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import budgets as budgets_lib
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.models import attention
@@ -50,7 +51,7 @@ def stacked_batch(n_row: int, devices: int, seed: int = 0):
   per sub-batch, three chains, so rows hold several chains and padding."""
   budget = PaddingBudget(n_node=96, n_edge=2048, n_graph=3, n_row=n_row,
                          row_length=LENGTH, packed_rows=True)
-  return parallel.stack([input_pipeline.collate(
+  return parallel.stack([layout.collate(
       [testing.random_example(40, seed=seed + 10 * d, n_chains=2),
        testing.random_example(30 + 5 * d, seed=seed + 10 * d + 1)], budget)
       for d in range(devices)])
@@ -198,10 +199,10 @@ def test_pallas_kinds_round_rows_up_to_the_block(pack_rows):
   otherwise; a forced row length off the block is refused in one line."""
   config = demo.get_config("tiny")
   config.data.pack_rows = pack_rows
-  assert [b.row_length for b in input_pipeline.bucket_budgets(config)] == [66]
+  assert [b.row_length for b in budgets_lib.bucket_budgets(config)] == [66]
   for kind in KINDS:
     config.model.esm.attention = kind
-    assert [b.row_length for b in input_pipeline.bucket_budgets(config)] == [LENGTH]
+    assert [b.row_length for b in budgets_lib.bucket_budgets(config)] == [LENGTH]
   config.data.row_length = 200
   with pytest.raises(config_check.ConfigError,
                      match=r"^data.row_length=200 is not a multiple of 128.*use 128 or 256"):

@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.training import parallel
 
@@ -24,7 +24,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
                              + " --xla_force_host_platform_device_count=8")
   import jax, numpy as np
   from bihier_jax import testing
-  from bihier_jax.data import input_pipeline
+  from bihier_jax.data import layout
   from bihier_jax.data.batch import PaddingBudget
   from bihier_jax.training import parallel, steps
   from configs import demo
@@ -32,7 +32,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   assert jax.device_count() == 8, jax.devices()
   config = demo.get_config("tiny")
   budget = PaddingBudget(n_node=48, n_edge=700, n_graph=3, n_row=2, row_length=26)
-  subs = [input_pipeline.collate(
+  subs = [layout.collate(
       [testing.random_example(10 + (3 * d) % 11, seed=d),
        testing.random_example(8 + d, seed=100 + d)], budget) for d in range(8)]
   # One sub-batch without labels: it must weigh nothing, on either mesh.
@@ -101,11 +101,11 @@ def test_eight_devices_match_one_device():
 
 def _stream(budgets, start=0):
   """Raw batches whose budget follows `budgets`; meta records the raw index."""
-  small = input_pipeline.budget_for([testing.random_example(6, seed=0)])
-  big = input_pipeline.budget_for([testing.random_example(9, seed=0)])
+  small = layout.budget_for([testing.random_example(6, seed=0)])
+  big = layout.budget_for([testing.random_example(9, seed=0)])
   for i in range(start, len(budgets)):
     ex = testing.random_example(6 if budgets[i] == 0 else 9, seed=i)
-    yield input_pipeline.collate([ex], small if budgets[i] == 0 else big), {"raw": i}
+    yield layout.collate([ex], small if budgets[i] == 0 else big), {"raw": i}
 
 
 def test_device_batcher_groups_by_budget_and_resumes():
@@ -154,9 +154,9 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   config.model.gnn.num_blocks, config.model.fusion.levels = 1, (1,)
   config.optim.warmup_steps, config.optim.schedule = 0, "constant"
   examples = [testing.random_example(n, seed=i) for i, n in enumerate([9, 12, 7, 10])]
-  big = input_pipeline.collate(examples, input_pipeline.budget_for(examples, n_graph=5))
-  micro_budget = input_pipeline.budget_for(examples, n_graph=3)  # fits either pair
-  micros = [input_pipeline.collate(examples[i:i + 2], micro_budget) for i in (0, 2)]
+  big = layout.collate(examples, layout.budget_for(examples, n_graph=5))
+  micro_budget = layout.budget_for(examples, n_graph=3)  # fits either pair
+  micros = [layout.collate(examples[i:i + 2], micro_budget) for i in (0, 2)]
   model = steps.build_model(config)
   mesh = parallel.make_mesh(jax.devices()[:1])
   state, tx = steps.create_train_state(config, model, big, mesh, load_esm=False)

@@ -222,19 +222,19 @@ def test_inference_batches_cover_every_example_once_uncropped(pack_rows):
   """Evaluation's budgets for in-memory examples: each example in exactly one batch
   that holds it whole (even a chain longer than data.max_residues), few shapes."""
   from bihier_jax import testing
-  from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")  # max_residues 64, length bucket 66, 2 per batch
   config.data.pack_rows = pack_rows
   lengths = [20, 150, 33, 64, 90, 12, 40, 7, 120]
   examples = [testing.random_example(n, seed=i, n_chains=1 + i % 2)
               for i, n in enumerate(lengths)]
-  batches = input_pipeline.inference_batches(examples, config)
+  batches = layout.inference_batches(examples, config)
   seen = sorted(i for _, members in batches for i in members)
   assert seen == list(range(len(examples)))
   assert len({budget for budget, _ in batches}) <= len(config.data.length_buckets) + 2
   for budget, members in batches:
     assert len(members) <= config.train.batch_size
-    batch = input_pipeline.collate([examples[i] for i in members], budget)
+    batch = layout.collate([examples[i] for i in members], budget)
     real = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)
     assert int(real.sum()) == sum(examples[i].num_residues for i in members)

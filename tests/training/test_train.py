@@ -34,7 +34,8 @@ import pytest
 
 import conftest
 
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import layout
+from bihier_jax.data import pipeline
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.training import checkpointing
@@ -133,7 +134,7 @@ def test_train_eval_predict(reference_run, demo_data):
   steps_per_epoch = config["train"]["steps_per_epoch"]
   assert config["train"]["checkpoint_every"] == max(1, round(0.25 * steps_per_epoch))
   epoch_batches = sum(1 for _ in itertools.takewhile(
-      lambda item: item[1]["epoch"] == 0, input_pipeline.make_dataset(
+      lambda item: item[1]["epoch"] == 0, pipeline.make_dataset(
           demo_data, "train", demo.get_config("tiny"), training=True, seed=0,
           process_index=0, process_count=1)))
   assert abs(steps_per_epoch - epoch_batches) <= 0.25 * epoch_batches
@@ -150,7 +151,7 @@ def test_train_eval_predict(reference_run, demo_data):
   # Real proteins per step: the training batches' graph_mask (padding graph excluded)
   # counted here on the same stream (one device: one batch per step, in order).
   cfg = demo.get_config("tiny")
-  stream = input_pipeline.make_dataset(demo_data, "train", cfg, training=True, seed=0,
+  stream = pipeline.make_dataset(demo_data, "train", cfg, training=True, seed=0,
                                        process_index=0, process_count=1)
   expected = [float(np.sum(b.graph_mask)) for b, _ in itertools.islice(stream, 8)]
   logged = {r["step"]: r["train/proteins_per_step"] for r in rows
@@ -309,7 +310,7 @@ def _synthetic_dataset(bad_from=None):
           return
         exs = [testing.random_example(12 + (5 * i + j) % 7, seed=seed + 31 * i + j
                                       + (0 if training else 10_000)) for j in range(per)]
-        batch = input_pipeline.collate(exs, _BUDGET)
+        batch = layout.collate(exs, _BUDGET)
         if training and bad_from is not None and i >= bad_from:
           batch = batch.replace(node_weights=np.full_like(batch.node_weights, np.nan))
         yield batch, {"ids": [e.id for e in exs], "groups": [split] * per}
@@ -442,7 +443,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
   config = demo.get_config("tiny")
   config.task.name = "synthetic"
   mesh = train_lib.parallel.make_mesh(jax.devices()[:1])
-  batch = input_pipeline.collate([testing.random_example(12, seed=0)], _BUDGET)
+  batch = layout.collate([testing.random_example(12, seed=0)], _BUDGET)
   with pytest.raises(checkpointing.CheckpointError, match="train first"):
     train_lib.restore_params(config, str(tmp_path / "nothing"), "", batch, mesh)
   # A checkpoint of a different model (wider GNN) does not fit this config.

@@ -1,140 +1,22 @@
-"""Padding into `Batch`es: numpy `collate` and the tf.data pipeline over shards."""
+"""The tf.data pipeline over shards: `make_dataset` against numpy `collate`, order, crops."""
 
+import dataclasses
+import functools
+import importlib.util
+import os
+
+import ml_collections
 import numpy as np
 import pytest
 
 from bihier_jax.common import residue_constants as rc
-from bihier_jax.data import input_pipeline
+from bihier_jax.data import budgets as budgets_lib
+from bihier_jax.data import layout
+from bihier_jax.data import pipeline
+from bihier_jax.data import records
 from bihier_jax import testing
-from bihier_jax.data.batch import PaddingBudget
-
-
-def _examples():
-  return [testing.random_example(30, seed=0),
-          testing.random_example(41, seed=1, n_chains=2),
-          testing.random_example(12, seed=2, n_ligand=5)]
-
-
-def test_random_example_geometry_and_graph():
-  ex = testing.random_example(60, seed=3, n_chains=2)
-  ca = ex.atom_positions[:, 1]
-  step = np.linalg.norm(np.diff(ca[:30], axis=0), axis=-1)
-  np.testing.assert_allclose(step, 3.8, atol=0.05)
-  # Graph against brute force: nearest ≤32 within 10 Å, no self edges.
-  d = np.linalg.norm(ca[:, None] - ca[None], axis=-1)
-  np.fill_diagonal(d, np.inf)
-  want = set()
-  for i in range(len(ca)):
-    nbrs = [j for j in np.argsort(d[i], kind="stable")[:32] if d[i, j] <= 10.0]
-    want |= {(int(j), i) for j in nbrs}
-  assert set(zip(ex.senders.tolist(), ex.receivers.tolist())) == want
-
-
-def test_collate_layout_matches_examples():
-  exs = _examples()
-  budget = PaddingBudget(n_node=128, n_edge=4096, n_graph=5, n_row=6, row_length=40)
-  b = input_pipeline.collate(exs, budget)
-  assert b.budget == budget
-  nodes = b.graph.nodes
-  # jraph bookkeeping: node_graph is n_node repeated; padding graph last.
-  np.testing.assert_array_equal(b.node_graph, np.repeat(np.arange(5), b.graph.n_node))
-  assert b.graph.n_node.sum() == 128 and b.graph.n_edge.sum() == 4096
-  np.testing.assert_array_equal(b.graph_mask, [1, 1, 1, 0, 0])
-  n_real = 30 + 41 + 12 + 5
-  assert b.node_mask.sum() == n_real and not b.node_mask[n_real:].any()
-  # Edges keep their geometry: same sender/receiver distances as in the examples.
-  ca = nodes["atom_positions"][:, 1]
-  d_batch = np.linalg.norm(ca[b.graph.senders] - ca[b.graph.receivers], axis=-1)
-  d_ex = np.concatenate([np.linalg.norm(
-      np.concatenate([ex.atom_positions[:, 1], ex.ligand_positions])[ex.senders]
-      - np.concatenate([ex.atom_positions[:, 1], ex.ligand_positions])[ex.receivers],
-      axis=-1) for ex in exs])
-  np.testing.assert_allclose(d_batch[b.edge_mask], d_ex, atol=1e-5)
-  assert (b.graph.senders[~b.edge_mask] == 127).all()
-  # Tokens: decoding each residue node's token gives its sequence letter.
-  vocab = np.array(rc.ESM_VOCAB)
-  letters = vocab[b.tokens[b.node_to_token[:, 0], b.node_to_token[:, 1]]]
-  res = nodes["node_kind"] == 0
-  want = np.concatenate([[rc.RESTYPES[a] for a in ex.aatype] for ex in exs])
-  np.testing.assert_array_equal(letters[res & b.node_mask], want)
-  assert (b.tokens[:4, 0] == rc.ESM_CLS).all() and not b.row_mask[4:].any()
-  assert b.tokens[0, 31] == rc.ESM_EOS and b.tokens[0, 32] == rc.ESM_PAD
-  np.testing.assert_array_equal(b.row_graph, [0, 1, 1, 2, 4, 4])
-  # Ligand atoms: element types after the residue types, position in the CA slot.
-  lig = nodes["node_kind"] == 1
-  assert lig.sum() == 5
-  np.testing.assert_array_equal(nodes["aatype"][lig] - rc.NUM_RESTYPES,
-                                exs[2].ligand_elements)
-  np.testing.assert_allclose(nodes["atom_positions"][lig, 1], exs[2].ligand_positions)
-  assert (b.node_to_token[lig] == -1).all()
-  # Chains: prev/next stay inside a chain; chain ids unique per chain.
-  idx = np.arange(128)
-  prev, nxt, chain = nodes["prev_node"], nodes["next_node"], nodes["chain_id"]
-  assert (chain[prev] == chain).all() and (chain[nxt] == chain).all()
-  starts = idx[res & b.node_mask & (prev == idx)]
-  np.testing.assert_array_equal(starts, [0, 30, 51, 71])
-  assert len(set(chain[res & b.node_mask].tolist())) == 4
-  assert (chain[~b.node_mask] == -1).all()
-  np.testing.assert_allclose(b.node_labels[:30], exs[0].node_labels)
-  assert b.node_label_mask[~b.node_mask].sum() == 0
-
-
-def test_collate_rejects_over_budget():
-  exs = _examples()
-  tight = input_pipeline.budget_for(exs)
-  input_pipeline.collate(exs, tight)
-  for field in ("n_node", "n_edge", "n_graph", "n_row", "row_length"):
-    small = dict(tight.__dict__)
-    small[field] -= 1
-    with pytest.raises(ValueError, match="do not fit"):
-      input_pipeline.collate(exs, PaddingBudget(**small))
-
-
-# --- tf.data pipeline over shards -------------------------------------------------------
-
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-
-import ml_collections  # noqa: E402
-
-from bihier_jax.data import records  # noqa: E402
-from data_pipelines import shards  # noqa: E402
-from data_pipelines.tasks import WorkItem  # noqa: E402
-
-
-def test_ragged_helpers_equal_numpy():
-  """The packer's ragged building blocks against numpy on random runs, empty ones too."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  counts = rng.integers(0, 5, 40).astype(np.int32)
-  counts[:3] = 0
-  values = rng.integers(0, 10**6, 40).astype(np.int32)
-  starts = rng.integers(0, 1000, 40).astype(np.int32)
-  np.testing.assert_array_equal(input_pipeline._repeat(values, counts).numpy(),
-                                np.repeat(values, counts))
-  np.testing.assert_array_equal(
-      input_pipeline._runs(starts, counts).numpy(),
-      np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]))
-  owner, position = input_pipeline._rows(counts)
-  np.testing.assert_array_equal(owner.numpy(), np.repeat(np.arange(40), counts))
-  np.testing.assert_array_equal(position.numpy(),
-                                np.concatenate([np.arange(n) for n in counts]))
-  rows = rng.normal(size=(int(counts.sum()), 3)).astype(np.float32)
-  which = rng.permutation(40)[:25].astype(np.int32)
-  first = np.cumsum(counts) - counts
-  np.testing.assert_array_equal(
-      input_pipeline._gather_rows(rows, counts, which).numpy(),
-      np.concatenate([rows[first[i]:first[i] + counts[i]] for i in which]))
-  flat = rng.integers(0, 100, int(counts.sum())).astype(np.int32)
-  padded = input_pipeline._padded(flat, counts, -7, 6).numpy()
-  expected = np.full((40, 6), -7, np.int32)
-  for i, piece in enumerate(np.split(flat, np.cumsum(counts)[:-1])):
-    expected[i, :len(piece)] = piece
-  np.testing.assert_array_equal(padded, expected)
-  assert input_pipeline._padded(tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), 0,
-                                4).shape == (0, 4)
+from data_pipelines import shards
+from data_pipelines.tasks import WorkItem
 
 
 def _config(batch_size=4, max_residues=1022, row_length=None):
@@ -170,14 +52,14 @@ def data_dir(tmp_path_factory):
 
 def _all_examples(data_dir):
   out = {}
-  for path in input_pipeline.shard_files(data_dir, "train"):
+  for path in pipeline.shard_files(data_dir, "train"):
     for ex in records.read_records(path):
       out[ex.id] = ex
   return out
 
 
 def _eval_batches(data_dir, config, **kw):
-  return list(input_pipeline.make_dataset(data_dir, "train", config, training=False,
+  return list(pipeline.make_dataset(data_dir, "train", config, training=False,
                                           seed=0, process_index=0, process_count=1, **kw))
 
 
@@ -188,7 +70,7 @@ def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, pack
   config = _config(max_residues=90, row_length=48) if packed else _config()
   examples = {k: _numpy_first_window(ex, 90) if packed else ex
               for k, ex in _all_examples(data_dir).items()}
-  budgets = input_pipeline.bucket_budgets(config, input_pipeline.dataset_sizes(data_dir))
+  budgets = budgets_lib.bucket_budgets(config, budgets_lib.dataset_sizes(data_dir))
   assert [b.packed_rows for b in budgets] == [packed] * len(budgets)
   batches = _eval_batches(data_dir, config)
   seen = []
@@ -198,7 +80,7 @@ def test_eval_epoch_equals_numpy_collate_and_covers_every_residue(data_dir, pack
     assert batch.graph.n_edge.sum() == batch.budget.n_edge
     seen.extend(meta["ids"])
     # The tf.data batch equals numpy collate of the same examples, field by field.
-    want = input_pipeline.collate([examples[i] for i in meta["ids"]], batch.budget)
+    want = layout.collate([examples[i] for i in meta["ids"]], batch.budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
     assert batch.packed_rows == want.packed_rows == packed
@@ -221,7 +103,7 @@ def _leaves(batch):
 def test_same_seed_same_batches_and_other_seed_differs(data_dir):
   config = _config()
   def dataset(seed):
-    return input_pipeline.make_tf_dataset(data_dir, "train", config, training=True,
+    return pipeline.make_tf_dataset(data_dir, "train", config, training=True,
                                           seed=seed, process_index=0, process_count=1,
                                           chunk_size=16)
   def first(ds, n=6):
@@ -240,7 +122,7 @@ def test_host_shards_are_disjoint_and_complete(data_dir):
   config = _config()
   ids = []
   for host in range(2):
-    got = [i for _, m in input_pipeline.make_dataset(
+    got = [i for _, m in pipeline.make_dataset(
         data_dir, "train", config, training=False, seed=0, process_index=host,
         process_count=2) for i in m["ids"]]
     ids.append(set(got))
@@ -271,7 +153,7 @@ def test_crop_first_window_in_eval(data_dir):
   examples = _all_examples(data_dir)
   for batch, meta in _eval_batches(data_dir, config):
     assert batch.budget.row_length <= 32
-    want = input_pipeline.collate([_numpy_first_window(examples[i], 30)
+    want = layout.collate([_numpy_first_window(examples[i], 30)
                                    for i in meta["ids"]], batch.budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
@@ -280,7 +162,7 @@ def test_crop_first_window_in_eval(data_dir):
 def test_random_crop_in_training_stays_consistent(data_dir):
   config = _config(max_residues=30)
   examples = _all_examples(data_dir)
-  it = input_pipeline.make_dataset(data_dir, "train", config, training=True, seed=3,
+  it = pipeline.make_dataset(data_dir, "train", config, training=True, seed=3,
                                    process_index=0, process_count=1, chunk_size=16)
   starts = set()
   for _ in range(8):
@@ -322,7 +204,7 @@ def test_crop_keeps_every_node_of_a_pocket_in_a_long_chain(tmp_path):
                        shard_size=8, progress=False)
   config = _config(batch_size=2, max_residues=30)
   batches = _eval_batches(str(tmp_path), config)
-  it = input_pipeline.make_dataset(str(tmp_path), "train", config, training=True,
+  it = pipeline.make_dataset(str(tmp_path), "train", config, training=True,
                                    seed=1, process_index=0, process_count=1)
   batches += [next(it) for _ in range(6)]
   vocab = np.array(rc.ESM_VOCAB)
@@ -425,7 +307,7 @@ def test_gaps_are_chain_ends_in_collate_and_tf_packer(tmp_path, packed):
   ends = {}
   for batch, meta in _eval_batches(str(tmp_path), config):
     # tf.data packer == numpy collate of the same (first-window cropped) examples ...
-    want = input_pipeline.collate([_numpy_first_window(examples[i], 300)
+    want = layout.collate([_numpy_first_window(examples[i], 300)
                                    for i in meta["ids"]], batch.budget)
     for (p, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=p)
