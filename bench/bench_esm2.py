@@ -75,6 +75,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from bihier_jax.common import flops as flops_lib  # pylint: disable=wrong-import-position
 from bihier_jax.common import residue_constants as rc  # pylint: disable=wrong-import-position
 from bihier_jax.models import esm2  # pylint: disable=wrong-import-position
+from bihier_jax.models.esm2 import model as esm2_model  # pylint: disable=wrong-import-position
 
 
 def _time(fn, repeats: int, warmup: int = 2) -> float:
@@ -112,7 +113,7 @@ def reference_and_params(preset: str):
   port's params) for `preset`, torch at THREADS threads."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
+  from bihier_jax.models.esm2 import checkpoint as esm2_checkpoint  # pylint: disable=import-outside-toplevel
 
   torch.set_num_threads(THREADS)
   cfg = esm2.config_from_preset(preset, mlm_head=False)
@@ -559,7 +560,7 @@ def splash_blocks(n: int, row_length: int = 768, batch_size: int = 32,
                                     seed).items():
     rows = ids.shape[0]
     visits = attention.block_visits(jnp.asarray(ids), esm2.PALLAS_BLOCK)
-    block_mask = jax.vmap(lambda v: esm2._splash_kernel(v, True).fwd_mask_info.block_mask)(  # pylint: disable=protected-access
+    block_mask = jax.vmap(lambda v: esm2_model._splash_kernel(v, True).fwd_mask_info.block_mask)(  # pylint: disable=protected-access
         visits)
     visited = int((np.asarray(block_mask) > 0).sum())
     blocks = rows * (length // esm2.PALLAS_BLOCK) ** 2

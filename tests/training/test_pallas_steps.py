@@ -26,6 +26,7 @@ from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.models import attention
 from bihier_jax.models import esm2
+from bihier_jax.models.esm2 import model as esm2_model
 from bihier_jax.training import parallel
 from bihier_jax.training import steps
 from configs import demo
@@ -182,9 +183,9 @@ def test_splash_skips_the_blocks_of_other_chains():
   layout = esm2.AttentionLayout(mask=ids[:, :, None] == ids[:, None, :],
                                 segment_ids=jnp.asarray(ids))
   poisoned = v.at[:, LENGTH:].set(jnp.nan)
-  got = np.asarray(jax.jit(lambda q, k, v: esm2._attention(  # pylint: disable=protected-access
+  got = np.asarray(jax.jit(lambda q, k, v: esm2_model._attention(  # pylint: disable=protected-access
       q, k, v, layout, "splash"))(q, k, poisoned))
-  want = np.asarray(esm2._attention(q, k, v, layout, "exact"))  # pylint: disable=protected-access
+  want = np.asarray(esm2_model._attention(q, k, v, layout, "exact"))  # pylint: disable=protected-access
   assert np.isfinite(got[:, :LENGTH]).all()
   np.testing.assert_allclose(got[:, :LENGTH], want[:, :LENGTH], atol=TOL, rtol=0)
 
@@ -216,12 +217,12 @@ def test_cudnn_refusal_warns_and_falls_back(monkeypatch, caplog):
   tokens = np.full((2, 16), 5, np.int32)
   tokens[1, 10:] = 1  # <pad>
   layout = esm2.attention_layout(jnp.asarray(tokens))
-  want = esm2._attention(q, k, v, layout, "exact")  # pylint: disable=protected-access
+  want = esm2_model._attention(q, k, v, layout, "exact")  # pylint: disable=protected-access
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(esm2, "_CUDNN_WARNED", set(), raising=False)
+  monkeypatch.setattr(esm2_model, "_CUDNN_WARNED", set(), raising=False)
   with caplog.at_level(logging.WARNING, logger="absl"):
-    got = esm2._attention(q, k, v, layout, "auto")  # pylint: disable=protected-access
-    esm2._attention(q, k, v, layout, "auto")  # pylint: disable=protected-access
+    got = esm2_model._attention(q, k, v, layout, "auto")  # pylint: disable=protected-access
+    esm2_model._attention(q, k, v, layout, "auto")  # pylint: disable=protected-access
   warnings = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
   assert len(warnings) == 1 and "falls back" in warnings[0], warnings
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),

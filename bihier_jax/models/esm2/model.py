@@ -1027,6 +1027,6 @@ def from_pretrained(path: str, **overrides) -> tuple[ESM2, dict]:
   model.safetensors / pytorch_model.bin), a fair-esm `.pt` file, or a directory written
   by `python -m bihier_jax.convert_esm`. overrides: execution options of ESM2Config
   (dtype, f32_residual, remat, scan_layers, attention, mlm_head=False drops the head)."""
-  from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
+  from bihier_jax.models.esm2 import checkpoint as esm2_checkpoint  # pylint: disable=import-outside-toplevel
   cfg, params = esm2_checkpoint.load_pretrained(path, **overrides)
   return ESM2(cfg), params
