@@ -61,12 +61,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import batch as batch_lib
 from bihier_jax.models import esm2
 from bihier_jax.models import fusion as fusion_lib
 from bihier_jax.models import heads
 from bihier_jax.models import pronet
+from bihier_jax.models import tokens as tokens_lib
 from bihier_jax.models import trainable as trainable_lib
 
 KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
@@ -243,13 +243,6 @@ class BiHierConfig:
     return self.kind != "esm_only"
 
 
-def mask_tokens(tokens, node_to_token, residue_mask):
-  """tokens int[R, L] with the tokens of masked residues (bool[N]) set to `<mask>`."""
-  hit = residue_mask[:, None].astype(jnp.float32)
-  grid = batch_lib.scatter_to_tokens(hit, node_to_token, tokens.shape)[..., 0] > 0
-  return jnp.where(grid, rc.ESM_MASK, tokens)
-
-
 class BiHierModel(nn.Module):
   """All model kinds on one code path. `__call__(batch, deterministic) -> ModelOutput`."""
   config: BiHierConfig
@@ -322,7 +315,7 @@ class BiHierModel(nn.Module):
     hidden = x = fused = None
     residue_mask = self._residue_mask(batch, deterministic)
     if cfg.uses_esm and cfg.mask_esm_tokens and residue_mask is not None:
-      tokens = mask_tokens(tokens, batch.node_to_token, residue_mask)
+      tokens = tokens_lib.mask_tokens(tokens, batch.node_to_token, residue_mask)
 
     # Packed rows (several chains per row): attention, rotary positions and token
     # dropout follow each token's chain. The batch says how its rows are laid out
@@ -348,7 +341,7 @@ class BiHierModel(nn.Module):
             self.esm.embed(tokens, segments), tokens, 0, cfg.esm.num_layers,
             segments=segments))
       if cfg.uses_gnn:
-        extra = (batch_lib.gather_tokens(hidden, batch.node_to_token)
+        extra = (tokens_lib.gather_tokens(hidden, batch.node_to_token)
                  if cfg.kind == "serial" else None)
         x, edges = self.gnn.embed(graph, deterministic, extra_node_features=extra,
                                   residue_mask=residue_mask,
@@ -369,7 +362,7 @@ class BiHierModel(nn.Module):
       halves = []
       if hidden is not None:
         halves.append(("seq", self.seq_readout(
-            batch_lib.gather_tokens(hidden, batch.node_to_token))))
+            tokens_lib.gather_tokens(hidden, batch.node_to_token))))
       if x is not None:
         halves.append(("struct", x))
     node_embeddings = self._readout_halves(halves)

@@ -36,8 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bihier_jax.data import batch as batch_lib
 from bihier_jax.models import attention
+from bihier_jax.models import tokens as tokens_lib
 
 Dtype = Any
 
@@ -276,7 +276,7 @@ class FusionLevel(nn.Module):
       raise ValueError(f"model.fusion.write_back must be one of {WRITE_BACKS}, "
                        f"got {self.write_back!r}")
     has_token = (node_to_token[:, 0] >= 0) & node_mask
-    seq_side, struct_side = batch_lib.gather_tokens(hidden, node_to_token), x
+    seq_side, struct_side = tokens_lib.gather_tokens(hidden, node_to_token), x
     if self.norm:
       seq_side = layer_norm("seq_norm", self.dtype)(seq_side)
       struct_side = jnp.where(node_mask[:, None],
@@ -314,10 +314,10 @@ class FusionLevel(nn.Module):
       update = nn.Dense(hidden.shape[-1], dtype=self.dtype, name="to_seq", **zero)(z_seq)
       update = drop(update, deterministic=deterministic)
       update = jnp.where(has_token[:, None], update, 0)
-      grid = batch_lib.scatter_to_tokens(update, node_to_token,
+      grid = tokens_lib.scatter_to_tokens(update, node_to_token,
                                          hidden.shape[:2]).astype(hidden.dtype)
       if replace:
-        written = batch_lib.scatter_to_tokens(
+        written = tokens_lib.scatter_to_tokens(
             has_token[:, None].astype(jnp.float32), node_to_token, hidden.shape[:2]) > 0
         hidden = jnp.where(written, grid, hidden)
       else:
