@@ -1,52 +1,13 @@
-"""The Bi-Hierarchical model: ESM-2 and a ProNet-style GNN interleaved with fusion.
+"""The Bi-Hierarchical model: ESM-2 and a ProNet-style GNN interleaved with fusion
+(`BiHierModel`, `BiHierConfig`, `ModelOutput`, `esm_layer_pairing`), and the baselines
+on the same code path (`KINDS`: esm_only, gnn_only, serial, parallel, cross).
 
-Forward pass (after the design's "Model" section), for GNN blocks k = 1..K:
-
-    X <- GNN block k
-    if k in fusion.levels:
-      H <- ESM layers (π(previous fusion level), π(k)]
-      H, X <- FusionLevel_k(H, X)          (local or global; write-back per direction)
-    H <- remaining ESM layers, final LayerNorm
-
-ESM layers between two fusion levels do not depend on the GNN, so running them in one
-chunk right before the fusion is the same computation as a per-block interleave, with
-fewer program pieces.
-
-Readout per residue (`model.readout`), both halves LayerNorm'd with `model.fusion.norm`:
-  streams  concat(LN(Dense(gather(H_final))), LN(X_final)): the two encoders' outputs.
-  fused    the last fusion level's tokens: concat(LN(Zs), LN(Zg)) (global; the one Z of
-           local fusion). For `cross` this is ESM-GearNet's readout (the concatenated
-           attended halves).
-  auto     fused for `cross`, streams for every other kind (the default).
-Without the readout norm, ProNet's final states (RMS ≈ 5e-5 after 4 blocks at
-initialisation) would sit beside O(1) sequence features, and every two-stream model
-would start out sequence-only.
-
-Baselines share this module and its parameter names (`model.kind`):
-  esm_only  ESM only; readout Dense(gather(H)).
-  gnn_only  GNN only; readout X.
-  serial    final ESM features per residue are the GNN's extra input features
-            (ESM-GearNet style; both input parts normalised with `fusion.norm`);
-            readout concat(Dense(gather(H)), X).
-  parallel  both encoders independently; readout concat.
-  cross     both independently, then one global-fusion block (MHSA over both token sets)
-            on the final states; readout the attended tokens (or, with
-            readout=streams, write-back both ways and read out the streams).
-
-Residue-type masking (`model.gnn.mask_aatype_prob`, training only) draws one mask per
-batch; with `model.esm.mask_augmented` the masked residues' ESM tokens become `<mask>`
-too, so the sequence stream cannot hand the hidden type to the GNN through fusion.
-
-Trainability (`model.esm.trainable`) is decided in `trainable`: frozen ESM parameters
-enter as constants (see that module).
-
-Parameter tree: params['esm'] (ESM-2, names as `esm2.ESM2`), params['gnn'] (ProNet),
-params['fusion_<k>'] (fusion after GNN block k; 'fusion_cross' for kind cross),
-params['seq_readout'], params['seq_readout_norm'], params['struct_readout_norm'],
-params['head'].
-
-Randomness: flax rng streams 'dropout' and 'augment' (falls back to 'dropout') when
-deterministic=False.
+`BiHierConfig.from_config` is the one validator of `config.model`: it checks every
+allowed value (`KINDS`, `DIRECTIONS`, `MODES`, `READOUTS`, `MATMUL_PRECISIONS`,
+`models.DTYPES`, `fusion.WRITE_BACKS`, `heads.POOLINGS`, `heads.LEVELS`) and the fusion
+levels and layer pairing. The forward pass, the readouts, the baselines, the parameter
+tree and the rng streams: docs/model.md "The interleaving" and "Baselines, readout and
+parameters".
 """
 
 from __future__ import annotations
@@ -62,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from bihier_jax.data import batch as batch_lib
+from bihier_jax.models import DTYPES
 from bihier_jax.models import esm2
 from bihier_jax.models import fusion as fusion_lib
 from bihier_jax.models import heads
@@ -175,6 +137,9 @@ class BiHierConfig:
     m, t = config.model, config.task
     if m.kind not in KINDS:
       raise ValueError(f"model.kind must be one of {KINDS}, got {m.kind!r}")
+    dtype_name = m.dtype if isinstance(m.dtype, str) else jnp.dtype(m.dtype).name
+    if dtype_name not in DTYPES:
+      raise ValueError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
     if m.fusion.mode not in MODES:
       raise ValueError(f"model.fusion.mode must be one of {MODES}, got {m.fusion.mode!r}")
     if m.fusion.direction not in DIRECTIONS:
@@ -192,6 +157,9 @@ class BiHierConfig:
     if readout == "fused" and m.kind not in ("bihier", "cross"):
       raise ValueError(f"model.readout='fused' reads the last fusion level's tokens; "
                        f"model.kind={m.kind!r} has no fusion (use streams or auto)")
+    if m.head.pooling not in heads.POOLINGS:
+      raise ValueError(f"model.head.pooling must be one of {heads.POOLINGS}, "
+                       f"got {m.head.pooling!r}")
     if t.level not in heads.LEVELS:
       raise ValueError(f"task.level must be one of {heads.LEVELS}, got {t.level!r}")
     precision = m.get("matmul_precision", "default")  # saved configs without it

@@ -26,11 +26,11 @@ from jax.ad_checkpoint import checkpoint_name
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.models import attention_backends
 from bihier_jax.models import fsdp
-from bihier_jax.models.esm2.layers import (constant_if, dense, layer_norm, rotary_tables,
-                                           transformer_layer)
 from bihier_jax.models.esm2.config import (EMBEDDING_PARAM, FINAL_NORM_PARAM,
                                            LAYERS_PARAM, LORA_PARAM, LORA_TARGETS,
                                            ESM2Config)
+from bihier_jax.models.esm2.layers import (constant_if, dense, layer_norm, rotary_tables,
+                                           transformer_layer)
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 replaced by <mask> in training
 # Checkpoint name of one layer's weights read from the stack (never saved for the
