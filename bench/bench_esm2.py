@@ -112,7 +112,7 @@ def reference_and_params(preset: str):
   port's params) for `preset`, torch at THREADS threads."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from bihier_jax.models import esm2_checkpoint  # pylint: disable=import-outside-toplevel
+  from bihier_jax.models.esm2 import checkpoint as esm2_checkpoint  # pylint: disable=import-outside-toplevel
 
   torch.set_num_threads(THREADS)
   cfg = esm2.config_from_preset(preset, mlm_head=False)
@@ -551,16 +551,16 @@ def splash_blocks(n: int, row_length: int = 768, batch_size: int = 32,
   """The (query block, key block) pairs the splash kernel computes on the rows the
   input pipeline packs `n` realistic chains into (`_pipeline_rows`), against all
   (L / 128)² per row, per row length. The counts are read from the block mask of the
-  kernel each row gets (`esm2._splash_kernel`: its forward, dq and dk/dv kernels share
-  it); no kernel runs. Also the same-chain (query, key) pairs of real tokens over L x L:
+  kernel each row gets (`attention_backends._splash_kernel`: its forward, dq and dk/dv
+  kernels share it); no kernel runs. Also the same-chain (query, key) pairs of real tokens over L x L:
   what only elementwise skipping would leave."""
-  from bihier_jax.models import attention  # pylint: disable=import-outside-toplevel
+  from bihier_jax.models import attention_backends  # pylint: disable=import-outside-toplevel
   out = {}
   for length, ids in _pipeline_rows(realistic_lengths(n, seed), row_length, batch_size,
                                     seed).items():
     rows = ids.shape[0]
-    visits = attention.block_visits(jnp.asarray(ids), esm2.PALLAS_BLOCK)
-    block_mask = jax.vmap(lambda v: esm2._splash_kernel(v, True).fwd_mask_info.block_mask)(  # pylint: disable=protected-access
+    visits = attention_backends.block_visits(jnp.asarray(ids), esm2.PALLAS_BLOCK)
+    block_mask = jax.vmap(lambda v: attention_backends._splash_kernel(v, True).fwd_mask_info.block_mask)(  # pylint: disable=protected-access
         visits)
     visited = int((np.asarray(block_mask) > 0).sum())
     blocks = rows * (length // esm2.PALLAS_BLOCK) ** 2

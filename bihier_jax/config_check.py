@@ -299,7 +299,7 @@ def check_esm_checkpoint(config: ml_collections.ConfigDict,
     return None
   # pylint: disable=g-import-not-at-top
   from bihier_jax.models import esm2
-  from bihier_jax.models import esm2_checkpoint
+  from bihier_jax.models.esm2 import checkpoint as esm2_checkpoint
   # pylint: enable=g-import-not-at-top
   where = f"model.esm.checkpoint={path}"
   try:

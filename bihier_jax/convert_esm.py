@@ -21,7 +21,7 @@ import sys
 
 import jax
 
-from bihier_jax.models import esm2_checkpoint
+from bihier_jax.models.esm2 import checkpoint as esm2_checkpoint
 
 
 def convert(src: str, out: str, mlm_head: bool = True, overwrite: bool = False) -> str:

@@ -24,7 +24,6 @@ import dataclasses
 from typing import Any
 
 import flax.struct
-import jax.numpy as jnp
 import jraph
 
 
@@ -116,40 +115,3 @@ class Batch:
         n_graph=int(self.graph_mask.shape[-1]), n_row=int(self.tokens.shape[-2]),
         row_length=int(self.tokens.shape[-1]),
         graph_capacity=int(self.graph_slot_node.shape[-1]), packed_rows=self.packed_rows)
-
-
-def gather_tokens(hidden, node_to_token):
-  """Per-node ESM features from a token grid.
-
-  Args:
-    hidden: [R, L, D] ESM hidden states.
-    node_to_token: int32[N, 2] (row, column); negative for nodes without a token.
-
-  Returns:
-    [N, D], zero for nodes without a token.
-  """
-  rows, cols = node_to_token[:, 0], node_to_token[:, 1]
-  valid = (rows >= 0)[:, None]
-  out = hidden[jnp.maximum(rows, 0), jnp.maximum(cols, 0)]
-  return jnp.where(valid, out, jnp.zeros_like(out))
-
-
-def scatter_to_tokens(values, node_to_token, grid_shape):
-  """Adds per-node values into a token grid (inverse of `gather_tokens`), in float32.
-
-  The sum is taken in float32 whatever the dtype of `values` (several nodes may map to
-  one token); callers cast the grid to their stream's dtype.
-
-  Args:
-    values: [N, D] per-node values, any float dtype.
-    node_to_token: int32[N, 2]; nodes with negative rows contribute nothing.
-    grid_shape: (R, L).
-
-  Returns:
-    float32[R, L, D] grid, zero at tokens no node maps to.
-  """
-  rows, cols = node_to_token[:, 0], node_to_token[:, 1]
-  valid = (rows >= 0)[:, None]
-  values = jnp.where(valid, values.astype(jnp.float32), 0.0)
-  grid = jnp.zeros(tuple(grid_shape) + values.shape[-1:], jnp.float32)
-  return grid.at[jnp.maximum(rows, 0), jnp.maximum(cols, 0)].add(values)

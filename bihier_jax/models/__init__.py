@@ -1,4 +1,5 @@
-"""Models: ESM-2 port, ProNet-style GNN, fusion, task heads, and the assembled model.
+"""Models: ESM-2 port, ProNet-style GNN, fusion, task heads, and the assembled model;
+`DTYPES`, the allowed `model.dtype` values. Model docs: docs/model.md.
 
     model = build_model(config)                 # config: full ml_collections config
     params = init_params(model, batch, rng)     # random init (ESM too)
@@ -11,6 +12,9 @@
 from __future__ import annotations
 
 import jax
+
+# model.dtype: compute dtype of matmuls and activations (parameters stay float32).
+DTYPES = ("float32", "bfloat16")
 
 # Submodules are imported inside the functions, so `import bihier_jax.models.esm2` does
 # not pull in the whole model stack.
@@ -60,4 +64,4 @@ def load_pretrained_esm(params: dict, path: str) -> dict:
   return {**params, "esm": loaded}
 
 
-__all__ = ["build_model", "init_params", "load_pretrained_esm"]
+__all__ = ["DTYPES", "build_model", "init_params", "load_pretrained_esm"]

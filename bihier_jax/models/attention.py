@@ -1,21 +1,10 @@
-"""Softmax attention with an additive mask and a closed-form backward.
+"""CPU attention kernels with a closed-form backward: `masked_attention` (softmax(q kᵀ +
+bias) v, bias from `mask_bias`, `MASKED_LOGIT`) and, for packed rows, `segment_attention`
+(each query block over its chains' key window; `run_bounds`, `segment_windows`).
 
-Shared by the ESM-2 port (its CPU path) and global fusion. The maths is plain
-softmax(q kᵀ + bias) v; the arrangement is what makes it fast on CPU (measured on the
-2-core dev VM, BENCHMARKS.md):
-
-- operands head-major [B, H, T, c], so both products are plain batched GEMMs;
-- the forward divides the [T, c] output by the softmax denominator instead of
-  normalising the [T, T] weights (one pass fewer over the scores): ESM-2 t12_35M forward
-  8 x 256 went from 4,250 to 4,950 tokens/s;
-- the backward uses dlogits = w ⊙ (dw − Σ_k dw ⊙ w) on the saved weights, shorter than
-  autodiff's chain over the [B, H, T, T] tensors: ESM-2 t6_8M forward + backward
-  815 -> 720 ms, a global-fusion block 56 -> 49 ms;
-- on CPU, training with a key count that is a multiple of 256 adds 8 masked padding
-  keys (see `_CPU_SLOW_KEY_MULTIPLE`).
-
-Memory: the whole [B, H, T, T] score tensor is materialised (the weights are kept for the
-backward), 4·B·H·T² bytes; 671 MB for 8 x 20 heads x 1024².
+Shared by the ESM-2 port (its CPU path, through `attention_backends`) and global
+fusion. Why the arrangement is fast on CPU, and what it keeps in memory: docs/model.md
+"Attention on CPU".
 """
 
 from __future__ import annotations
@@ -23,9 +12,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.extend
-import jax.interpreters.batching
-import jax.interpreters.mlir
 import jax.numpy as jnp
 import numpy as np
 
@@ -341,115 +327,3 @@ def segment_attention(q, k, v, segment_ids, block: int = SEGMENT_BLOCK):
   ids = jnp.asarray(segment_ids, jnp.int32)
   out = _segment_attend(_head_major(q), _head_major(k), _head_major(v), ids, block)
   return jnp.where((ids >= 0)[:, :, None, None], _head_major(out), jnp.zeros((), v.dtype))
-
-
-def block_visits(segment_ids, block: int = SEGMENT_BLOCK):
-  """Which (query block, key block) pairs of a row a block-sparse kernel must compute.
-
-  segment_ids: int [B, L] (L a multiple of `block`), -1 at padding. Returns bool
-  [B, L // block, L // block]: True where a real query of query block i shares a chain
-  with a key of key block j, and on the diagonal (every query, padding included, has
-  at least its own block, so a kernel's softmax never sums over nothing). Other blocks
-  hold no pair a real query may attend to; skipping them leaves every real query's
-  output unchanged.
-  """
-  b, length = segment_ids.shape
-  n = length // block
-  ids = jnp.asarray(segment_ids, jnp.int32)
-  same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
-  visits = same.reshape(b, n, block, n, block).any(axis=(2, 4))
-  return visits | jnp.eye(n, dtype=bool)[None]
-
-
-# --- Pallas kernels inside shard_map ------------------------------------------------------
-#
-# The steps run under `jax.shard_map(..., check_vma=True)`, which types every value with
-# the mesh axes it varies over (vma). jax 0.10.2's Pallas attention kernels (splash, the
-# Triton flash kernel) declare their outputs with untyped `jax.ShapeDtypeStruct`s, which
-# `pallas_call` refuses there, and their custom VJPs and interpreters (CPU) compare
-# those untyped results with typed inputs. `untyped_kernel` runs such a kernel in a
-# nested shard_map over no axes with check_vma=False, on inputs whose vma type is
-# dropped (`_drop_vma`, an identity), and types what comes out as varying over the
-# inputs' axes again: a kernel maps one device's rows to the same device's rows, so
-# that is their type. Everything outside the kernel keeps the check.
-
-_drop_vma_p = jax.extend.core.Primitive("drop_vma")
-_drop_vma_p.def_impl(lambda x: x)
-_drop_vma_p.def_abstract_eval(
-    lambda aval: aval.update(manual_axis_type=aval.mat.update(varying=frozenset())))
-jax.interpreters.mlir.register_lowering(_drop_vma_p, lambda ctx, x: [x])
-jax.interpreters.batching.primitive_batchers[_drop_vma_p] = (
-    lambda args, dims: (_drop_vma_p.bind(args[0]), dims[0]))
-
-
-def _drop_vma(tree):
-  """`tree` with no vma type (identity on the values; only inside a region whose
-  check_vma is off, where nothing relies on the type)."""
-  return jax.tree.map(_drop_vma_p.bind, tree)
-
-
-def _varying_axes(tree) -> tuple[str, ...]:
-  """Mesh axes any leaf of `tree` varies over (none outside shard_map)."""
-  axes = set()
-  for x in jax.tree.leaves(tree):
-    axes |= set(jax.typeof(x).mat.varying)
-  return tuple(sorted(axes))
-
-
-def _as_varying(tree, axes: tuple[str, ...]):
-  """`tree` typed as varying over `axes` (no-op on the values)."""
-  def one(x):
-    missing = tuple(a for a in axes if a not in jax.typeof(x).mat.varying)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-  return jax.tree.map(one, tree)
-
-
-def _unchecked(fn, *args):
-  """fn(*args) run on untyped values with the vma check off (a nested shard_map over
-  no axes) when inside shard_map; the outputs are typed as varying over the axes of
-  `args`. Outside shard_map: fn(*args)."""
-  if not jax.sharding.get_abstract_mesh().manual_axes:
-    return fn(*args)
-  spec = jax.sharding.PartitionSpec()
-  out = jax.shard_map(lambda *args: fn(*_drop_vma(args)), in_specs=(spec,) * len(args),
-                      out_specs=spec, axis_names=frozenset(), check_vma=False)(*args)
-  return _as_varying(out, _varying_axes(args))
-
-
-def untyped_kernel(kernel):
-  """A Pallas attention kernel made callable inside `shard_map(check_vma=True)`.
-
-  kernel(q, k, v, segment_ids) -> out, differentiable in q, k, v (its own custom VJP is
-  used). Returns a function of the same arguments and values whose outputs and
-  gradients carry the inputs' vma type; outside shard_map it computes `kernel`. Build
-  it inside the traced function: it keeps the kernel VJP's structure from the forward
-  to the backward of one trace.
-  """
-  structure = {}  # the non-array parts of the kernel's VJP, from the forward's trace
-
-  def forward(q, k, v, ids):
-    out, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, ids), q, k, v)
-    leaves, treedef = jax.tree.flatten(pullback)
-    structure["pullback"] = treedef, [None if isinstance(x, jax.Array) else x
-                                      for x in leaves]
-    return out, [x for x in leaves if isinstance(x, jax.Array)]
-
-  def backward(residuals, g):
-    treedef, static = structure["pullback"]
-    arrays = iter(residuals)
-    return treedef.unflatten([next(arrays) if x is None else x for x in static])(g)
-
-  @jax.custom_vjp
-  def call(q, k, v, ids):
-    return _unchecked(kernel, q, k, v, ids)
-
-  def call_fwd(q, k, v, ids):
-    out, residuals = _unchecked(forward, q, k, v, ids)
-    return out, (residuals, ids)
-
-  def call_bwd(saved, g):
-    residuals, ids = saved
-    return (*_unchecked(backward, residuals, g), np.zeros(ids.shape, jax.dtypes.float0))
-
-  call.defvjp(call_fwd, call_bwd)
-  return call

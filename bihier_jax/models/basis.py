@@ -1,21 +1,11 @@
-"""Spherical basis of ProNet's edge features: spherical Bessel radial functions times
-real spherical harmonics.
-
-Facts carried over from the reference (DIG `dig/threedgraph/method/pronet/features.py`,
-itself after GemNet / DimeNet): for degree l < L (`num_spherical`) and frequency
-n < K (`num_radial`), the radial function is
-
-    rbf_ln(d) = j_l(z_ln · d / cutoff) / sqrt(j_{l+1}(z_ln)² / 2)
-
-with z_ln the n-th positive zero of the spherical Bessel function j_l (no envelope), and
-the angular part is the real spherical harmonic Y_lm(θ, φ) (all m for the (d, θ, φ)
-expansion, m = 0 only for the (d, angle) expansion). Expansions are flattened in the
-reference's order: degree-major, then m in the order 0, 1..l, −l..−1, then frequency.
-
+"""Spherical basis of ProNet's edge features (`SphericalBasis`): spherical Bessel radial
+functions times real spherical harmonics, as the reference computes them (DIG
+`dig/threedgraph/method/pronet/features.py`, after GemNet / DimeNet), no deviations.
 Every constant (zeros, normalisers, harmonic prefactors, series coefficients) is
 computed once in numpy/scipy when a `SphericalBasis` is built; the jnp functions only
-evaluate closed forms and recurrences, and are safe (finite values and gradients) at
-d = 0, which padding self-loops produce.
+evaluate closed forms and recurrences and are safe (finite values and gradients) at
+d = 0, which padding self-loops produce. The formulas and the expansion order:
+docs/model.md "ProNet".
 """
 
 from __future__ import annotations

@@ -1,52 +1,13 @@
-"""The Bi-Hierarchical model: ESM-2 and a ProNet-style GNN interleaved with fusion.
+"""The Bi-Hierarchical model: ESM-2 and a ProNet-style GNN interleaved with fusion
+(`BiHierModel`, `BiHierConfig`, `ModelOutput`, `esm_layer_pairing`), and the baselines
+on the same code path (`KINDS`: esm_only, gnn_only, serial, parallel, cross).
 
-Forward pass (after the design's "Model" section), for GNN blocks k = 1..K:
-
-    X <- GNN block k
-    if k in fusion.levels:
-      H <- ESM layers (π(previous fusion level), π(k)]
-      H, X <- FusionLevel_k(H, X)          (local or global; write-back per direction)
-    H <- remaining ESM layers, final LayerNorm
-
-ESM layers between two fusion levels do not depend on the GNN, so running them in one
-chunk right before the fusion is the same computation as a per-block interleave, with
-fewer program pieces.
-
-Readout per residue (`model.readout`), both halves LayerNorm'd with `model.fusion.norm`:
-  streams  concat(LN(Dense(gather(H_final))), LN(X_final)): the two encoders' outputs.
-  fused    the last fusion level's tokens: concat(LN(Zs), LN(Zg)) (global; the one Z of
-           local fusion). For `cross` this is ESM-GearNet's readout (the concatenated
-           attended halves).
-  auto     fused for `cross`, streams for every other kind (the default).
-Without the readout norm, ProNet's final states (RMS ≈ 5e-5 after 4 blocks at
-initialisation) would sit beside O(1) sequence features, and every two-stream model
-would start out sequence-only.
-
-Baselines share this module and its parameter names (`model.kind`):
-  esm_only  ESM only; readout Dense(gather(H)).
-  gnn_only  GNN only; readout X.
-  serial    final ESM features per residue are the GNN's extra input features
-            (ESM-GearNet style; both input parts normalised with `fusion.norm`);
-            readout concat(Dense(gather(H)), X).
-  parallel  both encoders independently; readout concat.
-  cross     both independently, then one global-fusion block (MHSA over both token sets)
-            on the final states; readout the attended tokens (or, with
-            readout=streams, write-back both ways and read out the streams).
-
-Residue-type masking (`model.gnn.mask_aatype_prob`, training only) draws one mask per
-batch; with `model.esm.mask_augmented` the masked residues' ESM tokens become `<mask>`
-too, so the sequence stream cannot hand the hidden type to the GNN through fusion.
-
-Trainability (`model.esm.trainable`) is decided in `trainable`: frozen ESM parameters
-enter as constants (see that module).
-
-Parameter tree: params['esm'] (ESM-2, names as `esm2.ESM2`), params['gnn'] (ProNet),
-params['fusion_<k>'] (fusion after GNN block k; 'fusion_cross' for kind cross),
-params['seq_readout'], params['seq_readout_norm'], params['struct_readout_norm'],
-params['head'].
-
-Randomness: flax rng streams 'dropout' and 'augment' (falls back to 'dropout') when
-deterministic=False.
+`BiHierConfig.from_config` is the one validator of `config.model`: it checks every
+allowed value (`KINDS`, `DIRECTIONS`, `MODES`, `READOUTS`, `MATMUL_PRECISIONS`,
+`models.DTYPES`, `fusion.WRITE_BACKS`, `heads.POOLINGS`, `heads.LEVELS`) and the fusion
+levels and layer pairing. The forward pass, the readouts, the baselines, the parameter
+tree and the rng streams: docs/model.md "The interleaving" and "Baselines, readout and
+parameters".
 """
 
 from __future__ import annotations
@@ -61,12 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import batch as batch_lib
+from bihier_jax.models import DTYPES
 from bihier_jax.models import esm2
 from bihier_jax.models import fusion as fusion_lib
 from bihier_jax.models import heads
 from bihier_jax.models import pronet
+from bihier_jax.models import tokens as tokens_lib
 from bihier_jax.models import trainable as trainable_lib
 
 KINDS = ("bihier", "esm_only", "gnn_only", "serial", "parallel", "cross")
@@ -175,6 +137,9 @@ class BiHierConfig:
     m, t = config.model, config.task
     if m.kind not in KINDS:
       raise ValueError(f"model.kind must be one of {KINDS}, got {m.kind!r}")
+    dtype_name = m.dtype if isinstance(m.dtype, str) else jnp.dtype(m.dtype).name
+    if dtype_name not in DTYPES:
+      raise ValueError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
     if m.fusion.mode not in MODES:
       raise ValueError(f"model.fusion.mode must be one of {MODES}, got {m.fusion.mode!r}")
     if m.fusion.direction not in DIRECTIONS:
@@ -192,6 +157,9 @@ class BiHierConfig:
     if readout == "fused" and m.kind not in ("bihier", "cross"):
       raise ValueError(f"model.readout='fused' reads the last fusion level's tokens; "
                        f"model.kind={m.kind!r} has no fusion (use streams or auto)")
+    if m.head.pooling not in heads.POOLINGS:
+      raise ValueError(f"model.head.pooling must be one of {heads.POOLINGS}, "
+                       f"got {m.head.pooling!r}")
     if t.level not in heads.LEVELS:
       raise ValueError(f"task.level must be one of {heads.LEVELS}, got {t.level!r}")
     precision = m.get("matmul_precision", "default")  # saved configs without it
@@ -241,13 +209,6 @@ class BiHierConfig:
   @property
   def uses_gnn(self) -> bool:
     return self.kind != "esm_only"
-
-
-def mask_tokens(tokens, node_to_token, residue_mask):
-  """tokens int[R, L] with the tokens of masked residues (bool[N]) set to `<mask>`."""
-  hit = residue_mask[:, None].astype(jnp.float32)
-  grid = batch_lib.scatter_to_tokens(hit, node_to_token, tokens.shape)[..., 0] > 0
-  return jnp.where(grid, rc.ESM_MASK, tokens)
 
 
 class BiHierModel(nn.Module):
@@ -322,7 +283,7 @@ class BiHierModel(nn.Module):
     hidden = x = fused = None
     residue_mask = self._residue_mask(batch, deterministic)
     if cfg.uses_esm and cfg.mask_esm_tokens and residue_mask is not None:
-      tokens = mask_tokens(tokens, batch.node_to_token, residue_mask)
+      tokens = tokens_lib.mask_tokens(tokens, batch.node_to_token, residue_mask)
 
     # Packed rows (several chains per row): attention, rotary positions and token
     # dropout follow each token's chain. The batch says how its rows are laid out
@@ -348,7 +309,7 @@ class BiHierModel(nn.Module):
             self.esm.embed(tokens, segments), tokens, 0, cfg.esm.num_layers,
             segments=segments))
       if cfg.uses_gnn:
-        extra = (batch_lib.gather_tokens(hidden, batch.node_to_token)
+        extra = (tokens_lib.gather_tokens(hidden, batch.node_to_token)
                  if cfg.kind == "serial" else None)
         x, edges = self.gnn.embed(graph, deterministic, extra_node_features=extra,
                                   residue_mask=residue_mask,
@@ -369,7 +330,7 @@ class BiHierModel(nn.Module):
       halves = []
       if hidden is not None:
         halves.append(("seq", self.seq_readout(
-            batch_lib.gather_tokens(hidden, batch.node_to_token))))
+            tokens_lib.gather_tokens(hidden, batch.node_to_token))))
       if x is not None:
         halves.append(("struct", x))
     node_embeddings = self._readout_halves(halves)

@@ -1,25 +1,9 @@
-"""Parameter sharding over the 'fsdp' mesh axis (ZeRO-3 style): which dimension of a
-parameter is split, and the per-layer all-gather inside the model.
-
-Layout. With `train.fsdp = F > 1` the mesh is ('data', 'fsdp') (see
-`training.parallel`). Each large ESM-2 layer-stack leaf ([S, ...], S = layers) is split
-into F pieces along one dimension that is not the layer axis (`shard_dim`), so a device
-holds 1/F of every layer, and Adam's moments follow the same split. Everything else (the
-GNN, the fusion modules, the heads, the token embedding, LayerNorms and small biases) is
-replicated: together it is a few percent of a 3B/15B model.
-
-Gathering. Inside the step's `shard_map` body (`gathering(F)` active), the ESM-2 stack
-gathers ONE layer's pieces at a time, inside the scanned (and rematerialised) layer, with
-`all_gather(..., tiled=True)`. Its transpose is a reduce-scatter, so the gradient of each
-layer comes back already split: no device ever holds more than one whole layer's
-weights or gradients. Kernels are cast to the compute dtype before the gather, which
-halves the gathered bytes under bfloat16 and changes no number (the layer would cast
-them anyway). The reduce-scatter of the gradients runs in float32 whatever the compute
-dtype (a custom VJP: a bfloat16 sum over the group would round every partial sum to
-8 bits, so FSDP and plain data-parallel bfloat16 runs would differ); it moves twice the
-bytes of a bfloat16 one.
-
-Outside `gathering` (one device, inference, `train.fsdp = 1`) `gather` is the identity.
+"""Parameter sharding over the 'fsdp' mesh axis (ZeRO-3 style): which dimension of an
+ESM-2 layer-stack leaf is split (`shard_dim`, `local_shape`, `MIN_SHARDED_SIZE`), and the
+per-layer all-gather inside the scanned layer (`gathering`, `active_size`, `gather`:
+cast to the compute dtype first, gradients reduce-scattered in float32 by a custom VJP;
+the identity outside `gathering`). Layout, memory and the bfloat16 reason:
+docs/parallelism.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,14 @@
-"""Fusion of the sequence (pLM) and structure (GNN) streams at one depth.
+"""Fusion of the sequence (pLM) and structure (GNN) streams at one depth (Liu et al.
+2025), on per-residue tokens of width d: `LocalFusion` (a per-residue softmax gate over
+the two modalities, Z = g0·U + g1·V), `GlobalFusion` (pre-LN self-attention + FFN over
+each protein's joint token set [U + e_seq ; V + e_str]), `FusionLevel` (either of them
+with the projections into the fused width and the write-backs, `WRITE_BACKS`), and the
+`layer_norm` of the meeting points (`SEQ_NORM_EPS`, `STRUCT_NORM_EPS`).
 
-Two published mechanisms (Liu et al. 2025), both on per-residue tokens of width d:
-
-- `LocalFusion`: a per-residue softmax gate over the two modalities,
-  g = softmax(f(U) + f(V)) with one shared MLP f giving two votes, Z = g0·U + g1·V.
-- `GlobalFusion`: pre-LN multi-head self-attention + FFN over the joint token set
-  [U + e_seq ; V + e_str] of each protein (2n tokens for n residues).
-
-`FusionLevel` wraps either with the projections into the fused width and the write-backs
-(H: pLM hidden states, X: GNN node states, `norm` on, the default):
-  inputs:         U = Dense_s(LN(gather(H))), V = Dense_g(LN(X)). ProNet's node states
-                  shrink about 8x per block at initialisation (≈1e-3 at the second
-                  block) while ESM-2's are O(1): projected raw, the gate's structure
-                  vote would be f(V) ≈ f(0) and attention would see sequence content
-                  only. LN(X) is "the GNN state handed to fusion".
-  struct <- seq:  X <- LN(X) + Dense(Zg): the structure stream continues from its
-                  normalised state, so the update does not swamp it;
-  seq <- struct:  H <- H + scatter(Dense0(Zs)), Dense0 zero-initialised so that at
-                  initialisation the pLM stream is exactly the pretrained one.
-With `write_back='replace'` the streams are replaced instead: X <- Dense(Zg), and each
-residue's token of H <- Dense(Zs) (ordinary initialisation; tokens without a node keep
-their state). With `norm=False` nothing is normalised and the structure update is
-X <- X + Dense(Zg), the model before the normalisation was added (for reproduction).
-
-Shapes: N nodes, G graphs (incl. the padding graph), R x L the ESM token grid,
-d fused width, ds ESM width, dg GNN width.
+The equations, why the inputs are normalised and what `write_back='replace'` and
+`norm=False` change: docs/model.md "The interleaving", "Normalisation where the streams
+meet" and "Other switches". Shapes: N nodes, G graphs (incl. the padding graph), R x L
+the ESM token grid, d fused width, ds ESM width, dg GNN width.
 """
 
 from __future__ import annotations
@@ -36,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bihier_jax.data import batch as batch_lib
 from bihier_jax.models import attention
+from bihier_jax.models import tokens as tokens_lib
 
 Dtype = Any
 
@@ -220,7 +204,7 @@ class GlobalFusion(nn.Module):
             jnp.where(struct_mask[:, None], z_struct, 0))
 
 
-WRITE_BACKS = ("add", "replace")
+WRITE_BACKS = ("add", "replace")  # model.fusion.write_back
 
 
 @flax.struct.dataclass
@@ -272,11 +256,8 @@ class FusionLevel(nn.Module):
       graph_slot_node: optional int32[G-1, P], the per-graph layout of global fusion;
         see `GlobalFusion`.
     """
-    if self.write_back not in WRITE_BACKS:
-      raise ValueError(f"model.fusion.write_back must be one of {WRITE_BACKS}, "
-                       f"got {self.write_back!r}")
     has_token = (node_to_token[:, 0] >= 0) & node_mask
-    seq_side, struct_side = batch_lib.gather_tokens(hidden, node_to_token), x
+    seq_side, struct_side = tokens_lib.gather_tokens(hidden, node_to_token), x
     if self.norm:
       seq_side = layer_norm("seq_norm", self.dtype)(seq_side)
       struct_side = jnp.where(node_mask[:, None],
@@ -290,15 +271,12 @@ class FusionLevel(nn.Module):
           u, v, has_token)
       self.sow("intermediates", "gates", gates)
       z_seq = z_struct = z
-    elif self.mode == "global":
+    else:  # "global" (BiHierConfig.from_config checks model.fusion.mode)
       z_seq, z_struct = GlobalFusion(
           dim=self.dim, num_heads=self.num_heads, dropout=self.dropout,
           ffn_mult=self.ffn_mult, dtype=self.dtype, name="global")(
               u, v, node_graph, has_token, node_mask, num_graphs, deterministic,
               graph_slot_node)
-    else:
-      raise ValueError(f"model.fusion.mode must be 'local' or 'global', "
-                       f"got {self.mode!r}")
 
     drop = nn.Dropout(self.dropout)
     replace = self.write_back == "replace"
@@ -314,10 +292,10 @@ class FusionLevel(nn.Module):
       update = nn.Dense(hidden.shape[-1], dtype=self.dtype, name="to_seq", **zero)(z_seq)
       update = drop(update, deterministic=deterministic)
       update = jnp.where(has_token[:, None], update, 0)
-      grid = batch_lib.scatter_to_tokens(update, node_to_token,
+      grid = tokens_lib.scatter_to_tokens(update, node_to_token,
                                          hidden.shape[:2]).astype(hidden.dtype)
       if replace:
-        written = batch_lib.scatter_to_tokens(
+        written = tokens_lib.scatter_to_tokens(
             has_token[:, None].astype(jnp.float32), node_to_token, hidden.shape[:2]) > 0
         hidden = jnp.where(written, grid, hidden)
       else:

@@ -1,15 +1,9 @@
-"""Task heads: pooling, MLP heads, losses and predictions.
-
-Losses are masked (padding and unlabelled items weigh zero) and weighted (ScanNet chain
-weights for PPBS/BCE via `node_weights`, example weights via `graph_weights`), and
-normalised by the total weight in the batch:
-
-  loss = Σ wᵢ·ℓᵢ / max(Σ wᵢ, 1e-6)
-
-Task kinds (`config.task`): softmax_ce (react: 384 classes; demo: 3), sigmoid_bce (PPBS,
-BCE; one logit), mse (MQA, LBA; one output, targets standardised with
-task.label_mean / task.label_std, so the loss is in units of label_std²).
-
+"""Task heads: `pool` (sum / mean per graph in float32, `POOLINGS`), `MLPHead`, the
+masked and weighted losses (`loss`, `LOSSES`: softmax_ce, sigmoid_bce, mse; normalised
+by the total weight in the batch, loss = Σ wᵢ·ℓᵢ / max(Σ wᵢ, 1e-6)) and predictions
+(`predictions`, `prediction_kind`, `class_names`). Weights: ScanNet chain weights for
+PPBS/BCE via `node_weights`, example weights via `graph_weights`; mse targets are
+standardised with task.label_mean / task.label_std (loss in units of label_std²).
 Shapes: N nodes, G graphs, C classes (task.num_classes).
 """
 
@@ -26,6 +20,7 @@ Dtype = Any
 
 LOSSES = ("softmax_ce", "sigmoid_bce", "mse")
 LEVELS = ("node", "graph")
+POOLINGS = ("sum", "mean")  # model.head.pooling
 
 
 def pool(node_features, node_graph, node_mask, num_graphs: int, kind: str = "mean"):
@@ -53,7 +48,7 @@ def pool(node_features, node_graph, node_mask, num_graphs: int, kind: str = "mea
     count = jax.ops.segment_sum(node_mask.astype(jnp.int32), node_graph,
                                 num_segments=num_graphs)
     return total / jnp.maximum(count, 1).astype(jnp.float32)[:, None]
-  raise ValueError(f"model.head.pooling must be 'sum' or 'mean', got {kind!r}")
+  raise ValueError(f"model.head.pooling must be one of {POOLINGS}, got {kind!r}")
 
 
 class MLPHead(nn.Module):

@@ -1,23 +1,11 @@
-"""ProNet-style residue-level structure encoder on jraph graphs.
+"""ProNet-style residue-level structure encoder on jraph graphs (`ProNet`, `ProNetConfig`,
+`LEVELS`, `edge_features` and the geometry it reads: frames, Euler angles, offsets).
 
 After ProNet (Wang et al., "Learning Hierarchical Protein Representations via Complete
 3D Graph Networks", ICLR 2023); facts from the reference implementation (DIG,
-`dig/threedgraph/method/pronet/pronet.py`), code written here. One node per residue
-(at Cα) or ligand atom; messages flow sender j -> receiver i along the precomputed
-radius graph. Three input levels:
-
-  amino_acid  node: residue-type embedding; edge: (d, θ, φ) expansion, (d, τ) expansion,
-              sequence-offset embedding.
-  backbone    node: + 6 backbone dihedral sin/cos; edge: (d, Euler angle) expansions of
-              the 3 Euler angles between the (N, Cα, C) frames of i and j instead of τ.
-  all_atom    node: + 8 side-chain χ sin/cos; edge: as backbone.
-
-Each interaction block runs three edge-conditioned convolutions (message = edge weight
-⊙ x_j, summed at i; the edge weight is a bias-free two-layer linear map of one edge
-feature group), concatenates them, applies linear layers with swish, adds a residual
-branch and ends with a linear layer; dropout after each convolution. Node states after
-the input embedding and after every block are exposed, so fusion can happen between
-blocks (`ProNet.embed` / `ProNet.block`).
+`dig/threedgraph/method/pronet/pronet.py`), code written here. The input levels, the
+interaction block, the facts kept unchanged, padding and the FLOP savings: docs/model.md
+"ProNet".
 
 Deviations from the reference (bugs there, fixed here):
   * Frames use residues i−1, i+1 of the *same chain* (`prev_node` / `next_node`). The
@@ -36,29 +24,6 @@ Deviations from the reference (bugs there, fixed here):
     (the reference masks an exact fraction) and never touches ligand atoms.
   * Missing N or C atoms (and ligand atoms) use the Cα position, giving a degenerate
     frame (angles 0) instead of coordinates of absent atoms.
-
-Unchanged facts: (d, θ, φ) expansion with all m (L²·K = 24 features), (d, angle)
-expansions with m = 0 (L·K each), 16-dim sinusoidal offset embedding, mid width 64, three
-concat layers, two post-residual layers, glorot-initialised kernels and zero biases in
-the blocks, torch's default initialisation of the input embedding,
-coordinate noise per residue shared by its N, Cα, C (clipped Gaussian).
-
-Things a consumer should know (both as in the reference): the (d, angle) expansions use
-m = 0 harmonics only, i.e. cos(angle) for L = 2, so τ and the Euler angles enter up to
-their sign; and there is no normalisation, so with this initialisation each block shrinks
-the RMS of the node states about 8-fold (≈0.2 after the backbone embedding, ≈5e-5 after
-4 blocks): normalise before mixing them with other features (the fusion model does, with
-a small epsilon: `fusion.STRUCT_NORM_EPS`).
-
-Padding: the edge mask is derived from `graph.n_edge` with jraph's convention (the last
-graph is the padding graph, its edges are the trailing ones); edge features are zeroed
-on padding edges, so their messages are exactly zero. Padding nodes only send to and
-receive from padding nodes, so real outputs do not depend on padded values.
-
-Optimisations (same function as the reference, fewer FLOPs): each bias-free TwoLinear
-edge projection is one matmul with the product of its two kernels (edge FLOPs / 3); the
-linear maps that follow each other in a convolution (lin_l then lin{c}, lin_r then
-lin{c}) are applied as kernel products; the three convolutions share one gather of x_j.
 """
 
 from __future__ import annotations
@@ -83,7 +48,6 @@ NUM_NODE_TYPES = residue_constants.NUM_RESTYPES + len(residue_constants.LIGAND_E
 NUM_BACKBONE_FEATURES = 6
 NUM_SIDECHAIN_FEATURES = 8
 _EPS = 1e-12  # squared-length floor (Å², Å⁴): below it a vector counts as degenerate
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +90,6 @@ class ProNetConfig:
       raise ValueError(f"ProNetConfig.level must be one of {LEVELS}, got {self.level!r}")
     if self.num_pos_emb % 2:
       raise ValueError(f"num_pos_emb must be even, got {self.num_pos_emb}")
-
-  @classmethod
-  def from_config(cls, gnn, dtype: str = "float32", **overrides) -> "ProNetConfig":
-    """From the `config.model.gnn` ConfigDict and `config.model.dtype`."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in dict(gnn).items() if k in fields}
-    kwargs["dtype"] = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    kwargs.update(overrides)
-    return cls(**kwargs)
 
 
 @functools.lru_cache(maxsize=None)

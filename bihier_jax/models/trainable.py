@@ -1,30 +1,10 @@
-"""Which parameters train: the one place that decides it (`model.esm.trainable`).
-
-Everything outside params['esm'] always trains. The ESM-2 branch follows one policy:
-
-  finetune  every ESM parameter trains (at `optim.esm_lr_ratio` x the learning rate);
-  frozen    no ESM parameter trains;
-  last_n    the last `model.esm.last_n` layers and the final LayerNorm train; the token
-            embedding and the earlier layers do not.
-  lora      no base ESM parameter trains; low-rank adapters (`model.esm.lora_rank`,
-            `lora_alpha`, `lora_targets`; esm2.ESM2Config) on every layer do, at
-            `optim.lora_lr_ratio` x the learning rate (`is_adapter`). Step 0
-            computes the base model's numbers exactly (B = 0); `esm2.merge_lora` folds
-            trained adapters back into plain weights.
-
-What "frozen" means, in both halves of a training step:
-
-  model      frozen parameters enter the computation as constants (`stop_gradient` on
-             the parameters; `esm_overrides` sets `esm2.ESM2Config.frozen_*`), so
-             `jax.grad` of the loss is exactly zero for them and XLA computes none of
-             their weight-gradient matmuls. Activations still carry gradients through
-             frozen layers, to the fusion parameters that write into the pLM stream.
-  optimizer  `Trainable.select` keeps only the trainable parts of a parameter or
-             gradient tree (whole leaves, or the trailing layers of a stacked layer
-             leaf), and the optimizer only ever sees such trees: gradient clipping, the
-             logged gradient norm, the non-finite check and Adam's moments cover the
-             trainable parameters only; `Trainable.apply_updates` writes the updates
-             back into the full tree.
+"""Which parameters train: the one place that decides it (`model.esm.trainable`,
+`POLICIES`: finetune, frozen, last_n, lora). `Trainable` is read by both halves of a
+step: the model (`esm_overrides` sets `esm2.ESM2Config.frozen_*`, so frozen parameters
+enter as constants) and the optimizer (`Trainable.select` / `apply_updates`: clipping,
+the gradient norm, the non-finite check and Adam see only trainable parameters);
+`is_adapter` marks LoRA's parameters. Everything outside params['esm'] always trains.
+The policies and what "frozen" means: docs/model.md "What frozen means".
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from bihier_jax import testing
 from bihier_jax.models import bihier
 from bihier_jax.models import esm2
 from bihier_jax.models import heads
+from bihier_jax.models import tokens as tokens_lib
 from configs import default
 
 
@@ -272,8 +273,8 @@ def test_masked_residues_get_the_mask_token():
   batch = _batch()
   rng = np.random.default_rng(0)
   hit = rng.random(batch.node_mask.shape) < 0.5
-  got = np.asarray(bihier.mask_tokens(jnp.asarray(batch.tokens),
-                                      jnp.asarray(batch.node_to_token), jnp.asarray(hit)))
+  got = np.asarray(tokens_lib.mask_tokens(jnp.asarray(batch.tokens),
+                                          jnp.asarray(batch.node_to_token), jnp.asarray(hit)))
   want = np.asarray(batch.tokens).copy()
   for (row, col), h in zip(np.asarray(batch.node_to_token), hit):
     if h and row >= 0:

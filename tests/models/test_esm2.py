@@ -15,7 +15,7 @@ import pytest
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.models import esm2
-from bihier_jax.models import esm2_checkpoint
+from bihier_jax.models.esm2 import checkpoint as esm2_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

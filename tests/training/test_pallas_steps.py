@@ -4,7 +4,7 @@ The steps run under `jax.shard_map(..., check_vma=True)`; each kernel must trace
 again in every new program (eval after train, a second budget of one row length, a
 gradient after a forward), and give `attention=exact`'s loss, gradients and predictions
 (float32, 1e-5), on one device and on two simulated ones. Also: the block-sparse splash
-grid (`attention.block_visits`) and what skipping it means for other chains' values,
+grid (`attention_backends.block_visits`) and what skipping it means for other chains' values,
 rows rounded up to the kernels' block, the log line, the cuDNN fallback warning.
 
 Budget: 41 s of CPU for the file (measured, user + sys, the 2-device subprocess
@@ -25,7 +25,7 @@ from bihier_jax.data import budgets as budgets_lib
 from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
-from bihier_jax.models import attention
+from bihier_jax.models import attention_backends
 from bihier_jax.models import esm2
 from bihier_jax.training import parallel
 from bihier_jax.training import steps
@@ -162,7 +162,7 @@ def test_block_visits_are_the_blocks_holding_a_same_chain_pair():
     cuts = np.sort(rng.choice(np.arange(1, length - 3), 3, replace=False))
     for c, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, length - 3 + r])):
       ids[r, lo:hi] = c
-  got = np.asarray(attention.block_visits(ids, block))
+  got = np.asarray(attention_backends.block_visits(ids, block))
   n = length // block
   for r in range(3):
     for i in range(n):
@@ -183,9 +183,9 @@ def test_splash_skips_the_blocks_of_other_chains():
   layout = esm2.AttentionLayout(mask=ids[:, :, None] == ids[:, None, :],
                                 segment_ids=jnp.asarray(ids))
   poisoned = v.at[:, LENGTH:].set(jnp.nan)
-  got = np.asarray(jax.jit(lambda q, k, v: esm2._attention(  # pylint: disable=protected-access
+  got = np.asarray(jax.jit(lambda q, k, v: attention_backends.attend(
       q, k, v, layout, "splash"))(q, k, poisoned))
-  want = np.asarray(esm2._attention(q, k, v, layout, "exact"))  # pylint: disable=protected-access
+  want = np.asarray(attention_backends.attend(q, k, v, layout, "exact"))
   assert np.isfinite(got[:, :LENGTH]).all()
   np.testing.assert_allclose(got[:, :LENGTH], want[:, :LENGTH], atol=TOL, rtol=0)
 
@@ -217,12 +217,12 @@ def test_cudnn_refusal_warns_and_falls_back(monkeypatch, caplog):
   tokens = np.full((2, 16), 5, np.int32)
   tokens[1, 10:] = 1  # <pad>
   layout = esm2.attention_layout(jnp.asarray(tokens))
-  want = esm2._attention(q, k, v, layout, "exact")  # pylint: disable=protected-access
+  want = attention_backends.attend(q, k, v, layout, "exact")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(esm2, "_CUDNN_WARNED", set(), raising=False)
+  monkeypatch.setattr(attention_backends, "_CUDNN_WARNED", set(), raising=False)
   with caplog.at_level(logging.WARNING, logger="absl"):
-    got = esm2._attention(q, k, v, layout, "auto")  # pylint: disable=protected-access
-    esm2._attention(q, k, v, layout, "auto")  # pylint: disable=protected-access
+    got = attention_backends.attend(q, k, v, layout, "auto")
+    attention_backends.attend(q, k, v, layout, "auto")
   warnings = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
   assert len(warnings) == 1 and "falls back" in warnings[0], warnings
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),

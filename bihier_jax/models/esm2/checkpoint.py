@@ -1,26 +1,13 @@
-"""Loading ESM-2 weights into the Flax port (`bihier_jax.models.esm2`).
-
-Three sources, detected from the path (a local path or a URL such as gs://bucket/esm
-or file:///data/esm, read through `bihier_jax.common.files`):
-
-  Hugging Face directory  config.json + model.safetensors (or sharded safetensors
-                          with model.safetensors.index.json, or pytorch_model.bin,
-                          sharded or not)
-  fair-esm file           `esm2_t33_650M_UR50D.pt` style: {'model': state dict, 'cfg': ...}
-  our converted directory config.json with "format": "bihier_jax.esm2" + Orbax `params/`
-
-No pickle is executed: safetensors are read with `safetensors.numpy`, torch files with
-`torch.load(weights_only=True)` (argparse.Namespace, which fair-esm's `cfg` holds, is the
-one extra class allowed). Missing, unexpected or mis-shaped tensors raise
-`CheckpointMismatchError` listing every offending name with its shape.
-
-`read_architecture(path)` reads a checkpoint's architecture alone (config.json, or the
-tensor shapes of a `.pt` memory-mapped), and `preset_of(path)` names it: the command-line
-tools take `model.esm.preset` from it.
-
-Names follow the Hugging Face `EsmModel` and fair-esm state dicts. Torch Linear weights
-are (out, in) and are transposed; query/key/value are concatenated into our fused
-`qkv_proj` (columns q | k | v).
+"""Loading ESM-2 weights into the Flax port: `load_pretrained(path)` detects the source
+(`detect_format`): a Hugging Face directory (config.json + model.safetensors, sharded
+safetensors or pytorch_model.bin), a fair-esm `.pt` file, or a directory `save` wrote
+(config.json with "format": "bihier_jax.esm2" + Orbax `params/`); local paths or URLs,
+read through `bihier_jax.common.storage`. `read_architecture` / `preset_of` read the
+architecture alone. No pickle is executed (`safetensors.numpy`,
+`torch.load(weights_only=True)`); missing, unexpected or mis-shaped tensors raise
+`CheckpointMismatchError` naming each. Torch Linear weights (out, in) are transposed;
+query/key/value are concatenated into the fused `qkv_proj` (columns q | k | v). Usage:
+docs/pretrained.md.
 """
 
 from __future__ import annotations
@@ -35,7 +22,8 @@ import numpy as np
 
 from bihier_jax.common import storage
 from bihier_jax.common import residue_constants as rc
-from bihier_jax.models import esm2
+from bihier_jax.models.esm2.config import PRESETS, ESM2Config, preset_name
+from bihier_jax.models.esm2.model import param_shapes
 
 FORMAT = "bihier_jax.esm2"
 CONFIG_FILE = "config.json"
@@ -154,7 +142,7 @@ _FAIR_TOP = {
 _FAIR_IGNORED = re.compile(r"(.*rot_emb\.inv_freq|contact_head\..*)$")
 
 
-def _linear_shapes(cfg: esm2.ESM2Config) -> dict[str, list[tuple[int, int]]]:
+def _linear_shapes(cfg: ESM2Config) -> dict[str, list[tuple[int, int]]]:
   """(out, in) of each torch Linear making up a group."""
   d, f = cfg.embed_dim, cfg.ffn_dim
   return {"qkv_proj": [(d, d)] * 3, "out_proj": [(d, d)], "fc1": [(f, d)], "fc2": [(d, f)]}
@@ -194,7 +182,7 @@ class _Reader:
       raise CheckpointMismatchError("\n".join(lines))
 
 
-def params_from_torch(tensors: dict[str, np.ndarray], cfg: esm2.ESM2Config, layer_spec,
+def params_from_torch(tensors: dict[str, np.ndarray], cfg: ESM2Config, layer_spec,
                       top: dict[str, str], ignored: re.Pattern, source: str) -> dict:
   """Our parameter tree (float32 numpy) from a torch state dict with the given naming."""
   reader = _Reader(tensors, source)
@@ -245,7 +233,7 @@ def _has_lm_head(tensors: dict[str, np.ndarray]) -> bool:
 # --- Hugging Face ----------------------------------------------------------------------
 
 
-def config_from_hf(hf: dict[str, Any], source: str, **overrides) -> esm2.ESM2Config:
+def config_from_hf(hf: dict[str, Any], source: str, **overrides) -> ESM2Config:
   """ESM2Config from a transformers EsmConfig dict; refuses non-ESM-2 variants."""
   problems = []
   if hf.get("position_embedding_type", "absolute") != "rotary":
@@ -270,10 +258,10 @@ def config_from_hf(hf: dict[str, Any], source: str, **overrides) -> esm2.ESM2Con
                 token_dropout=bool(hf.get("token_dropout", True)),
                 layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)))
   fields.update(overrides)
-  return esm2.ESM2Config(**fields)
+  return ESM2Config(**fields)
 
 
-def load_hf(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
+def load_hf(directory: str, **overrides) -> tuple[ESM2Config, dict]:
   """(config, params) from a Hugging Face EsmModel / EsmForMaskedLM directory."""
   hf = storage.read_json(storage.join(directory, CONFIG_FILE))
   tensors = read_hf_tensors(directory)
@@ -311,7 +299,7 @@ def _cfg_get(cfg: Any, name: str):
 
 
 def config_from_fair_esm(tensors: dict[str, np.ndarray], cfg_obj: Any, source: str,
-                         **overrides) -> esm2.ESM2Config:
+                         **overrides) -> ESM2Config:
   """Architecture from the file's cfg, else from tensor shapes and the released sizes."""
   if "embed_tokens.weight" not in tensors:
     raise CheckpointMismatchError(f"{source}: no embed_tokens.weight; not a fair-esm ESM-2 file")
@@ -320,7 +308,7 @@ def config_from_fair_esm(tensors: dict[str, np.ndarray], cfg_obj: Any, source: s
                         if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
   heads = _cfg_get(cfg_obj, "encoder_attention_heads")
   if heads is None:
-    known = {(c.num_layers, c.embed_dim): c.num_heads for c in esm2.PRESETS.values()}
+    known = {(c.num_layers, c.embed_dim): c.num_heads for c in PRESETS.values()}
     heads = overrides.pop("num_heads", None) or known.get((num_layers, embed_dim))
   if heads is None:
     raise CheckpointMismatchError(
@@ -332,10 +320,10 @@ def config_from_fair_esm(tensors: dict[str, np.ndarray], cfg_obj: Any, source: s
                 ffn_dim=int(fc1.shape[0]) if fc1 is not None else None,
                 token_dropout=True if token_dropout is None else bool(token_dropout))
   fields.update(overrides)
-  return esm2.ESM2Config(**fields)
+  return ESM2Config(**fields)
 
 
-def load_fair_esm(path: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
+def load_fair_esm(path: str, **overrides) -> tuple[ESM2Config, dict]:
   """(config, params) from a fair-esm `.pt` file (release file or a bare state dict)."""
   state, cfg_obj = _fair_esm_state_dict(_torch_load(path), path)
   tensors = {k: _to_numpy(v) for k, v in state.items()}
@@ -347,7 +335,7 @@ def load_fair_esm(path: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
 # --- our format: Orbax params + config.json ---------------------------------------------
 
 
-def save(directory: str, cfg: esm2.ESM2Config, params: dict, source: str = "",
+def save(directory: str, cfg: ESM2Config, params: dict, source: str = "",
          overwrite: bool = False) -> None:
   """Writes `config.json` and an Orbax checkpoint of float32 params under `params/`
   (`directory` may be a gs:// URL)."""
@@ -374,7 +362,7 @@ def _as_float32_numpy(params: dict) -> dict:
   return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
-def load_converted(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
+def load_converted(directory: str, **overrides) -> tuple[ESM2Config, dict]:
   """(config, params) from a directory written by `save` / `convert_esm`."""
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
@@ -383,8 +371,8 @@ def load_converted(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
   fields = dict(meta["config"])
   drop_head = overrides.get("mlm_head") is False and fields.get("mlm_head")
   fields.update({k: v for k, v in overrides.items() if k != "mlm_head" or not drop_head})
-  stored = esm2.ESM2Config.from_dict(fields)
-  target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), esm2.param_shapes(stored))
+  stored = ESM2Config.from_dict(fields)
+  target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), param_shapes(stored))
   checkpointer = ocp.StandardCheckpointer()
   try:
     params = checkpointer.restore(storage.orbax_path(storage.join(directory, PARAMS_DIR)),
@@ -395,7 +383,7 @@ def load_converted(directory: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
     checkpointer.close()
   if drop_head:
     params = {k: v for k, v in params.items() if k != "lm_head"}
-    stored = esm2.ESM2Config.from_dict({**fields, "mlm_head": False})
+    stored = ESM2Config.from_dict({**fields, "mlm_head": False})
   return stored, params
 
 
@@ -415,7 +403,7 @@ def detect_format(path: str) -> str:
   raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def read_architecture(path: str) -> esm2.ESM2Config:
+def read_architecture(path: str) -> ESM2Config:
   """The architecture of a checkpoint without reading its weights: config.json of a
   Hugging Face or converted directory, the tensor shapes (memory-mapped) and `cfg` of
   a fair-esm `.pt`.
@@ -426,7 +414,7 @@ def read_architecture(path: str) -> esm2.ESM2Config:
   fmt = detect_format(path)
   if fmt == "converted":
     fields = storage.read_json(storage.join(path, CONFIG_FILE))["config"]
-    return esm2.ESM2Config.from_dict(fields)
+    return ESM2Config.from_dict(fields)
   if fmt == "hf":
     return config_from_hf(storage.read_json(storage.join(path, CONFIG_FILE)), path)
   state, cfg_obj = _fair_esm_state_dict(_torch_load(path, mmap=True), path)
@@ -436,19 +424,19 @@ def read_architecture(path: str) -> esm2.ESM2Config:
 def preset_of(path: str) -> str:
   """`model.esm.preset` of a checkpoint: a released preset's name (t33_650M, ...) or,
   for another size, its "L<layers>_D<width>_H<heads>_F<ffn>" architecture."""
-  return esm2.preset_name(read_architecture(path))
+  return preset_name(read_architecture(path))
 
 
-def describe(cfg: esm2.ESM2Config) -> str:
+def describe(cfg: ESM2Config) -> str:
   """'33 layers x 1280 wide, 20 heads' (for messages)."""
   return f"{cfg.num_layers} layers x {cfg.embed_dim} wide, {cfg.num_heads} heads"
 
 
-_LOADERS: dict[str, Callable[..., tuple[esm2.ESM2Config, dict]]] = {
+_LOADERS: dict[str, Callable[..., tuple[ESM2Config, dict]]] = {
     "converted": load_converted, "hf": load_hf, "fair_esm": load_fair_esm}
 
 
-def load_pretrained(path: str, **overrides) -> tuple[esm2.ESM2Config, dict]:
+def load_pretrained(path: str, **overrides) -> tuple[ESM2Config, dict]:
   """(config, float32 params) from any supported source; overrides: EXECUTION_OPTIONS."""
   bad = set(overrides) - set(EXECUTION_OPTIONS) - {"num_heads"}
   if bad:
