@@ -14,6 +14,7 @@ import functools
 from absl import logging
 import numpy as np
 
+from bihier_jax.common import esm_shapes
 from bihier_jax.common import flops
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import storage
@@ -209,8 +210,7 @@ def packing_row_length(config, sizes: np.ndarray | None) -> int:
   if "model" not in config or "esm" not in config.model:
     raise ValueError("data.row_length = 0 chooses the packing row length for "
                      "model.esm.preset, which this config lacks: set either")
-  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
-  esm = esm2.config_from_preset(config.model.esm.preset)
+  esm = esm_shapes.architecture(config.model.esm.preset)
   sizes = np.ascontiguousarray(sizes, np.int64).reshape(-1, _COLUMNS)
   return _choose_row_length_cached(
       sizes.tobytes(), esm.embed_dim, esm.ffn_dim, int(config.train.batch_size), max_res,
@@ -231,12 +231,11 @@ def _choose_row_length_cached(sizes_bytes: bytes, embed_dim: int, ffn_dim: int,
 
 def esm_row_multiple(config) -> int:
   """The multiple every ESM row length of `config` is rounded up to: the Pallas
-  kernels' block when model.esm.attention names one (`esm2.pallas_row_multiple`: 128
+  kernels' block when model.esm.attention names one (`esm_shapes.pallas_row_multiple`: 128
   for splash and flash_gpu), else 1."""
   model = config.get("model")
   kind = model.esm.get("attention", "auto") if model and "esm" in model else "auto"
-  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
-  return esm2.pallas_row_multiple(str(kind))
+  return esm_shapes.pallas_row_multiple(str(kind))
 
 
 def bucket_budgets(config, sizes: np.ndarray | None = None, *,

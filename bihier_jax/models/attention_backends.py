@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.common.esm_shapes import PALLAS_BLOCK, PALLAS_KINDS
 from bihier_jax.models import attention
 
 ATTENTION_KINDS = ("auto", "exact", "splash", "flash_gpu")
@@ -128,18 +129,6 @@ def _gpu_attention(q, k, v, mask):
 
 
 # --- Pallas kernels (splash on TPU, Triton flash on GPU; interpreted elsewhere) -----------
-
-PALLAS_KINDS = ("splash", "flash_gpu")
-# Query and key block of both kernels: rows are padded to a multiple of it (the data
-# pipeline chooses such row lengths for these kinds, `pallas_row_multiple`).
-PALLAS_BLOCK = 128
-
-
-def pallas_row_multiple(kind: str) -> int:
-  """The multiple ESM row lengths are rounded up to for `model.esm.attention=kind`:
-  `PALLAS_BLOCK` for the Pallas kinds, else 1."""
-  return PALLAS_BLOCK if kind in PALLAS_KINDS else 1
-
 
 def _loaded_blocks(visits, axis: int):
   """int32 [nb, nb]: the block (index along `axis`) each grid entry of a splash kernel

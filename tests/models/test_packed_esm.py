@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.models import attention_backends
 from bihier_jax.models import esm2
 from bihier_jax.models.esm2 import checkpoint as esm2_checkpoint
 
@@ -137,7 +138,7 @@ def test_a_chain_never_sees_its_row_neighbours(model, length):
 
 def test_segment_positions_restart_per_chain():
   _, segments, spans = packed_rows()
-  positions = np.asarray(esm2.segment_positions(jnp.asarray(segments)))
+  positions = np.asarray(attention_backends.segment_positions(jnp.asarray(segments)))
   for r, start, stop in spans:
     np.testing.assert_array_equal(positions[r, start:stop], np.arange(stop - start))
 

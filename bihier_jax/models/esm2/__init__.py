@@ -2,14 +2,11 @@
 
 Re-exports the public names of the package, so `from bihier_jax.models import esm2;
 esm2.ESM2(...)` works: `config` (ESM2Config, presets, parameter names), `tokenizer`,
-`layers` (one layer's maths), `model` (ESM2, LoRA merge, init, from_pretrained), and
-the attention names the ESM config takes (`attention_backends`). Checkpoint I/O is
+`layers` (one layer's maths), `model` (ESM2, LoRA merge, init, from_pretrained); the
+attention kinds are `models.attention_backends`. Checkpoint I/O is
 `esm2.checkpoint`. The model, its numerics and parameter tree: docs/model.md "ESM-2".
 """
 
-from bihier_jax.models.attention_backends import (
-    ATTENTION_KINDS, PALLAS_BLOCK, PALLAS_KINDS, AttentionLayout, attention_layout,
-    describe_attention, pallas_row_multiple, segment_positions)
 from bihier_jax.models.esm2.config import (
     EMBEDDING_PARAM, FINAL_NORM_PARAM, LAYERS_PARAM, LORA_PARAM, LORA_TARGETS, PRESETS,
     ESM2Config, config_from_preset, preset_architecture, preset_name)

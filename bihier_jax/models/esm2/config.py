@@ -7,11 +7,11 @@ top-level parameters (`EMBEDDING_PARAM`, `LAYERS_PARAM`, `FINAL_NORM_PARAM`,
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax.numpy as jnp
 
+from bihier_jax.common import esm_shapes
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.models.attention_backends import ATTENTION_KINDS
 
@@ -139,22 +139,10 @@ class ESM2Config:
     return cls(**d)
 
 
-# Released ESM-2 models (Lin et al. 2023, fair-esm README).
+# Released ESM-2 models and `tiny`, from their one home (common/esm_shapes.py).
 PRESETS: dict[str, ESM2Config] = {
-    "t6_8M": ESM2Config(num_layers=6, embed_dim=320, num_heads=20),
-    "t12_35M": ESM2Config(num_layers=12, embed_dim=480, num_heads=20),
-    "t30_150M": ESM2Config(num_layers=30, embed_dim=640, num_heads=20),
-    "t33_650M": ESM2Config(num_layers=33, embed_dim=1280, num_heads=20),
-    "t36_3B": ESM2Config(num_layers=36, embed_dim=2560, num_heads=40),
-    "t48_15B": ESM2Config(num_layers=48, embed_dim=5120, num_heads=40),
-    # Not released: a small random model for demos and tests.
-    "tiny": ESM2Config(num_layers=4, embed_dim=64, num_heads=4, ffn_dim=256),
-}
-
-
-# An architecture that is no preset (a checkpoint of another size), written as
-# "L<layers>_D<width>_H<heads>_F<ffn width>", e.g. "L3_D48_H4_F96".
-_ARCHITECTURE = re.compile(r"L(\d+)_D(\d+)_H(\d+)_F(\d+)")
+    name: ESM2Config(**arch._asdict())
+    for name, arch in esm_shapes.ARCHITECTURES.items()}
 
 
 def preset_architecture(name: str) -> ESM2Config:
@@ -165,21 +153,13 @@ def preset_architecture(name: str) -> ESM2Config:
   """
   if name in PRESETS:
     return PRESETS[name]
-  match = _ARCHITECTURE.fullmatch(str(name))
-  if not match:
-    raise ValueError(f"unknown ESM-2 preset {name!r}; known: {sorted(PRESETS)} or "
-                     "L<layers>_D<width>_H<heads>_F<ffn width> (e.g. L3_D48_H4_F96)")
-  layers, width, heads, ffn = (int(g) for g in match.groups())
-  return ESM2Config(num_layers=layers, embed_dim=width, num_heads=heads, ffn_dim=ffn)
+  return ESM2Config(**esm_shapes.architecture(name)._asdict())
 
 
 def preset_name(cfg: ESM2Config) -> str:
   """The preset with `cfg`'s architecture, else its "L<n>_D<d>_H<h>_F<f>" name."""
-  shape = (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim)
-  for name, preset in PRESETS.items():
-    if (preset.num_layers, preset.embed_dim, preset.num_heads, preset.ffn_dim) == shape:
-      return name
-  return "L{}_D{}_H{}_F{}".format(*shape)
+  return esm_shapes.architecture_name(esm_shapes.Architecture(
+      cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim))
 
 
 def config_from_preset(name: str, **overrides) -> ESM2Config:
