@@ -37,9 +37,9 @@ from fixtures import builders
 
 from bihier_jax.data import input_pipeline
 from data_pipelines import custom
+from tests import paths
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURES = os.path.join(REPO, "tests", "fixtures", "custom")
+FIXTURES = os.path.join(paths.FIXTURES, "custom")
 
 pytest.importorskip("MDAnalysisTests")
 
@@ -455,7 +455,7 @@ def test_config_argument_and_errors(tmp_path, capsys):
   assert custom_config.parse_arg(f"{folder},tiny") == (folder, "tiny")
   assert custom_config.parse_arg("a,b") == ("a,b", "")
   # The command-line path: everything after the first colon reaches get_config.
-  argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'custom.py')}:{folder},tiny",
+  argv = ["prog", f"--config={os.path.join(paths.REPO, 'configs', 'custom.py')}:{folder},tiny",
           "--config.train.num_steps=3"]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
@@ -586,7 +586,7 @@ def test_ablate_plans_runs_on_a_prepared_folder(example, tmp_path, capsys):
   from launch import ablate
   _, prepared = example
   folder = prepared["residue"]
-  code = ablate.main(["--config", os.path.join(REPO, "configs", "custom.py"),
+  code = ablate.main(["--config", os.path.join(paths.REPO, "configs", "custom.py"),
                       "--config-arg", f"{folder},tiny", "--sweep", "baselines",
                       "--seeds", "0", "--workdir", str(tmp_path / "abl"),
                       "--emit-commands"])
