@@ -16,17 +16,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
+
+common.setup()
 
 import numpy as np  # noqa: E402
 
+from bihier_jax import testing  # noqa: E402
 from bihier_jax.data import batch_plan  # noqa: E402
 from bihier_jax.data import epochs  # noqa: E402
 from bihier_jax.data import budgets as budgets_lib  # noqa: E402
@@ -35,8 +37,7 @@ from configs import default  # noqa: E402
 
 
 def synthetic_index(n: int, seed: int = 0) -> batch_plan.RecordIndex:
-  rng = np.random.default_rng(seed)
-  length = np.clip(rng.lognormal(np.log(200), 0.7, n), 30, 1500).astype(np.int64)
+  length = testing.pdb_like_lengths(n, seed)
   residues = np.maximum(1, (0.9 * length).astype(np.int64))
   edges = 14 * residues
   zeros = np.zeros(n, np.int64)
@@ -102,9 +103,7 @@ def main():
     r = out["index"]
     print(f"index: {r['records']} records, {r['bytes'] / 2**20:.0f} MiB in "
           f"{r['seconds']:.2f} s ({r['mb_per_s']:.0f} MiB/s)")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  common.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ from scipy import spatial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
+from bench import common
 from bihier_jax.common import structure
 from bihier_jax.data import featurize
 
@@ -123,9 +123,7 @@ def main():
   for name, r in results.items():
     print(f"  {name:9s} {r['residues_per_cpu_s']:>10,.0f} residues/CPU-s "
           f"{r['residues_per_wall_s']:>10,.0f} residues/wall-s")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=2)
+  common.write_json(args.json, report, indent=2)
 
 
 if __name__ == "__main__":

@@ -40,17 +40,15 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
-os.environ.setdefault("USE_TF", "0")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import common  # pylint: disable=wrong-import-position
 
-from bihier_jax.common import host  # pylint: disable=wrong-import-position
-
-host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+common.setup()
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from bihier_jax import testing  # pylint: disable=wrong-import-position
 from bihier_jax.common import flops as flops_lib  # pylint: disable=wrong-import-position
 from bihier_jax.common import residue_constants as rc  # pylint: disable=wrong-import-position
 
@@ -143,7 +141,6 @@ class Stepper:
 
 
 def make_examples(lengths, seed: int = 0, num_classes: int = 3):
-  from bihier_jax import testing  # pylint: disable=import-outside-toplevel
   return [testing.random_example(int(n), seed=seed + i, num_classes=num_classes)
           for i, n in enumerate(lengths)]
 
@@ -277,16 +274,12 @@ def full_model_suite(preset: str, max_length: int, batch_size: int, num_examples
 
 
 def esm_train_flops(preset: str, num_rows: int, length: int) -> float:
-  """Analytic training FLOPs of the ESM-2 trunk: 3 x forward, forward = 2 x matmul
-  params x tokens + 4 x layers x L x d per token for attention scores and values."""
+  """Analytic training FLOPs of the ESM-2 trunk: 3 x forward, forward = tokens x layers x
+  `flops.esm_matmul_flops` (matmul params and attention scores and values)."""
   from bihier_jax.models import esm2  # pylint: disable=import-outside-toplevel
   cfg = esm2.config_from_preset(preset)
-  d, layers = cfg.embed_dim, cfg.num_layers
-  ffn = getattr(cfg, "ffn_dim", None) or 4 * d
-  matmul_params = layers * (4 * d * d + 2 * d * ffn)
-  tokens = num_rows * length
-  forward = 2 * matmul_params * tokens + 4 * layers * length * d * tokens
-  return 3.0 * forward
+  per_token = flops_lib.esm_matmul_flops(length, cfg.embed_dim, cfg.ffn_dim)
+  return 3.0 * num_rows * length * cfg.num_layers * per_token
 
 
 def gpu_child(remat: bool, preset: str, length: int, batch_size: int, steps: int):
@@ -367,12 +360,6 @@ def gpu_suite(preset: str, length: int, batch_size: int, steps: int, timeout: in
   return results
 
 
-def realistic_lengths(n: int, seed: int = 0) -> np.ndarray:
-  """PDB-like chain lengths: lognormal, median 200, log-sd 0.7, 30..1,022 residues."""
-  rng = np.random.default_rng(seed)
-  return np.clip(rng.lognormal(np.log(200), 0.7, n), 30, 1022).astype(int)
-
-
 def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int,
                       row_lengths=(0,)) -> dict:
   """Fused training steps over `n` proteins of realistic lengths, packed ESM rows
@@ -388,7 +375,7 @@ def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int,
   the proteins' residues / the pass's summed step wall time.
   """
   from bihier_jax.data import layout  # pylint: disable=import-outside-toplevel
-  examples = make_examples(realistic_lengths(n))
+  examples = make_examples(testing.pdb_like_lengths(n, clip=(30, 1022)))
   residues = int(sum(ex.aatype.shape[0] for ex in examples))
   layouts = {}
   for pack, row_length in [(False, 0)] + [(True, r) for r in row_lengths]:

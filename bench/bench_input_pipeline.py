@@ -26,7 +26,6 @@ configs/default.py (packed ESM rows, row length chosen for its ESM-2 preset);
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,14 +33,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
 
-from bihier_jax.common import host  # pylint: disable=wrong-import-position
-
-host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
-
-import numpy as np  # noqa: E402
+common.setup(jax_platforms="cpu")
 
 from bihier_jax.data import budgets as budgets_lib  # noqa: E402
 from bihier_jax.data import pipeline  # noqa: E402
@@ -52,8 +46,7 @@ from data_pipelines.tasks import WorkItem  # noqa: E402
 
 
 def realistic_dataset(out_dir: str, n: int, seed: int = 0) -> None:
-  rng = np.random.default_rng(seed)
-  lengths = np.clip(rng.lognormal(np.log(200), 0.7, n), 30, 1500).astype(int)
+  lengths = testing.pdb_like_lengths(n, seed)
   items = [WorkItem(source=f"r{i:05d}", split="train", payload=(int(l), i, 1, 0))
            for i, l in enumerate(lengths)]
   shards.write_dataset(items, testing.synthetic_process, out_dir, num_workers=2,
@@ -137,9 +130,7 @@ def main():
           f"{r['distinct_shapes']}  proteins/batch {r['mean_proteins_per_batch']:.2f}  "
           f"proteins/s {r['proteins_per_s']:.0f} wall, "
           f"{r['proteins_per_cpu_s']:.0f} per CPU-second")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  common.write_json(args.json, results)
 
 
 if __name__ == "__main__":

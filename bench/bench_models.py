@@ -29,13 +29,13 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
 
-from bihier_jax.common import host  # pylint: disable=wrong-import-position
-
-host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+common.setup(jax_platforms="cpu")
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

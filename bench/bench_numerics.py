@@ -27,23 +27,14 @@ import math
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MIB = 2 ** 20
-
-
-def _median_seconds(fn, args, steps: int) -> float:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _memory(compiled) -> dict:
@@ -88,17 +79,15 @@ def residual(preset: str, batch: int, length: int, rounds: int) -> list[dict]:
         fns[f32_residual] = fn
   # Steps alternate off / on, so load on the shared machine hits both alike; the ratio
   # is the median of the per-pair ratios.
-  seconds = {False: [], True: []}
-  for _ in range(rounds):
-    for f32_residual, fn in fns.items():
-      seconds[f32_residual].append(_median_seconds(fn, (params,), 1))
+  seconds = common.alternating_rounds(
+      {f32_residual: lambda fn=fn: jax.block_until_ready(fn(params))
+       for f32_residual, fn in fns.items()}, rounds)
   for row in rows:
     if not row["remat"]:
       row["seconds"] = seconds[row["f32_residual"]]
       row["median_seconds"] = statistics.median(row["seconds"])
       if row["f32_residual"]:
-        row["time_ratio_vs_off"] = statistics.median(
-            on / off for on, off in zip(seconds[True], seconds[False]))
+        row["time_ratio_vs_off"] = common.median_ratio(seconds, True, False)
   return rows
 
 
@@ -121,7 +110,7 @@ def pronet_step(rounds: int, steps: int) -> dict:
 
   step = jax.jit(jax.value_and_grad(loss))
   jax.block_until_ready(step(params))
-  step_seconds = [_median_seconds(step, (params,), steps) for _ in range(rounds)]
+  step_seconds = [common.timed(lambda: jax.block_until_ready(step(params)), steps, warmup=0) for _ in range(rounds)]
 
   receivers = jnp.asarray(batch.graph.receivers)
   num_nodes = batch.node_mask.shape[0]
@@ -140,7 +129,8 @@ def pronet_step(rounds: int, steps: int) -> dict:
     jax.block_until_ready(fn(messages))
   for _ in range(rounds):
     for name, fn in sums.items():
-      seconds[name].append(_median_seconds(fn, (messages,), steps))
+      seconds[name].append(common.timed(lambda fn=fn: jax.block_until_ready(fn(messages)),
+                                        steps, warmup=0))
   return {"nodes": int(batch.node_mask.sum()), "edges": int(batch.edge_mask.sum()),
           "step_seconds": statistics.median(step_seconds),
           **{f"message_sum_{name}_ms": 1e3 * statistics.median(s)

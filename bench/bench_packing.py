@@ -30,17 +30,19 @@ depend on the machine; only the run time of the choice does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
+
+common.setup(jax_platforms="cpu")
 
 import numpy as np  # noqa: E402
 
+from bihier_jax import testing  # noqa: E402
 from bihier_jax.common import flops  # noqa: E402
 from bihier_jax.data import batch_plan  # noqa: E402
 from bihier_jax.data import budgets as budgets_lib  # noqa: E402
@@ -54,8 +56,7 @@ PRESETS = ("t6_8M", "t12_35M", "t33_650M", "t36_3B")
 
 def realistic_sizes(n: int, seed: int = 0) -> np.ndarray:
   """int[n, 4] (nodes, longest chain, chains, edges) of PDB-like single chains."""
-  lengths = np.clip(np.random.default_rng(seed).lognormal(np.log(200), 0.7, n), 30,
-                    1500).astype(np.int64)
+  lengths = testing.pdb_like_lengths(n, seed)
   return np.stack([lengths, lengths, np.ones_like(lengths), 12 * lengths], 1)
 
 
@@ -185,9 +186,7 @@ def main():
             f"{f['proteins_per_batch']:.2f} budgets {f['distinct_budgets']} ESM FLOPs "
             f"packed/unpacked {f['esm_flops_packed_over_unpacked']:.3f} "
             f"(choice {f['choose_s']} s)")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  common.write_json(args.json, results)
 
 
 if __name__ == "__main__":

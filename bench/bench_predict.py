@@ -25,6 +25,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def _train_tiny(workdir: str) -> None:
@@ -95,9 +96,7 @@ def main():
         "speedup": round((proteins / folder_t) * single_t, 1),
     }
     print(json.dumps(results, indent=1))
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+    common.write_json(args.json, results)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
+
+common.setup()
 
 from bihier_jax.data import featurize  # noqa: E402
 from bihier_jax.data import records  # noqa: E402
@@ -90,9 +91,7 @@ def main():
         f"{results['residues_per_wall_s']:.0f}/s wall")
   for k, v in results["us_per_residue"].items():
     print(f"  {k}: {v:.2f} µs/residue")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  common.write_json(args.json, results)
 
 
 if __name__ == "__main__":

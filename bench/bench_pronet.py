@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import functools
 import glob
-import json
 import os
 import platform
+import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402  # pylint: disable=wrong-import-position
 
-from bihier_jax.common import host  # pylint: disable=wrong-import-position
-
-host.tune_malloc()  # before JAX or TensorFlow start threads: see bihier_jax.common.host
+common.setup(jax_platforms="cpu")
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
@@ -221,9 +220,7 @@ def main():
           f"{row['step_ms'] / n_node * 1e3:6.1f} "
           f"µs/node  {row['residues_per_s']:8.0f} residues/s", flush=True)
 
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  common.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ if _REPO not in sys.path:
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from bench import common  # pylint: disable=wrong-import-position
+
 GIB = 2.0 ** 30
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -299,9 +301,7 @@ def main(argv=None) -> int:
     result["rows"] = point(args.devices, args.fsdp or args.devices)
   result["machine"] = {"jax": jax.__version__, "backend": "cpu (simulated devices)"}
   print(json.dumps(result, indent=1))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  common.write_json(args.json, result)
   return 0
 
 

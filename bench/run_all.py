@@ -1,6 +1,6 @@
 """Runs every bench/bench_*.py and rewrites the generated part of BENCHMARKS.md.
 
-  python bench/run_all.py [--quick] [--only esm2,full_model] [--timeout 1800]
+  python bench/run_all.py [--quick] [--only esm2_cpu,full_model] [--timeout 1800]
                           [--out BENCHMARKS.md] [--json-dir DIR]
 
 Each benchmark script takes `--json PATH` (a dict of results) and `--quick`. They run

@@ -1,45 +1,30 @@
-"""Synthetic `ProteinExample`s with plausible geometry, for tests of every part.
+"""The one fixture source of tests and benches: synthetic proteins, batches, configs.
 
+random_example, small_examples, synthetic_process, batch_of(examples, **budget_kw),
+tiny_config(base, overrides), synthetic_dataset(budget, ...), pdb_like_lengths(n, seed, clip).
 Chains are ideal α-helices (Cα on a helix of radius 2.3 Å, rise 1.5 Å and 100° per
 residue, so consecutive Cα are 3.8 Å apart) with N, C, O, CB placed at fixed offsets
-around each Cα; chains are translated 12 Å apart. The residue graph is a real one:
-the nearest `max_neighbors` nodes within `cutoff` Å (scipy cKDTree), no self edges,
-over residues then ligand atoms, exactly as `ProteinExample` documents it.
+around each Cα; chains are translated 12 Å apart. The residue graph is the records'
+own (`data.graph.radius_graph`) over residues then ligand atoms.
 """
 
 from __future__ import annotations
 
+import itertools
+from typing import Any, Mapping, Sequence
+
+import ml_collections
 import numpy as np
-from scipy import spatial
 
 from bihier_jax.common import residue_constants as rc
+from bihier_jax.data import graph
+from bihier_jax.data import layout
+from bihier_jax.data.batch import Batch, PaddingBudget
 from bihier_jax.data.example import ProteinExample
 
 _HELIX_RADIUS = 2.3  # Å
 _HELIX_RISE = 1.5  # Å per residue
 _HELIX_TURN = np.deg2rad(100.0)  # per residue
-
-
-def radius_graph(positions: np.ndarray, *, cutoff: float = 10.0,
-                 max_neighbors: int = 32) -> tuple[np.ndarray, np.ndarray]:
-  """Nearest ≤ max_neighbors within cutoff (Å) of each node, no self edges.
-
-  Args:
-    positions: float[n, 3] node coordinates (Å).
-
-  Returns:
-    senders, receivers: int32[e]; each receiver gets its nearest neighbours as senders.
-  """
-  n = positions.shape[0]
-  if n < 2:
-    return np.zeros([0], np.int32), np.zeros([0], np.int32)
-  k = min(max_neighbors + 1, n)  # +1: the node itself is among its own nearest
-  _, idx = spatial.cKDTree(positions).query(positions, k=k,
-                                            distance_upper_bound=cutoff)
-  receivers = np.repeat(np.arange(n)[:, None], k, axis=1)
-  keep = (idx < n) & (idx != receivers)
-  keep &= np.cumsum(keep, axis=1) <= max_neighbors  # hits are sorted by distance
-  return idx[keep].astype(np.int32), receivers[keep].astype(np.int32)
 
 
 def _helix_backbone(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,8 +46,9 @@ def _helix_backbone(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def random_example(n_residues: int, *, seed: int, n_chains: int = 1,
                    n_ligand: int = 0, example_id: str | None = None,
-                   num_classes: int = 3, cutoff: float = 10.0,
-                   max_neighbors: int = 32) -> ProteinExample:
+                   num_classes: int = 3, cutoff: float = graph.DEFAULT_GRAPH.cutoff,
+                   max_neighbors: int = graph.DEFAULT_GRAPH.max_neighbors
+                   ) -> ProteinExample:
   """A synthetic protein of `n_residues` split over `n_chains` helical chains.
 
   Args:
@@ -99,8 +85,8 @@ def random_example(n_residues: int, *, seed: int, n_chains: int = 1,
   atom_positions[~atom_mask] = 0.0
   ca = atom_positions[:, 1]
   ligand_positions = (ca.mean(0) + rng.normal(0, 2.0, [n_ligand, 3])).astype(np.float32)
-  senders, receivers = radius_graph(np.concatenate([ca, ligand_positions]),
-                                    cutoff=cutoff, max_neighbors=max_neighbors)
+  senders, receivers = graph.radius_graph(np.concatenate([ca, ligand_positions]),
+                                          cutoff, max_neighbors)
   angles = rng.uniform(-np.pi, np.pi, [n_residues, 3])
   chi = rng.uniform(-np.pi, np.pi, [n_residues, 4])
   chi_mask = np.zeros([n_residues, 4], bool)
@@ -143,3 +129,69 @@ def synthetic_process(item) -> list[ProteinExample]:
     raise ValueError(f"{item.source}: no residues")
   return [random_example(n_residues, seed=seed, n_chains=n_chains, n_ligand=n_ligand,
                          example_id=item.source)]
+
+
+def small_examples() -> list[ProteinExample]:
+  """Three small proteins of every kind: one chain (12), two chains (9), one chain with
+  3 ligand atoms (7); the model tests' batch."""
+  return [random_example(12, seed=0), random_example(9, seed=1, n_chains=2),
+          random_example(7, seed=2, n_ligand=3)]
+
+
+def batch_of(examples: Sequence[ProteinExample], **budget_kw) -> Batch:
+  """`examples` collated into the smallest budget that holds them (numpy `Batch`).
+
+  budget_kw go to `layout.budget_for` (n_graph, node_multiple, ...).
+  """
+  return layout.collate(examples, layout.budget_for(examples, **budget_kw))
+
+
+def tiny_config(base: ml_collections.ConfigDict,
+                overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`base` (e.g. configs.default.get_config(), which this layer cannot import) with the
+  test model: random `tiny` ESM-2, a 16-wide GNN of 2 blocks, 16-wide fusion and head;
+  then `overrides`, dotted paths as on the command line ({"model.kind": "serial"})."""
+  c = base
+  c.model.esm.preset = "tiny"
+  c.model.gnn.hidden = 16
+  c.model.gnn.num_blocks = 2
+  c.model.fusion.dim = 16
+  c.model.head.hidden = 16
+  for path, value in (overrides or {}).items():
+    *parents, leaf = path.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return c
+
+
+def synthetic_dataset(budget: PaddingBudget, *, eval_batches: int,
+                      bad_from: int | None = None):
+  """A `make_dataset` stand-in over synthetic proteins in `budget`: training batches
+  without end, `eval_batches` in evaluation; NaN node weights from training batch
+  `bad_from` on."""
+  def dataset_fn(data_dir, split, config, *, training, seed, process_index=None,
+                 process_count=None, skip_batches=0):
+    del data_dir, process_index, process_count
+    per = config.train.batch_size
+    def gen():
+      for i in itertools.count(skip_batches):
+        if not training and i >= eval_batches:
+          return
+        exs = [random_example(12 + (5 * i + j) % 7, seed=seed + 31 * i + j
+                              + (0 if training else 10_000)) for j in range(per)]
+        batch = layout.collate(exs, budget)
+        if training and bad_from is not None and i >= bad_from:
+          batch = batch.replace(node_weights=np.full_like(batch.node_weights, np.nan))
+        yield batch, {"ids": [e.id for e in exs], "groups": [split] * per}
+    return gen()
+  return dataset_fn
+
+
+def pdb_like_lengths(n: int, seed: int = 0, clip: tuple[int, int] = (30, 1500)
+                     ) -> np.ndarray:
+  """int64[n] chain lengths fit to the PDB: lognormal, median 200 residues, log-sd 0.7,
+  clipped to `clip` (ESM-2's 1,022 residues: clip=(30, 1022))."""
+  lengths = np.random.default_rng(seed).lognormal(np.log(200), 0.7, n)
+  return np.clip(lengths, *clip).astype(np.int64)

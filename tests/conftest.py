@@ -1,5 +1,6 @@
 """Test-wide settings: CPU only, quiet TensorFlow, transformers without TensorFlow, one
-persistent XLA compilation cache for the whole session."""
+persistent XLA compilation cache for the whole session; the fixtures tiny_config and
+small_batch (from bihier_jax.testing)."""
 
 import contextlib
 import glob
@@ -8,6 +9,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+
+import pytest
 
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -97,3 +100,18 @@ def garble_checkpoint(workdir, step: int) -> None:
     if os.path.isfile(path) and "METADATA" not in os.path.basename(path).upper():
       with open(path, "r+b") as f:
         f.truncate(3)
+
+
+@pytest.fixture
+def tiny_config():
+  """A fresh configs.default config with the test model of `testing.tiny_config`."""
+  from bihier_jax import testing  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return testing.tiny_config(default.get_config())
+
+
+@pytest.fixture(scope="session")
+def small_batch():
+  """numpy `Batch` of `testing.small_examples()`: 4 graph slots, nodes padded to 8."""
+  from bihier_jax import testing  # pylint: disable=g-import-not-at-top
+  return testing.batch_of(testing.small_examples(), n_graph=4, node_multiple=8)

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "bench"))
+from tests import paths
+
+sys.path.insert(0, paths.BENCH)
 import run_all  # pylint: disable=wrong-import-position
 
 

@@ -17,8 +17,7 @@ import sys
 import pytest
 
 from configs import demo
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.paths import REPO
 
 
 def _run(module, *args, env=None):

@@ -29,8 +29,8 @@ import conftest
 from bihier_jax.training import checkpointing
 from bihier_jax.training import train_lib
 from configs import demo
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESET = "L2_D32_H4_F64"  # the checkpoint's architecture: no released size
 
 

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 import conftest
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A ProNet-like edge convolution, forward + backward: its temporaries (~35 MB) exceed
 # glibc's largest mmap threshold, so with default settings every call maps them afresh.

@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bihier_jax import testing
 from bihier_jax.common import flops
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import budgets as budgets_lib
@@ -23,9 +24,8 @@ def _config(pack_rows=True, row_length=0, batch_size=8, preset="t6_8M"):
 
 
 def _lognormal_sizes(n, seed=0):
-  """PDB-like single chains: lognormal lengths (median 200, log-sd 0.7, 30..1500)."""
-  lengths = np.clip(np.random.default_rng(seed).lognormal(np.log(200), 0.7, n), 30,
-                    1500).astype(np.int64)
+  """sizes.json rows of PDB-like single chains (`testing.pdb_like_lengths`)."""
+  lengths = testing.pdb_like_lengths(n, seed)
   return np.stack([lengths, lengths, np.ones_like(lengths), 12 * lengths], 1)
 
 

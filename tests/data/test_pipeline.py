@@ -11,6 +11,7 @@ import pytest
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import budgets as budgets_lib
+from bihier_jax.data import graph
 from bihier_jax.data import layout
 from bihier_jax.data import pipeline
 from bihier_jax.data import records
@@ -225,7 +226,7 @@ def test_crop_keeps_every_node_of_a_pocket_in_a_long_chain(tmp_path):
 def _with_graph(ex):
   """`ex` with its radius graph rebuilt from its (edited) coordinates."""
   nodes = np.concatenate([ex.atom_positions[:, 1], ex.ligand_positions])
-  senders, receivers = testing.radius_graph(nodes, cutoff=10.0, max_neighbors=32)
+  senders, receivers = graph.radius_graph(nodes, cutoff=10.0, max_neighbors=32)
   return dataclasses.replace(ex, senders=senders, receivers=receivers)
 
 

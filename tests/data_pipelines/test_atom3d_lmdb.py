@@ -10,6 +10,7 @@ pytest.importorskip("pandas")
 
 from data_pipelines import atom3d_lmdb  # noqa: E402
 from fixtures import builders  # noqa: E402
+from tests import paths  # noqa: E402
 
 
 def _atom3d_reader(path):
@@ -155,7 +156,6 @@ def test_reader_needs_no_pandas(psr_json):
       "item = ds[0]\n"
       "assert isinstance(item['atoms'], atom3d_lmdb.AtomTable), type(item['atoms'])\n"
       "print(len(ds), mqa.parse_decoy_id(item['id'])[0], len(item['atoms']))\n")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+  out = subprocess.run([sys.executable, "-c", code], cwd=paths.REPO, capture_output=True,
                        text=True, check=True)
   assert out.stdout.split()[:2] == ["2", "T0702"]

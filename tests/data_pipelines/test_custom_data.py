@@ -42,9 +42,9 @@ from data_pipelines.custom import labels as custom_labels
 from data_pipelines.custom import matching as custom_matching
 from data_pipelines.custom import splits as custom_splits
 from data_pipelines.custom import task as custom_task
+from tests import paths
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURES = os.path.join(REPO, "tests", "fixtures", "custom")
+FIXTURES = os.path.join(paths.FIXTURES, "custom")
 
 pytest.importorskip("MDAnalysisTests")
 
@@ -460,7 +460,7 @@ def test_config_argument_and_errors(tmp_path, capsys):
   assert custom_config.parse_arg(f"{folder},tiny") == (folder, "tiny")
   assert custom_config.parse_arg("a,b") == ("a,b", "")
   # The command-line path: everything after the first colon reaches get_config.
-  argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'custom.py')}:{folder},tiny",
+  argv = ["prog", f"--config={os.path.join(paths.REPO, 'configs', 'custom.py')}:{folder},tiny",
           "--config.train.num_steps=3"]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
@@ -593,7 +593,7 @@ def test_ablate_plans_runs_on_a_prepared_folder(example, tmp_path, capsys):
   from launch import ablate
   _, prepared = example
   folder = prepared["residue"]
-  code = ablate.main(["--config", os.path.join(REPO, "configs", "custom.py"),
+  code = ablate.main(["--config", os.path.join(paths.REPO, "configs", "custom.py"),
                       "--config-arg", f"{folder},tiny", "--sweep", "baselines",
                       "--seeds", "0", "--workdir", str(tmp_path / "abl"),
                       "--emit-commands"])

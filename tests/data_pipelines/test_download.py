@@ -12,6 +12,7 @@ import zipfile
 import pytest
 
 from data_pipelines import download
+from tests import paths
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 DRIVE_PAGE = """<html><body>Google Drive can't scan this file for viruses.
@@ -243,8 +244,7 @@ def test_python_requires_allows_tarfile_data_filter():
   import configparser
   from packaging.specifiers import SpecifierSet
   cfg = configparser.ConfigParser()
-  cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "setup.cfg"))
+  cfg.read(os.path.join(paths.REPO, "setup.cfg"))
   allowed = SpecifierSet(cfg["options"]["python_requires"])
   assert "3.11.4" in allowed and "3.12.0" in allowed
   assert "3.11.3" not in allowed and "3.11.0" not in allowed

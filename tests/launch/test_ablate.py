@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from launch import ablate
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.paths import REPO
 
 
 def test_fusion_depth_levels():

@@ -13,8 +13,8 @@ import pytest
 
 from launch import slurm_gpu
 from launch import tpu_vm
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # c.py: a valid training config for 16 devices, its records in a bucket.
 _CONFIG = """from configs import react
 def get_config():

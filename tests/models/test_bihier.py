@@ -42,23 +42,13 @@ def _fast_compiles():
 
 def _config(kind, mode, direction, trainable, level, levels, write_back, readout, norm,
             mask):
-  c = default.get_config()
-  c.model.kind = kind
-  c.model.fusion.write_back = write_back
-  c.model.readout = readout
-  c.model.fusion.norm = norm
-  c.model.gnn.mask_aatype_prob = mask
-  c.model.esm.preset = "tiny"
-  c.model.esm.trainable = trainable
-  c.model.gnn.hidden = 16
-  c.model.gnn.num_blocks = 2
-  c.model.gnn.dropout = 0.1
-  c.model.fusion.mode = mode
-  c.model.fusion.direction = direction
-  c.model.fusion.levels = levels
-  c.model.fusion.dim = 16
-  c.model.head.hidden = 16
-  c.task.level = level
+  c = testing.tiny_config(default.get_config(), {
+      "model.kind": kind, "model.fusion.write_back": write_back,
+      "model.readout": readout, "model.fusion.norm": norm,
+      "model.gnn.mask_aatype_prob": mask, "model.esm.trainable": trainable,
+      "model.gnn.dropout": 0.1, "model.fusion.mode": mode,
+      "model.fusion.direction": direction, "model.fusion.levels": levels,
+      "task.level": level})
   if level == "graph":
     c.task.loss, c.task.num_classes = "mse", 1
   return c
@@ -66,13 +56,10 @@ def _config(kind, mode, direction, trainable, level, levels, write_back, readout
 
 @functools.lru_cache(maxsize=None)
 def _batch():
-  examples = [testing.random_example(12, seed=0),
-              testing.random_example(9, seed=1, n_chains=2),
-              testing.random_example(7, seed=2, n_ligand=3)]
+  examples = testing.small_examples()
   for ex in examples:
     ex.graph_label = 1.5
-  budget = layout.budget_for(examples, n_graph=4, node_multiple=8)
-  return layout.collate(examples, budget)
+  return testing.batch_of(examples, n_graph=4, node_multiple=8)
 
 
 def _to_jnp(batch):
@@ -293,9 +280,7 @@ def test_row_layout_comes_from_the_batch():
   model = models.build_model(config)
   _, params, _, _, _, _ = _variant()  # the same parameter tree (layout-free)
   logits = jax.jit(lambda p, b: model.apply({"params": p}, b).logits)
-  examples = [testing.random_example(12, seed=0),
-              testing.random_example(9, seed=1, n_chains=2),
-              testing.random_example(7, seed=2, n_ligand=3)]
+  examples = testing.small_examples()
   out = {}
   for packed in (False, True):
     budget = layout.budget_for(examples, n_graph=4, node_multiple=8,

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from bihier_jax import models
-from bihier_jax.data import layout
 from bihier_jax import testing
 from configs import default
 
@@ -31,17 +30,10 @@ def _fast_compiles():
 
 
 def _config(kind, mode="global", norm=True, levels=(1, 3)):
-  c = default.get_config()
-  c.model.kind = kind
-  c.model.esm.preset = "tiny"
-  c.model.gnn.hidden = 32
-  c.model.gnn.num_blocks = 3
-  c.model.fusion.mode = mode
-  c.model.fusion.levels = levels
-  c.model.fusion.dim = 32
-  c.model.fusion.norm = norm
-  c.model.head.hidden = 16
-  return c
+  return testing.tiny_config(default.get_config(), {
+      "model.kind": kind, "model.gnn.hidden": 32, "model.gnn.num_blocks": 3,
+      "model.fusion.mode": mode, "model.fusion.levels": levels, "model.fusion.dim": 32,
+      "model.fusion.norm": norm})
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,8 +41,8 @@ def _batch():
   examples = [testing.random_example(40, seed=0),
               testing.random_example(30, seed=1, n_chains=2),
               testing.random_example(25, seed=2)]
-  budget = layout.budget_for(examples, n_graph=4, node_multiple=8)
-  return jax.tree_util.tree_map(jnp.asarray, layout.collate(examples, budget))
+  return jax.tree_util.tree_map(jnp.asarray, testing.batch_of(examples, n_graph=4,
+                                                               node_multiple=8))
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,6 @@ import pytest
 
 from bihier_jax import models
 from bihier_jax.common import flops
-from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import esm2
 from bihier_jax.models import heads
@@ -46,32 +45,18 @@ def _fast_compiles():
 
 def _config(kind="bihier", direction="bi", trainable="frozen", last_n=2, levels=(1, 2),
             pairing="even", dropout=0.1):
-  c = default.get_config()
-  c.model.kind = kind
-  c.model.esm.preset = "tiny"
-  c.model.esm.trainable = trainable
-  c.model.esm.last_n = last_n
-  c.model.gnn.hidden = 16
-  c.model.gnn.num_blocks = 2
-  c.model.gnn.dropout = dropout
-  c.model.fusion.mode = "global"
-  c.model.fusion.direction = direction
-  c.model.fusion.levels = levels
-  c.model.fusion.layer_pairing = pairing
-  c.model.fusion.dim = 16
-  c.model.fusion.dropout = dropout
-  c.model.head.hidden = 16
-  c.model.head.dropout = dropout
-  return c
+  return testing.tiny_config(default.get_config(), {
+      "model.kind": kind, "model.esm.trainable": trainable, "model.esm.last_n": last_n,
+      "model.gnn.dropout": dropout, "model.fusion.mode": "global",
+      "model.fusion.direction": direction, "model.fusion.levels": levels,
+      "model.fusion.layer_pairing": pairing, "model.fusion.dropout": dropout,
+      "model.head.dropout": dropout})
 
 
 @functools.lru_cache(maxsize=None)
 def _batch():
-  examples = [testing.random_example(12, seed=0),
-              testing.random_example(9, seed=1, n_chains=2),
-              testing.random_example(7, seed=2, n_ligand=3)]
-  budget = layout.budget_for(examples, n_graph=4, node_multiple=8)
-  return jax.tree_util.tree_map(jnp.asarray, layout.collate(examples, budget))
+  return jax.tree_util.tree_map(jnp.asarray, testing.batch_of(
+      testing.small_examples(), n_graph=4, node_multiple=8))
 
 
 def _loss_fn(model, task):
@@ -130,8 +115,8 @@ def _grad_flops(policy, last_n=2):
                             params, batch)
 
 
-def test_frozen_layers_lose_exactly_their_weight_gradient_matmuls():
-  tokens = int(np.prod(_batch().tokens.shape))  # every slot of the token grid
+def test_frozen_layers_lose_exactly_their_weight_gradient_matmuls(small_batch):
+  tokens = int(np.prod(small_batch.tokens.shape))  # every slot of the token grid
   d, f = ESM.embed_dim, ESM.ffn_dim
   per_layer = 2 * tokens * (4 * d * d + 2 * d * f)  # q|k|v, out, fc1, fc2
   finetune = _grad_flops("finetune")
@@ -209,10 +194,10 @@ def test_last_n_moves_exactly_the_last_layers_and_the_final_norm():
   assert _moment_entries(state.opt_state) == 2 * trained
 
 
-def test_weight_decay_covers_every_weight_matrix_and_no_bias_or_norm():
+def test_weight_decay_covers_every_weight_matrix_and_no_bias_or_norm(small_batch):
   config = _config("serial", trainable="finetune")
   model = models.build_model(config)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _batch())["params"])
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), small_batch)["params"])
   decayed = {"/".join(p) for p, leaf in _flat(params).items() if optim.decayed(p, leaf)}
   block = "gnn/blocks_0/"
   for name in ("conv_lin_l", "conv_lin_r", "lin_conv", "lin_feature0_1", "lin_feature2_2",

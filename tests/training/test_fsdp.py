@@ -2,29 +2,26 @@
 simulated CPU devices the same losses and updates as 1 device, and checkpoints that
 restore onto other meshes.
 
-The multi-device checks run in one subprocess (XLA_FLAGS must be set before jax is
-imported): four compiled steps (1 device; 8 devices with fsdp 4 and 8; 4 devices with
-fsdp 2), bfloat16 gradients with fsdp 4 against plain data parallelism, and a short
+The multi-device checks are tests/multidevice/fsdp_equivalence.py, run in one
+subprocess (XLA_FLAGS must be set before jax is imported): four compiled steps (1 device;
+8 devices with fsdp 4 and 8; 4 devices with fsdp 2), bfloat16 gradients with fsdp 4 against plain data parallelism, and a short
 training run with fsdp=4 (train, evaluate, resume), about 2.5 min on an idle 2-core
 machine.
 """
 
 import os
 import sys
-import textwrap
 
 import jax
-import numpy as np
 import optax
 
-from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.models import fsdp
 from bihier_jax.training import parallel
 from bihier_jax.training import steps
-from tests.training import test_parallel
+from tests import multidevice
+from tests import paths
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS", "")
 
 
@@ -49,9 +46,7 @@ def _tiny_model(trainable="finetune"):
   config.model.esm.trainable = trainable
   config.model.esm.last_n = 1
   model = steps.build_model(config)
-  batch = layout.collate([testing.random_example(10, seed=0)],
-                                 layout.budget_for(
-                                     [testing.random_example(10, seed=0)]))
+  batch = testing.batch_of([testing.random_example(10, seed=0)])
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch)["params"])
   return config, model, params
 
@@ -93,164 +88,8 @@ def test_mesh_refuses_fsdp_not_dividing_the_devices():
     parallel.make_mesh(jax.devices()[:1] * 1, fsdp_size=3)
 
 
-_EIGHT_DEVICES = textwrap.dedent("""
-  import os, tempfile
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8")
-  import jax, numpy as np
-  from bihier_jax import testing
-  from bihier_jax.data import layout
-  from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import checkpointing, parallel, steps
-  from configs import demo
-
-  assert jax.device_count() == 8, jax.devices()
-  config = demo.get_config("tiny")
-  config.model.gnn.dropout = config.model.fusion.dropout = config.model.head.dropout = 0.0
-  config.optim.warmup_steps, config.optim.schedule = 0, "constant"
-  budget = PaddingBudget(n_node=48, n_edge=700, n_graph=3, n_row=2, row_length=26)
-
-  def batch(step):  # 8 sub-batches of 2 proteins, different at every step
-    return parallel.stack([layout.collate(
-        [testing.random_example(10 + (3 * d + step) % 11, seed=d + 10 * step),
-         testing.random_example(8 + d, seed=100 + d + 10 * step)], budget)
-        for d in range(8)])
-
-  batches = [batch(s) for s in range(3)]
-  sample = layout.collate([testing.random_example(10, seed=0)], budget)
-  model = steps.build_model(config)
-  KERNEL = ("esm", "layers", "fc1", "kernel")  # [4, 64, 256], split on its last axis
-
-  def leaf(tree, path):
-    for k in path:
-      tree = tree[k]
-    return tree
-
-  def run(mesh, state=None, tx=None, first=0, last=3):
-    if state is None:
-      state, tx = steps.create_train_state(config, model, sample, mesh, load_esm=False)
-    fn = steps.jit_train_step(model, tx, config.task, mesh, state)
-    losses = []
-    for b in batches[first:last]:
-      state, metrics = fn(state, parallel.put_global(b, mesh))
-      losses.append(float(metrics["loss"]))
-    return state, tx, losses
-
-  def close(a, b, what):
-    # The global fusion's key bias has an exactly zero gradient (softmax ignores a
-    # constant per query); Adam turns its float32 noise into +-lr steps, which differ
-    # with the summation order. Every other parameter is compared.
-    worst = 0.0
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
-                            jax.tree_util.tree_leaves(b)):
-      name = jax.tree_util.keystr(path)
-      if "['key']['bias']" not in name:
-        worst = max(worst, float(np.max(np.abs(np.asarray(x) - np.asarray(y)))))
-    print(what, "max |difference|", worst)
-    assert worst <= 1e-5, (what, worst)
-
-  one, _, loss_one = run(parallel.make_mesh(jax.devices()[:1]))
-  ref_params = jax.device_get(one.params)
-  print("1 device", loss_one)
-  results = {}
-  for size in (4, 8):
-    mesh = parallel.make_mesh(jax.devices(), size)
-    state, tx, losses = run(mesh, last=2)
-    kernel = leaf(state.params, KERNEL)
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
-    assert kernel.addressable_shards[0].data.shape == (4, 64, 256 // size)
-    mu = [x for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
-          if jax.tree_util.keystr(p).endswith("['layers']['fc1']['kernel']")]
-    assert mu and all(m.addressable_shards[0].data.shape == (4, 64, 256 // size)
-                      for m in mu)
-    if size == 4:  # saved after 2 steps, for the restores below
-      workdir = tempfile.mkdtemp()
-      with checkpointing.Checkpointer(workdir) as ckpt:
-        ckpt.save(2, state, {"consumed": 2}, force=True)
-        ckpt.wait()
-    state, _, more = run(mesh, state, tx, first=2)
-    results[size] = losses + more
-    print("fsdp", size, results[size])
-    np.testing.assert_allclose(results[size], loss_one, rtol=0, atol=1e-5)
-    close(jax.device_get(state.params), ref_params, f"fsdp={size} vs 1 device")
-
-  # The fsdp=4 checkpoint of step 2 onto other meshes: 8 devices with fsdp=8, and 4
-  # devices with fsdp=2 (two sub-batches per device), then step 3 as before.
-  for devices, size in ((jax.devices(), 8), (jax.devices()[:4], 2)):
-    mesh = parallel.make_mesh(devices, size)
-    abstract = steps.abstract_train_state(config, model, sample, mesh)
-    with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
-      state, _, step = ckpt.restore("latest", abstract)
-    assert step == 2 and int(state.step) == 2
-    kernel = leaf(state.params, KERNEL)
-    assert kernel.addressable_shards[0].data.shape == (4, 64, 256 // size)
-    assert len(kernel.sharding.device_set) == len(devices)
-    tx = steps.optim.make_optimizer(config)
-    state, _, losses = run(mesh, state, tx, first=2)
-    print(len(devices), "devices, fsdp", size, "after restore", losses)
-    np.testing.assert_allclose(losses, results[4][2:], rtol=0, atol=1e-5)
-    close(jax.device_get(state.params), ref_params, f"restored on {size}")
-
-  # bfloat16: FSDP reduce-scatters each layer's gradient in float32 (fsdp.gather's
-  # VJP), so its gradients equal plain data parallelism's on the same 8 devices up to
-  # float32 summation order; summed in bf16 they differed by ~2e-3 of the largest entry.
-  import functools
-  bf16_config = config.copy_and_resolve_references()
-  bf16_config.model.dtype = "bfloat16"
-  bf16_model = steps.build_model(bf16_config)
-  grads = {}
-  for size in (1, 4):
-    mesh = parallel.make_mesh(jax.devices(), size)
-    params = jax.device_put(ref_params, parallel.state_shardings(ref_params, mesh))
-    fn = jax.jit(functools.partial(steps.loss_and_grads, model=bf16_model,
-                                   task=config.task, mesh=mesh))
-    _, grads[size] = jax.device_get(fn(params, parallel.put_global(batches[0], mesh),
-                                       one.rng, one.step))
-  worst = 0.0
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[4]),
-                          jax.tree_util.tree_leaves(grads[1])):
-    if "['esm']['layers']" in jax.tree_util.keystr(path):
-      worst = max(worst, float(np.max(np.abs(a - b)) / np.max(np.abs(b))))
-  print("bf16 gradients, fsdp=4 vs data parallel: max |difference| / max", worst)
-  assert worst <= 1e-5, worst
-
-  # The training loop end to end with fsdp=4: periodic evaluation on the per-host eval
-  # mesh, sharded checkpoints, the final restore of the selected one; then a resumed
-  # run continues from its checkpoint.
-  import itertools
-  from bihier_jax.training import train_lib
-
-  def dataset_fn(data_dir, split, config, *, training, seed, process_index=None,
-                 process_count=None, skip_batches=0):
-    per = config.train.batch_size  # per device: 1
-    def gen():
-      for i in itertools.count(skip_batches):
-        if not training and i >= 8:
-          return
-        exs = [testing.random_example(12 + (5 * i + j) % 7, seed=seed + 31 * i + j
-                                      + (0 if training else 10_000)) for j in range(per)]
-        yield layout.collate(exs, budget), {"ids": [e.id for e in exs],
-                                                    "groups": [split] * per}
-    return gen()
-
-  run_config = demo.get_config("tiny")
-  run_config.task.name = "synthetic"
-  run_config.train.batch_size, run_config.train.fsdp = 8, 4
-  run_config.train.num_steps, run_config.train.eval_every = 3, 2
-  run_config.train.checkpoint_every = 2
-  workdir = tempfile.mkdtemp()
-  results = train_lib.train_and_evaluate(run_config, workdir, dataset_fn=dataset_fn)
-  print("end to end", results)
-  assert np.isfinite(results["test"]["accuracy"]), results
-  run_config.train.num_steps = 4
-  resumed = train_lib.train_and_evaluate(run_config, workdir, dataset_fn=dataset_fn)
-  assert np.isfinite(resumed["test"]["loss"]), resumed
-  print("OK")
-""")
-
-
 def test_fsdp_on_eight_devices_matches_one_device_and_restores_across_meshes():
-  test_parallel.run_script(_EIGHT_DEVICES, timeout=600)
+  multidevice.run("fsdp_equivalence", timeout=600)
 
 
 _HLO = """HloModule step
@@ -277,7 +116,7 @@ ENTRY %main (x: f32[8]) -> f32[16] {
 
 
 def test_collective_bytes_counts_loop_trips_and_reduce_scatter_inputs():
-  sys.path.insert(0, os.path.join(REPO, "bench"))
+  sys.path.insert(0, paths.BENCH)
   try:
     import bench_sharding  # pylint: disable=g-import-not-at-top
   finally:

@@ -43,8 +43,8 @@ from bihier_jax.data import records
 from bihier_jax.training import parallel
 from tests.training import multihost_job
 from tests.training.test_train import _env, _losses, demo_data  # noqa: F401  (fixture)
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB = os.path.join(REPO, "tests", "training", "multihost_job.py")
 KILL_AT = 3  # the checkpoint whose save the killed run never reaches
 CONTINUE_FROM = 2  # the checkpoint continued on the other host count

@@ -1,102 +1,21 @@
 """Data parallelism: 8 simulated CPU devices give the 1-device loss and gradients.
 
-The 8-device check runs in a subprocess because XLA_FLAGS must be set before jax is
-imported. Also: the resumable DeviceBatcher replays exactly the same stream.
+The 8-device check is tests/multidevice/parallel_equivalence.py, run in a subprocess
+because XLA_FLAGS must be set before jax is imported. Also: the resumable DeviceBatcher
+replays exactly the same stream.
 Budget: < 40 s on an idle 2-core machine (one subprocess, one compile per mesh).
 """
-
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 
 from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.training import parallel
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-_EIGHT_DEVICES = textwrap.dedent("""
-  import os
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8")
-  import jax, numpy as np
-  from bihier_jax import testing
-  from bihier_jax.data import layout
-  from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import parallel, steps
-  from configs import demo
-
-  assert jax.device_count() == 8, jax.devices()
-  config = demo.get_config("tiny")
-  budget = PaddingBudget(n_node=48, n_edge=700, n_graph=3, n_row=2, row_length=26)
-  subs = [layout.collate(
-      [testing.random_example(10 + (3 * d) % 11, seed=d),
-       testing.random_example(8 + d, seed=100 + d)], budget) for d in range(8)]
-  # One sub-batch without labels: it must weigh nothing, on either mesh.
-  subs[5] = subs[5].replace(node_label_mask=np.zeros_like(subs[5].node_label_mask))
-  stacked = parallel.stack(subs)
-  model = steps.build_model(config)
-  params = jax.device_get(jax.jit(lambda k, b: model.init(k, b)["params"])(
-      jax.random.key(0), subs[0]))
-  rng = jax.random.key_data(jax.random.key(1))
-
-  def step(devices):
-    mesh = parallel.make_mesh(devices)
-    batch = parallel.put_global(stacked, mesh)
-    assert len(batch.node_mask.sharding.device_set) == len(devices)
-    fn = jax.jit(lambda p, b: steps.loss_and_grads(
-        p, b, rng, 3, model=model, task=config.task, mesh=mesh),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
-    return fn, batch
-
-  def run(devices):
-    fn, batch = step(devices)
-    (loss, _), grads = fn(params, batch)
-    return jax.device_get((loss, grads))
-
-  # The same 8 sub-batches: a shard_map body on each of 8 devices, or a loop of 8 on one
-  # device. Equal up to products of parameters alone (ProNet's fused edge kernels),
-  # which JAX hoists out of the loop but every device computes: 0.24% here. A missing
-  # x8 for the devices or for the loop would be a factor of 8.
-  from bihier_jax.common import flops
-  def count(devices):
-    fn, batch = step(devices)
-    return flops.matmul_flops(fn, params, batch)
-
-  flops8, flops1 = count(jax.devices()), count(jax.devices()[:1])
-  print("matmul flops", flops8, flops1)
-  assert flops1 > 0 and 0 <= flops8 - flops1 < 0.01 * flops1
-
-  l8, g8 = run(jax.devices())
-  l1, g1 = run(jax.devices()[:1])
-  print("losses", l8, l1)
-  np.testing.assert_allclose(l8, l1, rtol=0, atol=1e-5)
-  flat8 = jax.tree_util.tree_leaves(g8)
-  flat1 = jax.tree_util.tree_leaves(g1)
-  assert len(flat8) == len(flat1) > 10
-  worst = max(float(np.max(np.abs(a - b))) for a, b in zip(flat8, flat1))
-  print("max |grad8 - grad1|", worst)
-  assert worst <= 1e-5, worst
-  assert sum(float(np.max(np.abs(b))) > 1e-4 for b in flat1) > len(flat1) // 2
-  print("OK")
-""")
-
-
-def run_script(script: str, timeout: int) -> None:
-  """Runs `script` in a fresh interpreter (its own XLA_FLAGS before jax starts) from the
-  repository root; it must exit 0 and print OK."""
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0 and "OK" in proc.stdout, (
-      proc.stdout[-3000:] + proc.stderr[-5000:])
+from tests import multidevice
 
 
 def test_eight_devices_match_one_device():
-  run_script(_EIGHT_DEVICES, timeout=300)
+  multidevice.run("parallel_equivalence", timeout=300)
 
 
 def _stream(budgets, start=0):

@@ -21,8 +21,7 @@ from sklearn import metrics as skm
 
 from bihier_jax.training import pooling
 from bihier_jax.training import evaluation
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.paths import REPO
 
 
 def _task(level, metrics, loss="sigmoid_bce", name="bce"):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from tests import conftest
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOOD = ("1ahsA.pdb.gz", "1eteA.pdb.gz", "3q4oA.pdb.gz")
 
 

@@ -17,6 +17,7 @@ selection test compiles its own steps (4.6 min measured on the shared 2-core VM 
 average 4-5).
 """
 
+import functools
 import glob
 import itertools
 import json
@@ -42,8 +43,7 @@ from bihier_jax.training import checkpointing
 from bihier_jax.training import steps
 from bihier_jax.training import train_lib
 from configs import demo
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.paths import REPO
 
 
 @pytest.fixture(scope="session")
@@ -296,26 +296,8 @@ def test_unreadable_newest_checkpoint(reference_run, demo_data, tmp_path):
 # --- in-process: non-finite losses, checkpoint errors ------------------------------------
 
 _BUDGET = PaddingBudget(n_node=41, n_edge=700, n_graph=3, n_row=2, row_length=26)
-
-
-def _synthetic_dataset(bad_from=None):
-  """A make_dataset stand-in over synthetic proteins; NaN weights from batch bad_from."""
-  def dataset_fn(data_dir, split, config, *, training, seed, process_index=None,
-                 process_count=None, skip_batches=0):
-    del data_dir, process_index, process_count
-    per = config.train.batch_size
-    def gen():
-      for i in itertools.count(skip_batches):
-        if not training and i >= 2:
-          return
-        exs = [testing.random_example(12 + (5 * i + j) % 7, seed=seed + 31 * i + j
-                                      + (0 if training else 10_000)) for j in range(per)]
-        batch = layout.collate(exs, _BUDGET)
-        if training and bad_from is not None and i >= bad_from:
-          batch = batch.replace(node_weights=np.full_like(batch.node_weights, np.nan))
-        yield batch, {"ids": [e.id for e in exs], "groups": [split] * per}
-    return gen()
-  return dataset_fn
+# make_dataset stand-ins: 2 evaluation batches; bad_from=k: NaN weights from batch k.
+_synthetic_dataset = functools.partial(testing.synthetic_dataset, _BUDGET, eval_batches=2)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
