@@ -43,7 +43,7 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import parallel, train_lib  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import mesh as mesh_lib, train_lib  # pylint: disable=g-import-not-at-top
   config = config_check.load_saved_config(workdir)
   if config.model.kind == "gnn_only":
     raise ValueError(f"{workdir}: model.kind=gnn_only has no ESM-2 branch")
@@ -51,7 +51,7 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   example = testing.random_example(16, seed=0, num_classes=int(config.task.num_classes))
   batch = input_pipeline.collate([example], input_pipeline.budget_for(
       [example], packed_rows=bool(config.data.get("pack_rows", False))))
-  mesh = parallel.make_mesh(jax.local_devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
   model, params, step = train_lib.restore_params(config, workdir, checkpoint, batch, mesh)
   cfg, esm_params = esm2.merge_lora(model.config.esm, jax.device_get(params["esm"]))
   cfg = dataclasses.replace(cfg, frozen_embedding=False, frozen_layers=0,

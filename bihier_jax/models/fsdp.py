@@ -2,7 +2,7 @@
 parameter is split, and the per-layer all-gather inside the model.
 
 Layout. With `train.fsdp = F > 1` the mesh is ('data', 'fsdp') (see
-`training.parallel`). Each large ESM-2 layer-stack leaf ([S, ...], S = layers) is split
+`training.mesh`). Each large ESM-2 layer-stack leaf ([S, ...], S = layers) is split
 into F pieces along one dimension that is not the layer axis (`shard_dim`), so a device
 holds 1/F of every layer, and Adam's moments follow the same split. Everything else (the
 GNN, the fusion modules, the heads, the token embedding, LayerNorms and small biases) is

@@ -21,7 +21,7 @@ import numpy as np
 from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
 from bihier_jax.training import metrics as metrics_lib
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
@@ -128,17 +128,17 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
     the protein of each item), loss (float), embeddings [n, D] if with_embeddings,
     chain_row [n] and residue_index [n] (int32; node tasks) if with_positions.
   """
-  num_local = parallel.local_device_count(mesh)
+  num_local = mesh_lib.local_device_count(mesh)
   cols: dict[str, list] = collections.defaultdict(list)
   per_batch: dict[str, list] = collections.defaultdict(list)  # loss terms by batch
-  for stacked, metas in parallel.iterate_finite(stream, num_local):
-    out = eval_fn(params, parallel.put_global(stacked, mesh))
+  for stacked, metas in mesh_lib.iterate_finite(stream, num_local):
+    out = eval_fn(params, mesh_lib.put_global(stacked, mesh))
     out = {k: local_rows(v) for k, v in out.items()}
     for d, meta in enumerate(metas):
       if meta is None:
         continue
       index = int(meta.get("index", len(per_batch["index"])))
-      sub = parallel.tree_unstack(stacked, d)
+      sub = mesh_lib.tree_unstack(stacked, d)
       per_batch["index"].append(index)
       per_batch["loss_w"].append(float(out["loss"][d]) * float(out["weight_sum"][d]))
       per_batch["weight"].append(float(out["weight_sum"][d]))
@@ -222,11 +222,11 @@ def sample_batch(config) -> Batch:
 
 def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,
                     dataset_fn=None) -> dict[str, dict[str, float]]:
-  """Metrics per split; `mesh` is this host's eval mesh (`parallel.local_mesh`), and
+  """Metrics per split; `mesh` is this host's eval mesh (`mesh_lib.local_mesh`), and
   `eval_fn` was jitted for it; results of all hosts are gathered before metrics
   (dataset_fn: as `eval_stream`'s)."""
   sub_config = per_device_config(config, jax.device_count())
-  params = parallel.localize(params, mesh)
+  params = mesh_lib.localize(params, mesh)
   results = {}
   for split in splits:
     collected = collect_predictions(eval_fn, params,

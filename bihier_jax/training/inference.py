@@ -18,7 +18,7 @@ from bihier_jax.common import structure
 from bihier_jax.data import featurize
 from bihier_jax.data import input_pipeline
 from bihier_jax.training import evaluation
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import pooling
 from bihier_jax.training.evaluation import (eval_stream, per_device_config,
                                             write_eval_results)
@@ -43,16 +43,16 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None,
   start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
   splits = list(splits or config.data.eval_splits)
-  mesh = parallel.training_mesh(config)
+  mesh = mesh_lib.training_mesh(config)
   sub_config = per_device_config(config, jax.device_count())
   sample_batch = (next(iter(eval_stream(config, splits[0], sub_config, dataset_fn)))[0]
                   if dataset_fn else evaluation.sample_batch(config))
   checkpoint = checkpoint_name(config, workdir, checkpoint)
   model, params, step = restore_params(config, workdir, checkpoint, sample_batch, mesh)
-  eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
+  eval_mesh = mesh_lib.local_mesh(mesh_lib.fsdp_size(mesh))
   eval_fn = jit_eval_step(model, config.task, eval_mesh)
   # As evaluation.evaluate_splits, keeping each split's items for the predictions file.
-  params = parallel.localize(params, eval_mesh)
+  params = mesh_lib.localize(params, eval_mesh)
   node_task = config.task.level == "node"
   results = {}
   for split in splits:
@@ -92,7 +92,7 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   batches = input_pipeline.inference_batches(examples, config)
   first_budget, first_members = batches[0]
   sample = input_pipeline.collate([examples[i] for i in first_members], first_budget)
-  mesh = parallel.make_mesh(jax.local_devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
   model, params, step = restore_params(config, workdir, checkpoint, sample, mesh)
   eval_fn = jit_eval_step(model, config.task, mesh)
   node_task = config.task.level == "node"
@@ -104,7 +104,7 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   with bar:
     for budget, members in mine:
       batch = input_pipeline.collate([examples[i] for i in members], budget)
-      outputs = eval_fn(params, parallel.put_global(parallel.stack([batch]), mesh))
+      outputs = eval_fn(params, mesh_lib.put_global(mesh_lib.stack([batch]), mesh))
       outputs = {k: np.asarray(jax.device_get(v))[0] for k, v in outputs.items()}
       residue = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)
       for g, i in enumerate(members):

@@ -56,7 +56,7 @@ from bihier_jax.data.batch import Batch
 from bihier_jax.training import checkpointing
 from bihier_jax.training import evaluation
 from bihier_jax.training import optim
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import plots
 from bihier_jax.training import steps
 
@@ -193,7 +193,7 @@ _BACKEND_LOGGED = []  # the backend line is logged once per process
 
 def start_backend(multi_host: bool) -> None:
   """Joins the multi-host job if asked, starts JAX and logs its backend and devices."""
-  parallel.initialize_distributed(multi_host)
+  mesh_lib.initialize_distributed(multi_host)
   if _BACKEND_LOGGED:
     return
   _BACKEND_LOGGED.append(True)
@@ -291,8 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_backend(bool(config.train.multi_host))
   ensure_demo_data(config)
   config = resolve_epoch_fields(config)  # before the schedule and the loop read steps
-  mesh = parallel.training_mesh(config)
-  num_local = parallel.local_device_count(mesh)
+  mesh = mesh_lib.training_mesh(config)
+  num_local = mesh_lib.local_device_count(mesh)
   sub_config = evaluation.per_device_config(config, jax.device_count())
 
   def given_stream(skip):
@@ -307,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Start-up writes nothing into workdir until the state exists (resumed or new).
   ckpt = (_checkpointer(config, workdir)
           if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
-  position = parallel.InputPosition()
+  position = mesh_lib.InputPosition()
   if ckpt is not None and ckpt.latest_step() is not None:
     abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
     try:
@@ -318,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       ckpt.close()
       raise
     tx = optim.make_optimizer(config)
-    position = parallel.InputPosition.from_json(extra.get("input_position", {}))
+    position = mesh_lib.InputPosition.from_json(extra.get("input_position", {}))
     logging.info("resumed from checkpoint %d (input position %s)", step, position)
     fresh = False
   else:
@@ -332,15 +332,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f.write(config.to_json_best_effort(indent=1))
     if fresh:
       # This host's copy: a global array split over hosts' devices is not all here.
-      local = parallel.localize(state.params,
-                                parallel.local_mesh(parallel.fsdp_size(mesh)))
+      local = mesh_lib.localize(state.params,
+                                mesh_lib.local_mesh(mesh_lib.fsdp_size(mesh)))
       write_parameter_overview(jax.device_get(local),
                                os.path.join(workdir, "parameters.txt"))
   if fresh:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
 
   train_fn = steps.jit_train_step(model, tx, config.task, mesh, state)
-  eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
+  eval_mesh = mesh_lib.local_mesh(mesh_lib.fsdp_size(mesh))
   eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
   # One update: train.grad_accum_steps sub-batches per device, of one global plan.
   group_size = jax.device_count() * evaluation.accumulation_steps(config)
@@ -348,11 +348,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     planner = input_pipeline.make_planner(evaluation.data_dir(config),
                                           config.data.train_split, sub_config,
                                           training=True, seed=config.seed)
-    batcher = parallel.StepInput(planner, group_size,
-                                 parallel.host_rows(mesh, group_size), position,
+    batcher = mesh_lib.StepInput(planner, group_size,
+                                 mesh_lib.host_rows(mesh, group_size), position,
                                  functools.partial(input_pipeline.pack_planned, planner))
   else:
-    batcher = parallel.DeviceBatcher(given_stream(position.resume_from),
+    batcher = mesh_lib.DeviceBatcher(given_stream(position.resume_from),
                                      num_local * evaluation.accumulation_steps(config),
                                      position)
   num_steps = int(config.train.num_steps)
@@ -409,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       stacked, _ = next(batcher)
       # graph_mask marks real proteins only (jraph's padding graph is False).
       real_graphs = int(np.sum(stacked.graph_mask))
-      global_batch = parallel.put_global(stacked, mesh)
+      global_batch = mesh_lib.put_global(stacked, mesh)
       program = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(global_batch))
       compiles = program not in step_flops
       if compiles:

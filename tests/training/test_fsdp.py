@@ -20,7 +20,7 @@ import optax
 from bihier_jax.data import input_pipeline
 from bihier_jax import testing
 from bihier_jax.models import fsdp
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import steps
 from tests.training import test_parallel
 
@@ -58,11 +58,11 @@ def _tiny_model(trainable="finetune"):
 
 def _specs_by_path(tree, mesh):
   return {jax.tree_util.keystr(p): s for p, s in
-          jax.tree_util.tree_leaves_with_path(parallel.param_specs(tree, mesh))}
+          jax.tree_util.tree_leaves_with_path(mesh_lib.param_specs(tree, mesh))}
 
 
 def test_param_specs_split_esm_layer_matrices_and_their_moments():
-  mesh = jax.sharding.AbstractMesh((2, 4), (parallel.DATA_AXIS, parallel.FSDP_AXIS))
+  mesh = jax.sharding.AbstractMesh((2, 4), (mesh_lib.DATA_AXIS, mesh_lib.FSDP_AXIS))
   config, model, params = _tiny_model("last_n")
   specs = _specs_by_path(params, mesh)
   split = {p for p, s in specs.items() if s != jax.sharding.PartitionSpec()}
@@ -70,9 +70,9 @@ def test_param_specs_split_esm_layer_matrices_and_their_moments():
   assert split == {f"['esm']['layers']['{m}']['kernel']"
                    for m in ("qkv_proj", "out_proj", "fc1", "fc2")}, split
   assert specs["['esm']['layers']['fc1']['kernel']"] == jax.sharding.PartitionSpec(
-      None, None, parallel.FSDP_AXIS)
+      None, None, mesh_lib.FSDP_AXIS)
   assert specs["['esm']['layers']['fc2']['kernel']"] == jax.sharding.PartitionSpec(
-      None, parallel.FSDP_AXIS)
+      None, mesh_lib.FSDP_AXIS)
   # The trainable view of last_n ([1, ...] slices) and Adam's moments of it are split
   # as the parameters are, leaf by leaf.
   trainable = model.config.trainable
@@ -90,7 +90,7 @@ def test_param_specs_split_esm_layer_matrices_and_their_moments():
 def test_mesh_refuses_fsdp_not_dividing_the_devices():
   import pytest  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"train.fsdp=3 must .* divide the devices"):
-    parallel.make_mesh(jax.devices()[:1] * 1, fsdp_size=3)
+    mesh_lib.make_mesh(jax.devices()[:1] * 1, fsdp_size=3)
 
 
 _EIGHT_DEVICES = textwrap.dedent("""
@@ -101,7 +101,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline
   from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import checkpointing, parallel, steps
+  from bihier_jax.training import checkpointing, mesh as mesh_lib, steps
   from configs import demo
 
   assert jax.device_count() == 8, jax.devices()
@@ -111,7 +111,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   budget = PaddingBudget(n_node=48, n_edge=700, n_graph=3, n_row=2, row_length=26)
 
   def batch(step):  # 8 sub-batches of 2 proteins, different at every step
-    return parallel.stack([input_pipeline.collate(
+    return mesh_lib.stack([input_pipeline.collate(
         [testing.random_example(10 + (3 * d + step) % 11, seed=d + 10 * step),
          testing.random_example(8 + d, seed=100 + d + 10 * step)], budget)
         for d in range(8)])
@@ -132,7 +132,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     fn = steps.jit_train_step(model, tx, config.task, mesh, state)
     losses = []
     for b in batches[first:last]:
-      state, metrics = fn(state, parallel.put_global(b, mesh))
+      state, metrics = fn(state, mesh_lib.put_global(b, mesh))
       losses.append(float(metrics["loss"]))
     return state, tx, losses
 
@@ -149,12 +149,12 @@ _EIGHT_DEVICES = textwrap.dedent("""
     print(what, "max |difference|", worst)
     assert worst <= 1e-5, (what, worst)
 
-  one, _, loss_one = run(parallel.make_mesh(jax.devices()[:1]))
+  one, _, loss_one = run(mesh_lib.make_mesh(jax.devices()[:1]))
   ref_params = jax.device_get(one.params)
   print("1 device", loss_one)
   results = {}
   for size in (4, 8):
-    mesh = parallel.make_mesh(jax.devices(), size)
+    mesh = mesh_lib.make_mesh(jax.devices(), size)
     state, tx, losses = run(mesh, last=2)
     kernel = leaf(state.params, KERNEL)
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
@@ -177,7 +177,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   # The fsdp=4 checkpoint of step 2 onto other meshes: 8 devices with fsdp=8, and 4
   # devices with fsdp=2 (two sub-batches per device), then step 3 as before.
   for devices, size in ((jax.devices(), 8), (jax.devices()[:4], 2)):
-    mesh = parallel.make_mesh(devices, size)
+    mesh = mesh_lib.make_mesh(devices, size)
     abstract = steps.abstract_train_state(config, model, sample, mesh)
     with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
       state, _, step = ckpt.restore("latest", abstract)
@@ -200,11 +200,11 @@ _EIGHT_DEVICES = textwrap.dedent("""
   bf16_model = steps.build_model(bf16_config)
   grads = {}
   for size in (1, 4):
-    mesh = parallel.make_mesh(jax.devices(), size)
-    params = jax.device_put(ref_params, parallel.state_shardings(ref_params, mesh))
+    mesh = mesh_lib.make_mesh(jax.devices(), size)
+    params = jax.device_put(ref_params, mesh_lib.state_shardings(ref_params, mesh))
     fn = jax.jit(functools.partial(steps.loss_and_grads, model=bf16_model,
                                    task=config.task, mesh=mesh))
-    _, grads[size] = jax.device_get(fn(params, parallel.put_global(batches[0], mesh),
+    _, grads[size] = jax.device_get(fn(params, mesh_lib.put_global(batches[0], mesh),
                                        one.rng, one.step))
   worst = 0.0
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[4]),

@@ -26,7 +26,7 @@ from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.models import attention
 from bihier_jax.models import esm2
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import steps
 from configs import demo
 from tests.training.test_parallel import run_script
@@ -50,7 +50,7 @@ def stacked_batch(n_row: int, devices: int, seed: int = 0):
   per sub-batch, three chains, so rows hold several chains and padding."""
   budget = PaddingBudget(n_node=96, n_edge=2048, n_graph=3, n_row=n_row,
                          row_length=LENGTH, packed_rows=True)
-  return parallel.stack([input_pipeline.collate(
+  return mesh_lib.stack([input_pipeline.collate(
       [testing.random_example(40, seed=seed + 10 * d, n_chains=2),
        testing.random_example(30 + 5 * d, seed=seed + 10 * d + 1)], budget)
       for d in range(devices)])
@@ -63,7 +63,7 @@ def run_sequence(kind, params, batch_a, batch_b, mesh):
   config = config_for(kind)
   model = steps.build_model(config)
   eval_step = steps.jit_eval_step(model, config.task, mesh)
-  put = lambda b: parallel.put_global(b, mesh)
+  put = lambda b: mesh_lib.put_global(b, mesh)
   first = jax.device_get(eval_step(params, put(batch_a))["predictions"])
   tx = optax.sgd(1.0)
   state = steps.TrainState(
@@ -71,7 +71,7 @@ def run_sequence(kind, params, batch_a, batch_b, mesh):
       opt_state=tx.init(model.config.trainable.select(params)),
       rng=jax.random.key_data(jax.random.key(1)),
       nonfinite_streak=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32))
-  state = jax.device_put(state, parallel.state_shardings(state, mesh))
+  state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))
   train_step = steps.jit_train_step(model, tx, config.task, mesh, state)
   state, metrics = train_step(state, put(batch_a))
   out = {"predictions_a": first, "loss": float(metrics["loss"]),
@@ -104,7 +104,7 @@ def reference():
   """(params, batches A and B, exact's run on one device)."""
   batch_a, batch_b = stacked_batch(2, 1), stacked_batch(3, 1, seed=5)
   params = initial_params(batch_a)
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   return params, batch_a, batch_b, run_sequence("exact", params, batch_a, batch_b, mesh)
 
 
@@ -114,7 +114,7 @@ def test_kernel_in_the_steps_equals_exact_on_one_device(reference, kind, caplog)
   naming the kernel."""
   params, batch_a, batch_b, want = reference
   assert (batch_a.token_segments[0] >= 1).any()  # rows hold more than one chain
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   with caplog.at_level(logging.INFO, logger="absl"):
     got = run_sequence(kind, params, batch_a, batch_b, mesh)
   assert_equal_runs(got, want, TOL)
@@ -130,13 +130,13 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2")
 import jax
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 from tests.training import test_pallas_steps as t
 
 assert jax.device_count() == 2
 batch = t.stacked_batch(2, 2)
 params = t.initial_params(batch)
-mesh = parallel.make_mesh(jax.devices())
+mesh = mesh_lib.make_mesh(jax.devices())
 assert mesh.devices.size == 2
 want = t.run_sequence("exact", params, batch, None, mesh)
 for kind in t.KINDS:

@@ -441,7 +441,7 @@ def test_reports_the_checkpoint_selected_on_validation(tmp_path, capsys):
 def test_missing_and_corrupt_checkpoints(tmp_path):
   config = demo.get_config("tiny")
   config.task.name = "synthetic"
-  mesh = train_lib.parallel.make_mesh(jax.devices()[:1])
+  mesh = train_lib.mesh_lib.make_mesh(jax.devices()[:1])
   batch = input_pipeline.collate([testing.random_example(12, seed=0)], _BUDGET)
   with pytest.raises(checkpointing.CheckpointError, match="train first"):
     train_lib.restore_params(config, str(tmp_path / "nothing"), "", batch, mesh)
