@@ -206,13 +206,13 @@ def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool,
   from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  from bihier_jax.training import optim, mesh as mesh_lib, steps  # pylint: disable=import-outside-toplevel
+  from bihier_jax.training import device_batches, mesh as mesh_lib, optim, steps  # pylint: disable=import-outside-toplevel
   config = bench_config(preset, devices, fsdp, lora, remat)
   mesh = mesh_lib.make_mesh(jax.devices()[:devices], fsdp)
   example = testing.random_example(seq_len - 2, seed=0)
   budget = input_pipeline.budget_for([example])
   sub = input_pipeline.collate([example], budget)
-  stacked = mesh_lib.stack([sub] * devices)
+  stacked = device_batches.stack([sub] * devices)
   batch = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=mesh_lib.batch_sharding(mesh)), stacked)

@@ -263,7 +263,7 @@ class PlannedBatch:
       records' chains in order), as `packing.plan_batches` placed them.
     crop: float32[K] where each chain's window starts, as a fraction of the starts
       that keep its residue nodes (`input_pipeline._crop`); 0 = the first window.
-    step: the training step it was grouped into (`mesh_lib.StepInput`), -1 if none.
+    step: the training step it was grouped into (`device_batches.StepInput`), -1 if none.
   """
   index: int
   epoch: int

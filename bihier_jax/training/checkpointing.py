@@ -4,7 +4,7 @@ One checkpoint (DIR/checkpoints/<step>/) holds two items:
 - `state`: the whole `TrainState` pytree (parameters, optimizer state, step, RNG key,
   non-finite counters), written with `StandardSave` (async, atomic: a step directory
   appears only once complete, so a run killed mid-save leaves the previous ones intact);
-- `input`: JSON with the input position (`mesh_lib.InputPosition`) and, after an
+- `input`: JSON with the input position (`device_batches.InputPosition`) and, after an
   evaluation, the validation metrics.
 Checkpoints with validation metrics compete for "best" (`task.select_metric`,
 `task.select_mode`; a tie goes to the later step, and a checkpoint whose select metric

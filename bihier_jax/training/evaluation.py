@@ -21,6 +21,7 @@ import numpy as np
 from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
 from bihier_jax.training import metrics as metrics_lib
+from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 
 
@@ -131,14 +132,14 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
   num_local = mesh_lib.local_device_count(mesh)
   cols: dict[str, list] = collections.defaultdict(list)
   per_batch: dict[str, list] = collections.defaultdict(list)  # loss terms by batch
-  for stacked, metas in mesh_lib.iterate_finite(stream, num_local):
+  for stacked, metas in device_batches.iterate_finite(stream, num_local):
     out = eval_fn(params, mesh_lib.put_global(stacked, mesh))
     out = {k: local_rows(v) for k, v in out.items()}
     for d, meta in enumerate(metas):
       if meta is None:
         continue
       index = int(meta.get("index", len(per_batch["index"])))
-      sub = mesh_lib.tree_unstack(stacked, d)
+      sub = device_batches.tree_unstack(stacked, d)
       per_batch["index"].append(index)
       per_batch["loss_w"].append(float(out["loss"][d]) * float(out["weight_sum"][d]))
       per_batch["weight"].append(float(out["weight_sum"][d]))

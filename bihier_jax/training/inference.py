@@ -18,6 +18,7 @@ from bihier_jax.common import structure
 from bihier_jax.data import featurize
 from bihier_jax.data import input_pipeline
 from bihier_jax.training import evaluation
+from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import pooling
 from bihier_jax.training.evaluation import (eval_stream, per_device_config,
@@ -104,7 +105,7 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   with bar:
     for budget, members in mine:
       batch = input_pipeline.collate([examples[i] for i in members], budget)
-      outputs = eval_fn(params, mesh_lib.put_global(mesh_lib.stack([batch]), mesh))
+      outputs = eval_fn(params, mesh_lib.put_global(device_batches.stack([batch]), mesh))
       outputs = {k: np.asarray(jax.device_get(v))[0] for k, v in outputs.items()}
       residue = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)
       for g, i in enumerate(members):

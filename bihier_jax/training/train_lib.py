@@ -56,6 +56,7 @@ from bihier_jax.data.batch import Batch
 from bihier_jax.training import checkpointing
 from bihier_jax.training import evaluation
 from bihier_jax.training import optim
+from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import plots
 from bihier_jax.training import steps
@@ -307,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Start-up writes nothing into workdir until the state exists (resumed or new).
   ckpt = (_checkpointer(config, workdir)
           if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
-  position = mesh_lib.InputPosition()
+  position = device_batches.InputPosition()
   if ckpt is not None and ckpt.latest_step() is not None:
     abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
     try:
@@ -318,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       ckpt.close()
       raise
     tx = optim.make_optimizer(config)
-    position = mesh_lib.InputPosition.from_json(extra.get("input_position", {}))
+    position = device_batches.InputPosition.from_json(extra.get("input_position", {}))
     logging.info("resumed from checkpoint %d (input position %s)", step, position)
     fresh = False
   else:
@@ -348,11 +349,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     planner = input_pipeline.make_planner(evaluation.data_dir(config),
                                           config.data.train_split, sub_config,
                                           training=True, seed=config.seed)
-    batcher = mesh_lib.StepInput(planner, group_size,
+    batcher = device_batches.StepInput(planner, group_size,
                                  mesh_lib.host_rows(mesh, group_size), position,
                                  functools.partial(input_pipeline.pack_planned, planner))
   else:
-    batcher = mesh_lib.DeviceBatcher(given_stream(position.resume_from),
+    batcher = device_batches.DeviceBatcher(given_stream(position.resume_from),
                                      num_local * evaluation.accumulation_steps(config),
                                      position)
   num_steps = int(config.train.num_steps)

@@ -27,6 +27,7 @@ from bihier_jax.models import esm2
 from bihier_jax.models import heads
 from bihier_jax.models import trainable as trainable_lib
 from bihier_jax.training import optim
+from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import steps
 from configs import default
@@ -151,7 +152,7 @@ def _one_step(config):
   old = jax.device_get(state.params)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    task=config.task))
-  new_state, metrics = step(state, mesh_lib.stack([batch]))
+  new_state, metrics = step(state, device_batches.stack([batch]))
   return old, jax.device_get(new_state.params), jax.device_get(metrics), new_state
 
 

@@ -101,7 +101,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline
   from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import checkpointing, mesh as mesh_lib, steps
+  from bihier_jax.training import checkpointing, device_batches, mesh as mesh_lib, steps
   from configs import demo
 
   assert jax.device_count() == 8, jax.devices()
@@ -111,7 +111,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   budget = PaddingBudget(n_node=48, n_edge=700, n_graph=3, n_row=2, row_length=26)
 
   def batch(step):  # 8 sub-batches of 2 proteins, different at every step
-    return mesh_lib.stack([input_pipeline.collate(
+    return device_batches.stack([input_pipeline.collate(
         [testing.random_example(10 + (3 * d + step) % 11, seed=d + 10 * step),
          testing.random_example(8 + d, seed=100 + d + 10 * step)], budget)
         for d in range(8)])

@@ -26,6 +26,7 @@ from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.models import attention
 from bihier_jax.models import esm2
+from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import steps
 from configs import demo
@@ -50,7 +51,7 @@ def stacked_batch(n_row: int, devices: int, seed: int = 0):
   per sub-batch, three chains, so rows hold several chains and padding."""
   budget = PaddingBudget(n_node=96, n_edge=2048, n_graph=3, n_row=n_row,
                          row_length=LENGTH, packed_rows=True)
-  return mesh_lib.stack([input_pipeline.collate(
+  return device_batches.stack([input_pipeline.collate(
       [testing.random_example(40, seed=seed + 10 * d, n_chains=2),
        testing.random_example(30 + 5 * d, seed=seed + 10 * d + 1)], budget)
       for d in range(devices)])

@@ -14,6 +14,7 @@ import numpy as np
 
 from bihier_jax.data import input_pipeline
 from bihier_jax import testing
+from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +27,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline
   from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import mesh as mesh_lib, steps
+  from bihier_jax.training import device_batches, mesh as mesh_lib, steps
   from configs import demo
 
   assert jax.device_count() == 8, jax.devices()
@@ -37,7 +38,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
        testing.random_example(8 + d, seed=100 + d)], budget) for d in range(8)]
   # One sub-batch without labels: it must weigh nothing, on either mesh.
   subs[5] = subs[5].replace(node_label_mask=np.zeros_like(subs[5].node_label_mask))
-  stacked = mesh_lib.stack(subs)
+  stacked = device_batches.stack(subs)
   model = steps.build_model(config)
   params = jax.device_get(jax.jit(lambda k, b: model.init(k, b)["params"])(
       jax.random.key(0), subs[0]))
@@ -111,27 +112,27 @@ def _stream(budgets, start=0):
 def test_device_batcher_groups_by_budget_and_resumes():
   rng = np.random.default_rng(0)
   budgets = rng.integers(0, 2, 60).tolist()
-  full = mesh_lib.DeviceBatcher(_stream(budgets), 3)
+  full = device_batches.DeviceBatcher(_stream(budgets), 3)
   groups = [[m["raw"] for m in next(full)[1]] for _ in range(12)]
   for g in groups:
     assert len({budgets[i] for i in g}) == 1  # one budget per stack
   # Stop where batches were read but not used yet, restart from the saved position:
   # the same next groups.
-  first = mesh_lib.DeviceBatcher(_stream(budgets), 3)
+  first = device_batches.DeviceBatcher(_stream(budgets), 3)
   done = 0
   while done < 3 or not first.position.pending:
     next(first)
     done += 1
-  position = mesh_lib.InputPosition.from_json(first.position.to_json())
+  position = device_batches.InputPosition.from_json(first.position.to_json())
   assert position.resume_from < position.consumed
-  resumed = mesh_lib.DeviceBatcher(_stream(budgets, position.resume_from), 3, position)
+  resumed = device_batches.DeviceBatcher(_stream(budgets, position.resume_from), 3, position)
   again = [[m["raw"] for m in next(resumed)[1]] for _ in range(12 - done)]
   assert again == groups[done:]
 
 
 def test_iterate_finite_fills_with_blanks():
   budgets = [0, 1, 0, 0, 1]
-  out = list(mesh_lib.iterate_finite(_stream(budgets), 2))
+  out = list(device_batches.iterate_finite(_stream(budgets), 2))
   raws = sorted(m["raw"] for _, metas in out for m in metas if m is not None)
   assert raws == list(range(5))
   blanks = [(b, metas) for b, metas in out if None in metas]
@@ -163,8 +164,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   # Compiled once per layout; the optimizer's update is applied eagerly after.
   grads = jax.jit(lambda p, b: steps.loss_and_grads(p, b, state.rng, 0, model=model,
                                                     task=config.task))
-  (loss_one, aux_one), g_one = grads(state.params, mesh_lib.stack([big]))
-  (loss_acc, aux_acc), g_acc = grads(state.params, mesh_lib.stack(micros))
+  (loss_one, aux_one), g_one = grads(state.params, device_batches.stack([big]))
+  (loss_acc, aux_acc), g_acc = grads(state.params, device_batches.stack(micros))
   np.testing.assert_allclose(loss_acc, loss_one, rtol=1e-6)
   np.testing.assert_allclose(aux_acc["label_weight"], aux_one["label_weight"])
   view = model.config.trainable.select(state.params)
