@@ -59,7 +59,9 @@ from bihier_jax.training import optim
 from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import plots
+from bihier_jax import models
 from bihier_jax.training import steps
+from bihier_jax.training import train_state
 
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
@@ -303,14 +305,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   sample_batch = (next(iter(given_stream(0)))[0] if dataset_fn else
                   evaluation.sample_batch(config))
-  model = steps.build_model(config)
+  model = models.build_model(config)
   on_corrupt = config.train.get("on_corrupt_checkpoint", "fallback")
   # Start-up writes nothing into workdir until the state exists (resumed or new).
   ckpt = (_checkpointer(config, workdir)
           if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
   position = device_batches.InputPosition()
   if ckpt is not None and ckpt.latest_step() is not None:
-    abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
+    abstract = train_state.abstract_train_state(config, model, sample_batch, mesh)
     try:
       # Unreadable newer steps are moved aside: the run writes them again.
       state, extra, step = ckpt.restore("latest", abstract, on_corrupt=on_corrupt,
@@ -323,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("resumed from checkpoint %d (input position %s)", step, position)
     fresh = False
   else:
-    state, tx = steps.create_train_state(config, model, sample_batch, mesh)
+    state, tx = train_state.create_train_state(config, model, sample_batch, mesh)
     fresh = True
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt or _checkpointer(config, workdir)
@@ -480,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     params = state.params if best in (None, step) else None
     if params is None:
       logging.info("restoring the best checkpoint (step %d) for the final results", best)
-      abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
+      abstract = train_state.abstract_train_state(config, model, sample_batch, mesh)
       state = None  # frees the training state before the restore
       # An unreadable best gives way to the next best readable one (on_corrupt).
       restored, _, best = ckpt.restore("best", abstract, on_corrupt=on_corrupt,
@@ -591,12 +593,12 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
   Raises:
     checkpointing.CheckpointError: no such checkpoint, or it cannot be read.
   """
-  model = steps.build_model(config)
+  model = models.build_model(config)
   which = checkpoint_name(config, workdir, which)
   with checkpointing.Checkpointer(workdir, read_only=True,
                                   select_metric=config.task.select_metric,
                                   select_mode=config.task.select_mode) as ckpt:
-    abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
+    abstract = train_state.abstract_train_state(config, model, sample_batch, mesh)
     state, _, step = ckpt.restore(
         which, abstract, on_corrupt=config.train.get("on_corrupt_checkpoint", "fallback"))
   return model, state.params, step

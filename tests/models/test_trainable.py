@@ -30,6 +30,7 @@ from bihier_jax.training import optim
 from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import steps
+from bihier_jax.training import train_state
 from configs import default
 
 ESM = esm2.PRESETS["tiny"]
@@ -148,7 +149,7 @@ def _one_step(config):
   model = models.build_model(config)
   batch = jax.tree_util.tree_map(np.asarray, _batch())
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  state, tx = steps.create_train_state(config, model, batch, mesh, load_esm=False)
+  state, tx = train_state.create_train_state(config, model, batch, mesh, load_esm=False)
   old = jax.device_get(state.params)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    task=config.task))

@@ -21,7 +21,9 @@ from bihier_jax.data import input_pipeline
 from bihier_jax import testing
 from bihier_jax.models import fsdp
 from bihier_jax.training import mesh as mesh_lib
+from bihier_jax import models
 from bihier_jax.training import steps
+from bihier_jax.training import train_state
 from tests.training import test_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +50,7 @@ def _tiny_model(trainable="finetune"):
   config = demo.get_config("tiny")
   config.model.esm.trainable = trainable
   config.model.esm.last_n = 1
-  model = steps.build_model(config)
+  model = models.build_model(config)
   batch = input_pipeline.collate([testing.random_example(10, seed=0)],
                                  input_pipeline.budget_for(
                                      [testing.random_example(10, seed=0)]))
@@ -101,7 +103,8 @@ _EIGHT_DEVICES = textwrap.dedent("""
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline
   from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import checkpointing, device_batches, mesh as mesh_lib, steps
+  from bihier_jax import models
+  from bihier_jax.training import checkpointing, device_batches, mesh as mesh_lib, steps, train_state
   from configs import demo
 
   assert jax.device_count() == 8, jax.devices()
@@ -118,7 +121,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
   batches = [batch(s) for s in range(3)]
   sample = input_pipeline.collate([testing.random_example(10, seed=0)], budget)
-  model = steps.build_model(config)
+  model = models.build_model(config)
   KERNEL = ("esm", "layers", "fc1", "kernel")  # [4, 64, 256], split on its last axis
 
   def leaf(tree, path):
@@ -128,7 +131,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
   def run(mesh, state=None, tx=None, first=0, last=3):
     if state is None:
-      state, tx = steps.create_train_state(config, model, sample, mesh, load_esm=False)
+      state, tx = train_state.create_train_state(config, model, sample, mesh, load_esm=False)
     fn = steps.jit_train_step(model, tx, config.task, mesh, state)
     losses = []
     for b in batches[first:last]:
@@ -178,7 +181,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   # devices with fsdp=2 (two sub-batches per device), then step 3 as before.
   for devices, size in ((jax.devices(), 8), (jax.devices()[:4], 2)):
     mesh = mesh_lib.make_mesh(devices, size)
-    abstract = steps.abstract_train_state(config, model, sample, mesh)
+    abstract = train_state.abstract_train_state(config, model, sample, mesh)
     with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
       state, _, step = ckpt.restore("latest", abstract)
     assert step == 2 and int(state.step) == 2
@@ -197,7 +200,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   import functools
   bf16_config = config.copy_and_resolve_references()
   bf16_config.model.dtype = "bfloat16"
-  bf16_model = steps.build_model(bf16_config)
+  bf16_model = models.build_model(bf16_config)
   grads = {}
   for size in (1, 4):
     mesh = mesh_lib.make_mesh(jax.devices(), size)

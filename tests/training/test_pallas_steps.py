@@ -28,7 +28,9 @@ from bihier_jax.models import attention
 from bihier_jax.models import esm2
 from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
+from bihier_jax import models
 from bihier_jax.training import steps
+from bihier_jax.training import train_state
 from configs import demo
 from tests.training.test_parallel import run_script
 
@@ -62,12 +64,12 @@ def run_sequence(kind, params, batch_a, batch_b, mesh):
   after a forward), then, unless batch_b is None, eval (budget B: same row length, more
   rows). The train step uses SGD(1), so its new parameters are params - grads."""
   config = config_for(kind)
-  model = steps.build_model(config)
+  model = models.build_model(config)
   eval_step = steps.jit_eval_step(model, config.task, mesh)
   put = lambda b: mesh_lib.put_global(b, mesh)
   first = jax.device_get(eval_step(params, put(batch_a))["predictions"])
   tx = optax.sgd(1.0)
-  state = steps.TrainState(
+  state = train_state.TrainState(
       step=jnp.zeros([], jnp.int32), params=params,
       opt_state=tx.init(model.config.trainable.select(params)),
       rng=jax.random.key_data(jax.random.key(1)),
@@ -95,7 +97,7 @@ def assert_equal_runs(got, want, tol=TOL):
 
 
 def initial_params(batch):
-  model = steps.build_model(config_for("exact"))
+  model = models.build_model(config_for("exact"))
   return jax.device_get(jax.jit(lambda k, b: model.init(k, b)["params"])(
       jax.random.key(0), jax.tree_util.tree_map(lambda x: x[0], batch)))
 

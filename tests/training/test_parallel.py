@@ -27,7 +27,8 @@ _EIGHT_DEVICES = textwrap.dedent("""
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline
   from bihier_jax.data.batch import PaddingBudget
-  from bihier_jax.training import device_batches, mesh as mesh_lib, steps
+  from bihier_jax import models
+  from bihier_jax.training import device_batches, mesh as mesh_lib, steps, train_state
   from configs import demo
 
   assert jax.device_count() == 8, jax.devices()
@@ -39,7 +40,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
   # One sub-batch without labels: it must weigh nothing, on either mesh.
   subs[5] = subs[5].replace(node_label_mask=np.zeros_like(subs[5].node_label_mask))
   stacked = device_batches.stack(subs)
-  model = steps.build_model(config)
+  model = models.build_model(config)
   params = jax.device_get(jax.jit(lambda k, b: model.init(k, b)["params"])(
       jax.random.key(0), subs[0]))
   rng = jax.random.key_data(jax.random.key(1))
@@ -147,7 +148,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   update of one batch holding all their proteins (dropout off, so the random keys of
   the two layouts do not matter)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from bihier_jax import models  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import steps, train_state  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")
   config.model.gnn.dropout = config.model.fusion.dropout = config.model.head.dropout = 0.0
@@ -158,9 +160,9 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   big = input_pipeline.collate(examples, input_pipeline.budget_for(examples, n_graph=5))
   micro_budget = input_pipeline.budget_for(examples, n_graph=3)  # fits either pair
   micros = [input_pipeline.collate(examples[i:i + 2], micro_budget) for i in (0, 2)]
-  model = steps.build_model(config)
+  model = models.build_model(config)
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  state, tx = steps.create_train_state(config, model, big, mesh, load_esm=False)
+  state, tx = train_state.create_train_state(config, model, big, mesh, load_esm=False)
   # Compiled once per layout; the optimizer's update is applied eagerly after.
   grads = jax.jit(lambda p, b: steps.loss_and_grads(p, b, state.rng, 0, model=model,
                                                     task=config.task))

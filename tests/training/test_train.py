@@ -38,7 +38,8 @@ from bihier_jax.data import input_pipeline
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.training import checkpointing
-from bihier_jax.training import steps
+from bihier_jax import models
+from bihier_jax.training import train_state
 from bihier_jax.training import train_lib
 from configs import demo
 
@@ -449,7 +450,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
   other = demo.get_config("tiny")
   other.task.name = "synthetic"
   other.model.gnn.hidden = 24
-  state, _ = steps.create_train_state(other, steps.build_model(other), batch,
+  state, _ = train_state.create_train_state(other, models.build_model(other), batch,
                                           mesh)
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   ckpt.save(1, state, {"consumed": 1, "pending": []})
