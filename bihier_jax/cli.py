@@ -125,8 +125,8 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
   Raises:
     config_check.ConfigError: the batch or fsdp groups do not fit the devices.
   """
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.start_backend(bool(config.train.get("multi_host", False)))
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  runtime.start_backend(bool(config.train.get("multi_host", False)))
   while _PENDING_LOG:  # after the backend line, which opens every run's log
     logging.info("%s", _PENDING_LOG.pop(0))
   num_devices, per_host = _devices_per_host()
@@ -138,8 +138,8 @@ def fit_to_devices(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """A trained run's config adapted to the devices here (`config_check.fit_to_devices`:
   an FSDP run evaluates on fewer devices), saying so in the log. Starts JAX (one
   process: a multi-host job has to be joined first)."""
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.start_backend(False)
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  runtime.start_backend(False)
   num_devices, per_host = _devices_per_host()
   fitted, note = config_check.fit_to_devices(config, num_devices, per_host)
   if note:
@@ -281,6 +281,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
   for module, name in (("bihier_jax.common.structure", "StructureError"),
                        ("bihier_jax.data.from_files", "InputError"),
                        ("bihier_jax.training.checkpointing", "CheckpointError"),
+                       ("bihier_jax.training.runtime", "StartupError"),
                        ("bihier_jax.training.train_lib", "NonFiniteLossError")):
     if module in sys.modules:
       types.append(getattr(sys.modules[module], name))

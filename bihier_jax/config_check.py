@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -121,13 +122,18 @@ def _non_negative(config, path: str) -> None:
 
 
 def check_data_dir(config: ml_collections.ConfigDict) -> None:
-  """data.dir holds prepared records (the demo task builds its own on first use)."""
+  """data.dir holds prepared records, or the config names a `data.builder` that builds
+  them there on first use (the demo)."""
   task = _get(config, "task.name", "")
   directory = str(_get(config, "data.dir", "") or "")
-  if task == "demo":
+  builder = str(_get(config, "data.builder", "") or "")
+  if builder:
     if not directory:
-      raise ConfigError("data.dir is empty: set --config.data.dir to a folder for the demo "
-                        "records (built there on first use)")
+      raise ConfigError(f"data.dir is empty: set --config.data.dir to a folder for the "
+                        f"{task} records (built there on first use)")
+    if not re.fullmatch(r"[\w.]+:\w+", builder):
+      raise ConfigError(f"data.builder={builder!r} must name a function as "
+                        "'module:function' (e.g. 'data_pipelines.demo:build_records')")
     return
   command = f"`python -m data_pipelines.preprocess {task or '<task>'} --out DIR`"
   if not directory:

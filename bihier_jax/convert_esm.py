@@ -43,7 +43,8 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   from bihier_jax import testing
   from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import mesh as mesh_lib, train_lib  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   config = config_check.load_saved_config(workdir)
   if config.model.kind == "gnn_only":
     raise ValueError(f"{workdir}: model.kind=gnn_only has no ESM-2 branch")
@@ -52,7 +53,8 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   batch = input_pipeline.collate([example], input_pipeline.budget_for(
       [example], packed_rows=bool(config.data.get("pack_rows", False))))
   mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
-  model, params, step = train_lib.restore_params(config, workdir, checkpoint, batch, mesh)
+  model, params, step = checkpointing.restore_params(config, workdir, checkpoint, batch,
+                                                     mesh)
   cfg, esm_params = esm2.merge_lora(model.config.esm, jax.device_get(params["esm"]))
   cfg = dataclasses.replace(cfg, frozen_embedding=False, frozen_layers=0,
                             frozen_final_norm=False, mlm_head=False)

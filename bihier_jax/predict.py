@@ -135,9 +135,9 @@ def main(argv):
   loaded = _read_inputs(config)
   out = _output_path()
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
   # Several processes (train.multi_host) share the batches; process 0 writes the files.
-  train_lib.start_backend(bool(config.train.multi_host))
+  runtime.start_backend(bool(config.train.multi_host))
   import jax  # pylint: disable=g-import-not-at-top
   first = jax.process_index() == 0
   if first:

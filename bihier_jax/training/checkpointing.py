@@ -33,9 +33,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from bihier_jax import config_check
+from bihier_jax import models
+from bihier_jax.data.batch import Batch
+from bihier_jax.training import train_state
 
-ON_CORRUPT = config_check.ON_CORRUPT_CHECKPOINT  # fallback | fail
+SELECT_MODES = ("max", "min")  # task.select_mode
+ON_CORRUPT = ("fallback", "fail")  # train.on_corrupt_checkpoint
 UNREADABLE_DIR = "checkpoints_unreadable"  # under the workdir, beside checkpoints/
 
 
@@ -145,8 +148,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, select_metric: str = "loss",
                select_mode: str = "max", read_only: bool = False):
-    if select_mode not in config_check.SELECT_MODES:
-      raise ValueError(f"select_mode must be max | min, got {select_mode!r}")
+    if select_mode not in SELECT_MODES:
+      raise ValueError(f"select_mode must be {' | '.join(SELECT_MODES)}, got "
+                       f"{select_mode!r}")
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.unreadable: dict[int, str] = {}  # step -> why, found by restore
@@ -172,6 +176,14 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "input": ocp.JsonCheckpointHandler()})
+
+  @classmethod
+  def for_run(cls, config, workdir: str, *, read_only: bool = False) -> "Checkpointer":
+    """The checkpointer of a run: `train.keep_checkpoints`, `task.select_metric` and
+    `task.select_mode` of its config (`keep` has no effect read-only)."""
+    return cls(workdir, keep=config.train.keep_checkpoints,
+               select_metric=config.task.select_metric,
+               select_mode=config.task.select_mode, read_only=read_only)
 
   # --- queries ---------------------------------------------------------------------------
 
@@ -386,3 +398,35 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """Multi-host preemption notice agreed by all hosts (false on single host)."""
     return bool(self._manager.reached_preemption(step))
+
+
+def checkpoint_name(config, workdir: str, which: str) -> str:
+  """What `which` names: '' -> 'best' if any checkpoint has a finite validation metric,
+  else 'latest'; anything else as given ('best' | 'latest' | a step number)."""
+  if which:
+    return str(which)
+  with Checkpointer.for_run(config, workdir, read_only=True) as ckpt:
+    best = ckpt.best_step()
+  return "best" if best is not None else "latest"
+
+
+def restore_params(config, workdir: str, which: str, sample_batch: Batch,
+                   mesh: jax.sharding.Mesh):
+  """(model, params, step) of a run's checkpoint.
+
+  Args:
+    which: 'best' | 'latest' | a step number | '' (best if any checkpoint has
+      validation metrics, else latest). An unreadable 'best' / 'latest' gives way to
+      the next best / newest readable one, with a warning (train.on_corrupt_checkpoint
+      = fail raises instead); nothing is moved or deleted.
+
+  Raises:
+    CheckpointError: no such checkpoint, or it cannot be read.
+  """
+  model = models.build_model(config)
+  which = checkpoint_name(config, workdir, which)
+  with Checkpointer.for_run(config, workdir, read_only=True) as ckpt:
+    abstract = train_state.abstract_train_state(config, model, sample_batch, mesh)
+    state, _, step = ckpt.restore(
+        which, abstract, on_corrupt=config.train.get("on_corrupt_checkpoint", "fallback"))
+  return model, state.params, step

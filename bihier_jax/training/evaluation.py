@@ -15,25 +15,14 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
+from bihier_jax.common import storage
 from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
 from bihier_jax.training import metrics as metrics_lib
 from bihier_jax.training import device_batches
 from bihier_jax.training import mesh as mesh_lib
-
-
-def data_dir(config: ml_collections.ConfigDict) -> str:
-  """config.data.dir made absolute (a gs:// or other URL as it is)."""
-  from bihier_jax.common import storage  # pylint: disable=g-import-not-at-top
-  return storage.absolute(config.data.dir)
-
-
-# One rule for the input pipeline, the epoch estimate and the training loop.
-accumulation_steps = epochs.accumulation_steps
-per_device_config = epochs.sub_batch_config
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
@@ -206,7 +195,7 @@ def eval_stream(config, split: str, sub_config, dataset_fn=None):
   if dataset_fn is None:
     from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     dataset_fn = input_pipeline.make_dataset
-  return dataset_fn(data_dir(config), split, sub_config, training=False,
+  return dataset_fn(storage.absolute(config.data.dir), split, sub_config, training=False,
                     seed=config.seed, process_index=jax.process_index(),
                     process_count=jax.process_count())
 
@@ -216,8 +205,9 @@ def sample_batch(config) -> Batch:
   model need (shapes; the parameters do not depend on the values), without reading
   any record."""
   from bihier_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  budgets = input_pipeline.bucket_budgets(per_device_config(config, jax.device_count()),
-                                          input_pipeline.dataset_sizes(data_dir(config)))
+  budgets = input_pipeline.bucket_budgets(
+      epochs.sub_batch_config(config, jax.device_count()),
+      input_pipeline.dataset_sizes(storage.absolute(config.data.dir)))
   return input_pipeline.collate([], budgets[0])
 
 
@@ -226,7 +216,7 @@ def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,
   """Metrics per split; `mesh` is this host's eval mesh (`mesh_lib.local_mesh`), and
   `eval_fn` was jitted for it; results of all hosts are gathered before metrics
   (dataset_fn: as `eval_stream`'s)."""
-  sub_config = per_device_config(config, jax.device_count())
+  sub_config = epochs.sub_batch_config(config, jax.device_count())
   params = mesh_lib.localize(params, mesh)
   results = {}
   for split in splits:

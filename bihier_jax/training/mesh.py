@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from absl import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
@@ -24,32 +23,6 @@ from bihier_jax.models import trainable
 
 DATA_AXIS = "data"
 FSDP_AXIS = fsdp.AXIS
-
-
-def initialize_distributed(multi_host: bool) -> None:
-  """Joins the multi-process job when `multi_host` (train.multi_host), once.
-
-  The coordinator, the process count and this process's rank come from the launcher's
-  environment, which `jax.distributed.initialize()` reads: a Cloud TPU VM, SLURM
-  (`launch.slurm_gpu`, and `launch.local` on one machine), Open MPI, or
-  JAX_COORDINATOR_ADDRESS with one of those.
-
-  Raises:
-    config_check.ConfigError: no launcher environment (a run alone, e.g. evaluating a
-      pod run's workdir on one machine, needs --config.train.multi_host=False).
-  """
-  if not multi_host or jax.distributed.is_initialized():
-    return
-  try:
-    jax.distributed.initialize()
-  except ValueError as e:
-    from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
-    raise config_check.ConfigError(
-        f"train.multi_host=True but this process was not started as part of a "
-        f"multi-process job ({e}): start it with python -m launch.local, SLURM or on a "
-        f"TPU VM slice, or pass --config.train.multi_host=False to run it alone") from e
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp_size: int = 1) -> Mesh:

@@ -28,6 +28,8 @@ import optax
 from bihier_jax.models import esm2
 from bihier_jax.models import trainable as trainable_lib
 
+SCHEDULES = ("cosine", "step", "constant")  # optim.schedule, after the warmup
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to `optim.learning_rate`, then cosine to 0, step decay or constant."""
@@ -42,7 +44,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   elif o.schedule == "constant":
     main = optax.constant_schedule(o.learning_rate)
   else:
-    raise ValueError(f"optim.schedule must be cosine | step | constant, got "
+    raise ValueError(f"optim.schedule must be {' | '.join(SCHEDULES)}, got "
                      f"{o.schedule!r}")
   if warmup <= 0:
     return main
