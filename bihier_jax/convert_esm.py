@@ -3,15 +3,11 @@
   python -m bihier_jax.convert_esm --src PATH --out DIR [--no-mlm-head] [--overwrite]
   python -m bihier_jax.convert_esm --from-run WORKDIR [--checkpoint best] --out DIR
 
-PATH: a Hugging Face ESM directory (config.json + model.safetensors / pytorch_model.bin,
-sharded or not), a fair-esm `.pt` file, or an already converted directory; PATH and DIR
-may be URLs (gs://..., file://...). Missing, unexpected or mis-shaped tensors stop the
-conversion with a list of their names and shapes. Where to get the weights:
-docs/pretrained.md.
---from-run writes the ESM-2 branch of a trained fusion run's checkpoint instead, with
-LoRA adapters (model.esm.trainable=lora) merged into plain weights, so that another run
-or tool can start from the fine-tuned pLM (no MLM head: fusion runs have none).
-Load the result with `bihier_jax.models.esm2.from_pretrained(DIR)`.
+PATH: a Hugging Face ESM directory, a fair-esm `.pt` file, or an already converted
+directory (local or gs:// / file:// URLs); missing or mis-shaped tensors stop it with
+their names. --from-run writes the ESM-2 branch of a trained run's checkpoint, LoRA
+adapters merged. Load the result with `bihier_jax.models.esm2.from_pretrained(DIR)`.
+Where to get the weights: docs/pretrained.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """Orbax checkpoints of a training run: keep the last N and the best by a metric.
 
-One checkpoint (DIR/checkpoints/<step>/) holds two items:
-- `state`: the whole `TrainState` pytree (parameters, optimizer state, step, RNG key,
-  non-finite counters), written with `StandardSave` (async, atomic: a step directory
-  appears only once complete, so a run killed mid-save leaves the previous ones intact);
-- `input`: JSON with the input position (`device_batches.InputPosition`) and, after an
-  evaluation, the validation metrics.
-Checkpoints with validation metrics compete for "best" (`task.select_metric`,
-`task.select_mode`; a tie goes to the later step, and a checkpoint whose select metric
-is missing or NaN is never best); the policy keeps the `keep` latest plus the single
-best, so the best survives any number of later saves until a better one replaces it.
-
-Unreadable checkpoints: `restore` of 'latest' or 'best' with on_corrupt='fallback' uses
-the newest (or next best) readable one and logs one warning naming the unreadable steps
-and the steps on disk; 'fail' raises instead. A checkpoint whose saved tree does not fit
-the state asked for (another model or optimizer configuration, or an older version of
-the code) raises `CheckpointMismatchError` and is never skipped: an older step would not
-fit either. Nothing is deleted; training moves unreadable steps aside (`set_aside`).
+Public: Checkpointer (save / restore / rank the steps of DIR/checkpoints/;
+`Checkpointer.for_run(config, workdir)`), checkpoint_name, restore_params,
+CheckpointError, CheckpointMismatchError, tree_difference, SELECT_MODES, ON_CORRUPT.
+A checkpoint holds the TrainState and a JSON item (input position, validation metrics).
+An unreadable one gives way to the newest (next best) readable one with one warning,
+or raises with on_corrupt='fail'; one of another configuration always raises; nothing
+is deleted. Rules: docs/training.md "Checkpoints".
 """
 
 from __future__ import annotations
