@@ -96,7 +96,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, step, log = _run_steps(run, state, train_fn, batcher, stop)
   batcher.close()  # releases the endless training input pipeline
   del batcher
-  results = None if log.stopped else _select_final(run, state, step)
+  held = [state]  # _select_final drops the last reference before restoring the best
+  del state
+  results = None if log.stopped else _select_final(run, held, step)
   run.ckpt.wait()
   run.ckpt.close()
   run.writer.close()
@@ -402,9 +404,10 @@ class _Final:
   note: str  # how it was selected, one sentence
 
 
-def _select_final(run: _Run, state, step: int) -> _Final:
+def _select_final(run: _Run, held: list, step: int) -> _Final:
   """Every eval split's metrics of the checkpoint best on the select split (restored
-  if it is not the last step), else of the last step."""
+  if it is not the last step), else of the last step (`held`: [the training state])."""
+  state = held.pop()
   run.ckpt.wait()  # the keep policy has run: the best checkpoint is on disk
   best = run.ckpt.best_step() if run.has_validation else None
   params = state.params if best in (None, step) else None
