@@ -397,19 +397,19 @@ def varlen_step_speed(preset: str, n: int, batch_size: int, rounds: int,
         "token_efficiency": tokens / slots, "budgets": len({b.budget for b in batches}),
         "row_lengths": sorted({int(b.budget.row_length) for b in batches})}
   for _ in range(rounds):
-    for layout in layouts.values():
-      seconds = sum(layout["stepper"].step(b) for b in layout["batches"])
-      layout["passes"].append(residues / seconds)
+    for entry in layouts.values():
+      seconds = sum(entry["stepper"].step(b) for b in entry["batches"])
+      entry["passes"].append(residues / seconds)
   out = {"preset": preset, "proteins": n, "residues": residues, "batch_size": batch_size,
          "threads": os.cpu_count()}
-  for name, layout in layouts.items():
-    out[name] = {"residues_per_s": statistics.median(layout["passes"]),
-                 "passes": layout["passes"], "batches": len(layout["batches"]),
-                 "budgets": layout["budgets"], "row_lengths": layout["row_lengths"],
-                 "token_efficiency": layout["token_efficiency"]}
+  for name, entry in layouts.items():
+    out[name] = {"residues_per_s": statistics.median(entry["passes"]),
+                 "passes": entry["passes"], "batches": len(entry["batches"]),
+                 "budgets": entry["budgets"], "row_lengths": entry["row_lengths"],
+                 "token_efficiency": entry["token_efficiency"]}
     if name != "unpacked":
       out[name]["speedup"] = statistics.median(
-          p / u for p, u in zip(layout["passes"], layouts["unpacked"]["passes"]))
+          p / u for p, u in zip(entry["passes"], layouts["unpacked"]["passes"]))
   out["packed_speedup"] = out["packed"]["speedup"]
   return out
 

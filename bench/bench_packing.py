@@ -92,10 +92,11 @@ def whole_step_flops(config, budgets, sizes, *, chunk_size: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
   from bihier_jax import testing  # pylint: disable=import-outside-toplevel
-  from bihier_jax.training import steps  # pylint: disable=import-outside-toplevel
+  from bihier_jax import models  # pylint: disable=import-outside-toplevel
+  from bihier_jax.training import steps, train_state  # pylint: disable=import-outside-toplevel
   sim = packing.simulate(sizes, budgets, max_residues=int(config.data.max_residues),
                          chunk_size=chunk_size)
-  model = steps.build_model(config)
+  model = models.build_model(config)
   per_budget = []
   for budget in budgets:
     batch = layout.collate([testing.random_example(20, seed=0)], budget)

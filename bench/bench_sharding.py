@@ -208,18 +208,19 @@ def measure(preset: str, devices: int, fsdp: int, seq_len: int, lora: bool,
   from bihier_jax.common import flops  # pylint: disable=import-outside-toplevel
   from bihier_jax import testing
   from bihier_jax.data import layout  # pylint: disable=import-outside-toplevel
-  from bihier_jax.training import optim, parallel, steps  # pylint: disable=import-outside-toplevel
+  from bihier_jax import models  # pylint: disable=import-outside-toplevel
+  from bihier_jax.training import device_batches, mesh as mesh_lib, optim, steps, train_state  # pylint: disable=import-outside-toplevel
   config = bench_config(preset, devices, fsdp, lora, remat)
-  mesh = parallel.make_mesh(jax.devices()[:devices], fsdp)
+  mesh = mesh_lib.make_mesh(jax.devices()[:devices], fsdp)
   example = testing.random_example(seq_len - 2, seed=0)
   budget = layout.budget_for([example])
   sub = layout.collate([example], budget)
-  stacked = parallel.stack([sub] * devices)
+  stacked = device_batches.stack([sub] * devices)
   batch = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=parallel.batch_sharding(mesh)), stacked)
-  model = steps.build_model(config)
-  state = steps.abstract_train_state(config, model, sub, mesh)
+                                     sharding=mesh_lib.batch_sharding(mesh)), stacked)
+  model = models.build_model(config)
+  state = train_state.abstract_train_state(config, model, sub, mesh)
   tx = optim.make_optimizer(config)
   train_fn = steps.jit_train_step(model, tx, config.task, mesh, state)
   start = time.perf_counter()

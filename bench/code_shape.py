@@ -36,16 +36,16 @@ def layer_of(module: str) -> int | None:
   return best
 
 
-def python_files(top: str) -> Iterator[str]:
-  for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
+def python_files(top: str, root: str = ROOT) -> Iterator[str]:
+  for folder, dirs, files in os.walk(os.path.join(root, top)):
     dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
     for name in sorted(files):
       if name.endswith(".py"):
         yield os.path.join(folder, name)
 
 
-def module_name(path: str) -> str:
-  rel = os.path.relpath(path, ROOT)[:-len(".py")].replace(os.sep, ".")
+def module_name(path: str, root: str = ROOT) -> str:
+  rel = os.path.relpath(path, root)[:-len(".py")].replace(os.sep, ".")
   return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
 
 
@@ -72,13 +72,14 @@ class Upward(NamedTuple):
   imported: str
 
 
-def upward_imports() -> list[Upward]:
-  """Imports of a higher layer than the importer's, over every layered package."""
+def upward_imports(root: str = ROOT) -> list[Upward]:
+  """Imports of a higher layer than the importer's, over every layered package below
+  `root` (the repository)."""
   found = []
   tops = sorted({prefix.split(".")[0] for prefixes in LAYERS for prefix in prefixes})
   for top in tops:
-    for path in python_files(top):
-      module = module_name(path)
+    for path in python_files(top, root):
+      module = module_name(path, root)
       rank = layer_of(module)
       with open(path) as f:
         tree = ast.parse(f.read(), path)
@@ -86,7 +87,7 @@ def upward_imports() -> list[Upward]:
       for line, name in imported_modules(tree, module, is_package):
         other = layer_of(name)
         if rank is not None and other is not None and other > rank:
-          found.append(Upward(os.path.relpath(path, ROOT), line, name))
+          found.append(Upward(os.path.relpath(path, root), line, name))
   return found
 
 

@@ -1,31 +1,11 @@
 """What every absl command-line entry point (train, eval, predict) does first.
 
-An entry point defines its own flags (not --config), then
-
-  def main(argv):
-    cli.start(argv)
-    ...  # FLAGS.config is a validated ConfigDict
-
-  if __name__ == "__main__":
-    cli.run(main, config_help="...", workdir_config=True)
-
-`run` defines --config, parses the command line and validates the config
-(`bihier_jax.config_check`) before `main` runs, so a mistake costs no JAX start-up, no
-demo data and no workdir. With `workdir_config=True` a command without --config reads
-the run's saved WORKDIR/config.json (`config_from_workdir`); --config.x.y=... overrides
-apply to it as to a config file.
-
-With `esm_checkpoint=True` (train) a `model.esm.checkpoint` is read for its
-architecture, which sets `model.esm.preset` (`config_check.check_esm_checkpoint`); a
-preset named on the command line must agree with it. `check_devices(config)` (train,
-once JAX may start) checks the batch split and fsdp groups against the devices;
-`fit_to_devices(config)` (eval) adapts a trained run's config to the devices at hand.
-
-Errors a user can act on (a config mistake, an unreadable checkpoint, missing records,
-a batch that does not split over the devices) end in one line on stderr, `error: ...`,
-and exit status 2; --verbosity=1 (-v 1) adds the traceback. Ctrl-C outside the
-training loop (which saves a checkpoint first, see train_lib) ends in one line and exit
-status 130.
+An entry point defines its own flags (not --config); `main(argv)` calls `cli.start(argv)`
+and `__main__` calls `cli.run(main, config_help=..., workdir_config=...)`. `run` defines
+--config (or reads WORKDIR/config.json), parses the command line and validates the
+config before `main` runs. Public: run, start, check_devices, fit_to_devices,
+config_from_workdir, quiet_library_logs, CommandLineError. User errors end in one line
+and exit status 2, Ctrl-C outside the loop in status 130: docs/training.md "Errors".
 """
 
 from __future__ import annotations
@@ -106,8 +86,7 @@ def start(argv) -> None:
   # concerns TF's own matmuls and convolutions, which the input pipeline never runs.
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
-  logs.quiet_library_logs()
+  quiet_library_logs()
 
 
 def _devices_per_host() -> tuple[int, list[int]]:
@@ -125,8 +104,8 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
   Raises:
     config_check.ConfigError: the batch or fsdp groups do not fit the devices.
   """
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.start_backend(bool(config.train.get("multi_host", False)))
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  runtime.start_backend(bool(config.train.get("multi_host", False)))
   while _PENDING_LOG:  # after the backend line, which opens every run's log
     logging.info("%s", _PENDING_LOG.pop(0))
   num_devices, per_host = _devices_per_host()
@@ -138,13 +117,56 @@ def fit_to_devices(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """A trained run's config adapted to the devices here (`config_check.fit_to_devices`:
   an FSDP run evaluates on fewer devices), saying so in the log. Starts JAX (one
   process: a multi-host job has to be joined first)."""
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.start_backend(False)
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  runtime.start_backend(False)
   num_devices, per_host = _devices_per_host()
   fitted, note = config_check.fit_to_devices(config, num_devices, per_host)
   if note:
     logging.warning("%s", note)
   return fitted
+
+
+# --- log hygiene ----------------------------------------------------------------------------
+
+# Libraries whose INFO records (one per checkpoint file rename, thread hand-off, ...)
+# bury the training progress; their warnings and errors still show.
+_CHATTY_LIBRARIES = ("/orbax/",)
+# Orbax warnings that describe our own settings and ask nothing of the user: opening a
+# checkpoint directory read-only (eval, predict), and saves without validation metrics
+# (periodic checkpoints between evaluations).
+_EXPECTED_WARNINGS = re.compile(
+    r"Given directory is read only|read_only=True, setting save_interval_steps"
+    r"|Requested `tracked_metric`; did not provide metrics")
+
+
+# JAX tries every platform it knows and says so at INFO when one is absent ("Unable to
+# initialize backend 'tpu': ... libtpu.so" on every CPU command); the backend it did
+# start opens every run's log (training.runtime.start_backend).
+_ABSENT_BACKEND = re.compile(r"^Unable to initialize backend '")
+
+
+class _DropLibraryInfo(std_logging.Filter):
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if (record.levelno < std_logging.WARNING and "xla_bridge" in record.pathname
+        and _ABSENT_BACKEND.match(record.getMessage())):
+      return False
+    ours = not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+    if ours or record.levelno >= std_logging.ERROR:
+      return True
+    if record.levelno >= std_logging.WARNING:
+      return not _EXPECTED_WARNINGS.search(record.getMessage())
+    return False
+
+
+def quiet_library_logs() -> None:
+  """Keeps only warnings and errors of chatty libraries in the absl log (less the
+  warnings that are expected)."""
+  # The absl handler (absl apps) and the absl logger (also outside absl apps, e.g.
+  # launch.ablate reading checkpoints, where records go to Python's default handler).
+  for target in (logging.get_absl_handler(), std_logging.getLogger("absl")):
+    if not any(isinstance(f, _DropLibraryInfo) for f in target.filters):
+      target.addFilter(_DropLibraryInfo())
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -281,6 +303,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
   for module, name in (("bihier_jax.common.structure", "StructureError"),
                        ("bihier_jax.data.from_files", "InputError"),
                        ("bihier_jax.training.checkpointing", "CheckpointError"),
+                       ("bihier_jax.training.runtime", "StartupError"),
                        ("bihier_jax.training.train_lib", "NonFiniteLossError")):
     if module in sys.modules:
       types.append(getattr(sys.modules[module], name))

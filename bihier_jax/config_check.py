@@ -12,19 +12,13 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from typing import Any
 
 import ml_collections
 
-# Values of fields whose code lives in heavy modules (Orbax): those modules import these.
-SELECT_MODES = ("max", "min")  # task.select_mode (training.checkpointing)
-ON_CORRUPT_CHECKPOINT = ("fallback", "fail")  # train.on_corrupt_checkpoint (train_lib)
+from bihier_jax.common import residue_constants as rc
 
-# Not exported as constants by the modules that read them yet.
-_SCHEDULES = ("cosine", "step", "constant")  # training.optim.learning_rate_schedule
-_CROPS = ("random", "first")  # data.pipeline: anything but 'random' crops 'first'
-_POOLINGS = ("sum", "mean")  # models.heads
-_DTYPES = ("float32", "bfloat16")  # model.dtype as documented in configs/default.py
 
 
 class ConfigError(ValueError):
@@ -121,13 +115,18 @@ def _non_negative(config, path: str) -> None:
 
 
 def check_data_dir(config: ml_collections.ConfigDict) -> None:
-  """data.dir holds prepared records (the demo task builds its own on first use)."""
+  """data.dir holds prepared records, or the config names a `data.builder` that builds
+  them there on first use (the demo)."""
   task = _get(config, "task.name", "")
   directory = str(_get(config, "data.dir", "") or "")
-  if task == "demo":
+  builder = str(_get(config, "data.builder", "") or "")
+  if builder:
     if not directory:
-      raise ConfigError("data.dir is empty: set --config.data.dir to a folder for the demo "
-                        "records (built there on first use)")
+      raise ConfigError(f"data.dir is empty: set --config.data.dir to a folder for the "
+                        f"{task} records (built there on first use)")
+    if not re.fullmatch(r"[\w.]+:\w+", builder):
+      raise ConfigError(f"data.builder={builder!r} must name a function as "
+                        "'module:function' (e.g. 'data_pipelines.demo:build_records')")
     return
   command = f"`python -m data_pipelines.preprocess {task or '<task>'} --out DIR`"
   if not directory:
@@ -143,17 +142,28 @@ def check_data_dir(config: ml_collections.ConfigDict) -> None:
 
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Allowed values, types and ranges of the fields that would otherwise fail late."""
+  _check_task(config)
+  _check_model_values(config)
+  _check_run_values(config)
+  # Everything else the model would reject when it is built (fusion.levels within
+  # 1..gnn.num_blocks, layer pairing, esm.last_n, ...), with the model's own message.
+  from bihier_jax.models import bihier  # pylint: disable=g-import-not-at-top
+  try:
+    model = bihier.BiHierConfig.from_config(config)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ConfigError(str(e).splitlines()[0] if str(e) else repr(e)) from e
+  _check_fsdp_remat(_get(config, "train.fsdp", 1), model)
+
+
+def _check_task(config) -> None:
+  """task.* (level, classes, loss, metrics, selection) and data.incomplete_backbone."""
   # pylint: disable=g-import-not-at-top
-  from bihier_jax.models import bihier
-  from bihier_jax.models import esm2
-  from bihier_jax.models import fusion
+  from bihier_jax.data import featurize
   from bihier_jax.models import heads
-  from bihier_jax.models import pronet
-  from bihier_jax.models import trainable
+  from bihier_jax.training import checkpointing
   from bihier_jax.training import metrics
   # pylint: enable=g-import-not-at-top
   _one_of(config, "task.level", heads.LEVELS)
-  from bihier_jax.data import featurize  # pylint: disable=g-import-not-at-top
   _one_of(config, "data.incomplete_backbone", featurize.INCOMPLETE_BACKBONE_POLICIES)
   names = _get(config, "task.class_names")
   columns = _get(config, "task.num_classes") if _get(config, "task.loss") == (
@@ -162,9 +172,41 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"task.class_names has {len(names)} name(s) for {columns} "
                       "prediction column(s): give one per class, or () for class_0..")
   _one_of(config, "task.loss", heads.LOSSES)
-  _one_of(config, "task.select_mode", SELECT_MODES)
+  _one_of(config, "task.select_mode", checkpointing.SELECT_MODES)
+  for name in _get(config, "task.metrics", ()) or ():
+    if name not in metrics.ALL:
+      guess = closest(str(name), metrics.ALL)
+      hint = f" (did you mean {guess!r}?)" if guess else ""
+      raise ConfigError(f"task.metrics: {name!r} is not a metric of "
+                        f"bihier_jax/training/metrics.py{hint}")
+  select = _get(config, "task.select_metric")
+  choices = tuple(_get(config, "task.metrics", ()) or ()) + ("loss",)
+  if select is not None and select not in choices:
+    raise ConfigError(f"task.select_metric={select!r} is not computed: use one of "
+                      f"task.metrics or loss ({' | '.join(choices)})")
+  loss, classes = _get(config, "task.loss"), _get(config, "task.num_classes")
+  if loss in ("sigmoid_bce", "mse") and classes != 1:
+    raise ConfigError(f"task.num_classes={classes!r} must be 1 with task.loss={loss}")
+  if loss == "softmax_ce":
+    _whole(config, "task.num_classes", 2)
+
+
+def _check_model_values(config) -> None:
+  """model.* values, named with a "did you mean" hint (BiHierConfig.from_config then
+  checks how they combine)."""
+  # pylint: disable=g-import-not-at-top
+  from bihier_jax import models
+  from bihier_jax.common import esm_shapes
+  from bihier_jax.models import attention_backends
+  from bihier_jax.models import bihier
+  from bihier_jax.models import esm2
+  from bihier_jax.models import fusion
+  from bihier_jax.models import heads
+  from bihier_jax.models import pronet
+  from bihier_jax.models import trainable
+  # pylint: enable=g-import-not-at-top
   _one_of(config, "model.kind", bihier.KINDS)
-  _one_of(config, "model.dtype", _DTYPES)
+  _one_of(config, "model.dtype", models.DTYPES)
   _one_of(config, "model.readout", bihier.READOUTS)
   preset = _get(config, "model.esm.preset")
   if preset is not None:
@@ -183,34 +225,31 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if not _get(config, "model.esm.lora_targets", ()):
       raise ConfigError("model.esm.lora_targets is empty: name some of "
                         f"{' | '.join(esm2.LORA_TARGETS)}")
-  _one_of(config, "model.esm.attention", esm2.ATTENTION_KINDS)
-  _pallas_row_length(config, esm2.pallas_row_multiple(
+  _one_of(config, "model.esm.attention", attention_backends.ATTENTION_KINDS)
+  _pallas_row_length(config, esm_shapes.pallas_row_multiple(
       str(_get(config, "model.esm.attention", "auto"))))
   _one_of(config, "model.gnn.level", pronet.LEVELS)
   _one_of(config, "model.fusion.mode", bihier.MODES)
   _one_of(config, "model.fusion.direction", bihier.DIRECTIONS)
   _one_of(config, "model.fusion.write_back", fusion.WRITE_BACKS)
-  _one_of(config, "model.head.pooling", _POOLINGS)
-  _one_of(config, "optim.schedule", _SCHEDULES)
-  _one_of(config, "data.crop", _CROPS)
-  _one_of(config, "train.on_corrupt_checkpoint", ON_CORRUPT_CHECKPOINT)
-  for name in _get(config, "task.metrics", ()) or ():
-    if name not in metrics.ALL:
-      guess = closest(str(name), metrics.ALL)
-      hint = f" (did you mean {guess!r}?)" if guess else ""
-      raise ConfigError(f"task.metrics: {name!r} is not a metric of "
-                        f"bihier_jax/training/metrics.py{hint}")
-  select = _get(config, "task.select_metric")
-  choices = tuple(_get(config, "task.metrics", ()) or ()) + ("loss",)
-  if select is not None and select not in choices:
-    raise ConfigError(f"task.select_metric={select!r} is not computed: use one of "
-                      f"task.metrics or loss ({' | '.join(choices)})")
-  loss, classes = _get(config, "task.loss"), _get(config, "task.num_classes")
-  if loss in ("sigmoid_bce", "mse") and classes != 1:
-    raise ConfigError(f"task.num_classes={classes!r} must be 1 with task.loss={loss}")
-  if loss == "softmax_ce":
-    _whole(config, "task.num_classes", 2)
+  _one_of(config, "model.head.pooling", heads.POOLINGS)
+  dim, num_heads = _get(config, "model.fusion.dim"), _get(config, "model.fusion.num_heads")
+  if (_get(config, "model.kind") in ("bihier", "cross") and dim and num_heads
+      and dim % num_heads):
+    raise ConfigError(f"model.fusion.dim={dim} must be a multiple of "
+                      f"model.fusion.num_heads={num_heads}")
 
+
+def _check_run_values(config) -> None:
+  """optim.schedule, data.crop, train.on_corrupt_checkpoint and the numeric fields."""
+  # pylint: disable=g-import-not-at-top
+  from bihier_jax.data import batch_plan
+  from bihier_jax.training import checkpointing
+  from bihier_jax.training import optim
+  # pylint: enable=g-import-not-at-top
+  _one_of(config, "optim.schedule", optim.SCHEDULES)
+  _one_of(config, "data.crop", batch_plan.CROPS)
+  _one_of(config, "train.on_corrupt_checkpoint", checkpointing.ON_CORRUPT)
   for path in ("train.num_steps", "train.batch_size", "train.eval_every",
                "train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
                "train.max_consecutive_nonfinite", "train.grad_accum_steps", "train.fsdp",
@@ -218,7 +257,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                "model.gnn.hidden", "model.fusion.dim", "model.fusion.num_heads",
                "model.head.hidden", "data.max_neighbors"):
     _whole(config, path, 1)
-  _whole(config, "data.max_residues", 1, 1022)
+  _whole(config, "data.max_residues", 1, rc.ESM_MAX_RESIDUES)
   for path in ("train.num_epochs", "train.eval_every_epochs",
                "train.checkpoint_every_epochs", "optim.step_every_epochs"):
     _non_negative(config, path)
@@ -227,18 +266,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       isinstance(b, bool) or not isinstance(b, int) or b < 3 for b in buckets)):
     raise ConfigError(f"data.length_buckets={buckets!r} must be ESM row lengths "
                       f"(whole numbers >= 3), e.g. (128, 256, 512, 1024)")
-  dim, num_heads = _get(config, "model.fusion.dim"), _get(config, "model.fusion.num_heads")
-  if (_get(config, "model.kind") in ("bihier", "cross") and dim and num_heads
-      and dim % num_heads):
-    raise ConfigError(f"model.fusion.dim={dim} must be a multiple of "
-                      f"model.fusion.num_heads={num_heads}")
-  # Everything else the model would reject when it is built (fusion.levels within
-  # 1..gnn.num_blocks, layer pairing, esm.last_n, ...), with the model's own message.
-  try:
-    model = bihier.BiHierConfig.from_config(config)
-  except (ValueError, TypeError, KeyError, AttributeError) as e:
-    raise ConfigError(str(e).splitlines()[0] if str(e) else repr(e)) from e
-  _check_fsdp_remat(_get(config, "train.fsdp", 1), model)
 
 
 def _check_fsdp_remat(fsdp_size: int, model) -> None:

@@ -3,15 +3,11 @@
   python -m bihier_jax.convert_esm --src PATH --out DIR [--no-mlm-head] [--overwrite]
   python -m bihier_jax.convert_esm --from-run WORKDIR [--checkpoint best] --out DIR
 
-PATH: a Hugging Face ESM directory (config.json + model.safetensors / pytorch_model.bin,
-sharded or not), a fair-esm `.pt` file, or an already converted directory; PATH and DIR
-may be URLs (gs://..., file://...). Missing, unexpected or mis-shaped tensors stop the
-conversion with a list of their names and shapes. Where to get the weights:
-docs/pretrained.md.
---from-run writes the ESM-2 branch of a trained fusion run's checkpoint instead, with
-LoRA adapters (model.esm.trainable=lora) merged into plain weights, so that another run
-or tool can start from the fine-tuned pLM (no MLM head: fusion runs have none).
-Load the result with `bihier_jax.models.esm2.from_pretrained(DIR)`.
+PATH: a Hugging Face ESM directory, a fair-esm `.pt` file, or an already converted
+directory (local or gs:// / file:// URLs); missing or mis-shaped tensors stop it with
+their names. --from-run writes the ESM-2 branch of a trained run's checkpoint, LoRA
+adapters merged. Load the result with `bihier_jax.models.esm2.from_pretrained(DIR)`.
+Where to get the weights: docs/pretrained.md.
 """
 
 from __future__ import annotations
@@ -43,7 +39,8 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   from bihier_jax import testing
   from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
   from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import parallel, train_lib  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   config = config_check.load_saved_config(workdir)
   if config.model.kind == "gnn_only":
     raise ValueError(f"{workdir}: model.kind=gnn_only has no ESM-2 branch")
@@ -51,8 +48,9 @@ def export_from_run(workdir: str, out: str, checkpoint: str = "",
   example = testing.random_example(16, seed=0, num_classes=int(config.task.num_classes))
   batch = layout.collate([example], layout.budget_for(
       [example], packed_rows=bool(config.data.get("pack_rows", False))))
-  mesh = parallel.make_mesh(jax.local_devices()[:1])
-  model, params, step = train_lib.restore_params(config, workdir, checkpoint, batch, mesh)
+  mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
+  model, params, step = checkpointing.restore_params(config, workdir, checkpoint, batch,
+                                                     mesh)
   cfg, esm_params = esm2.merge_lora(model.config.esm, jax.device_get(params["esm"]))
   cfg = dataclasses.replace(cfg, frozen_embedding=False, frozen_layers=0,
                             frozen_final_norm=False, mlm_head=False)

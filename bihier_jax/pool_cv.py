@@ -1,18 +1,15 @@
 r"""Pool cross-validation folds: `python -m bihier_jax.pool_cv --predictions F1 ... --out J`.
 
-ScanNet's BCE headline number (docs/tasks.md, bce): each of the 5 runs (trained on the
-records of `preprocess bce --holdout-fold k`) is evaluated on its held-out fold with
-`python -m bihier_jax.eval`, which writes RUN_k/eval/test_predictions.npz; this tool
-concatenates those out-of-fold predictions and computes one weighted AUPRC (ScanNet's
-trapezoidal definition) and AUROC over all residues, plus each fold's value and their
-mean ± std (sample std, ddof=1).
+ScanNet's BCE headline number: the out-of-fold predictions of 5 runs
+(RUN_k/eval/test_predictions.npz, from `python -m bihier_jax.eval`) concatenated into one
+weighted AUPRC and AUROC over all residues, plus each fold's value and their mean ± std.
 An example present in two files is an error (folds must be disjoint).
 
   python -m bihier_jax.pool_cv \
       --predictions W_1/eval/test_predictions.npz,...,W_5/eval/test_predictions.npz \
       --out pooled.json [--metrics auprc,auroc]
 
-Writes the JSON (`training.pooling.pool_folds` output; NaN as null) and prints a summary.
+Writes the JSON (`training.pooling.pool_folds`; NaN as null); docs/training.md.
 """
 
 import json

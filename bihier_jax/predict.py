@@ -3,42 +3,13 @@ r"""Run a trained model on structure files.
   python -m bihier_jax.predict --workdir DIR --structure FILE [--out P.npz]
   python -m bihier_jax.predict --workdir DIR --structures DIR_OR_GLOB [--out P.npz]
 
-The config defaults to the run's own (DIR/config.json); --config and --config.x.y=...
-change it. Each file is read by content (PDB or mmCIF, plain or gzip / bzip2 / xz) and
-its residue graph built as the training data was (config.data.cutoff Å,
-config.data.max_neighbors). All inputs are read and checked before JAX starts: with
---structure a file that cannot be used ends the command with one line naming it and the
-reason (exit status 2); with --structures such files are skipped and listed in the
-manifest, and the command fails only if none is usable. Residues lacking N, C or O
-follow config.data.incomplete_backbone (warn: kept, counted and reported; skip: their
-protein is left out; allow: kept quietly).
-
-The proteins are batched as evaluation batches them (the task's padding budgets, one
-device), with a progress bar, after restoring the run's checkpoint (`--checkpoint`, as
-in bihier_jax.eval). With --config.train.multi_host=True under a multi-process launcher
-(`python -m launch.local`, SLURM, a TPU VM slice) each process runs its share of the
-batches on one of its devices and process 0 writes the files. One .npz holds every
-protein:
-
-  protein_ids [P]                  "<stem>_<chain>" with --per_chain (blank chain:
-                                   "<stem>_blank"), else "<stem>"
-  protein_file [P]                 the file it came from
-  protein_incomplete_backbone [P]  its residues lacking N, C or O
-  residue_protein [n]              index into protein_ids of each residue
-  chain_id, residue_number, insertion_code, residue_type [n]   (author numbering)
-  residue_backbone_complete [n]    False for residues lacking N, C or O
-  node_embeddings [n, D]           per-residue features the head reads
-  graph_embeddings [P, D]          their pool per protein
-  residue_predictions [n, ...]     node tasks, protein_predictions [P, ...] graph tasks:
-                                   class probabilities [., C], positive probability [.]
-                                   or value [.] in label units
-  class_names [C], prediction_kind what the prediction columns are (e.g. helix / strand /
-                                   other, class_probabilities for the demo)
-  embedding, task_name, checkpoint_step
-
-Default output: DIR/predictions/<file stem>.npz (--structure) or
-DIR/predictions/<folder name>.npz (--structures); --structures also writes
-<output>.manifest.jsonl, one line per file (ok or skipped, with the reason).
+The config defaults to the run's own (DIR/config.json). Every input (PDB or mmCIF,
+plain or compressed) is read and checked before JAX starts: with --structure an unusable
+file ends the command in one line (exit status 2), with --structures it is skipped and
+listed in <output>.manifest.jsonl. Proteins are batched as evaluation batches them and
+one .npz holds every protein's embeddings and predictions (default
+DIR/predictions/<name>.npz). Fields, residue policies and multi-host runs:
+docs/predict.md.
 """
 
 import json
@@ -135,9 +106,9 @@ def main(argv):
   loaded = _read_inputs(config)
   out = _output_path()
   from bihier_jax.training import inference  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
   # Several processes (train.multi_host) share the batches; process 0 writes the files.
-  train_lib.start_backend(bool(config.train.multi_host))
+  runtime.start_backend(bool(config.train.multi_host))
   import jax  # pylint: disable=g-import-not-at-top
   first = jax.process_index() == 0
   if first:

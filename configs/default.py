@@ -34,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- data: where records are and how they are batched ---------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # records directory written by data_pipelines.preprocess
+  # 'module:function' that writes data.dir's records when it has none (configs/demo.py).
+  c.data.builder = ""
   c.data.train_split = "train"
   c.data.eval_splits = ("val", "test")
   c.data.select_split = "val"

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
   c.task.select_mode = "max"
 
   c.data.dir = "~/.cache/bihier_jax/demo"
+  c.data.builder = "data_pipelines.demo:build_records"  # run when data.dir has none
   c.data.eval_splits = ("val", "test")
   c.data.select_split = "val"
   c.data.crop = "random"

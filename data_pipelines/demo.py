@@ -96,3 +96,10 @@ class DemoTask:
 
 
 DEMO = DemoTask()
+
+
+def build_records(directory: str) -> None:
+  """Writes the demo records into `directory` (configs/demo.py's data.builder: training,
+  eval and predict run it when the directory has none)."""
+  from data_pipelines import preprocess  # pylint: disable=g-import-not-at-top
+  preprocess.main(["demo", "--out", directory, "--workers", "1", "--no-progress"])

@@ -223,8 +223,8 @@ def run_status(run: Run, split: str) -> Status:
   num_steps = int(run.override("train.num_steps") or config["train"]["num_steps"])
   # Imported here: --emit-commands needs no JAX or Orbax.
   from bihier_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import logs  # pylint: disable=g-import-not-at-top
-  logs.quiet_library_logs()  # no "read only" warning per run
+  from bihier_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_library_logs()  # no "read only" warning per run
   ckpt = checkpointing.Checkpointer(run.workdir, read_only=True,
                                     select_metric=config["task"]["select_metric"],
                                     select_mode=config["task"]["select_mode"])

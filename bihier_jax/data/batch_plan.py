@@ -30,6 +30,9 @@ from bihier_jax.data.batch import PaddingBudget
 # Tags that keep the random streams of one seed apart.
 _ORDER, _EMIT, _CROP = 0x0D, 0xE1, 0xC0
 _SCAN_BATCH = 1024  # records parsed at once while building an index
+# data.crop: where a chain longer than data.max_residues is cut (training; evaluation
+# always keeps the first window).
+CROPS = ("random", "first")
 
 
 def default_chunk_size(batch_size: int) -> int:
@@ -248,7 +251,7 @@ class PlannedBatch:
       records' chains in order), as `packing.plan_batches` placed them.
     crop: float32[K] where each chain's window starts, as a fraction of the starts
       that keep its residue nodes (`tf_packer.crop_chunk`); 0 = the first window.
-    step: the training step it was grouped into (`parallel.StepInput`), -1 if none.
+    step: the training step it was grouped into (`device_batches.StepInput`), -1 if none.
   """
   index: int
   epoch: int

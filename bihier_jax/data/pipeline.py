@@ -201,7 +201,7 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
   config.data.crop == "random", else the first), bucketed by length and packed into the
   fixed `bucket_budgets` (up to batch_size proteins per batch). This host reads and packs
   every process_count-th planned batch (the training loop instead takes its devices'
-  part of every step, `parallel.StepInput`). The same arguments give the same batches.
+  part of every step, `device_batches.StepInput`). The same arguments give the same batches.
 
   Args:
     data_dir: directory written by `data_pipelines.preprocess`.

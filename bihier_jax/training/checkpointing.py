@@ -1,22 +1,12 @@
 """Orbax checkpoints of a training run: keep the last N and the best by a metric.
 
-One checkpoint (DIR/checkpoints/<step>/) holds two items:
-- `state`: the whole `TrainState` pytree (parameters, optimizer state, step, RNG key,
-  non-finite counters), written with `StandardSave` (async, atomic: a step directory
-  appears only once complete, so a run killed mid-save leaves the previous ones intact);
-- `input`: JSON with the input position (`parallel.InputPosition`) and, after an
-  evaluation, the validation metrics.
-Checkpoints with validation metrics compete for "best" (`task.select_metric`,
-`task.select_mode`; a tie goes to the later step, and a checkpoint whose select metric
-is missing or NaN is never best); the policy keeps the `keep` latest plus the single
-best, so the best survives any number of later saves until a better one replaces it.
-
-Unreadable checkpoints: `restore` of 'latest' or 'best' with on_corrupt='fallback' uses
-the newest (or next best) readable one and logs one warning naming the unreadable steps
-and the steps on disk; 'fail' raises instead. A checkpoint whose saved tree does not fit
-the state asked for (another model or optimizer configuration, or an older version of
-the code) raises `CheckpointMismatchError` and is never skipped: an older step would not
-fit either. Nothing is deleted; training moves unreadable steps aside (`set_aside`).
+Public: Checkpointer (save / restore / rank the steps of DIR/checkpoints/;
+`Checkpointer.for_run(config, workdir)`), checkpoint_name, restore_params,
+CheckpointError, CheckpointMismatchError, tree_difference, SELECT_MODES, ON_CORRUPT.
+A checkpoint holds the TrainState and a JSON item (input position, validation metrics).
+An unreadable one gives way to the newest (next best) readable one with one warning,
+or raises with on_corrupt='fail'; one of another configuration always raises; nothing
+is deleted. Rules: docs/training.md "Checkpoints".
 """
 
 from __future__ import annotations
@@ -33,9 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from bihier_jax import config_check
+from bihier_jax import models
+from bihier_jax.data.batch import Batch
+from bihier_jax.training import train_state
 
-ON_CORRUPT = config_check.ON_CORRUPT_CHECKPOINT  # fallback | fail
+SELECT_MODES = ("max", "min")  # task.select_mode
+ON_CORRUPT = ("fallback", "fail")  # train.on_corrupt_checkpoint
 UNREADABLE_DIR = "checkpoints_unreadable"  # under the workdir, beside checkpoints/
 
 
@@ -145,8 +138,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, select_metric: str = "loss",
                select_mode: str = "max", read_only: bool = False):
-    if select_mode not in config_check.SELECT_MODES:
-      raise ValueError(f"select_mode must be max | min, got {select_mode!r}")
+    if select_mode not in SELECT_MODES:
+      raise ValueError(f"select_mode must be {' | '.join(SELECT_MODES)}, got "
+                       f"{select_mode!r}")
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.unreadable: dict[int, str] = {}  # step -> why, found by restore
@@ -172,6 +166,14 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "input": ocp.JsonCheckpointHandler()})
+
+  @classmethod
+  def for_run(cls, config, workdir: str, *, read_only: bool = False) -> "Checkpointer":
+    """The checkpointer of a run: `train.keep_checkpoints`, `task.select_metric` and
+    `task.select_mode` of its config (`keep` has no effect read-only)."""
+    return cls(workdir, keep=config.train.keep_checkpoints,
+               select_metric=config.task.select_metric,
+               select_mode=config.task.select_mode, read_only=read_only)
 
   # --- queries ---------------------------------------------------------------------------
 
@@ -386,3 +388,35 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """Multi-host preemption notice agreed by all hosts (false on single host)."""
     return bool(self._manager.reached_preemption(step))
+
+
+def checkpoint_name(config, workdir: str, which: str) -> str:
+  """What `which` names: '' -> 'best' if any checkpoint has a finite validation metric,
+  else 'latest'; anything else as given ('best' | 'latest' | a step number)."""
+  if which:
+    return str(which)
+  with Checkpointer.for_run(config, workdir, read_only=True) as ckpt:
+    best = ckpt.best_step()
+  return "best" if best is not None else "latest"
+
+
+def restore_params(config, workdir: str, which: str, sample_batch: Batch,
+                   mesh: jax.sharding.Mesh):
+  """(model, params, step) of a run's checkpoint.
+
+  Args:
+    which: 'best' | 'latest' | a step number | '' (best if any checkpoint has
+      validation metrics, else latest). An unreadable 'best' / 'latest' gives way to
+      the next best / newest readable one, with a warning (train.on_corrupt_checkpoint
+      = fail raises instead); nothing is moved or deleted.
+
+  Raises:
+    CheckpointError: no such checkpoint, or it cannot be read.
+  """
+  model = models.build_model(config)
+  which = checkpoint_name(config, workdir, which)
+  with Checkpointer.for_run(config, workdir, read_only=True) as ckpt:
+    abstract = train_state.abstract_train_state(config, model, sample_batch, mesh)
+    state, _, step = ckpt.restore(
+        which, abstract, on_corrupt=config.train.get("on_corrupt_checkpoint", "fallback"))
+  return model, state.params, step

@@ -15,24 +15,14 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
+from bihier_jax.common import storage
 from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
 from bihier_jax.training import metrics as metrics_lib
-from bihier_jax.training import parallel
-
-
-def data_dir(config: ml_collections.ConfigDict) -> str:
-  """config.data.dir made absolute (a gs:// or other URL as it is)."""
-  from bihier_jax.common import storage  # pylint: disable=g-import-not-at-top
-  return storage.absolute(config.data.dir)
-
-
-# One rule for the input pipeline, the epoch estimate and the training loop.
-accumulation_steps = epochs.accumulation_steps
-per_device_config = epochs.sub_batch_config
+from bihier_jax.training import device_batches
+from bihier_jax.training import mesh as mesh_lib
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
@@ -128,17 +118,17 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
     the protein of each item), loss (float), embeddings [n, D] if with_embeddings,
     chain_row [n] and residue_index [n] (int32; node tasks) if with_positions.
   """
-  num_local = parallel.local_device_count(mesh)
+  num_local = mesh_lib.local_device_count(mesh)
   cols: dict[str, list] = collections.defaultdict(list)
   per_batch: dict[str, list] = collections.defaultdict(list)  # loss terms by batch
-  for stacked, metas in parallel.iterate_finite(stream, num_local):
-    out = eval_fn(params, parallel.put_global(stacked, mesh))
+  for stacked, metas in device_batches.iterate_finite(stream, num_local):
+    out = eval_fn(params, mesh_lib.put_global(stacked, mesh))
     out = {k: local_rows(v) for k, v in out.items()}
     for d, meta in enumerate(metas):
       if meta is None:
         continue
       index = int(meta.get("index", len(per_batch["index"])))
-      sub = parallel.tree_unstack(stacked, d)
+      sub = device_batches.tree_unstack(stacked, d)
       per_batch["index"].append(index)
       per_batch["loss_w"].append(float(out["loss"][d]) * float(out["weight_sum"][d]))
       per_batch["weight"].append(float(out["weight_sum"][d]))
@@ -205,7 +195,7 @@ def eval_stream(config, split: str, sub_config, dataset_fn=None):
   if dataset_fn is None:
     from bihier_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     dataset_fn = pipeline.make_dataset
-  return dataset_fn(data_dir(config), split, sub_config, training=False,
+  return dataset_fn(storage.absolute(config.data.dir), split, sub_config, training=False,
                     seed=config.seed, process_index=jax.process_index(),
                     process_count=jax.process_count())
 
@@ -216,18 +206,19 @@ def sample_batch(config) -> Batch:
   any record."""
   from bihier_jax.data import budgets as budgets_lib  # pylint: disable=g-import-not-at-top
   from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
-  budgets = budgets_lib.bucket_budgets(per_device_config(config, jax.device_count()),
-                                       budgets_lib.dataset_sizes(data_dir(config)))
+  budgets = budgets_lib.bucket_budgets(
+      epochs.sub_batch_config(config, jax.device_count()),
+      budgets_lib.dataset_sizes(storage.absolute(config.data.dir)))
   return layout.collate([], budgets[0])
 
 
 def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,
                     dataset_fn=None) -> dict[str, dict[str, float]]:
-  """Metrics per split; `mesh` is this host's eval mesh (`parallel.local_mesh`), and
+  """Metrics per split; `mesh` is this host's eval mesh (`mesh_lib.local_mesh`), and
   `eval_fn` was jitted for it; results of all hosts are gathered before metrics
   (dataset_fn: as `eval_stream`'s)."""
-  sub_config = per_device_config(config, jax.device_count())
-  params = parallel.localize(params, mesh)
+  sub_config = epochs.sub_batch_config(config, jax.device_count())
+  params = mesh_lib.localize(params, mesh)
   results = {}
   for split in splits:
     collected = collect_predictions(eval_fn, params,

@@ -15,16 +15,16 @@ import numpy as np
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
+from bihier_jax.data import epochs
 from bihier_jax.data import featurize
 from bihier_jax.data import layout
+from bihier_jax.training import checkpointing
+from bihier_jax.training import device_batches
 from bihier_jax.training import evaluation
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import pooling
-from bihier_jax.training.evaluation import (eval_stream, per_device_config,
-                                            write_eval_results)
-from bihier_jax.training.steps import jit_eval_step
-from bihier_jax.training.train_lib import (checkpoint_name, ensure_demo_data,
-                                           restore_params, start_backend)
+from bihier_jax.training import runtime
+from bihier_jax.training import steps
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None, *,
@@ -40,24 +40,27 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None,
     splits: default config.data.eval_splits.
     dataset_fn: as `train_lib.train_and_evaluate`'s (default: the records' plan).
   """
-  start_backend(bool(config.train.multi_host))
-  ensure_demo_data(config)
+  runtime.start_backend(bool(config.train.multi_host))
+  runtime.build_data(config)
   splits = list(splits or config.data.eval_splits)
-  mesh = parallel.training_mesh(config)
-  sub_config = per_device_config(config, jax.device_count())
-  sample_batch = (next(iter(eval_stream(config, splits[0], sub_config, dataset_fn)))[0]
+  mesh = mesh_lib.training_mesh(config)
+  sub_config = epochs.sub_batch_config(config, jax.device_count())
+  sample_batch = (next(iter(evaluation.eval_stream(config, splits[0], sub_config,
+                                                   dataset_fn)))[0]
                   if dataset_fn else evaluation.sample_batch(config))
-  checkpoint = checkpoint_name(config, workdir, checkpoint)
-  model, params, step = restore_params(config, workdir, checkpoint, sample_batch, mesh)
-  eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
-  eval_fn = jit_eval_step(model, config.task, eval_mesh)
+  checkpoint = checkpointing.checkpoint_name(config, workdir, checkpoint)
+  model, params, step = checkpointing.restore_params(config, workdir, checkpoint,
+                                                     sample_batch, mesh)
+  eval_mesh = mesh_lib.local_mesh(mesh_lib.fsdp_size(mesh))
+  eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
   # As evaluation.evaluate_splits, keeping each split's items for the predictions file.
-  params = parallel.localize(params, eval_mesh)
+  params = mesh_lib.localize(params, eval_mesh)
   node_task = config.task.level == "node"
   results = {}
   for split in splits:
     collected = evaluation.collect_predictions(
-        eval_fn, params, eval_stream(config, split, sub_config, dataset_fn), eval_mesh,
+        eval_fn, params, evaluation.eval_stream(config, split, sub_config, dataset_fn),
+        eval_mesh,
         config.task, with_positions=node_task)
     results[split] = evaluation.split_metrics(config, collected)
     if jax.process_index() == 0:
@@ -69,7 +72,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None,
       logging.info("%s predictions (%d items) -> %s", split,
                    collected["labels"].shape[0], path)
   if jax.process_index() == 0:
-    table = write_eval_results(workdir, results, step=step, checkpoint=checkpoint)
+    table = evaluation.write_eval_results(workdir, results, step=step,
+                                          checkpoint=checkpoint)
     print(f"Checkpoint {checkpoint}, step {step}\n\n{table}", flush=True)
   return results
 
@@ -92,9 +96,10 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   batches = layout.inference_batches(examples, config)
   first_budget, first_members = batches[0]
   sample = layout.collate([examples[i] for i in first_members], first_budget)
-  mesh = parallel.make_mesh(jax.local_devices()[:1])
-  model, params, step = restore_params(config, workdir, checkpoint, sample, mesh)
-  eval_fn = jit_eval_step(model, config.task, mesh)
+  mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
+  model, params, step = checkpointing.restore_params(config, workdir, checkpoint, sample,
+                                                     mesh)
+  eval_fn = steps.jit_eval_step(model, config.task, mesh)
   node_task = config.task.level == "node"
   mine = batches[jax.process_index()::jax.process_count()]
   local = {k: [] for k in ("example", "node_embeddings", "graph_embeddings",
@@ -104,7 +109,7 @@ def predict_structures(config, workdir: str, loaded, *, out: str,
   with bar:
     for budget, members in mine:
       batch = layout.collate([examples[i] for i in members], budget)
-      outputs = eval_fn(params, parallel.put_global(parallel.stack([batch]), mesh))
+      outputs = eval_fn(params, mesh_lib.put_global(device_batches.stack([batch]), mesh))
       outputs = {k: np.asarray(jax.device_get(v))[0] for k, v in outputs.items()}
       residue = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)
       for g, i in enumerate(members):

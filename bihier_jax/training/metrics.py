@@ -2,23 +2,11 @@
 
 Every function takes flat arrays of one split (all residues or all proteins) and returns
 a float; NaN where the metric is undefined (a constant input for a correlation, one class
-only for AUPRC/AUROC). Conventions follow the benchmarks' own evaluators (DATASETS.md):
-
-- Spearman ρ is the Pearson r of average ranks (ties share their mean rank).
-- Kendall τ is τ-b (scipy's default), which corrects for ties in either variable.
-- Per-target metrics (MQA) compute the correlation inside each group (CASP target) and
-  take the unweighted mean over groups with `nanmean`; groups smaller than
-  `min_group_size` are skipped (ATOM3D's evaluator uses 3, gvp-pytorch 1), and the
-  number of groups used and of NaN groups is reported beside the mean.
-- `auprc` is ScanNet's number: the weighted precision-recall curve (precision and recall
-  at every distinct score threshold, plus the (recall 0, precision 1) end point)
-  integrated with the trapezoidal rule over recall — as
-  `sklearn.metrics.auc(*precision_recall_curve(y, p, sample_weight=w)[1::-1])`.
-  `average_precision` is the step-wise sum Σ (Rₙ − Rₙ₋₁) Pₙ (sklearn's
-  `average_precision_score`); the two differ, and papers rarely say which they report.
-- `auroc` is the trapezoidal area under the weighted ROC curve.
-
-`compute_metrics` maps the metric names used in configs and eval JSON files to these.
+only for AUPRC/AUROC). Conventions follow the benchmarks' own evaluators: Spearman on
+average ranks, Kendall τ-b, per-target means over groups of at least `min_group_size`,
+`auprc` as ScanNet's trapezoidal weighted PR area (`average_precision` is the step-wise
+sum; the two differ). `compute_metrics` maps the names used in configs and eval JSON
+files to these; ALL lists them. Definitions: docs/training.md "Metrics".
 """
 
 from __future__ import annotations

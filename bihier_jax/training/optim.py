@@ -1,20 +1,12 @@
-"""Optimizer: AdamW with warmup + cosine/step schedule, clipping, ESM and LoRA
-learning-rate ratios.
+"""Optimizer: AdamW with warmup + cosine/step/constant schedule (SCHEDULES), clipping,
+ESM and LoRA learning-rate ratios.
 
-The optimizer works on the trainable parameters only: the trees it sees are
-`trainable.Trainable.select(...)` views (what trains is decided in
-`bihier_jax.models.trainable`), so gradient clipping by global norm, Adam's moments and
-weight decay cover exactly what trains, and frozen parameters cost no optimizer state.
-Within that view, `optax.multi_transform` gives two groups, three with LoRA:
-- `default`: everything outside params['esm'], at `optim.learning_rate`;
-- `esm`: the trainable part of the ESM-2 branch at `optim.esm_lr_ratio` x that rate;
-- `lora` (model.esm.trainable=lora only): the adapters (`trainable.is_adapter`) at
-  `optim.lora_lr_ratio` x that rate (default 1.0: new weights, not a pretrained model
-  to keep close to).
-Weight decay applies to weight matrices and embeddings (parameters with two or more
-axes per layer: Dense and convolution kernels, ProNet's edge-feature and convolution
-kernels, embedding tables), not to biases, LayerNorm scales or the 1-D modality
-embeddings.
+It works on the trainable parameters only (`trainable.Trainable.select` views), so
+clipping, Adam's moments and weight decay cover exactly what trains; groups `default`,
+`esm` (optim.esm_lr_ratio) and, with LoRA, `lora` (optim.lora_lr_ratio). Weight decay
+applies to parameters with two or more axes per layer (kernels, embedding tables).
+Public: make_optimizer, learning_rate_schedule, SCHEDULES. Rules: docs/training.md
+"Optimisation".
 """
 
 from __future__ import annotations
@@ -27,6 +19,8 @@ import optax
 
 from bihier_jax.models import esm2
 from bihier_jax.models import trainable as trainable_lib
+
+SCHEDULES = ("cosine", "step", "constant")  # optim.schedule, after the warmup
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -42,7 +36,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   elif o.schedule == "constant":
     main = optax.constant_schedule(o.learning_rate)
   else:
-    raise ValueError(f"optim.schedule must be cosine | step | constant, got "
+    raise ValueError(f"optim.schedule must be {' | '.join(SCHEDULES)}, got "
                      f"{o.schedule!r}")
   if warmup <= 0:
     return main

@@ -1,34 +1,10 @@
 """Saved per-item predictions of an evaluated split, and pooling of cross-validation folds.
 
-A predictions file (`DIR/eval/<split>_predictions.npz`, written by `bihier_jax.eval`)
-holds one row per scored item — a labelled residue (task.level 'node') or a protein
-('graph') — exactly the items behind `DIR/eval/<split>.json`, so that every metric can be
-recomputed offline (`recompute_metrics`). Fields (see `save_predictions`):
-
-  example_id  str[n]       the record id of the item's example (protein / complex).
-  group       str[n]       the example's group (PPBS subset, MQA target; '' if none).
-  chain_row   int32[n]     node tasks: the residue's chain, index into the example's
-                           sequences; -1 for graph tasks.
-  residue_index int32[n]   node tasks: 0-based position in that chain's sequence
-                           (ProteinExample.residue_index: the evaluation crop keeps the
-                           window starting at 0 of chains whose residues are all nodes);
-                           -1 for graph tasks. (example_id, chain_row, residue_index)
-                           locates a residue in the preprocessed record.
-  prediction  float32[n] or float32[n, C]  positive-class probability (sigmoid_bce),
-                           class probabilities (softmax_ce) or value in label units (mse).
-  label       float32[n]   0/1, class index or value.
-  weight      float32[n]   per-item weight (ScanNet: the example's sample weight).
-  task_name, task_level, split: str scalars; metrics: str[m], the task's metric names;
-  min_group_size, checkpoint_step: int64 scalars.
-
-Unlabelled residues (label mask 0) are not scored and not stored, so every row has
-label mask 1; residues beyond a chain's evaluation crop (first `max_residues`) are
-absent in the same way as in the metrics.
-
-Pooling (ScanNet BCE, DATASETS.md §5): each of the 5 runs predicts its held-out fold;
-`pool_folds` concatenates these out-of-fold predictions and computes ONE weighted AUPRC
-(ScanNet's trapezoidal definition, `metrics.auprc`) and AUROC over all residues, plus the
-per-fold values and their mean ± std.
+Public: save_predictions / load_predictions (DIR/eval/<split>_predictions.npz, one row
+per scored item), recompute_metrics (the metrics of eval/<split>.json from that file),
+pool_folds (one weighted AUPRC / AUROC over out-of-fold predictions, plus per-fold
+values and their mean ± std). Fields and the pooling rule: docs/training.md "Saved
+predictions".
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""The jitted, data-parallel training and evaluation steps, and the state they update.
+"""The jitted, data-parallel training and evaluation steps.
 
 `loss_and_grads` / `train_step` / `eval_step` take a device-stacked batch [D, ...]
 (one padded sub-batch per device) and run as one `jax.shard_map` program per device of
-the ('data', 'fsdp') mesh (see `parallel` for the design: the batch is split over every
+the ('data', 'fsdp') mesh (see `mesh` for the design: the batch is split over every
 device, the large ESM layer matrices and their optimizer moments over 'fsdp');
-`jit_train_step` / `jit_eval_step` bind them to a model, task and mesh.
-`create_train_state` builds fresh parameters and optimizer state,
-`abstract_train_state` their shapes for restoring a checkpoint.
+`jit_train_step` / `jit_eval_step` bind them to a model, task and mesh; the state they
+update is `train_state.TrainState`.
 
 Faults: the step skips the update in-graph when the loss or any gradient is not finite
 and counts it in the state (the loop in `train_lib` decides when to stop).
@@ -15,97 +14,17 @@ and counts it in the state (the loop in `train_lib` decides when to stop).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from bihier_jax.data.batch import Batch
 from bihier_jax.models import fsdp
-from bihier_jax.training import optim
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
+from bihier_jax.training.train_state import TrainState
 
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a checkpoint must hold to continue a run exactly."""
-  step: Any  # int32 [] updates attempted (skipped non-finite ones included)
-  params: Any
-  opt_state: Any
-  rng: Any  # uint32 [2] raw key data of the run's base key
-  nonfinite_streak: Any  # int32 [] consecutive skipped steps
-  nonfinite_total: Any  # int32 [] skipped steps so far
-
-
-# --- model, optimizer, state -----------------------------------------------------------
-
-def build_model(config: ml_collections.ConfigDict):
-  from bihier_jax import models  # pylint: disable=g-import-not-at-top
-  return models.build_model(config)
-
-
-def create_train_state(config: ml_collections.ConfigDict, model, sample_batch: Batch,
-                       mesh: jax.sharding.Mesh, *, load_esm: bool = True
-                       ) -> tuple[TrainState, optax.GradientTransformation]:
-  """Fresh parameters (pretrained ESM if configured) and optimizer state, laid out on
-  `mesh` (`parallel.state_shardings`: replicated, ESM layer matrices split over 'fsdp')."""
-  from bihier_jax import models  # pylint: disable=g-import-not-at-top
-  key = jax.random.key(config.seed)
-  init_key = jax.random.fold_in(key, 0x1217)
-  init = lambda k, b: model.init(k, b, deterministic=True)["params"]
-  param_shardings = parallel.state_shardings(jax.eval_shape(init, init_key, sample_batch),
-                                             mesh)
-  params = jax.jit(init, out_shardings=param_shardings)(init_key, sample_batch)
-  if "esm" in params and load_esm:
-    if config.model.esm.checkpoint:
-      params = models.load_pretrained_esm(jax.device_get(params),
-                                          config.model.esm.checkpoint)
-      params = jax.device_put(params, param_shardings)
-      logging.info("ESM weights loaded from %s", config.model.esm.checkpoint)
-    else:
-      message = ("model.esm.checkpoint is empty: the ESM-2 branch starts from RANDOM "
-                 "weights (preset %r), so it is no pretrained language model. Set "
-                 "--config.model.esm.checkpoint=PATH for real runs.")
-      logging.warning("!" * 80)
-      logging.warning(message, config.model.esm.preset)
-      logging.warning("!" * 80)
-      if jax.process_index() == 0:
-        print("WARNING: " + message % config.model.esm.preset, flush=True)
-  tx = optim.make_optimizer(config)
-  trainable = model.config.trainable
-  trained, total = trainable.count(params)
-  logging.info("trainable parameters: %d of %d (model.esm.trainable=%s)", trained, total,
-               trainable.policy)
-  init_opt = lambda p: tx.init(trainable.select(p))
-  opt_state = jax.jit(init_opt, out_shardings=parallel.state_shardings(
-      jax.eval_shape(init_opt, params), mesh))(params)
-  state = TrainState(
-      step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state,
-      rng=jax.random.key_data(key), nonfinite_streak=jnp.zeros([], jnp.int32),
-      nonfinite_total=jnp.zeros([], jnp.int32))
-  return jax.device_put(state, parallel.state_shardings(state, mesh)), tx
-
-
-def abstract_train_state(config, model, sample_batch, mesh):
-  """ShapeDtypeStructs (with shardings) of the TrainState, without computing it."""
-  tx_holder = {}
-
-  def make():
-    state, tx = create_train_state(config, model, sample_batch, mesh, load_esm=False)
-    tx_holder["tx"] = tx
-    return state
-
-  shapes = jax.eval_shape(make)
-  return jax.tree_util.tree_map(
-      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      shapes, parallel.state_shardings(shapes, mesh))
-
-
-# --- steps ---------------------------------------------------------------------------------
 
 def _sub_batch_keys(step_key, num):
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(num))
@@ -135,22 +54,22 @@ def _log_attention(model, batch: Batch) -> None:
 
 def _data_parallel(body, mesh, out_specs):
   """body(params, *stacked, axis_name=...) as one program per device of `mesh`
-  (shard_map over all its axes: params laid out by `parallel.param_specs`, stacked
+  (shard_map over all its axes: params laid out by `mesh_lib.param_specs`, stacked
   arrays split on their leading device axis over every device), or as is on the whole
   stack when there is no mesh (axis_name=None). While the body is traced,
   `fsdp.gathering` is active with the mesh's 'fsdp' size."""
   if mesh is None:
     return functools.partial(body, axis_name=None)
   spec = jax.sharding.PartitionSpec
-  axes = parallel.batch_axes(mesh)
+  axes = mesh_lib.batch_axes(mesh)
 
   def traced(*args):
-    with fsdp.gathering(parallel.fsdp_size(mesh)):
+    with fsdp.gathering(mesh_lib.fsdp_size(mesh)):
       return body(*args, axis_name=axes)
 
   return lambda params, *stacked: jax.shard_map(
       traced, mesh=mesh,
-      in_specs=(parallel.param_specs(params, mesh),) + (spec(axes),) * len(stacked),
+      in_specs=(mesh_lib.param_specs(params, mesh),) + (spec(axes),) * len(stacked),
       out_specs=out_specs,
       check_vma=True)(params, *stacked)
 
@@ -167,7 +86,7 @@ def _context_mesh(mesh):
   if mesh is not None:
     return mesh
   context = jax.sharding.get_abstract_mesh()
-  if not context.empty and parallel.batch_axes(context):
+  if not context.empty and mesh_lib.batch_axes(context):
     return context
   return None
 
@@ -214,7 +133,7 @@ def loss_and_grads(params, batch: Batch, rng, step, *, model, task, mesh=None):
   grad_fn = jax.value_and_grad(weighted_sums, has_aux=True)
 
   mesh = _context_mesh(mesh)
-  view_specs = (None if mesh is None else parallel.param_specs(
+  view_specs = (None if mesh is None else mesh_lib.param_specs(
       jax.eval_shape(trainable.select, params), mesh))
 
   def body(params, block, key_block, *, axis_name):
@@ -321,22 +240,22 @@ def eval_step(params, batch: Batch, *, model, task, mesh=None
 
   mesh = _context_mesh(mesh)
   return _data_parallel(body, mesh, out_specs=None if mesh is None else
-                        jax.sharding.PartitionSpec(parallel.batch_axes(mesh)))(
+                        jax.sharding.PartitionSpec(mesh_lib.batch_axes(mesh)))(
                             params, batch)
 
 
 def jit_train_step(model, tx, task, mesh, state: TrainState):
   """train_step jitted for `mesh`; `state` (arrays or abstract) gives the state's
-  layout (`parallel.state_shardings`), kept from step to step."""
-  shardings = parallel.state_shardings(state, mesh)
+  layout (`mesh_lib.state_shardings`), kept from step to step."""
+  shardings = mesh_lib.state_shardings(state, mesh)
   return jax.jit(functools.partial(train_step, model=model, tx=tx, task=task,
                                    mesh=mesh),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(model, task, mesh):
   """eval_step jitted for `mesh`; parameters come laid out as training left them
-  (`parallel.localize`)."""
+  (`mesh_lib.localize`)."""
   return jax.jit(functools.partial(eval_step, model=model, task=task, mesh=mesh),
-                 out_shardings=parallel.batch_sharding(mesh))
+                 out_shardings=mesh_lib.batch_sharding(mesh))

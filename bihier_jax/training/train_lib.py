@@ -1,64 +1,45 @@
-"""The training loop (flax `examples/ogbg_molpcba` shape).
+"""The training loop (flax `examples/ogbg_molpcba` shape): `train_and_evaluate(config,
+workdir)` is what `python -m bihier_jax.train` runs.
 
-`train_and_evaluate(config, workdir)` is what `python -m bihier_jax.train` runs:
-data (the demo set is built on first use), model, optimizer, Orbax checkpoints (resumed
-automatically), the data-parallel steps of `steps`, periodic evaluation with host-side
-metrics (`evaluation`), TensorBoard summaries, steps/s + ETA, and at the end the
-results of every eval split, a Markdown table and a PNG of the training curves.
-
-Selection: periodic evaluations score `data.select_split` only (all eval splits with
-`train.eval_test_during_training`), and each is saved with its checkpoint. At the end
-the checkpoint best by `task.select_metric` / `task.select_mode` on that split is
-restored and every eval split is scored on it: those are the reported results
-(checkpoint 'best' and its step in eval/<split>.json). Without any checkpoint with a
-finite validation metric the last step is reported, named 'latest'. Restarting a
-finished run reports the same selected checkpoint again.
-
-Faults: the step skips the update in-graph when the loss or any gradient is not finite
-and counts it; `train.max_consecutive_nonfinite` bad steps in a row raise
-`NonFiniteLossError` without saving (the last good checkpoint stays the latest one).
-SIGTERM (preemptible TPUs) makes the loop save a checkpoint and return cleanly; a
-restarted run resumes from the latest checkpoint, input position included, and
-reproduces the uninterrupted run's losses (the per-step RNG is fold_in(seed key, step)).
-An unreadable newest checkpoint gives way to the newest readable one (its own input
-position, so the losses from there are the uninterrupted run's again) and is moved to
-checkpoints_unreadable/, never deleted; train.on_corrupt_checkpoint=fail stops instead.
-The final selection passes over an unreadable best checkpoint the same way.
-
-Files under workdir: checkpoints/, metrics.jsonl (every logged scalar, including
-train/proteins_per_step: real proteins per step, fewer than train.batch_size when the
-node budget fills first), TensorBoard events, eval/<split>.json + eval/metrics.md,
-train_curves.png, config.json (the resolved config), parameters.txt (the parameter
-table). Nothing is written there before the train state exists (resumed or new).
+It reads top to bottom: restore the latest readable checkpoint or start fresh, run the
+steps (periodic evaluation of `data.select_split`, checkpoints, a save on SIGTERM /
+SIGINT, non-finite updates skipped in-graph), select the final checkpoint by
+`task.select_metric` and score every eval split on it, write the report. Public:
+train_and_evaluate, resolve_epoch_fields, NonFiniteLossError, DatasetFn.
+Selection, checkpoints, exact resume, faults and the files a run writes:
+docs/training.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import dataclasses
 import functools
-import json
 import os
-import signal
-import sys
-import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
-from clu import parameter_overview
 from clu import periodic_actions
 import jax
 import ml_collections
 import numpy as np
 
 from bihier_jax.common import flops
+from bihier_jax.common import storage
+from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
+from bihier_jax import models
 from bihier_jax.training import checkpointing
+from bihier_jax.training import device_batches
 from bihier_jax.training import evaluation
+from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import optim
-from bihier_jax.training import parallel
 from bihier_jax.training import plots
+from bihier_jax.training import runtime
 from bihier_jax.training import steps
+from bihier_jax.training import train_state
+from bihier_jax.training import writers
+
 
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
@@ -71,195 +52,13 @@ class NonFiniteLossError(RuntimeError):
 DatasetFn = Callable[..., Iterable[tuple[Batch, dict]]]
 
 
-# --- data ------------------------------------------------------------------------------
-
-def has_records(directory: str) -> bool:
-  from bihier_jax.common import storage  # pylint: disable=g-import-not-at-top
-  return storage.exists(storage.join(directory, "metadata.json"))
-
-
-def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
-  """Builds the demo dataset into config.data.dir if it is not there (task 'demo')."""
-  directory = evaluation.data_dir(config)
-  if config.task.name != "demo" or has_records(directory):
-    return
-  if jax.process_index() == 0:
-    logging.warning("demo dataset not found in %s: building it now (a few seconds)",
-                    directory)
-    from data_pipelines import preprocess  # pylint: disable=g-import-not-at-top
-    preprocess.main(["demo", "--out", directory, "--workers", "1", "--no-progress"])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("demo data built")
-
-
-# --- logging -------------------------------------------------------------------------------
-
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends {"step": s, **scalars} lines to a file (the training-curve source)."""
-
-  def __init__(self, path: str):
-    self._path = path
-
-  def write_scalars(self, step, scalars):
-    row = {"step": int(step)}
-    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
-class MatmulThroughput:
-  """Achieved matmul TFLOP/s per device over the steps added since the last reading.
-
-  The caller adds each timed step's matmul FLOPs (all devices; `common.flops` counts
-  them once per program, i.e. per padding bucket). Time is host wall time between
-  readings, which is real step time because the loop fetches each step's metrics.
-  `pause()` restarts the clock without counting: after evaluation, checkpointing, and
-  any step that compiled a new program.
-  """
-
-  def __init__(self, num_devices: int):
-    self._num_devices = num_devices
-    self.pause()
-
-  def pause(self):
-    self._start, self._flops = time.perf_counter(), 0.0
-
-  def add(self, step_flops: float):
-    self._flops += step_flops
-
-  def read(self) -> float | None:
-    """TFLOP/s per device since the last reading or pause (None if no step added)."""
-    now = time.perf_counter()
-    elapsed = now - self._start
-    value = (self._flops / self._num_devices / elapsed / 1e12
-             if self._flops > 0 and elapsed > 0 else None)
-    self._start, self._flops = now, 0.0
-    return value
-
-
-class _LoggingWriter(metric_writers.LoggingWriter):
-  """Scalars to the log; hyperparameters not (they are DIR/config.json)."""
-
-  def write_hparams(self, hparams):
-    del hparams
-
-
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
-  writers = [_LoggingWriter()]
-  if jax.process_index() == 0:
-    writers += [metric_writers.SummaryWriter(workdir),
-                JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
-  return metric_writers.MultiWriter(writers)
-
-
-def write_parameter_overview(params, path: str) -> None:
-  """The parameter table (name, shape, size, mean, std) into a file, its total logged."""
-  with open(path, "w") as f:
-    f.write(parameter_overview.get_parameter_overview(params) + "\n")
-  count = parameter_overview.count_parameters(params)
-  logging.info("%d parameters (table: %s)", count, path)
-
-
-_BACKEND_LOGGED = []  # the backend line is logged once per process
-
-
-def start_backend(multi_host: bool) -> None:
-  """Joins the multi-host job if asked, starts JAX and logs its backend and devices."""
-  parallel.initialize_distributed(multi_host)
-  if _BACKEND_LOGGED:
-    return
-  _BACKEND_LOGGED.append(True)
-  kinds = sorted({d.device_kind for d in jax.devices()})
-  logging.info("JAX backend %s: %d device(s) (%s), %d process(es), %d device(s) on "
-               "this one", jax.default_backend().upper(), jax.device_count(),
-               ", ".join(kinds), jax.process_count(), jax.local_device_count())
-
-
-def _checkpointer(config, workdir: str, **kwargs) -> checkpointing.Checkpointer:
-  return checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                    select_metric=config.task.select_metric,
-                                    select_mode=config.task.select_mode, **kwargs)
-
-
-class _StopSignal:
-  """Notes SIGTERM (preemption) or SIGINT (Ctrl-C) in `received` (the signal's name),
-  so the loop saves a checkpoint after the current step and returns; a second SIGINT
-  exits at once (status 130, nothing saved). Restores the previous handlers on exit.
-
-  Not with several processes: each would see its signal at another step. There JAX's
-  preemption service keeps SIGTERM, and `Checkpointer.reached_preemption` gives every
-  process the same step to stop at.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.received: str | None = None
-    self._previous = {}
-
-  def __enter__(self):
-    if jax.process_count() > 1:
-      return self
-    for signum in self.SIGNALS:
-      try:
-        self._previous[signum] = signal.signal(signum, self._handle)
-      except ValueError:  # not the main thread: no handler, no flag
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if self.received and signum == signal.SIGINT:
-      print(f"second SIGINT: aborting at once, without saving (the last checkpoint "
-            f"stays; {self.received} was received first)", file=sys.stderr, flush=True)
-      os._exit(130)  # pylint: disable=protected-access
-    if not self.received:
-      logging.warning("%s received: saving a checkpoint after this step and stopping%s",
-                      name, " (Ctrl-C again aborts at once)" if name == "SIGINT" else "")
-      self.received = name
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-
-
 def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` whose *_epochs fields (train.num_epochs, ...) are step counts.
 
   Steps per epoch come from the packing of the training split's sizes.json
   (`data.epochs.resolve_epochs`); every field it sets is logged.
   """
-  from bihier_jax.data import epochs  # pylint: disable=g-import-not-at-top
-  resolved = epochs.resolve_epochs(config, evaluation.data_dir(config),
+  resolved = epochs.resolve_epochs(config, storage.absolute(config.data.dir),
                                    num_devices=jax.device_count())
   for group, field, target in epochs.EPOCH_FIELDS:
     value = float(config[group].get(field, 0) or 0) if group in config else 0.0
@@ -269,8 +68,6 @@ def resolve_epoch_fields(config: ml_collections.ConfigDict) -> ml_collections.Co
                    resolved.train.steps_per_epoch)
   return resolved
 
-
-# --- the loop --------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        dataset_fn: DatasetFn | None = None) -> dict[str, dict[str, float]]:
@@ -286,235 +83,367 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Final metrics per evaluation split, all of the selected checkpoint ({} when stopped
     early by SIGTERM).
   """
-  from bihier_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  start_backend(bool(config.train.multi_host))
-  ensure_demo_data(config)
+  runtime.start_backend(bool(config.train.multi_host))
+  runtime.build_data(config)
   config = resolve_epoch_fields(config)  # before the schedule and the loop read steps
-  mesh = parallel.training_mesh(config)
-  num_local = parallel.local_device_count(mesh)
-  sub_config = evaluation.per_device_config(config, jax.device_count())
+  run = _Run.start(config, workdir, dataset_fn)
+  state, tx, position = _restore_or_init(run)
+  _open_run_dir(run, state, fresh=position is None)
+  train_fn = steps.jit_train_step(run.model, tx, config.task, run.mesh, state)
+  batcher = _training_input(run, position or device_batches.InputPosition())
+  with runtime.StopSignal() as stop:
+    state, step, log = _run_steps(run, state, train_fn, batcher, stop)
+  batcher.close()  # releases the endless training input pipeline
+  del batcher
+  held = [state]  # _select_final drops the last reference before restoring the best
+  del state
+  results = None if log.stopped else _select_final(run, held, step)
+  run.ckpt.wait()
+  run.ckpt.close()
+  run.writer.close()
+  if log.stopped:
+    logging.warning("stopped by %s at step %d: checkpoint %d saved in %s; the same "
+                    "command resumes from it", stop.received or "preemption", step, step,
+                    run.ckpt.directory)
+    return {}
+  _write_report(run, results, step, log)
+  return results.metrics
 
-  def given_stream(skip):
-    return dataset_fn(evaluation.data_dir(config), config.data.train_split, sub_config,
-                      training=True, seed=config.seed, process_index=jax.process_index(),
-                      process_count=jax.process_count(), skip_batches=skip)
 
-  sample_batch = (next(iter(given_stream(0)))[0] if dataset_fn else
-                  evaluation.sample_batch(config))
-  model = steps.build_model(config)
-  on_corrupt = config.train.get("on_corrupt_checkpoint", "fallback")
-  # Start-up writes nothing into workdir until the state exists (resumed or new).
-  ckpt = (_checkpointer(config, workdir)
-          if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
-  position = parallel.InputPosition()
-  if ckpt is not None and ckpt.latest_step() is not None:
-    abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
-    try:
-      # Unreadable newer steps are moved aside: the run writes them again.
-      state, extra, step = ckpt.restore("latest", abstract, on_corrupt=on_corrupt,
-                                        set_aside=True)
-    except checkpointing.CheckpointError:
-      ckpt.close()
-      raise
-    tx = optim.make_optimizer(config)
-    position = parallel.InputPosition.from_json(extra.get("input_position", {}))
-    logging.info("resumed from checkpoint %d (input position %s)", step, position)
-    fresh = False
-  else:
-    state, tx = steps.create_train_state(config, model, sample_batch, mesh)
-    fresh = True
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = ckpt or _checkpointer(config, workdir)
-  writer = make_writer(workdir)
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one run share (set up by `start`, the writers by
+  `_open_run_dir`)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  dataset_fn: DatasetFn | None
+  mesh: jax.sharding.Mesh
+  eval_mesh: jax.sharding.Mesh
+  sub_config: ml_collections.ConfigDict
+  sample_batch: Batch
+  model: Any
+  evaluations: "_Evaluations" = None
+  ckpt: checkpointing.Checkpointer | None = None
+  writer: Any = None
+
+  @classmethod
+  def start(cls, config, workdir, dataset_fn) -> "_Run":
+    mesh = mesh_lib.training_mesh(config)
+    sub_config = epochs.sub_batch_config(config, jax.device_count())
+    run = cls(config, workdir, dataset_fn, mesh,
+              mesh_lib.local_mesh(mesh_lib.fsdp_size(mesh)), sub_config, None, None)
+    run.sample_batch = (next(iter(run.given_stream(0)))[0] if dataset_fn else
+                        evaluation.sample_batch(config))
+    run.model = models.build_model(config)
+    return run
+
+  @property
+  def data_dir(self) -> str:
+    return storage.absolute(self.config.data.dir)
+
+  @property
+  def select_split(self) -> str:
+    return self.config.data.select_split
+
+  @property
+  def has_validation(self) -> bool:
+    return bool(self.select_split) and self.select_split in self.config.data.eval_splits
+
+  @property
+  def periodic_splits(self) -> tuple[str, ...]:
+    # Held-out splits stay unseen until the end unless the config asks to log them.
+    if self.config.train.eval_test_during_training:
+      return tuple(self.config.data.eval_splits)
+    return (self.select_split,) if self.has_validation else ()
+
+  @property
+  def on_corrupt(self) -> str:
+    return self.config.train.get("on_corrupt_checkpoint", "fallback")
+
+  def given_stream(self, skip: int):
+    return self.dataset_fn(
+        self.data_dir, self.config.data.train_split, self.sub_config, training=True,
+        seed=self.config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), skip_batches=skip)
+
+  def abstract_state(self):
+    return train_state.abstract_train_state(self.config, self.model, self.sample_batch,
+                                            self.mesh)
+
+
+def _restore_or_init(run: _Run):
+  """(state, optimizer, input position) of the latest readable checkpoint, or a fresh
+  state and None. Start-up writes nothing into workdir until the state exists."""
+  ckpt = (checkpointing.Checkpointer.for_run(run.config, run.workdir)
+          if os.path.isdir(os.path.join(run.workdir, "checkpoints")) else None)
+  if ckpt is None or ckpt.latest_step() is None:
+    run.ckpt = ckpt
+    state, tx = train_state.create_train_state(run.config, run.model, run.sample_batch,
+                                               run.mesh)
+    return state, tx, None
+  try:
+    # Unreadable newer steps are moved aside: the run writes them again.
+    state, extra, step = ckpt.restore("latest", run.abstract_state(),
+                                      on_corrupt=run.on_corrupt, set_aside=True)
+  except checkpointing.CheckpointError:
+    ckpt.close()
+    raise
+  run.ckpt = ckpt
+  position = device_batches.InputPosition.from_json(extra.get("input_position", {}))
+  logging.info("resumed from checkpoint %d (input position %s)", step, position)
+  return state, optim.make_optimizer(run.config), position
+
+
+def _open_run_dir(run: _Run, state, *, fresh: bool) -> None:
+  """The run directory, its checkpointer and writers, config.json and (fresh runs)
+  parameters.txt and the hyperparameters."""
+  os.makedirs(run.workdir, exist_ok=True)
+  run.ckpt = run.ckpt or checkpointing.Checkpointer.for_run(run.config, run.workdir)
+  run.writer = writers.make_writer(run.workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      f.write(run.config.to_json_best_effort(indent=1))
     if fresh:
       # This host's copy: a global array split over hosts' devices is not all here.
-      local = parallel.localize(state.params,
-                                parallel.local_mesh(parallel.fsdp_size(mesh)))
-      write_parameter_overview(jax.device_get(local),
-                               os.path.join(workdir, "parameters.txt"))
+      local = mesh_lib.localize(state.params, run.eval_mesh)
+      writers.write_parameter_overview(jax.device_get(local),
+                                       os.path.join(run.workdir, "parameters.txt"))
   if fresh:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    run.writer.write_hparams(writers.flat_config(run.config.to_dict()))
+  eval_fn = steps.jit_eval_step(run.model, run.config.task, run.eval_mesh)
+  run.evaluations = _Evaluations(run, eval_fn)
 
-  train_fn = steps.jit_train_step(model, tx, config.task, mesh, state)
-  eval_mesh = parallel.local_mesh(parallel.fsdp_size(mesh))
-  eval_fn = steps.jit_eval_step(model, config.task, eval_mesh)
+
+def _training_input(run: _Run, position: device_batches.InputPosition):
+  """This host's stacked sub-batches of every step, from `position` on."""
+  from bihier_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  accum = epochs.accumulation_steps(run.config)
+  if run.dataset_fn is not None:
+    return device_batches.DeviceBatcher(
+        run.given_stream(position.resume_from),
+        mesh_lib.local_device_count(run.mesh) * accum, position)
   # One update: train.grad_accum_steps sub-batches per device, of one global plan.
-  group_size = jax.device_count() * evaluation.accumulation_steps(config)
-  if dataset_fn is None:
-    planner = pipeline.make_planner(evaluation.data_dir(config),
-                                          config.data.train_split, sub_config,
-                                          training=True, seed=config.seed)
-    batcher = parallel.StepInput(planner, group_size,
-                                 parallel.host_rows(mesh, group_size), position,
-                                 functools.partial(pipeline.pack_planned, planner))
-  else:
-    batcher = parallel.DeviceBatcher(given_stream(position.resume_from),
-                                     num_local * evaluation.accumulation_steps(config),
-                                     position)
-  num_steps = int(config.train.num_steps)
-  initial_step = int(jax.device_get(state.step))
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.train.log_every)
-  eval_splits = tuple(config.data.eval_splits)
-  select_split = config.data.select_split
-  has_validation = bool(select_split) and select_split in eval_splits
-  # Held-out splits stay unseen until the end unless the config asks to log them.
-  periodic_splits = (eval_splits if config.train.eval_test_during_training
-                     else (select_split,) if has_validation else ())
-  max_bad = int(config.train.max_consecutive_nonfinite)
-  lr_schedule = optim.learning_rate_schedule(config)
+  group_size = jax.device_count() * accum
+  planner = pipeline.make_planner(run.data_dir, run.config.data.train_split,
+                                  run.sub_config, training=True, seed=run.config.seed)
+  return device_batches.StepInput(planner, group_size,
+                                  mesh_lib.host_rows(run.mesh, group_size), position,
+                                  functools.partial(pipeline.pack_planned, planner))
+
+
+class _Evaluations:
+  """Metrics per step and split, each evaluated once in this process."""
+
+  def __init__(self, run: _Run, eval_fn):
+    self._run, self._eval_fn = run, eval_fn
+    self._done: dict[int, dict[str, dict[str, float]]] = {}  # step -> split -> metrics
+
+  def __call__(self, step: int, params, splits) -> dict[str, dict[str, float]]:
+    done = self._done.setdefault(step, {})
+    missing = [s for s in splits if s not in done]
+    if missing:
+      done.update(evaluation.evaluate_splits(self._run.config, self._eval_fn, params,
+                                             self._run.eval_mesh, missing,
+                                             dataset_fn=self._run.dataset_fn))
+    return {s: done[s] for s in splits}
+
+  def evaluate_and_save(self, step: int, state, position, *, replace=False) -> None:
+    """Scores the periodic splits at `step` and saves the checkpoint with them."""
+    run = self._run
+    results = self(step, state.params, run.periodic_splits)
+    for split, values in results.items():
+      run.writer.write_scalars(step, _finite(split, values))
+    run.ckpt.save(step, state, position.to_json(),
+                  _checkpoint_metrics(results, run.select_split), force=True,
+                  replace=replace)
+
+
+def _finite(split: str, values: dict[str, float]) -> dict[str, float]:
+  return {f"{split}/{k}": v for k, v in values.items() if np.isfinite(v)}
+
+
+class _StepLog:
+  """The log window's and the run's counters: train scalars, real proteins per step,
+  matmul throughput and the FLOPs of each step program (padding bucket)."""
+
+  def __init__(self, run: _Run, initial_step: int):
+    self.initial_step = initial_step
+    self.stopped = False  # by a signal or a preemption notice, checkpoint saved
+    self._writer = run.writer
+    self._lr_schedule = optim.learning_rate_schedule(run.config)
+    self._throughput = writers.MatmulThroughput(jax.device_count())
+    self._step_flops: dict[Any, int] = {}  # per program
+    self._sums: dict[str, float] = {}
+    self._finite_steps = 0
+    self._proteins, self._steps = 0, 0  # real graphs over the window, for its mean
+    self._run_proteins, self._run_steps = 0, 0  # the same over this process's run
+
+  def program(self, train_fn, state, global_batch) -> tuple[Any, bool]:
+    """(the step's program key, whether it compiles now, logging its FLOPs)."""
+    program = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(global_batch))
+    compiles = program not in self._step_flops
+    if compiles:
+      self._step_flops[program] = flops.matmul_flops(train_fn, state, global_batch)
+      logging.info("new step program (%d so far): %.4g matmul TFLOP per step, summed "
+                   "over %d device(s)", len(self._step_flops),
+                   self._step_flops[program] / 1e12, jax.device_count())
+    return program, compiles
+
+  def add(self, program, compiles: bool, real_graphs: int) -> None:
+    self._proteins += real_graphs
+    self._steps += 1
+    if compiles:
+      self._throughput.pause()
+    else:
+      self._throughput.add(self._step_flops[program])
+
+  def add_finite(self, step_metrics) -> None:
+    if bool(step_metrics["finite"]):
+      for k in ("loss", "accuracy", "grad_norm"):
+        self._sums[k] = self._sums.get(k, 0.0) + float(step_metrics[k])
+      self._finite_steps += 1
+
+  def pause(self) -> None:
+    self._throughput.pause()
+
+  def write(self, step: int, step_metrics) -> None:
+    """The window's train/* scalars at `step`; starts the next window."""
+    scalars = {f"train/{k}": v / max(self._finite_steps, 1) for k, v in self._sums.items()}
+    scalars["train/learning_rate"] = float(self._lr_schedule(step - 1))
+    scalars["train/nonfinite_steps"] = float(step_metrics["nonfinite_total"])
+    window = _sum_over_hosts(self._proteins)
+    scalars["train/proteins_per_step"] = window / self._steps
+    self._run_proteins += window
+    self._run_steps += self._steps
+    tflops = self._throughput.read()
+    if tflops is not None:
+      scalars["train/matmul_tflops_per_device"] = tflops
+    self._writer.write_scalars(step, scalars)
+    self._sums, self._finite_steps = {}, 0
+    self._proteins, self._steps = 0, 0
+
+  def per_step(self, batch_size: int) -> str:
+    """The run's mean real proteins per step, as a sentence ('' before any log)."""
+    if not self._run_steps:
+      return ""
+    return (f"{self._run_proteins / self._run_steps:.2f} real proteins per step on "
+            f"average (train.batch_size {batch_size})")
+
+
+def _run_steps(run: _Run, state, train_fn, batcher, stop: runtime.StopSignal):
+  """Steps to train.num_steps (or a stop); (state, last step, the _StepLog)."""
+  t = run.config.train
+  num_steps, max_bad = int(t.num_steps), int(t.max_consecutive_nonfinite)
+  step = int(jax.device_get(state.step))
+  log = _StepLog(run, step)
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=run.writer,
+                                           every_steps=t.log_every)
+  _log_start(run, step)
+  while step < num_steps:
+    stacked, _ = next(batcher)
+    # graph_mask marks real proteins only (jraph's padding graph is False).
+    real_graphs = int(np.sum(stacked.graph_mask))
+    global_batch = mesh_lib.put_global(stacked, run.mesh)
+    program, compiles = log.program(train_fn, state, global_batch)
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, step_metrics = train_fn(state, global_batch)
+    step += 1
+    step_metrics = jax.device_get(step_metrics)
+    log.add(program, compiles, real_graphs)
+    if int(step_metrics["nonfinite_streak"]) >= max_bad:
+      run.ckpt.wait()
+      raise NonFiniteLossError(
+          f"step {step}: loss or gradients not finite for {max_bad} consecutive steps "
+          f"(train.max_consecutive_nonfinite); updates were skipped, the last "
+          f"checkpoint in {run.ckpt.directory} (step {run.ckpt.latest_step()}) holds "
+          f"the last good parameters")
+    log.add_finite(step_metrics)
+    report(step)
+    if step % t.log_every == 0 or step == num_steps:
+      log.write(step, step_metrics)
+    if step % t.eval_every == 0 and step < num_steps:
+      run.evaluations.evaluate_and_save(step, state, batcher.position)
+      log.pause()
+    elif step % t.checkpoint_every == 0 and step < num_steps:
+      run.ckpt.save(step, state, batcher.position.to_json())
+      log.pause()
+    if stop.received or run.ckpt.reached_preemption(step):
+      run.ckpt.save(step, state, batcher.position.to_json(), force=True)
+      log.stopped = True
+      return state, step, log
+  if run.ckpt.latest_step() != step:
+    run.evaluations.evaluate_and_save(step, state, batcher.position)
+  elif run.has_validation and run.ckpt.metrics(step) is None:
+    # A restart after a stop at the last step: that checkpoint has no validation
+    # metrics yet, and without them it could not compete for best.
+    run.evaluations.evaluate_and_save(step, state, batcher.position, replace=True)
+  return state, step, log
+
+
+def _log_start(run: _Run, initial_step: int) -> None:
+  c = run.config
   logging.info("training steps %d..%d on %d devices (%d on this host), global batch %d "
                "proteins at most (train.batch_size; the node budget packs fewer, see "
                "train/proteins_per_step); periodic evaluation of %s", initial_step,
-               num_steps, jax.device_count(), num_local, config.train.batch_size,
-               ", ".join(periodic_splits) or "no split")
-  if not has_validation:
+               int(c.train.num_steps), jax.device_count(),
+               mesh_lib.local_device_count(run.mesh), c.train.batch_size,
+               ", ".join(run.periodic_splits) or "no split")
+  if not run.has_validation:
     logging.warning("data.select_split %r is not one of data.eval_splits %s: no "
                     "checkpoint is selected, the final results are the last step's",
-                    select_split, eval_splits)
+                    run.select_split, tuple(c.data.eval_splits))
 
-  evaluated: dict[int, dict[str, dict[str, float]]] = {}  # step -> split -> metrics
 
-  def evaluate(step, params, splits):
-    """Metrics of `splits` (this process's evaluations of `step` are reused)."""
-    done = evaluated.setdefault(step, {})
-    missing = [s for s in splits if s not in done]
-    if missing:
-      done.update(evaluation.evaluate_splits(config, eval_fn, params, eval_mesh,
-                                             missing, dataset_fn=dataset_fn))
-    return {s: done[s] for s in splits}
+@dataclasses.dataclass
+class _Final:
+  metrics: dict[str, dict[str, float]]  # split -> metrics of the reported checkpoint
+  step: int
+  name: str  # 'best' | 'latest'
+  note: str  # how it was selected, one sentence
 
-  def evaluate_and_save(step, *, replace=False):
-    results = evaluate(step, state.params, periodic_splits)
-    for split, values in results.items():
-      writer.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()
-                                  if np.isfinite(v)})
-    ckpt.save(step, state, batcher.position.to_json(),
-              _checkpoint_metrics(results, select_split), force=True, replace=replace)
 
-  stopped = False
-  log_sums: dict[str, float] = {}
-  log_count = 0
-  proteins, proteins_steps = 0, 0  # real graphs over the log window, for its mean
-  run_proteins, run_steps = 0, 0  # the same over this process's whole run
-  throughput = MatmulThroughput(jax.device_count())
-  step_flops: dict[Any, int] = {}  # per program (padding bucket)
-  with _StopSignal() as stop:
-    step = initial_step
-    while step < num_steps:
-      stacked, _ = next(batcher)
-      # graph_mask marks real proteins only (jraph's padding graph is False).
-      real_graphs = int(np.sum(stacked.graph_mask))
-      global_batch = parallel.put_global(stacked, mesh)
-      program = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(global_batch))
-      compiles = program not in step_flops
-      if compiles:
-        step_flops[program] = flops.matmul_flops(train_fn, state, global_batch)
-        logging.info("new step program (%d so far): %.4g matmul TFLOP per step, summed "
-                     "over %d device(s)", len(step_flops), step_flops[program] / 1e12,
-                     jax.device_count())
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, step_metrics = train_fn(state, global_batch)
-      step += 1
-      step_metrics = jax.device_get(step_metrics)
-      proteins += real_graphs
-      proteins_steps += 1
-      if compiles:
-        throughput.pause()
-      else:
-        throughput.add(step_flops[program])
-      if int(step_metrics["nonfinite_streak"]) >= max_bad:
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f"step {step}: loss or gradients not finite for {max_bad} consecutive steps "
-            f"(train.max_consecutive_nonfinite); updates were skipped, the last "
-            f"checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) holds the last "
-            f"good parameters")
-      if bool(step_metrics["finite"]):
-        for k in ("loss", "accuracy", "grad_norm"):
-          log_sums[k] = log_sums.get(k, 0.0) + float(step_metrics[k])
-        log_count += 1
-      report(step)
-      if step % config.train.log_every == 0 or step == num_steps:
-        scalars = {f"train/{k}": v / max(log_count, 1) for k, v in log_sums.items()}
-        scalars["train/learning_rate"] = float(lr_schedule(step - 1))
-        scalars["train/nonfinite_steps"] = float(step_metrics["nonfinite_total"])
-        window = _sum_over_hosts(proteins)
-        scalars["train/proteins_per_step"] = window / proteins_steps
-        run_proteins += window
-        run_steps += proteins_steps
-        tflops = throughput.read()
-        if tflops is not None:
-          scalars["train/matmul_tflops_per_device"] = tflops
-        writer.write_scalars(step, scalars)
-        log_sums, log_count = {}, 0
-        proteins, proteins_steps = 0, 0
-      if step % config.train.eval_every == 0 and step < num_steps:
-        evaluate_and_save(step)
-        throughput.pause()
-      elif step % config.train.checkpoint_every == 0 and step < num_steps:
-        ckpt.save(step, state, batcher.position.to_json())
-        throughput.pause()
-      if stop.received or ckpt.reached_preemption(step):
-        ckpt.save(step, state, batcher.position.to_json(), force=True)
-        stopped = True
-        break
-    if not stopped:
-      if ckpt.latest_step() != step:
-        evaluate_and_save(step)
-      elif has_validation and ckpt.metrics(step) is None:
-        # A restart after a stop at the last step: that checkpoint has no validation
-        # metrics yet, and without them it could not compete for best.
-        evaluate_and_save(step, replace=True)
-  batcher.close()  # releases the endless training input pipeline
-  del batcher
-  results: dict[str, dict[str, float]] = {}
-  if not stopped:
-    ckpt.wait()  # the keep policy has run: the best checkpoint is on disk
-    best = ckpt.best_step() if has_validation else None
-    params = state.params if best in (None, step) else None
-    if params is None:
-      logging.info("restoring the best checkpoint (step %d) for the final results", best)
-      abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
-      state = None  # frees the training state before the restore
-      # An unreadable best gives way to the next best readable one (on_corrupt).
-      restored, _, best = ckpt.restore("best", abstract, on_corrupt=on_corrupt,
-                                       set_aside=True)
-      params = restored.params
-    report_step, report_name, note = _describe_selection(config, best, step)
-    results = evaluate(report_step, params, eval_splits)
-    for split, values in results.items():
-      if split != select_split:
-        writer.write_scalars(report_step, {f"{split}/{k}": v for k, v in values.items()
-                                           if np.isfinite(v)})
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
-  if stopped:
-    logging.warning("stopped by %s at step %d: checkpoint %d saved in %s; the same "
-                    "command resumes from it", stop.received or "preemption", step, step,
-                    ckpt.directory)
-    return {}
-  per_step = (f"{run_proteins / run_steps:.2f} real proteins per step on average "
-              f"(train.batch_size {config.train.batch_size})" if run_steps else "")
+def _select_final(run: _Run, held: list, step: int) -> _Final:
+  """Every eval split's metrics of the checkpoint best on the select split (restored
+  if it is not the last step), else of the last step (`held`: [the training state])."""
+  state = held.pop()
+  run.ckpt.wait()  # the keep policy has run: the best checkpoint is on disk
+  best = run.ckpt.best_step() if run.has_validation else None
+  params = state.params if best in (None, step) else None
+  if params is None:
+    logging.info("restoring the best checkpoint (step %d) for the final results", best)
+    abstract = run.abstract_state()
+    state = None  # frees the training state before the restore
+    # An unreadable best gives way to the next best readable one (on_corrupt).
+    restored, _, best = run.ckpt.restore("best", abstract, on_corrupt=run.on_corrupt,
+                                         set_aside=True)
+    params = restored.params
+  report_step, report_name, note = _describe_selection(run.config, best, step)
+  results = run.evaluations(report_step, params, tuple(run.config.data.eval_splits))
+  for split, values in results.items():
+    if split != run.select_split:
+      run.writer.write_scalars(report_step, _finite(split, values))
+  return _Final(results, report_step, report_name, note)
+
+
+def _write_report(run: _Run, final: _Final, step: int, log: _StepLog) -> None:
+  """Logs the run's proteins per step; process 0 writes eval/, the training curves
+  and prints the final table."""
+  per_step = log.per_step(run.config.train.batch_size)
   if per_step:
-    logging.info("steps %d..%d: %s", initial_step, step, per_step)
-  if jax.process_index() == 0:
-    table = evaluation.write_eval_results(workdir, results, step=report_step,
-                                          checkpoint=report_name, note=note)
-    png = plots.plot_training_curves(
-        os.path.join(workdir, "metrics.jsonl"),
-        os.path.join(workdir, "train_curves.png"),
-        eval_metric=config.task.select_metric)
-    print(f"\nFinal metrics: checkpoint {report_name}, step {report_step} "
-          f"(trained to step {step}). {note}\n\n{table}\n"
-          + (f"Training: {per_step}.\n" if per_step else "")
-          + f"Training curves: {png}", flush=True)
-  return results
+    logging.info("steps %d..%d: %s", log.initial_step, step, per_step)
+  if jax.process_index() != 0:
+    return
+  table = evaluation.write_eval_results(run.workdir, final.metrics, step=final.step,
+                                        checkpoint=final.name, note=final.note)
+  png = plots.plot_training_curves(
+      os.path.join(run.workdir, "metrics.jsonl"),
+      os.path.join(run.workdir, "train_curves.png"),
+      eval_metric=run.config.task.select_metric)
+  print(f"\nFinal metrics: checkpoint {final.name}, step {final.step} "
+        f"(trained to step {step}). {final.note}\n\n{table}\n"
+        + (f"Training: {per_step}.\n" if per_step else "")
+        + f"Training curves: {png}", flush=True)
 
 
 def _checkpoint_metrics(results: dict[str, dict[str, float]], select_split: str
@@ -550,52 +479,3 @@ def _sum_over_hosts(value: int) -> int:
     return value
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(np.sum(multihost_utils.process_allgather(np.array([value]))))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
-
-
-# --- inference from a run directory -------------------------------------------------------
-
-def checkpoint_name(config: ml_collections.ConfigDict, workdir: str, which: str) -> str:
-  """What `which` names: '' -> 'best' if any checkpoint has a finite validation metric,
-  else 'latest'; anything else as given ('best' | 'latest' | a step number)."""
-  if which:
-    return str(which)
-  with checkpointing.Checkpointer(workdir, read_only=True,
-                                  select_metric=config.task.select_metric,
-                                  select_mode=config.task.select_mode) as ckpt:
-    best = ckpt.best_step()
-  return "best" if best is not None else "latest"
-
-
-def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
-                   sample_batch: Batch, mesh: jax.sharding.Mesh):
-  """(model, params, step) of a run's checkpoint.
-
-  Args:
-    which: 'best' | 'latest' | a step number | '' (best if any checkpoint has
-      validation metrics, else latest). An unreadable 'best' / 'latest' gives way to
-      the next best / newest readable one, with a warning (train.on_corrupt_checkpoint
-      = fail raises instead); nothing is moved or deleted.
-
-  Raises:
-    checkpointing.CheckpointError: no such checkpoint, or it cannot be read.
-  """
-  model = steps.build_model(config)
-  which = checkpoint_name(config, workdir, which)
-  with checkpointing.Checkpointer(workdir, read_only=True,
-                                  select_metric=config.task.select_metric,
-                                  select_mode=config.task.select_mode) as ckpt:
-    abstract = steps.abstract_train_state(config, model, sample_batch, mesh)
-    state, _, step = ckpt.restore(
-        which, abstract, on_corrupt=config.train.get("on_corrupt_checkpoint", "fallback"))
-  return model, state.params, step

@@ -27,7 +27,7 @@ import pytest
 import conftest
 
 from bihier_jax.training import checkpointing
-from bihier_jax.training import train_lib
+from bihier_jax.training import runtime
 from configs import demo
 from tests.paths import REPO
 
@@ -42,7 +42,7 @@ def demo_data(tmp_path_factory):
     if not ready:
       config = demo.get_config("tiny")
       config.data.dir = out
-      train_lib.ensure_demo_data(config)
+      runtime.build_data(config)
   return out
 
 

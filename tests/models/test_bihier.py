@@ -317,9 +317,9 @@ def test_matmul_precision_reaches_every_matmul_of_the_step():
   step (`steps.loss_and_grads`), forward and backward, custom VJP rules included (CPU
   computes float32 matmuls exactly either way, so the program is what can be checked
   here); 'default' leaves JAX's setting (None)."""
-  from bihier_jax.training import parallel, steps  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import device_batches, steps  # pylint: disable=g-import-not-at-top
   _, params, _, _, _, _ = _variant()
-  batch = parallel.stack([_batch()])
+  batch = device_batches.stack([_batch()])
   rng = jax.random.key_data(jax.random.key(0))
   for setting, want in (("default", None), ("highest", jax.lax.Precision.HIGHEST)):
     config = _config(**DEFAULTS)

@@ -151,7 +151,7 @@ def test_export_from_run_merges_adapters(tmp_path):
   from bihier_jax import convert_esm, models  # pylint: disable=g-import-not-at-top
   from bihier_jax import testing
   from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import checkpointing, parallel, steps  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import checkpointing, mesh as mesh_lib, train_state  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")
   config.model.esm.trainable = "lora"
@@ -159,8 +159,8 @@ def test_export_from_run_merges_adapters(tmp_path):
   model = models.build_model(config)
   example = testing.random_example(16, seed=0)
   batch = layout.collate([example], layout.budget_for([example]))
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  state, _ = steps.create_train_state(config, model, batch, mesh, load_esm=False)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  state, _ = train_state.create_train_state(config, model, batch, mesh, load_esm=False)
   params = jax.device_get(state.params)
   params["esm"]["lora"] = jax.tree.map(  # as if trained: B off zero
       lambda x: x + 0.05 * np.asarray(jax.random.normal(jax.random.key(5), x.shape)),

@@ -77,16 +77,16 @@ _FSDP = textwrap.dedent("""
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   import jax, jax.numpy as jnp
   from bihier_jax.models import esm2, fsdp
-  from bihier_jax.training import parallel
+  from bihier_jax.training import mesh as mesh_lib
   from tests.models import test_remat
 
   # fc1 [3, 32, 128] and fc2 are split over the 2 devices, gathered layer by layer.
   cfg = esm2.ESM2Config(num_layers=3, embed_dim=32, num_heads=4, mlm_head=False)
   params = esm2.param_shapes(cfg)
-  mesh = parallel.make_mesh(jax.devices(), 2)
-  specs = parallel.param_specs({"esm": params}, mesh)["esm"]
+  mesh = mesh_lib.make_mesh(jax.devices(), 2)
+  specs = mesh_lib.param_specs({"esm": params}, mesh)["esm"]
   assert specs["layers"]["fc1"]["kernel"] == jax.P(None, None, "fsdp"), specs
-  model, axes = esm2.ESM2(cfg), parallel.batch_axes(mesh)
+  model, axes = esm2.ESM2(cfg), mesh_lib.batch_axes(mesh)
 
   def body(p, tokens):
     with fsdp.gathering(2):

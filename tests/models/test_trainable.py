@@ -26,8 +26,10 @@ from bihier_jax.models import esm2
 from bihier_jax.models import heads
 from bihier_jax.models import trainable as trainable_lib
 from bihier_jax.training import optim
-from bihier_jax.training import parallel
+from bihier_jax.training import device_batches
+from bihier_jax.training import mesh as mesh_lib
 from bihier_jax.training import steps
+from bihier_jax.training import train_state
 from configs import default
 
 ESM = esm2.PRESETS["tiny"]
@@ -131,12 +133,12 @@ def _one_step(config):
   config.optim.schedule = "constant"
   model = models.build_model(config)
   batch = jax.tree_util.tree_map(np.asarray, _batch())
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  state, tx = steps.create_train_state(config, model, batch, mesh, load_esm=False)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  state, tx = train_state.create_train_state(config, model, batch, mesh, load_esm=False)
   old = jax.device_get(state.params)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    task=config.task))
-  new_state, metrics = step(state, parallel.stack([batch]))
+  new_state, metrics = step(state, device_batches.stack([batch]))
   return old, jax.device_get(new_state.params), jax.device_get(metrics), new_state
 
 

@@ -17,8 +17,8 @@ import optax
 
 from bihier_jax import testing
 from bihier_jax.models import fsdp
-from bihier_jax.training import parallel
-from bihier_jax.training import steps
+from bihier_jax.training import mesh as mesh_lib
+from bihier_jax import models
 from tests import multidevice
 from tests import paths
 
@@ -45,7 +45,7 @@ def _tiny_model(trainable="finetune"):
   config = demo.get_config("tiny")
   config.model.esm.trainable = trainable
   config.model.esm.last_n = 1
-  model = steps.build_model(config)
+  model = models.build_model(config)
   batch = testing.batch_of([testing.random_example(10, seed=0)])
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch)["params"])
   return config, model, params
@@ -53,11 +53,11 @@ def _tiny_model(trainable="finetune"):
 
 def _specs_by_path(tree, mesh):
   return {jax.tree_util.keystr(p): s for p, s in
-          jax.tree_util.tree_leaves_with_path(parallel.param_specs(tree, mesh))}
+          jax.tree_util.tree_leaves_with_path(mesh_lib.param_specs(tree, mesh))}
 
 
 def test_param_specs_split_esm_layer_matrices_and_their_moments():
-  mesh = jax.sharding.AbstractMesh((2, 4), (parallel.DATA_AXIS, parallel.FSDP_AXIS))
+  mesh = jax.sharding.AbstractMesh((2, 4), (mesh_lib.DATA_AXIS, mesh_lib.FSDP_AXIS))
   config, model, params = _tiny_model("last_n")
   specs = _specs_by_path(params, mesh)
   split = {p for p, s in specs.items() if s != jax.sharding.PartitionSpec()}
@@ -65,9 +65,9 @@ def test_param_specs_split_esm_layer_matrices_and_their_moments():
   assert split == {f"['esm']['layers']['{m}']['kernel']"
                    for m in ("qkv_proj", "out_proj", "fc1", "fc2")}, split
   assert specs["['esm']['layers']['fc1']['kernel']"] == jax.sharding.PartitionSpec(
-      None, None, parallel.FSDP_AXIS)
+      None, None, mesh_lib.FSDP_AXIS)
   assert specs["['esm']['layers']['fc2']['kernel']"] == jax.sharding.PartitionSpec(
-      None, parallel.FSDP_AXIS)
+      None, mesh_lib.FSDP_AXIS)
   # The trainable view of last_n ([1, ...] slices) and Adam's moments of it are split
   # as the parameters are, leaf by leaf.
   trainable = model.config.trainable
@@ -85,7 +85,7 @@ def test_param_specs_split_esm_layer_matrices_and_their_moments():
 def test_mesh_refuses_fsdp_not_dividing_the_devices():
   import pytest  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"train.fsdp=3 must .* divide the devices"):
-    parallel.make_mesh(jax.devices()[:1] * 1, fsdp_size=3)
+    mesh_lib.make_mesh(jax.devices()[:1] * 1, fsdp_size=3)
 
 
 def test_fsdp_on_eight_devices_matches_one_device_and_restores_across_meshes():

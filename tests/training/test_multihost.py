@@ -40,7 +40,7 @@ import pytest
 from bihier_jax.data import batch_plan
 from bihier_jax.data import pipeline
 from bihier_jax.data import records
-from bihier_jax.training import parallel
+from bihier_jax.training import device_batches
 from tests.training import multihost_job
 from tests.training.test_train import _env, _losses, demo_data  # noqa: F401  (fixture)
 from tests.paths import REPO
@@ -238,7 +238,7 @@ def _pack(planned):
 def test_steps_and_positions_do_not_depend_on_the_host_count():
   def hosts(count, position=None):
     per = 8 // count
-    return [parallel.StepInput(_Planner(), 8, slice(k * per, (k + 1) * per), position,
+    return [device_batches.StepInput(_Planner(), 8, slice(k * per, (k + 1) * per), position,
                                _pack) for k in range(count)]
 
   def steps(inputs, n):

@@ -11,7 +11,6 @@ Budget: 41 s of CPU for the file (measured, user + sys, the 2-device subprocess
 included; interpreted kernels, the ESM-only tiny model, rows of 128 tokens).
 """
 
-import functools
 import logging
 
 import jax
@@ -26,9 +25,11 @@ from bihier_jax.data import layout
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.models import attention_backends
-from bihier_jax.models import esm2
-from bihier_jax.training import parallel
+from bihier_jax.training import device_batches
+from bihier_jax.training import mesh as mesh_lib
+from bihier_jax import models
 from bihier_jax.training import steps
+from bihier_jax.training import train_state
 from configs import demo
 from tests.training.test_parallel import run_script
 
@@ -51,7 +52,7 @@ def stacked_batch(n_row: int, devices: int, seed: int = 0):
   per sub-batch, three chains, so rows hold several chains and padding."""
   budget = PaddingBudget(n_node=96, n_edge=2048, n_graph=3, n_row=n_row,
                          row_length=LENGTH, packed_rows=True)
-  return parallel.stack([layout.collate(
+  return device_batches.stack([layout.collate(
       [testing.random_example(40, seed=seed + 10 * d, n_chains=2),
        testing.random_example(30 + 5 * d, seed=seed + 10 * d + 1)], budget)
       for d in range(devices)])
@@ -62,17 +63,17 @@ def run_sequence(kind, params, batch_a, batch_b, mesh):
   after a forward), then, unless batch_b is None, eval (budget B: same row length, more
   rows). The train step uses SGD(1), so its new parameters are params - grads."""
   config = config_for(kind)
-  model = steps.build_model(config)
+  model = models.build_model(config)
   eval_step = steps.jit_eval_step(model, config.task, mesh)
-  put = lambda b: parallel.put_global(b, mesh)
+  put = lambda b: mesh_lib.put_global(b, mesh)
   first = jax.device_get(eval_step(params, put(batch_a))["predictions"])
   tx = optax.sgd(1.0)
-  state = steps.TrainState(
+  state = train_state.TrainState(
       step=jnp.zeros([], jnp.int32), params=params,
       opt_state=tx.init(model.config.trainable.select(params)),
       rng=jax.random.key_data(jax.random.key(1)),
       nonfinite_streak=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32))
-  state = jax.device_put(state, parallel.state_shardings(state, mesh))
+  state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))
   train_step = steps.jit_train_step(model, tx, config.task, mesh, state)
   state, metrics = train_step(state, put(batch_a))
   out = {"predictions_a": first, "loss": float(metrics["loss"]),
@@ -95,7 +96,7 @@ def assert_equal_runs(got, want, tol=TOL):
 
 
 def initial_params(batch):
-  model = steps.build_model(config_for("exact"))
+  model = models.build_model(config_for("exact"))
   return jax.device_get(jax.jit(lambda k, b: model.init(k, b)["params"])(
       jax.random.key(0), jax.tree_util.tree_map(lambda x: x[0], batch)))
 
@@ -105,7 +106,7 @@ def reference():
   """(params, batches A and B, exact's run on one device)."""
   batch_a, batch_b = stacked_batch(2, 1), stacked_batch(3, 1, seed=5)
   params = initial_params(batch_a)
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   return params, batch_a, batch_b, run_sequence("exact", params, batch_a, batch_b, mesh)
 
 
@@ -115,7 +116,7 @@ def test_kernel_in_the_steps_equals_exact_on_one_device(reference, kind, caplog)
   naming the kernel."""
   params, batch_a, batch_b, want = reference
   assert (batch_a.token_segments[0] >= 1).any()  # rows hold more than one chain
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   with caplog.at_level(logging.INFO, logger="absl"):
     got = run_sequence(kind, params, batch_a, batch_b, mesh)
   assert_equal_runs(got, want, TOL)
@@ -131,13 +132,13 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2")
 import jax
-from bihier_jax.training import parallel
+from bihier_jax.training import mesh as mesh_lib
 from tests.training import test_pallas_steps as t
 
 assert jax.device_count() == 2
 batch = t.stacked_batch(2, 2)
 params = t.initial_params(batch)
-mesh = parallel.make_mesh(jax.devices())
+mesh = mesh_lib.make_mesh(jax.devices())
 assert mesh.devices.size == 2
 want = t.run_sequence("exact", params, batch, None, mesh)
 for kind in t.KINDS:
@@ -180,12 +181,12 @@ def test_splash_skips_the_blocks_of_other_chains():
   shape = (1, 2 * LENGTH, 2, 8)  # [B, L, H, hd]
   q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
   ids = np.repeat(np.arange(2, dtype=np.int32), LENGTH)[None]
-  layout = esm2.AttentionLayout(mask=ids[:, :, None] == ids[:, None, :],
-                                segment_ids=jnp.asarray(ids))
+  attn_layout = attention_backends.AttentionLayout(
+      mask=ids[:, :, None] == ids[:, None, :], segment_ids=jnp.asarray(ids))
   poisoned = v.at[:, LENGTH:].set(jnp.nan)
   got = np.asarray(jax.jit(lambda q, k, v: attention_backends.attend(
-      q, k, v, layout, "splash"))(q, k, poisoned))
-  want = np.asarray(attention_backends.attend(q, k, v, layout, "exact"))
+      q, k, v, attn_layout, "splash"))(q, k, poisoned))
+  want = np.asarray(attention_backends.attend(q, k, v, attn_layout, "exact"))
   assert np.isfinite(got[:, :LENGTH]).all()
   np.testing.assert_allclose(got[:, :LENGTH], want[:, :LENGTH], atol=TOL, rtol=0)
 
@@ -216,13 +217,13 @@ def test_cudnn_refusal_warns_and_falls_back(monkeypatch, caplog):
   q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.bfloat16) for _ in range(3))
   tokens = np.full((2, 16), 5, np.int32)
   tokens[1, 10:] = 1  # <pad>
-  layout = esm2.attention_layout(jnp.asarray(tokens))
-  want = attention_backends.attend(q, k, v, layout, "exact")
+  attn_layout = attention_backends.attention_layout(jnp.asarray(tokens))
+  want = attention_backends.attend(q, k, v, attn_layout, "exact")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(attention_backends, "_CUDNN_WARNED", set(), raising=False)
   with caplog.at_level(logging.WARNING, logger="absl"):
-    got = attention_backends.attend(q, k, v, layout, "auto")
-    attention_backends.attend(q, k, v, layout, "auto")
+    got = attention_backends.attend(q, k, v, attn_layout, "auto")
+    attention_backends.attend(q, k, v, attn_layout, "auto")
   warnings = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
   assert len(warnings) == 1 and "falls back" in warnings[0], warnings
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),

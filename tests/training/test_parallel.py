@@ -10,7 +10,8 @@ import numpy as np
 
 from bihier_jax.data import layout
 from bihier_jax import testing
-from bihier_jax.training import parallel
+from bihier_jax.training import device_batches
+from bihier_jax.training import mesh as mesh_lib
 from tests import multidevice
 
 
@@ -30,27 +31,27 @@ def _stream(budgets, start=0):
 def test_device_batcher_groups_by_budget_and_resumes():
   rng = np.random.default_rng(0)
   budgets = rng.integers(0, 2, 60).tolist()
-  full = parallel.DeviceBatcher(_stream(budgets), 3)
+  full = device_batches.DeviceBatcher(_stream(budgets), 3)
   groups = [[m["raw"] for m in next(full)[1]] for _ in range(12)]
   for g in groups:
     assert len({budgets[i] for i in g}) == 1  # one budget per stack
   # Stop where batches were read but not used yet, restart from the saved position:
   # the same next groups.
-  first = parallel.DeviceBatcher(_stream(budgets), 3)
+  first = device_batches.DeviceBatcher(_stream(budgets), 3)
   done = 0
   while done < 3 or not first.position.pending:
     next(first)
     done += 1
-  position = parallel.InputPosition.from_json(first.position.to_json())
+  position = device_batches.InputPosition.from_json(first.position.to_json())
   assert position.resume_from < position.consumed
-  resumed = parallel.DeviceBatcher(_stream(budgets, position.resume_from), 3, position)
+  resumed = device_batches.DeviceBatcher(_stream(budgets, position.resume_from), 3, position)
   again = [[m["raw"] for m in next(resumed)[1]] for _ in range(12 - done)]
   assert again == groups[done:]
 
 
 def test_iterate_finite_fills_with_blanks():
   budgets = [0, 1, 0, 0, 1]
-  out = list(parallel.iterate_finite(_stream(budgets), 2))
+  out = list(device_batches.iterate_finite(_stream(budgets), 2))
   raws = sorted(m["raw"] for _, metas in out for m in metas if m is not None)
   assert raws == list(range(5))
   blanks = [(b, metas) for b, metas in out if None in metas]
@@ -65,7 +66,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   update of one batch holding all their proteins (dropout off, so the random keys of
   the two layouts do not matter)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from bihier_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from bihier_jax import models  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import steps, train_state  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config("tiny")
   config.model.gnn.dropout = config.model.fusion.dropout = config.model.head.dropout = 0.0
@@ -76,14 +78,14 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   big = layout.collate(examples, layout.budget_for(examples, n_graph=5))
   micro_budget = layout.budget_for(examples, n_graph=3)  # fits either pair
   micros = [layout.collate(examples[i:i + 2], micro_budget) for i in (0, 2)]
-  model = steps.build_model(config)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  state, tx = steps.create_train_state(config, model, big, mesh, load_esm=False)
+  model = models.build_model(config)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  state, tx = train_state.create_train_state(config, model, big, mesh, load_esm=False)
   # Compiled once per layout; the optimizer's update is applied eagerly after.
   grads = jax.jit(lambda p, b: steps.loss_and_grads(p, b, state.rng, 0, model=model,
                                                     task=config.task))
-  (loss_one, aux_one), g_one = grads(state.params, parallel.stack([big]))
-  (loss_acc, aux_acc), g_acc = grads(state.params, parallel.stack(micros))
+  (loss_one, aux_one), g_one = grads(state.params, device_batches.stack([big]))
+  (loss_acc, aux_acc), g_acc = grads(state.params, device_batches.stack(micros))
   np.testing.assert_allclose(loss_acc, loss_one, rtol=1e-6)
   np.testing.assert_allclose(aux_acc["label_weight"], aux_one["label_weight"])
   view = model.config.trainable.select(state.params)

@@ -134,6 +134,7 @@ def test_load_applies_the_incomplete_backbone_policy(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   """A 2-step tiny demo run (checkpoint at step 2), trained in this process."""
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
   from bihier_jax.training import train_lib  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   with conftest.built_once(tmp_path_factory, "train_demo_data") as (root, ready):
@@ -141,7 +142,7 @@ def demo_run(tmp_path_factory):
     config = demo.get_config("tiny")
     config.data.dir = data_dir
     if not ready:
-      train_lib.ensure_demo_data(config)
+      runtime.build_data(config)
   config.train.num_steps = config.train.eval_every = config.train.checkpoint_every = 2
   workdir = str(tmp_path_factory.mktemp("predict_run"))
   train_lib.train_and_evaluate(config, workdir)

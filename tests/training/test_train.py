@@ -40,8 +40,12 @@ from bihier_jax.data import pipeline
 from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.training import checkpointing
-from bihier_jax.training import steps
+from bihier_jax.training import mesh as mesh_lib
+from bihier_jax.training import runtime
+from bihier_jax import models
+from bihier_jax.training import train_state
 from bihier_jax.training import train_lib
+from bihier_jax.training import writers
 from configs import demo
 from tests.paths import REPO
 
@@ -54,8 +58,8 @@ def demo_data(tmp_path_factory):
     if not ready:
       config = demo.get_config("tiny")
       config.data.dir = out
-      train_lib.ensure_demo_data(config)
-  assert train_lib.has_records(out)
+      runtime.build_data(config)
+  assert runtime.has_records(out)
   return out
 
 
@@ -424,15 +428,15 @@ def test_reports_the_checkpoint_selected_on_validation(tmp_path, capsys):
 def test_missing_and_corrupt_checkpoints(tmp_path):
   config = demo.get_config("tiny")
   config.task.name = "synthetic"
-  mesh = train_lib.parallel.make_mesh(jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
   batch = layout.collate([testing.random_example(12, seed=0)], _BUDGET)
   with pytest.raises(checkpointing.CheckpointError, match="train first"):
-    train_lib.restore_params(config, str(tmp_path / "nothing"), "", batch, mesh)
+    checkpointing.restore_params(config, str(tmp_path / "nothing"), "", batch, mesh)
   # A checkpoint of a different model (wider GNN) does not fit this config.
   other = demo.get_config("tiny")
   other.task.name = "synthetic"
   other.model.gnn.hidden = 24
-  state, _ = steps.create_train_state(other, steps.build_model(other), batch,
+  state, _ = train_state.create_train_state(other, models.build_model(other), batch,
                                           mesh)
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   ckpt.save(1, state, {"consumed": 1, "pending": []})
@@ -440,9 +444,9 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
   ckpt.close()
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"different model/optimizer configuration: params/\S+ has shape"):
-    train_lib.restore_params(config, str(tmp_path), "latest", batch, mesh)
+    checkpointing.restore_params(config, str(tmp_path), "latest", batch, mesh)
   with pytest.raises(checkpointing.CheckpointError, match="available steps"):
-    train_lib.restore_params(other, str(tmp_path), "7", batch, mesh)
+    checkpointing.restore_params(other, str(tmp_path), "7", batch, mesh)
   # Damaged array files.
   for path in glob.glob(str(tmp_path / "checkpoints" / "1" / "state" / "**"),
                         recursive=True):
@@ -450,13 +454,13 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
       with open(path, "wb") as f:
         f.write(b"\0" * 7)
   with pytest.raises(checkpointing.CheckpointError, match="cannot be read"):
-    train_lib.restore_params(other, str(tmp_path), "latest", batch, mesh)
+    checkpointing.restore_params(other, str(tmp_path), "latest", batch, mesh)
 
 
 def test_matmul_throughput_counts_only_added_steps(monkeypatch):
   clock = iter([10.0, 12.0, 20.0, 30.0, 34.0])
-  monkeypatch.setattr(train_lib.time, "perf_counter", lambda: next(clock))
-  meter = train_lib.MatmulThroughput(num_devices=2)  # clock starts at t=10
+  monkeypatch.setattr(writers.time, "perf_counter", lambda: next(clock))
+  meter = writers.MatmulThroughput(num_devices=2)  # clock starts at t=10
   meter.add(8e12)
   meter.add(8e12)
   assert meter.read() == pytest.approx(16e12 / 2 / (12.0 - 10.0) / 1e12)  # t=12
