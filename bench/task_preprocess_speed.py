@@ -5,7 +5,7 @@
 Builds each task's native-format fixture (real PDB structures, see
 tests/fixtures/builders.py), then times `task.process` per item with process CPU time
 (robust to other load on the machine) and prints per-item cost, residues/s, and the
-extrapolated single-core time for the full dataset sizes of DATASETS.md.
+extrapolated single-core time for the full dataset sizes of docs/tasks.md.
 """
 
 import os
@@ -20,7 +20,7 @@ from data_pipelines import tasks  # noqa: E402
 from fixtures import builders  # noqa: E402
 
 FULL_SIZES = {"react": 37_428, "mqa": 44_214, "lba30": 4_463, "lba60": 4_463,
-              "ppbs": 20_000, "bce": 3_756}  # items (DATASETS.md; PPBS train approx.)
+              "ppbs": 20_000, "bce": 3_756}  # items (docs/tasks.md; PPBS train approx.)
 
 
 def main():

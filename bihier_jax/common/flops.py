@@ -7,19 +7,9 @@ function traces, forward and (for a gradient function) backward alike. Elementwi
 (softmax, LayerNorm, dropout) is not counted: it is memory-bound, and what compares two
 models' arithmetic is the matmul count.
 
-Why not XLA's `cost_analysis()`: it counts a loop body once, not once per trip, so for
-the scanned ESM-2 layers it reported 18 GFLOP for a training step counted here at
-104 GFLOP (t6_8M, 8 x 258 tokens).
-
-Control flow: `scan` bodies count `length` times; `cond` counts one branch, the cheapest
-(`cond_branch="min"`, what runs when a fast path is taken) or the dearest ("max", an
-upper bound); `while` bodies count once (their trip count is not static), so a
-function with a `while` around matmuls gets a lower bound. A `shard_map` body (per-device
-shapes) counts once per device of its manual mesh axes: the result is the whole
-program's FLOPs, summed over devices. Rematerialised work (`jax.checkpoint`) counts as
-often as it runs. Fused kernels that are single primitives, such as cuDNN attention
-(`jax.nn.dot_product_attention(implementation="cudnn")`, ESM-2's GPU bf16 path), are
-opaque and not counted, so on GPU the count leaves out ESM-2's attention.
+Not XLA's `cost_analysis()`: it counts a loop body once, not once per trip (18 GFLOP
+for a t6_8M training step counted here at 104 GFLOP).
+Control flow (scan, cond, while, shard_map, remat, fused kernels): `matmul_flops`.
 """
 
 from __future__ import annotations
@@ -125,5 +115,16 @@ def jaxpr_matmul_flops(jaxpr, cond_branch: str = "min") -> int:
 
 def matmul_flops(fn: Callable[..., Any], *args, cond_branch: str = "min",
                  **kwargs) -> int:
-  """Matmul FLOPs of one call `fn(*args, **kwargs)` (traced, not run)."""
+  """Matmul FLOPs of one call `fn(*args, **kwargs)` (traced, not run).
+
+  Control flow: `scan` bodies count `length` times; `cond` counts one branch, the cheapest
+  (`cond_branch="min"`, what runs when a fast path is taken) or the dearest ("max", an
+  upper bound); `while` bodies count once (their trip count is not static), so a
+  function with a `while` around matmuls gets a lower bound. A `shard_map` body (per-device
+  shapes) counts once per device of its manual mesh axes: the result is the whole
+  program's FLOPs, summed over devices. Rematerialised work (`jax.checkpoint`) counts as
+  often as it runs. Fused kernels that are single primitives, such as cuDNN attention
+  (`jax.nn.dot_product_attention(implementation="cudnn")`, ESM-2's GPU bf16 path), are
+  opaque and not counted, so on GPU the count leaves out ESM-2's attention.
+  """
   return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs), cond_branch)

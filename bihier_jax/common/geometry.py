@@ -2,7 +2,7 @@
 
 Conventions: dihedrals follow IUPAC-IUB 1970 (looking along the central bond p1 -> p2, the
 angle from p0 to p3, clockwise positive, in (-π, π]); an ideal α-helix has φ ≈ -57°,
-ψ ≈ -47°. Backbone features follow ProNet/DIG (DATASETS.md §3): per residue i,
+ψ ≈ -47°. Backbone features follow ProNet/DIG (docs/model.md "ProNet"): per residue i,
 φᵢ = (Cᵢ₋₁, Nᵢ, CAᵢ, Cᵢ), ψᵢ = (Nᵢ, CAᵢ, Cᵢ, Nᵢ₊₁), ωᵢ = (CAᵢ, Cᵢ, Nᵢ₊₁, CAᵢ₊₁), stored as
 [cos φ, cos ψ, cos ω, sin φ, sin ψ, sin ω]. Unlike DIG, which runs over the flattened
 batch, angles are never taken across a chain break (a C–N gap > 2 Å) and are 0 (both sin

@@ -1,23 +1,11 @@
 """Host memory-allocator settings that XLA's CPU runtime needs to run at full speed.
 
-XLA on CPU allocates every execution's temporary and output buffers with the C
-allocator. With glibc's defaults, blocks above the (dynamic, at most 32 MiB) mmap
-threshold come from fresh `mmap` calls and go back to the kernel when freed, and the
-per-thread arenas give freed heap pages back as well, so every training step page-faults
-its large buffers in again. Measured on the 2-core development VM (BENCHMARKS.md, "Host
-allocator"): one ProNet convolution forward+backward at 1,024 nodes x 17,408 edges took
-13.1 ms with 8,700 minor page faults per call (12 ms of it kernel time), and 3.0 ms with
-none after `tune_malloc()`; whole ProNet training steps ran 1.5-1.8x faster.
-
-`tune_malloc()` sets, through glibc's `mallopt`: one arena for all threads, no `mmap`
-for large blocks, no trimming of the heap top, and a 512 MiB top pad. The price: the
-process keeps its peak heap (RSS does not shrink after a large step), which is what a
-training or evaluation process wants anyway.
-
-Call it first thing in a process, before JAX runs anything (threads created earlier may
-keep their own arenas). The command-line tools, benchmarks and tests do; a library user
-on CPU should too. It does nothing on other C libraries, or when the environment sets
-BIHIER_TUNE_MALLOC=0.
+`tune_malloc()` sets, through glibc's `mallopt`: one arena for all threads, no `mmap` for
+large blocks, no trimming of the heap top, a 512 MiB top pad, so a step's large buffers
+are not page-faulted in again every step (1.5-1.8x faster ProNet steps on the 2-core VM;
+BENCHMARKS.md "Host allocator"). The price: the process keeps its peak heap. Call it
+first thing in a process, before JAX starts threads; the command-line tools, benchmarks
+and tests do. It does nothing on other C libraries, or with BIHIER_TUNE_MALLOC=0.
 """
 
 from __future__ import annotations

@@ -1,63 +1,14 @@
-"""Protein structure files (PDB, mmCIF, and their .gz forms) -> per-chain residue arrays.
+"""Protein structure files (PDB, mmCIF, and their .gz/.bz2/.xz forms) -> per-chain
+residue arrays, read with gemmi.
 
-Parser: gemmi (https://gemmi.readthedocs.io). It is a maintained C++ library with Python
-bindings that reads PDB, mmCIF and gzipped files with one call, keeps models, alternate
-locations and entity information, and parses a typical chain in well under a millisecond
-(about 300,000 residues/s on one core here, several times faster than pure-Python parsers
-such as Bio.PDB). Its C++ side also does the bulk filtering (hydrogen removal, entity and
-subchain assignment), so the Python loop below only visits residues and the few atoms per
-residue that we keep.
-
-Rules (what a structural biologist expects; each is tested in tests/common/test_structure.py):
-
-- Model: the first model of a multi-model file (NMR ensembles, biological-assembly files
-  whose symmetry copies are MODELs), or `model_index`.
-- Alternate locations: per atom, the conformer with the highest occupancy; ties go to the
-  first in the file (what Bio.PDB does). Whole-residue alternatives (microheterogeneity,
-  two residue names at one residue id) keep the residue whose CA has the higher occupancy
-  (it keeps the backbone atoms gemmi lists under the other). Every dropped alternative is
-  counted in `stats["altlocs_resolved"]`. An atom name repeated without altloc flags
-  (seen in some processed files) keeps its first copy.
-- Hydrogens and deuterium are dropped (`hydrogens`); waters are dropped (`waters`), by
-  gemmi's water test plus common MD solvent names (`WATER_NAMES`).
-- Chains: residues are grouped by author chain id (mmCIF chain parts are merged). Protein
-  residues are the residues gemmi's entity typing (`Structure.setup_entities`) places in
-  a polymer whose name is an amino acid (our tables, else gemmi's tabulated residue
-  info). A polymer residue with an unknown name that still has a CA is an unknown amino
-  acid (`X`, `unknown_residues`); one without a CA (e.g. ACE/NME caps) is dropped
-  (`non_amino_acid_residues`).
-- A chain whose polymer residues are nucleotides only is skipped (`nucleic_chains`).
-- Non-polymer residues other than water (ligands, ions, sugars, free amino acids after
-  TER) are returned apart as `Ligand`s: ligand binding affinity needs them.
-- A residue without a CA atom is dropped and counted (`residues_without_ca`), and named
-  in `Structure.residues_without_ca` (ScanNet's label files list such residues).
-- Standard amino acids outside the polymer (HETATM after TER) are ligands by default;
-  `hetatm_amino_acids=True` keeps those with a CA as residues of their chain, in file
-  order, as ScanNet's parser does (`hetatm_amino_acids`).
-- Modified residues (MSE, SEP, ...) are typed as their parent (`residue_constants.
-  MODIFIED_TO_PARENT`, else the parent letter gemmi tabulates) and flagged `is_modified`
-  (`modified_residues`); their side-chain atoms fill the parent's slots (MSE's SE is the
-  δ atom of MET).
-
-One typing rule for every input path: `residue_kind` (this module's tables, then
-gemmi's) types residues of structure files, of ATOM3D atom tables
-(data_pipelines.atom_rows builds a gemmi structure from them and reads it here) and of
-IEConv's HDF5 files (data_pipelines.react).
-
-Inputs: the content decides, never the file name. gzip, bzip2 and xz streams are
-decompressed whole (a truncated or corrupt stream is refused, never read in part); zip
-and zstd are refused with what to do; then PDB vs mmCIF is told from the first records
-(`sniff_format`), so `.pdbx`, assembly files (`1abc.pdb1.gz`) and files without an
-extension read like any other. Anything else is a `StructureError` naming the file and
-the reason.
-
-Backbone completeness: a residue is kept when it has a CA; `Chain.incomplete_backbone`
-marks those lacking N, C or O (CA-only models, truncated residues). The featuriser
-gives them degenerate frames (see bihier_jax/data/featurize.py); callers count them
-and follow `data.incomplete_backbone` (warn | skip | allow).
-
-Layout of `atom_positions`: `residue_constants.ATOM_NAMES` (N, CA, C, O, CB, then the
-χ-defining side-chain atoms of `residue_constants.CHI_ATOMS`). Coordinates are in Å.
+`parse_structure(source)` and `structure_from_gemmi(st)` give a `Structure` of `Chain`s
+(residue types, atom positions in Å in `residue_constants.ATOM_NAMES` order, masks,
+author numbering, flags) and `Ligand`s, with `stats` counting everything dropped
+(`DROPPED_STATS`). `residue_kind` is the one residue-typing rule of every input path;
+`sniff_format` and `decompress` decide a file's format from its content; bad input is a
+`StructureError` naming the file. The rules (models, altlocs, hydrogens, waters, chains,
+unknown and modified residues, HETATM amino acids, backbone completeness):
+docs/structures.md.
 """
 
 from __future__ import annotations

@@ -41,15 +41,15 @@ def _each_sub_batch(fn, block):
 
 
 def _log_attention(model, batch: Batch) -> None:
-  """Logs the ESM attention a step runs (`esm2.describe_attention`); called while the
+  """Logs the ESM attention a step runs (`attention_backends.describe_attention`); called while the
   step is traced, so once per compiled program."""
   cfg = model.config
   if not getattr(cfg, "uses_esm", False):
     return
-  from bihier_jax.models import esm2  # pylint: disable=g-import-not-at-top
+  from bihier_jax.models import attention_backends  # pylint: disable=g-import-not-at-top
   rows, length = batch.tokens.shape[-2:]
-  logging.info("ESM attention: %s",
-               esm2.describe_attention(cfg.esm, rows, length, batch.packed_rows))
+  logging.info("ESM attention: %s", attention_backends.describe_attention(
+      cfg.esm, rows, length, batch.packed_rows))
 
 
 def _data_parallel(body, mesh, out_specs):

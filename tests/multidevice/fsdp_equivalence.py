@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 from bihier_jax import testing  # noqa: E402
 from bihier_jax.data import layout  # noqa: E402
 from bihier_jax.data.batch import PaddingBudget  # noqa: E402
-from bihier_jax.training import checkpointing, parallel, steps, train_lib  # noqa: E402
+from bihier_jax import models  # noqa: E402
+from bihier_jax.training import checkpointing, device_batches, mesh as mesh_lib, optim, steps, train_lib, train_state  # noqa: E402
 from configs import demo  # noqa: E402
 # pylint: enable=wrong-import-position
 
@@ -27,7 +28,7 @@ KERNEL = ("esm", "layers", "fc1", "kernel")  # [4, 64, 256], split on its last a
 
 
 def batch(step):  # 8 sub-batches of 2 proteins, different at every step
-  return parallel.stack([layout.collate(
+  return device_batches.stack([layout.collate(
       [testing.random_example(10 + (3 * d + step) % 11, seed=d + 10 * step),
        testing.random_example(8 + d, seed=100 + d + 10 * step)], BUDGET)
       for d in range(8)])
@@ -64,28 +65,28 @@ class Steps:
     config.optim.warmup_steps, config.optim.schedule = 0, "constant"
     self.batches = [batch(s) for s in range(3)]
     self.sample = layout.collate([testing.random_example(10, seed=0)], BUDGET)
-    self.model = steps.build_model(config)
+    self.model = models.build_model(config)
 
   def run(self, mesh, state=None, tx=None, first=0, last=3):
     if state is None:
-      state, tx = steps.create_train_state(self.config, self.model, self.sample, mesh,
+      state, tx = train_state.create_train_state(self.config, self.model, self.sample, mesh,
                                            load_esm=False)
     fn = steps.jit_train_step(self.model, tx, self.config.task, mesh, state)
     losses = []
     for b in self.batches[first:last]:
-      state, metrics = fn(state, parallel.put_global(b, mesh))
+      state, metrics = fn(state, mesh_lib.put_global(b, mesh))
       losses.append(float(metrics["loss"]))
     return state, tx, losses
 
 
 def fsdp_matches_one_device(s: Steps):
   """fsdp 4 and 8 against 1 device; returns (1-device state, losses, fsdp=4 workdir)."""
-  one, _, loss_one = s.run(parallel.make_mesh(jax.devices()[:1]))
+  one, _, loss_one = s.run(mesh_lib.make_mesh(jax.devices()[:1]))
   ref_params = jax.device_get(one.params)
   print("1 device", loss_one)
   results = {}
   for size in (4, 8):
-    mesh = parallel.make_mesh(jax.devices(), size)
+    mesh = mesh_lib.make_mesh(jax.devices(), size)
     state, tx, losses = s.run(mesh, last=2)
     kernel = leaf(state.params, KERNEL)
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
@@ -111,15 +112,15 @@ def restores_across_meshes(s: Steps, ref_params, losses4, workdir):
   # The fsdp=4 checkpoint of step 2 onto other meshes: 8 devices with fsdp=8, and 4
   # devices with fsdp=2 (two sub-batches per device), then step 3 as before.
   for devices, size in ((jax.devices(), 8), (jax.devices()[:4], 2)):
-    mesh = parallel.make_mesh(devices, size)
-    abstract = steps.abstract_train_state(s.config, s.model, s.sample, mesh)
+    mesh = mesh_lib.make_mesh(devices, size)
+    abstract = train_state.abstract_train_state(s.config, s.model, s.sample, mesh)
     with checkpointing.Checkpointer(workdir, read_only=True) as ckpt:
       state, _, step = ckpt.restore("latest", abstract)
     assert step == 2 and int(state.step) == 2
     kernel = leaf(state.params, KERNEL)
     assert kernel.addressable_shards[0].data.shape == (4, 64, 256 // size)
     assert len(kernel.sharding.device_set) == len(devices)
-    tx = steps.optim.make_optimizer(s.config)
+    tx = optim.make_optimizer(s.config)
     state, _, losses = s.run(mesh, state, tx, first=2)
     print(len(devices), "devices, fsdp", size, "after restore", losses)
     np.testing.assert_allclose(losses, losses4[2:], rtol=0, atol=1e-5)
@@ -133,14 +134,14 @@ def bf16_gradients_match_data_parallel(s: Steps, one):
   ref_params = jax.device_get(one.params)
   bf16_config = s.config.copy_and_resolve_references()
   bf16_config.model.dtype = "bfloat16"
-  bf16_model = steps.build_model(bf16_config)
+  bf16_model = models.build_model(bf16_config)
   grads = {}
   for size in (1, 4):
-    mesh = parallel.make_mesh(jax.devices(), size)
-    params = jax.device_put(ref_params, parallel.state_shardings(ref_params, mesh))
+    mesh = mesh_lib.make_mesh(jax.devices(), size)
+    params = jax.device_put(ref_params, mesh_lib.state_shardings(ref_params, mesh))
     fn = jax.jit(functools.partial(steps.loss_and_grads, model=bf16_model,
                                    task=s.config.task, mesh=mesh))
-    _, grads[size] = jax.device_get(fn(params, parallel.put_global(s.batches[0], mesh),
+    _, grads[size] = jax.device_get(fn(params, mesh_lib.put_global(s.batches[0], mesh),
                                        one.rng, one.step))
   worst = 0.0
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[4]),

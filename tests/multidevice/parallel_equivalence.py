@@ -14,7 +14,8 @@ from bihier_jax import testing  # noqa: E402
 from bihier_jax.common import flops  # noqa: E402
 from bihier_jax.data import layout  # noqa: E402
 from bihier_jax.data.batch import PaddingBudget  # noqa: E402
-from bihier_jax.training import parallel, steps  # noqa: E402
+from bihier_jax import models  # noqa: E402
+from bihier_jax.training import device_batches, mesh as mesh_lib, steps  # noqa: E402
 from configs import demo  # noqa: E402
 # pylint: enable=wrong-import-position
 
@@ -28,19 +29,19 @@ def main():
        testing.random_example(8 + d, seed=100 + d)], budget) for d in range(8)]
   # One sub-batch without labels: it must weigh nothing, on either mesh.
   subs[5] = subs[5].replace(node_label_mask=np.zeros_like(subs[5].node_label_mask))
-  stacked = parallel.stack(subs)
-  model = steps.build_model(config)
+  stacked = device_batches.stack(subs)
+  model = models.build_model(config)
   params = jax.device_get(jax.jit(lambda k, b: model.init(k, b)["params"])(
       jax.random.key(0), subs[0]))
   rng = jax.random.key_data(jax.random.key(1))
 
   def step(devices):
-    mesh = parallel.make_mesh(devices)
-    batch = parallel.put_global(stacked, mesh)
+    mesh = mesh_lib.make_mesh(devices)
+    batch = mesh_lib.put_global(stacked, mesh)
     assert len(batch.node_mask.sharding.device_set) == len(devices)
     fn = jax.jit(lambda p, b: steps.loss_and_grads(
         p, b, rng, 3, model=model, task=config.task, mesh=mesh),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+        in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
     return fn, batch
 
   def run(devices):

@@ -31,7 +31,7 @@ from bihier_jax import models
 from bihier_jax.training import steps
 from bihier_jax.training import train_state
 from configs import demo
-from tests.training.test_parallel import run_script
+from tests import multidevice
 
 TOL = 1e-5
 KINDS = ("splash", "flash_gpu")
@@ -127,29 +127,8 @@ def test_kernel_in_the_steps_equals_exact_on_one_device(reference, kind, caplog)
              and f"on {LENGTH}-token packed rows" in line for line in lines), lines
 
 
-_TWO_DEVICES = """
-import os
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=2")
-import jax
-from bihier_jax.training import mesh as mesh_lib
-from tests.training import test_pallas_steps as t
-
-assert jax.device_count() == 2
-batch = t.stacked_batch(2, 2)
-params = t.initial_params(batch)
-mesh = mesh_lib.make_mesh(jax.devices())
-assert mesh.devices.size == 2
-want = t.run_sequence("exact", params, batch, None, mesh)
-for kind in t.KINDS:
-  t.assert_equal_runs(t.run_sequence(kind, params, batch, None, mesh), want)
-  print(kind, "equal")
-print("OK")
-"""
-
-
 def test_kernels_in_the_steps_equal_exact_on_two_devices():
-  run_script(_TWO_DEVICES, timeout=400)
+  multidevice.run("pallas_equivalence", timeout=400)
 
 
 # --- the block-sparse splash grid ---------------------------------------------------------
