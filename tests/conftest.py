@@ -102,6 +102,22 @@ def garble_checkpoint(workdir, step: int) -> None:
         f.truncate(3)
 
 
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+  """The demo records, built once for the session by the builder configs/demo.py names
+  (as train does on first use)."""
+  from bihier_jax.training import runtime  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  with built_once(tmp_path_factory, "train_demo_data") as (root, ready):
+    out = str(root / "demo")
+    if not ready:
+      config = demo.get_config("tiny")
+      config.data.dir = out
+      runtime.build_data(config)
+  assert runtime.has_records(out)
+  return out
+
+
 @pytest.fixture
 def tiny_config():
   """A fresh configs.default config with the test model of `testing.tiny_config`."""

@@ -24,26 +24,11 @@ import time
 import numpy as np
 import pytest
 
-import conftest
 
 from bihier_jax.training import checkpointing
-from bihier_jax.training import runtime
-from configs import demo
 from tests.paths import REPO
 
 PRESET = "L2_D32_H4_F64"  # the checkpoint's architecture: no released size
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-  """The demo records (shared with test_train's fixture of the same name)."""
-  with conftest.built_once(tmp_path_factory, "train_demo_data") as (root, ready):
-    out = str(root / "demo")
-    if not ready:
-      config = demo.get_config("tiny")
-      config.data.dir = out
-      runtime.build_data(config)
-  return out
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from bihier_jax.data import pipeline
 from bihier_jax.data import records
 from bihier_jax.training import device_batches
 from tests.training import multihost_job
-from tests.training.test_train import _env, _losses, demo_data  # noqa: F401  (fixture)
+from tests.training.test_train import _env, _losses
 from tests.paths import REPO
 
 JOB = os.path.join(REPO, "tests", "training", "multihost_job.py")
@@ -85,7 +85,7 @@ def _ok(proc, what):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, demo_data):  # noqa: F811
+def runs(tmp_path_factory, demo_data):
   root = tmp_path_factory.mktemp("multihost")
   w = {k: str(root / k) for k in ("two", "ref", "two_to_one", "one_to_two", "ref_copy")}
   predictions = {1: str(root / "predict1.npz"), 2: str(root / "predict2.npz")}

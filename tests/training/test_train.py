@@ -41,26 +41,12 @@ from bihier_jax import testing
 from bihier_jax.data.batch import PaddingBudget
 from bihier_jax.training import checkpointing
 from bihier_jax.training import mesh as mesh_lib
-from bihier_jax.training import runtime
 from bihier_jax import models
 from bihier_jax.training import train_state
 from bihier_jax.training import train_lib
 from bihier_jax.training import writers
 from configs import demo
 from tests.paths import REPO
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-  """The demo records, built once for the session (as train does on first use)."""
-  with conftest.built_once(tmp_path_factory, "train_demo_data") as (root, ready):
-    out = str(root / "demo")
-    if not ready:
-      config = demo.get_config("tiny")
-      config.data.dir = out
-      runtime.build_data(config)
-  assert runtime.has_records(out)
-  return out
 
 
 def _env():
