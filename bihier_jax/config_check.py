@@ -249,6 +249,7 @@ def _check_run_values(config) -> None:
   # pylint: enable=g-import-not-at-top
   _one_of(config, "optim.schedule", optim.SCHEDULES)
   _one_of(config, "data.crop", batch_plan.CROPS)
+  _one_of(config, "data.eval_long_chains", batch_plan.EVAL_LONG_CHAINS)
   _one_of(config, "train.on_corrupt_checkpoint", checkpointing.ON_CORRUPT)
   for path in ("train.num_steps", "train.batch_size", "train.eval_every",
                "train.checkpoint_every", "train.log_every", "train.keep_checkpoints",

@@ -40,7 +40,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.eval_splits = ("val", "test")
   c.data.select_split = "val"
   c.data.max_residues = rc.ESM_MAX_RESIDUES  # chains are cropped to this many residues
-  c.data.crop = "random"  # random (train) / first (eval) window when a chain is longer
+  c.data.crop = "random"  # training: random / first window when a chain is longer
+  # Evaluation of a protein with a longer chain: "whole" scores every residue (the chain
+  # in overlapping ESM windows, docs/data.md "Long chains"); "first_window" crops it to
+  # the first data.max_residues residues (ScanNet's protocol).
+  c.data.eval_long_chains = "whole"
   # Training shuffle buffer, records; 0 = a permutation of the whole split (records are
   # read by offset: no memory either way; docs/data.md: shuffling).
   c.data.shuffle_buffer = 0

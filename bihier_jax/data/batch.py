@@ -40,6 +40,16 @@ class PaddingBudget:
   graph_capacity: int = 0
   # Several chains per ESM row (a layout, not a shape: both layouts run one program).
   packed_rows: bool = False
+  # K: the most ESM windows one residue is in. 1: every chain is one `<cls> seq <eos>`
+  # run and node_to_token is [N, 2]. K > 1: a windowed budget; chains longer than
+  # `window` residues are read in overlapping windows (`data.windows`) and node_to_token
+  # is [N, K, 2].
+  token_copies: int = 1
+
+  @property
+  def window(self) -> int:
+    """Residues per ESM window (row_length - 2) of a windowed budget, else 0."""
+    return self.row_length - 2 if self.token_copies > 1 else 0
 
   @property
   def max_chains(self) -> int:
@@ -78,7 +88,9 @@ class Batch:
       edges: None (edge features are computed inside the model from coordinates);
       senders, receivers int32[E]; n_node, n_edge int32[G]; globals None.
     node_to_token: int32[N, 2] (row, column) of each residue node in `tokens`; (-1, -1)
-      for padding and ligand nodes. Consumers clamp and mask.
+      for padding and ligand nodes. Consumers clamp and mask. In a windowed batch
+      (`PaddingBudget.token_copies` K > 1) int32[N, K, 2]: the residue's token in every
+      window that holds it, the one it reads first, (-1, -1) after its last copy.
     graph_slot_node: int32[G-1, P] node index of slot p of real-graph slot g (graph g's
       nodes in order, then -1); the padding graph G-1 has no slots. P =
       `budget.graph_capacity` (0: [G-1, 0], no per-graph layout).
@@ -110,8 +122,11 @@ class Batch:
 
   @property
   def budget(self) -> PaddingBudget:
+    # node_to_token has one more axis than node_mask (the pair), two when windowed.
+    windowed = self.node_to_token.ndim - self.node_mask.ndim == 2
     return PaddingBudget(
         n_node=int(self.node_mask.shape[-1]), n_edge=int(self.edge_mask.shape[-1]),
         n_graph=int(self.graph_mask.shape[-1]), n_row=int(self.tokens.shape[-2]),
         row_length=int(self.tokens.shape[-1]),
-        graph_capacity=int(self.graph_slot_node.shape[-1]), packed_rows=self.packed_rows)
+        graph_capacity=int(self.graph_slot_node.shape[-1]), packed_rows=self.packed_rows,
+        token_copies=int(self.node_to_token.shape[-2]) if windowed else 1)

@@ -30,9 +30,20 @@ from bihier_jax.data.batch import PaddingBudget
 # Tags that keep the random streams of one seed apart.
 _ORDER, _EMIT, _CROP = 0x0D, 0xE1, 0xC0
 _SCAN_BATCH = 1024  # records parsed at once while building an index
-# data.crop: where a chain longer than data.max_residues is cut (training; evaluation
-# always keeps the first window).
+# data.crop: where a chain longer than data.max_residues is cut in training.
 CROPS = ("random", "first")
+# data.eval_long_chains: how evaluation reads a protein with a chain longer than
+# data.max_residues. "whole": every residue, the chain in overlapping ESM windows
+# (`data.windows`), the structure whole, one protein per batch (`windowed_records`);
+# "first_window": cropped as training's data.crop="first" does (ScanNet's protocol:
+# only a chain's first residues are scored).
+EVAL_LONG_CHAINS = ("whole", "first_window")
+
+
+def eval_long_chains(config) -> str:
+  """The config's data.eval_long_chains; configs older than the field cropped, as
+  "first_window" does."""
+  return str(config.data.get("eval_long_chains", "first_window"))
 
 
 def default_chunk_size(batch_size: int) -> int:
@@ -275,11 +286,13 @@ class Planner:
     shuffle_buffer: training shuffle buffer in records (0 or >= records: the split).
     training: an endless stream of epochs in random order, else one pass in file order.
     random_crop: windows drawn at random (training only), else the first window.
+    whole_chains: evaluation leaves records with a chain longer than max_residues out
+      of the plan (`windowed_records`: the caller batches them whole).
   """
 
   def __init__(self, index: RecordIndex, budgets: Sequence[PaddingBudget], *,
                max_residues: int, chunk_size: int, seed: int, shuffle_buffer: int = 0,
-               training: bool, random_crop: bool = False):
+               training: bool, random_crop: bool = False, whole_chains: bool = False):
     self.index = index
     self.budgets = tuple(budgets)
     self.max_residues = int(max_residues)
@@ -290,6 +303,15 @@ class Planner:
     self.random_crop = bool(random_crop) and self.training
     self._sizes, self.long, self.tokens = _planned_sizes(index, self.max_residues)
     self.bucket = packing.assign_buckets(self._sizes, self.long, self.budgets)
+    self.whole_chains = bool(whole_chains) and not self.training
+
+  @property
+  def windowed_records(self) -> np.ndarray:
+    """int64[w] the records evaluation batches whole, in file order, outside the plan
+    (whole_chains: those with a chain longer than max_residues; else none)."""
+    if not self.whole_chains:
+      return np.zeros([0], np.int64)
+    return np.flatnonzero(self.long).astype(np.int64)
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """int64[n] the records of one training epoch, in order (steps 1 and 2)."""
@@ -348,8 +370,12 @@ class Planner:
     index = int(start_index)
     epoch = int(start_epoch) if self.training else 0
     while True:
-      order = (self.epoch_order(epoch) if self.training
-               else np.arange(len(self.index), dtype=np.int64))
+      if self.training:
+        order = self.epoch_order(epoch)
+      else:
+        order = np.arange(len(self.index), dtype=np.int64)
+        if self.whole_chains:
+          order = order[~self.long]
       for c, start in enumerate(range(0, len(order), self.chunk_size)):
         for k, records, row, column in self.chunk(order[start:start + self.chunk_size],
                                                   epoch=epoch, chunk=c):

@@ -9,8 +9,9 @@ reported at once.
   loaded.examples, loaded.example_file, loaded.manifest
 
 Every file ends up in `manifest` as `ok` or `skipped` with the reason (the reader's
-StructureError, a chain longer than ESM-2 takes, a missing `chains` id, or residues
-without a complete backbone under the `skip` policy).
+StructureError, a missing `chains` id, or residues without a complete backbone under
+the `skip` policy). Chains of any length are kept: prediction reads a chain longer than
+data.max_residues in overlapping ESM windows (`layout.inference_batches`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import glob
 import os
 from collections.abc import Sequence
 
-from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
 from bihier_jax.data import featurize
 from bihier_jax.data.example import ProteinExample
@@ -117,12 +117,6 @@ def load_file(path: str, *, per_chain: bool = False, chains: Sequence[str] | Non
   examples = featurize.examples_from_file(
       path, per_chain=per_chain, chain_ids=list(chains) if chains else None,
       cutoff=cutoff, max_neighbors=max_neighbors)
-  too_long = [f"{ex.id} ({max(len(s) for s in ex.sequences)})" for ex in examples
-              if max(len(s) for s in ex.sequences) > rc.ESM_MAX_RESIDUES]
-  if too_long:
-    raise structure.StructureError(
-        f"{path}: chain(s) longer than ESM-2's {rc.ESM_MAX_RESIDUES} residues: "
-        f"{', '.join(too_long)}")
   kept, incomplete, dropped = featurize.apply_incomplete_backbone(
       examples, incomplete_backbone)
   if not kept:

@@ -19,6 +19,7 @@ import numpy as np
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.data import budgets as budgets_lib
 from bihier_jax.data import packing
+from bihier_jax.data import windows
 from bihier_jax.data.batch import Batch, PaddingBudget
 from bihier_jax.data.example import ExampleSizes, ProteinExample
 
@@ -52,44 +53,86 @@ def chain_links(chain_row, residue_index, ca, ca_mask):
           & ca_mask[1:] & ca_mask[:-1] & (dist_sq <= _CA_CA_MAX_SQ))
 
 
-def plan_inputs(examples: Sequence[ProteinExample]):
-  """(nodes, edges, chains, chain tokens) of `examples`, as `packing` takes them."""
-  sizes = size_rows(examples)
-  tokens = [len(s) + 2 for ex in examples for s in ex.sequences]
+def plan_inputs(examples: Sequence[ProteinExample], window: int = 0):
+  """(nodes, edges, ESM runs, run tokens) of `examples`, as `packing` takes them; a run
+  is a chain, or with window > 0 one window of a longer chain (`windows.chain_runs`)."""
+  sizes = size_rows(examples, window)
+  tokens = [size + 2 for runs in _runs(examples, window) for size in runs[2].tolist()]
   return sizes[:, 0], sizes[:, 3], sizes[:, 2], np.asarray(tokens, np.int64)
 
 
-def size_rows(examples: Sequence[ProteinExample]) -> np.ndarray:
-  """int[M, 4] `ExampleSizes` per example: the sizes.json rows `bucket_budgets` takes."""
-  return np.array([ex.sizes() for ex in examples] or np.zeros([0, 4]),
-                  np.int64).reshape(-1, len(ExampleSizes._fields))
+def _runs(examples: Sequence[ProteinExample], window: int):
+  """Per example, its ESM runs: (chain, start, length) int64[S] (`windows.chain_runs`)."""
+  return [windows.chain_runs([len(s) for s in ex.sequences], window) for ex in examples]
+
+
+def size_rows(examples: Sequence[ProteinExample], window: int = 0) -> np.ndarray:
+  """int[M, 4] `ExampleSizes` per example: the sizes.json rows `bucket_budgets` takes.
+  With window > 0, as windowed batches hold them: chains counts ESM runs (windows) and
+  longest_chain is at most `window`."""
+  sizes = np.array([ex.sizes() for ex in examples] or np.zeros([0, 4]),
+                   np.int64).reshape(-1, len(ExampleSizes._fields))
+  if window:
+    sizes[:, 1] = np.minimum(sizes[:, 1], window)
+    sizes[:, 2] = [len(runs[0]) for runs in _runs(examples, window)]
+  return sizes
+
+
+def token_copies(examples: Sequence[ProteinExample], window: int) -> int:
+  """K of `PaddingBudget.token_copies`: the most windows of `window` residues one
+  residue of `examples` is in (1: no chain is longer than `window`)."""
+  lengths = [len(s) for ex in examples for s in ex.sequences]
+  longest = max(lengths, default=0)
+  return windows.residue_windows(longest, window)[0].shape[1] if longest > window else 1
 
 
 def budget_for(examples: Sequence[ProteinExample], *, n_graph: int | None = None,
                node_multiple: int = 1, edge_multiple: int = 1, row_multiple: int = 1,
-               packed_rows: bool = False, graph_multiple: int = 0) -> PaddingBudget:
+               packed_rows: bool = False, graph_multiple: int = 0,
+               window: int = 0) -> PaddingBudget:
   """The smallest budget (rounded up to multiples) that holds `examples` in one batch.
 
   Keeps one padding node and one padding graph, as `collate` needs. Packed, the rows are
   those the chains fill first-fit in rows of the longest chain's length. graph_multiple
   > 0 sets graph_capacity to the largest example's nodes rounded up to it (0: none).
+  window > 0: chains longer than `window` residues are read in windows; if there are
+  any, the budget is windowed (rows of exactly window + 2 tokens, `token_copies` > 1).
   """
-  sizes = size_rows(examples) if examples else np.zeros([1, 4], np.int64)
+  copies = token_copies(examples, window) if window else 1
+  window = window if copies > 1 else 0
+  sizes = size_rows(examples, window) if examples else np.zeros([1, 4], np.int64)
   up = budgets_lib.round_up
-  row_length = up(sizes[:, 1].max() + 2, row_multiple)
+  row_length = window + 2 if window else up(sizes[:, 1].max() + 2, row_multiple)
   n_row = max(sizes[:, 2].sum(), 1)
   if packed_rows and examples:
     roomy = PaddingBudget(n_node=sizes[:, 0].sum() + 1, n_edge=sizes[:, 3].sum(),
                           n_graph=len(examples) + 1, n_row=n_row, row_length=row_length,
-                          packed_rows=True)
-    n_row = int(packing.plan_batches(*plan_inputs(examples), roomy).row.max()) + 1
+                          packed_rows=True, token_copies=copies)
+    n_row = int(packing.plan_batches(*plan_inputs(examples, window), roomy).row.max()) + 1
   return PaddingBudget(
       n_node=up(sizes[:, 0].sum() + 1, node_multiple),
       n_edge=up(max(sizes[:, 3].sum(), 1), edge_multiple),
       n_graph=n_graph if n_graph is not None else len(examples) + 1,
       n_row=up(n_row, row_multiple), row_length=row_length,
       graph_capacity=up(sizes[:, 0].max(), graph_multiple) if graph_multiple else 0,
-      packed_rows=packed_rows)
+      packed_rows=packed_rows, token_copies=copies)
+
+
+def windowed_budget(examples: Sequence[ProteinExample], window: int, *,
+                    packed_rows: bool = False, node_multiple: int = 64,
+                    edge_multiple: int = 512, graph_multiple: int = 0) -> PaddingBudget:
+  """One budget for batches of one example each, any of `examples`, chains longer than
+  `window` read in windows: each shape the largest example needs (one program)."""
+  each = [budget_for([ex], window=window, packed_rows=packed_rows,
+                     node_multiple=node_multiple, edge_multiple=edge_multiple,
+                     graph_multiple=graph_multiple) for ex in examples]
+  if not each:
+    raise ValueError("windowed_budget of no examples")
+  most = lambda name: max(getattr(b, name) for b in each)  # pylint: disable=unnecessary-lambda-assignment
+  return PaddingBudget(
+      n_node=most("n_node"), n_edge=most("n_edge"), n_graph=2, n_row=most("n_row"),
+      row_length=most("row_length"), graph_capacity=most("graph_capacity"),
+      packed_rows=packed_rows, token_copies=most("token_copies"))
 
 
 def _starts(examples: Sequence[ProteinExample]) -> np.ndarray:
@@ -99,8 +142,31 @@ def _starts(examples: Sequence[ProteinExample]) -> np.ndarray:
                          np.cumsum(sizes[:, [0, 3, 2]], 0)]).astype(np.int64)
 
 
+def _token_map(ex: ProteinExample, runs, window: int, copies: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(run int[n, K], offset int[n, K]) of each residue's ESM token copies: the run of
+  the example (-1: no copy) and the residue's position in it; K = `copies`."""
+  if not window:
+    return ex.chain_row[:, None].astype(np.int64), ex.residue_index[:, None].astype(
+        np.int64)
+  first = np.searchsorted(runs[0], np.arange(len(ex.sequences)))  # first run per chain
+  run = np.full([ex.num_residues, copies], -1, np.int64)
+  offset = np.full([ex.num_residues, copies], -1, np.int64)
+  for c, seq in enumerate(ex.sequences):
+    which, pos = windows.residue_windows(len(seq), window)
+    if which.shape[1] > copies:
+      raise ValueError(f"{ex.id}: a residue of chain {ex.chain_ids[c]!r} is in "
+                       f"{which.shape[1]} windows, the budget holds {copies}")
+    on = ex.chain_row == c
+    idx = ex.residue_index[on]
+    k = which.shape[1]
+    run[on, :k] = np.where(which[idx] >= 0, first[c] + which[idx], -1)
+    offset[on, :k] = pos[idx]
+  return run, offset
+
+
 def _node_arrays(examples, budget: PaddingBudget, plan: packing.Plan):
-  """(nodes dict of `Batch.graph.nodes`, node_to_token int32[N, 2])."""
+  """(nodes dict of `Batch.graph.nodes`, node_to_token int32[N, 2] or [N, K, 2])."""
   n, a = budget.n_node, rc.NUM_ATOM_SLOTS
 
   def f32(*shape):
@@ -114,7 +180,10 @@ def _node_arrays(examples, budget: PaddingBudget, plan: packing.Plan):
       "residue_index": np.zeros([n], np.int32), "chain_id": np.full([n], -1, np.int32),
       "node_kind": np.zeros([n], np.int32),
   }
-  node_to_token = np.full([n, 2], -1, np.int32)
+  copies = budget.token_copies
+  node_to_token = np.full([n, copies, 2], -1, np.int32)
+  all_runs = _runs(examples, budget.window)
+  run_first = np.cumsum([0] + [len(r[0]) for r in all_runs])
   for gi, (ex, (node0, _, chain0)) in enumerate(zip(examples, _starts(examples))):
     nr, nl = ex.num_residues, int(ex.ligand_elements.shape[0])
     res, lig = slice(node0, node0 + nr), slice(node0 + nr, node0 + nr + nl)
@@ -136,26 +205,29 @@ def _node_arrays(examples, budget: PaddingBudget, plan: packing.Plan):
                        np.asarray(ex.atom_mask[:, _CA], bool))
     nodes["prev_node"][res] = np.where(np.concatenate([[False], link]), idx - 1, idx)
     nodes["next_node"][res] = np.where(np.concatenate([link, [False]]), idx + 1, idx)
-    chains = slice(chain0, chain0 + len(ex.sequences))
-    node_to_token[res, 0] = plan.row[chains][ex.chain_row]
-    node_to_token[res, 1] = plan.column[chains][ex.chain_row] + ex.residue_index + 1
-  return nodes, node_to_token
+    run, offset = _token_map(ex, all_runs[gi], budget.window, copies)
+    at = run_first[gi] + np.maximum(run, 0)
+    node_to_token[res, :run.shape[1], 0] = np.where(run >= 0, plan.row[at], -1)
+    node_to_token[res, :run.shape[1], 1] = np.where(run >= 0, plan.column[at] + offset + 1,
+                                                   -1)
+  return nodes, (node_to_token[:, 0] if copies == 1 else node_to_token)
 
 
 def _token_grid(examples, budget: PaddingBudget, plan: packing.Plan):
-  """(tokens, token_segments, row_graph, row_mask) of `Batch`, chains placed by `plan`."""
+  """(tokens, token_segments, row_graph, row_mask) of `Batch`, ESM runs placed by `plan`."""
   r, g = budget.n_row, budget.n_graph
   tokens = np.full([r, budget.row_length], rc.ESM_PAD, np.int32)
   token_segments = np.full([r, budget.row_length], -1, np.int32)
   row_graphs = [set() for _ in range(r)]
   chains_in_row = np.zeros([r], np.int32)
-  owner = [gi for gi, ex in enumerate(examples) for _ in ex.sequences]
-  sequences = [s for ex in examples for s in ex.sequences]
-  for gi, seq, row, col in zip(owner, sequences, plan.row.tolist(), plan.column.tolist()):
+  runs = [(gi, ex.sequences[c][s:s + size])
+          for gi, (ex, run) in enumerate(zip(examples, _runs(examples, budget.window)))
+          for c, s, size in zip(*(v.tolist() for v in run))]
+  for (gi, seq), row, col in zip(runs, plan.row.tolist(), plan.column.tolist()):
     tokens[row, col] = rc.ESM_CLS
     tokens[row, col + 1:col + len(seq) + 1] = rc.esm_token_ids(seq)
     tokens[row, col + len(seq) + 1] = rc.ESM_EOS
-    # Chains of a row are placed left to right, so their order is their index.
+    # Runs of a row are placed left to right, so their order is their index.
     token_segments[row, col:col + len(seq) + 2] = chains_in_row[row]
     chains_in_row[row] += 1
     row_graphs[row].add(gi)
@@ -213,12 +285,13 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
   Raises:
     ValueError: the examples do not fit the budget (names the first failing limit).
   """
-  why = packing.fits(*plan_inputs(examples), budget)
+  inputs = plan_inputs(examples, budget.window)
+  why = packing.fits(*inputs, budget)
   if why is not None:
     ids = ", ".join(ex.id for ex in examples[:4])
     raise ValueError(f"examples [{ids}{', ...' if len(examples) > 4 else ''}] do not "
                      f"fit {budget}: {why}")
-  plan = packing.plan_batches(*plan_inputs(examples), budget)
+  plan = packing.plan_batches(*inputs, budget)
   nodes, node_to_token = _node_arrays(examples, budget, plan)
   tokens, token_segments, row_graph, row_mask = _token_grid(examples, budget, plan)
   x = _graph_arrays(examples, budget)
@@ -232,29 +305,26 @@ def collate(examples: Sequence[ProteinExample], budget: PaddingBudget) -> Batch:
 
 def inference_batches(examples: Sequence[ProteinExample], config
                       ) -> list[tuple[PaddingBudget, list[int]]]:
-  """Padded batches for examples held in memory, as evaluation would batch them.
+  """Padded batches for examples held in memory, as evaluation batches them.
 
-  The budgets are the task's `bucket_budgets` for these examples' sizes (at most
-  len(data.length_buckets) + 1 shapes); each example goes to the smallest budget it fits
-  and each budget's examples are packed in order by `packing.plan_batches`, as the
-  tf.data packer packs a chunk. Nothing is cropped: data.max_residues is raised to the
-  longest chain; an example that still fits no budget gets a batch of its own,
-  `budget_for` it.
+  Nothing is cropped. Examples whose chains all fit data.max_residues go to the task's
+  `bucket_budgets` for their sizes (at most len(data.length_buckets) + 1 shapes): each
+  to the smallest budget it fits, each budget's examples packed in order by
+  `packing.plan_batches`, as the tf.data packer packs a chunk; one that fits no budget
+  gets a batch of its own, `budget_for` it. Examples with a longer chain get a batch
+  each, of one `windowed_budget` (windows of `long_chain_window` residues).
 
   Returns:
     [(budget, indices into `examples`)], every example exactly once.
   """
   sizes = size_rows(examples)
-  longest = int(sizes[:, 1].max(initial=0))
-  if longest > int(config.data.max_residues):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.max_residues = longest
-  budgets = budgets_lib.bucket_budgets(config, sizes)
+  long = sizes[:, 1] > int(config.data.max_residues)
+  short = np.flatnonzero(~long).tolist()
+  budgets = budgets_lib.bucket_budgets(config, sizes[short]) if short else []
   members: dict[int, list[int]] = collections.defaultdict(list)
   alone = []
-  for i, ex in enumerate(examples):
-    tokens = [len(s) + 2 for s in ex.sequences]
+  for i in short:
+    tokens = [len(s) + 2 for s in examples[i].sequences]
     fit = next((b for b, budget in enumerate(budgets) if packing.oversize(
         int(sizes[i, 0]), int(sizes[i, 3]), tokens, budget) is None), None)
     (alone if fit is None else members[fit]).append(i)
@@ -269,4 +339,16 @@ def inference_batches(examples: Sequence[ProteinExample], config
   for i in alone:
     out.append((budget_for([examples[i]], node_multiple=64, edge_multiple=512,
                            row_multiple=rows, packed_rows=packed), [i]))
+  windowed = np.flatnonzero(long).tolist()
+  if windowed:
+    budget = windowed_budget([examples[i] for i in windowed], long_chain_window(config),
+                             packed_rows=packed)
+    out += [(budget, [i]) for i in windowed]
   return out
+
+
+def long_chain_window(config) -> int:
+  """Residues per ESM window for chains longer than data.max_residues in evaluation and
+  prediction (`windows.window_for` of it and the config's ESM row multiple)."""
+  return windows.window_for(int(config.data.max_residues),
+                            budgets_lib.esm_row_multiple(config))

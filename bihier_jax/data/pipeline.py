@@ -46,7 +46,29 @@ def make_planner(data_dir: str, split: str, config, *, training: bool, seed: int
       chunk_size=(chunk_size
                   or batch_plan.default_chunk_size(int(config.train.batch_size))),
       seed=seed, shuffle_buffer=int(config.data.get("shuffle_buffer", 0) or 0),
-      training=training, random_crop=config.data.get("crop", "random") == "random")
+      training=training, random_crop=config.data.get("crop", "random") == "random",
+      whole_chains=batch_plan.eval_long_chains(config) == "whole")
+
+
+def windowed_batches(planner, config, *, first_index: int, process_index: int,
+                     process_count: int, skip: int = 0):
+  """(Batch, meta) of each of `planner.windowed_records`, one protein per batch, every
+  chain longer than data.max_residues in overlapping ESM windows (`layout.collate` of a
+  `layout.windowed_budget`: one shape for the split); batch k is number first_index + k
+  of the plan, and goes to host (first_index + k) % process_count."""
+  from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
+  mine = [k for k in range(len(planner.windowed_records))
+          if first_index + k >= skip and (first_index + k) % process_count == process_index]
+  if not mine:
+    return
+  examples = [records.deserialize_example(b)
+              for b in planner.index.read(planner.windowed_records)]
+  budget = layout.windowed_budget(examples, layout.long_chain_window(config))
+  for k in mine:
+    ex = examples[k]
+    yield layout.collate([ex], budget), {
+        "ids": [ex.id], "groups": [ex.group], "epoch": 0, "index": first_index + k,
+        "step": -1, "windowed": True}
 
 
 def _unit(planner, batches) -> dict[str, np.ndarray]:
@@ -176,8 +198,8 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
                     budgets: Sequence[PaddingBudget] | None = None,
                     chunk_size: int | None = None, skip_batches: int = 0,
                     prefetch: int = 4):
-  """The tf.data.Dataset of `make_dataset` (dicts of tensors; each iteration starts at
-  the beginning)."""
+  """The tf.data.Dataset of `make_dataset`'s planned batches (dicts of tensors; each
+  iteration starts at the beginning), and its planner: (dataset, planner)."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -185,7 +207,7 @@ def make_tf_dataset(data_dir: str, split: str, config, *, training: bool, seed: 
                          budgets=budgets, chunk_size=chunk_size)
   return packed_dataset(
       planner, lambda: host_share(planner.stream(), process_index, process_count,
-                                  skip_batches), prefetch=prefetch)
+                                  skip_batches), prefetch=prefetch), planner
 
 
 def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int,
@@ -199,7 +221,9 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
   epoch); evaluation, one pass in file order, the last partial batches padded, not
   dropped. Chains are cropped to config.data.max_residues (random window in training if
   config.data.crop == "random", else the first), bucketed by length and packed into the
-  fixed `bucket_budgets` (up to batch_size proteins per batch). This host reads and packs
+  fixed `bucket_budgets` (up to batch_size proteins per batch). In evaluation with
+  data.eval_long_chains == "whole", proteins with a longer chain are not cropped: they
+  follow the planned batches, one per batch (`windowed_batches`). This host reads and packs
   every process_count-th planned batch (the training loop instead takes its devices'
   part of every step, `device_batches.StepInput`). The same arguments give the same batches.
 
@@ -221,11 +245,20 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
   Yields:
     (Batch, meta) with meta = {"ids": [...], "groups": [...]} of the real graphs, in
     graph order, "epoch" (the training epoch, 0 in evaluation), "index" (the batch's
-    place in the global plan) and "step" (-1).
+    place in the global plan) and "step" (-1); a windowed batch's also "windowed"
+    (True).
   """
-  ds = make_tf_dataset(data_dir, split, config, training=training, seed=seed,
-                       process_index=process_index, process_count=process_count,
-                       budgets=budgets, chunk_size=chunk_size, skip_batches=skip_batches,
-                       prefetch=prefetch)
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  ds, planner = make_tf_dataset(
+      data_dir, split, config, training=training, seed=seed, process_index=process_index,
+      process_count=process_count, budgets=budgets, chunk_size=chunk_size,
+      skip_batches=skip_batches, prefetch=prefetch)
   for d in ds.as_numpy_iterator():
     yield tf_packer.to_batch(d)
+  if len(planner.windowed_records):
+    planned = sum(1 for _ in planner.stream())
+    yield from windowed_batches(planner, config, first_index=planned,
+                                process_index=process_index,
+                                process_count=process_count, skip=skip_batches)

@@ -250,13 +250,14 @@ class FusionLevel(nn.Module):
     """Args:
       hidden: [R, L, ds] pLM hidden states.
       x: [N, dg] GNN node states.
-      node_to_token: int32[N, 2]; node_graph: int32[N]; node_mask: bool[N].
+      node_to_token: int32[N, 2] or, windowed, [N, K, 2] (`tokens.gather_tokens`);
+        node_graph: int32[N]; node_mask: bool[N].
       num_graphs: G (static).
       deterministic: no dropout.
       graph_slot_node: optional int32[G-1, P], the per-graph layout of global fusion;
         see `GlobalFusion`.
     """
-    has_token = (node_to_token[:, 0] >= 0) & node_mask
+    has_token = tokens_lib.has_token(node_to_token) & node_mask
     seq_side, struct_side = tokens_lib.gather_tokens(hidden, node_to_token), x
     if self.norm:
       seq_side = layer_norm("seq_norm", self.dtype)(seq_side)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from bihier_jax.common import storage
+from bihier_jax.data import budgets as budgets_lib
 from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
 from bihier_jax.training import metrics as metrics_lib
@@ -115,7 +116,8 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
 
   Returns:
     predictions [n, ...], labels [n], weights [n], groups [n] (str), ids [n] (str;
-    the protein of each item), loss (float), embeddings [n, D] if with_embeddings,
+    the protein of each item), loss (float), windowed_proteins (int: proteins read
+    whole in ESM windows, `pipeline.windowed_batches`), embeddings [n, D] if with_embeddings,
     chain_row [n] and residue_index [n] (int32; node tasks) if with_positions.
   """
   num_local = mesh_lib.local_device_count(mesh)
@@ -133,6 +135,7 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
       per_batch["loss_w"].append(float(out["loss"][d]) * float(out["weight_sum"][d]))
       per_batch["weight"].append(float(out["weight_sum"][d]))
       num_real = int(np.sum(sub.graph_mask))
+      per_batch["windowed"].append(float(num_real if meta.get("windowed") else 0))
       ids = np.asarray(list(meta.get("ids", [""] * num_real))[:num_real] or [""], str)
       groups = np.asarray(list(meta.get("groups", [""] * num_real))[:num_real]
                           or [""], str)
@@ -170,22 +173,32 @@ def collect_predictions(eval_fn, params, stream: Iterable[tuple[Batch, dict]], m
   terms = gather_hosts({k: np.asarray(v, np.float64 if k != "index" else np.int64)
                         for k, v in per_batch.items()} if per_batch else
                        {"index": np.zeros([0], np.int64), "loss_w": np.zeros([0]),
-                        "weight": np.zeros([0])})
+                        "weight": np.zeros([0]), "windowed": np.zeros([0])})
   by_index = np.argsort(terms["index"], kind="stable")
   loss_sum = float(np.sum(terms["loss_w"][by_index]))
   weight_sum = float(np.sum(terms["weight"][by_index]))
   result["loss"] = np.float64(loss_sum / max(weight_sum, 1e-12))
+  result["windowed_proteins"] = np.int64(round(float(np.sum(terms["windowed"]))))
   return result
 
 
-def split_metrics(config, collected: dict[str, np.ndarray]) -> dict[str, float]:
-  """task.metrics of one split, plus its loss."""
+def split_metrics(config, collected: dict[str, np.ndarray], split: str | None = None
+                  ) -> dict[str, float]:
+  """task.metrics of one split, its loss, and how its long chains were read: proteins
+  read whole in ESM windows and, if `split` has a sizes.json, proteins with a chain
+  longer than data.max_residues (cropped under data.eval_long_chains=first_window)."""
   values = metrics_lib.compute_metrics(
       config.task.metrics, predictions=collected["predictions"],
       labels=collected["labels"], weights=collected["weights"],
       groups=collected["groups"],
       min_group_size=int(config.task.min_group_size))
   values["loss"] = float(collected["loss"])
+  values["num_windowed_proteins"] = float(collected.get("windowed_proteins", 0))
+  sizes = (budgets_lib.load_sizes(storage.absolute(config.data.dir), split)
+           if split and config.data.get("dir") else None)
+  if sizes is not None:
+    values["num_long_chain_proteins"] = float(
+        np.sum(sizes[:, 1] > int(config.data.max_residues)))
   return values
 
 
@@ -225,7 +238,7 @@ def evaluate_splits(config, eval_fn, params, mesh, splits: Sequence[str], *,
                                     eval_stream(config, split, sub_config,
                                                 dataset_fn),
                                     mesh, config.task)
-    results[split] = split_metrics(config, collected)
+    results[split] = split_metrics(config, collected, split)
   return results
 
 
@@ -248,7 +261,8 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def write_eval_results(workdir: str, results: dict[str, dict[str, float]], *,
-                       step: int, checkpoint: str, note: str = "") -> str:
+                       step: int, checkpoint: str, note: str = "",
+                       long_chains: str = "") -> str:
   """DIR/eval/<split>.json per split and DIR/eval/metrics.md; returns the table.
 
   Args:
@@ -256,16 +270,21 @@ def write_eval_results(workdir: str, results: dict[str, dict[str, float]], *,
     checkpoint: which checkpoint they are: 'best' (selected on validation), 'latest',
       or the step number asked for; stored in every JSON beside `step`.
     note: a line under the metrics.md heading (how the checkpoint was chosen).
+    long_chains: data.eval_long_chains of the evaluation, stored in every JSON and
+      named in metrics.md ("" : not recorded).
   """
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   for split, values in results.items():
     with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
       json.dump({k: (None if not np.isfinite(v) else float(v)) for k, v in
-                 values.items()} | {"step": step, "checkpoint": checkpoint}, f,
+                 values.items()} | {"step": step, "checkpoint": checkpoint}
+                | ({"eval_long_chains": long_chains} if long_chains else {}), f,
                 indent=1, sort_keys=True)
   table = markdown_table(results)
   with open(os.path.join(out_dir, "metrics.md"), "w") as f:
+    protocol = (f"Long chains: {long_chains} (data.eval_long_chains)\n\n"
+                if long_chains else "")
     f.write(f"Checkpoint {checkpoint} (step {step})\n\n" + (f"{note}\n\n" if note else "")
-            + table)
+            + protocol + table)
   return table

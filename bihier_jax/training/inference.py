@@ -15,6 +15,7 @@ import numpy as np
 
 from bihier_jax.common import residue_constants as rc
 from bihier_jax.common import structure
+from bihier_jax.data import batch_plan
 from bihier_jax.data import epochs
 from bihier_jax.data import featurize
 from bihier_jax.data import layout
@@ -62,7 +63,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None,
         eval_fn, params, evaluation.eval_stream(config, split, sub_config, dataset_fn),
         eval_mesh,
         config.task, with_positions=node_task)
-    results[split] = evaluation.split_metrics(config, collected)
+    results[split] = evaluation.split_metrics(config, collected, split)
     if jax.process_index() == 0:
       path = pooling.save_predictions(
           os.path.join(workdir, "eval", f"{split}_predictions.npz"), collected,
@@ -73,7 +74,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", splits=None,
                    collected["labels"].shape[0], path)
   if jax.process_index() == 0:
     table = evaluation.write_eval_results(workdir, results, step=step,
-                                          checkpoint=checkpoint)
+                                          checkpoint=checkpoint,
+                                          long_chains=batch_plan.eval_long_chains(config))
     print(f"Checkpoint {checkpoint}, step {step}\n\n{table}", flush=True)
   return results
 

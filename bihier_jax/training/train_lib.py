@@ -26,6 +26,7 @@ import numpy as np
 
 from bihier_jax.common import flops
 from bihier_jax.common import storage
+from bihier_jax.data import batch_plan
 from bihier_jax.data import epochs
 from bihier_jax.data.batch import Batch
 from bihier_jax import models
@@ -434,8 +435,9 @@ def _write_report(run: _Run, final: _Final, step: int, log: _StepLog) -> None:
     logging.info("steps %d..%d: %s", log.initial_step, step, per_step)
   if jax.process_index() != 0:
     return
-  table = evaluation.write_eval_results(run.workdir, final.metrics, step=final.step,
-                                        checkpoint=final.name, note=final.note)
+  table = evaluation.write_eval_results(
+      run.workdir, final.metrics, step=final.step, checkpoint=final.name, note=final.note,
+      long_chains=batch_plan.eval_long_chains(run.config))
   png = plots.plot_training_curves(
       os.path.join(run.workdir, "metrics.jsonl"),
       os.path.join(run.workdir, "train_curves.png"),

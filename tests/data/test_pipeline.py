@@ -106,7 +106,7 @@ def test_same_seed_same_batches_and_other_seed_differs(data_dir):
   def dataset(seed):
     return pipeline.make_tf_dataset(data_dir, "train", config, training=True,
                                           seed=seed, process_index=0, process_count=1,
-                                          chunk_size=16)
+                                          chunk_size=16)[0]
   def first(ds, n=6):
     return list(ds.take(n).as_numpy_iterator())
   ds1 = dataset(1)

@@ -1,0 +1,101 @@
+"""Overlapping ESM windows for long chains (`data.windows`) and windowed batches
+(`layout.collate` with a windowed budget)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from bihier_jax import testing
+from bihier_jax.common import residue_constants as rc
+from bihier_jax.data import layout
+from bihier_jax.data import windows
+
+
+@pytest.mark.parametrize("window", [8, 30, 1022])
+def test_windows_cover_each_chain_with_overlaps_of_a_quarter(window):
+  for length in range(1, 4 * window + 50, max(1, window // 7)):
+    starts = windows.window_starts(length, window)
+    assert starts[0] == 0 and np.all(np.diff(starts) > 0)
+    if length <= window:
+      assert starts.tolist() == [0]
+      continue
+    assert starts[-1] + window == length
+    assert np.all(starts[:-1] + window - starts[1:] >= window // 4)
+    # As few windows as the overlap allows: one fewer cannot overlap that much.
+    fewer = len(starts) - 1
+    assert fewer < 2 or (length - window) / (fewer - 1) > window - window // 4
+
+
+@pytest.mark.parametrize("length,window", [(31, 30), (75, 30), (200, 30), (2900, 1022)])
+def test_each_residue_reads_the_window_whose_centre_is_nearest(length, window):
+  starts = windows.window_starts(length, window)
+  which, offset = windows.residue_windows(length, window)
+  assert which.shape[1] <= 3
+  for i in range(length):
+    holding = [w for w, s in enumerate(starts) if s <= i < s + window]
+    copies = [w for w in which[i] if w >= 0]
+    assert sorted(copies) == holding and copies[1:] == sorted(copies[1:])
+    centre = lambda w: abs(i - (starts[w] + (window - 1) / 2))
+    assert centre(copies[0]) == min(centre(w) for w in holding)
+    assert [offset[i, j] for j in range(len(copies))] == [i - starts[w] for w in copies]
+    assert np.all(offset[i, len(copies):] == -1)
+
+
+def _letters(batch, node_to_token):
+  vocab = np.array(rc.ESM_VOCAB)
+  return vocab[batch.tokens[node_to_token[..., 0], node_to_token[..., 1]]]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_windowed_batch_reads_and_holds_every_residue(packed):
+  long = testing.random_example(95, seed=3, n_chains=2)  # chains of 48 and 47
+  short = testing.random_example(20, seed=4)
+  examples = [long, short]
+  budget = layout.budget_for(examples, window=30, packed_rows=packed)
+  assert budget.token_copies == 2 and budget.row_length == 32 and budget.window == 30
+  batch = layout.collate(examples, budget)
+  assert batch.node_to_token.shape == (budget.n_node, 2, 2)
+  assert batch.budget == budget
+  res = np.flatnonzero(batch.node_mask & (batch.graph.nodes["node_kind"] == 0))
+  letters = np.concatenate([np.array(list("".join(ex.sequences[c][i] for c, i in zip(
+      ex.chain_row, ex.residue_index)))) for ex in examples])
+  n2t = batch.node_to_token[res]
+  assert np.array_equal(_letters(batch, n2t[:, 0]), letters)
+  copy = n2t[:, 1, 0] >= 0
+  assert np.array_equal(_letters(batch, n2t[copy, 1]), letters[copy])
+  # 48 residues in windows of 30: starts 0 and 18; residues 18..29 are in both.
+  first_chain = np.flatnonzero(long.chain_row == 0)
+  assert copy[first_chain].sum() == 12
+  assert not copy[len(long.aatype):].any()  # the short protein fits one window
+  # Every window is one <cls> ... <eos> run; the short chain's run is whole.
+  assert (batch.tokens == rc.ESM_CLS).sum() == 5
+  # Chain ids still count chains (not windows): 0, 1 for the long protein, 2 the short.
+  assert sorted(set(batch.graph.nodes["chain_id"][res].tolist())) == [0, 1, 2]
+
+
+def test_an_unwindowed_budget_refuses_a_chain_longer_than_its_rows():
+  ex = testing.random_example(50, seed=5)
+  budget = dataclasses.replace(layout.budget_for([ex]), row_length=32)
+  with pytest.raises(ValueError, match="ESM row length"):
+    layout.collate([ex], budget)
+  assert layout.budget_for([ex], window=60).token_copies == 1  # nothing to window
+
+
+def test_windowed_budget_holds_each_example_alone():
+  examples = [testing.random_example(n, seed=n) for n in (40, 90, 61)]
+  budget = layout.windowed_budget(examples, 30)
+  assert budget.n_graph == 2 and budget.row_length == 32
+  assert budget.token_copies == 2 and budget.n_row == 4  # 90 residues: 4 windows
+  for ex in examples:
+    batch = layout.collate([ex], budget)
+    assert batch.budget == budget
+
+
+def test_window_for_fills_whole_row_multiples():
+  assert windows.window_for(1022, 1) == 1022
+  assert windows.window_for(1022, 128) == 1022
+  assert windows.window_for(500, 128) == 382
+  assert windows.window_for(500, 8) == 494
+  with pytest.raises(ValueError, match="max_residues=3"):
+    windows.window_for(3, 8)
