@@ -160,6 +160,40 @@ def test_crop_first_window_in_eval(data_dir):
       np.testing.assert_array_equal(a, b, err_msg=path)
 
 
+def test_eval_whole_chains_reads_every_residue_once(data_dir):
+  """data.eval_long_chains='whole': proteins with a chain over max_residues (30) are
+  not cropped; they follow the planned batches, one per batch in one windowed shape,
+  and equal numpy collate of the whole example. Two hosts split them too."""
+  config = _config(max_residues=30)
+  config.data.eval_long_chains = "whole"
+  examples = _all_examples(data_dir)
+  long = {k for k, ex in examples.items() if max(map(len, ex.sequences)) > 30}
+  assert 10 < len(long) < len(examples)
+  batches = _eval_batches(data_dir, config)
+  windowed = [(b, m) for b, m in batches if m.get("windowed")]
+  assert [m["index"] for _, m in batches] == list(range(len(batches)))
+  assert batches[-len(windowed)][1].get("windowed")  # after every planned batch
+  assert sorted(i for _, m in windowed for i in m["ids"]) == sorted(long)
+  assert len({b.budget for b, _ in windowed}) == 1
+  budget = windowed[0][0].budget
+  assert budget.token_copies > 1 and budget.row_length == 32 and budget.n_graph == 2
+  for batch, meta in windowed:
+    want = layout.collate([examples[meta["ids"][0]]], budget)
+    for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=path)
+  seen = [i for _, m in batches for i in m["ids"]]
+  assert sorted(seen) == sorted(examples)
+  residues = sum(int((b.node_mask & (b.graph.nodes["node_kind"] == 0)).sum())
+                 for b, _ in batches)
+  assert residues == sum(ex.num_residues for ex in examples.values())
+  by_index = {m["index"]: m["ids"] for _, m in batches}
+  hosts = [{m["index"]: m["ids"] for _, m in pipeline.make_dataset(
+      data_dir, "train", config, training=False, seed=0, process_index=h,
+      process_count=2)} for h in range(2)]
+  assert not set(hosts[0]) & set(hosts[1])
+  assert {**hosts[0], **hosts[1]} == by_index
+
+
 def test_random_crop_in_training_stays_consistent(data_dir):
   config = _config(max_residues=30)
   examples = _all_examples(data_dir)

@@ -99,3 +99,14 @@ def test_window_for_fills_whole_row_multiples():
   assert windows.window_for(500, 8) == 494
   with pytest.raises(ValueError, match="max_residues=3"):
     windows.window_for(3, 8)
+
+
+def test_eval_long_chains_is_checked_with_a_hint():
+  from bihier_jax import config_check  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  assert config.data.eval_long_chains == "whole"
+  config_check.check_values(config)
+  config.data.eval_long_chains = "first_windw"
+  with pytest.raises(config_check.ConfigError, match="did you mean 'first_window'"):
+    config_check.check_values(config)
