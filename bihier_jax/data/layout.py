@@ -81,9 +81,9 @@ def size_rows(examples: Sequence[ProteinExample], window: int = 0) -> np.ndarray
 def token_copies(examples: Sequence[ProteinExample], window: int) -> int:
   """K of `PaddingBudget.token_copies`: the most windows of `window` residues one
   residue of `examples` is in (1: no chain is longer than `window`)."""
-  lengths = [len(s) for ex in examples for s in ex.sequences]
-  longest = max(lengths, default=0)
-  return windows.residue_windows(longest, window)[0].shape[1] if longest > window else 1
+  # Not monotonic in the length: every length longer than a window counts.
+  lengths = {len(s) for ex in examples for s in ex.sequences if len(s) > window}
+  return max((windows.residue_windows(n, window)[0].shape[1] for n in lengths), default=1)
 
 
 def budget_for(examples: Sequence[ProteinExample], *, n_graph: int | None = None,
@@ -119,20 +119,37 @@ def budget_for(examples: Sequence[ProteinExample], *, n_graph: int | None = None
 
 
 def windowed_budget(examples: Sequence[ProteinExample], window: int, *,
-                    packed_rows: bool = False, node_multiple: int = 64,
-                    edge_multiple: int = 512, graph_multiple: int = 0) -> PaddingBudget:
-  """One budget for batches of one example each, any of `examples`, chains longer than
-  `window` read in windows: each shape the largest example needs (one program)."""
-  each = [budget_for([ex], window=window, packed_rows=packed_rows,
-                     node_multiple=node_multiple, edge_multiple=edge_multiple,
-                     graph_multiple=graph_multiple) for ex in examples]
-  if not each:
+                    batch_size: int = 1, packed_rows: bool = False,
+                    node_multiple: int = 64, edge_multiple: int = 512) -> PaddingBudget:
+  """One windowed budget for batches of up to `batch_size` of `examples`, chains
+  longer than `window` residues read in windows (one program for all of them).
+
+  Each example fits alone; nodes and edges hold batch_size times the mean example (at
+  least the largest), rows batch_size times the mean windows per example, as
+  `budgets.bucket_budgets` sizes its budgets; `windowed_batches` fills them in order.
+  """
+  if not examples:
     raise ValueError("windowed_budget of no examples")
-  most = lambda name: max(getattr(b, name) for b in each)  # pylint: disable=unnecessary-lambda-assignment
+  sizes = size_rows(examples, window)
+  batch = max(int(batch_size), 1)
+  up = budgets_lib.round_up
+  nodes = max(batch * sizes[:, 0].mean(), sizes[:, 0].max())
+  degree = float((sizes[:, 3] / np.maximum(sizes[:, 0], 1)).max())
   return PaddingBudget(
-      n_node=most("n_node"), n_edge=most("n_edge"), n_graph=2, n_row=most("n_row"),
-      row_length=most("row_length"), graph_capacity=most("graph_capacity"),
-      packed_rows=packed_rows, token_copies=most("token_copies"))
+      n_node=up(nodes + 1, node_multiple),
+      n_edge=up(max(degree * nodes, sizes[:, 3].max(), 1), edge_multiple),
+      n_graph=batch + 1,
+      n_row=int(max(np.ceil(batch * sizes[:, 2].mean()), sizes[:, 2].max())),
+      row_length=window + 2, packed_rows=packed_rows,
+      token_copies=max(token_copies(examples, window), 2))
+
+
+def windowed_batches(examples: Sequence[ProteinExample], budget: PaddingBudget
+                     ) -> list[list[int]]:
+  """Indices of `examples` in each batch of a `windowed_budget`, in order (next fit:
+  a batch takes examples while they fit)."""
+  plan = packing.plan_batches(*plan_inputs(examples, budget.window), budget)
+  return [np.flatnonzero(plan.batch == b).tolist() for b in range(plan.num_batches)]
 
 
 def _starts(examples: Sequence[ProteinExample]) -> np.ndarray:
@@ -311,8 +328,8 @@ def inference_batches(examples: Sequence[ProteinExample], config
   `bucket_budgets` for their sizes (at most len(data.length_buckets) + 1 shapes): each
   to the smallest budget it fits, each budget's examples packed in order by
   `packing.plan_batches`, as the tf.data packer packs a chunk; one that fits no budget
-  gets a batch of its own, `budget_for` it. Examples with a longer chain get a batch
-  each, of one `windowed_budget` (windows of `long_chain_window` residues).
+  gets a batch of its own, `budget_for` it. Examples with a longer chain go, in order,
+  to batches of one `windowed_budget` (windows of `long_chain_window` residues).
 
   Returns:
     [(budget, indices into `examples`)], every example exactly once.
@@ -341,9 +358,11 @@ def inference_batches(examples: Sequence[ProteinExample], config
                            row_multiple=rows, packed_rows=packed), [i]))
   windowed = np.flatnonzero(long).tolist()
   if windowed:
-    budget = windowed_budget([examples[i] for i in windowed], long_chain_window(config),
-                             packed_rows=packed)
-    out += [(budget, [i]) for i in windowed]
+    chosen = [examples[i] for i in windowed]
+    budget = windowed_budget(chosen, long_chain_window(config), packed_rows=packed,
+                             batch_size=int(config.train.batch_size))
+    out += [(budget, [windowed[j] for j in group])
+            for group in windowed_batches(chosen, budget)]
   return out
 
 

@@ -52,23 +52,24 @@ def make_planner(data_dir: str, split: str, config, *, training: bool, seed: int
 
 def windowed_batches(planner, config, *, first_index: int, process_index: int,
                      process_count: int, skip: int = 0):
-  """(Batch, meta) of each of `planner.windowed_records`, one protein per batch, every
-  chain longer than data.max_residues in overlapping ESM windows (`layout.collate` of a
-  `layout.windowed_budget`: one shape for the split); batch k is number first_index + k
-  of the plan, and goes to host (first_index + k) % process_count."""
+  """(Batch, meta) of the `planner.windowed_records`, read whole: every chain longer
+  than data.max_residues in overlapping ESM windows, in batches of up to
+  train.batch_size proteins of one `layout.windowed_budget` (one shape for the split),
+  filled in file order. Batch k is number first_index + k of the plan and goes to host
+  (first_index + k) % process_count."""
   from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
-  mine = [k for k in range(len(planner.windowed_records))
-          if first_index + k >= skip and (first_index + k) % process_count == process_index]
-  if not mine:
-    return
-  examples = [records.deserialize_example(b)
-              for b in planner.index.read(planner.windowed_records)]
-  budget = layout.windowed_budget(examples, layout.long_chain_window(config))
-  for k in mine:
-    ex = examples[k]
-    yield layout.collate([ex], budget), {
-        "ids": [ex.id], "groups": [ex.group], "epoch": 0, "index": first_index + k,
-        "step": -1, "windowed": True}
+  chosen = planner.windowed_records
+  examples = [records.deserialize_example(b) for b in planner.index.read(chosen)]
+  budget = layout.windowed_budget(examples, layout.long_chain_window(config),
+                                  batch_size=int(config.train.batch_size))
+  for k, group in enumerate(layout.windowed_batches(examples, budget)):
+    index = first_index + k
+    if index < skip or index % process_count != process_index:
+      continue
+    members = [examples[i] for i in group]
+    yield layout.collate(members, budget), {
+        "ids": [ex.id for ex in members], "groups": [ex.group for ex in members],
+        "epoch": 0, "index": index, "step": -1, "windowed": True}
 
 
 def _unit(planner, batches) -> dict[str, np.ndarray]:
@@ -223,7 +224,7 @@ def make_dataset(data_dir: str, split: str, config, *, training: bool, seed: int
   config.data.crop == "random", else the first), bucketed by length and packed into the
   fixed `bucket_budgets` (up to batch_size proteins per batch). In evaluation with
   data.eval_long_chains == "whole", proteins with a longer chain are not cropped: they
-  follow the planned batches, one per batch (`windowed_batches`). This host reads and packs
+  follow the planned batches in batches of their own (`windowed_batches`). This host reads and packs
   every process_count-th planned batch (the training loop instead takes its devices'
   part of every step, `device_batches.StepInput`). The same arguments give the same batches.
 

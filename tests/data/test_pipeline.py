@@ -162,8 +162,9 @@ def test_crop_first_window_in_eval(data_dir):
 
 def test_eval_whole_chains_reads_every_residue_once(data_dir):
   """data.eval_long_chains='whole': proteins with a chain over max_residues (30) are
-  not cropped; they follow the planned batches, one per batch in one windowed shape,
-  and equal numpy collate of the whole example. Two hosts split them too."""
+  not cropped; they follow the planned batches, up to batch_size per batch in one
+  windowed shape, and equal numpy collate of the whole examples. Two hosts split them
+  too."""
   config = _config(max_residues=30)
   config.data.eval_long_chains = "whole"
   examples = _all_examples(data_dir)
@@ -176,9 +177,10 @@ def test_eval_whole_chains_reads_every_residue_once(data_dir):
   assert sorted(i for _, m in windowed for i in m["ids"]) == sorted(long)
   assert len({b.budget for b, _ in windowed}) == 1
   budget = windowed[0][0].budget
-  assert budget.token_copies > 1 and budget.row_length == 32 and budget.n_graph == 2
+  assert budget.token_copies > 1 and budget.row_length == 32 and budget.n_graph == 5
+  assert len(windowed) < len(long) and max(len(m["ids"]) for _, m in windowed) > 1
   for batch, meta in windowed:
-    want = layout.collate([examples[meta["ids"][0]]], budget)
+    want = layout.collate([examples[i] for i in meta["ids"]], budget)
     for (path, a), (_, b) in zip(_leaves(batch), _leaves(want)):
       np.testing.assert_array_equal(a, b, err_msg=path)
   seen = [i for _, m in batches for i in m["ids"]]

@@ -82,14 +82,29 @@ def test_an_unwindowed_budget_refuses_a_chain_longer_than_its_rows():
   assert layout.budget_for([ex], window=60).token_copies == 1  # nothing to window
 
 
-def test_windowed_budget_holds_each_example_alone():
-  examples = [testing.random_example(n, seed=n) for n in (40, 90, 61)]
-  budget = layout.windowed_budget(examples, 30)
-  assert budget.n_graph == 2 and budget.row_length == 32
-  assert budget.token_copies == 2 and budget.n_row == 4  # 90 residues: 4 windows
+def test_windowed_budget_holds_each_example_alone_and_batches_in_order():
+  examples = [testing.random_example(n, seed=n) for n in (40, 90, 61, 25, 33)]
+  alone = layout.windowed_budget(examples, 30)
+  assert alone.n_graph == 2 and alone.row_length == 32
+  assert alone.token_copies == 2 and alone.n_row == 4  # 90 residues: 4 windows
   for ex in examples:
-    batch = layout.collate([ex], budget)
-    assert batch.budget == budget
+    assert layout.collate([ex], alone).budget == alone
+  three = layout.windowed_budget(examples, 30, batch_size=3)
+  assert three.n_graph == 4 and three.n_node >= 3 * 249 / 5
+  groups = layout.windowed_batches(examples, three)
+  assert sum(groups, []) == list(range(5)) and max(map(len, groups)) > 1
+  for group in groups:
+    assert layout.collate([examples[i] for i in group], three).budget == three
+
+
+def test_token_copies_counts_every_long_chain():
+  """Copies are not monotonic in the length: 56 residues in windows of 30 put a
+  residue in three windows, 110 only in two; a budget holds both."""
+  k = {n: windows.residue_windows(n, 30)[0].shape[1] for n in (56, 110)}
+  assert k == {56: 3, 110: 2}
+  examples = [testing.random_example(110, seed=1), testing.random_example(56, seed=2)]
+  assert layout.token_copies(examples, 30) == 3
+  layout.collate(examples, layout.budget_for(examples, window=30))
 
 
 def test_window_for_fills_whole_row_multiples():

@@ -222,8 +222,8 @@ def test_config_of_another_variant_is_named(demo_run):
 @pytest.mark.parametrize("pack_rows", [True, False])
 def test_inference_batches_cover_every_example_once_uncropped(pack_rows):
   """Evaluation's budgets for in-memory examples: each example in exactly one batch
-  that holds it whole, few shapes; one with a chain longer than data.max_residues
-  alone, in one windowed shape, every residue reading its own letter."""
+  that holds it whole, few shapes; those with a chain longer than data.max_residues
+  together, in one windowed shape, every residue reading its own letter."""
   from bihier_jax import testing
   from bihier_jax.data import layout  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
@@ -242,7 +242,8 @@ def test_inference_batches_cover_every_example_once_uncropped(pack_rows):
     real = batch.node_mask & (batch.graph.nodes["node_kind"] == 0)
     assert int(real.sum()) == sum(examples[i].num_residues for i in members)
     long = max(len(s) for i in members for s in examples[i].sequences) > 64
-    assert (budget.token_copies > 1) == long and (len(members) == 1 or not long)
+    assert (budget.token_copies > 1) == long
+    assert all(max(map(len, examples[i].sequences)) > 64 for i in members) or not long
     read = batch.node_to_token[:, 0] if long else batch.node_to_token
     letters = "".join(examples[i].sequences[c][r] for i in members for c, r in zip(
         examples[i].chain_row, examples[i].residue_index))
