@@ -575,14 +575,16 @@ def test_train_eval_predict_on_the_example(example, level, tmp_path, fast_compil
     assert np.isfinite(out["protein_predictions"]).all()
   else:
     assert config.task.class_names == ("helix", "other", "strand")
-    # Every labelled residue the evaluation pipeline gives is scored: all of the split's
-    # labels, less those outside the first window of chains cropped to max_residues.
-    scored = sum(int(np.sum(b.node_label_mask)) for b, _ in pipeline.make_dataset(
+    # Every labelled residue of the split is scored: chains longer than the tiny
+    # config's max_residues (64) are read whole, in ESM windows (eval_long_chains).
+    batches = list(pipeline.make_dataset(
         prepared[level], "test", config, training=False, seed=0, process_index=0,
         process_count=1))
-    assert len(items["label"]) == scored
-    cropped = meta["splits"]["test"]["labels"] - scored
-    assert 0 <= cropped and (cropped == 0) == (config.data.max_residues >= rc.ESM_MAX_RESIDUES)
+    assert len(items["label"]) == meta["splits"]["test"]["labels"] == sum(
+        int(np.sum(b.node_label_mask)) for b, _ in batches)
+    assert config.data.max_residues < rc.ESM_MAX_RESIDUES
+    assert any(m.get("windowed") for _, m in batches)
+    assert evaluated["test"]["num_windowed_proteins"] > 0
     probabilities = out["residue_predictions"]
     assert probabilities.shape == (out["residue_type"].shape[0], 3)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
