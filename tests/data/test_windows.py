@@ -125,3 +125,14 @@ def test_eval_long_chains_is_checked_with_a_hint():
   config.data.eval_long_chains = "first_windw"
   with pytest.raises(config_check.ConfigError, match="did you mean 'first_window'"):
     config_check.check_values(config)
+
+
+def test_eval_results_name_the_long_chain_protocol(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from bihier_jax.training import evaluation  # pylint: disable=g-import-not-at-top
+  results = {"val": {"accuracy": 0.5, "num_windowed_proteins": 3.0}}
+  evaluation.write_eval_results(str(tmp_path), results, step=4, checkpoint="best",
+                                long_chains="whole")
+  saved = json.load(open(tmp_path / "eval" / "val.json"))
+  assert saved["eval_long_chains"] == "whole" and saved["num_windowed_proteins"] == 3
+  assert "Long chains: whole" in (tmp_path / "eval" / "metrics.md").read_text()
