@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bihier_jax.common import residue_constants as rc
+
 
 def window_starts(length: int, window: int) -> np.ndarray:
   """int64[W] first residue of each window of a chain of `length` residues ([0] if the
@@ -77,11 +79,12 @@ def chain_runs(lengths: Sequence[int], window: int
 
 
 def window_for(max_residues: int, row_multiple: int) -> int:
-  """Residues per window for chains longer than `max_residues`: the most that, with
-  `<cls>` and `<eos>`, fill a whole number of `row_multiple` tokens (rows of windowed
-  batches are exactly window + 2 tokens long)."""
-  tokens = (int(max_residues) + 2) // int(row_multiple) * int(row_multiple)
+  """Residues per window for chains longer than `max_residues`: rows of windowed
+  batches are exactly window + 2 tokens, `max_residues` + 2 rounded up to
+  `row_multiple` as the budgets' row lengths are (at most ESM-2's 1,024 positions)."""
+  tokens = min(-(-(int(max_residues) + 2) // int(row_multiple)) * int(row_multiple),
+               rc.ESM_MAX_TOKENS)
   if tokens - 2 < 4:
-    raise ValueError(f"data.max_residues={max_residues} leaves no window of ESM rows "
-                     f"in multiples of {row_multiple} tokens")
+    raise ValueError(f"data.max_residues={max_residues} leaves windows of "
+                     f"{tokens - 2} residues; use at least 4")
   return tokens - 2

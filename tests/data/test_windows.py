@@ -108,12 +108,16 @@ def test_token_copies_counts_every_long_chain():
 
 
 def test_window_for_fills_whole_row_multiples():
+  """Rows of window + 2 tokens: max_residues + 2 rounded up to the row multiple (the
+  Pallas block), never past ESM-2's 1,024 positions."""
   assert windows.window_for(1022, 1) == 1022
   assert windows.window_for(1022, 128) == 1022
-  assert windows.window_for(500, 128) == 382
-  assert windows.window_for(500, 8) == 494
-  with pytest.raises(ValueError, match="max_residues=3"):
-    windows.window_for(3, 8)
+  assert windows.window_for(500, 128) == 510
+  assert windows.window_for(64, 128) == 126  # the tiny configs with splash / flash_gpu
+  assert windows.window_for(500, 8) == 502
+  assert windows.window_for(1000, 384) == 1022
+  with pytest.raises(ValueError, match="max_residues=1 "):
+    windows.window_for(1, 1)
 
 
 def test_eval_long_chains_is_checked_with_a_hint():

@@ -127,6 +127,25 @@ def test_kernel_in_the_steps_equals_exact_on_one_device(reference, kind, caplog)
              and f"on {LENGTH}-token packed rows" in line for line in lines), lines
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_windowed_batch_in_the_eval_step_equals_exact(reference, kind):
+  """A protein of 300 residues read whole (data.eval_long_chains='whole'): windows of
+  `layout.long_chain_window` = 126 residues fill rows of the kernels' block."""
+  params = reference[0]
+  assert layout.long_chain_window(config_for(kind)) == LENGTH - 2
+  examples = [testing.random_example(300, seed=7), testing.random_example(40, seed=8)]
+  budget = layout.windowed_budget(examples, LENGTH - 2, batch_size=2)
+  assert budget.token_copies > 1 and budget.row_length == LENGTH
+  batch = device_batches.stack([layout.collate(examples, budget)])
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+
+  def predictions(attention):
+    config = config_for(attention)
+    step = steps.jit_eval_step(models.build_model(config), config.task, mesh)
+    return jax.device_get(step(params, mesh_lib.put_global(batch, mesh))["predictions"])
+  np.testing.assert_allclose(predictions(kind), predictions("exact"), atol=TOL, rtol=0)
+
+
 def test_kernels_in_the_steps_equal_exact_on_two_devices():
   multidevice.run("pallas_equivalence", timeout=400)
 
