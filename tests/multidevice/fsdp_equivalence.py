@@ -66,12 +66,16 @@ class Steps:
     self.batches = [batch(s) for s in range(3)]
     self.sample = layout.collate([testing.random_example(10, seed=0)], BUDGET)
     self.model = models.build_model(config)
+    self._fns = {}  # (mesh, tx) -> its jitted step: a run continued is not traced again
 
   def run(self, mesh, state=None, tx=None, first=0, last=3):
     if state is None:
       state, tx = train_state.create_train_state(self.config, self.model, self.sample, mesh,
                                            load_esm=False)
-    fn = steps.jit_train_step(self.model, tx, self.config.task, mesh, state)
+    if (mesh, tx) not in self._fns:
+      self._fns[mesh, tx] = steps.jit_train_step(self.model, tx, self.config.task, mesh,
+                                                 state)
+    fn = self._fns[mesh, tx]
     losses = []
     for b in self.batches[first:last]:
       state, metrics = fn(state, mesh_lib.put_global(b, mesh))
