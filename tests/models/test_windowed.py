@@ -20,17 +20,10 @@ from bihier_jax.models import bihier
 from bihier_jax.models import esm2
 from bihier_jax.models import tokens as tokens_lib
 from configs import default
+# XLA's CPU passes off for this module (autouse), as in test_bihier.
+from tests.models.test_bihier import _fast_compiles  # noqa: F401  pylint: disable=unused-import
 
 WINDOW = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """XLA's CPU optimisation passes dominate on tiny programs (restored after)."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _examples():
